@@ -1,0 +1,68 @@
+//! The single-threaded helper: a fresh exec of hulld's binary that creates
+//! the namespaces and forks the inner init. Nothing here may start a thread.
+
+use std::io::Write;
+
+use nix::sched::{unshare, CloneFlags};
+use nix::unistd::{fork, ForkResult};
+
+use crate::spec::InnerSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("the inner spec passed to the helper is not valid JSON: {0}")]
+    Spec(serde_json::Error),
+    #[error("cannot reset oom_score_adj of the helper: {0}")]
+    OomScore(std::io::Error),
+    #[error("cannot join cgroup through {path}: {source}")]
+    JoinCgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unshare of the inner's namespaces failed: {0}")]
+    Unshare(nix::Error),
+    #[error("fork of the inner init failed: {0}")]
+    Fork(nix::Error),
+}
+
+/// The namespaces of the inner. No user namespace: the inner's root is the
+/// VM's root, confined by capabilities, masked paths and cgroups instead.
+pub fn namespaces() -> CloneFlags {
+    CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWPID
+}
+
+/// Runs the helper: prints the inner init's pid (as seen from the root
+/// namespace) on stdout and returns; the init itself never returns from here.
+pub fn run(spec_json: &str) -> Result<(), HelperError> {
+    let spec: InnerSpec = serde_json::from_str(spec_json).map_err(HelperError::Spec)?;
+    // hulld shields itself with -1000; the inner must stay killable by the
+    // OOM killer, and children inherit the value.
+    std::fs::write("/proc/self/oom_score_adj", "0").map_err(HelperError::OomScore)?;
+    for path in &spec.cgroup_procs {
+        std::fs::write(path, "0").map_err(|source| HelperError::JoinCgroup {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    // The cgroup namespace is rooted where we stand now: the inner group.
+    unshare(namespaces()).map_err(HelperError::Unshare)?;
+    // SAFETY: the helper is a freshly exec'd, single-threaded process, so the
+    // child may run arbitrary code after fork.
+    match unsafe { fork() }.map_err(HelperError::Fork)? {
+        ForkResult::Child => {
+            let code = crate::init::run(&spec);
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", child.as_raw());
+            let _ = out.flush();
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The inner's root filesystem, built inside its own mount namespace so that
+//! every mount vanishes with the namespace: overlay, /proc, /sys, /dev, then
+//! pivot_root. Each step has its own error saying what failed on which path.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{chdir, pivot_root, sethostname};
+
+use crate::spec::InnerSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot make the mount tree private: {0}")]
+    PrivateMounts(nix::Error),
+    #[error("overlay path {path} contains a ',' or ':' that overlayfs cannot take")]
+    OverlayPath { path: PathBuf },
+    #[error("cannot mount the overlay (lower {lower}, upper {upper}) on {target}: {source}")]
+    Overlay {
+        lower: PathBuf,
+        upper: PathBuf,
+        target: PathBuf,
+        source: nix::Error,
+    },
+    #[error("cannot mount {fstype} on {target}: {source}")]
+    Mount {
+        fstype: &'static str,
+        target: PathBuf,
+        source: nix::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create device node {path}: {source}")]
+    DeviceNode { path: PathBuf, source: nix::Error },
+    #[error("cannot mask {path}: {source}")]
+    Mask { path: PathBuf, source: nix::Error },
+    #[error("cannot set the hostname to {hostname:?}: {source}")]
+    Hostname {
+        hostname: String,
+        source: nix::Error,
+    },
+    #[error("cannot bring the loopback interface up: {0}")]
+    Loopback(std::io::Error),
+    #[error("cannot pivot_root into {path}: {source}")]
+    PivotRoot { path: PathBuf, source: nix::Error },
+    #[error("cannot detach the old root: {0}")]
+    DetachOldRoot(nix::Error),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(String),
+}
+
+impl SetupError {
+    /// A short name of the step, for the `SetupFailed` report.
+    pub fn step(&self) -> &'static str {
+        match self {
+            SetupError::PrivateMounts(_) => "private-mounts",
+            SetupError::OverlayPath { .. } | SetupError::Overlay { .. } => "overlay",
+            SetupError::Mount { .. } => "mount",
+            SetupError::Create { .. } => "create",
+            SetupError::DeviceNode { .. } => "dev",
+            SetupError::Mask { .. } => "mask",
+            SetupError::Hostname { .. } => "hostname",
+            SetupError::Loopback(_) => "loopback",
+            SetupError::PivotRoot { .. } | SetupError::DetachOldRoot(_) => "pivot-root",
+            SetupError::Privileges(_) => "privileges",
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SetupError>;
+
+/// Builds the root filesystem and pivots into it. Runs as PID 1 of the new
+/// pid namespace, in the new mount namespace, before any thread exists.
+pub fn prepare(spec: &InnerSpec) -> Result<()> {
+    make_mounts_private()?;
+    mount_overlay(spec)?;
+    let root = spec.rootfs.as_path();
+    mount_proc(root)?;
+    mount_sys(root)?;
+    mount_dev(root)?;
+    mask_kernel_interfaces(root)?;
+    set_hostname(&spec.hostname)?;
+    crate::security::loopback_up().map_err(SetupError::Loopback)?;
+    enter_root(root)?;
+    Ok(())
+}
+
+fn make_mounts_private() -> Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(SetupError::PrivateMounts)
+}
+
+fn overlay_safe(path: &Path) -> Result<&str> {
+    let s = path.to_str().unwrap_or(",");
+    if s.contains(',') || s.contains(':') {
+        return Err(SetupError::OverlayPath {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(s)
+}
+
+fn mount_overlay(spec: &InnerSpec) -> Result<()> {
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        overlay_safe(&spec.lower)?,
+        overlay_safe(&spec.upper)?,
+        overlay_safe(&spec.work)?
+    );
+    mount(
+        Some("overlay"),
+        &spec.rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|source| SetupError::Overlay {
+        lower: spec.lower.clone(),
+        upper: spec.upper.clone(),
+        target: spec.rootfs.clone(),
+        source,
+    })
+}
+
+fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
+    if !path.is_dir() {
+        fs::create_dir_all(path).map_err(|source| SetupError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    }
+    Ok(())
+}
+
+fn mount_fs(fstype: &'static str, target: &Path, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    ensure_dir(target, 0o755)?;
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| SetupError::Mount {
+        fstype,
+        target: target.to_path_buf(),
+        source,
+    })
+}
+
+const HARDENED: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+fn mount_proc(root: &Path) -> Result<()> {
+    mount_fs("proc", &root.join("proc"), HARDENED, None)
+}
+
+fn mount_sys(root: &Path) -> Result<()> {
+    mount_fs(
+        "sysfs",
+        &root.join("sys"),
+        HARDENED | MsFlags::MS_RDONLY,
+        None,
+    )
+}
+
+/// (name, major, minor) of the character devices every program expects.
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn mount_dev(root: &Path) -> Result<()> {
+    let dev = root.join("dev");
+    mount_fs(
+        "tmpfs",
+        &dev,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=65536k"),
+    )?;
+    for (name, major, minor) in DEVICES {
+        let path = dev.join(name);
+        mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|source| SetupError::DeviceNode {
+            path: path.clone(),
+            source,
+        })?;
+        // mknod honours the umask; the nodes must be usable by everyone.
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o666));
+    }
+    mount_fs(
+        "devpts",
+        &dev.join("pts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        &dev.join("shm"),
+        HARDENED,
+        Some("mode=1777,size=65536k"),
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let path = dev.join(link);
+        symlink(target, &path).map_err(|source| SetupError::Create { path, source })?;
+    }
+    Ok(())
+}
+
+/// Files of /proc that would let the inner's root read kernel memory or
+/// reconfigure the whole VM (core_pattern runs a program in the root
+/// namespace!). Masked with /dev/null or made read-only, as runc does.
+const MASKED: [&str; 5] = [
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/sysrq-trigger",
+];
+const READ_ONLY: [&str; 4] = ["proc/sys", "proc/irq", "proc/bus", "proc/fs"];
+
+fn mask_kernel_interfaces(root: &Path) -> Result<()> {
+    let null = root.join("dev/null");
+    for rel in MASKED {
+        let path = root.join(rel);
+        if !path.exists() || path.is_dir() {
+            continue;
+        }
+        mount(
+            Some(&null),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| SetupError::Mask {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    for rel in READ_ONLY {
+        let path = root.join(rel);
+        if !path.exists() {
+            continue;
+        }
+        let bind = |flags: MsFlags| {
+            mount(Some(&path), &path, None::<&str>, flags, None::<&str>).map_err(|source| {
+                SetupError::Mask {
+                    path: path.clone(),
+                    source,
+                }
+            })
+        };
+        bind(MsFlags::MS_BIND | MsFlags::MS_REC)?;
+        bind(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | HARDENED)?;
+    }
+    Ok(())
+}
+
+fn set_hostname(hostname: &str) -> Result<()> {
+    sethostname(hostname).map_err(|source| SetupError::Hostname {
+        hostname: hostname.to_string(),
+        source,
+    })
+}
+
+/// pivot_root(".", ".") stacks the old root under the new one; detaching it
+/// leaves nothing of the root namespace's tree reachable from the inner.
+fn enter_root(root: &Path) -> Result<()> {
+    let pivot_err = |source| SetupError::PivotRoot {
+        path: root.to_path_buf(),
+        source,
+    };
+    chdir(root).map_err(pivot_err)?;
+    pivot_root(".", ".").map_err(pivot_err)?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(SetupError::DetachOldRoot)?;
+    chdir("/").map_err(pivot_err)?;
+    Ok(())
+}

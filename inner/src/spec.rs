@@ -1,0 +1,25 @@
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The init link (a stream socketpair end) is fd 3 in the helper and init.
+pub const INIT_LINK_FD: i32 = 3;
+/// The fd channel (a seqpacket socketpair end) is fd 4.
+pub const FD_CHANNEL_FD: i32 = 4;
+
+/// Everything the helper needs to create one inner container. hulld passes
+/// it as JSON in the helper's argv.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InnerSpec {
+    /// The base image, the read-only lower layer.
+    pub lower: PathBuf,
+    /// The user's writable layer: overlay upper and work directories.
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Where the overlay is mounted, inside the inner's own mount namespace
+    /// only; the directory must exist.
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    /// `cgroup.procs` files the helper writes itself into before it forks.
+    pub cgroup_procs: Vec<PathBuf>,
+}

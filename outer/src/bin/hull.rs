@@ -1,0 +1,184 @@
+//! `hull`: the command-line tool for hulld and its inner container.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use hull_outer::cli::{self, ExecOptions, Global};
+use hull_outer::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "hull",
+    version,
+    about = "Run and control hull: a daemon in the VM's root namespace and the inner container your code lives in",
+    long_about = "hull runs your code in an inner container that can be bounced (killed and re-created on the same writable layer) in milliseconds, while hulld, its daemon, keeps running in the root namespace.\n\nStart with `hull up`, then `hull console` for a shell or `hull exec -- CMD` for one command."
+)]
+struct Cli {
+    /// Config file (TOML); default /etc/hull/hull.toml when it exists.
+    #[arg(long, global = true, env = "HULL_CONFIG")]
+    config: Option<PathBuf>,
+    /// hulld's control socket.
+    #[arg(long, global = true, env = "HULL_SOCKET")]
+    socket: Option<PathBuf>,
+    /// hulld's state directory (writable layer, images, log).
+    #[arg(long, global = true, env = "HULL_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start hulld in the background (building the base image if missing) and wait for the inner. Does nothing if hulld runs.
+    Up {
+        /// Base image of the inner: debian (default) or busybox.
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Show the inner's state, pid, uptime, limits and bounce count.
+    Status,
+    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N).
+    Exec {
+        /// Allocate a terminal (PTY) for the command.
+        #[arg(short, long)]
+        tty: bool,
+        /// Stream this terminal's stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Set an environment variable (repeatable).
+        #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Working directory inside the inner.
+        #[arg(short, long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// An interactive login shell in the inner.
+    Console,
+    /// Kill everything in the inner and start a fresh one on the same writable layer.
+    Bounce {
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 0.0)]
+        grace: f64,
+    },
+    /// Stop the inner and hulld, leaving no mounts, cgroups or processes behind.
+    Down {
+        /// Seconds between SIGTERM and SIGKILL for the inner's processes.
+        #[arg(long, default_value_t = 2.0)]
+        grace: f64,
+    },
+    /// Base images for the inner.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build a base image (cached: only rebuilt with --rebuild).
+    Build {
+        /// busybox (seconds, for tests) or debian (debootstrap minbase).
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        rebuild: bool,
+    },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not K=V")),
+    }
+}
+
+fn global(cli: &Cli, image: Option<&String>) -> Result<(Global, Vec<String>)> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    let mut hulld_args = Vec::new();
+    if let Some(path) = &cli.config {
+        hulld_args.extend(["--config".to_string(), path.display().to_string()]);
+    }
+    if let Some(socket) = &cli.socket {
+        config.socket = socket.clone();
+        hulld_args.extend(["--socket".to_string(), socket.display().to_string()]);
+    }
+    if let Some(dir) = &cli.state_dir {
+        config.state_dir = dir.clone();
+        hulld_args.extend(["--state-dir".to_string(), dir.display().to_string()]);
+    }
+    if let Some(image) = image {
+        config.image = image.clone();
+        hulld_args.extend(["--image".to_string(), image.clone()]);
+    }
+    config.validate()?;
+    let g = Global {
+        config_path: cli.config.clone(),
+        config,
+        json: cli.json,
+    };
+    Ok((g, hulld_args))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hull: {}", cli::error_chain(&e));
+            1
+        }
+    };
+    cli::flush_stdout();
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let image = match &cli.command {
+        Command::Up { image } => image.as_ref(),
+        _ => None,
+    };
+    let (g, hulld_args) = global(&cli, image)?;
+    match cli.command {
+        Command::Up { .. } => cli::up(&g, hulld_args).await.map(|()| 0),
+        Command::Status => cli::status(&g).await.map(|()| 0),
+        Command::Exec {
+            tty,
+            interactive,
+            env,
+            workdir,
+            command,
+        } => {
+            let opts = ExecOptions {
+                argv: command,
+                env,
+                cwd: workdir,
+                tty,
+                interactive,
+            };
+            cli::exec(&g, opts).await
+        }
+        Command::Console => {
+            let opts = ExecOptions {
+                argv: cli::console_argv(),
+                env: Vec::new(),
+                cwd: Some("/root".into()),
+                tty: true,
+                interactive: true,
+            };
+            cli::exec(&g, opts).await
+        }
+        Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
+        Command::Down { grace } => cli::down(&g, grace).await.map(|()| 0),
+        Command::Image {
+            command: ImageCommand::Build { kind, rebuild },
+        } => cli::image_build(&g, kind, rebuild).map(|()| 0),
+    }
+}

@@ -1,0 +1,93 @@
+//! `hulld`: the root-namespace daemon. Started by `hull up`, or as a
+//! service of the VM.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use hull_outer::config::{Config, LogFormat};
+use hull_outer::launch::HELPER_ARG;
+
+#[derive(Parser)]
+#[command(
+    name = "hulld",
+    version,
+    about = "hull's daemon: owns the inner container, its storage and the control API"
+)]
+struct Args {
+    /// Config file (TOML); default /etc/hull/hull.toml when it exists.
+    #[arg(long, env = "HULL_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Base image: debian or busybox.
+    #[arg(long)]
+    image: Option<String>,
+    /// Also serve the control API on this vsock port.
+    #[arg(long)]
+    vsock_port: Option<u32>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() {
+    // The helper must stay single-threaded: branch off before anything
+    // (tokio, tracing) can start a thread.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).is_some_and(|a| a == HELPER_ARG) {
+        let mut spec = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut spec) {
+            eprintln!("hull-inner-helper: cannot read the inner spec from stdin: {e}");
+            std::process::exit(1);
+        }
+        match hull_inner::helper::run(&spec) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("hull-inner-helper: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let Err(e) = daemon_main() {
+        eprintln!("hulld: {}", hull_outer::cli::error_chain(&e));
+        std::process::exit(1);
+    }
+}
+
+fn daemon_main() -> Result<()> {
+    let args = Args::parse();
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    if let Some(d) = args.state_dir {
+        config.state_dir = d;
+    }
+    if let Some(i) = args.image {
+        config.image = i;
+    }
+    if args.vsock_port.is_some() {
+        config.vsock_port = args.vsock_port;
+    }
+    if args.log_json {
+        config.log_format = LogFormat::Json;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(hull_outer::daemon::run(config))?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! The client side of the control protocol, used by the `hull` CLI, the
+//! tests and the benchmarks.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures::{SinkExt, StreamExt};
+use hull_proto::{
+    frame_reader, frame_writer, BounceReport, ClientMsg, DaemonMsg, ErrorReport, ExecEnd, ExecSpec,
+    FrameReader, FrameWriter, Hello, StatusReport, Stream,
+};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot connect to hulld at {path}: {source} (is it running? start it with `hull up`)"
+    )]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("connection to hulld failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("hulld closed the connection")]
+    Closed,
+    #[error("unexpected reply from hulld: {0}")]
+    Unexpected(String),
+    #[error("hulld: {}", .0.message)]
+    Daemon(ErrorReport),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+pub type Reader = FrameReader<OwnedReadHalf, DaemonMsg>;
+pub type Writer = FrameWriter<OwnedWriteHalf, ClientMsg>;
+
+/// A connection to hulld that has completed the hello.
+pub struct Client {
+    pub reader: Reader,
+    pub writer: Writer,
+    pub server: Hello,
+}
+
+/// What a non-interactive exec produced.
+#[derive(Debug)]
+pub struct ExecOutput {
+    pub pid: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub end: ExecEnd,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut reader = frame_reader(r);
+        let mut writer = frame_writer(w);
+        writer
+            .send(ClientMsg::Hello(Hello::new(concat!(
+                "hull ",
+                env!("CARGO_PKG_VERSION")
+            ))))
+            .await?;
+        let server = match next(&mut reader).await? {
+            DaemonMsg::Hello(h) => h,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        Ok(Client {
+            reader,
+            writer,
+            server,
+        })
+    }
+
+    /// Sends `msg` and returns the next reply (an error frame is an `Err`).
+    pub async fn request(&mut self, msg: ClientMsg) -> Result<DaemonMsg> {
+        self.writer.send(msg).await?;
+        next(&mut self.reader).await
+    }
+
+    pub async fn status(&mut self) -> Result<StatusReport> {
+        match self.request(ClientMsg::Status).await? {
+            DaemonMsg::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn bounce(&mut self, grace_ms: u64) -> Result<BounceReport> {
+        match self.request(ClientMsg::Bounce { grace_ms }).await? {
+            DaemonMsg::Bounced(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn shutdown(&mut self, grace_ms: u64) -> Result<()> {
+        match self.request(ClientMsg::Shutdown { grace_ms }).await? {
+            DaemonMsg::ShuttingDown => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts an exec session; returns the pid inside the inner.
+    pub async fn exec_start(&mut self, spec: ExecSpec) -> Result<i32> {
+        match self.request(ClientMsg::Exec(spec)).await? {
+            DaemonMsg::ExecStarted { pid } => Ok(pid),
+            DaemonMsg::ExecEnded(end) => Err(ClientError::Unexpected(format!(
+                "session ended before it started: {end:?}"
+            ))),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Runs `spec` with `stdin` as its whole input and collects its output.
+    /// Input is sent while output is read: a process that answers before it
+    /// has read everything must not stall the session.
+    pub async fn exec_collect(&mut self, spec: ExecSpec, stdin: &[u8]) -> Result<ExecOutput> {
+        let pid = self.exec_start(spec).await?;
+        let writer = &mut self.writer;
+        let send = async move {
+            for chunk in stdin.chunks(64 * 1024) {
+                writer.send(ClientMsg::Stdin(chunk.to_vec())).await?;
+            }
+            writer.send(ClientMsg::StdinEof).await?;
+            Ok::<(), ClientError>(())
+        };
+        let reader = &mut self.reader;
+        let receive = async move {
+            let mut out = ExecOutput {
+                pid,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                end: ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            };
+            loop {
+                match next(reader).await? {
+                    DaemonMsg::Output { stream, data } => match stream {
+                        Stream::Stdout => out.stdout.extend_from_slice(&data),
+                        Stream::Stderr => out.stderr.extend_from_slice(&data),
+                    },
+                    DaemonMsg::ExecEnded(end) => {
+                        out.end = end;
+                        return Ok(out);
+                    }
+                    other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                }
+            }
+        };
+        let (sent, received) = futures::join!(send, receive);
+        let out = received?;
+        // A process that exits without reading all its input is not an error.
+        if let Err(e) = sent {
+            if !matches!(out.end, ExecEnd::Exited(_)) {
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The next frame; an error frame from hulld becomes `ClientError::Daemon`.
+pub async fn next(reader: &mut Reader) -> Result<DaemonMsg> {
+    match reader.next().await {
+        Some(Ok(DaemonMsg::Error(report))) => Err(ClientError::Daemon(report)),
+        Some(Ok(msg)) => Ok(msg),
+        Some(Err(e)) => Err(ClientError::Io(e)),
+        None => Err(ClientError::Closed),
+    }
+}

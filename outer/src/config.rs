@@ -1,0 +1,199 @@
+//! hulld's configuration: a TOML file, every field optional, every path
+//! overridable (tests point them all into a temporary directory).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hull/hull.toml";
+pub const DEFAULT_SOCKET: &str = "/run/hull/hull.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hull";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{field} = {value:?} is not a size: use bytes or a number with K, M or G")]
+    Size { field: &'static str, value: String },
+    #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
+    Image(String),
+    #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
+    Hostname(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// hulld's own state: the writable layer, images, logs, lock file.
+    pub state_dir: PathBuf,
+    /// The control socket (mode 0600).
+    pub socket: PathBuf,
+    /// Also serve the control protocol on this vsock port.
+    pub vsock_port: Option<u32>,
+    /// Where base images are built; `<state_dir>/images` when unset.
+    pub image_dir: Option<PathBuf>,
+    /// The base image of the inner: "debian" (default) or "busybox".
+    pub image: String,
+    pub hostname: String,
+    /// Memory limit of the inner ("2G", "512M", bytes); 3/4 of RAM when unset.
+    pub memory_max: Option<String>,
+    pub pids_max: Option<u64>,
+    /// The name of hull's cgroup below the one hulld starts in.
+    pub cgroup_name: String,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            vsock_port: None,
+            image_dir: None,
+            image: "debian".to_string(),
+            hostname: "hull".to_string(),
+            memory_max: None,
+            pids_max: Some(4096),
+            cgroup_name: "hull".to_string(),
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the default config file if it exists, or the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let config: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.memory_max_bytes()?;
+        self.image_kind()?;
+        let h = &self.hostname;
+        if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(ConfigError::Hostname(h.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn image_dir(&self) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("images"))
+    }
+
+    pub fn image_kind(&self) -> Result<hull_image::ImageKind, ConfigError> {
+        self.image
+            .parse()
+            .map_err(|_| ConfigError::Image(self.image.clone()))
+    }
+
+    pub fn memory_max_bytes(&self) -> Result<u64, ConfigError> {
+        match &self.memory_max {
+            Some(v) => parse_size(v).ok_or_else(|| ConfigError::Size {
+                field: "memory_max",
+                value: v.clone(),
+            }),
+            None => Ok(physical_memory() / 4 * 3),
+        }
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.state_dir.join("hulld.log")
+    }
+}
+
+/// "512M", "2G", "1048576" -> bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn physical_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("hull.toml");
+        std::fs::write(&path, "stat_dir = \"/x\"\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&path)),
+            Err(ConfigError::Parse { .. })
+        ));
+        std::fs::write(&path, "memory_max = \"lots\"\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&path)),
+            Err(ConfigError::Size { .. })
+        ));
+        std::fs::write(&path, "image = \"busybox\"\nmemory_max = \"256M\"\n").unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.memory_max_bytes().unwrap(), 256 << 20);
+        assert!(Config::load(Some(&tmp.path().join("missing.toml"))).is_err());
+    }
+}

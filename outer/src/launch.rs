@@ -1,0 +1,401 @@
+//! Starting one inner container from hulld: the sealed copy of our binary,
+//! the helper exec, the handshake with the inner init, and the link to it.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use hull_inner::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD};
+use hull_proto::fdpass::{self, FdReceiver};
+use hull_proto::{
+    frame_reader, frame_writer, ExitStatus, FrameWriter, FromInit, Hello, SpawnErrorKind, ToInit,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+
+/// The argv[1] that turns hulld's binary into the single-threaded helper.
+pub const HELPER_ARG: &str = "__inner-helper";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create a sealed copy of hulld's binary: {0}")]
+    SealedExe(io::Error),
+    #[error("cannot create the init link socketpair: {0}")]
+    Socketpair(io::Error),
+    #[error("cannot start the inner helper {path}: {source}")]
+    SpawnHelper { path: PathBuf, source: io::Error },
+    #[error("the inner helper failed ({status}): {stderr}")]
+    Helper { status: String, stderr: String },
+    #[error("the inner helper printed no init pid: {0:?}")]
+    HelperOutput(String),
+    #[error("cannot open a pidfd for the inner init (pid {pid}): {source}")]
+    Pidfd { pid: i32, source: io::Error },
+    #[error("handshake with the inner init failed: {0}")]
+    Handshake(String),
+    #[error("the inner init failed to set up the container at step {step}: {message}")]
+    Setup { step: String, message: String },
+}
+
+/// hulld's binary copied into a sealed memfd. The inner's processes can see
+/// their init's /proc/1/exe; pointing it at a sealed anonymous file instead
+/// of hulld's binary on disk closes the CVE-2019-5736 path back out.
+pub struct SealedExe {
+    fd: OwnedFd,
+}
+
+impl SealedExe {
+    pub fn create() -> Result<Self, LaunchError> {
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(
+            "hull-init",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| LaunchError::SealedExe(e.into()))?;
+        let mut src = std::fs::File::open("/proc/self/exe").map_err(LaunchError::SealedExe)?;
+        let mut dst = std::fs::File::from(fd);
+        io::copy(&mut src, &mut dst).map_err(LaunchError::SealedExe)?;
+        let fd = OwnedFd::from(dst);
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(LaunchError::SealedExe(io::Error::last_os_error()));
+        }
+        Ok(SealedExe { fd })
+    }
+
+    /// A path that execs the sealed copy. The memfd is close-on-exec, so the
+    /// helper does not keep it open after its own exec.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.fd.as_raw_fd()
+        ))
+    }
+}
+
+/// What the init link delivers to one exec session.
+#[derive(Debug)]
+pub enum InitEvent {
+    Spawned(i32),
+    SpawnFailed(SpawnErrorKind, String),
+    Fds(Vec<OwnedFd>),
+    Exited(ExitStatus),
+}
+
+type Sessions = HashMap<u64, mpsc::UnboundedSender<InitEvent>>;
+
+/// hulld's side of the link to one inner init.
+pub struct InitLink {
+    writer: tokio::sync::Mutex<FrameWriter<OwnedWriteHalf, ToInit>>,
+    /// `None` once the link is closed: every session's channel is dropped.
+    sessions: Mutex<Option<Sessions>>,
+}
+
+impl InitLink {
+    /// Registers exec `id`; `None` when the inner is already gone.
+    pub fn register(&self, id: u64) -> Option<mpsc::UnboundedReceiver<InitEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sessions = self.sessions.lock().unwrap();
+        sessions.as_mut()?.insert(id, tx);
+        Some(rx)
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Some(s) = self.sessions.lock().unwrap().as_mut() {
+            s.remove(&id);
+        }
+    }
+
+    pub async fn send(&self, msg: ToInit) -> io::Result<()> {
+        self.writer.lock().await.send(msg).await
+    }
+
+    fn dispatch(&self, id: u64, event: InitEvent) {
+        if let Some(tx) = self
+            .sessions
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|s| s.get(&id))
+        {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn close(&self) {
+        self.sessions.lock().unwrap().take();
+    }
+}
+
+/// One running inner container.
+pub struct Inner {
+    pub pid: i32,
+    pub generation: u64,
+    pub started: Instant,
+    /// Time from the helper's spawn to the init's Ready.
+    pub start_time: Duration,
+    pub link: Arc<InitLink>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    stop_reason: Mutex<Option<String>>,
+}
+
+impl Inner {
+    /// Why the inner stopped, for sessions that it ended.
+    pub fn stop_reason(&self) -> String {
+        self.stop_reason
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| "the inner's init died".to_string())
+    }
+
+    pub fn set_stop_reason(&self, reason: &str) {
+        *self.stop_reason.lock().unwrap() = Some(reason.to_string());
+    }
+
+    /// Waits until the init has exited and been reaped.
+    pub async fn wait_exit(&self) -> Option<ExitStatus> {
+        let mut exit = self.exit.clone();
+        let result = exit.wait_for(|s| s.is_some()).await;
+        result.ok().and_then(|s| *s)
+    }
+}
+
+/// Starts an inner and completes the handshake. `on_exit` receives the
+/// generation when its init has been reaped.
+pub async fn launch(
+    exe: &SealedExe,
+    spec: &InnerSpec,
+    generation: u64,
+    on_exit: mpsc::UnboundedSender<(u64, ExitStatus)>,
+) -> Result<Arc<Inner>, LaunchError> {
+    let begin = Instant::now();
+    let (link_parent, link_child) =
+        std::os::unix::net::UnixStream::pair().map_err(LaunchError::Socketpair)?;
+    let (fds_parent, fds_child) = fdpass::fd_channel_pair().map_err(LaunchError::Socketpair)?;
+
+    let pid = run_helper(exe, spec, OwnedFd::from(link_child), fds_child).await?;
+    let pidfd = pidfd_open(pid).map_err(|source| LaunchError::Pidfd { pid, source })?;
+    let (exit_tx, exit_rx) = watch::channel(None);
+    tokio::spawn(watch_exit(pidfd, generation, exit_tx, on_exit));
+
+    link_parent
+        .set_nonblocking(true)
+        .map_err(LaunchError::Socketpair)?;
+    let stream = UnixStream::from_std(link_parent).map_err(LaunchError::Socketpair)?;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = frame_reader::<_, FromInit>(read_half);
+    let mut writer = frame_writer::<_, ToInit>(write_half);
+
+    // The init sends Hello (or Hello then SetupFailed), waits for ours,
+    // then reports Ready.
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        match reader.next().await {
+            Some(Ok(FromInit::Hello(h))) if h.version == PROTOCOL_VERSION => Ok(()),
+            Some(Ok(FromInit::Hello(h))) => Err(LaunchError::Handshake(format!(
+                "init speaks protocol {} (hulld: {PROTOCOL_VERSION})",
+                h.version
+            ))),
+            other => Err(LaunchError::Handshake(format!(
+                "expected Hello, got {other:?}"
+            ))),
+        }
+    })
+    .await
+    .map_err(|_| LaunchError::Handshake("no Hello from the init within 10 s".into()))?;
+    first?;
+    // A failed send is not final: an init whose setup failed has already
+    // queued its SetupFailed report and exited, and that report says more.
+    let sent = writer
+        .send(ToInit::Hello(Hello::new(concat!(
+            "hulld ",
+            env!("CARGO_PKG_VERSION")
+        ))))
+        .await;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
+        Ok(Some(Ok(FromInit::Ready))) => {}
+        Ok(Some(Ok(FromInit::SetupFailed { step, message }))) => {
+            return Err(LaunchError::Setup { step, message })
+        }
+        Ok(other) => {
+            return Err(LaunchError::Handshake(match sent {
+                Err(e) => format!("sending Hello: {e}"),
+                Ok(()) => format!("expected Ready, got {other:?}"),
+            }))
+        }
+        Err(_) => return Err(LaunchError::Handshake("no Ready within 10 s".into())),
+    }
+
+    let link = Arc::new(InitLink {
+        writer: tokio::sync::Mutex::new(writer),
+        sessions: Mutex::new(Some(HashMap::new())),
+    });
+    tokio::spawn(read_link(reader, link.clone()));
+    let receiver = FdReceiver::new(fds_parent).map_err(LaunchError::Socketpair)?;
+    tokio::spawn(read_fds(receiver, link.clone()));
+    Ok(Arc::new(Inner {
+        pid,
+        generation,
+        started: Instant::now(),
+        start_time: begin.elapsed(),
+        link,
+        exit: exit_rx,
+        stop_reason: Mutex::new(None),
+    }))
+}
+
+async fn run_helper(
+    exe: &SealedExe,
+    spec: &InnerSpec,
+    link_child: OwnedFd,
+    fds_child: OwnedFd,
+) -> Result<i32, LaunchError> {
+    let spec_json = serde_json::to_string(spec).expect("InnerSpec serialises");
+    let path = exe.path();
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.arg0("hull-inner-helper")
+        .arg(HELPER_ARG)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (link_raw, fds_raw) = (link_child.as_raw_fd(), fds_child.as_raw_fd());
+    // SAFETY: between fork and exec the closure only calls dup2(2), which is
+    // async-signal-safe; the source fds stay open in the parent until spawn
+    // returns because we hold them.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(link_raw, INIT_LINK_FD) < 0 || libc::dup2(fds_raw, FD_CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| LaunchError::SpawnHelper { path, source })?;
+    drop(link_child);
+    drop(fds_child);
+    // The spec travels on stdin, not argv: the init's /proc/1/cmdline is
+    // readable inside the inner and should not spell out hulld's paths.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(spec_json.as_bytes()).await;
+    }
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line).await;
+    }
+    let status = child.wait().await.map_err(|e| LaunchError::Helper {
+        status: "unknown".into(),
+        stderr: e.to_string(),
+    })?;
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr).await;
+        }
+        return Err(LaunchError::Helper {
+            status: status.to_string(),
+            stderr: stderr.trim().to_string(),
+        });
+    }
+    line.trim()
+        .parse::<i32>()
+        .map_err(|_| LaunchError::HelperOutput(line.clone()))
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Reaps the init through its pidfd (it is our child: hulld is a child
+/// subreaper and the helper that forked it has exited).
+fn reap_pidfd(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own pidfd with a valid siginfo pointer.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded, so si_pid/si_status are initialised.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if info.si_code == libc::CLD_EXITED {
+        ExitStatus::Code(status)
+    } else {
+        ExitStatus::Signal(status)
+    }))
+}
+
+async fn watch_exit(
+    pidfd: OwnedFd,
+    generation: u64,
+    exit_tx: watch::Sender<Option<ExitStatus>>,
+    on_exit: mpsc::UnboundedSender<(u64, ExitStatus)>,
+) {
+    let status = match fdpass::register_async(pidfd) {
+        Ok(afd) => loop {
+            let Ok(mut guard) = afd.readable().await else {
+                break ExitStatus::Signal(0);
+            };
+            match reap_pidfd(afd.get_ref()) {
+                Ok(Some(status)) => break status,
+                Ok(None) => guard.clear_ready(),
+                Err(_) => break ExitStatus::Signal(0),
+            }
+        },
+        Err(_) => ExitStatus::Signal(0),
+    };
+    let _ = exit_tx.send(Some(status));
+    let _ = on_exit.send((generation, status));
+}
+
+async fn read_link(
+    mut reader: hull_proto::FrameReader<tokio::net::unix::OwnedReadHalf, FromInit>,
+    link: Arc<InitLink>,
+) {
+    while let Some(Ok(msg)) = reader.next().await {
+        match msg {
+            FromInit::Spawned { id, pid } => link.dispatch(id, InitEvent::Spawned(pid)),
+            FromInit::SpawnFailed { id, kind, message } => {
+                link.dispatch(id, InitEvent::SpawnFailed(kind, message))
+            }
+            FromInit::Exited { id, status } => link.dispatch(id, InitEvent::Exited(status)),
+            FromInit::Hello(_) | FromInit::Ready | FromInit::SetupFailed { .. } => {}
+        }
+    }
+    link.close();
+}
+
+async fn read_fds(receiver: FdReceiver, link: Arc<InitLink>) {
+    while let Ok(Some((id, fds))) = receiver.recv().await {
+        link.dispatch(id, InitEvent::Fds(fds));
+    }
+}

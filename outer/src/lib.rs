@@ -1,0 +1,11 @@
+//! hulld, the root-namespace daemon, and the client side of its protocol
+//! used by the `hull` command-line tool.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+mod exec;
+pub mod launch;
+mod server;
+mod supervisor;

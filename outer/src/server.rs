@@ -1,0 +1,164 @@
+//! The control API: one task per connection, the same protocol on the unix
+//! socket and on vsock. A bad frame costs only its own connection.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use hull_proto::{
+    frame_reader, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, Hello, Limits,
+    StatusReport, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::daemon::Daemon;
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
+    DaemonMsg::Error(ErrorReport {
+        kind,
+        message: message.into(),
+    })
+}
+
+/// Serves one client until it hangs up or sends something unusable.
+pub async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader = frame_reader::<_, ClientMsg>(read_half);
+    let mut writer = frame_writer::<_, DaemonMsg>(write_half);
+    if let Err(e) = serve(&daemon, &mut reader, &mut writer).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn serve<R, W>(daemon: &Arc<Daemon>, reader: &mut R, writer: &mut W) -> io::Result<()>
+where
+    R: futures::Stream<Item = io::Result<ClientMsg>> + Unpin,
+    W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
+{
+    match reader.next().await {
+        Some(Ok(ClientMsg::Hello(hello))) if hello.version == PROTOCOL_VERSION => {
+            writer
+                .send(DaemonMsg::Hello(Hello::new(concat!(
+                    "hulld ",
+                    env!("CARGO_PKG_VERSION")
+                ))))
+                .await?;
+        }
+        Some(Ok(ClientMsg::Hello(hello))) => {
+            return writer
+                .send(error(
+                    ErrorKind::Version,
+                    format!(
+                        "{} speaks protocol version {}, hulld speaks {PROTOCOL_VERSION}",
+                        hello.peer, hello.version
+                    ),
+                ))
+                .await;
+        }
+        Some(Ok(other)) => {
+            return writer
+                .send(error(
+                    ErrorKind::BadRequest,
+                    format!("the first frame must be Hello, got {}", variant(&other)),
+                ))
+                .await;
+        }
+        Some(Err(e)) => return bad_frame(writer, e).await,
+        None => return Ok(()),
+    }
+    loop {
+        let msg = match reader.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return bad_frame(writer, e).await,
+            None => return Ok(()),
+        };
+        match msg {
+            ClientMsg::Status => writer.send(DaemonMsg::Status(status(daemon))).await?,
+            ClientMsg::Exec(spec) => {
+                crate::exec::run(&daemon.supervisor, spec, reader, writer).await?
+            }
+            ClientMsg::Bounce { grace_ms } => {
+                let reply = match daemon
+                    .supervisor
+                    .bounce(Duration::from_millis(grace_ms))
+                    .await
+                {
+                    Ok(report) => DaemonMsg::Bounced(report),
+                    Err(e) => error(ErrorKind::InnerUnavailable, format!("bounce failed: {e}")),
+                };
+                writer.send(reply).await?;
+            }
+            ClientMsg::Shutdown { grace_ms } => {
+                daemon.shutdown(Duration::from_millis(grace_ms)).await;
+                let sent = writer.send(DaemonMsg::ShuttingDown).await;
+                daemon.exit();
+                return sent;
+            }
+            other @ (ClientMsg::Hello(_)
+            | ClientMsg::Stdin(_)
+            | ClientMsg::StdinEof
+            | ClientMsg::Resize(_)
+            | ClientMsg::Signal(_)) => {
+                writer
+                    .send(error(
+                        ErrorKind::BadRequest,
+                        format!("{} is only valid inside an exec session", variant(&other)),
+                    ))
+                    .await?
+            }
+        }
+    }
+}
+
+fn variant(msg: &ClientMsg) -> &'static str {
+    match msg {
+        ClientMsg::Hello(_) => "Hello",
+        ClientMsg::Status => "Status",
+        ClientMsg::Exec(_) => "Exec",
+        ClientMsg::Stdin(_) => "Stdin",
+        ClientMsg::StdinEof => "StdinEof",
+        ClientMsg::Resize(_) => "Resize",
+        ClientMsg::Signal(_) => "Signal",
+        ClientMsg::Bounce { .. } => "Bounce",
+        ClientMsg::Shutdown { .. } => "Shutdown",
+    }
+}
+
+/// Tells the client why its frame was refused, then ends the connection.
+async fn bad_frame<W>(writer: &mut W, e: io::Error) -> io::Result<()>
+where
+    W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
+{
+    tracing::warn!(error = %e, "refusing a bad frame from a client");
+    writer
+        .send(error(ErrorKind::BadFrame, format!("bad frame: {e}")))
+        .await
+}
+
+fn status(daemon: &Daemon) -> StatusReport {
+    let p = daemon.supervisor.published();
+    let inner = daemon.supervisor.current();
+    StatusReport {
+        daemon_pid: std::process::id() as i32,
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        state: p.state,
+        inner_pid: inner.as_ref().map(|i| i.pid),
+        inner_uptime_ms: inner
+            .as_ref()
+            .map(|i| i.started.elapsed().as_millis() as u64),
+        bounces: p.bounces,
+        unplanned_restarts: p.unplanned_restarts,
+        limits: Limits {
+            memory_max_bytes: daemon.limits.memory_max_bytes,
+            pids_max: daemon.limits.pids_max,
+        },
+        image: daemon.image.display().to_string(),
+        state_dir: daemon.config.state_dir.display().to_string(),
+        cgroup: daemon.cgroups.inner.display_path(),
+        last_error: p.last_error,
+    }
+}

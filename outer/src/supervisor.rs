@@ -1,0 +1,335 @@
+//! The supervisor owns the inner's lifecycle: start, stop, bounce, restart
+//! after an unplanned death, and shutdown. One task runs it, so lifecycle
+//! operations never overlap; everyone else reads its published state.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hull_inner::cgroup::Cgroup;
+use hull_inner::InnerSpec;
+use hull_proto::{BounceReport, ExitStatus, InnerState};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::launch::{launch, Inner, SealedExe};
+
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// An inner that lived this long resets the restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// What hulld needs to create inners.
+pub struct InnerConfig {
+    pub exe: SealedExe,
+    pub cgroup: Cgroup,
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub rootfs: PathBuf,
+    pub hostname: String,
+}
+
+/// Counters and state for `hull status`.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub state: InnerState,
+    pub bounces: u64,
+    pub unplanned_restarts: u64,
+    pub last_error: Option<String>,
+}
+
+enum Request {
+    Bounce {
+        grace: Duration,
+        reply: oneshot::Sender<Result<BounceReport, String>>,
+    },
+    Shutdown {
+        grace: Duration,
+        reply: oneshot::Sender<()>,
+    },
+    Retry,
+}
+
+/// The handle everyone else holds.
+#[derive(Clone)]
+pub struct Supervisor {
+    requests: mpsc::UnboundedSender<Request>,
+    current: watch::Receiver<Option<Arc<Inner>>>,
+    published: Arc<Mutex<Published>>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor task, which starts the first inner at once.
+    pub fn start(config: InnerConfig) -> Self {
+        let (requests, rx) = mpsc::unbounded_channel();
+        let (current_tx, current) = watch::channel(None);
+        let published = Arc::new(Mutex::new(Published {
+            state: InnerState::Stopped,
+            bounces: 0,
+            unplanned_restarts: 0,
+            last_error: None,
+        }));
+        let task = Task {
+            config,
+            current: current_tx,
+            published: published.clone(),
+            requests: requests.clone(),
+            generation: 0,
+            backoff: RETRY_FIRST,
+            retry_pending: false,
+        };
+        tokio::spawn(task.run(rx));
+        Supervisor {
+            requests,
+            current,
+            published,
+        }
+    }
+
+    pub fn published(&self) -> Published {
+        self.published.lock().unwrap().clone()
+    }
+
+    pub fn current(&self) -> Option<Arc<Inner>> {
+        self.current.borrow().clone()
+    }
+
+    /// The running inner, waiting up to `timeout` for one (during a bounce
+    /// or a restart) instead of failing at once.
+    pub async fn wait_running(&self, timeout: Duration) -> Option<Arc<Inner>> {
+        let mut current = self.current.clone();
+        let found = tokio::time::timeout(timeout, current.wait_for(|c| c.is_some())).await;
+        match found {
+            Ok(Ok(inner)) => inner.clone(),
+            _ => None,
+        }
+    }
+
+    pub async fn bounce(&self, grace: Duration) -> Result<BounceReport, String> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Bounce { grace, reply })
+            .map_err(|_| "hulld is shutting down".to_string())?;
+        rx.await.map_err(|_| "hulld is shutting down".to_string())?
+    }
+
+    pub async fn shutdown(&self, grace: Duration) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Shutdown { grace, reply })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Task {
+    config: InnerConfig,
+    current: watch::Sender<Option<Arc<Inner>>>,
+    published: Arc<Mutex<Published>>,
+    requests: mpsc::UnboundedSender<Request>,
+    generation: u64,
+    backoff: Duration,
+    retry_pending: bool,
+}
+
+impl Task {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u64, ExitStatus)>();
+        self.start(&exit_tx).await;
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    Some(Request::Bounce { grace, reply }) => {
+                        let report = self.bounce(grace, &exit_tx).await;
+                        let _ = reply.send(report);
+                    }
+                    Some(Request::Shutdown { grace, reply }) => {
+                        self.stop(grace, "hulld is shutting down (hull down)").await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(Request::Retry) => {
+                        self.retry_pending = false;
+                        if self.current.borrow().is_none() {
+                            self.start(&exit_tx).await;
+                        }
+                    }
+                    None => return,
+                },
+                Some((generation, status)) = exits.recv() => {
+                    self.on_exit(generation, status, &exit_tx).await;
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, state: InnerState) {
+        self.published.lock().unwrap().state = state;
+    }
+
+    fn spec(&self) -> InnerSpec {
+        InnerSpec {
+            lower: self.config.lower.clone(),
+            upper: self.config.upper.clone(),
+            work: self.config.work.clone(),
+            rootfs: self.config.rootfs.clone(),
+            hostname: self.config.hostname.clone(),
+            cgroup_procs: self.config.cgroup.procs_files(),
+        }
+    }
+
+    /// Starts an inner; on failure schedules a retry with backoff.
+    async fn start(&mut self, exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>) -> bool {
+        self.set_state(InnerState::Starting);
+        self.generation += 1;
+        let prepared = self.config.cgroup.create().and_then(|()| {
+            self.config
+                .cgroup
+                .set_limits(self.config.memory_max, self.config.pids_max)
+        });
+        let result = match prepared {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => launch(
+                &self.config.exe,
+                &self.spec(),
+                self.generation,
+                exit_tx.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(inner) => {
+                tracing::info!(
+                    pid = inner.pid,
+                    start_ms = inner.start_time.as_secs_f64() * 1e3,
+                    "inner ready"
+                );
+                self.published.lock().unwrap().last_error = None;
+                self.set_state(InnerState::Running);
+                self.current.send_replace(Some(inner));
+                true
+            }
+            Err(message) => {
+                tracing::error!(error = %message, retry_in_ms = self.backoff.as_millis() as u64, "inner failed to start");
+                // Whatever the failed attempt left in the cgroup must go
+                // before the next one.
+                let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+                {
+                    let mut p = self.published.lock().unwrap();
+                    p.state = InnerState::Failed;
+                    p.last_error = Some(message);
+                }
+                self.schedule_retry();
+                false
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_pending {
+            return;
+        }
+        self.retry_pending = true;
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        let requests = self.requests.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = requests.send(Request::Retry);
+        });
+    }
+
+    /// SIGTERM to everything (the init forwards it), SIGKILL after `grace`,
+    /// then wait for the init to be reaped and the cgroup to be empty.
+    async fn stop(&mut self, grace: Duration, reason: &str) {
+        let Some(inner) = self.current.send_replace(None) else {
+            let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+            self.set_state(InnerState::Stopped);
+            return;
+        };
+        self.set_state(InnerState::Stopping);
+        inner.set_stop_reason(reason);
+        let pid = Pid::from_raw(inner.pid);
+        if !grace.is_zero() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                match self.config.cgroup.pids() {
+                    Ok(pids) if pids.len() <= 1 => break,
+                    Err(_) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+        // Killing the pid namespace's init kills every process in it.
+        let _ = kill(pid, Signal::SIGKILL);
+        inner.wait_exit().await;
+        if let Err(e) = self.config.cgroup.kill_all(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "inner cgroup not empty after its init died");
+        }
+        self.set_state(InnerState::Stopped);
+    }
+
+    async fn bounce(
+        &mut self,
+        grace: Duration,
+        exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
+    ) -> Result<BounceReport, String> {
+        let begin = Instant::now();
+        self.stop(grace, "the inner was bounced").await;
+        let stop_ms = begin.elapsed().as_secs_f64() * 1e3;
+        self.backoff = RETRY_FIRST;
+        if !self.start(exit_tx).await {
+            let p = self.published.lock().unwrap();
+            return Err(p.last_error.clone().unwrap_or_default());
+        }
+        let inner = self.current.borrow().clone().expect("just started");
+        let bounces = {
+            let mut p = self.published.lock().unwrap();
+            p.bounces += 1;
+            p.bounces
+        };
+        let report = BounceReport {
+            stop_ms,
+            start_ms: inner.start_time.as_secs_f64() * 1e3,
+            total_ms: begin.elapsed().as_secs_f64() * 1e3,
+            inner_pid: inner.pid,
+            bounces,
+        };
+        tracing::info!(total_ms = report.total_ms, "inner bounced");
+        Ok(report)
+    }
+
+    async fn on_exit(
+        &mut self,
+        generation: u64,
+        status: ExitStatus,
+        exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
+    ) {
+        let current = self.current.borrow().clone();
+        let Some(inner) = current.filter(|i| i.generation == generation) else {
+            return; // a stop we asked for, already handled
+        };
+        tracing::warn!(pid = inner.pid, %status, "the inner's init died; restarting the inner");
+        self.current.send_replace(None);
+        let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+        self.published.lock().unwrap().unplanned_restarts += 1;
+        if inner.started.elapsed() > STABLE_AFTER {
+            self.backoff = RETRY_FIRST;
+            self.start(exit_tx).await;
+        } else {
+            self.set_state(InnerState::Failed);
+            self.published.lock().unwrap().last_error =
+                Some(format!("the inner's init died ({status}) soon after start"));
+            self.schedule_retry();
+        }
+    }
+}

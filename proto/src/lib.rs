@@ -1,0 +1,23 @@
+//! The wire protocol of hull.
+//!
+//! Two links speak it, both as length-delimited frames (a 4-byte big-endian
+//! length, then a MessagePack body) through `tokio-serde`:
+//!
+//! * the control link between a client (the `hull` CLI, an agent) and `hulld`,
+//!   over a unix socket or vsock: [`ClientMsg`] in, [`DaemonMsg`] out;
+//! * the init link between `hulld` and the inner init, over a socketpair:
+//!   [`ToInit`] in, [`FromInit`] out. File descriptors (pipe ends, a PTY
+//!   master) travel beside it on a SOCK_SEQPACKET pair, see [`fdpass`].
+//!
+//! Every connection opens with a [`Hello`] each way; a peer speaking another
+//! [`PROTOCOL_VERSION`] gets an error frame and a closed connection.
+
+pub mod fdpass;
+mod frames;
+mod messages;
+
+pub use frames::{frame_reader, frame_writer, FrameReader, FrameWriter, MAX_FRAME_LEN};
+pub use messages::*;
+
+/// Bumped on every incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,260 @@
+use serde::{Deserialize, Serialize};
+
+/// The first frame each way on every connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    /// Who is speaking, for logs: "hull 0.1.0", "hulld 0.1.0", "hull-init".
+    pub peer: String,
+}
+
+impl Hello {
+    pub fn new(peer: impl Into<String>) -> Self {
+        Hello {
+            version: crate::PROTOCOL_VERSION,
+            peer: peer.into(),
+        }
+    }
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code a shell would report: the code, or 128 + the signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// What to run in the inner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    /// Added to (and overriding) the inner's default environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the inner; `/` when absent.
+    pub cwd: Option<String>,
+    /// A PTY of this size instead of pipes.
+    pub tty: Option<WinSize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Why a program could not be started.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SpawnErrorKind {
+    /// The program does not exist (a shell says 127).
+    NotFound,
+    /// The program exists but cannot be executed (a shell says 126).
+    PermissionDenied,
+    /// The working directory does not exist or is not a directory.
+    BadCwd,
+    Other,
+}
+
+impl SpawnErrorKind {
+    pub fn shell_code(self) -> i32 {
+        match self {
+            SpawnErrorKind::NotFound => 127,
+            SpawnErrorKind::PermissionDenied => 126,
+            SpawnErrorKind::BadCwd | SpawnErrorKind::Other => 126,
+        }
+    }
+}
+
+/// The state of the inner container as hulld sees it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InnerState {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// Start failed; hulld retries with a backoff.
+    Failed,
+}
+
+impl std::fmt::Display for InnerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            InnerState::Starting => "starting",
+            InnerState::Running => "running",
+            InnerState::Stopping => "stopping",
+            InnerState::Stopped => "stopped",
+            InnerState::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_max_bytes: Option<u64>,
+    pub pids_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusReport {
+    pub daemon_pid: i32,
+    pub daemon_version: String,
+    pub state: InnerState,
+    /// The inner init's pid as seen from the root namespace.
+    pub inner_pid: Option<i32>,
+    pub inner_uptime_ms: Option<u64>,
+    pub bounces: u64,
+    /// Inner starts that were not asked for (its init died).
+    pub unplanned_restarts: u64,
+    pub limits: Limits,
+    pub image: String,
+    pub state_dir: String,
+    pub cgroup: String,
+    pub last_error: Option<String>,
+}
+
+/// A finished bounce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BounceReport {
+    /// Time spent stopping the old inner (grace included).
+    pub stop_ms: f64,
+    /// Time from the new inner's creation to its init reporting ready.
+    pub start_ms: f64,
+    pub total_ms: f64,
+    pub inner_pid: i32,
+    pub bounces: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The peer speaks another protocol version.
+    Version,
+    /// A frame could not be decoded or was too large.
+    BadFrame,
+    /// A well-formed request that makes no sense here.
+    BadRequest,
+    /// The inner is not running, so the request cannot be served now.
+    InnerUnavailable,
+    /// The program could not be started.
+    Spawn(SpawnErrorKind),
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorReport {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Client to hulld.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ClientMsg {
+    Hello(Hello),
+    Status,
+    /// Starts an exec session; the connection carries it until `ExecEnded`.
+    Exec(ExecSpec),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    StdinEof,
+    Resize(WinSize),
+    /// Deliver this signal to the exec'd process.
+    Signal(i32),
+    Bounce {
+        grace_ms: u64,
+    },
+    /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
+    Shutdown {
+        grace_ms: u64,
+    },
+}
+
+/// How an exec session ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ExecEnd {
+    Exited(ExitStatus),
+    /// The inner stopped underneath the session (a bounce, a crash, `hull down`).
+    InnerStopped {
+        reason: String,
+    },
+}
+
+/// hulld to client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum DaemonMsg {
+    Hello(Hello),
+    Status(StatusReport),
+    ExecStarted {
+        /// The pid inside the inner.
+        pid: i32,
+    },
+    Output {
+        stream: Stream,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    ExecEnded(ExecEnd),
+    Bounced(BounceReport),
+    ShuttingDown,
+    Error(ErrorReport),
+}
+
+/// hulld to the inner init.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ToInit {
+    Hello(Hello),
+    Spawn { id: u64, spec: ExecSpec },
+    Kill { id: u64, signal: i32 },
+}
+
+/// The inner init to hulld.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FromInit {
+    Hello(Hello),
+    /// Setup finished; the inner is ready for work.
+    Ready,
+    /// Setup failed at `step`; init exits after sending this.
+    SetupFailed {
+        step: String,
+        message: String,
+    },
+    /// The process runs; its stdio fds were sent on the fd channel first,
+    /// tagged with the same id.
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
+    SpawnFailed {
+        id: u64,
+        kind: SpawnErrorKind,
+        message: String,
+    },
+    Exited {
+        id: u64,
+        status: ExitStatus,
+    },
+}

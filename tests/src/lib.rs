@@ -1,0 +1,342 @@
+//! The harness of hull's end-to-end tests: a real hulld per test, with its
+//! config, socket, state and cgroup all private to that test, torn down
+//! (even when the test fails) by [`TestHull`]'s `Drop`.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use hull_image::{ImageKind, ImageStore};
+use hull_inner::cgroup::HullCgroups;
+use hull_outer::client::{Client, ExecOutput};
+use hull_proto::{ExecSpec, InnerState, StatusReport};
+
+/// Returns false (after saying why) when the test cannot run here; under
+/// CI=true it panics instead, so a CI run never passes by skipping.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("hull's end-to-end tests need root (namespaces, mounts, cgroups) and CI=true forbids skipping");
+    }
+    eprintln!("skipping: hull's end-to-end tests need root");
+    false
+}
+
+/// Where cargo put hull's binaries: next to the test binary's deps/ folder.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HULL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .to_path_buf();
+    for bin in ["hull", "hulld"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// The busybox base image, built once and shared by every test process
+/// (an flock serialises the first build).
+pub fn image_dir() -> PathBuf {
+    let dir = bin_dir().join("hull-test-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock_file = std::fs::File::create(dir.join(".lock")).unwrap();
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock the test image dir");
+    ImageStore::new(&dir)
+        .ensure(ImageKind::Busybox, false, &mut |line| {
+            eprintln!("image: {line}")
+        })
+        .expect("build the busybox test image (apt-get install busybox-static)");
+    dir
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Limits for a test's inner.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub memory_max: &'static str,
+    pub pids_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_max: "256M",
+            pids_max: 256,
+        }
+    }
+}
+
+/// One hulld and its inner, private to a test.
+pub struct TestHull {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub cgroup_name: String,
+    hulld: Option<Child>,
+}
+
+impl TestHull {
+    pub fn start() -> TestHull {
+        Self::start_with(Limits::default())
+    }
+
+    pub fn start_with(limits: Limits) -> TestHull {
+        let images = image_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("hull-test-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("hull.sock");
+        let state_dir = dir.path().join("state");
+        let cgroup_name = format!(
+            "hull-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let config = dir.path().join("hull.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\n",
+                state = state_dir,
+                socket = socket,
+                images = images,
+                mem = limits.memory_max,
+                pids = limits.pids_max,
+                cg = cgroup_name,
+            ),
+        )
+        .unwrap();
+        let mut hull = TestHull {
+            dir,
+            config,
+            socket,
+            state_dir,
+            cgroup_name,
+            hulld: None,
+        };
+        hull.spawn_hulld();
+        hull.wait_running(Duration::from_secs(20));
+        hull
+    }
+
+    /// Starts hulld directly (not through `hull up`) so the test owns the child.
+    pub fn spawn_hulld(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hulld.log"))
+            .unwrap();
+        let mut cmd = Command::new(bin_dir().join("hulld"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("HULL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // Its own process group, so a stray signal to ours never reaches it.
+        cmd.process_group(0);
+        self.hulld = Some(cmd.spawn().expect("spawn hulld"));
+    }
+
+    pub fn hulld_pid(&self) -> i32 {
+        self.hulld.as_ref().expect("hulld running").id() as i32
+    }
+
+    /// The daemon's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hulld.log")).unwrap_or_default()
+    }
+
+    /// Polls `hull status` until the inner runs.
+    pub fn wait_running(&self, timeout: Duration) -> StatusReport {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = &self.hulld {
+                // A hulld that died cannot come up; fail with its log.
+                let pid = child.id() as i32;
+                if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z"))
+                    .unwrap_or(true)
+                {
+                    panic!("hulld exited during start-up; log:\n{}", self.log());
+                }
+            }
+            let status = block_on(async {
+                let mut c = Client::connect(&self.socket).await.ok()?;
+                c.status().await.ok()
+            });
+            if let Some(s) = status {
+                if s.state == InnerState::Running {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "inner not running after {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", self.log()))
+    }
+
+    /// Runs `argv` in the inner through a fresh connection.
+    pub async fn exec(&self, argv: &[&str]) -> ExecOutput {
+        self.exec_with_stdin(argv, b"").await
+    }
+
+    pub async fn exec_with_stdin(&self, argv: &[&str], stdin: &[u8]) -> ExecOutput {
+        let mut c = self.client().await;
+        c.exec_collect(spec(argv), stdin)
+            .await
+            .unwrap_or_else(|e| panic!("exec {argv:?}: {e}"))
+    }
+
+    /// `sh -c script` in the inner; returns stdout, panics unless it exits 0.
+    pub async fn sh(&self, script: &str) -> String {
+        let out = self.exec(&["sh", "-c", script]).await;
+        assert_eq!(
+            out.end,
+            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            "sh -c {script:?} failed: stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the `hull` CLI against this test's hulld.
+    pub fn hull(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("hull"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hull")
+    }
+
+    /// SIGKILLs hulld and reaps it, leaving its inner behind.
+    pub fn kill9_hulld(&mut self) {
+        if let Some(mut child) = self.hulld.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// hull's cgroups of this test.
+    pub fn cgroups(&self) -> HullCgroups {
+        HullCgroups::locate(&self.cgroup_name).unwrap()
+    }
+
+    /// `hull down`, then asserts hulld exited.
+    pub fn down(&mut self) -> Output {
+        let out = self.hull(&["down", "--grace", "0"]);
+        if let Some(mut child) = self.hulld.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "hulld did not exit after hull down"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestHull {
+    fn drop(&mut self) {
+        if self.hulld.is_some() {
+            let _ = self.hull(&["down", "--grace", "0"]);
+        }
+        if let Some(mut child) = self.hulld.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever hulld could not clean (it crashed, the test killed it):
+        // kill the inner and remove this test's cgroups.
+        if let Ok(cgroups) = HullCgroups::locate(&self.cgroup_name) {
+            let _ = cgroups.inner.kill_all(Duration::from_secs(5));
+            let _ = cgroups.teardown();
+        }
+    }
+}
+
+pub fn spec(argv: &[&str]) -> ExecSpec {
+    ExecSpec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        cwd: None,
+        tty: None,
+    }
+}
+
+/// Runs a future to completion on a fresh single-threaded runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until `cond` holds, or panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Mount points (field 5 of mountinfo) that mention `needle`.
+pub fn host_mounts_containing(needle: &Path) -> Vec<String> {
+    let needle = needle.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! exec over the control socket: separate streams, exit codes, stdin, size.
+
+use hull_outer::client::ClientError;
+use hull_proto::{ErrorKind, ExecEnd, ExitStatus, SpawnErrorKind};
+use hull_tests::{block_on, require_root, spec, TestHull};
+
+fn code(end: &ExecEnd) -> i32 {
+    match end {
+        ExecEnd::Exited(s) => s.shell_code(),
+        other => panic!("session did not end with an exit: {other:?}"),
+    }
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let out = hull
+            .exec(&["sh", "-c", "echo to-out; echo to-err >&2; echo more-out"])
+            .await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "to-out\nmore-out\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "to-err\n");
+        assert_eq!(code(&out.end), 0);
+    });
+}
+
+#[test]
+fn exit_codes_are_the_commands() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        assert_eq!(
+            hull.exec(&["true"]).await.end,
+            ExecEnd::Exited(ExitStatus::Code(0))
+        );
+        assert_eq!(
+            hull.exec(&["sh", "-c", "exit 3"]).await.end,
+            ExecEnd::Exited(ExitStatus::Code(3))
+        );
+        assert_eq!(
+            hull.exec(&["sh", "-c", "kill -9 $$"]).await.end,
+            ExecEnd::Exited(ExitStatus::Signal(9))
+        );
+        let mut c = hull.client().await;
+        match c.exec_collect(spec(&["/no/such/program"]), b"").await {
+            Err(ClientError::Daemon(report)) => {
+                assert_eq!(report.kind, ErrorKind::Spawn(SpawnErrorKind::NotFound));
+                assert!(
+                    report.message.contains("/no/such/program"),
+                    "{}",
+                    report.message
+                );
+            }
+            other => panic!("missing program: expected a spawn error, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn cli_exit_codes_follow_the_shell_convention() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let run = |args: &[&str]| hull.hull(args).status.code().unwrap();
+    assert_eq!(run(&["exec", "--", "true"]), 0);
+    assert_eq!(run(&["exec", "--", "sh", "-c", "exit 3"]), 3);
+    assert_eq!(run(&["exec", "--", "no-such-program"]), 127);
+    assert_eq!(run(&["exec", "--", "sh", "-c", "kill -9 $$"]), 137);
+    let out = hull.hull(&[
+        "exec",
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; pwd",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there\n/tmp\n");
+    let out = hull.hull(&["exec", "-w", "/no/such/dir", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/no/such/dir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn stdin_round_trips() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let input: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let out = hull.exec_with_stdin(&["cat"], &input).await;
+        assert_eq!(code(&out.end), 0);
+        assert_eq!(out.stdout.len(), input.len());
+        assert!(out.stdout == input, "cat returned different bytes");
+    });
+}
+
+#[test]
+fn ten_megabytes_of_output_arrive_whole() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let out = hull.exec(&["seq", "1", "1500000"]).await;
+        assert_eq!(code(&out.end), 0);
+        let expected: String = (1..=1_500_000).map(|i| format!("{i}\n")).collect();
+        assert!(expected.len() > 10_000_000);
+        assert_eq!(
+            out.stdout.len(),
+            expected.len(),
+            "output truncated or padded"
+        );
+        assert!(out.stdout == expected.as_bytes(), "output differs");
+    });
+}

@@ -1,0 +1,70 @@
+//! The inner's limits protect hulld: a fork bomb and a memory hog.
+
+use std::time::Duration;
+
+use hull_proto::{ExecEnd, ExitStatus};
+use hull_tests::{block_on, require_root, spec, Limits, TestHull};
+
+#[test]
+fn a_fork_bomb_hits_the_pids_limit_and_hulld_keeps_answering() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        memory_max: "256M",
+        pids_max: 64,
+    });
+    block_on(async {
+        let mut bomb = hull.client().await;
+        bomb.exec_start(spec(&["sh", "-c", "f() { f | f & }; f; sleep 5"]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pids = hull.cgroups().inner.pids().unwrap();
+        assert!(pids.len() <= 64, "pids limit not enforced: {}", pids.len());
+        assert!(pids.len() > 10, "the bomb did not run: {}", pids.len());
+        // hulld answers promptly while the bomb runs.
+        let status = tokio::time::timeout(Duration::from_secs(5), async {
+            hull.client().await.status().await.unwrap()
+        })
+        .await
+        .expect("hulld stopped answering during a fork bomb");
+        assert!(status.inner_pid.is_some());
+        // A bounce clears the bomb.
+        let report = tokio::time::timeout(Duration::from_secs(20), async {
+            hull.client().await.bounce(0).await.unwrap()
+        })
+        .await
+        .expect("bounce during a fork bomb");
+        assert_eq!(report.bounces, 1);
+        assert_eq!(hull.sh("echo calm").await, "calm\n");
+    });
+}
+
+#[test]
+fn a_memory_hog_is_oom_killed_inside_the_inner() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        memory_max: "96M",
+        pids_max: 128,
+    });
+    block_on(async {
+        let out = hull
+            .exec(&["dd", "if=/dev/zero", "of=/dev/null", "bs=300M", "count=1"])
+            .await;
+        assert_eq!(
+            out.end,
+            ExecEnd::Exited(ExitStatus::Signal(libc::SIGKILL)),
+            "the hog was not OOM-killed; stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = hull.client().await.status().await.unwrap();
+        assert_eq!(
+            status.unplanned_restarts, 0,
+            "the OOM took the inner's init down"
+        );
+        assert_eq!(hull.sh("echo still-here").await, "still-here\n");
+    });
+}
