@@ -70,6 +70,7 @@ where
         Some(Err(e)) => return bad_frame(writer, e).await,
         None => return Ok(()),
     }
+    let mut had_session = false;
     loop {
         let msg = match reader.next().await {
             Some(Ok(msg)) => msg,
@@ -79,7 +80,8 @@ where
         match msg {
             ClientMsg::Status => writer.send(DaemonMsg::Status(status(daemon))).await?,
             ClientMsg::Exec(spec) => {
-                crate::exec::run(&daemon.supervisor, spec, reader, writer).await?
+                crate::exec::run(&daemon.supervisor, spec, reader, writer).await?;
+                had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {
                 let reply = match daemon
@@ -98,6 +100,13 @@ where
                 daemon.exit();
                 return sent;
             }
+            // Input sent while the process was exiting arrives after its
+            // session ended; that race is the client's right, not an error.
+            ClientMsg::Stdin(_)
+            | ClientMsg::StdinEof
+            | ClientMsg::Resize(_)
+            | ClientMsg::Signal(_)
+                if had_session => {}
             other @ (ClientMsg::Hello(_)
             | ClientMsg::Stdin(_)
             | ClientMsg::StdinEof

@@ -31,12 +31,15 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("HULL_BIN_DIR") {
         return PathBuf::from(dir);
     }
+    // A test binary lives in target/<profile>/deps, the bench binary in
+    // target/<profile> itself.
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .to_path_buf();
+    let parent = exe.parent().expect("binary dir");
+    let dir = if parent.join("hulld").exists() {
+        parent.to_path_buf()
+    } else {
+        parent.parent().expect("target dir").to_path_buf()
+    };
     for bin in ["hull", "hulld"] {
         assert!(
             dir.join(bin).exists(),

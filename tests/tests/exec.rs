@@ -127,3 +127,24 @@ fn ten_megabytes_of_output_arrive_whole() {
         assert!(out.stdout == expected.as_bytes(), "output differs");
     });
 }
+
+#[test]
+fn one_connection_carries_many_sessions() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        // Stdin EOF often reaches hulld after `true` has exited: that frame
+        // must not break the next session on the same connection.
+        for i in 0..100 {
+            let out = c
+                .exec_collect(spec(&["sh", "-c", &format!("echo {i}")]), b"")
+                .await
+                .unwrap_or_else(|e| panic!("session {i}: {e}"));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
+        }
+        c.status().await.unwrap();
+    });
+}

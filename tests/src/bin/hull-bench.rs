@@ -1,1 +1,223 @@
-fn main() {}
+//! hull's benchmarks: inner cold start, exec round-trip, bounce and hulld's
+//! idle memory, against `runc run` of the same busybox root filesystem in the
+//! same run. Prints a table with p50 and p99. Run as root, release build:
+//!
+//!     cargo build --release --workspace --bins && sudo ./target/release/hull-bench
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hull_tests::{block_on, require_root, spec, TestHull};
+
+struct Row {
+    name: &'static str,
+    samples: Vec<f64>,
+    unit: &'static str,
+    target: &'static str,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+impl Row {
+    fn p(&self, p: f64) -> f64 {
+        let mut s = self.samples.clone();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        percentile(&s, p)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn arg_usize(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn bench_hull(hull: &TestHull, rounds: usize, execs: usize) -> Result<Vec<Row>> {
+    let mut start = Vec::new();
+    let mut bounce = Vec::new();
+    let mut exec_conn = Vec::new();
+    let mut exec_new = Vec::new();
+    block_on(async {
+        let mut c = hull.client().await;
+        for _ in 0..3 {
+            c.bounce(0).await?;
+        }
+        for _ in 0..rounds {
+            let t = Instant::now();
+            let report = c.bounce(0).await?;
+            bounce.push(ms(t.elapsed()));
+            start.push(report.start_ms);
+        }
+        for _ in 0..10 {
+            c.exec_collect(spec(&["true"]), b"").await?;
+        }
+        for _ in 0..execs {
+            let t = Instant::now();
+            let out = c.exec_collect(spec(&["true"]), b"").await?;
+            exec_conn.push(ms(t.elapsed()));
+            if !matches!(
+                out.end,
+                hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0))
+            ) {
+                bail!("true failed: {:?}", out.end);
+            }
+        }
+        for _ in 0..execs {
+            let t = Instant::now();
+            let mut fresh = hull_outer::client::Client::connect(&hull.socket).await?;
+            fresh.exec_collect(spec(&["true"]), b"").await?;
+            exec_new.push(ms(t.elapsed()));
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(vec![
+        Row {
+            name: "inner cold start (spawn to init ready)",
+            samples: start,
+            unit: "ms",
+            target: "<= 15 ms",
+        },
+        Row {
+            name: "bounce, no services (request to ready)",
+            samples: bounce,
+            unit: "ms",
+            target: "<= 30 ms",
+        },
+        Row {
+            name: "exec `true`, open connection",
+            samples: exec_conn,
+            unit: "ms",
+            target: "<= 3 ms",
+        },
+        Row {
+            name: "exec `true`, new connection",
+            samples: exec_new,
+            unit: "ms",
+            target: "",
+        },
+    ])
+}
+
+/// `runc run` of /bin/true in the same busybox root filesystem.
+fn bench_runc(rootfs: &Path, rounds: usize) -> Result<Option<Row>> {
+    if Command::new("runc").arg("--version").output().is_err() {
+        eprintln!("runc not found (apt-get install runc): no anchor this run");
+        return Ok(None);
+    }
+    let bundle = tempfile::tempdir()?;
+    let status = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle.path())
+        .status()?;
+    if !status.success() {
+        bail!("runc spec failed");
+    }
+    let config_path = bundle.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = serde_json::json!(["/bin/true"]);
+    config["root"]["path"] = rootfs.display().to_string().into();
+    config["root"]["readonly"] = true.into();
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+    let mut samples = Vec::new();
+    for i in 0..rounds + 3 {
+        let id = format!("hull-bench-{}-{i}", std::process::id());
+        let t = Instant::now();
+        let status = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(bundle.path())
+            .arg(&id)
+            .stdin(Stdio::null())
+            .status()
+            .context("runc run")?;
+        let elapsed = ms(t.elapsed());
+        if !status.success() {
+            bail!("runc run failed: {status}");
+        }
+        if i >= 3 {
+            samples.push(elapsed);
+        }
+    }
+    Ok(Some(Row {
+        name: "anchor: runc run /bin/true (same rootfs)",
+        samples,
+        unit: "ms",
+        target: "",
+    }))
+}
+
+fn rss_kib(pid: i32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn main() -> Result<()> {
+    if !require_root() {
+        bail!("hull-bench needs root");
+    }
+    let rounds = arg_usize("--rounds", 50);
+    let execs = arg_usize("--execs", 300);
+    let hull = TestHull::start();
+    let rows = bench_hull(&hull, rounds, execs)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_kib(hull.hulld_pid()).unwrap_or(f64::NAN) / 1024.0;
+    let rootfs = hull_tests::image_dir().join("busybox/rootfs");
+    let runc = bench_runc(&rootfs, rounds)?;
+
+    println!();
+    println!(
+        "{:<44} {:>5} {:>10} {:>10}  target",
+        "benchmark", "n", "p50", "p99"
+    );
+    println!("{}", "-".repeat(84));
+    for row in rows.iter().chain(runc.iter()) {
+        println!(
+            "{:<44} {:>5} {:>7.2} {:<2} {:>7.2} {:<2}  {}",
+            row.name,
+            row.samples.len(),
+            row.p(0.5),
+            row.unit,
+            row.p(0.99),
+            row.unit,
+            row.target
+        );
+    }
+    println!(
+        "{:<44} {:>5} {:>7.2} {:<2} {:>10}  <= 20 MiB",
+        "hulld idle RSS", 1, rss, "MiB", ""
+    );
+    if let Some(runc) = &runc {
+        let start = &rows[0];
+        let bounce = &rows[1];
+        println!();
+        println!(
+            "ratio hull cold start / runc run (p50): {:.2}  (hull {:.2} ms, runc {:.2} ms)",
+            start.p(0.5) / runc.p(0.5),
+            start.p(0.5),
+            runc.p(0.5)
+        );
+        println!(
+            "ratio hull bounce / runc run (p50):     {:.2}",
+            bounce.p(0.5) / runc.p(0.5)
+        );
+    }
+    Ok(())
+}
