@@ -1,0 +1,177 @@
+//! `hull console` and `hull exec -t` driven through a real terminal: a PTY
+//! this test owns plays the user's terminal.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hull_tests::{bin_dir, require_root, TestHull};
+
+struct Terminal {
+    master: std::fs::File,
+    seen: Arc<Mutex<String>>,
+    child: Child,
+}
+
+impl Terminal {
+    /// Runs `hull ARGS` with a fresh PTY as its controlling terminal.
+    fn run(hull: &TestHull, args: &[&str]) -> Terminal {
+        let size = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).unwrap();
+        let slave: OwnedFd = pty.slave;
+        let mut cmd = Command::new(bin_dir().join("hull"));
+        cmd.arg("--config").arg(&hull.config).args(args);
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap());
+        // SAFETY: setsid and ioctl are async-signal-safe; they make the PTY
+        // the child's controlling terminal, as a terminal emulator does.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(slave);
+        let master = std::fs::File::from(pty.master);
+        let mut reader = master.try_clone().unwrap();
+        let seen = Arc::new(Mutex::new(String::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once the last slave fd closes: the session is over.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Terminal {
+            master,
+            seen,
+            child,
+        }
+    }
+
+    fn type_keys(&mut self, keys: &[u8]) {
+        self.master.write_all(keys).unwrap();
+    }
+
+    /// Waits until the output after byte `from` contains `needle`; returns
+    /// the output's length, to wait for the next answer after it.
+    fn expect(&self, from: usize, needle: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let seen = self.seen.lock().unwrap();
+                if let Some(pos) = seen.get(from..).and_then(|s| s.find(needle)) {
+                    return from + pos + needle.len();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no {needle:?} on the terminal; it shows {:?}",
+                    &seen[from.min(seen.len())..]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on our PTY master reads a valid winsize; the
+        // kernel sends SIGWINCH to hull, the terminal's foreground process.
+        assert_eq!(
+            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+            0
+        );
+    }
+
+    fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().expect("hull exited by signal");
+            }
+            assert!(Instant::now() < deadline, "hull did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn console_is_a_shell_with_resize_ctrl_c_and_exit_code() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut term = Terminal::run(&hull, &["console"]);
+    term.type_keys(b"stty size\r");
+    let at = term.expect(0, "24 80");
+    term.resize(40, 132);
+    // SIGWINCH travels hull -> hulld -> the PTY; give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    term.type_keys(b"stty size\r");
+    let at = term.expect(at, "40 132");
+    // Ctrl-C interrupts the foreground job, not the shell.
+    term.type_keys(b"sleep 100\r");
+    std::thread::sleep(Duration::from_millis(300));
+    term.type_keys(&[0x03]);
+    term.type_keys(b"echo after-$((40+2))\r");
+    let at = term.expect(at, "after-42");
+    term.type_keys(b"pwd; hostname\r");
+    let at = term.expect(at, "hull-test");
+    let _ = at;
+    term.type_keys(b"exit 7\r");
+    assert_eq!(term.wait(), 7, "hull console exits with the shell's code");
+}
+
+#[test]
+fn exec_with_a_terminal_returns_the_commands_code() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut term = Terminal::run(
+        &hull,
+        &[
+            "exec",
+            "-t",
+            "-i",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got-$x; exit 4",
+        ],
+    );
+    term.type_keys(b"abc\r");
+    term.expect(0, "got-abc");
+    assert_eq!(term.wait(), 4);
+}
