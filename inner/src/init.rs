@@ -36,8 +36,10 @@ pub fn run(spec: &InnerSpec) -> i32 {
     // hulld runs with umask 077; the inner's files follow the usual 022.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     security::close_fds_above(FD_CHANNEL_FD);
-    let setup = rootfs::prepare(spec)
-        .and_then(|()| security::drop_privileges().map_err(SetupError::Privileges));
+    let setup = rootfs::prepare(spec).and_then(|steps| {
+        security::drop_privileges().map_err(SetupError::Privileges)?;
+        Ok(steps)
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,7 +72,7 @@ struct Spawned {
     ids: HashMap<u64, i32>,
 }
 
-async fn serve(setup: Result<(), SetupError>) -> i32 {
+async fn serve(setup: Result<Vec<(String, u64)>, SetupError>) -> i32 {
     // SAFETY: hulld's helper placed the init link at INIT_LINK_FD and the fd
     // channel at FD_CHANNEL_FD; nothing else in this process owns them.
     let (link, fd_channel) = unsafe {
@@ -103,15 +105,18 @@ async fn serve(setup: Result<(), SetupError>) -> i32 {
     {
         return 114;
     }
-    if let Err(e) = setup {
-        let _ = writer
-            .send(FromInit::SetupFailed {
-                step: e.step().to_string(),
-                message: e.to_string(),
-            })
-            .await;
-        return 1;
-    }
+    let steps = match setup {
+        Ok(steps) => steps,
+        Err(e) => {
+            let _ = writer
+                .send(FromInit::SetupFailed {
+                    step: e.step().to_string(),
+                    message: e.to_string(),
+                })
+                .await;
+            return 1;
+        }
+    };
     match reader.next().await {
         Some(Ok(ToInit::Hello(h))) if h.version == PROTOCOL_VERSION => {}
         _ => return 115,
@@ -125,7 +130,7 @@ async fn serve(setup: Result<(), SetupError>) -> i32 {
     ) else {
         return 116;
     };
-    if writer.send(FromInit::Ready).await.is_err() {
+    if writer.send(FromInit::Ready { steps }).await.is_err() {
         return 117;
     }
 

@@ -77,18 +77,29 @@ type Result<T> = std::result::Result<T, SetupError>;
 
 /// Builds the root filesystem and pivots into it. Runs as PID 1 of the new
 /// pid namespace, in the new mount namespace, before any thread exists.
-pub fn prepare(spec: &InnerSpec) -> Result<()> {
-    make_mounts_private()?;
-    mount_overlay(spec)?;
+/// Returns how long each step took, in microseconds.
+pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     let root = spec.rootfs.as_path();
-    mount_proc(root)?;
-    mount_sys(root)?;
-    mount_dev(root)?;
-    mask_kernel_interfaces(root)?;
-    set_hostname(&spec.hostname)?;
-    crate::security::loopback_up().map_err(SetupError::Loopback)?;
-    enter_root(root)?;
-    Ok(())
+    let mut timings = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let mut step = |name: &str, result: Result<()>| {
+        timings.push((name.to_string(), clock.elapsed().as_micros() as u64));
+        clock = std::time::Instant::now();
+        result
+    };
+    step("private-mounts", make_mounts_private())?;
+    step("overlay", mount_overlay(spec))?;
+    step("proc", mount_proc(root))?;
+    step("sys", mount_sys(root))?;
+    step("dev", mount_dev(root))?;
+    step("mask", mask_kernel_interfaces(root))?;
+    step("hostname", set_hostname(&spec.hostname))?;
+    step(
+        "loopback",
+        crate::security::loopback_up().map_err(SetupError::Loopback),
+    )?;
+    step("pivot-root", enter_root(root))?;
+    Ok(timings)
 }
 
 fn make_mounts_private() -> Result<()> {

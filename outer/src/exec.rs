@@ -231,21 +231,18 @@ where
     };
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let Some(mut events) = inner.link.register(id) else {
-        return writer.send(ExecDaemon::ended(&inner)).await;
+        return writer.send(inner_stopped(&inner)).await;
     };
     let result = session(&inner, id, spec, &mut events, reader, writer).await;
     inner.link.unregister(id);
     result
 }
 
-struct ExecDaemon;
-
-impl ExecDaemon {
-    fn ended(inner: &Inner) -> DaemonMsg {
-        DaemonMsg::ExecEnded(ExecEnd::InnerStopped {
-            reason: inner.stop_reason(),
-        })
-    }
+/// The end of a session whose inner stopped underneath it.
+fn inner_stopped(inner: &Inner) -> DaemonMsg {
+    DaemonMsg::ExecEnded(ExecEnd::InnerStopped {
+        reason: inner.stop_reason(),
+    })
 }
 
 async fn session<R, W>(
@@ -262,7 +259,7 @@ where
 {
     let tty = spec.tty.is_some();
     if inner.link.send(ToInit::Spawn { id, spec }).await.is_err() {
-        return writer.send(ExecDaemon::ended(inner)).await;
+        return writer.send(inner_stopped(inner)).await;
     }
     let mut pid = None;
     let mut fds = None;
@@ -275,7 +272,7 @@ where
             Some(InitEvent::SpawnFailed(kind, message)) => {
                 return writer.send(error(ErrorKind::Spawn(kind), message)).await;
             }
-            None => return writer.send(ExecDaemon::ended(inner)).await,
+            None => return writer.send(inner_stopped(inner)).await,
         }
     }
     let (Some(pid), Some(fds)) = (pid, fds) else {
@@ -399,7 +396,7 @@ where
             }
             Step::Event(Some(_)) => {}
             Step::Event(None) => {
-                return writer.send(ExecDaemon::ended(inner)).await;
+                return writer.send(inner_stopped(inner)).await;
             }
             Step::StdinRoom => {}
             Step::DrainOver => break,

@@ -224,7 +224,9 @@ pub async fn launch(
         ))))
         .await;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
-        Ok(Some(Ok(FromInit::Ready))) => {}
+        Ok(Some(Ok(FromInit::Ready { steps }))) => {
+            tracing::debug!(?steps, "inner setup steps (microseconds)");
+        }
         Ok(Some(Ok(FromInit::SetupFailed { step, message }))) => {
             return Err(LaunchError::Setup { step, message })
         }
@@ -388,7 +390,7 @@ async fn read_link(
                 link.dispatch(id, InitEvent::SpawnFailed(kind, message))
             }
             FromInit::Exited { id, status } => link.dispatch(id, InitEvent::Exited(status)),
-            FromInit::Hello(_) | FromInit::Ready | FromInit::SetupFailed { .. } => {}
+            FromInit::Hello(_) | FromInit::Ready { .. } | FromInit::SetupFailed { .. } => {}
         }
     }
     link.close();

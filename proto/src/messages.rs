@@ -235,8 +235,11 @@ pub enum ToInit {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum FromInit {
     Hello(Hello),
-    /// Setup finished; the inner is ready for work.
-    Ready,
+    /// Setup finished; the inner is ready for work. `steps` says how long
+    /// each setup step took, in microseconds, for the daemon's log.
+    Ready {
+        steps: Vec<(String, u64)>,
+    },
     /// Setup failed at `step`; init exits after sending this.
     SetupFailed {
         step: String,

@@ -148,3 +148,37 @@ fn one_connection_carries_many_sessions() {
         c.status().await.unwrap();
     });
 }
+
+#[test]
+fn ctrl_c_at_the_cli_reaches_the_command_without_a_terminal() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut child = std::process::Command::new(hull_tests::bin_dir().join("hull"))
+        .arg("--config")
+        .arg(&hull.config)
+        .args(["exec", "--", "sh", "-c", "echo started; exec sleep 100"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "started\n");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "sleep was not interrupted: {status}"
+    );
+}
