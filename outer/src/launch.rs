@@ -146,11 +146,19 @@ pub struct Inner {
     /// Time from the helper's spawn to the init's Ready.
     pub start_time: Duration,
     pub link: Arc<InitLink>,
+    /// Signals go through the pidfd: the init's pid could be reused once
+    /// it has been reaped, the pidfd never points elsewhere.
+    pidfd: OwnedFd,
     exit: watch::Receiver<Option<ExitStatus>>,
     stop_reason: Mutex<Option<String>>,
 }
 
 impl Inner {
+    /// Sends `signal` to the init (ESRCH once it is gone, which is fine).
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        pidfd_send_signal(&self.pidfd, signal)
+    }
+
     /// Why the inner stopped, for sessions that it ended.
     pub fn stop_reason(&self) -> String {
         self.stop_reason
@@ -187,8 +195,11 @@ pub async fn launch(
 
     let pid = run_helper(exe, spec, OwnedFd::from(link_child), fds_child).await?;
     let pidfd = pidfd_open(pid).map_err(|source| LaunchError::Pidfd { pid, source })?;
+    let pidfd_err = |source| LaunchError::Pidfd { pid, source };
+    let watched = pidfd.try_clone().map_err(pidfd_err)?;
+    let link_guard = pidfd.try_clone().map_err(pidfd_err)?;
     let (exit_tx, exit_rx) = watch::channel(None);
-    tokio::spawn(watch_exit(pidfd, generation, exit_tx, on_exit));
+    tokio::spawn(watch_exit(watched, generation, exit_tx, on_exit));
 
     link_parent
         .set_nonblocking(true)
@@ -243,7 +254,7 @@ pub async fn launch(
         writer: tokio::sync::Mutex::new(writer),
         sessions: Mutex::new(Some(HashMap::new())),
     });
-    tokio::spawn(read_link(reader, link.clone()));
+    tokio::spawn(read_link(reader, link.clone(), link_guard));
     let receiver = FdReceiver::new(fds_parent).map_err(LaunchError::Socketpair)?;
     tokio::spawn(read_fds(receiver, link.clone()));
     Ok(Arc::new(Inner {
@@ -252,6 +263,7 @@ pub async fn launch(
         started: Instant::now(),
         start_time: begin.elapsed(),
         link,
+        pidfd,
         exit: exit_rx,
         stop_reason: Mutex::new(None),
     }))
@@ -327,6 +339,23 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, a NULL siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reaps the init through its pidfd (it is our child: hulld is a child
 /// subreaper and the helper that forked it has exited).
 fn reap_pidfd(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
@@ -379,11 +408,25 @@ async fn watch_exit(
     let _ = on_exit.send((generation, status));
 }
 
+/// Dispatches the init's reports. The link ends when the init dies, or when
+/// it sends something undecodable: an init that cannot be understood cannot
+/// be trusted with the inner, so it is killed and the supervisor restarts
+/// the inner.
 async fn read_link(
     mut reader: hull_proto::FrameReader<tokio::net::unix::OwnedReadHalf, FromInit>,
     link: Arc<InitLink>,
+    pidfd: OwnedFd,
 ) {
-    while let Some(Ok(msg)) = reader.next().await {
+    loop {
+        let msg = match reader.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "undecodable frame from the inner init; killing the inner");
+                let _ = pidfd_send_signal(&pidfd, libc::SIGKILL);
+                break;
+            }
+            None => break,
+        };
         match msg {
             FromInit::Spawned { id, pid } => link.dispatch(id, InitEvent::Spawned(pid)),
             FromInit::SpawnFailed { id, kind, message } => {

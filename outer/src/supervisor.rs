@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use hull_inner::cgroup::Cgroup;
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::launch::{launch, Inner, SealedExe};
@@ -257,9 +255,8 @@ impl Task {
         };
         self.set_state(InnerState::Stopping);
         inner.set_stop_reason(reason);
-        let pid = Pid::from_raw(inner.pid);
         if !grace.is_zero() {
-            let _ = kill(pid, Signal::SIGTERM);
+            let _ = inner.signal(libc::SIGTERM);
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline {
                 match self.config.cgroup.pids() {
@@ -270,7 +267,7 @@ impl Task {
             }
         }
         // Killing the pid namespace's init kills every process in it.
-        let _ = kill(pid, Signal::SIGKILL);
+        let _ = inner.signal(libc::SIGKILL);
         inner.wait_exit().await;
         if let Err(e) = self.config.cgroup.kill_all(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "inner cgroup not empty after its init died");
