@@ -33,6 +33,10 @@ pub enum CgroupError {
     Remove { path: PathBuf, source: io::Error },
     #[error("processes in cgroup {path} did not die within {waited:?}")]
     KillTimeout { path: PathBuf, waited: Duration },
+    #[error("no freezer: neither cgroup v2 nor the v1 freezer controller is available")]
+    NoFreezer,
+    #[error("processes in {path} did not freeze within {waited:?}")]
+    FreezeTimeout { path: PathBuf, waited: Duration },
     #[error("no cgroup hierarchy with a memory or pids controller is mounted under {CGROUP_ROOT}")]
     NoHierarchy,
 }
@@ -317,9 +321,63 @@ impl Cgroup {
         Ok(pids)
     }
 
+    fn freezer_file(&self) -> Option<(PathBuf, &'static str, &'static str)> {
+        match self.version {
+            Version::V2 => Some((self.dirs[0].1.join("cgroup.freeze"), "1", "0")),
+            Version::V1 => self
+                .dirs
+                .iter()
+                .find(|(c, _)| c == "freezer")
+                .map(|(_, d)| (d.join("freezer.state"), "FROZEN", "THAWED")),
+        }
+    }
+
+    fn is_frozen(&self) -> Result<bool> {
+        let read = |path: PathBuf| {
+            fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })
+        };
+        match self.version {
+            Version::V2 => Ok(read(self.dirs[0].1.join("cgroup.events"))?
+                .lines()
+                .any(|l| l.trim() == "frozen 1")),
+            Version::V1 => {
+                let (file, _, _) = self.freezer_file().ok_or(CgroupError::NoFreezer)?;
+                Ok(read(file)?.trim() == "FROZEN")
+            }
+        }
+    }
+
+    /// Freezes every process in the group and waits until they all are.
+    pub fn freeze(&self, timeout: Duration) -> Result<()> {
+        let (file, frozen, _) = self.freezer_file().ok_or(CgroupError::NoFreezer)?;
+        write_file(&file, frozen)?;
+        let start = Instant::now();
+        while !self.is_frozen()? {
+            if start.elapsed() > timeout {
+                let _ = self.thaw();
+                return Err(CgroupError::FreezeTimeout {
+                    path: file,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    pub fn thaw(&self) -> Result<()> {
+        let (file, _, thawed) = self.freezer_file().ok_or(CgroupError::NoFreezer)?;
+        write_file(&file, thawed)
+    }
+
     /// SIGKILLs every process in the group until it is empty.
     pub fn kill_all(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
+        // A frozen process does not die until thawed (hulld may have been
+        // killed in the middle of a checkpoint).
+        if self.exists() {
+            let _ = self.thaw();
+        }
         if self.version == Version::V2 {
             let kill_file = self.dirs[0].1.join("cgroup.kill");
             if kill_file.exists() {

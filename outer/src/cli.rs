@@ -71,6 +71,10 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
     println!("image      {}", s.image);
     println!("state      {}", s.state_dir);
     println!("cgroup     {}", s.cgroup);
+    println!("volume     {}", s.volume);
+    if let Some(head) = &s.head {
+        println!("from       checkpoint {head}");
+    }
     if let Some(e) = &s.last_error {
         println!("last error {e}");
     }
@@ -466,4 +470,101 @@ pub fn error_chain(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+pub async fn checkpoint_create(g: &Global, comment: Option<String>) -> Result<()> {
+    let mut c = g.connect().await?;
+    let r = c.checkpoint_create(comment).await?;
+    if g.json {
+        return print_json(&r);
+    }
+    println!(
+        "checkpoint {} created in {:.1} ms (inner frozen {:.1} ms)",
+        r.checkpoint.id, r.total_ms, r.frozen_ms
+    );
+    Ok(())
+}
+
+pub async fn checkpoint_restore(g: &Global, id: &str) -> Result<()> {
+    let mut c = g.connect().await?;
+    let r = c.checkpoint_restore(id).await?;
+    if g.json {
+        return print_json(&r);
+    }
+    println!(
+        "restored {} in {:.1} ms (stop {:.1} ms, start {:.1} ms); undo with: hull checkpoint restore {}",
+        r.restored, r.total_ms, r.stop_ms, r.start_ms, r.undo
+    );
+    Ok(())
+}
+
+pub async fn checkpoint_delete(g: &Global, id: &str) -> Result<()> {
+    let mut c = g.connect().await?;
+    c.checkpoint_delete(id).await?;
+    if g.json {
+        return print_json(&serde_json::json!({ "deleted": id }));
+    }
+    println!("deleted checkpoint {id}");
+    Ok(())
+}
+
+fn age(now_ms: i64, then_ms: i64) -> String {
+    let s = (now_ms - then_ms).max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// Prints checkpoints as a tree: each under its parent, in creation order.
+pub async fn checkpoint_list(g: &Global) -> Result<()> {
+    let mut c = g.connect().await?;
+    let listing = c.checkpoint_list().await?;
+    if g.json {
+        return print_json(&listing);
+    }
+    if listing.checkpoints.is_empty() {
+        println!("no checkpoints yet; take one with: hull checkpoint create -m COMMENT");
+        return Ok(());
+    }
+    let ids: Vec<&str> = listing.checkpoints.iter().map(|c| c.id.as_str()).collect();
+    fn walk(
+        listing: &hull_proto::CheckpointListing,
+        ids: &[&str],
+        parent: Option<&str>,
+        depth: usize,
+    ) {
+        for cp in listing.checkpoints.iter().filter(|c| {
+            let p = c.parent.as_deref().filter(|p| ids.contains(p));
+            p == parent
+        }) {
+            let marker = if listing.head.as_deref() == Some(cp.id.as_str()) {
+                "*"
+            } else {
+                " "
+            };
+            let orphan = match (&cp.parent, depth) {
+                (Some(p), 0) => format!(" (from deleted {p})"),
+                _ => String::new(),
+            };
+            println!(
+                "{marker} {:indent$}{:<6} {:>8}  {}{}{}",
+                "",
+                cp.id,
+                age(listing.now_ms, cp.created_ms),
+                if cp.auto { "[auto] " } else { "" },
+                cp.comment.as_deref().unwrap_or(""),
+                orphan,
+                indent = depth * 2
+            );
+            walk(listing, ids, Some(&cp.id), depth + 1);
+        }
+    }
+    walk(&listing, &ids, None, 0);
+    if let Some(head) = &listing.head {
+        println!("(* the current state came from {head})");
+    }
+    Ok(())
 }

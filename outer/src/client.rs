@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use futures::{SinkExt, StreamExt};
 use hull_proto::{
-    frame_reader, frame_writer, BounceReport, ClientMsg, DaemonMsg, ErrorReport, ExecEnd, ExecSpec,
-    FrameReader, FrameWriter, Hello, StatusReport, Stream,
+    frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
+    DaemonMsg, ErrorReport, ExecEnd, ExecSpec, FrameReader, FrameWriter, Hello, RestoreReport,
+    StatusReport, Stream,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -93,6 +94,43 @@ impl Client {
     pub async fn bounce(&mut self, grace_ms: u64) -> Result<BounceReport> {
         match self.request(ClientMsg::Bounce { grace_ms }).await? {
             DaemonMsg::Bounced(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn checkpoint_create(&mut self, comment: Option<String>) -> Result<CheckpointReport> {
+        match self
+            .request(ClientMsg::CheckpointCreate { comment })
+            .await?
+        {
+            DaemonMsg::CheckpointCreated(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn checkpoint_restore(&mut self, id: &str) -> Result<RestoreReport> {
+        match self
+            .request(ClientMsg::CheckpointRestore { id: id.to_string() })
+            .await?
+        {
+            DaemonMsg::Restored(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn checkpoint_list(&mut self) -> Result<CheckpointListing> {
+        match self.request(ClientMsg::CheckpointList).await? {
+            DaemonMsg::Checkpoints(l) => Ok(l),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn checkpoint_delete(&mut self, id: &str) -> Result<()> {
+        match self
+            .request(ClientMsg::CheckpointDelete { id: id.to_string() })
+            .await?
+        {
+            DaemonMsg::CheckpointDeleted { .. } => Ok(()),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

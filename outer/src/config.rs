@@ -57,6 +57,10 @@ pub struct Config {
     /// The name of hull's cgroup below the one hulld starts in.
     pub cgroup_name: String,
     pub log_format: LogFormat,
+    /// Size of the sparse btrfs image when the state dir is not on btrfs.
+    pub volume_size: String,
+    /// Automatic checkpoints (taken before each restore) to keep.
+    pub auto_checkpoints_keep: usize,
 }
 
 impl Default for Config {
@@ -72,6 +76,8 @@ impl Default for Config {
             pids_max: Some(4096),
             cgroup_name: "hull".to_string(),
             log_format: LogFormat::Human,
+            volume_size: "64G".to_string(),
+            auto_checkpoints_keep: 10,
         }
     }
 }
@@ -98,6 +104,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.memory_max_bytes()?;
+        self.volume_size_bytes()?;
         self.image_kind()?;
         let h = &self.hostname;
         if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
@@ -127,6 +134,13 @@ impl Config {
             }),
             None => Ok(physical_memory() / 4 * 3),
         }
+    }
+
+    pub fn volume_size_bytes(&self) -> Result<u64, ConfigError> {
+        parse_size(&self.volume_size).ok_or_else(|| ConfigError::Size {
+            field: "volume_size",
+            value: self.volume_size.clone(),
+        })
     }
 
     pub fn log_file(&self) -> PathBuf {

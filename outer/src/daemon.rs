@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hull_checkpoint::WritableLayer;
+use hull_checkpoint::Storage;
 use hull_image::ImageStore;
 use hull_inner::cgroup::{CgroupError, HullCgroups};
 use hull_proto::Limits;
@@ -39,7 +39,7 @@ pub enum DaemonError {
     #[error("base image {kind} is not built at {path}; build it with `hull image build --kind {kind}` (or `hull up`, which builds it)")]
     ImageMissing { kind: &'static str, path: PathBuf },
     #[error(transparent)]
-    Layer(#[from] hull_checkpoint::LayerError),
+    Storage(#[from] hull_checkpoint::StorageError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("a hulld already answers on {path}; stop it with `hull down`")]
@@ -53,6 +53,7 @@ pub enum DaemonError {
 /// Shared state of the running daemon.
 pub struct Daemon {
     pub config: Config,
+    pub storage: Arc<Storage>,
     pub cgroups: HullCgroups,
     pub supervisor: Supervisor,
     pub limits: Limits,
@@ -74,6 +75,9 @@ impl Daemon {
         self.supervisor.shutdown(grace).await;
         if let Err(e) = self.cgroups.teardown() {
             tracing::warn!(error = %e, "cannot remove hull's cgroups");
+        }
+        if let Err(e) = self.storage.close() {
+            tracing::warn!(error = %e, "cannot unmount the btrfs volume");
         }
         let _ = std::fs::remove_file(&self.config.socket);
         *done = true;
@@ -204,7 +208,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             path: image,
         });
     }
-    let layer = WritableLayer::open(&config.state_dir)?;
+    let (storage, recovery) = tokio::task::block_in_place(|| {
+        Storage::open(&config.state_dir, config.volume_size_bytes()?).map_err(DaemonError::from)
+    })?;
+    if !recovery.actions.is_empty() {
+        tracing::warn!(
+            repaired = recovery.actions.len(),
+            "storage was repaired after a crash"
+        );
+    }
+    let storage = Arc::new(storage);
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
@@ -229,8 +242,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         memory_max: limits.memory_max_bytes,
         pids_max: limits.pids_max,
         lower: image.clone(),
-        upper: layer.upper.clone(),
-        work: layer.work.clone(),
+        storage: storage.clone(),
+        auto_checkpoints_keep: config.auto_checkpoints_keep,
         rootfs,
         hostname: config.hostname.clone(),
     });
@@ -244,6 +257,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     let daemon = Arc::new(Daemon {
         config,
+        storage,
         cgroups,
         supervisor,
         limits,

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use hull_checkpoint::StorageError;
 use hull_proto::{
-    frame_reader, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, Hello, Limits,
-    StatusReport, PROTOCOL_VERSION,
+    frame_reader, frame_writer, CheckpointInfo, CheckpointListing, CheckpointReport, ClientMsg,
+    DaemonMsg, ErrorKind, ErrorReport, Hello, Limits, StatusReport, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -94,6 +95,53 @@ where
                 };
                 writer.send(reply).await?;
             }
+            ClientMsg::CheckpointCreate { comment } => {
+                let reply = match daemon.supervisor.checkpoint(comment).await {
+                    Ok(made) => DaemonMsg::CheckpointCreated(CheckpointReport {
+                        checkpoint: info(made.row),
+                        frozen_ms: made.frozen.as_secs_f64() * 1e3,
+                        total_ms: made.total.as_secs_f64() * 1e3,
+                    }),
+                    Err(e) => storage_error(e),
+                };
+                writer.send(reply).await?;
+            }
+            ClientMsg::CheckpointRestore { id } => {
+                let reply = match daemon.supervisor.restore(id).await {
+                    Ok(report) => DaemonMsg::Restored(report),
+                    Err(e) => storage_error(e),
+                };
+                writer.send(reply).await?;
+            }
+            ClientMsg::CheckpointList => {
+                let storage = &daemon.storage;
+                let reply = match storage.list().and_then(|rows| Ok((rows, storage.head()?))) {
+                    Ok((rows, head)) => DaemonMsg::Checkpoints(CheckpointListing {
+                        checkpoints: rows
+                            .into_iter()
+                            .filter(|r| r.state == "ready")
+                            .map(info)
+                            .collect(),
+                        head,
+                        now_ms: hull_checkpoint::catalog::now_ms(),
+                    }),
+                    Err(e) => storage_error(e),
+                };
+                writer.send(reply).await?;
+            }
+            ClientMsg::CheckpointDelete { id } => {
+                let storage = daemon.storage.clone();
+                let deleted = id.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || storage.delete_checkpoint(&deleted))
+                        .await
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                let reply = match result {
+                    Ok(()) => DaemonMsg::CheckpointDeleted { id },
+                    Err(e) => storage_error(e),
+                };
+                writer.send(reply).await?;
+            }
             ClientMsg::Shutdown { grace_ms } => {
                 daemon.shutdown(Duration::from_millis(grace_ms)).await;
                 let sent = writer.send(DaemonMsg::ShuttingDown).await;
@@ -134,6 +182,10 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Signal(_) => "Signal",
         ClientMsg::Bounce { .. } => "Bounce",
         ClientMsg::Shutdown { .. } => "Shutdown",
+        ClientMsg::CheckpointCreate { .. } => "CheckpointCreate",
+        ClientMsg::CheckpointRestore { .. } => "CheckpointRestore",
+        ClientMsg::CheckpointList => "CheckpointList",
+        ClientMsg::CheckpointDelete { .. } => "CheckpointDelete",
     }
 }
 
@@ -146,6 +198,25 @@ where
     writer
         .send(error(ErrorKind::BadFrame, format!("bad frame: {e}")))
         .await
+}
+
+fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
+    CheckpointInfo {
+        id: row.id,
+        parent: row.parent,
+        created_ms: row.created_ms,
+        comment: row.comment,
+        auto: row.auto,
+        services: row.services,
+    }
+}
+
+fn storage_error(e: StorageError) -> DaemonMsg {
+    let kind = match e {
+        StorageError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
+        _ => ErrorKind::Storage,
+    };
+    error(kind, e.to_string())
 }
 
 fn status(daemon: &Daemon) -> StatusReport {
@@ -168,6 +239,18 @@ fn status(daemon: &Daemon) -> StatusReport {
         image: daemon.image.display().to_string(),
         state_dir: daemon.config.state_dir.display().to_string(),
         cgroup: daemon.cgroups.inner.display_path(),
+        volume: {
+            let v = daemon.storage.volume();
+            match &v.image {
+                Some(image) => format!(
+                    "btrfs loop image {} at {}",
+                    image.display(),
+                    v.root.display()
+                ),
+                None => format!("btrfs at {}", v.root.display()),
+            }
+        },
+        head: daemon.storage.head().ok().flatten(),
         last_error: p.last_error,
     }
 }

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
 use hull_inner::cgroup::Cgroup;
 use hull_inner::InnerSpec;
-use hull_proto::{BounceReport, ExitStatus, InnerState};
+use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::launch::{launch, Inner, SealedExe};
@@ -25,8 +26,10 @@ pub struct InnerConfig {
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
     pub lower: PathBuf,
-    pub upper: PathBuf,
-    pub work: PathBuf,
+    /// Where the writable layer comes from, fresh at every start.
+    pub storage: Arc<Storage>,
+    /// Automatic checkpoints kept before the oldest are deleted.
+    pub auto_checkpoints_keep: usize,
     pub rootfs: PathBuf,
     pub hostname: String,
 }
@@ -49,7 +52,34 @@ enum Request {
         grace: Duration,
         reply: oneshot::Sender<()>,
     },
+    Checkpoint {
+        comment: Option<String>,
+        reply: oneshot::Sender<Result<CheckpointMade, StorageError>>,
+    },
+    Restore {
+        id: String,
+        reply: oneshot::Sender<Result<RestoreReport, StorageError>>,
+    },
     Retry,
+}
+
+/// Freezes the inner's cgroup around a snapshot.
+struct FreezeInner<'a>(&'a Cgroup);
+
+impl Quiesce for FreezeInner<'_> {
+    fn freeze(&mut self) -> Result<(), String> {
+        self.0
+            .freeze(Duration::from_secs(5))
+            .map_err(|e| e.to_string())
+    }
+
+    fn thaw(&mut self) -> Result<(), String> {
+        self.0.thaw().map_err(|e| e.to_string())
+    }
+}
+
+fn gone() -> StorageError {
+    StorageError::Freeze("hulld is shutting down".into())
 }
 
 /// The handle everyone else holds.
@@ -115,6 +145,27 @@ impl Supervisor {
         rx.await.map_err(|_| "hulld is shutting down".to_string())?
     }
 
+    /// Takes a checkpoint; lifecycle operations wait while it runs.
+    pub async fn checkpoint(
+        &self,
+        comment: Option<String>,
+    ) -> Result<CheckpointMade, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Checkpoint { comment, reply })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Restores checkpoint `id`; a second restore waits for the first.
+    pub async fn restore(&self, id: String) -> Result<RestoreReport, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Restore { id, reply })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     pub async fn shutdown(&self, grace: Duration) {
         let (reply, rx) = oneshot::channel();
         if self
@@ -153,6 +204,13 @@ impl Task {
                         let _ = reply.send(());
                         return;
                     }
+                    Some(Request::Checkpoint { comment, reply }) => {
+                        let _ = reply.send(self.checkpoint(comment, false));
+                    }
+                    Some(Request::Restore { id, reply }) => {
+                        let result = self.restore(&id, &exit_tx).await;
+                        let _ = reply.send(result);
+                    }
                     Some(Request::Retry) => {
                         self.retry_pending = false;
                         if self.current.borrow().is_none() {
@@ -172,15 +230,16 @@ impl Task {
         self.published.lock().unwrap().state = state;
     }
 
-    fn spec(&self) -> InnerSpec {
-        InnerSpec {
+    fn spec(&self) -> Result<InnerSpec, StorageError> {
+        let layer = self.config.storage.current_layer()?;
+        Ok(InnerSpec {
             lower: self.config.lower.clone(),
-            upper: self.config.upper.clone(),
-            work: self.config.work.clone(),
+            upper: layer.upper,
+            work: layer.work,
             rootfs: self.config.rootfs.clone(),
             hostname: self.config.hostname.clone(),
             cgroup_procs: self.config.cgroup.procs_files(),
-        }
+        })
     }
 
     /// Starts an inner; on failure schedules a retry with backoff.
@@ -192,16 +251,14 @@ impl Task {
                 .cgroup
                 .set_limits(self.config.memory_max, self.config.pids_max)
         });
-        let result = match prepared {
-            Err(e) => Err(e.to_string()),
-            Ok(()) => launch(
-                &self.config.exe,
-                &self.spec(),
-                self.generation,
-                exit_tx.clone(),
-            )
-            .await
-            .map_err(|e| e.to_string()),
+        let spec = prepared
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.spec().map_err(|e| e.to_string()));
+        let result = match spec {
+            Err(e) => Err(e),
+            Ok(spec) => launch(&self.config.exe, &spec, self.generation, exit_tx.clone())
+                .await
+                .map_err(|e| e.to_string()),
         };
         match result {
             Ok(inner) => {
@@ -302,6 +359,92 @@ impl Task {
             bounces,
         };
         tracing::info!(total_ms = report.total_ms, "inner bounced");
+        Ok(report)
+    }
+
+    /// Freeze, snapshot, thaw. Blocking work (ioctls, fsync, SQLite) runs
+    /// in place on this worker; it takes milliseconds.
+    fn checkpoint(
+        &self,
+        comment: Option<String>,
+        auto: bool,
+    ) -> Result<CheckpointMade, StorageError> {
+        let storage = &self.config.storage;
+        let made = tokio::task::block_in_place(|| {
+            storage.create_checkpoint(comment, auto, "[]", &mut FreezeInner(&self.config.cgroup))
+        })?;
+        tracing::info!(
+            id = %made.row.id,
+            auto,
+            frozen_ms = made.frozen.as_secs_f64() * 1e3,
+            total_ms = made.total.as_secs_f64() * 1e3,
+            "checkpoint created"
+        );
+        Ok(made)
+    }
+
+    /// Auto-checkpoint, writable snapshot of the target, stop, swap, start.
+    async fn restore(
+        &mut self,
+        id: &str,
+        exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
+    ) -> Result<RestoreReport, StorageError> {
+        let begin = Instant::now();
+        let storage = self.config.storage.clone();
+        storage.checkpoint(id)?;
+        let undo = self.checkpoint(Some(format!("before restore to {id}")), true)?;
+        failpoint("restore:after-auto-checkpoint");
+        let pending = tokio::task::block_in_place(|| storage.prepare_restore(id))?;
+        let stop_begin = Instant::now();
+        self.stop(
+            Duration::ZERO,
+            &format!("the inner was restored to checkpoint {id}"),
+        )
+        .await;
+        let stop_ms = stop_begin.elapsed().as_secs_f64() * 1e3;
+        failpoint("restore:after-stop");
+        if let Err(e) = storage.commit_restore(pending) {
+            // The old layer is still current: bring the inner back on it.
+            self.start(exit_tx).await;
+            return Err(e);
+        }
+        failpoint("restore:after-swap");
+        self.backoff = RETRY_FIRST;
+        self.start(exit_tx).await;
+        let current = self.current.borrow().clone();
+        let Some(inner) = current else {
+            let reason = self.published.lock().unwrap().last_error.clone();
+            return Err(StorageError::Freeze(format!(
+                "restored {id}, but the inner did not start: {}",
+                reason.unwrap_or_default()
+            )));
+        };
+        let keep = self.config.auto_checkpoints_keep;
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = storage.collect_garbage() {
+                tracing::warn!(error = %e, "cannot delete retired layers");
+            }
+            match storage.apply_retention(keep) {
+                Ok(deleted) if !deleted.is_empty() => {
+                    tracing::info!(
+                        ?deleted,
+                        keep,
+                        "deleted automatic checkpoints beyond retention"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention of automatic checkpoints failed"),
+            }
+        });
+        let report = RestoreReport {
+            restored: id.to_string(),
+            undo: undo.row.id,
+            stop_ms,
+            start_ms: inner.start_time.as_secs_f64() * 1e3,
+            total_ms: begin.elapsed().as_secs_f64() * 1e3,
+            inner_pid: inner.pid,
+        };
+        tracing::info!(restored = id, undo = %report.undo, total_ms = report.total_ms, "restored");
         Ok(report)
     }
 

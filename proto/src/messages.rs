@@ -136,6 +136,10 @@ pub struct StatusReport {
     pub image: String,
     pub state_dir: String,
     pub cgroup: String,
+    /// Where the writable layer and checkpoints live.
+    pub volume: String,
+    /// The checkpoint the current state came from.
+    pub head: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -151,6 +155,48 @@ pub struct BounceReport {
     pub bounces: u64,
 }
 
+/// One checkpoint in the catalog.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub id: String,
+    pub parent: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+    pub comment: Option<String>,
+    /// Taken by hull itself (before a restore), subject to retention.
+    pub auto: bool,
+    /// The service definitions recorded with it (JSON array).
+    pub services: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointReport {
+    pub checkpoint: CheckpointInfo,
+    /// How long the inner was frozen.
+    pub frozen_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreReport {
+    pub restored: String,
+    /// The automatic checkpoint of the state before the restore: restoring
+    /// it undoes this restore.
+    pub undo: String,
+    pub stop_ms: f64,
+    pub start_ms: f64,
+    pub total_ms: f64,
+    pub inner_pid: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointListing {
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// The checkpoint the current state came from.
+    pub head: Option<String>,
+    pub now_ms: i64,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The peer speaks another protocol version.
@@ -163,6 +209,10 @@ pub enum ErrorKind {
     InnerUnavailable,
     /// The program could not be started.
     Spawn(SpawnErrorKind),
+    /// No such checkpoint.
+    NotFound,
+    /// Storage failed (full volume, a failed snapshot, ...).
+    Storage,
     Internal,
 }
 
@@ -186,6 +236,16 @@ pub enum ClientMsg {
     Signal(i32),
     Bounce {
         grace_ms: u64,
+    },
+    CheckpointCreate {
+        comment: Option<String>,
+    },
+    CheckpointRestore {
+        id: String,
+    },
+    CheckpointList,
+    CheckpointDelete {
+        id: String,
     },
     /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
     Shutdown {
@@ -219,6 +279,12 @@ pub enum DaemonMsg {
     },
     ExecEnded(ExecEnd),
     Bounced(BounceReport),
+    CheckpointCreated(CheckpointReport),
+    Restored(RestoreReport),
+    Checkpoints(CheckpointListing),
+    CheckpointDeleted {
+        id: String,
+    },
     ShuttingDown,
     Error(ErrorReport),
 }

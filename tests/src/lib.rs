@@ -117,7 +117,7 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = \"2G\"\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -142,6 +142,25 @@ impl TestHull {
 
     /// Starts hulld directly (not through `hull up`) so the test owns the child.
     pub fn spawn_hulld(&mut self) {
+        self.spawn_hulld_env(&[]);
+    }
+
+    /// Waits for hulld to die on its own (a failpoint), and reaps it.
+    pub fn wait_hulld_exit(&mut self, timeout: Duration) {
+        let mut child = self.hulld.take().expect("hulld running");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "hulld did not die; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts hulld with extra environment (HULL_FAILPOINT in crash tests).
+    pub fn spawn_hulld_env(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -151,6 +170,7 @@ impl TestHull {
         cmd.arg("--config")
             .arg(&self.config)
             .env("HULL_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -73,11 +73,33 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         grace: f64,
     },
+    /// Checkpoints of the writable layer: create, restore, list, delete.
+    Checkpoint {
+        #[command(subcommand)]
+        command: CheckpointCommand,
+    },
     /// Base images for the inner.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Snapshot the writable layer (the inner is frozen for a few milliseconds).
+    Create {
+        /// A comment to recognise it by.
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Bring the writable layer back to checkpoint ID and restart the inner.
+    /// The state before the restore is kept as an automatic checkpoint.
+    Restore { id: String },
+    /// Show the checkpoints as a tree, marking the one the current state came from.
+    List,
+    /// Delete checkpoint ID (any of them; the tree keeps its shape).
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +199,13 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
         Command::Down { grace } => cli::down(&g, grace).await.map(|()| 0),
+        Command::Checkpoint { command } => match command {
+            CheckpointCommand::Create { message } => cli::checkpoint_create(&g, message).await,
+            CheckpointCommand::Restore { id } => cli::checkpoint_restore(&g, &id).await,
+            CheckpointCommand::List => cli::checkpoint_list(&g).await,
+            CheckpointCommand::Delete { id } => cli::checkpoint_delete(&g, &id).await,
+        }
+        .map(|()| 0),
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),

@@ -1,0 +1,495 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::btrfs;
+use crate::catalog::{now_ms, Catalog, CheckpointRow};
+use crate::volume::{Volume, VolumeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("catalog {path}: {source}")]
+    Catalog {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("no checkpoint {id:?}; `hull checkpoint list` shows the ids")]
+    UnknownCheckpoint { id: String },
+    #[error("checkpoint {id} is being {state}; try again when that is done")]
+    NotReady { id: String, state: String },
+    #[error("cannot {what} {path}: {source}")]
+    Subvolume {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot freeze the inner for a consistent checkpoint: {0}")]
+    Freeze(String),
+    #[error("cannot flush the writable layer to disk: {0}")]
+    Sync(std::io::Error),
+    #[error("no space left on the volume {path}: free some by deleting checkpoints (`hull checkpoint delete ID`)")]
+    NoSpace { path: PathBuf },
+}
+
+type Result<T> = std::result::Result<T, StorageError>;
+
+/// Stops and resumes the processes that write to the layer.
+pub trait Quiesce {
+    fn freeze(&mut self) -> std::result::Result<(), String>;
+    fn thaw(&mut self) -> std::result::Result<(), String>;
+}
+
+/// The overlay upper and work directories of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritableLayer {
+    pub id: String,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// What a finished checkpoint cost.
+#[derive(Debug, Clone)]
+pub struct CheckpointMade {
+    pub row: CheckpointRow,
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+/// A new layer made from a checkpoint, not yet current.
+#[derive(Debug)]
+pub struct PendingLayer {
+    pub layer: WritableLayer,
+    pub checkpoint: String,
+}
+
+/// What start-up repaired, for the log.
+#[derive(Debug, Default, Clone)]
+pub struct Recovery {
+    pub actions: Vec<String>,
+}
+
+/// Kill-9 in the middle of an operation, for crash tests: when the
+/// environment variable HULL_FAILPOINT names this point, the process dies
+/// here as abruptly as a power cut lets it.
+pub fn failpoint(name: &str) {
+    if std::env::var("HULL_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "failpoint reached: killing hulld");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+pub struct Storage {
+    volume: Volume,
+    catalog_path: PathBuf,
+    catalog: Mutex<Catalog>,
+}
+
+const CURRENT_LAYER: &str = "current_layer";
+const HEAD: &str = "head";
+
+impl Storage {
+    /// Opens (creating if needed) the volume and catalog, then finishes or
+    /// rolls back whatever a crash left half done.
+    pub fn open(state_dir: &Path, image_size: u64) -> Result<(Self, Recovery)> {
+        let volume = Volume::open(state_dir, image_size)?;
+        for dir in ["layers", "checkpoints"] {
+            let path = volume.root.join(dir);
+            fs::create_dir_all(&path).map_err(|source| StorageError::Subvolume {
+                what: "create",
+                path,
+                source,
+            })?;
+        }
+        let catalog_path = state_dir.join("catalog.db");
+        let catalog = Catalog::open(&catalog_path).map_err(|source| StorageError::Catalog {
+            path: catalog_path.clone(),
+            source,
+        })?;
+        let storage = Storage {
+            volume,
+            catalog_path,
+            catalog: Mutex::new(catalog),
+        };
+        let recovery = storage.recover()?;
+        Ok((storage, recovery))
+    }
+
+    fn db_err(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
+        move |source| StorageError::Catalog {
+            path: self.catalog_path.clone(),
+            source,
+        }
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+
+    fn layer_dir(&self, id: &str) -> PathBuf {
+        self.volume.root.join("layers").join(id)
+    }
+
+    fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.volume.root.join("checkpoints").join(id)
+    }
+
+    fn layer(&self, id: &str) -> WritableLayer {
+        let dir = self.layer_dir(id);
+        WritableLayer {
+            id: id.to_string(),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+        }
+    }
+
+    /// The layer the inner runs on now.
+    pub fn current_layer(&self) -> Result<WritableLayer> {
+        let catalog = self.catalog.lock().unwrap();
+        let id = catalog
+            .meta(CURRENT_LAYER)
+            .map_err(self.db_err())?
+            .expect("recovery guarantees a current layer");
+        Ok(self.layer(&id))
+    }
+
+    /// The checkpoint the current state descends from.
+    pub fn head(&self) -> Result<Option<String>> {
+        self.catalog
+            .lock()
+            .unwrap()
+            .meta(HEAD)
+            .map_err(self.db_err())
+    }
+
+    pub fn list(&self) -> Result<Vec<CheckpointRow>> {
+        self.catalog
+            .lock()
+            .unwrap()
+            .checkpoints()
+            .map_err(self.db_err())
+    }
+
+    fn destroy(&self, path: &Path) -> Result<()> {
+        match btrfs::destroy_subvolume(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StorageError::Subvolume {
+                what: "delete subvolume",
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn subvolume_error(what: &'static str, path: &Path, source: std::io::Error) -> StorageError {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return StorageError::NoSpace {
+                path: path.to_path_buf(),
+            };
+        }
+        StorageError::Subvolume {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Creates an empty layer subvolume with its upper and work dirs.
+    fn make_empty_layer(&self, id: &str) -> Result<WritableLayer> {
+        let dir = self.layer_dir(id);
+        btrfs::create_subvolume(&dir)
+            .map_err(|e| Self::subvolume_error("create subvolume", &dir, e))?;
+        let layer = self.layer(id);
+        for d in [&layer.upper, &layer.work] {
+            fs::create_dir(d).map_err(|e| Self::subvolume_error("create", d, e))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(&layer.upper, fs::Permissions::from_mode(0o755));
+        Ok(layer)
+    }
+
+    /// Brings the catalog and the subvolumes into agreement after a crash.
+    fn recover(&self) -> Result<Recovery> {
+        let mut recovery = Recovery::default();
+        let catalog = self.catalog.lock().unwrap();
+        let db = self.db_err();
+        for row in catalog.checkpoints().map_err(&db)? {
+            let dir = self.checkpoint_dir(&row.id);
+            match row.state.as_str() {
+                "ready" if dir.exists() => {}
+                "ready" => {
+                    catalog.delete_checkpoint(&row.id).map_err(&db)?;
+                    recovery.actions.push(format!(
+                        "checkpoint {}: its snapshot is missing; removed from the catalog",
+                        row.id
+                    ));
+                }
+                "creating" => {
+                    self.destroy(&dir)?;
+                    catalog.delete_checkpoint(&row.id).map_err(&db)?;
+                    recovery.actions.push(format!(
+                        "checkpoint {}: creation was interrupted; rolled back",
+                        row.id
+                    ));
+                }
+                _ => {
+                    self.destroy(&dir)?;
+                    catalog.delete_checkpoint(&row.id).map_err(&db)?;
+                    recovery.actions.push(format!(
+                        "checkpoint {}: deletion was interrupted; finished it",
+                        row.id
+                    ));
+                }
+            }
+        }
+        let current = catalog.meta(CURRENT_LAYER).map_err(&db)?;
+        for layer in catalog.layers().map_err(&db)? {
+            if Some(&layer.id) == current.as_ref() {
+                continue;
+            }
+            self.destroy(&self.layer_dir(&layer.id))?;
+            catalog.delete_layer(&layer.id).map_err(&db)?;
+            if layer.state == "creating" {
+                recovery.actions.push(format!(
+                    "layer {}: a restore to {} was interrupted before the swap; rolled back",
+                    layer.id,
+                    layer.origin.as_deref().unwrap_or("?")
+                ));
+            } else {
+                recovery
+                    .actions
+                    .push(format!("layer {}: retired; deleted", layer.id));
+            }
+        }
+        let current_ok = current
+            .as_ref()
+            .is_some_and(|id| self.layer(id).upper.is_dir() && self.layer(id).work.is_dir());
+        if !current_ok {
+            let id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
+            catalog.insert_layer(&id, None, "creating").map_err(&db)?;
+            self.make_empty_layer(&id)?;
+            catalog.set_layer_state(&id, "active").map_err(&db)?;
+            catalog.set_meta(CURRENT_LAYER, &id).map_err(&db)?;
+            if let Some(old) = current {
+                catalog.delete_layer(&old).map_err(&db)?;
+                recovery.actions.push(format!(
+                    "the current layer {old} was missing; started an empty layer {id}"
+                ));
+            }
+        }
+        // Subvolumes the catalog does not know (a crash between the ioctl
+        // and the catalog write is impossible by ordering, but a hand-made
+        // directory is not): report, never delete user data silently.
+        let known: Vec<String> = catalog
+            .checkpoints()
+            .map_err(&db)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        if let Ok(entries) = fs::read_dir(self.volume.root.join("checkpoints")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !known.contains(&name) {
+                    self.destroy(&e.path())?;
+                    recovery
+                        .actions
+                        .push(format!("snapshot {name}: not in the catalog; deleted"));
+                }
+            }
+        }
+        for action in &recovery.actions {
+            tracing::warn!(action = %action, "storage recovery");
+        }
+        Ok(recovery)
+    }
+
+    /// Freeze, flush, snapshot, thaw, record.
+    pub fn create_checkpoint(
+        &self,
+        comment: Option<String>,
+        auto: bool,
+        services: &str,
+        quiesce: &mut dyn Quiesce,
+    ) -> Result<CheckpointMade> {
+        let begin = Instant::now();
+        let catalog = self.catalog.lock().unwrap();
+        let db = self.db_err();
+        let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
+        let row = CheckpointRow {
+            id: format!("v{seq}"),
+            seq,
+            parent: catalog.meta(HEAD).map_err(&db)?,
+            created_ms: now_ms(),
+            comment,
+            auto,
+            services: services.to_string(),
+            state: "creating".into(),
+        };
+        catalog.insert_checkpoint(&row).map_err(&db)?;
+        failpoint("create:after-row");
+        let current = catalog
+            .meta(CURRENT_LAYER)
+            .map_err(&db)?
+            .expect("recovery guarantees a current layer");
+        let source = self.layer_dir(&current);
+        let dest = self.checkpoint_dir(&row.id);
+
+        // Flush what is already written before freezing, so the frozen
+        // window holds only what was written in the last moment.
+        let layer_dir = fs::File::open(&source).map_err(StorageError::Sync)?;
+        let _ = nix::unistd::syncfs(&layer_dir);
+        let freeze_start = Instant::now();
+        if let Err(e) = quiesce.freeze() {
+            let _ = quiesce.thaw();
+            catalog.delete_checkpoint(&row.id).map_err(&db)?;
+            return Err(StorageError::Freeze(e));
+        }
+        let snap = nix::unistd::syncfs(&layer_dir)
+            .map_err(|e| StorageError::Sync(e.into()))
+            .and_then(|()| {
+                btrfs::snapshot(&source, &dest, true)
+                    .map_err(|e| Self::subvolume_error("snapshot", &dest, e))
+            });
+        let thawed = quiesce.thaw();
+        let frozen = freeze_start.elapsed();
+        if let Err(e) = snap {
+            let _ = self.destroy(&dest);
+            catalog.delete_checkpoint(&row.id).map_err(&db)?;
+            return Err(e);
+        }
+        failpoint("create:after-snapshot");
+        catalog
+            .set_checkpoint_state(&row.id, "ready")
+            .map_err(&db)?;
+        catalog.set_meta(HEAD, &row.id).map_err(&db)?;
+        if let Err(e) = thawed {
+            tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
+        }
+        let row = CheckpointRow {
+            state: "ready".into(),
+            ..row
+        };
+        Ok(CheckpointMade {
+            row,
+            frozen,
+            total: begin.elapsed(),
+        })
+    }
+
+    fn ready_checkpoint(&self, catalog: &Catalog, id: &str) -> Result<CheckpointRow> {
+        match catalog.checkpoint(id).map_err(self.db_err())? {
+            None => Err(StorageError::UnknownCheckpoint { id: id.to_string() }),
+            Some(row) if row.state != "ready" => Err(StorageError::NotReady {
+                id: id.to_string(),
+                state: row.state,
+            }),
+            Some(row) => Ok(row),
+        }
+    }
+
+    /// Looks a checkpoint up (ready ones only).
+    pub fn checkpoint(&self, id: &str) -> Result<CheckpointRow> {
+        let catalog = self.catalog.lock().unwrap();
+        self.ready_checkpoint(&catalog, id)
+    }
+
+    /// Makes a writable snapshot of checkpoint `id`: the layer a restore
+    /// will swap in. The inner keeps running meanwhile.
+    pub fn prepare_restore(&self, id: &str) -> Result<PendingLayer> {
+        let catalog = self.catalog.lock().unwrap();
+        let db = self.db_err();
+        self.ready_checkpoint(&catalog, id)?;
+        let layer_id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
+        catalog
+            .insert_layer(&layer_id, Some(id), "creating")
+            .map_err(&db)?;
+        let dest = self.layer_dir(&layer_id);
+        if let Err(e) = btrfs::snapshot(&self.checkpoint_dir(id), &dest, false) {
+            catalog.delete_layer(&layer_id).map_err(&db)?;
+            return Err(Self::subvolume_error("snapshot", &dest, e));
+        }
+        failpoint("restore:after-layer-snapshot");
+        Ok(PendingLayer {
+            layer: self.layer(&layer_id),
+            checkpoint: id.to_string(),
+        })
+    }
+
+    /// The atomic swap: the pending layer becomes current, the old one is
+    /// retired (deleted by [`Storage::collect_garbage`]).
+    pub fn commit_restore(&self, pending: PendingLayer) -> Result<WritableLayer> {
+        let mut catalog = self.catalog.lock().unwrap();
+        let old = catalog
+            .meta(CURRENT_LAYER)
+            .map_err(self.db_err())?
+            .expect("recovery guarantees a current layer");
+        catalog
+            .swap_layer(&old, &pending.layer.id, &pending.checkpoint)
+            .map_err(self.db_err())?;
+        Ok(pending.layer)
+    }
+
+    /// Drops a pending layer that will not be used.
+    pub fn abort_restore(&self, pending: PendingLayer) -> Result<()> {
+        let catalog = self.catalog.lock().unwrap();
+        self.destroy(&self.layer_dir(&pending.layer.id))?;
+        catalog
+            .delete_layer(&pending.layer.id)
+            .map_err(self.db_err())
+    }
+
+    /// Deletes checkpoint `id`. Snapshots are independent: any may go.
+    pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        let catalog = self.catalog.lock().unwrap();
+        let db = self.db_err();
+        self.ready_checkpoint(&catalog, id)?;
+        catalog.set_checkpoint_state(id, "deleting").map_err(&db)?;
+        failpoint("delete:after-mark");
+        self.destroy(&self.checkpoint_dir(id))?;
+        failpoint("delete:after-destroy");
+        catalog.delete_checkpoint(id).map_err(&db)?;
+        Ok(())
+    }
+
+    /// Deletes the oldest automatic checkpoints beyond `keep`.
+    pub fn apply_retention(&self, keep: usize) -> Result<Vec<String>> {
+        let head = self.head()?;
+        let autos: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|r| r.auto && r.state == "ready" && Some(&r.id) != head.as_ref())
+            .map(|r| r.id)
+            .collect();
+        let excess = autos.len().saturating_sub(keep);
+        let mut deleted = Vec::new();
+        for id in autos.into_iter().take(excess) {
+            self.delete_checkpoint(&id)?;
+            deleted.push(id);
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes retired layers. Slow on big layers (btrfs cleans up in the
+    /// background anyway), so hulld calls it off the restore path.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let catalog = self.catalog.lock().unwrap();
+        let db = self.db_err();
+        let mut n = 0;
+        for layer in catalog.layers().map_err(&db)? {
+            if layer.state == "retired" {
+                self.destroy(&self.layer_dir(&layer.id))?;
+                catalog.delete_layer(&layer.id).map_err(&db)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Unmounts the volume if hull mounted it (`hull down`).
+    pub fn close(&self) -> Result<()> {
+        Ok(self.volume.close()?)
+    }
+}

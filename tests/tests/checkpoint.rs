@@ -1,0 +1,319 @@
+//! Checkpoint and restore on a real btrfs loop volume, including crashes
+//! injected at every step.
+
+use std::time::Duration;
+
+use hull_outer::client::ClientError;
+use hull_proto::ErrorKind;
+use hull_tests::{block_on, require_root, TestHull};
+
+/// The snapshot directories on the volume, sorted.
+fn subvolumes(hull: &TestHull) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(hull.state_dir.join("volume/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The ids `hull checkpoint list` shows, sorted.
+fn listed(hull: &TestHull) -> Vec<String> {
+    let mut ids: Vec<String> =
+        block_on(async { hull.client().await.checkpoint_list().await.unwrap() })
+            .checkpoints
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+    ids.sort();
+    ids
+}
+
+fn assert_catalog_agrees(hull: &TestHull) {
+    assert_eq!(
+        listed(hull),
+        subvolumes(hull),
+        "catalog and subvolumes disagree"
+    );
+}
+
+const TREE: &str = "mkdir -p /root/proj/src /root/data && \
+    echo 'fn main() {}' > /root/proj/src/main.rs && \
+    seq 1 20000 > /root/proj/numbers && \
+    dd if=/dev/urandom of=/root/data/blob bs=64k count=16 2>/dev/null && \
+    echo original > /root/config";
+const SUMS: &str = "cd /root && find proj data config -type f | sort | xargs md5sum";
+
+#[test]
+fn the_sprites_scenario_comes_back_byte_for_byte() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        hull.sh(TREE).await;
+        let before = hull.sh(SUMS).await;
+        let mut c = hull.client().await;
+        let made = c.checkpoint_create(Some("clean".into())).await.unwrap();
+        assert_eq!(made.checkpoint.id, "v1");
+        assert_eq!(made.checkpoint.comment.as_deref(), Some("clean"));
+
+        hull.sh("rm -rf /root/proj && echo broken > /root/config && dd if=/dev/zero of=/root/data/blob bs=1k count=1 conv=notrunc 2>/dev/null")
+            .await;
+        assert_ne!(hull.sh(SUMS).await, before);
+
+        let report = c.checkpoint_restore("v1").await.unwrap();
+        assert_eq!(report.restored, "v1");
+        assert_eq!(
+            hull.sh(SUMS).await,
+            before,
+            "restore did not bring everything back"
+        );
+        assert_eq!(hull.sh("cat /root/config").await, "original\n");
+        let listing = c.checkpoint_list().await.unwrap();
+        assert_eq!(listing.head.as_deref(), Some("v1"));
+        let undo = listing
+            .checkpoints
+            .iter()
+            .find(|c| c.id == report.undo)
+            .unwrap();
+        assert!(undo.auto);
+    });
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
+fn a_checkpoint_taken_during_appends_holds_a_prefix() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        hull.sh("(i=0; while true; do echo \"line $i\" >> /root/log; i=$((i+1)); done) >/dev/null 2>&1 & echo $! > /tmp/writer")
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let made = hull.client().await.checkpoint_create(None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        hull.sh("kill $(cat /tmp/writer)").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let fin = hull.sh("cat /root/log").await;
+        hull.client()
+            .await
+            .checkpoint_restore(&made.checkpoint.id)
+            .await
+            .unwrap();
+        let snap = hull.sh("cat /root/log").await;
+        assert!(
+            !snap.is_empty(),
+            "the writer had written nothing at checkpoint time"
+        );
+        assert!(
+            snap.len() < fin.len(),
+            "writes after the checkpoint are missing from the final file"
+        );
+        assert!(
+            fin.starts_with(&snap),
+            "the checkpoint's file is not a prefix of the final file"
+        );
+        assert!(
+            snap.ends_with('\n'),
+            "a torn line in the checkpoint: {:?}",
+            &snap[snap.len().saturating_sub(40)..]
+        );
+    });
+}
+
+#[test]
+fn a_restore_can_itself_be_restored() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        hull.sh("echo one > /root/state").await;
+        c.checkpoint_create(Some("one".into())).await.unwrap();
+        hull.sh("echo two > /root/state && touch /root/only-in-two")
+            .await;
+        let v2 = c.checkpoint_create(Some("two".into())).await.unwrap();
+        assert_eq!(v2.checkpoint.parent.as_deref(), Some("v1"));
+
+        let back = c.checkpoint_restore("v1").await.unwrap();
+        assert_eq!(hull.sh("cat /root/state").await, "one\n");
+        hull.sh("test ! -e /root/only-in-two").await;
+
+        c.checkpoint_restore(&back.undo).await.unwrap();
+        assert_eq!(hull.sh("cat /root/state").await, "two\n");
+        hull.sh("test -e /root/only-in-two").await;
+    });
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
+fn unknown_ids_get_a_clear_error_and_change_nothing() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        c.checkpoint_create(None).await.unwrap();
+        for result in [
+            c.checkpoint_restore("v42").await.map(|_| ()),
+            c.checkpoint_delete("v42").await,
+        ] {
+            match result {
+                Err(ClientError::Daemon(report)) => {
+                    assert_eq!(report.kind, ErrorKind::NotFound);
+                    assert!(report.message.contains("v42"), "{}", report.message);
+                }
+                other => panic!("expected NotFound, got {other:?}"),
+            }
+        }
+        assert_eq!(c.checkpoint_list().await.unwrap().checkpoints.len(), 1);
+    });
+    let out = hull.hull(&["checkpoint", "restore", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint \"nope\""));
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
+fn any_checkpoint_can_be_deleted_and_the_list_is_json() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        for i in 1..=3 {
+            hull.sh(&format!("echo {i} > /root/n")).await;
+            c.checkpoint_create(Some(format!("n={i}"))).await.unwrap();
+        }
+        c.checkpoint_restore("v2").await.unwrap();
+        // v2 is where the current state came from; it can go all the same.
+        c.checkpoint_delete("v2").await.unwrap();
+        assert_eq!(hull.sh("cat /root/n").await, "2\n");
+    });
+    let out = hull.hull(&["--json", "checkpoint", "list"]);
+    assert!(out.status.success());
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = listing["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["v1", "v3", "v4"]);
+    assert_eq!(
+        listing["checkpoints"][1]["parent"], "v2",
+        "the tree keeps its shape"
+    );
+    let human = hull.hull(&["checkpoint", "list"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("n=3"));
+    assert_catalog_agrees(&hull);
+}
+
+/// Kill hulld at `failpoint` during `op`, restart it, and check the state
+/// is consistent; returns the content of /root/state afterwards.
+fn crash_at(failpoint: &str, op: &str) -> (TestHull, String) {
+    let mut hull = TestHull::start();
+    block_on(async {
+        hull.sh("echo old > /root/state").await;
+        hull.client()
+            .await
+            .checkpoint_create(Some("old".into()))
+            .await
+            .unwrap();
+        hull.sh("echo new > /root/state").await;
+    });
+    hull.kill9_hulld();
+    hull.spawn_hulld_env(&[("HULL_FAILPOINT", failpoint)]);
+    hull.wait_running(Duration::from_secs(20));
+    block_on(async {
+        let mut c = hull.client().await;
+        let result = match op {
+            "create" => c.checkpoint_create(None).await.map(|_| ()),
+            "restore" => c.checkpoint_restore("v1").await.map(|_| ()),
+            "delete" => c.checkpoint_delete("v1").await,
+            _ => unreachable!(),
+        };
+        assert!(
+            result.is_err(),
+            "{op} succeeded although hulld died at {failpoint}"
+        );
+    });
+    hull.wait_hulld_exit(Duration::from_secs(10));
+    assert!(hull.log().contains("failpoint reached"), "{}", hull.log());
+    hull.spawn_hulld();
+    hull.wait_running(Duration::from_secs(20));
+    assert_catalog_agrees(&hull);
+    let state = block_on(async { hull.sh("cat /root/state").await });
+    (hull, state)
+}
+
+#[test]
+fn a_crash_while_creating_rolls_the_checkpoint_back() {
+    if !require_root() {
+        return;
+    }
+    for failpoint in ["create:after-row", "create:after-snapshot"] {
+        let (hull, state) = crash_at(failpoint, "create");
+        assert_eq!(state, "new\n", "{failpoint}");
+        assert_eq!(listed(&hull), ["v1"], "{failpoint}");
+        assert!(
+            hull.log().contains("creation was interrupted; rolled back"),
+            "{failpoint}"
+        );
+        // The next checkpoint works and does not reuse the id.
+        let next = block_on(async { hull.client().await.checkpoint_create(None).await.unwrap() });
+        assert_eq!(next.checkpoint.id, "v3", "{failpoint}");
+    }
+}
+
+#[test]
+fn a_crash_while_restoring_keeps_a_whole_layer() {
+    if !require_root() {
+        return;
+    }
+    // Before the swap, the current state stays; the auto checkpoint, once
+    // recorded, stays too (it is a complete checkpoint of that state).
+    for (failpoint, expected_state) in [
+        ("restore:after-auto-checkpoint", "new\n"),
+        ("restore:after-layer-snapshot", "new\n"),
+        ("restore:after-stop", "new\n"),
+        ("restore:after-swap", "old\n"),
+    ] {
+        let (hull, state) = crash_at(failpoint, "restore");
+        assert_eq!(state, expected_state, "{failpoint}");
+        assert_eq!(listed(&hull), ["v1", "v2"], "{failpoint}");
+        if failpoint != "restore:after-auto-checkpoint" {
+            let log = hull.log();
+            assert!(
+                log.contains("rolled back") || log.contains("retired; deleted"),
+                "{failpoint}: no repair logged"
+            );
+        }
+        // The inner is usable, and the restore can be done now.
+        block_on(async {
+            hull.client().await.checkpoint_restore("v1").await.unwrap();
+            assert_eq!(hull.sh("cat /root/state").await, "old\n");
+        });
+    }
+}
+
+#[test]
+fn a_crash_while_deleting_finishes_the_deletion() {
+    if !require_root() {
+        return;
+    }
+    for failpoint in ["delete:after-mark", "delete:after-destroy"] {
+        let (hull, state) = crash_at(failpoint, "delete");
+        assert_eq!(state, "new\n", "{failpoint}");
+        assert!(listed(&hull).is_empty(), "{failpoint}");
+        assert!(
+            hull.log().contains("deletion was interrupted; finished it"),
+            "{failpoint}"
+        );
+    }
+}
