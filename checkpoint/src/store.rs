@@ -347,12 +347,13 @@ impl Storage {
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
             return Err(StorageError::Freeze(e));
         }
-        let snap = nix::unistd::syncfs(&layer_dir)
-            .map_err(|e| StorageError::Sync(e.into()))
-            .and_then(|()| {
-                btrfs::snapshot(&source, &dest, true)
-                    .map_err(|e| Self::subvolume_error("snapshot", &dest, e))
-            });
+        // No second syncfs here: the snapshot ioctl itself flushes the
+        // subvolume's delayed allocations and waits for their ordered
+        // extents before it copies the root, so buffered writes made up to
+        // the freeze are in the snapshot; a syncfs would add a transaction
+        // commit to the frozen window.
+        let snap = btrfs::snapshot(&source, &dest, true)
+            .map_err(|e| Self::subvolume_error("snapshot", &dest, e));
         let thawed = quiesce.thaw();
         let frozen = freeze_start.elapsed();
         if let Err(e) = snap {

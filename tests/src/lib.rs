@@ -74,6 +74,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct Limits {
     pub memory_max: &'static str,
     pub pids_max: u64,
+    /// Size of the sparse btrfs image under the state dir.
+    pub volume_size: &'static str,
 }
 
 impl Default for Limits {
@@ -81,6 +83,7 @@ impl Default for Limits {
         Limits {
             memory_max: "256M",
             pids_max: 256,
+            volume_size: "2G",
         }
     }
 }
@@ -117,13 +120,14 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = \"2G\"\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
                 mem = limits.memory_max,
                 pids = limits.pids_max,
                 cg = cgroup_name,
+                vol = limits.volume_size,
             ),
         )
         .unwrap();

@@ -13,6 +13,7 @@ fn a_fork_bomb_hits_the_pids_limit_and_hulld_keeps_answering() {
     let hull = TestHull::start_with(Limits {
         memory_max: "256M",
         pids_max: 64,
+        ..Limits::default()
     });
     block_on(async {
         let mut bomb = hull.client().await;
@@ -61,6 +62,7 @@ fn a_memory_hog_is_oom_killed_inside_the_inner() {
     let hull = TestHull::start_with(Limits {
         memory_max: "96M",
         pids_max: 128,
+        ..Limits::default()
     });
     block_on(async {
         let out = hull

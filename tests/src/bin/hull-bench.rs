@@ -3,13 +3,14 @@
 //! same run. Prints a table with p50 and p99. Run as root, release build:
 //!
 //!     cargo build --release --workspace --bins && sudo ./target/release/hull-bench
+//!     sudo ./target/release/hull-bench --checkpoints   # the storage stack
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hull_tests::{block_on, require_root, spec, TestHull};
+use hull_tests::{block_on, require_root, spec, Limits, TestHull};
 
 struct Row {
     name: &'static str,
@@ -161,6 +162,108 @@ fn bench_runc(rootfs: &Path, rounds: usize) -> Result<Option<Row>> {
     }))
 }
 
+/// Creates `n` checkpoints; returns (total ms, frozen ms) samples.
+async fn creates(hull: &TestHull, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut c = hull.client().await;
+    let (mut total, mut frozen) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = c.checkpoint_create(None).await?;
+        total.push(ms(t.elapsed()));
+        frozen.push(r.frozen_ms);
+    }
+    Ok((total, frozen))
+}
+
+fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
+    let hull = TestHull::start_with(Limits {
+        memory_max: "1G",
+        pids_max: 1024,
+        volume_size: "8G",
+    });
+    let mut rows = Vec::new();
+    block_on(async {
+        let (empty, empty_frozen) = creates(&hull, rounds).await?;
+        eprintln!("writing 1 GiB and 100k small files into the layer...");
+        hull.sh("dd if=/dev/zero of=/root/big bs=1M count=1024 2>/dev/null && mkdir -p /root/many && cd /root/many && seq 1 100000 | xargs touch && sync")
+            .await;
+        let (full, full_frozen) = creates(&hull, rounds).await?;
+        rows.push(Row {
+            name: "checkpoint create, empty layer",
+            samples: empty,
+            unit: "ms",
+            target: "<= 20 ms",
+        });
+        rows.push(Row {
+            name: "  inner frozen during it",
+            samples: empty_frozen,
+            unit: "ms",
+            target: "",
+        });
+        rows.push(Row {
+            name: "checkpoint create, 1 GiB + 100k files",
+            samples: full,
+            unit: "ms",
+            target: "<= 1.5x empty",
+        });
+        rows.push(Row {
+            name: "  inner frozen during it",
+            samples: full_frozen,
+            unit: "ms",
+            target: "",
+        });
+
+        // The naive baseline: copy the layer.
+        let layers = hull.state_dir.join("volume/layers");
+        let layer = std::fs::read_dir(&layers)?
+            .next()
+            .context("no layer")??
+            .path();
+        let mut copies = Vec::new();
+        for i in 0..3 {
+            let dest = hull.state_dir.join(format!("volume/copy{i}"));
+            let t = Instant::now();
+            let status = Command::new("cp")
+                .arg("-a")
+                .arg(layer.join("upper"))
+                .arg(&dest)
+                .status()?;
+            copies.push(ms(t.elapsed()));
+            if !status.success() {
+                bail!("cp -a failed");
+            }
+            std::fs::remove_dir_all(&dest)?;
+        }
+        rows.push(Row {
+            name: "anchor: cp -a of that layer",
+            samples: copies,
+            unit: "ms",
+            target: "",
+        });
+
+        let mut c = hull.client().await;
+        let target = c
+            .checkpoint_create(Some("bench".into()))
+            .await?
+            .checkpoint
+            .id;
+        let mut restores = Vec::new();
+        for _ in 0..rounds.min(30) {
+            let t = Instant::now();
+            c.checkpoint_restore(&target).await?;
+            restores.push(ms(t.elapsed()));
+        }
+        rows.push(Row {
+            name: "restore incl. bounce (1 GiB layer)",
+            samples: restores,
+            unit: "ms",
+            target: "<= 150 ms",
+        });
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(rows)
+}
+
 fn rss_kib(pid: i32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -169,26 +272,18 @@ fn rss_kib(pid: i32) -> Option<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn main() -> Result<()> {
-    if !require_root() {
-        bail!("hull-bench needs root");
-    }
-    let rounds = arg_usize("--rounds", 50);
-    let execs = arg_usize("--execs", 300);
-    let hull = TestHull::start();
-    let rows = bench_hull(&hull, rounds, execs)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let rss = rss_kib(hull.hulld_pid()).unwrap_or(f64::NAN) / 1024.0;
-    let rootfs = hull_tests::image_dir().join("busybox/rootfs");
-    let runc = bench_runc(&rootfs, rounds)?;
+fn print_rows(rows: &[Row]) {
+    print_table(&rows.iter().collect::<Vec<_>>());
+}
 
+fn print_table(rows: &[&Row]) {
     println!();
     println!(
         "{:<44} {:>5} {:>10} {:>10}  target",
         "benchmark", "n", "p50", "p99"
     );
     println!("{}", "-".repeat(84));
-    for row in rows.iter().chain(runc.iter()) {
+    for row in rows {
         println!(
             "{:<44} {:>5} {:>7.2} {:<2} {:>7.2} {:<2}  {}",
             row.name,
@@ -200,6 +295,46 @@ fn main() -> Result<()> {
             row.target
         );
     }
+}
+
+fn main() -> Result<()> {
+    if !require_root() {
+        bail!("hull-bench needs root");
+    }
+    let rounds = arg_usize("--rounds", 50);
+    let execs = arg_usize("--execs", 300);
+    if std::env::args().any(|a| a == "--checkpoints") {
+        let rows = bench_checkpoints(rounds)?;
+        print_rows(&rows);
+        let p50 = |name: &str| {
+            rows.iter()
+                .find(|r| r.name == name)
+                .map(|r| r.p(0.5))
+                .unwrap_or(f64::NAN)
+        };
+        let empty = p50("checkpoint create, empty layer");
+        let full = p50("checkpoint create, 1 GiB + 100k files");
+        let copy = p50("anchor: cp -a of that layer");
+        println!();
+        println!(
+            "ratio create full / empty (p50): {:.2}  (target <= 1.5)",
+            full / empty
+        );
+        println!(
+            "ratio cp -a / create full (p50): {:.0}x slower than a checkpoint",
+            copy / full
+        );
+        return Ok(());
+    }
+    let hull = TestHull::start();
+    let rows = bench_hull(&hull, rounds, execs)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_kib(hull.hulld_pid()).unwrap_or(f64::NAN) / 1024.0;
+    let rootfs = hull_tests::image_dir().join("busybox/rootfs");
+    let runc = bench_runc(&rootfs, rounds)?;
+
+    let all: Vec<&Row> = rows.iter().chain(runc.iter()).collect();
+    print_table(&all);
     println!(
         "{:<44} {:>5} {:>7.2} {:<2} {:>10}  <= 20 MiB",
         "hulld idle RSS", 1, rss, "MiB", ""
