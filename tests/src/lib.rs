@@ -76,6 +76,8 @@ pub struct Limits {
     pub pids_max: u64,
     /// Size of the sparse btrfs image under the state dir.
     pub volume_size: &'static str,
+    /// Automatic checkpoints kept (retention).
+    pub auto_checkpoints_keep: usize,
 }
 
 impl Default for Limits {
@@ -84,6 +86,7 @@ impl Default for Limits {
             memory_max: "256M",
             pids_max: 256,
             volume_size: "2G",
+            auto_checkpoints_keep: 10,
         }
     }
 }
@@ -120,7 +123,7 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -128,6 +131,7 @@ impl TestHull {
                 pids = limits.pids_max,
                 cg = cgroup_name,
                 vol = limits.volume_size,
+                keep = limits.auto_checkpoints_keep,
             ),
         )
         .unwrap();

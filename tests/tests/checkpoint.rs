@@ -317,3 +317,118 @@ fn a_crash_while_deleting_finishes_the_deletion() {
         );
     }
 }
+
+#[test]
+fn automatic_checkpoints_are_kept_to_the_retention() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(hull_tests::Limits {
+        auto_checkpoints_keep: 2,
+        ..Default::default()
+    });
+    block_on(async {
+        let mut c = hull.client().await;
+        c.checkpoint_create(Some("base".into())).await.unwrap();
+        for _ in 0..5 {
+            c.checkpoint_restore("v1").await.unwrap();
+        }
+    });
+    // Retention runs in the background after each restore.
+    hull_tests::wait_until(Duration::from_secs(10), "retention", || {
+        let listing = block_on(async { hull.client().await.checkpoint_list().await.unwrap() });
+        listing.checkpoints.iter().filter(|c| c.auto).count() == 2
+    });
+    let listing = block_on(async { hull.client().await.checkpoint_list().await.unwrap() });
+    let autos: Vec<&str> = listing
+        .checkpoints
+        .iter()
+        .filter(|c| c.auto)
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(autos, ["v5", "v6"], "the newest automatic checkpoints stay");
+    assert!(
+        listing.checkpoints.iter().any(|c| c.id == "v1"),
+        "a manual checkpoint went"
+    );
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
+fn concurrent_restores_are_serialised() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        hull.sh("echo a > /root/which").await;
+        hull.client().await.checkpoint_create(None).await.unwrap();
+        hull.sh("echo b > /root/which").await;
+        hull.client().await.checkpoint_create(None).await.unwrap();
+        let (mut c1, mut c2) = (hull.client().await, hull.client().await);
+        let (r1, r2) = tokio::join!(c1.checkpoint_restore("v1"), c2.checkpoint_restore("v2"));
+        let (r1, r2) = (r1.unwrap(), r2.unwrap());
+        // Each took its own automatic checkpoint, one after the other.
+        assert_ne!(r1.undo, r2.undo);
+        let which = hull.sh("cat /root/which").await;
+        assert!(which == "a\n" || which == "b\n", "{which:?}");
+    });
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
+fn a_snapshot_lost_behind_hullds_back_is_dropped_from_the_list() {
+    if !require_root() {
+        return;
+    }
+    let mut hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        c.checkpoint_create(None).await.unwrap();
+        c.checkpoint_create(None).await.unwrap();
+    });
+    hull.kill9_hulld();
+    hull_checkpoint::btrfs::destroy_subvolume(&hull.state_dir.join("volume/checkpoints/v1"))
+        .unwrap();
+    hull.spawn_hulld();
+    hull.wait_running(Duration::from_secs(20));
+    assert_eq!(listed(&hull), ["v2"]);
+    assert!(hull
+        .log()
+        .contains("its snapshot is missing; removed from the catalog"));
+}
+
+#[test]
+fn a_full_volume_gives_a_clear_error_and_a_consistent_catalog() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(hull_tests::Limits {
+        volume_size: "300M",
+        ..Default::default()
+    });
+    block_on(async {
+        let fill = hull
+            .exec(&["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", "count=400"])
+            .await;
+        assert_ne!(
+            fill.end,
+            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            "the volume did not fill up"
+        );
+        let mut c = hull.client().await;
+        match c.checkpoint_create(None).await {
+            // A snapshot needs little space; btrfs may still have it.
+            Ok(made) => assert_eq!(made.checkpoint.id, "v1"),
+            Err(ClientError::Daemon(report)) => {
+                assert_eq!(report.kind, ErrorKind::Storage);
+                assert!(report.message.contains("no space"), "{}", report.message);
+            }
+            Err(e) => panic!("{e}"),
+        }
+        // Making room makes everything work again.
+        hull.sh("rm /root/fill && sync").await;
+        c.checkpoint_create(None).await.unwrap();
+    });
+    assert_catalog_agrees(&hull);
+}

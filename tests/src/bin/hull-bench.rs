@@ -180,6 +180,7 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
         memory_max: "1G",
         pids_max: 1024,
         volume_size: "8G",
+        auto_checkpoints_keep: 10,
     });
     let mut rows = Vec::new();
     block_on(async {
