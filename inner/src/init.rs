@@ -247,14 +247,49 @@ fn make_stdio(spec: &ExecSpec) -> std::io::Result<Stdio3> {
     })
 }
 
-fn build_command(spec: &ExecSpec, stdio: [OwnedFd; 3], tty: bool) -> Command {
+/// A user of the inner's /etc/passwd.
+struct Account {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+fn lookup_user(name: &str) -> Option<Account> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 || (f[0] != name && f[2] != name) {
+            return None;
+        }
+        Some(Account {
+            name: f[0].to_string(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5].to_string(),
+        })
+    })
+}
+
+fn build_command(
+    spec: &ExecSpec,
+    account: Option<&Account>,
+    stdio: [OwnedFd; 3],
+    tty: bool,
+) -> Command {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..]);
     cmd.env_clear();
     cmd.env("PATH", DEFAULT_PATH);
-    cmd.env("HOME", "/root");
-    cmd.env("USER", "root");
-    cmd.env("LOGNAME", "root");
+    let (name, home) = account
+        .map(|a| (a.name.as_str(), a.home.as_str()))
+        .unwrap_or(("root", "/root"));
+    cmd.env("HOME", home);
+    cmd.env("USER", name);
+    cmd.env("LOGNAME", name);
+    if let Some(a) = account {
+        cmd.uid(a.uid).gid(a.gid);
+    }
     if tty {
         cmd.env("TERM", "xterm-256color");
     }
@@ -294,12 +329,25 @@ fn spawn(spawned: &mut Spawned, fd_channel: &OwnedFd, id: u64, spec: &ExecSpec) 
             format!("working directory {cwd} does not exist or is not a directory"),
         );
     }
+    let account = match &spec.user {
+        None => None,
+        Some(user) => match lookup_user(user) {
+            Some(a) => Some(a),
+            None => {
+                return spawn_error(
+                    id,
+                    SpawnErrorKind::Other,
+                    format!("no user {user:?} in the inner's /etc/passwd"),
+                )
+            }
+        },
+    };
     let stdio = match make_stdio(spec) {
         Ok(s) => s,
         Err(e) => return spawn_error(id, SpawnErrorKind::Other, format!("creating stdio: {e}")),
     };
     let Stdio3 { child, parent, tty } = stdio;
-    let mut cmd = build_command(spec, child, tty);
+    let mut cmd = build_command(spec, account.as_ref(), child, tty);
     let result = cmd.spawn();
     drop(cmd);
     let child = match result {

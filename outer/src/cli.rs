@@ -307,6 +307,7 @@ pub struct ExecOptions {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    pub user: Option<String>,
     pub tty: bool,
     pub interactive: bool,
 }
@@ -320,6 +321,7 @@ pub async fn exec(g: &Global, opts: ExecOptions) -> Result<i32> {
         argv: opts.argv,
         env: opts.env,
         cwd: opts.cwd,
+        user: opts.user,
         tty,
     };
     match c.exec_start(spec).await {
@@ -567,4 +569,79 @@ pub async fn checkpoint_list(g: &Global) -> Result<()> {
         println!("(* the current state came from {head})");
     }
     Ok(())
+}
+
+fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) -> Result<()> {
+    if g.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!("no services; register one with: hull services add NAME --cmd \"...\"");
+        return Ok(());
+    }
+    if !detail {
+        println!(
+            "{:<16} {:<9} {:>7} {:>9} {:>8}  last exit",
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS"
+        );
+    }
+    for s in list {
+        let pid = s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let uptime = s
+            .uptime_ms
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let last = s
+            .last_exit
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        if !detail {
+            println!(
+                "{:<16} {:<9} {:>7} {:>9} {:>8}  {last}",
+                s.spec.name, s.state, pid, uptime, s.restarts
+            );
+            continue;
+        }
+        println!("name       {}", s.spec.name);
+        println!("command    {}", s.spec.cmd);
+        let waiting_for_port = s.state == "running" && !s.ready;
+        println!(
+            "state      {}{}",
+            s.state,
+            if waiting_for_port {
+                " (port not listening yet)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "pid        {pid}   uptime {uptime}   restarts {}",
+            s.restarts
+        );
+        println!("restart    {}", s.spec.restart.name());
+        if !s.spec.after.is_empty() {
+            println!("after      {}", s.spec.after.join(", "));
+        }
+        if let Some(port) = s.spec.http_port {
+            println!("http port  {port}");
+        }
+        println!("last exit  {last}");
+        if let Some(reason) = &s.reason {
+            println!("reason     {reason}");
+        }
+        if !s.last_lines.is_empty() {
+            println!("last output:");
+            for line in &s.last_lines {
+                println!("  | {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result<()> {
+    let detail = matches!(request, hull_proto::ServiceRequest::Show(_));
+    let mut c = g.connect().await?;
+    let list = c.services(request).await?;
+    print_services(g, &list, detail)
 }

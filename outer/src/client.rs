@@ -8,7 +8,7 @@ use futures::{SinkExt, StreamExt};
 use hull_proto::{
     frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
     DaemonMsg, ErrorReport, ExecEnd, ExecSpec, FrameReader, FrameWriter, Hello, RestoreReport,
-    StatusReport, Stream,
+    ServiceRequest, ServiceStatus, StatusReport, Stream,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -131,6 +131,13 @@ impl Client {
             .await?
         {
             DaemonMsg::CheckpointDeleted { .. } => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn services(&mut self, request: ServiceRequest) -> Result<Vec<ServiceStatus>> {
+        match self.request(ClientMsg::Services(request)).await? {
+            DaemonMsg::Services(list) => Ok(list),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

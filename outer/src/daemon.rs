@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Config, ConfigError};
 use crate::launch::{LaunchError, SealedExe};
+use crate::services::ServiceManager;
 use crate::supervisor::{InnerConfig, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Storage(#[from] hull_checkpoint::StorageError),
     #[error(transparent)]
+    Services(#[from] hull_services::ServiceError),
+    #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("a hulld already answers on {path}; stop it with `hull down`")]
     SocketInUse { path: PathBuf },
@@ -54,6 +57,7 @@ pub enum DaemonError {
 pub struct Daemon {
     pub config: Config,
     pub storage: Arc<Storage>,
+    pub services: ServiceManager,
     pub cgroups: HullCgroups,
     pub supervisor: Supervisor,
     pub limits: Limits,
@@ -218,6 +222,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
+    let registry_path = config.state_dir.join("services.db");
+    let registry = Arc::new(std::sync::Mutex::new(hull_services::Registry::open(
+        &registry_path,
+    )?));
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
@@ -244,6 +252,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         lower: image.clone(),
         storage: storage.clone(),
         auto_checkpoints_keep: config.auto_checkpoints_keep,
+        registry: registry.clone(),
         rootfs,
         hostname: config.hostname.clone(),
     });
@@ -255,9 +264,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
+    let services = ServiceManager::start(registry, supervisor.watch_current());
     let daemon = Arc::new(Daemon {
         config,
         storage,
+        services,
         cgroups,
         supervisor,
         limits,

@@ -30,6 +30,11 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh id for a process spawned through the init link.
+pub fn next_exec_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     DaemonMsg::Error(ErrorReport {
         kind,
@@ -229,7 +234,7 @@ where
             ))
             .await;
     };
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = next_exec_id();
     let Some(mut events) = inner.link.register(id) else {
         return writer.send(inner_stopped(&inner)).await;
     };

@@ -8,4 +8,5 @@ pub mod daemon;
 mod exec;
 pub mod launch;
 mod server;
+mod services;
 mod supervisor;

@@ -142,6 +142,19 @@ where
                 };
                 writer.send(reply).await?;
             }
+            ClientMsg::Services(request) => {
+                let reply = match daemon.services.request(request).await {
+                    Ok(list) => DaemonMsg::Services(list),
+                    Err(e) => {
+                        let kind = match e {
+                            hull_services::ServiceError::NotFound(_) => ErrorKind::NotFound,
+                            _ => ErrorKind::Service,
+                        };
+                        error(kind, e.to_string())
+                    }
+                };
+                writer.send(reply).await?;
+            }
             ClientMsg::Shutdown { grace_ms } => {
                 daemon.shutdown(Duration::from_millis(grace_ms)).await;
                 let sent = writer.send(DaemonMsg::ShuttingDown).await;
@@ -186,6 +199,7 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::CheckpointRestore { .. } => "CheckpointRestore",
         ClientMsg::CheckpointList => "CheckpointList",
         ClientMsg::CheckpointDelete { .. } => "CheckpointDelete",
+        ClientMsg::Services(_) => "Services",
     }
 }
 

@@ -30,6 +30,9 @@ pub struct InnerConfig {
     pub storage: Arc<Storage>,
     /// Automatic checkpoints kept before the oldest are deleted.
     pub auto_checkpoints_keep: usize,
+    /// The service definitions: recorded with each checkpoint, replaced by
+    /// a restore.
+    pub registry: Arc<Mutex<hull_services::Registry>>,
     pub rootfs: PathBuf,
     pub hostname: String,
 }
@@ -120,6 +123,11 @@ impl Supervisor {
 
     pub fn published(&self) -> Published {
         self.published.lock().unwrap().clone()
+    }
+
+    /// Follows the running inner: `None` while stopped or starting.
+    pub fn watch_current(&self) -> watch::Receiver<Option<Arc<Inner>>> {
+        self.current.clone()
     }
 
     pub fn current(&self) -> Option<Arc<Inner>> {
@@ -370,8 +378,20 @@ impl Task {
         auto: bool,
     ) -> Result<CheckpointMade, StorageError> {
         let storage = &self.config.storage;
+        let services = self
+            .config
+            .registry
+            .lock()
+            .unwrap()
+            .to_json()
+            .map_err(|e| StorageError::Freeze(format!("reading the service registry: {e}")))?;
         let made = tokio::task::block_in_place(|| {
-            storage.create_checkpoint(comment, auto, "[]", &mut FreezeInner(&self.config.cgroup))
+            storage.create_checkpoint(
+                comment,
+                auto,
+                &services,
+                &mut FreezeInner(&self.config.cgroup),
+            )
         })?;
         tracing::info!(
             id = %made.row.id,
@@ -391,7 +411,7 @@ impl Task {
     ) -> Result<RestoreReport, StorageError> {
         let begin = Instant::now();
         let storage = self.config.storage.clone();
-        storage.checkpoint(id)?;
+        let target = storage.checkpoint(id)?;
         let undo = self.checkpoint(Some(format!("before restore to {id}")), true)?;
         failpoint("restore:after-auto-checkpoint");
         let pending = tokio::task::block_in_place(|| storage.prepare_restore(id))?;
@@ -409,6 +429,17 @@ impl Task {
             return Err(e);
         }
         failpoint("restore:after-swap");
+        // The services recorded with the checkpoint replace the registry;
+        // the service manager replays them on the new inner.
+        if let Err(e) = self
+            .config
+            .registry
+            .lock()
+            .unwrap()
+            .replace_all(&target.services)
+        {
+            tracing::error!(error = %e, checkpoint = id, "cannot restore the services recorded with the checkpoint");
+        }
         self.backoff = RETRY_FIRST;
         self.start(exit_tx).await;
         let current = self.current.borrow().clone();

@@ -58,6 +58,9 @@ pub struct ExecSpec {
     pub env: Vec<(String, String)>,
     /// Working directory inside the inner; `/` when absent.
     pub cwd: Option<String>,
+    /// Run as this user of the inner's /etc/passwd; root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
     /// A PTY of this size instead of pipes.
     pub tty: Option<WinSize>,
 }
@@ -209,8 +212,10 @@ pub enum ErrorKind {
     InnerUnavailable,
     /// The program could not be started.
     Spawn(SpawnErrorKind),
-    /// No such checkpoint.
+    /// No such checkpoint or service.
     NotFound,
+    /// A service definition or request that is refused.
+    Service,
     /// Storage failed (full volume, a failed snapshot, ...).
     Storage,
     Internal,
@@ -247,6 +252,7 @@ pub enum ClientMsg {
     CheckpointDelete {
         id: String,
     },
+    Services(ServiceRequest),
     /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
     Shutdown {
         grace_ms: u64,
@@ -285,6 +291,8 @@ pub enum DaemonMsg {
     CheckpointDeleted {
         id: String,
     },
+    /// The services a request touched (all of them for List).
+    Services(Vec<ServiceStatus>),
     ShuttingDown,
     Error(ErrorReport),
 }
@@ -326,4 +334,88 @@ pub enum FromInit {
         id: u64,
         status: ExitStatus,
     },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "never" => Ok(RestartPolicy::Never),
+            other => Err(format!("{other:?}: expected always, on-failure or never")),
+        }
+    }
+}
+
+/// One registered service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// Run with `/bin/sh -c`.
+    pub cmd: String,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The port it serves HTTP on; it counts as ready once this port listens.
+    #[serde(default)]
+    pub http_port: Option<u16>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Services that must be running (ready, if they declare a port) first.
+    #[serde(default)]
+    pub after: Vec<String>,
+}
+
+/// What the service manager says about one service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub spec: ServiceSpec,
+    /// waiting, starting, running, backoff, stopped, exited, failed.
+    pub state: String,
+    /// The pid inside the inner.
+    pub pid: Option<i32>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<ExitStatus>,
+    /// Its port accepts connections (always true without --http-port).
+    pub ready: bool,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    /// The last lines it printed (stdout and stderr).
+    pub last_lines: Vec<String>,
+}
+
+/// A request to the service manager.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ServiceRequest {
+    Add(ServiceSpec),
+    Remove(String),
+    Start(String),
+    Stop(String),
+    Restart(String),
+    List,
+    Show(String),
 }

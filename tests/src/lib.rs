@@ -329,6 +329,7 @@ pub fn spec(argv: &[&str]) -> ExecSpec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: Vec::new(),
         cwd: None,
+        user: None,
         tty: None,
     }
 }

@@ -182,3 +182,27 @@ fn ctrl_c_at_the_cli_reaches_the_command_without_a_terminal() {
         "sleep was not interrupted: {status}"
     );
 }
+
+#[test]
+fn exec_as_another_user() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--user",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo $HOME",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "65534\n/nonexistent\n"
+    );
+    let out = hull.hull(&["exec", "--user", "ghost", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user \"ghost\""));
+}

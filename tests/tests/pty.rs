@@ -42,6 +42,7 @@ fn tty_spec(argv: &[&str]) -> ExecSpec {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: Vec::new(),
         cwd: None,
+        user: None,
         tty: Some(WinSize { rows: 24, cols: 80 }),
     }
 }

@@ -55,6 +55,9 @@ enum Command {
         /// Working directory inside the inner.
         #[arg(short, long, value_name = "DIR")]
         workdir: Option<String>,
+        /// Run as this user of the inner (from its /etc/passwd).
+        #[arg(short, long)]
+        user: Option<String>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -78,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         command: CheckpointCommand,
     },
+    /// Services: commands hull starts on every inner start and keeps running.
+    Services {
+        #[command(subcommand)]
+        command: ServicesCommand,
+    },
     /// Base images for the inner.
     Image {
         #[command(subcommand)]
@@ -100,6 +108,54 @@ enum CheckpointCommand {
     List,
     /// Delete checkpoint ID (any of them; the tree keeps its shape).
     Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum ServicesCommand {
+    /// Register a service; it starts now and after every bounce and restore.
+    Add {
+        name: String,
+        /// The command, run with /bin/sh -c.
+        #[arg(long)]
+        cmd: String,
+        /// Environment variable (repeatable).
+        #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Run as this user of the inner.
+        #[arg(long)]
+        user: Option<String>,
+        /// The port it serves HTTP on; services after it wait until it listens.
+        #[arg(long)]
+        http_port: Option<u16>,
+        /// always, on-failure (default) or never.
+        #[arg(long, default_value = "on-failure")]
+        restart: hull_proto::RestartPolicy,
+        /// Start only once this service runs (repeatable).
+        #[arg(long)]
+        after: Vec<String>,
+    },
+    /// State, pid, uptime, restarts and last exit of every service.
+    List,
+    /// Everything about one service, with its last output lines.
+    Show {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    /// SIGTERM to its process group, SIGKILL after 5 s.
+    Stop {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
+    /// Stop and unregister.
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,12 +232,14 @@ async fn run(cli: Cli) -> Result<i32> {
             interactive,
             env,
             workdir,
+            user,
             command,
         } => {
             let opts = ExecOptions {
                 argv: command,
                 env,
                 cwd: workdir,
+                user,
                 tty,
                 interactive,
             };
@@ -192,6 +250,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 argv: cli::console_argv(),
                 env: Vec::new(),
                 cwd: Some("/root".into()),
+                user: None,
                 tty: true,
                 interactive: true,
             };
@@ -206,6 +265,37 @@ async fn run(cli: Cli) -> Result<i32> {
             CheckpointCommand::Delete { id } => cli::checkpoint_delete(&g, &id).await,
         }
         .map(|()| 0),
+        Command::Services { command } => {
+            use hull_proto::ServiceRequest as R;
+            let request = match command {
+                ServicesCommand::Add {
+                    name,
+                    cmd,
+                    env,
+                    cwd,
+                    user,
+                    http_port,
+                    restart,
+                    after,
+                } => R::Add(hull_proto::ServiceSpec {
+                    name,
+                    cmd,
+                    env,
+                    cwd,
+                    user,
+                    http_port,
+                    restart,
+                    after,
+                }),
+                ServicesCommand::List => R::List,
+                ServicesCommand::Show { name } => R::Show(name),
+                ServicesCommand::Start { name } => R::Start(name),
+                ServicesCommand::Stop { name } => R::Stop(name),
+                ServicesCommand::Restart { name } => R::Restart(name),
+                ServicesCommand::Remove { name } => R::Remove(name),
+            };
+            cli::services(&g, request).await.map(|()| 0)
+        }
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),

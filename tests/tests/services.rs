@@ -1,0 +1,275 @@
+//! The service manager: order, replay after bounce and restore, restart
+//! policy, stop and bad definitions.
+
+use std::time::Duration;
+
+use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus};
+use hull_tests::{block_on, require_root, wait_until, TestHull};
+
+fn service(name: &str, cmd: &str, after: &[&str], port: Option<u16>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        cmd: cmd.into(),
+        env: vec![],
+        cwd: None,
+        user: None,
+        http_port: port,
+        restart: RestartPolicy::OnFailure,
+        after: after.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn list(hull: &TestHull) -> Vec<ServiceStatus> {
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::List)
+            .await
+            .unwrap()
+    })
+}
+
+fn wait_states(hull: &TestHull, what: &str, pred: impl Fn(&[ServiceStatus]) -> bool) {
+    wait_until(Duration::from_secs(15), what, || pred(&list(hull)));
+}
+
+fn all_running(names: &'static [&'static str]) -> impl Fn(&[ServiceStatus]) -> bool {
+    move |l: &[ServiceStatus]| {
+        l.len() == names.len()
+            && names.iter().all(|n| {
+                l.iter()
+                    .any(|s| s.spec.name == *n && s.state == "running" && s.ready)
+            })
+    }
+}
+
+#[test]
+fn three_services_come_back_in_order_after_a_bounce_and_two_after_a_restore() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        // Each logs its start; a and b are ready only once their port listens,
+        // so the order in the file is the start order.
+        c.services(ServiceRequest::Add(service(
+            "a",
+            "echo a >> /root/order; exec httpd -f -p 8001",
+            &[],
+            Some(8001),
+        )))
+        .await
+        .unwrap();
+        c.services(ServiceRequest::Add(service(
+            "b",
+            "sleep 0.2; echo b >> /root/order; exec httpd -f -p 8002",
+            &["a"],
+            Some(8002),
+        )))
+        .await
+        .unwrap();
+    });
+    wait_states(&hull, "a and b running", all_running(&["a", "b"]));
+    let v1 = block_on(async { hull.client().await.checkpoint_create(None).await.unwrap() });
+    assert!(
+        v1.checkpoint.services.contains("\"b\""),
+        "{}",
+        v1.checkpoint.services
+    );
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Add(service(
+                "c",
+                "echo c >> /root/order; exec sleep 1000",
+                &["b"],
+                None,
+            )))
+            .await
+            .unwrap();
+    });
+    wait_states(&hull, "all three running", all_running(&["a", "b", "c"]));
+    assert_eq!(block_on(hull.sh("cat /root/order")), "a\nb\nc\n");
+
+    block_on(async {
+        hull.sh("rm /root/order").await;
+        hull.client().await.bounce(0).await.unwrap();
+    });
+    wait_states(
+        &hull,
+        "all three back after the bounce",
+        all_running(&["a", "b", "c"]),
+    );
+    assert_eq!(block_on(hull.sh("cat /root/order")), "a\nb\nc\n");
+
+    block_on(async { hull.client().await.checkpoint_restore("v1").await.unwrap() });
+    wait_states(
+        &hull,
+        "a and b back after the restore",
+        all_running(&["a", "b"]),
+    );
+    let ps = block_on(hull.sh("ps -o args"));
+    assert!(
+        !ps.contains("sleep 1000"),
+        "c runs after a restore to before it existed: {ps}"
+    );
+}
+
+#[test]
+fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Add(service(
+                "crasher",
+                "echo boom at $(date +%s%N); exit 1",
+                &[],
+                None,
+            )))
+            .await
+            .unwrap();
+    });
+    wait_states(&hull, "the crasher to be marked failed", |l| {
+        l.iter().any(|s| s.state == "failed")
+    });
+    let shown = block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Show("crasher".into()))
+            .await
+            .unwrap()
+    });
+    let s = &shown[0];
+    assert!(s.restarts >= 4, "restarts {}", s.restarts);
+    assert!(
+        s.reason.as_deref().unwrap_or("").contains("crash loop"),
+        "{:?}",
+        s.reason
+    );
+    assert!(
+        s.last_lines.iter().any(|l| l.starts_with("boom at")),
+        "{:?}",
+        s.last_lines
+    );
+    assert_eq!(s.last_exit, Some(hull_proto::ExitStatus::Code(1)));
+    // The CLI shows them too.
+    let out = hull.hull(&["services", "show", "crasher"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("failed") && text.contains("boom at"),
+        "{text}"
+    );
+}
+
+#[test]
+fn stop_reaches_the_whole_process_group_and_start_brings_it_back() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Add(service(
+                "pair",
+                "sleep 1001 & sleep 1002",
+                &[],
+                None,
+            )))
+            .await
+            .unwrap();
+    });
+    wait_states(&hull, "pair running", all_running(&["pair"]));
+    wait_until(Duration::from_secs(5), "both sleeps", || {
+        block_on(hull.sh("ps -o args")).contains("sleep 1001")
+    });
+    let stopped = block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Stop("pair".into()))
+            .await
+            .unwrap()
+    });
+    assert_eq!(stopped[0].state, "stopped");
+    let ps = block_on(hull.sh("ps -o args"));
+    assert!(!ps.contains("sleep 100"), "the group survived stop: {ps}");
+    // A stopped service stays stopped across a bounce.
+    block_on(async { hull.client().await.bounce(0).await.unwrap() });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(list(&hull)[0].state, "stopped");
+    let out = hull.hull(&["services", "start", "pair"]);
+    assert!(out.status.success());
+    wait_states(&hull, "pair running again", all_running(&["pair"]));
+    let out = hull.hull(&["services", "restart", "pair"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_states(&hull, "pair running after restart", all_running(&["pair"]));
+    let out = hull.hull(&["services", "remove", "pair"]);
+    assert!(out.status.success());
+    assert!(list(&hull).is_empty());
+    let ps = block_on(hull.sh("ps -o args"));
+    assert!(!ps.contains("sleep 100"), "remove left the processes: {ps}");
+}
+
+#[test]
+fn bad_definitions_are_refused_at_add_and_nothing_is_stored() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let ok = hull.hull(&["services", "add", "db", "--cmd", "sleep 1000"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (args, needle) in [
+        (
+            vec!["services", "add", "db", "--cmd", "true"],
+            "already registered",
+        ),
+        (
+            vec!["services", "add", "web", "--cmd", "true", "--after", "nope"],
+            "no such service",
+        ),
+        (
+            vec!["services", "add", "me", "--cmd", "true", "--after", "me"],
+            "cycle",
+        ),
+        (
+            vec!["services", "add", "blank", "--cmd", " "],
+            "command is empty",
+        ),
+        (
+            vec![
+                "services",
+                "add",
+                "x",
+                "--cmd",
+                "true",
+                "--restart",
+                "sometimes",
+            ],
+            "expected always",
+        ),
+        (vec!["services", "stop", "ghost"], "no service named ghost"),
+    ] {
+        let out = hull.hull(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let names: Vec<String> = list(&hull).into_iter().map(|s| s.spec.name).collect();
+    assert_eq!(names, ["db"]);
+    let json = hull.hull(&["--json", "services", "list"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(parsed[0]["spec"]["name"], "db");
+}
