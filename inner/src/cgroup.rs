@@ -303,6 +303,20 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The pids controller's count of tasks (threads included), one
+    /// consistent reading, unlike a union of `cgroup.procs` files.
+    pub fn pids_current(&self) -> Option<u64> {
+        let dir = match self.version {
+            Version::V2 => &self.dirs[0].1,
+            Version::V1 => &self.dirs.iter().find(|(c, _)| c == "pids")?.1,
+        };
+        fs::read_to_string(dir.join("pids.current"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// All pids in this group (and, on v1, in any controller's copy of it).
     pub fn pids(&self) -> Result<Vec<i32>> {
         let mut pids = Vec::new();

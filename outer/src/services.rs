@@ -191,13 +191,21 @@ impl Task {
                     Some((request, reply)) => self.handle(request, reply).await,
                     None => return,
                 },
-                Some(event) = events.recv() => self.on_event(event),
+                Some(event) = events.recv() => {
+                    // A service that just started may be what others wait for.
+                    let started = matches!(event, Event::Spawned { .. });
+                    self.on_event(event);
+                    if started {
+                        self.schedule().await;
+                    }
+                }
                 changed = current.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     let inner = current.borrow_and_update().clone();
                     self.on_inner(inner);
+                    self.schedule().await;
                 }
                 _ = tick.tick() => self.schedule().await,
             }
@@ -257,7 +265,17 @@ impl Task {
             return;
         };
         let now = Instant::now();
-        let listening = listening_ports(inner.pid);
+        // Reading the inner's TCP tables walks the kernel's whole socket
+        // hash (milliseconds on a big VM): only when a port is awaited.
+        let awaited = self
+            .services
+            .values()
+            .any(|s| s.state == State::Running && !s.ready && s.spec.http_port.is_some());
+        let listening = if awaited {
+            listening_ports(inner.pid)
+        } else {
+            Vec::new()
+        };
         for svc in self.services.values_mut() {
             if svc.state == State::Running && !svc.ready {
                 svc.ready = svc.spec.http_port.is_none_or(|p| listening.contains(&p));

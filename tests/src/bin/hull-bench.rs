@@ -4,6 +4,7 @@
 //!
 //!     cargo build --release --workspace --bins && sudo ./target/release/hull-bench
 //!     sudo ./target/release/hull-bench --checkpoints   # the storage stack
+//!     sudo ./target/release/hull-bench --services      # service replay
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -265,6 +266,75 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Waits until `n` services run; returns how long that took.
+async fn until_running(hull: &TestHull, n: usize, since: Instant) -> Result<f64> {
+    let mut c = hull.client().await;
+    loop {
+        let list = c.services(hull_proto::ServiceRequest::List).await?;
+        if list.len() == n && list.iter().all(|s| s.state == "running" && s.ready) {
+            return Ok(ms(since.elapsed()));
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            bail!("services did not all start: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+fn bench_services(rounds: usize) -> Result<Vec<Row>> {
+    let hull = TestHull::start();
+    let mut rows = Vec::new();
+    block_on(async {
+        let mut c = hull.client().await;
+        for i in 0..10 {
+            let spec = hull_proto::ServiceSpec {
+                name: format!("s{i}"),
+                cmd: "exec sleep 100000".into(),
+                env: vec![],
+                cwd: None,
+                user: None,
+                http_port: None,
+                restart: hull_proto::RestartPolicy::Always,
+                after: vec![],
+            };
+            c.services(hull_proto::ServiceRequest::Add(spec)).await?;
+        }
+        until_running(&hull, 10, Instant::now()).await?;
+        let mut ten = Vec::new();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            c.bounce(0).await?;
+            ten.push(until_running(&hull, 10, t).await?);
+        }
+        rows.push(Row {
+            name: "bounce to 10 services running",
+            samples: ten,
+            unit: "ms",
+            target: "<= 50 ms",
+        });
+        // Restore with three services: keep three, checkpoint, restore it.
+        for i in 3..10 {
+            c.services(hull_proto::ServiceRequest::Remove(format!("s{i}")))
+                .await?;
+        }
+        let id = c.checkpoint_create(None).await?.checkpoint.id;
+        let mut restores = Vec::new();
+        for _ in 0..rounds.min(30) {
+            let t = Instant::now();
+            c.checkpoint_restore(&id).await?;
+            restores.push(until_running(&hull, 3, t).await?);
+        }
+        rows.push(Row {
+            name: "restore to 3 services running",
+            samples: restores,
+            unit: "ms",
+            target: "<= 150 ms",
+        });
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(rows)
+}
+
 fn rss_kib(pid: i32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -304,6 +374,10 @@ fn main() -> Result<()> {
     }
     let rounds = arg_usize("--rounds", 50);
     let execs = arg_usize("--execs", 300);
+    if std::env::args().any(|a| a == "--services") {
+        print_rows(&bench_services(rounds)?);
+        return Ok(());
+    }
     if std::env::args().any(|a| a == "--checkpoints") {
         let rows = bench_checkpoints(rounds)?;
         print_rows(&rows);
