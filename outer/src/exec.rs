@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use crate::launch::{InitEvent, Inner};
+use crate::launch::{InitEvent, Inner, SpawnFailure};
 use crate::supervisor::Supervisor;
 
 const CHUNK: usize = 64 * 1024;
@@ -27,13 +26,6 @@ const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
 /// After the process exits, output still buffered in its pipes is drained;
 /// a background child holding them open must not keep the session alive.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh id for a process spawned through the init link.
-pub fn next_exec_id() -> u64 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     DaemonMsg::Error(ErrorReport {
@@ -234,13 +226,7 @@ where
             ))
             .await;
     };
-    let id = next_exec_id();
-    let Some(mut events) = inner.link.register(id) else {
-        return writer.send(inner_stopped(&inner)).await;
-    };
-    let result = session(&inner, id, spec, &mut events, reader, writer).await;
-    inner.link.unregister(id);
-    result
+    session(&inner, spec, reader, writer).await
 }
 
 /// The end of a session whose inner stopped underneath it.
@@ -252,9 +238,7 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
 
 async fn session<R, W>(
     inner: &Arc<Inner>,
-    id: u64,
     spec: ExecSpec,
-    events: &mut mpsc::UnboundedReceiver<InitEvent>,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -263,26 +247,17 @@ where
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
     let tty = spec.tty.is_some();
-    if inner.link.send(ToInit::Spawn { id, spec }).await.is_err() {
-        return writer.send(inner_stopped(inner)).await;
-    }
-    let mut pid = None;
-    let mut fds = None;
-    let mut exit: Option<ExitStatus> = None;
-    while pid.is_none() || fds.is_none() {
-        match events.recv().await {
-            Some(InitEvent::Spawned(p)) => pid = Some(p),
-            Some(InitEvent::Fds(f)) => fds = Some(f),
-            Some(InitEvent::Exited(s)) => exit = Some(s),
-            Some(InitEvent::SpawnFailed(kind, message)) => {
-                return writer.send(error(ErrorKind::Spawn(kind), message)).await;
-            }
-            None => return writer.send(inner_stopped(inner)).await,
+    let mut process = match inner.link.spawn(spec).await {
+        Ok(p) => p,
+        Err(SpawnFailure::Refused(kind, message)) => {
+            return writer.send(error(ErrorKind::Spawn(kind), message)).await
         }
-    }
-    let (Some(pid), Some(fds)) = (pid, fds) else {
-        unreachable!("loop exits only with both set")
+        Err(SpawnFailure::InnerGone) => return writer.send(inner_stopped(inner)).await,
     };
+    let fds = std::mem::take(&mut process.fds);
+    let (id, pid) = (process.id, process.pid);
+    let mut exit: Option<ExitStatus> = process.exited;
+    let events = &mut process.events;
     let mut io = match ProcessIo::from_fds(fds, tty) {
         Ok(io) => io,
         Err(e) => {

@@ -13,8 +13,8 @@ use futures::{SinkExt, StreamExt};
 use hull_inner::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD};
 use hull_proto::fdpass::{self, FdReceiver};
 use hull_proto::{
-    frame_reader, frame_writer, ExitStatus, FrameWriter, FromInit, Hello, SpawnErrorKind, ToInit,
-    PROTOCOL_VERSION,
+    frame_reader, frame_writer, ExecSpec, ExitStatus, FrameWriter, FromInit, Hello, SpawnErrorKind,
+    ToInit, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -95,6 +95,36 @@ pub enum InitEvent {
 
 type Sessions = HashMap<u64, mpsc::UnboundedSender<InitEvent>>;
 
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A process the init started for hulld; unregistered from the link on drop.
+pub struct InitProcess {
+    pub id: u64,
+    /// The pid inside the inner.
+    pub pid: i32,
+    /// [stdin writer, stdout reader, stderr reader], or [PTY master].
+    pub fds: Vec<OwnedFd>,
+    /// Set when it exited before its fds arrived.
+    pub exited: Option<ExitStatus>,
+    /// Later reports about it (its exit).
+    pub events: mpsc::UnboundedReceiver<InitEvent>,
+    link: Arc<InitLink>,
+}
+
+impl Drop for InitProcess {
+    fn drop(&mut self) {
+        self.link.unregister(self.id);
+    }
+}
+
+/// Why the init did not start a process.
+pub enum SpawnFailure {
+    /// The init refused (missing program, bad cwd, unknown user).
+    Refused(SpawnErrorKind, String),
+    /// The inner stopped before it could.
+    InnerGone,
+}
+
 /// hulld's side of the link to one inner init.
 pub struct InitLink {
     writer: tokio::sync::Mutex<FrameWriter<OwnedWriteHalf, ToInit>>,
@@ -103,15 +133,50 @@ pub struct InitLink {
 }
 
 impl InitLink {
+    /// Asks the init to run `spec` and waits for its pid and stdio fds.
+    pub async fn spawn(self: &Arc<Self>, spec: ExecSpec) -> Result<InitProcess, SpawnFailure> {
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(events) = self.register(id) else {
+            return Err(SpawnFailure::InnerGone);
+        };
+        // From here on the guard's drop unregisters `id` on every path.
+        let mut process = InitProcess {
+            id,
+            pid: 0,
+            fds: Vec::new(),
+            exited: None,
+            events,
+            link: self.clone(),
+        };
+        if self.send(ToInit::Spawn { id, spec }).await.is_err() {
+            return Err(SpawnFailure::InnerGone);
+        }
+        let (mut pid, mut fds) = (None, None);
+        while pid.is_none() || fds.is_none() {
+            match process.events.recv().await {
+                Some(InitEvent::Spawned(p)) => pid = Some(p),
+                Some(InitEvent::Fds(f)) => fds = Some(f),
+                Some(InitEvent::Exited(s)) => process.exited = Some(s),
+                Some(InitEvent::SpawnFailed(kind, message)) => {
+                    return Err(SpawnFailure::Refused(kind, message))
+                }
+                None => return Err(SpawnFailure::InnerGone),
+            }
+        }
+        process.pid = pid.unwrap_or_default();
+        process.fds = fds.unwrap_or_default();
+        Ok(process)
+    }
+
     /// Registers exec `id`; `None` when the inner is already gone.
-    pub fn register(&self, id: u64) -> Option<mpsc::UnboundedReceiver<InitEvent>> {
+    fn register(&self, id: u64) -> Option<mpsc::UnboundedReceiver<InitEvent>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sessions = self.sessions.lock().unwrap();
         sessions.as_mut()?.insert(id, tx);
         Some(rx)
     }
 
-    pub fn unregister(&self, id: u64) {
+    fn unregister(&self, id: u64) {
         if let Some(s) = self.sessions.lock().unwrap().as_mut() {
             s.remove(&id);
         }

@@ -15,8 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::exec::next_exec_id;
-use crate::launch::{InitEvent, Inner};
+use crate::launch::{InitEvent, Inner, SpawnFailure};
 
 /// Lines of output kept per service for `hull services show`.
 const LAST_LINES: usize = 20;
@@ -600,37 +599,19 @@ async fn run_process(
         status,
         note,
     };
-    let id = next_exec_id();
-    let Some(mut rx) = inner.link.register(id) else {
-        return;
-    };
-    if inner.link.send(ToInit::Spawn { id, spec }).await.is_err() {
-        inner.link.unregister(id);
-        return;
-    }
-    let (mut pid, mut fds, mut exit) = (None, None, None);
-    while pid.is_none() || fds.is_none() {
-        match rx.recv().await {
-            Some(InitEvent::Spawned(p)) => pid = Some(p),
-            Some(InitEvent::Fds(f)) => fds = Some(f),
-            Some(InitEvent::Exited(s)) => exit = Some(s),
-            Some(InitEvent::SpawnFailed(kind, message)) => {
-                send(exited(
-                    ExitStatus::Code(kind.shell_code()),
-                    Some(format!("hull: {message}")),
-                ));
-                inner.link.unregister(id);
-                return;
-            }
-            None => {
-                inner.link.unregister(id);
-                return;
-            }
+    let mut process = match inner.link.spawn(spec).await {
+        Ok(p) => p,
+        Err(SpawnFailure::Refused(kind, message)) => {
+            send(exited(
+                ExitStatus::Code(kind.shell_code()),
+                Some(format!("hull: {message}")),
+            ));
+            return;
         }
-    }
-    let (Some(pid), Some(fds)) = (pid, fds) else {
-        return;
+        Err(SpawnFailure::InnerGone) => return,
     };
+    let (id, pid, exit) = (process.id, process.pid, process.exited);
+    let fds = std::mem::take(&mut process.fds);
     send(Event::Spawned {
         name: name.clone(),
         generation,
@@ -641,14 +622,14 @@ async fn run_process(
     let status = match exit {
         Some(s) => Some(s),
         None => loop {
-            match rx.recv().await {
+            match process.events.recv().await {
                 Some(InitEvent::Exited(s)) => break Some(s),
                 Some(_) => continue,
                 None => break None,
             }
         },
     };
-    inner.link.unregister(id);
+    drop(process);
     let Some(status) = status else {
         return; // the inner went away; on_inner resets every service
     };
