@@ -24,7 +24,7 @@ use crate::supervisor::{InnerConfig, Supervisor};
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}: {source}; hulld needs a writable state dir (set state_dir in the config or pass --state-dir)")]
     StateDir { path: PathBuf, source: io::Error },
     #[error("another hulld holds {path} (pid {holder}); stop it with `hull down`")]
     AlreadyRunning { path: PathBuf, holder: String },

@@ -16,6 +16,8 @@ use crate::launch::{launch, Inner, SealedExe};
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long after a restore its old layer is deleted.
+const GC_DELAY: Duration = Duration::from_secs(2);
 /// An inner that lived this long resets the restart backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -451,21 +453,30 @@ impl Task {
             )));
         };
         let keep = self.config.auto_checkpoints_keep;
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = storage.collect_garbage() {
-                tracing::warn!(error = %e, "cannot delete retired layers");
-            }
-            match storage.apply_retention(keep) {
-                Ok(deleted) if !deleted.is_empty() => {
-                    tracing::info!(
-                        ?deleted,
-                        keep,
-                        "deleted automatic checkpoints beyond retention"
-                    )
+        // Deleting a retired layer makes btrfs's cleaner walk its whole
+        // tree; done at once it slows the next checkpoint or restore down,
+        // so it waits until restores have paused.
+        tokio::spawn(async move {
+            tokio::time::sleep(GC_DELAY).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = storage.collect_garbage() {
+                    tracing::warn!(error = %e, "cannot delete retired layers");
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "retention of automatic checkpoints failed"),
-            }
+                match storage.apply_retention(keep) {
+                    Ok(deleted) if !deleted.is_empty() => {
+                        tracing::info!(
+                            ?deleted,
+                            keep,
+                            "deleted automatic checkpoints beyond retention"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention of automatic checkpoints failed")
+                    }
+                }
+            })
+            .await;
         });
         let report = RestoreReport {
             restored: id.to_string(),

@@ -225,3 +225,53 @@ fn stdin_frames_outside_a_session_are_refused() {
         c.status().await.unwrap();
     });
 }
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_read_only_state_dir_is_refused_with_what_to_do() {
+    if !require_root() {
+        return;
+    }
+    use nix::mount::{mount, MsFlags};
+    let tmp = tempfile::tempdir().unwrap();
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    mount(Some(&ro), &ro, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+    let _guard = Mounted(ro.clone());
+    mount(
+        None::<&str>,
+        &ro,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .unwrap();
+    let config = tmp.path().join("hull.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nsocket = {:?}\nimage = \"busybox\"\ncgroup_name = \"hull-test-ro-{}\"\n",
+            ro.join("state"),
+            tmp.path().join("hull.sock"),
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(hull_tests::bin_dir().join("hulld"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable state dir"), "{err}");
+    assert!(!tmp.path().join("hull.sock").exists());
+}
