@@ -645,3 +645,43 @@ pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result
     let list = c.services(request).await?;
     print_services(g, &list, detail)
 }
+
+/// `hull logs`: stdout lines to stdout, stderr lines to stderr, or JSON
+/// records; with `follow`, until interrupted (across bounces and restores).
+pub async fn logs(
+    g: &Global,
+    source: String,
+    follow: bool,
+    tail: Option<u64>,
+    stream: Option<Stream>,
+) -> Result<()> {
+    let mut c = g.connect().await?;
+    c.writer
+        .send(ClientMsg::Logs {
+            source,
+            follow,
+            tail,
+            stream,
+        })
+        .await?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    loop {
+        match client::next(&mut c.reader).await? {
+            DaemonMsg::LogRecords(records) => {
+                for r in records {
+                    if g.json {
+                        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+                    } else if r.stream == Stream::Stderr {
+                        writeln!(err, "{}", r.line)?;
+                    } else {
+                        writeln!(out, "{}", r.line)?;
+                    }
+                }
+                out.flush()?;
+            }
+            DaemonMsg::LogsEnd => return Ok(()),
+            other => bail!("unexpected message from hulld: {other:?}"),
+        }
+    }
+}

@@ -58,6 +58,7 @@ pub struct Daemon {
     pub config: Config,
     pub storage: Arc<Storage>,
     pub services: ServiceManager,
+    pub logs: Arc<crate::logs::LogStore>,
     pub cgroups: HullCgroups,
     pub supervisor: Supervisor,
     pub limits: Limits,
@@ -84,6 +85,7 @@ impl Daemon {
             tracing::warn!(error = %e, "cannot unmount the btrfs volume");
         }
         let _ = std::fs::remove_file(&self.config.socket);
+        self.logs.flush();
         *done = true;
     }
 
@@ -264,11 +266,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
-    let services = ServiceManager::start(registry, supervisor.watch_current());
+    let logs = crate::logs::LogStore::open(config.state_dir.join("logs")).map_err(|source| {
+        DaemonError::StateDir {
+            path: config.state_dir.join("logs"),
+            source,
+        }
+    })?;
+    let services = ServiceManager::start(registry, logs.clone(), supervisor.watch_current());
     let daemon = Arc::new(Daemon {
         config,
         storage,
         services,
+        logs,
         cgroups,
         supervisor,
         limits,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 mod exec;
 pub mod launch;
+mod logs;
 mod server;
 mod services;
 mod supervisor;

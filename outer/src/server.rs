@@ -155,6 +155,15 @@ where
                 };
                 writer.send(reply).await?;
             }
+            ClientMsg::Logs {
+                source,
+                follow,
+                tail,
+                stream,
+            } => {
+                crate::logs::serve(&daemon.logs, &source, follow, tail, stream, reader, writer)
+                    .await?
+            }
             ClientMsg::Shutdown { grace_ms } => {
                 daemon.shutdown(Duration::from_millis(grace_ms)).await;
                 let sent = writer.send(DaemonMsg::ShuttingDown).await;
@@ -200,6 +209,7 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::CheckpointList => "CheckpointList",
         ClientMsg::CheckpointDelete { .. } => "CheckpointDelete",
         ClientMsg::Services(_) => "Services",
+        ClientMsg::Logs { .. } => "Logs",
     }
 }
 

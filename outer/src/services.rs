@@ -8,16 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_proto::{
-    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, ToInit,
+    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream, ToInit,
 };
 use hull_services::{Registry, ServiceError};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::launch::{InitEvent, Inner, SpawnFailure};
+use crate::logs::{LogStore, SourceLog};
 
-/// Lines of output kept per service for `hull services show`.
+/// Lines of output `hull services show` includes.
 const LAST_LINES: usize = 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -65,7 +65,6 @@ struct Service {
     last_exit: Option<ExitStatus>,
     ready: bool,
     reason: Option<String>,
-    lines: VecDeque<String>,
     exits: VecDeque<Instant>,
     backoff: Duration,
     next_start: Option<Instant>,
@@ -85,7 +84,6 @@ impl Service {
             last_exit: None,
             ready: false,
             reason: None,
-            lines: VecDeque::new(),
             exits: VecDeque::new(),
             backoff: BACKOFF_FIRST,
             next_start: None,
@@ -106,7 +104,7 @@ impl Service {
             last_exit: self.last_exit,
             ready: self.ready,
             reason: self.reason.clone(),
-            last_lines: self.lines.iter().cloned().collect(),
+            last_lines: Vec::new(),
         }
     }
 }
@@ -117,11 +115,6 @@ enum Event {
         generation: u64,
         id: u64,
         pid: i32,
-    },
-    Line {
-        name: String,
-        generation: u64,
-        line: String,
     },
     Exited {
         name: String,
@@ -142,12 +135,14 @@ pub struct ServiceManager {
 impl ServiceManager {
     pub fn start(
         registry: Arc<Mutex<Registry>>,
+        logs: Arc<LogStore>,
         current: watch::Receiver<Option<Arc<Inner>>>,
     ) -> Self {
         let (requests, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let task = Task {
             registry,
+            logs,
             services: BTreeMap::new(),
             inner: None,
             events_tx,
@@ -169,6 +164,7 @@ impl ServiceManager {
 
 struct Task {
     registry: Arc<Mutex<Registry>>,
+    logs: Arc<LogStore>,
     services: BTreeMap<String, Service>,
     inner: Option<Arc<Inner>>,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -242,7 +238,6 @@ impl Task {
             let mut svc = Service::new(spec.clone());
             if let Some(prev) = old.remove(&spec.name) {
                 svc.restarts = prev.restarts;
-                svc.lines = prev.lines;
                 svc.last_exit = prev.last_exit;
                 svc.generation = prev.generation;
                 // A service the user stopped stays stopped across bounces.
@@ -315,11 +310,19 @@ impl Task {
             user: svc.spec.user.clone(),
             tty: None,
         };
+        let log = match self.logs.source(name) {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(service = name, error = %e, "cannot open the service's log");
+                return;
+            }
+        };
         tokio::spawn(run_process(
             inner.clone(),
             name.to_string(),
             svc.generation,
             spec,
+            log,
             self.events_tx.clone(),
         ));
     }
@@ -336,18 +339,6 @@ impl Task {
                     svc.state = State::Running;
                     svc.process = Some((id, pid, Instant::now()));
                     tracing::info!(service = %name, pid, "service started");
-                }
-            }
-            Event::Line {
-                name,
-                generation,
-                line,
-            } => {
-                if let Some(svc) = self.current(&name, generation) {
-                    if svc.lines.len() == LAST_LINES {
-                        svc.lines.pop_front();
-                    }
-                    svc.lines.push_back(line);
                 }
             }
             Event::Exited {
@@ -380,7 +371,14 @@ impl Task {
                 reply,
                 Ok(self.services.values().map(Service::status).collect()),
             ),
-            ServiceRequest::Show(name) => answer(reply, self.get(&name).map(|s| vec![s.status()])),
+            ServiceRequest::Show(name) => {
+                let result = self.get(&name).map(|s| {
+                    let mut status = s.status();
+                    status.last_lines = self.last_lines(&name);
+                    vec![status]
+                });
+                answer(reply, result)
+            }
             ServiceRequest::Add(spec) => {
                 if let Err(e) = self.registry.lock().unwrap().add(&spec) {
                     return answer(reply, Err(e));
@@ -412,6 +410,26 @@ impl Task {
                 answer(reply, result)
             }
         }
+    }
+
+    /// The service's last lines, from its log.
+    fn last_lines(&self, name: &str) -> Vec<String> {
+        let mut last = VecDeque::new();
+        let mut cursor = self.logs.newest_segment(name);
+        while let Ok((records, next)) = self.logs.read_from(name, cursor, 1000) {
+            cursor = next;
+            let done = records.len() < 1000;
+            for r in records {
+                if last.len() == LAST_LINES {
+                    last.pop_front();
+                }
+                last.push_back(r.line);
+            }
+            if done {
+                break;
+            }
+        }
+        last.into()
     }
 
     fn get(&self, name: &str) -> Result<&Service, ServiceError> {
@@ -503,12 +521,7 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, note: Option<Strin
         svc.state = State::Stopped;
         return;
     }
-    if let Some(note) = note {
-        if svc.lines.len() == LAST_LINES {
-            svc.lines.pop_front();
-        }
-        svc.lines.push_back(note);
-    }
+    let _ = note;
     let wants_restart = match svc.spec.restart {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => status != ExitStatus::Code(0),
@@ -588,6 +601,7 @@ async fn run_process(
     name: String,
     generation: u64,
     spec: ExecSpec,
+    log: Arc<SourceLog>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let send = |e: Event| {
@@ -602,10 +616,8 @@ async fn run_process(
     let mut process = match inner.link.spawn(spec).await {
         Ok(p) => p,
         Err(SpawnFailure::Refused(kind, message)) => {
-            send(exited(
-                ExitStatus::Code(kind.shell_code()),
-                Some(format!("hull: {message}")),
-            ));
+            log.append(Stream::Stderr, &format!("hull: {message}"));
+            send(exited(ExitStatus::Code(kind.shell_code()), None));
             return;
         }
         Err(SpawnFailure::InnerGone) => return,
@@ -618,7 +630,7 @@ async fn run_process(
         id,
         pid,
     });
-    let readers = spawn_line_readers(fds, &name, generation, &events);
+    let readers = spawn_captures(fds, &log);
     let status = match exit {
         Some(s) => Some(s),
         None => loop {
@@ -643,30 +655,22 @@ async fn run_process(
     send(exited(status, None));
 }
 
-fn spawn_line_readers(
-    fds: Vec<OwnedFd>,
-    name: &str,
-    generation: u64,
-    events: &mpsc::UnboundedSender<Event>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+fn spawn_captures(fds: Vec<OwnedFd>, log: &Arc<SourceLog>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut handles = Vec::new();
     // fds: [stdin writer, stdout reader, stderr reader]; stdin closes here.
-    for fd in fds.into_iter().skip(1) {
+    for (fd, stream) in fds
+        .into_iter()
+        .skip(1)
+        .zip([Stream::Stdout, Stream::Stderr])
+    {
         let Ok(pipe) = pipe::Receiver::from_owned_fd(fd) else {
             continue;
         };
-        let events = events.clone();
-        let name = name.to_string();
-        handles.push(tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = events.send(Event::Line {
-                    name: name.clone(),
-                    generation,
-                    line,
-                });
-            }
-        }));
+        handles.push(tokio::spawn(crate::logs::capture(
+            pipe,
+            stream,
+            log.clone(),
+        )));
     }
     handles
 }

@@ -253,6 +253,14 @@ pub enum ClientMsg {
         id: String,
     },
     Services(ServiceRequest),
+    /// A service's log: the last `tail` lines (all when absent), then new
+    /// ones as they come with `follow`, until the client hangs up.
+    Logs {
+        source: String,
+        follow: bool,
+        tail: Option<u64>,
+        stream: Option<Stream>,
+    },
     /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
     Shutdown {
         grace_ms: u64,
@@ -293,6 +301,9 @@ pub enum DaemonMsg {
     },
     /// The services a request touched (all of them for List).
     Services(Vec<ServiceStatus>),
+    LogRecords(Vec<LogRecord>),
+    /// The end of a `Logs` reply without `follow`.
+    LogsEnd,
     ShuttingDown,
     Error(ErrorReport),
 }
@@ -418,4 +429,13 @@ pub enum ServiceRequest {
     Restart(String),
     List,
     Show(String),
+}
+
+/// One line of a log, as stored and as sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Unix time in milliseconds when hulld received it.
+    pub ts_ms: i64,
+    pub stream: Stream,
+    pub line: String,
 }

@@ -11,7 +11,7 @@ pub use hull_proto::{RestartPolicy, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.'")]
+    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit")]
     Name(String),
     #[error("service {0}: the command is empty")]
     EmptyCommand(String),
@@ -37,7 +37,10 @@ pub enum ServiceError {
 type Result<T> = std::result::Result<T, ServiceError>;
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
+    // It names a log directory too: no leading dot, so no "." or "..".
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
         && name.len() <= 64
         && name
             .chars()

@@ -86,6 +86,20 @@ enum Command {
         #[command(subcommand)]
         command: ServicesCommand,
     },
+    /// A service's output, kept by hulld across bounces, restores and crashes.
+    Logs {
+        /// The service.
+        name: String,
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+        /// Only stdout or only stderr.
+        #[arg(long, value_parser = parse_stream)]
+        stream: Option<hull_proto::Stream>,
+    },
     /// Base images for the inner.
     Image {
         #[command(subcommand)]
@@ -168,6 +182,14 @@ enum ImageCommand {
         #[arg(long)]
         rebuild: bool,
     },
+}
+
+fn parse_stream(s: &str) -> Result<hull_proto::Stream, String> {
+    match s {
+        "stdout" => Ok(hull_proto::Stream::Stdout),
+        "stderr" => Ok(hull_proto::Stream::Stderr),
+        other => Err(format!("{other:?}: expected stdout or stderr")),
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -296,6 +318,12 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             cli::services(&g, request).await.map(|()| 0)
         }
+        Command::Logs {
+            name,
+            follow,
+            tail,
+            stream,
+        } => cli::logs(&g, name, follow, tail, stream).await.map(|()| 0),
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),

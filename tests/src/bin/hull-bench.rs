@@ -5,6 +5,7 @@
 //!     cargo build --release --workspace --bins && sudo ./target/release/hull-bench
 //!     sudo ./target/release/hull-bench --checkpoints   # the storage stack
 //!     sudo ./target/release/hull-bench --services      # service replay
+//!     sudo ./target/release/hull-bench --logs          # log capture throughput
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -335,6 +336,54 @@ fn bench_services(rounds: usize) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// One service writes `lines` lines of 71 bytes as fast as it can.
+fn bench_logs(lines: u64) -> Result<()> {
+    let hull = TestHull::start();
+    let line = "0123456789012345678901234567890123456789012345678901234567890123456789";
+    let spec = hull_proto::ServiceSpec {
+        name: "firehose".into(),
+        cmd: format!("yes {line} | head -n {lines}"),
+        env: vec![],
+        cwd: None,
+        user: None,
+        http_port: None,
+        restart: hull_proto::RestartPolicy::Never,
+        after: vec![],
+    };
+    let t = Instant::now();
+    let elapsed = block_on(async {
+        let mut c = hull.client().await;
+        c.services(hull_proto::ServiceRequest::Add(spec)).await?;
+        loop {
+            let s = c
+                .services(hull_proto::ServiceRequest::Show("firehose".into()))
+                .await?;
+            if s[0].state == "exited" {
+                return Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })?;
+    let out = hull.hull(&["logs", "firehose"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got = text.lines().filter(|l| *l == line).count() as u64;
+    let mb = (lines * (line.len() as u64 + 1)) as f64 / 1e6;
+    let hwm = std::fs::read_to_string(format!("/proc/{}/status", hull.hulld_pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .unwrap_or(f64::NAN)
+        / 1024.0;
+    println!();
+    println!("log capture: {lines} lines, {mb:.0} MB in {elapsed:.2} s = {:.0} MB/s (target >= 200 MB/s)", mb / elapsed);
+    println!("lines lost: {} (target 0)", lines - got.min(lines));
+    println!("hulld peak RSS: {hwm:.1} MiB (target <= 64 MiB)");
+    Ok(())
+}
+
 fn rss_kib(pid: i32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -374,6 +423,9 @@ fn main() -> Result<()> {
     }
     let rounds = arg_usize("--rounds", 50);
     let execs = arg_usize("--execs", 300);
+    if std::env::args().any(|a| a == "--logs") {
+        return bench_logs(arg_usize("--lines", 2_000_000) as u64);
+    }
     if std::env::args().any(|a| a == "--services") {
         print_rows(&bench_services(rounds)?);
         return Ok(());

@@ -1,0 +1,411 @@
+//! The log pipeline's store: every service's output, line-framed with a
+//! timestamp and stream, in segment files per source under
+//! `<state>/logs/<source>/`, rotated by size with a cap per source (oldest
+//! segments go first, and the drop is itself recorded). Lives in the root
+//! namespace, so logs survive every bounce, restore and crash of the inner.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hull_proto::{LogRecord, Stream};
+use tokio::sync::watch;
+
+/// Lines longer than this are split: a process printing without newlines
+/// must not make hulld buffer without bound.
+pub const MAX_LINE: usize = 64 * 1024;
+const SEGMENT_MAX: u64 = 8 << 20;
+const SOURCE_MAX: u64 = 64 << 20;
+/// Buffered records reach the file (the page cache) at least this often,
+/// so a kill -9 of hulld loses at most this much.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+fn segment_name(n: u64) -> String {
+    format!("{n:08}.log")
+}
+
+/// The segment numbers present in `dir`, ascending.
+fn segments(dir: &Path) -> Vec<u64> {
+    let mut nums: Vec<u64> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    nums.sort_unstable();
+    nums
+}
+
+/// [`LogRecord`] without the copy of the line.
+#[derive(serde::Serialize)]
+struct LogRecordRef<'a> {
+    ts_ms: i64,
+    stream: Stream,
+    line: &'a str,
+}
+
+struct Writer {
+    file: BufWriter<File>,
+    segment: u64,
+    size: u64,
+}
+
+/// One source's log (a service, for now).
+pub struct SourceLog {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    /// Bumped on every append, for followers.
+    appended: watch::Sender<u64>,
+}
+
+impl SourceLog {
+    fn open(dir: PathBuf) -> io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        let segment = segments(&dir).last().copied().unwrap_or(1);
+        let path = dir.join(segment_name(segment));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(SourceLog {
+            dir,
+            writer: Mutex::new(Writer {
+                file: BufWriter::with_capacity(256 * 1024, file),
+                segment,
+                size,
+            }),
+            appended: watch::channel(0).0,
+        })
+    }
+
+    /// Appends one record. A write error (a full disk) drops the line; the
+    /// service is never blocked on its log.
+    pub fn append(&self, stream: Stream, line: &str) {
+        self.append_many(stream, &[line]);
+    }
+
+    /// Appends records under one lock and one wake-up of followers.
+    pub fn append_many(&self, stream: Stream, lines: &[&str]) {
+        let ts_ms = hull_checkpoint::catalog::now_ms();
+        let mut w = self.writer.lock().unwrap();
+        for line in lines {
+            let record = LogRecordRef {
+                ts_ms,
+                stream,
+                line,
+            };
+            let Ok(mut text) = serde_json::to_vec(&record) else {
+                continue;
+            };
+            text.push(b'\n');
+            if w.file.write_all(&text).is_ok() {
+                w.size += text.len() as u64;
+            }
+            if w.size >= SEGMENT_MAX {
+                self.rotate(&mut w);
+            }
+        }
+        drop(w);
+        self.appended.send_modify(|n| *n += 1);
+    }
+
+    fn rotate(&self, w: &mut Writer) {
+        let _ = w.file.flush();
+        let next = w.segment + 1;
+        let Ok(file) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(segment_name(next)))
+        else {
+            return;
+        };
+        *w = Writer {
+            file: BufWriter::with_capacity(256 * 1024, file),
+            segment: next,
+            size: 0,
+        };
+        // Enforce the cap, oldest first, and say so in the log itself.
+        let nums = segments(&self.dir);
+        let mut total: u64 = nums
+            .iter()
+            .filter_map(|n| fs::metadata(self.dir.join(segment_name(*n))).ok())
+            .map(|m| m.len())
+            .sum();
+        let mut dropped = 0u64;
+        for n in nums {
+            if total <= SOURCE_MAX || n == next {
+                break;
+            }
+            let path = self.dir.join(segment_name(n));
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(&path).is_ok() {
+                total -= len;
+                dropped += len;
+            }
+        }
+        if dropped > 0 {
+            let note = LogRecord {
+                ts_ms: hull_checkpoint::catalog::now_ms(),
+                stream: Stream::Stderr,
+                line: format!(
+                    "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {} MiB)",
+                    SOURCE_MAX >> 20
+                ),
+            };
+            if let Ok(mut text) = serde_json::to_string(&note) {
+                text.push('\n');
+                let _ = w.file.write_all(text.as_bytes());
+                w.size += text.len() as u64;
+            }
+        }
+    }
+
+    fn flush(&self) {
+        let _ = self.writer.lock().unwrap().file.flush();
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+}
+
+/// Where a reader is in a source's segments.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursor {
+    segment: u64,
+    offset: u64,
+}
+
+pub struct LogStore {
+    root: PathBuf,
+    sources: Mutex<HashMap<String, Arc<SourceLog>>>,
+}
+
+impl LogStore {
+    pub fn open(root: PathBuf) -> io::Result<Arc<Self>> {
+        fs::create_dir_all(&root)?;
+        let store = Arc::new(LogStore {
+            root,
+            sources: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&store);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FLUSH_EVERY).await;
+                let Some(store) = weak.upgrade() else { return };
+                store.flush();
+            }
+        });
+        Ok(store)
+    }
+
+    /// The log of `source`, created on first use.
+    pub fn source(&self, source: &str) -> io::Result<Arc<SourceLog>> {
+        let mut sources = self.sources.lock().unwrap();
+        if let Some(s) = sources.get(source) {
+            return Ok(s.clone());
+        }
+        let log = Arc::new(SourceLog::open(self.root.join(source))?);
+        sources.insert(source.to_string(), log.clone());
+        Ok(log)
+    }
+
+    /// A cursor at the start of the newest segment: where a short tail
+    /// starts reading (at most one segment, not the whole log).
+    pub fn newest_segment(&self, source: &str) -> Cursor {
+        Cursor {
+            segment: segments(&self.root.join(source))
+                .last()
+                .copied()
+                .unwrap_or(0),
+            offset: 0,
+        }
+    }
+
+    pub fn exists(&self, source: &str) -> bool {
+        self.root.join(source).is_dir()
+    }
+
+    pub fn flush(&self) {
+        for s in self.sources.lock().unwrap().values() {
+            s.flush();
+        }
+    }
+
+    /// Up to `max` records from `cursor` on (flushed first), and where they
+    /// ended; fewer than `max` means the end was reached.
+    pub fn read_from(
+        &self,
+        source: &str,
+        mut cursor: Cursor,
+        max: usize,
+    ) -> io::Result<(Vec<LogRecord>, Cursor)> {
+        if let Some(s) = self.sources.lock().unwrap().get(source) {
+            s.flush();
+        }
+        let dir = self.root.join(source);
+        let mut out = Vec::new();
+        for n in segments(&dir) {
+            if n < cursor.segment {
+                continue;
+            }
+            if n > cursor.segment {
+                cursor = Cursor {
+                    segment: n,
+                    offset: 0,
+                };
+            }
+            let mut file = File::open(dir.join(segment_name(n)))?;
+            file.seek(SeekFrom::Start(cursor.offset))?;
+            let mut reader = BufReader::new(file);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let read = reader.read_line(&mut line)?;
+                // A partial last line is still being written: stop before it.
+                if read == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                if out.len() == max {
+                    return Ok((out, cursor));
+                }
+                cursor.offset += read as u64;
+                if let Ok(record) = serde_json::from_str::<LogRecord>(&line) {
+                    out.push(record);
+                }
+            }
+        }
+        Ok((out, cursor))
+    }
+}
+
+/// Reads a pipe into `log` until end of file, a batch of lines per read.
+/// Invalid UTF-8 is kept lossily; over-long lines are split at [`MAX_LINE`].
+pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log: Arc<SourceLog>) {
+    use tokio::io::AsyncReadExt;
+    let mut pipe = pipe;
+    let mut buf = vec![0u8; 256 * 1024];
+    // Bytes of an unfinished line carried to the next read.
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        carry.extend_from_slice(&buf[..n]);
+        let mut lines: Vec<String> = Vec::new();
+        let mut start = 0;
+        for (i, b) in carry.iter().enumerate() {
+            if *b == b'\n' || i - start >= MAX_LINE {
+                lines.push(String::from_utf8_lossy(&carry[start..i]).into_owned());
+                start = if *b == b'\n' { i + 1 } else { i };
+            }
+        }
+        carry.drain(..start);
+        if !lines.is_empty() {
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            log.append_many(stream, &refs);
+        }
+    }
+    if !carry.is_empty() {
+        log.append(stream, &String::from_utf8_lossy(&carry));
+    }
+}
+
+const RECORDS_PER_FRAME: usize = 1000;
+
+/// Answers one `Logs` request on a client connection.
+pub async fn serve<R, W>(
+    store: &Arc<LogStore>,
+    source: &str,
+    follow: bool,
+    tail: Option<u64>,
+    stream: Option<Stream>,
+    reader: &mut R,
+    writer: &mut W,
+) -> io::Result<()>
+where
+    R: futures::Stream<Item = io::Result<hull_proto::ClientMsg>> + Unpin,
+    W: futures::Sink<hull_proto::DaemonMsg, Error = io::Error> + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    use hull_proto::{DaemonMsg, ErrorKind, ErrorReport};
+    if !store.exists(source) {
+        return writer
+            .send(DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::NotFound,
+                message: format!("no logs for {source:?}: no service of that name has run"),
+            }))
+            .await;
+    }
+    let keep = |r: &LogRecord| stream.is_none_or(|s| s == r.stream);
+    let read = |cursor: Cursor| {
+        let store = store.clone();
+        let source = source.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || store.read_from(&source, cursor, RECORDS_PER_FRAME))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?
+        }
+    };
+    // Subscribe before the first read, so nothing appended in between is missed.
+    let mut appended = store.source(source)?.subscribe();
+    // Memory stays bounded: records stream a frame at a time, and --tail
+    // keeps only its last N while reading.
+    let mut cursor = Cursor::default();
+    let mut last: std::collections::VecDeque<LogRecord> = std::collections::VecDeque::new();
+    loop {
+        let (records, next) = read(cursor).await?;
+        cursor = next;
+        let done = records.len() < RECORDS_PER_FRAME;
+        let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
+        match tail {
+            Some(n) => {
+                last.extend(records);
+                while last.len() as u64 > n {
+                    last.pop_front();
+                }
+            }
+            None if !records.is_empty() => writer.send(DaemonMsg::LogRecords(records)).await?,
+            None => {}
+        }
+        if done {
+            break;
+        }
+    }
+    if !last.is_empty() {
+        let last: Vec<LogRecord> = last.into();
+        for chunk in last.chunks(RECORDS_PER_FRAME) {
+            writer.send(DaemonMsg::LogRecords(chunk.to_vec())).await?;
+        }
+    }
+    if !follow {
+        return writer.send(DaemonMsg::LogsEnd).await;
+    }
+    loop {
+        tokio::select! {
+            changed = appended.changed() => {
+                if changed.is_err() {
+                    return writer.send(DaemonMsg::LogsEnd).await;
+                }
+                loop {
+                    let (records, next) = read(cursor).await?;
+                    cursor = next;
+                    let done = records.len() < RECORDS_PER_FRAME;
+                    let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
+                    if !records.is_empty() {
+                        writer.send(DaemonMsg::LogRecords(records)).await?;
+                    }
+                    if done {
+                        break;
+                    }
+                }
+            }
+            // Following ends when the client hangs up (or sends anything).
+            _ = reader.next() => return Ok(()),
+        }
+    }
+}

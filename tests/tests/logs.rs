@@ -1,0 +1,156 @@
+//! The log pipeline: every line kept, in order, across bounces and a killed hulld.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec};
+use hull_tests::{bin_dir, block_on, require_root, wait_until, TestHull};
+
+fn add(hull: &TestHull, name: &str, cmd: &str, restart: RestartPolicy) {
+    let spec = ServiceSpec {
+        name: name.into(),
+        cmd: cmd.into(),
+        env: vec![],
+        cwd: None,
+        user: None,
+        http_port: None,
+        restart,
+        after: vec![],
+    };
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Add(spec))
+            .await
+            .unwrap()
+    });
+}
+
+fn state_of(hull: &TestHull, name: &str) -> String {
+    block_on(async {
+        hull.client()
+            .await
+            .services(ServiceRequest::Show(name.into()))
+            .await
+            .unwrap()[0]
+            .state
+            .clone()
+    })
+}
+
+/// Counts the inner's service runs: each start prints run-N.
+const COUNTING: &str = "n=$(cat /root/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /root/n; \
+                        while true; do echo run-$n; sleep 0.05; done";
+
+#[test]
+fn a_million_numbered_lines_arrive_in_order() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    add(&hull, "counter", "seq 1 1000000", RestartPolicy::Never);
+    wait_until(Duration::from_secs(60), "seq to finish", || {
+        state_of(&hull, "counter") == "exited"
+    });
+    let out = hull.hull(&["logs", "counter"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut expected = 1u64;
+    for line in text.lines() {
+        assert_eq!(
+            line.parse::<u64>().ok(),
+            Some(expected),
+            "line out of order or lost"
+        );
+        expected += 1;
+    }
+    assert_eq!(expected, 1_000_001, "lines lost at the end");
+    // --tail and --json.
+    let out = hull.hull(&["--json", "logs", "counter", "--tail", "2"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["line"], "1000000");
+    assert_eq!(lines[1]["stream"], "Stdout");
+}
+
+#[test]
+fn logs_follow_across_a_bounce() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    add(&hull, "ticker", COUNTING, RestartPolicy::Always);
+    wait_until(Duration::from_secs(10), "the ticker to run", || {
+        state_of(&hull, "ticker") == "running"
+    });
+    let mut follower = Command::new(bin_dir().join("hull"))
+        .arg("--config")
+        .arg(&hull.config)
+        .args(["logs", "-f", "ticker"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(first, "run-1");
+    block_on(async { hull.client().await.bounce(0).await.unwrap() });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("no line from after the bounce reached the follower");
+        if line == "run-2" {
+            break;
+        }
+        assert_eq!(line, "run-1");
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
+
+#[test]
+fn logs_survive_a_killed_hulld_and_stderr_stays_apart() {
+    if !require_root() {
+        return;
+    }
+    let mut hull = TestHull::start();
+    add(
+        &hull,
+        "both",
+        "echo to-out; echo to-err >&2; exec sleep 1000",
+        RestartPolicy::Always,
+    );
+    wait_until(Duration::from_secs(10), "both lines logged", || {
+        let out = hull.hull(&["logs", "both"]);
+        String::from_utf8_lossy(&out.stdout).contains("to-out")
+            && String::from_utf8_lossy(&out.stderr).contains("to-err")
+    });
+    // Lines reach the file within the flush interval; kill -9 after it.
+    std::thread::sleep(Duration::from_millis(500));
+    hull.kill9_hulld();
+    hull.spawn_hulld();
+    hull.wait_running(Duration::from_secs(20));
+    let out = hull.hull(&["logs", "both", "--stream", "stdout"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("to-out"), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("to-err"));
+    let missing = hull.hull(&["logs", "ghost"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no logs for \"ghost\""));
+}
