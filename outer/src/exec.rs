@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
     fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecSpec, ExitStatus,
-    Stream as Out, ToInit, WinSize,
+    Stream as Out, WinSize,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -261,13 +261,7 @@ where
     let mut io = match ProcessIo::from_fds(fds, tty) {
         Ok(io) => io,
         Err(e) => {
-            let _ = inner
-                .link
-                .send(ToInit::Kill {
-                    id,
-                    signal: libc::SIGKILL,
-                })
-                .await;
+            inner.link.kill(id, libc::SIGKILL).await;
             return writer
                 .send(error(ErrorKind::Internal, format!("exec stdio: {e}")))
                 .await;
@@ -320,7 +314,7 @@ where
                 ClientMsg::StdinEof => io.close_stdin(),
                 ClientMsg::Resize(size) => io.resize(size),
                 ClientMsg::Signal(signal) => {
-                    let _ = inner.link.send(ToInit::Kill { id, signal }).await;
+                    inner.link.kill(id, signal).await;
                 }
                 other => {
                     writer
@@ -332,26 +326,14 @@ where
                 }
             },
             Step::Client(Some(Err(e))) => {
-                let _ = inner
-                    .link
-                    .send(ToInit::Kill {
-                        id,
-                        signal: libc::SIGHUP,
-                    })
-                    .await;
+                inner.link.kill(id, libc::SIGHUP).await;
                 let _ = writer.send(error(ErrorKind::BadFrame, e.to_string())).await;
                 return Err(e);
             }
             Step::Client(None) => {
                 // The client went away: hang up on the process, as a
                 // closing terminal does, and stop pumping.
-                let _ = inner
-                    .link
-                    .send(ToInit::Kill {
-                        id,
-                        signal: libc::SIGHUP,
-                    })
-                    .await;
+                inner.link.kill(id, libc::SIGHUP).await;
                 return Ok(());
             }
             Step::Output(source, Ok(n)) if n > 0 => {

@@ -182,6 +182,12 @@ impl InitLink {
         }
     }
 
+    /// Signals the process group of exec `id` (the init ignores an id whose
+    /// process is gone).
+    pub async fn kill(&self, id: u64, signal: i32) {
+        let _ = self.send(ToInit::Kill { id, signal }).await;
+    }
+
     pub async fn send(&self, msg: ToInit) -> io::Result<()> {
         self.writer.lock().await.send(msg).await
     }

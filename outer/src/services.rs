@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_proto::{
-    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream, ToInit,
+    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream,
 };
 use hull_services::{Registry, ServiceError};
 use tokio::net::unix::pipe;
@@ -456,23 +456,11 @@ impl Task {
         match (self.inner.clone(), svc.process, running) {
             (Some(inner), Some((id, _, _)), true) => {
                 svc.pending.push((then, reply));
-                let _ = inner
-                    .link
-                    .send(ToInit::Kill {
-                        id,
-                        signal: libc::SIGTERM,
-                    })
-                    .await;
+                inner.link.kill(id, libc::SIGTERM).await;
                 tokio::spawn(async move {
                     tokio::time::sleep(STOP_TIMEOUT).await;
                     // The init ignores ids whose process is gone.
-                    let _ = inner
-                        .link
-                        .send(ToInit::Kill {
-                            id,
-                            signal: libc::SIGKILL,
-                        })
-                        .await;
+                    inner.link.kill(id, libc::SIGKILL).await;
                 });
             }
             _ => {
