@@ -53,6 +53,8 @@ struct Writer {
     file: BufWriter<File>,
     segment: u64,
     size: u64,
+    /// Reused for encoding each record.
+    scratch: Vec<u8>,
 }
 
 /// One source's log (a service, for now).
@@ -76,6 +78,7 @@ impl SourceLog {
                 file: BufWriter::with_capacity(256 * 1024, file),
                 segment,
                 size,
+                scratch: Vec::new(),
             }),
             appended: watch::channel(0).0,
         })
@@ -91,23 +94,26 @@ impl SourceLog {
     pub fn append_many(&self, stream: Stream, lines: &[&str]) {
         let ts_ms = hull_checkpoint::catalog::now_ms();
         let mut w = self.writer.lock().unwrap();
+        let mut scratch = std::mem::take(&mut w.scratch);
         for line in lines {
+            scratch.clear();
             let record = LogRecordRef {
                 ts_ms,
                 stream,
                 line,
             };
-            let Ok(mut text) = serde_json::to_vec(&record) else {
+            if serde_json::to_writer(&mut scratch, &record).is_err() {
                 continue;
-            };
-            text.push(b'\n');
-            if w.file.write_all(&text).is_ok() {
-                w.size += text.len() as u64;
+            }
+            scratch.push(b'\n');
+            if w.file.write_all(&scratch).is_ok() {
+                w.size += scratch.len() as u64;
             }
             if w.size >= SEGMENT_MAX {
                 self.rotate(&mut w);
             }
         }
+        w.scratch = scratch;
         drop(w);
         self.appended.send_modify(|n| *n += 1);
     }
@@ -122,11 +128,9 @@ impl SourceLog {
         else {
             return;
         };
-        *w = Writer {
-            file: BufWriter::with_capacity(256 * 1024, file),
-            segment: next,
-            size: 0,
-        };
+        w.file = BufWriter::with_capacity(256 * 1024, file);
+        w.segment = next;
+        w.size = 0;
         // Enforce the cap, oldest first, and say so in the log itself.
         let nums = segments(&self.dir);
         let mut total: u64 = nums
@@ -287,7 +291,7 @@ impl LogStore {
 pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log: Arc<SourceLog>) {
     use tokio::io::AsyncReadExt;
     let mut pipe = pipe;
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 1 << 20];
     // Bytes of an unfinished line carried to the next read.
     let mut carry: Vec<u8> = Vec::new();
     loop {
@@ -296,19 +300,45 @@ pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log
             Ok(n) => n,
         };
         carry.extend_from_slice(&buf[..n]);
-        let mut lines: Vec<String> = Vec::new();
+        let mut bounds: Vec<(usize, usize)> = Vec::new();
         let mut start = 0;
-        for (i, b) in carry.iter().enumerate() {
-            if *b == b'\n' || i - start >= MAX_LINE {
-                lines.push(String::from_utf8_lossy(&carry[start..i]).into_owned());
-                start = if *b == b'\n' { i + 1 } else { i };
+        let mut i = 0;
+        while i < carry.len() {
+            if carry[i] == b'\n' {
+                bounds.push((start, i));
+                start = i + 1;
+            } else if i - start >= MAX_LINE {
+                // Split an over-long line, but never inside a UTF-8 sequence.
+                let mut cut = i;
+                while cut > start + 1 && (carry[cut] & 0xC0) == 0x80 {
+                    cut -= 1;
+                }
+                bounds.push((start, cut));
+                start = cut;
+                i = cut;
+                continue;
+            }
+            i += 1;
+        }
+        if !bounds.is_empty() {
+            // One UTF-8 check for the whole batch; lossy copies only when
+            // the output is not valid UTF-8.
+            match std::str::from_utf8(&carry[..start]) {
+                Ok(text) => {
+                    let lines: Vec<&str> = bounds.iter().map(|&(a, b)| &text[a..b]).collect();
+                    log.append_many(stream, &lines);
+                }
+                Err(_) => {
+                    let owned: Vec<String> = bounds
+                        .iter()
+                        .map(|&(a, b)| String::from_utf8_lossy(&carry[a..b]).into_owned())
+                        .collect();
+                    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
+                    log.append_many(stream, &lines);
+                }
             }
         }
         carry.drain(..start);
-        if !lines.is_empty() {
-            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-            log.append_many(stream, &refs);
-        }
     }
     if !carry.is_empty() {
         log.append(stream, &String::from_utf8_lossy(&carry));

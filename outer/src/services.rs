@@ -651,6 +651,16 @@ fn spawn_captures(fds: Vec<OwnedFd>, log: &Arc<SourceLog>) -> Vec<tokio::task::J
         .skip(1)
         .zip([Stream::Stdout, Stream::Stderr])
     {
+        // A bigger pipe means fewer wake-ups per megabyte on a chatty
+        // service (root may go up to fs.pipe-max-size, 1 MiB by default).
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own, with an integer argument.
+        unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::F_SETPIPE_SZ,
+                1 << 20,
+            )
+        };
         let Ok(pipe) = pipe::Receiver::from_owned_fd(fd) else {
             continue;
         };

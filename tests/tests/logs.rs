@@ -154,3 +154,38 @@ fn logs_survive_a_killed_hulld_and_stderr_stays_apart() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no logs for \"ghost\""));
 }
+
+#[test]
+fn an_over_long_line_is_split_between_characters() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // 1 + 2 * 50000 bytes: the 64 KiB split point falls inside a character.
+    add(
+        &hull,
+        "wide",
+        "awk 'BEGIN { printf \"a\"; for (i = 0; i < 50000; i++) printf \"\\303\\251\"; print \"\" }'",
+        RestartPolicy::Never,
+    );
+    wait_until(Duration::from_secs(20), "the line to be logged", || {
+        state_of(&hull, "wide") == "exited"
+    });
+    let out = hull.hull(&["--json", "logs", "wide"]);
+    let parts: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["line"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(parts.len(), 2, "expected one split");
+    assert!(
+        parts.iter().all(|p| !p.contains('\u{FFFD}')),
+        "a character was cut"
+    );
+    let expected = format!("a{}", "é".repeat(50000));
+    assert_eq!(parts.concat(), expected);
+}
