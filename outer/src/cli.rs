@@ -654,14 +654,22 @@ pub async fn logs(
     follow: bool,
     tail: Option<u64>,
     stream: Option<Stream>,
+    since: Option<Duration>,
 ) -> Result<()> {
     let mut c = g.connect().await?;
+    let since_ms = since.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.saturating_sub(d).as_millis() as i64
+    });
     c.writer
         .send(ClientMsg::Logs {
             source,
             follow,
             tail,
             stream,
+            since_ms,
         })
         .await?;
     let mut out = std::io::stdout().lock();
@@ -684,4 +692,26 @@ pub async fn logs(
             other => bail!("unexpected message from hulld: {other:?}"),
         }
     }
+}
+
+/// "90s", "10m", "2h", "1d" (a bare number is seconds).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 10m, 2h or 1d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration like 30s, 10m, 2h or 1d"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(n * secs))
 }

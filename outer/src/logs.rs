@@ -347,13 +347,26 @@ pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log
 
 const RECORDS_PER_FRAME: usize = 1000;
 
+/// Which records a `Logs` request wants.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter {
+    pub stream: Option<Stream>,
+    pub since_ms: Option<i64>,
+}
+
+impl Filter {
+    fn keeps(&self, r: &LogRecord) -> bool {
+        self.stream.is_none_or(|s| s == r.stream) && self.since_ms.is_none_or(|t| r.ts_ms >= t)
+    }
+}
+
 /// Answers one `Logs` request on a client connection.
 pub async fn serve<R, W>(
     store: &Arc<LogStore>,
     source: &str,
     follow: bool,
     tail: Option<u64>,
-    stream: Option<Stream>,
+    filter: Filter,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -371,7 +384,7 @@ where
             }))
             .await;
     }
-    let keep = |r: &LogRecord| stream.is_none_or(|s| s == r.stream);
+    let keep = |r: &LogRecord| filter.keeps(r);
     let read = |cursor: Cursor| {
         let store = store.clone();
         let source = source.to_string();

@@ -160,8 +160,10 @@ where
                 follow,
                 tail,
                 stream,
+                since_ms,
             } => {
-                crate::logs::serve(&daemon.logs, &source, follow, tail, stream, reader, writer)
+                let filter = crate::logs::Filter { stream, since_ms };
+                crate::logs::serve(&daemon.logs, &source, follow, tail, filter, reader, writer)
                     .await?
             }
             ClientMsg::Shutdown { grace_ms } => {

@@ -260,6 +260,8 @@ pub enum ClientMsg {
         follow: bool,
         tail: Option<u64>,
         stream: Option<Stream>,
+        /// Only records at or after this Unix time in milliseconds.
+        since_ms: Option<i64>,
     },
     /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
     Shutdown {

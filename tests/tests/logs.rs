@@ -189,3 +189,27 @@ fn an_over_long_line_is_split_between_characters() {
     let expected = format!("a{}", "é".repeat(50000));
     assert_eq!(parts.concat(), expected);
 }
+
+#[test]
+fn since_keeps_only_recent_lines() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    add(
+        &hull,
+        "slow",
+        "echo early; sleep 3; echo late; exec sleep 1000",
+        RestartPolicy::Never,
+    );
+    wait_until(Duration::from_secs(15), "the late line", || {
+        String::from_utf8_lossy(&hull.hull(&["logs", "slow"]).stdout).contains("late")
+    });
+    let recent = hull.hull(&["logs", "slow", "--since", "2s"]);
+    assert_eq!(String::from_utf8_lossy(&recent.stdout), "late\n");
+    let all = hull.hull(&["logs", "slow", "--since", "1h"]);
+    assert_eq!(String::from_utf8_lossy(&all.stdout), "early\nlate\n");
+    let bad = hull.hull(&["logs", "slow", "--since", "soon"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a duration"));
+}

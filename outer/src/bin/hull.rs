@@ -99,6 +99,9 @@ enum Command {
         /// Only stdout or only stderr.
         #[arg(long, value_parser = parse_stream)]
         stream: Option<hull_proto::Stream>,
+        /// Only lines from the last DURATION (30s, 10m, 2h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        since: Option<std::time::Duration>,
     },
     /// Base images for the inner.
     Image {
@@ -323,7 +326,10 @@ async fn run(cli: Cli) -> Result<i32> {
             follow,
             tail,
             stream,
-        } => cli::logs(&g, name, follow, tail, stream).await.map(|()| 0),
+            since,
+        } => cli::logs(&g, name, follow, tail, stream, since)
+            .await
+            .map(|()| 0),
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),
