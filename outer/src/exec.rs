@@ -18,6 +18,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use crate::launch::{InitEvent, Inner, SpawnFailure};
+use crate::logs::{LineSplitter, LogStore, SourceLog};
 use crate::supervisor::Supervisor;
 
 const CHUNK: usize = 64 * 1024;
@@ -208,6 +209,7 @@ enum Step {
 /// caller drops the connection.
 pub async fn run<R, W>(
     supervisor: &Supervisor,
+    logs: &LogStore,
     spec: ExecSpec,
     reader: &mut R,
     writer: &mut W,
@@ -226,8 +228,18 @@ where
             ))
             .await;
     };
-    session(&inner, spec, reader, writer).await
+    // Non-interactive output is also kept in the `exec` log source; a
+    // terminal session is the user's own screen and is not.
+    let log = if spec.tty.is_none() {
+        logs.source(EXEC_LOG).ok()
+    } else {
+        None
+    };
+    session(&inner, spec, log, reader, writer).await
 }
+
+/// The log source of non-interactive execs (`hull logs exec`).
+pub const EXEC_LOG: &str = "exec";
 
 /// The end of a session whose inner stopped underneath it.
 fn inner_stopped(inner: &Inner) -> DaemonMsg {
@@ -239,6 +251,7 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
 async fn session<R, W>(
     inner: &Arc<Inner>,
     spec: ExecSpec,
+    log: Option<Arc<SourceLog>>,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -272,6 +285,7 @@ where
     let mut out_buf = vec![0u8; CHUNK];
     let mut err_buf = vec![0u8; CHUNK];
     let mut pty_buf = vec![0u8; if tty { CHUNK } else { 0 }];
+    let (mut out_lines, mut err_lines) = (LineSplitter::default(), LineSplitter::default());
     let drain = tokio::time::sleep(Duration::from_secs(86400 * 365));
     tokio::pin!(drain);
     if exit.is_some() {
@@ -342,6 +356,13 @@ where
                     Source::Stdout => (Out::Stdout, &out_buf),
                     Source::Pty => (Out::Stdout, &pty_buf),
                 };
+                if let Some(log) = &log {
+                    let lines = match stream {
+                        Out::Stdout => &mut out_lines,
+                        Out::Stderr => &mut err_lines,
+                    };
+                    lines.push(&buf[..n], stream, log);
+                }
                 writer
                     .send(DaemonMsg::Output {
                         stream,
@@ -363,6 +384,10 @@ where
             Step::StdinRoom => {}
             Step::DrainOver => break,
         }
+    }
+    if let Some(log) = &log {
+        out_lines.finish(Out::Stdout, log);
+        err_lines.finish(Out::Stderr, log);
     }
     let status = exit.expect("loop ends after exit");
     writer

@@ -286,20 +286,20 @@ impl LogStore {
     }
 }
 
-/// Reads a pipe into `log` until end of file, a batch of lines per read.
-/// Invalid UTF-8 is kept lossily; over-long lines are split at [`MAX_LINE`].
-pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log: Arc<SourceLog>) {
-    use tokio::io::AsyncReadExt;
-    let mut pipe = pipe;
-    let mut buf = vec![0u8; 1 << 20];
-    // Bytes of an unfinished line carried to the next read.
-    let mut carry: Vec<u8> = Vec::new();
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        carry.extend_from_slice(&buf[..n]);
+/// Cuts a byte stream into log lines: at newlines, and at [`MAX_LINE`]
+/// (never inside a UTF-8 sequence) so that a process printing without
+/// newlines cannot make hulld buffer without bound.
+#[derive(Default)]
+pub struct LineSplitter {
+    /// Bytes of an unfinished line carried to the next push.
+    carry: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Appends the complete lines in `carry + bytes` to `log`, one batch.
+    pub fn push(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog) {
+        let carry = &mut self.carry;
+        carry.extend_from_slice(bytes);
         let mut bounds: Vec<(usize, usize)> = Vec::new();
         let mut start = 0;
         let mut i = 0;
@@ -308,7 +308,6 @@ pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log
                 bounds.push((start, i));
                 start = i + 1;
             } else if i - start >= MAX_LINE {
-                // Split an over-long line, but never inside a UTF-8 sequence.
                 let mut cut = i;
                 while cut > start + 1 && (carry[cut] & 0xC0) == 0x80 {
                     cut -= 1;
@@ -340,9 +339,29 @@ pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log
         }
         carry.drain(..start);
     }
-    if !carry.is_empty() {
-        log.append(stream, &String::from_utf8_lossy(&carry));
+
+    /// Logs a last line that had no newline.
+    pub fn finish(&mut self, stream: Stream, log: &SourceLog) {
+        if !self.carry.is_empty() {
+            log.append(stream, &String::from_utf8_lossy(&self.carry));
+            self.carry.clear();
+        }
     }
+}
+
+/// Reads a pipe into `log` until end of file, a batch of lines per read.
+pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log: Arc<SourceLog>) {
+    use tokio::io::AsyncReadExt;
+    let mut pipe = pipe;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = LineSplitter::default();
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => lines.push(&buf[..n], stream, &log),
+        }
+    }
+    lines.finish(stream, &log);
 }
 
 const RECORDS_PER_FRAME: usize = 1000;

@@ -81,7 +81,7 @@ where
         match msg {
             ClientMsg::Status => writer.send(DaemonMsg::Status(status(daemon))).await?,
             ClientMsg::Exec(spec) => {
-                crate::exec::run(&daemon.supervisor, spec, reader, writer).await?;
+                crate::exec::run(&daemon.supervisor, &daemon.logs, spec, reader, writer).await?;
                 had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {

@@ -11,7 +11,7 @@ pub use hull_proto::{RestartPolicy, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit; \"exec\" is reserved")]
     Name(String),
     #[error("service {0}: the command is empty")]
     EmptyCommand(String),
@@ -36,7 +36,14 @@ pub enum ServiceError {
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
+/// Names that are not free for services: `exec` is the log source of
+/// non-interactive execs.
+pub const RESERVED_NAMES: [&str; 1] = ["exec"];
+
 fn valid_name(name: &str) -> bool {
+    if RESERVED_NAMES.contains(&name) {
+        return false;
+    }
     // It names a log directory too: no leading dot, so no "." or "..".
     name.chars()
         .next()

@@ -213,3 +213,33 @@ fn since_keeps_only_recent_lines() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a duration"));
 }
+
+#[test]
+fn non_interactive_exec_output_is_kept_and_terminal_sessions_are_not() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo exec-out; printf 'no-newline' >&2",
+    ]);
+    assert!(out.status.success());
+    block_on(async {
+        let mut c = hull.client().await;
+        let mut spec = hull_tests::spec(&["echo", "tty-session"]);
+        spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
+        c.exec_collect(spec, b"").await.unwrap();
+    });
+    let logs = hull.hull(&["logs", "exec"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "exec-out\n");
+    assert_eq!(String::from_utf8_lossy(&logs.stderr), "no-newline\n");
+    let add = hull.hull(&["services", "add", "exec", "--cmd", "true"]);
+    assert!(
+        !add.status.success(),
+        "the exec log source was taken by a service"
+    );
+}
