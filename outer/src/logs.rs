@@ -55,6 +55,35 @@ struct Writer {
     size: u64,
     /// Reused for encoding each record.
     scratch: Vec<u8>,
+    /// Lines lost to write errors since the last successful write.
+    dropped: u64,
+}
+
+impl Writer {
+    fn write(&mut self, record: &[u8]) -> bool {
+        // A failed write may leave part of the record in the buffer; the
+        // reader skips a line that does not decode.
+        let ok = self.file.write_all(record).is_ok();
+        if ok {
+            self.size += record.len() as u64;
+        }
+        ok
+    }
+}
+
+/// Encodes one record as a JSON line into `buf`.
+fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str) -> bool {
+    buf.clear();
+    let record = LogRecordRef {
+        ts_ms,
+        stream,
+        line,
+    };
+    if serde_json::to_writer(&mut *buf, &record).is_err() {
+        return false;
+    }
+    buf.push(b'\n');
+    true
 }
 
 /// One source's log (a service, for now).
@@ -79,6 +108,7 @@ impl SourceLog {
                 segment,
                 size,
                 scratch: Vec::new(),
+                dropped: 0,
             }),
             appended: watch::channel(0).0,
         })
@@ -90,24 +120,28 @@ impl SourceLog {
         self.append_many(stream, &[line]);
     }
 
-    /// Appends records under one lock and one wake-up of followers.
+    /// Appends records under one lock and one wake-up of followers. Lines
+    /// that cannot be written (a full disk) are counted, and the count is
+    /// written into the log as soon as writing works again.
     pub fn append_many(&self, stream: Stream, lines: &[&str]) {
         let ts_ms = hull_checkpoint::catalog::now_ms();
         let mut w = self.writer.lock().unwrap();
         let mut scratch = std::mem::take(&mut w.scratch);
         for line in lines {
-            scratch.clear();
-            let record = LogRecordRef {
-                ts_ms,
-                stream,
-                line,
-            };
-            if serde_json::to_writer(&mut scratch, &record).is_err() {
+            if w.dropped > 0 {
+                let note = format!(
+                    "hull: {} log lines were lost: the log could not be written",
+                    w.dropped
+                );
+                if encode(&mut scratch, ts_ms, Stream::Stderr, &note) && w.write(&scratch) {
+                    w.dropped = 0;
+                }
+            }
+            if !encode(&mut scratch, ts_ms, stream, line) {
                 continue;
             }
-            scratch.push(b'\n');
-            if w.file.write_all(&scratch).is_ok() {
-                w.size += scratch.len() as u64;
+            if !w.write(&scratch) {
+                w.dropped += 1;
             }
             if w.size >= SEGMENT_MAX {
                 self.rotate(&mut w);
@@ -151,18 +185,18 @@ impl SourceLog {
             }
         }
         if dropped > 0 {
-            let note = LogRecord {
-                ts_ms: hull_checkpoint::catalog::now_ms(),
-                stream: Stream::Stderr,
-                line: format!(
-                    "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {} MiB)",
-                    SOURCE_MAX >> 20
-                ),
-            };
-            if let Ok(mut text) = serde_json::to_string(&note) {
-                text.push('\n');
-                let _ = w.file.write_all(text.as_bytes());
-                w.size += text.len() as u64;
+            let note = format!(
+                "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {} MiB)",
+                SOURCE_MAX >> 20
+            );
+            let mut record = Vec::new();
+            if encode(
+                &mut record,
+                hull_checkpoint::catalog::now_ms(),
+                Stream::Stderr,
+                &note,
+            ) {
+                w.write(&record);
             }
         }
     }

@@ -243,3 +243,34 @@ fn non_interactive_exec_output_is_kept_and_terminal_sessions_are_not() {
         "the exec log source was taken by a service"
     );
 }
+
+#[test]
+fn the_oldest_lines_go_first_at_the_cap_and_the_drop_is_recorded() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // About 100 MB of records against a 64 MiB cap per source.
+    add(
+        &hull,
+        "flood",
+        "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | head -n 700000; echo the-end",
+        RestartPolicy::Never,
+    );
+    wait_until(Duration::from_secs(120), "the flood to end", || {
+        state_of(&hull, "flood") == "exited"
+    });
+    let last = hull.hull(&["logs", "flood", "--tail", "1", "--stream", "stdout"]);
+    assert_eq!(String::from_utf8_lossy(&last.stdout), "the-end\n");
+    let notes = hull.hull(&["logs", "flood", "--stream", "stderr"]);
+    let notes = String::from_utf8_lossy(&notes.stderr);
+    assert!(
+        notes.contains("dropped") && notes.contains("capped at 64 MiB"),
+        "{notes}"
+    );
+    let size: u64 = std::fs::read_dir(hull.state_dir.join("logs/flood"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size <= 72 << 20, "the log grew past its cap: {size} bytes");
+}
