@@ -197,6 +197,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     create_state_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
+    // First, so that hulld's own start-up is in `hull logs --daemon` too.
+    let logs = crate::logs::LogStore::open(config.state_dir.join("logs")).map_err(|source| {
+        DaemonError::StateDir {
+            path: config.state_dir.join("logs"),
+            source,
+        }
+    })?;
+    match logs.source(crate::logs::DAEMON_SOURCE) {
+        Ok(own) => crate::logs::set_daemon_log(own),
+        Err(e) => tracing::warn!(error = %e, "cannot keep hulld's own log in the log store"),
+    }
 
     let cgroups = HullCgroups::locate(&config.cgroup_name)?;
     cgroups.create_base()?;
@@ -266,12 +277,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
-    let logs = crate::logs::LogStore::open(config.state_dir.join("logs")).map_err(|source| {
-        DaemonError::StateDir {
-            path: config.state_dir.join("logs"),
-            source,
-        }
-    })?;
     let services = ServiceManager::start(registry, logs.clone(), supervisor.watch_current());
     let daemon = Arc::new(Daemon {
         config,

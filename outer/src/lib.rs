@@ -7,7 +7,7 @@ pub mod config;
 pub mod daemon;
 mod exec;
 pub mod launch;
-mod logs;
+pub mod logs;
 mod server;
 mod services;
 mod supervisor;

@@ -11,7 +11,7 @@ pub use hull_proto::{RestartPolicy, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit; \"exec\" is reserved")]
+    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit; \"exec\" and \"hulld\" are reserved")]
     Name(String),
     #[error("service {0}: the command is empty")]
     EmptyCommand(String),
@@ -36,9 +36,9 @@ pub enum ServiceError {
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
-/// Names that are not free for services: `exec` is the log source of
-/// non-interactive execs.
-pub const RESERVED_NAMES: [&str; 1] = ["exec"];
+/// Names that are not free for services: they are the log sources of
+/// non-interactive execs and of hulld itself.
+pub const RESERVED_NAMES: [&str; 2] = ["exec", "hulld"];
 
 fn valid_name(name: &str) -> bool {
     if RESERVED_NAMES.contains(&name) {

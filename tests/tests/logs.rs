@@ -274,3 +274,23 @@ fn the_oldest_lines_go_first_at_the_cap_and_the_drop_is_recorded() {
         .sum();
     assert!(size <= 72 << 20, "the log grew past its cap: {size} bytes");
 }
+
+#[test]
+fn hullds_own_log_is_a_source() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async { hull.client().await.bounce(0).await.unwrap() });
+    wait_until(Duration::from_secs(5), "the bounce in hulld's log", || {
+        let out = hull.hull(&["logs", "--daemon"]);
+        String::from_utf8_lossy(&out.stderr).contains("inner bounced")
+    });
+    let own = hull.hull(&["logs", "--daemon"]);
+    assert!(String::from_utf8_lossy(&own.stderr).contains("hulld listening"));
+    let out = hull.hull(&["logs"]);
+    assert!(
+        !out.status.success(),
+        "hull logs without a name or --daemon"
+    );
+}

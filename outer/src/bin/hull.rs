@@ -86,10 +86,15 @@ enum Command {
         #[command(subcommand)]
         command: ServicesCommand,
     },
-    /// A service's output, kept by hulld across bounces, restores and crashes.
+    /// A service's output (or `exec` for non-interactive execs), kept by
+    /// hulld across bounces, restores and crashes.
     Logs {
-        /// The service.
-        name: String,
+        /// The service, or `exec`.
+        #[arg(required_unless_present = "daemon", conflicts_with = "daemon")]
+        name: Option<String>,
+        /// hulld's own log instead.
+        #[arg(long)]
+        daemon: bool,
         /// Keep printing new lines as they come.
         #[arg(short, long)]
         follow: bool,
@@ -323,13 +328,25 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Logs {
             name,
+            daemon,
             follow,
             tail,
             stream,
             since,
-        } => cli::logs(&g, name, follow, tail, stream, since)
-            .await
-            .map(|()| 0),
+        } => cli::logs(
+            &g,
+            if daemon {
+                hull_outer::logs::DAEMON_SOURCE.to_string()
+            } else {
+                name.unwrap_or_default()
+            },
+            follow,
+            tail,
+            stream,
+            since,
+        )
+        .await
+        .map(|()| 0),
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),

@@ -57,6 +57,27 @@ fn main() {
     }
 }
 
+/// stderr (human or JSON, as configured) and, as plain text, the log
+/// store's `hulld` source, which `hull logs --daemon` reads.
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
+    let filter = EnvFilter::try_from_env("HULL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = match format {
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Human => fmt::layer().with_writer(std::io::stderr).boxed(),
+    };
+    let store = fmt::layer()
+        .with_ansi(false)
+        .with_writer(hull_outer::logs::DaemonLogWriter::new);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(store)
+        .init();
+}
+
 fn daemon_main() -> Result<()> {
     let args = Args::parse();
     let mut config = Config::load(args.config.as_deref())?;
@@ -75,15 +96,7 @@ fn daemon_main() -> Result<()> {
     if args.log_json {
         config.log_format = LogFormat::Json;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
+    init_tracing(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
