@@ -120,7 +120,6 @@ enum Event {
         name: String,
         generation: u64,
         status: ExitStatus,
-        note: Option<String>,
     },
 }
 
@@ -345,10 +344,9 @@ impl Task {
                 name,
                 generation,
                 status,
-                note,
             } => {
                 if let Some(svc) = self.current(&name, generation) {
-                    on_exit(&name, svc, status, note);
+                    on_exit(&name, svc, status);
                     let pending = std::mem::take(&mut svc.pending);
                     finish_stop(&mut self.services, &name, pending);
                 }
@@ -500,7 +498,7 @@ fn finish_stop(
     }
 }
 
-fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, note: Option<String>) {
+fn on_exit(name: &str, svc: &mut Service, status: ExitStatus) {
     let ran = svc.process.map(|(_, _, since)| since.elapsed());
     svc.process = None;
     svc.last_exit = Some(status);
@@ -509,7 +507,6 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, note: Option<Strin
         svc.state = State::Stopped;
         return;
     }
-    let _ = note;
     let wants_restart = match svc.spec.restart {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => status != ExitStatus::Code(0),
@@ -595,17 +592,16 @@ async fn run_process(
     let send = |e: Event| {
         let _ = events.send(e);
     };
-    let exited = |status, note: Option<String>| Event::Exited {
+    let exited = |status| Event::Exited {
         name: name.clone(),
         generation,
         status,
-        note,
     };
     let mut process = match inner.link.spawn(spec).await {
         Ok(p) => p,
         Err(SpawnFailure::Refused(kind, message)) => {
             log.append(Stream::Stderr, &format!("hull: {message}"));
-            send(exited(ExitStatus::Code(kind.shell_code()), None));
+            send(exited(ExitStatus::Code(kind.shell_code())));
             return;
         }
         Err(SpawnFailure::InnerGone) => return,
@@ -640,7 +636,7 @@ async fn run_process(
         futures::future::join_all(readers),
     )
     .await;
-    send(exited(status, None));
+    send(exited(status));
 }
 
 fn spawn_captures(fds: Vec<OwnedFd>, log: &Arc<SourceLog>) -> Vec<tokio::task::JoinHandle<()>> {

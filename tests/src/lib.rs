@@ -258,6 +258,34 @@ impl TestHull {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Registers a service (no env, cwd, user or dependencies beyond `after`).
+    pub fn add_service(
+        &self,
+        name: &str,
+        cmd: &str,
+        after: &[&str],
+        http_port: Option<u16>,
+        restart: hull_proto::RestartPolicy,
+    ) {
+        let spec = hull_proto::ServiceSpec {
+            name: name.into(),
+            cmd: cmd.into(),
+            env: vec![],
+            cwd: None,
+            user: None,
+            http_port,
+            restart,
+            after: after.iter().map(|s| s.to_string()).collect(),
+        };
+        block_on(async {
+            self.client()
+                .await
+                .services(hull_proto::ServiceRequest::Add(spec))
+                .await
+                .unwrap_or_else(|e| panic!("add service {name}: {e}"))
+        });
+    }
+
     /// Runs the `hull` CLI against this test's hulld.
     pub fn hull(&self, args: &[&str]) -> Output {
         Command::new(bin_dir().join("hull"))

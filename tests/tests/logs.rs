@@ -4,27 +4,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec};
+use hull_proto::{RestartPolicy, ServiceRequest};
 use hull_tests::{bin_dir, block_on, require_root, wait_until, TestHull};
 
 fn add(hull: &TestHull, name: &str, cmd: &str, restart: RestartPolicy) {
-    let spec = ServiceSpec {
-        name: name.into(),
-        cmd: cmd.into(),
-        env: vec![],
-        cwd: None,
-        user: None,
-        http_port: None,
-        restart,
-        after: vec![],
-    };
-    block_on(async {
-        hull.client()
-            .await
-            .services(ServiceRequest::Add(spec))
-            .await
-            .unwrap()
-    });
+    hull.add_service(name, cmd, &[], None, restart);
 }
 
 fn state_of(hull: &TestHull, name: &str) -> String {

@@ -3,21 +3,8 @@
 
 use std::time::Duration;
 
-use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus};
+use hull_proto::{RestartPolicy, ServiceRequest, ServiceStatus};
 use hull_tests::{block_on, require_root, wait_until, TestHull};
-
-fn service(name: &str, cmd: &str, after: &[&str], port: Option<u16>) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        cmd: cmd.into(),
-        env: vec![],
-        cwd: None,
-        user: None,
-        http_port: port,
-        restart: RestartPolicy::OnFailure,
-        after: after.iter().map(|s| s.to_string()).collect(),
-    }
-}
 
 fn list(hull: &TestHull) -> Vec<ServiceStatus> {
     block_on(async {
@@ -49,27 +36,22 @@ fn three_services_come_back_in_order_after_a_bounce_and_two_after_a_restore() {
         return;
     }
     let hull = TestHull::start();
-    block_on(async {
-        let mut c = hull.client().await;
-        // Each logs its start; a and b are ready only once their port listens,
-        // so the order in the file is the start order.
-        c.services(ServiceRequest::Add(service(
-            "a",
-            "echo a >> /root/order; exec httpd -f -p 8001",
-            &[],
-            Some(8001),
-        )))
-        .await
-        .unwrap();
-        c.services(ServiceRequest::Add(service(
-            "b",
-            "sleep 0.2; echo b >> /root/order; exec httpd -f -p 8002",
-            &["a"],
-            Some(8002),
-        )))
-        .await
-        .unwrap();
-    });
+    // Each logs its start; a and b are ready only once their port listens,
+    // so the order in the file is the start order.
+    hull.add_service(
+        "a",
+        "echo a >> /root/order; exec httpd -f -p 8001",
+        &[],
+        Some(8001),
+        RestartPolicy::OnFailure,
+    );
+    hull.add_service(
+        "b",
+        "sleep 0.2; echo b >> /root/order; exec httpd -f -p 8002",
+        &["a"],
+        Some(8002),
+        RestartPolicy::OnFailure,
+    );
     wait_states(&hull, "a and b running", all_running(&["a", "b"]));
     let v1 = block_on(async { hull.client().await.checkpoint_create(None).await.unwrap() });
     assert!(
@@ -77,18 +59,13 @@ fn three_services_come_back_in_order_after_a_bounce_and_two_after_a_restore() {
         "{}",
         v1.checkpoint.services
     );
-    block_on(async {
-        hull.client()
-            .await
-            .services(ServiceRequest::Add(service(
-                "c",
-                "echo c >> /root/order; exec sleep 1000",
-                &["b"],
-                None,
-            )))
-            .await
-            .unwrap();
-    });
+    hull.add_service(
+        "c",
+        "echo c >> /root/order; exec sleep 1000",
+        &["b"],
+        None,
+        RestartPolicy::OnFailure,
+    );
     wait_states(&hull, "all three running", all_running(&["a", "b", "c"]));
     assert_eq!(block_on(hull.sh("cat /root/order")), "a\nb\nc\n");
 
@@ -122,18 +99,13 @@ fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
         return;
     }
     let hull = TestHull::start();
-    block_on(async {
-        hull.client()
-            .await
-            .services(ServiceRequest::Add(service(
-                "crasher",
-                "echo boom at $(date +%s%N); exit 1",
-                &[],
-                None,
-            )))
-            .await
-            .unwrap();
-    });
+    hull.add_service(
+        "crasher",
+        "echo boom at $(date +%s%N); exit 1",
+        &[],
+        None,
+        RestartPolicy::OnFailure,
+    );
     wait_states(&hull, "the crasher to be marked failed", |l| {
         l.iter().any(|s| s.state == "failed")
     });
@@ -172,18 +144,13 @@ fn stop_reaches_the_whole_process_group_and_start_brings_it_back() {
         return;
     }
     let hull = TestHull::start();
-    block_on(async {
-        hull.client()
-            .await
-            .services(ServiceRequest::Add(service(
-                "pair",
-                "sleep 1001 & sleep 1002",
-                &[],
-                None,
-            )))
-            .await
-            .unwrap();
-    });
+    hull.add_service(
+        "pair",
+        "sleep 1001 & sleep 1002",
+        &[],
+        None,
+        RestartPolicy::OnFailure,
+    );
     wait_states(&hull, "pair running", all_running(&["pair"]));
     wait_until(Duration::from_secs(5), "both sleeps", || {
         block_on(hull.sh("ps -o args")).contains("sleep 1001")
