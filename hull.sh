@@ -18,6 +18,7 @@ missing=()
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
+command -v nft >/dev/null || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "hull.sh: installing ${missing[*]}" >&2
   apt-get update -qq

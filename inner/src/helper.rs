@@ -3,10 +3,12 @@
 
 use std::io::Write;
 
-use nix::sched::{unshare, CloneFlags};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::unistd::{fork, ForkResult};
 
-use crate::spec::InnerSpec;
+use crate::spec::{InnerSpec, NETNS_FD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
@@ -19,6 +21,8 @@ pub enum HelperError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot join the inner's network namespace (fd {NETNS_FD}): {0}")]
+    JoinNetns(nix::Error),
     #[error("unshare of the inner's namespaces failed: {0}")]
     Unshare(nix::Error),
     #[error("fork of the inner init failed: {0}")]
@@ -49,8 +53,17 @@ pub fn run(spec_json: &str) -> Result<(), HelperError> {
             source,
         })?;
     }
+    let mut flags = namespaces();
+    if spec.join_netns {
+        // SAFETY: hulld dup2()ed the namespace fd to NETNS_FD before exec
+        // and nothing else in this single-threaded process owns it.
+        let ns = unsafe { OwnedFd::from_raw_fd(NETNS_FD) };
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(HelperError::JoinNetns)?;
+        drop(ns);
+        flags.remove(CloneFlags::CLONE_NEWNET);
+    }
     // The cgroup namespace is rooted where we stand now: the inner group.
-    unshare(namespaces()).map_err(HelperError::Unshare)?;
+    unshare(flags).map_err(HelperError::Unshare)?;
     // SAFETY: the helper is a freshly exec'd, single-threaded process, so the
     // child may run arbitrary code after fork.
     match unsafe { fork() }.map_err(HelperError::Fork)? {

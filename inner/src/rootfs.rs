@@ -94,6 +94,9 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     step("dev", mount_dev(root))?;
     step("mask", mask_kernel_interfaces(root))?;
     step("hostname", set_hostname(&spec.hostname))?;
+    if let Some(resolv) = &spec.resolv_conf {
+        step("resolv-conf", bind_resolv_conf(root, resolv))?;
+    }
     step(
         "loopback",
         crate::security::loopback_up().map_err(SetupError::Loopback),
@@ -288,6 +291,39 @@ fn mask_kernel_interfaces(root: &Path) -> Result<()> {
         bind(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | HARDENED)?;
     }
     Ok(())
+}
+
+/// Bind-mounts hulld's resolv.conf over the inner's. A symlink there (to a
+/// resolver stub that does not run in the inner) would be followed in the
+/// root namespace's view, so it is replaced by a plain file first.
+fn bind_resolv_conf(root: &Path, source: &Path) -> Result<()> {
+    let etc = root.join("etc");
+    ensure_dir(&etc, 0o755)?;
+    let target = etc.join("resolv.conf");
+    let create = |path: &Path, source| SetupError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(&target) {
+        Ok(meta) if meta.file_type().is_file() => {}
+        Ok(_) => {
+            fs::remove_file(&target).map_err(|e| create(&target, e))?;
+            fs::write(&target, b"").map_err(|e| create(&target, e))?;
+        }
+        Err(_) => fs::write(&target, b"").map_err(|e| create(&target, e))?,
+    }
+    mount(
+        Some(source),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|source| SetupError::Mount {
+        fstype: "bind",
+        target,
+        source,
+    })
 }
 
 fn set_hostname(hostname: &str) -> Result<()> {

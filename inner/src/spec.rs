@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 pub const INIT_LINK_FD: i32 = 3;
 /// The fd channel (a seqpacket socketpair end) is fd 4.
 pub const FD_CHANNEL_FD: i32 = 4;
+/// The network namespace to join, when [`InnerSpec::join_netns`] is set, is
+/// fd 5 in the helper; the helper closes it after setns(2).
+pub const NETNS_FD: i32 = 5;
 
 /// Everything the helper needs to create one inner container. hulld passes
 /// it as JSON in the helper's argv.
@@ -22,4 +25,11 @@ pub struct InnerSpec {
     pub hostname: String,
     /// `cgroup.procs` files the helper writes itself into before it forks.
     pub cgroup_procs: Vec<PathBuf>,
+    /// Join the network namespace on [`NETNS_FD`] (hulld's, which outlives
+    /// the inner) instead of creating a new one.
+    #[serde(default)]
+    pub join_netns: bool,
+    /// A file hulld wrote, bind-mounted on the inner's /etc/resolv.conf.
+    #[serde(default)]
+    pub resolv_conf: Option<PathBuf>,
 }

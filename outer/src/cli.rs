@@ -474,6 +474,90 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// `hull ports`: a table of the inner's listening ports.
+pub async fn ports(g: &Global) -> Result<()> {
+    let mut c = g.connect().await?;
+    let r = c.ports().await?;
+    if g.json {
+        return print_json(&r);
+    }
+    if r.ports.is_empty() {
+        println!(
+            "nothing listens on a TCP port in the inner (network: {})",
+            r.network
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<16} {:<8} {:<16} {:<22} HTTP",
+        "PORT", "ADDRESS", "PID", "COMMAND", "OUTSIDE"
+    );
+    for p in &r.ports {
+        let outside = match (p.exposure.as_str(), &p.outer) {
+            ("forwarded", Some(outer)) => outer.clone(),
+            ("taken", Some(outer)) => format!("{outer} taken"),
+            (other, _) => other.to_string(),
+        };
+        let http = match &p.http_url {
+            Some(url) if p.private => format!("{url} (private)"),
+            Some(url) => url.clone(),
+            None => "-".into(),
+        };
+        println!(
+            "{:<6} {:<16} {:<8} {:<16} {:<22} {}",
+            p.port,
+            p.address,
+            p.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            p.command.as_deref().unwrap_or("-"),
+            outside,
+            http
+        );
+    }
+    for p in r.ports.iter().filter(|p| p.exposure == "taken") {
+        println!(
+            "port {}: the outer address is taken ({}); reach it through HTTP ingress",
+            p.port,
+            p.detail.as_deref().unwrap_or("in use")
+        );
+    }
+    Ok(())
+}
+
+/// `hull ingress`: where HTTP ingress listens and the private-URL token.
+pub async fn ingress(g: &Global) -> Result<()> {
+    let mut c = g.connect().await?;
+    let r = c.ingress().await?;
+    if g.json {
+        return print_json(&r);
+    }
+    match &r.http {
+        Some(addr) => {
+            println!("HTTP ingress   http://{addr}/ (Host PORT.<anything> picks the inner port)")
+        }
+        None => println!("HTTP ingress   off"),
+    }
+    let private = if r.private_all {
+        "every port".to_string()
+    } else if r.private_ports.is_empty() {
+        "none".to_string()
+    } else {
+        r.private_ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("private        {private}");
+    println!(
+        "token          {}  (send: Authorization: Bearer TOKEN)",
+        r.token
+    );
+    if let (Some(inner), Some(gw)) = (&r.inner_address, &r.gateway) {
+        println!("inner address  {inner} (gateway {gw})");
+    }
+    Ok(())
+}
+
 pub async fn checkpoint_create(g: &Global, comment: Option<String>) -> Result<()> {
     let mut c = g.connect().await?;
     let r = c.checkpoint_create(comment).await?;

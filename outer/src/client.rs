@@ -142,6 +142,20 @@ impl Client {
         }
     }
 
+    pub async fn ports(&mut self) -> Result<hull_proto::PortsReport> {
+        match self.request(ClientMsg::Ports).await? {
+            DaemonMsg::Ports(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn ingress(&mut self) -> Result<hull_proto::IngressReport> {
+        match self.request(ClientMsg::Ingress).await? {
+            DaemonMsg::Ingress(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn shutdown(&mut self, grace_ms: u64) -> Result<()> {
         match self.request(ClientMsg::Shutdown { grace_ms }).await? {
             DaemonMsg::ShuttingDown => Ok(()),

@@ -27,6 +27,147 @@ pub enum ConfigError {
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
     Hostname(String),
+    #[error("network.{field} = {value:?}: {why}")]
+    Network {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// How the inner reaches the world.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// A veth pair to the root namespace, masqueraded (nftables).
+    #[default]
+    Nat,
+    /// Loopback only. Ingress still works: it dials from inside.
+    None,
+}
+
+pub fn parse_network_mode(s: &str) -> Result<NetworkMode, String> {
+    match s {
+        "nat" => Ok(NetworkMode::Nat),
+        "none" => Ok(NetworkMode::None),
+        other => Err(format!("{other:?}: expected nat or none")),
+    }
+}
+
+impl NetworkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkMode::Nat => "nat",
+            NetworkMode::None => "none",
+        }
+    }
+}
+
+/// The `[network]` table: the inner's network and ingress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub mode: NetworkMode,
+    /// The veth pair's subnet; the host end takes the first address, the
+    /// inner the second. From 100.64.0.0/10 (shared address space), so it
+    /// does not collide with the private networks users run.
+    pub subnet: String,
+    /// Name of the host end of the veth; derived from cgroup_name if unset.
+    pub interface: Option<String>,
+    /// Name servers for the inner's resolv.conf; the host's when empty.
+    pub dns: Vec<String>,
+    /// Where forwarded ports and the HTTP ingress listen: 127.0.0.1 on a
+    /// development machine, the VM's interface address in an image.
+    pub outer_address: String,
+    /// Inner ports that may be forwarded: "8000-8999,3000"; all when empty.
+    pub expose: String,
+    /// The HTTP ingress port on the outer address; 0 turns it off.
+    pub http_port: u16,
+    /// How long a request waits for a port while the inner comes back.
+    pub wait_secs: u64,
+    /// Inner ports whose HTTP ingress needs the bearer token.
+    pub private_ports: Vec<u16>,
+    /// Every port's HTTP ingress needs the bearer token.
+    pub private_all: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mode: NetworkMode::Nat,
+            subnet: "100.96.0.0/30".to_string(),
+            interface: None,
+            dns: Vec::new(),
+            outer_address: "127.0.0.1".to_string(),
+            expose: String::new(),
+            http_port: 8080,
+            wait_secs: 10,
+            private_ports: Vec::new(),
+            private_all: false,
+        }
+    }
+}
+
+impl NetworkConfig {
+    pub fn outer_ip(&self) -> Result<std::net::IpAddr, ConfigError> {
+        self.outer_address
+            .parse()
+            .map_err(|_| ConfigError::Network {
+                field: "outer_address",
+                value: self.outer_address.clone(),
+                why: "not an IP address".into(),
+            })
+    }
+
+    pub fn port_filter(&self) -> Result<hull_ingress::forward::PortFilter, ConfigError> {
+        hull_ingress::forward::PortFilter::parse(&self.expose).map_err(|why| ConfigError::Network {
+            field: "expose",
+            value: self.expose.clone(),
+            why,
+        })
+    }
+
+    /// The host end of the veth: configured, or "hv" and a hash of the
+    /// cgroup name (interface names are at most 15 bytes).
+    pub fn interface_name(&self, cgroup_name: &str) -> String {
+        self.interface
+            .clone()
+            .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) as u32))
+    }
+
+    pub fn veth_plan(
+        &self,
+        cgroup_name: &str,
+    ) -> Result<hull_ingress::link::VethPlan, ConfigError> {
+        let name = self.interface_name(cgroup_name);
+        hull_ingress::link::VethPlan::new(&self.subnet, &name).map_err(|e| ConfigError::Network {
+            field: "subnet",
+            value: self.subnet.clone(),
+            why: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self, cgroup_name: &str) -> Result<(), ConfigError> {
+        self.outer_ip()?;
+        self.port_filter()?;
+        self.veth_plan(cgroup_name)?;
+        for server in &self.dns {
+            server
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| ConfigError::Network {
+                    field: "dns",
+                    value: server.clone(),
+                    why: "not an IP address".into(),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +202,7 @@ pub struct Config {
     pub volume_size: String,
     /// Automatic checkpoints (taken before each restore) to keep.
     pub auto_checkpoints_keep: usize,
+    pub network: NetworkConfig,
 }
 
 impl Default for Config {
@@ -78,6 +220,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             volume_size: "64G".to_string(),
             auto_checkpoints_keep: 10,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -106,6 +249,7 @@ impl Config {
         self.memory_max_bytes()?;
         self.volume_size_bytes()?;
         self.image_kind()?;
+        self.network.validate(&self.cgroup_name)?;
         let h = &self.hostname;
         if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {

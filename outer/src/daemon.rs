@@ -51,6 +51,8 @@ pub enum DaemonError {
     Socket { path: PathBuf, source: io::Error },
     #[error("cannot listen on vsock port {port}: {source}")]
     Vsock { port: u32, source: io::Error },
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
 }
 
 /// Shared state of the running daemon.
@@ -63,6 +65,8 @@ pub struct Daemon {
     pub supervisor: Supervisor,
     pub limits: Limits,
     pub image: PathBuf,
+    pub network: crate::network::Network,
+    pub registry: Arc<std::sync::Mutex<hull_services::Registry>>,
     stopped: Notify,
     shutdown_lock: tokio::sync::Mutex<bool>,
 }
@@ -78,6 +82,7 @@ impl Daemon {
         }
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         self.supervisor.shutdown(grace).await;
+        self.network.shutdown().await;
         if let Err(e) = self.cgroups.teardown() {
             tracing::warn!(error = %e, "cannot remove hull's cgroups");
         }
@@ -89,9 +94,35 @@ impl Daemon {
         *done = true;
     }
 
+    /// Points HTTP ingress at the services that declare a port now (after
+    /// start, a change of the registry, a restore).
+    pub fn refresh_routes(&self) {
+        let specs = match self.registry.lock() {
+            Ok(registry) => registry.list(),
+            Err(_) => return,
+        };
+        match specs {
+            Ok(specs) => self.network.set_routes(&specs),
+            Err(e) => tracing::warn!(error = %e, "cannot read the services for HTTP routing"),
+        }
+    }
+
     /// Lets the main loop return (after [`Daemon::shutdown`]).
     pub fn exit(&self) {
         self.stopped.notify_one();
+    }
+}
+
+/// Every forwarded connection costs two fds; the default soft limit of 1024
+/// would cap ingress at a few hundred connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, "cannot raise the open file limit");
+            }
+        }
     }
 }
 
@@ -257,6 +288,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         memory_max_bytes: Some(config.memory_max_bytes()?),
         pids_max: config.pids_max,
     };
+    raise_fd_limit();
+    let (running_tx, running) = tokio::sync::watch::channel(false);
+    let network = crate::network::Network::start(&config, running).await?;
     let supervisor = Supervisor::start(InnerConfig {
         exe: SealedExe::create()?,
         cgroup: cgroups.inner.clone(),
@@ -268,7 +302,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         registry: registry.clone(),
         rootfs,
         hostname: config.hostname.clone(),
+        netns: Some(network.netns.clone()),
+        resolv_conf: network.resolv_conf.clone(),
     });
+    let mut current = supervisor.watch_current();
+    tokio::spawn(async move {
+        loop {
+            let up = current.borrow_and_update().is_some();
+            running_tx.send_if_modified(|now| std::mem::replace(now, up) != up);
+            if current.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+
     tracing::info!(
         socket = %config.socket.display(),
         vsock_port = ?config.vsock_port,
@@ -277,7 +324,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
-    let services = ServiceManager::start(registry, logs.clone(), supervisor.watch_current());
+    let services =
+        ServiceManager::start(registry.clone(), logs.clone(), supervisor.watch_current());
     let daemon = Arc::new(Daemon {
         config,
         storage,
@@ -287,10 +335,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         supervisor,
         limits,
         image,
+        network,
+        registry,
         stopped: Notify::new(),
         shutdown_lock: tokio::sync::Mutex::new(false),
     });
 
+    daemon.refresh_routes();
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Protect {
         what: "SIGTERM handler",
         source,

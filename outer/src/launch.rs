@@ -3,14 +3,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use hull_inner::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD};
+use hull_inner::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, NETNS_FD};
 use hull_proto::fdpass::{self, FdReceiver};
 use hull_proto::{
     frame_reader, frame_writer, ExecSpec, ExitStatus, FrameWriter, FromInit, Hello, SpawnErrorKind,
@@ -257,6 +257,7 @@ pub async fn launch(
     exe: &SealedExe,
     spec: &InnerSpec,
     generation: u64,
+    netns: Option<RawFd>,
     on_exit: mpsc::UnboundedSender<(u64, ExitStatus)>,
 ) -> Result<Arc<Inner>, LaunchError> {
     let begin = Instant::now();
@@ -264,7 +265,7 @@ pub async fn launch(
         std::os::unix::net::UnixStream::pair().map_err(LaunchError::Socketpair)?;
     let (fds_parent, fds_child) = fdpass::fd_channel_pair().map_err(LaunchError::Socketpair)?;
 
-    let pid = run_helper(exe, spec, OwnedFd::from(link_child), fds_child).await?;
+    let pid = run_helper(exe, spec, OwnedFd::from(link_child), fds_child, netns).await?;
     let pidfd = pidfd_open(pid).map_err(|source| LaunchError::Pidfd { pid, source })?;
     let pidfd_err = |source| LaunchError::Pidfd { pid, source };
     let watched = pidfd.try_clone().map_err(pidfd_err)?;
@@ -345,6 +346,7 @@ async fn run_helper(
     spec: &InnerSpec,
     link_child: OwnedFd,
     fds_child: OwnedFd,
+    netns: Option<RawFd>,
 ) -> Result<i32, LaunchError> {
     let spec_json = serde_json::to_string(spec).expect("InnerSpec serialises");
     let path = exe.path();
@@ -356,12 +358,17 @@ async fn run_helper(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let (link_raw, fds_raw) = (link_child.as_raw_fd(), fds_child.as_raw_fd());
+    let netns_raw = netns.unwrap_or(-1);
     // SAFETY: between fork and exec the closure only calls dup2(2), which is
     // async-signal-safe; the source fds stay open in the parent until spawn
-    // returns because we hold them.
+    // returns because we hold them (the namespace fd is held by the
+    // InnerNetns for hulld's lifetime).
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(link_raw, INIT_LINK_FD) < 0 || libc::dup2(fds_raw, FD_CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if netns_raw >= 0 && libc::dup2(netns_raw, NETNS_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

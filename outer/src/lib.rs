@@ -8,6 +8,7 @@ pub mod daemon;
 mod exec;
 pub mod launch;
 pub mod logs;
+pub mod network;
 mod server;
 mod services;
 mod supervisor;

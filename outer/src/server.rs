@@ -111,6 +111,7 @@ where
                     Ok(report) => DaemonMsg::Restored(report),
                     Err(e) => storage_error(e),
                 };
+                daemon.refresh_routes();
                 writer.send(reply).await?;
             }
             ClientMsg::CheckpointList => {
@@ -153,7 +154,18 @@ where
                         error(kind, e.to_string())
                     }
                 };
+                daemon.refresh_routes();
                 writer.send(reply).await?;
+            }
+            ClientMsg::Ports => {
+                let pids = daemon.cgroups.inner.pids().unwrap_or_default();
+                let report = daemon.network.report(&pids);
+                writer.send(DaemonMsg::Ports(report)).await?
+            }
+            ClientMsg::Ingress => {
+                writer
+                    .send(DaemonMsg::Ingress(daemon.network.ingress_report()))
+                    .await?
             }
             ClientMsg::Logs {
                 source,
@@ -212,6 +224,8 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::CheckpointDelete { .. } => "CheckpointDelete",
         ClientMsg::Services(_) => "Services",
         ClientMsg::Logs { .. } => "Logs",
+        ClientMsg::Ports => "Ports",
+        ClientMsg::Ingress => "Ingress",
     }
 }
 

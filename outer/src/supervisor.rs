@@ -37,6 +37,11 @@ pub struct InnerConfig {
     pub registry: Arc<Mutex<hull_services::Registry>>,
     pub rootfs: PathBuf,
     pub hostname: String,
+    /// hulld's network namespace for the inner (None: a fresh one per
+    /// inner, loopback only and lost at every bounce).
+    pub netns: Option<Arc<hull_ingress::InnerNetns>>,
+    /// Bind-mounted on the inner's /etc/resolv.conf.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// Counters and state for `hull status`.
@@ -249,6 +254,8 @@ impl Task {
             rootfs: self.config.rootfs.clone(),
             hostname: self.config.hostname.clone(),
             cgroup_procs: self.config.cgroup.procs_files(),
+            join_netns: self.config.netns.is_some(),
+            resolv_conf: self.config.resolv_conf.clone(),
         })
     }
 
@@ -266,9 +273,15 @@ impl Task {
             .and_then(|()| self.spec().map_err(|e| e.to_string()));
         let result = match spec {
             Err(e) => Err(e),
-            Ok(spec) => launch(&self.config.exe, &spec, self.generation, exit_tx.clone())
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(spec) => launch(
+                &self.config.exe,
+                &spec,
+                self.generation,
+                self.config.netns.as_ref().map(|ns| ns.fd()),
+                exit_tx.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string()),
         };
         match result {
             Ok(inner) => {

@@ -267,6 +267,10 @@ pub enum ClientMsg {
     Shutdown {
         grace_ms: u64,
     },
+    /// The inner's listening TCP ports and how each is exposed.
+    Ports,
+    /// Where the HTTP ingress listens and the bearer token of private URLs.
+    Ingress,
 }
 
 /// How an exec session ended.
@@ -307,7 +311,50 @@ pub enum DaemonMsg {
     /// The end of a `Logs` reply without `follow`.
     LogsEnd,
     ShuttingDown,
+    Ports(PortsReport),
+    Ingress(IngressReport),
     Error(ErrorReport),
+}
+
+/// One TCP port the inner listens on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortInfo {
+    pub port: u16,
+    /// The inner address it is bound to (0.0.0.0, ::, 127.0.0.1, ...).
+    pub address: String,
+    /// The owning process, pid as seen in the root namespace.
+    pub pid: Option<i32>,
+    pub command: Option<String>,
+    /// "forwarded", "taken" (reach it through HTTP ingress), "not-allowed"
+    /// (left out by the config), or "pending" (not yet handled).
+    pub exposure: String,
+    /// The outer address when forwarded, or the one that is taken.
+    pub outer: Option<String>,
+    /// Why the outer port could not be bound.
+    pub detail: Option<String>,
+    /// The URL of this port through HTTP ingress, if that is on.
+    pub http_url: Option<String>,
+    /// Whether HTTP ingress needs the bearer token for it.
+    pub private: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortsReport {
+    /// "nat" or "none".
+    pub network: String,
+    pub ports: Vec<PortInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngressReport {
+    /// The HTTP ingress address, if it is on.
+    pub http: Option<String>,
+    pub token: String,
+    pub private_ports: Vec<u16>,
+    pub private_all: bool,
+    /// The inner's address and gateway on its veth, when it has one.
+    pub inner_address: Option<String>,
+    pub gateway: Option<String>,
 }
 
 /// hulld to the inner init.

@@ -78,6 +78,11 @@ pub struct Limits {
     pub volume_size: &'static str,
     /// Automatic checkpoints kept (retention).
     pub auto_checkpoints_keep: usize,
+    /// The inner's network mode: "none" (loopback only, nothing of the
+    /// host's networking touched) unless a test needs the veth.
+    pub network: &'static str,
+    /// More lines for the `[network]` table (private_ports = [..], ...).
+    pub network_extra: String,
 }
 
 impl Default for Limits {
@@ -87,6 +92,8 @@ impl Default for Limits {
             pids_max: 256,
             volume_size: "2G",
             auto_checkpoints_keep: 10,
+            network: "none",
+            network_extra: String::new(),
         }
     }
 }
@@ -98,8 +105,18 @@ pub struct TestHull {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub cgroup_name: String,
+    /// This test's own loopback address: forwarded ports and the HTTP
+    /// ingress listen there, so parallel tests never share a port.
+    pub outer: std::net::Ipv4Addr,
+    /// The HTTP ingress port on `outer`.
+    pub http_port: u16,
+    /// The veth subnet (only used with network "nat").
+    pub subnet: String,
     hulld: Option<Child>,
 }
+
+/// HTTP ingress port of every test hulld (on its own loopback address).
+pub const TEST_HTTP_PORT: u16 = 8080;
 
 impl TestHull {
     pub fn start() -> TestHull {
@@ -120,10 +137,25 @@ impl TestHull {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let config = dir.path().join("hull.toml");
+        let n = COUNTER.load(Ordering::Relaxed);
+        let pid = std::process::id();
+        // 127.0.0.0/8 is all loopback: a private address per test.
+        let outer = std::net::Ipv4Addr::new(
+            127,
+            100 + (pid % 100) as u8,
+            (pid / 100 % 250) as u8 + 1,
+            (n % 250) as u8 + 2,
+        );
+        let subnet = format!(
+            "100.{}.{}.{}/30",
+            96 + (pid % 16),
+            (pid / 16) % 256,
+            (n % 64) * 4
+        );
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -132,6 +164,10 @@ impl TestHull {
                 cg = cgroup_name,
                 vol = limits.volume_size,
                 keep = limits.auto_checkpoints_keep,
+                mode = limits.network,
+                subnet = subnet,
+                outer = outer,
+                extra = limits.network_extra,
             ),
         )
         .unwrap();
@@ -141,6 +177,9 @@ impl TestHull {
             socket,
             state_dir,
             cgroup_name,
+            outer,
+            http_port: TEST_HTTP_PORT,
+            subnet,
             hulld: None,
         };
         hull.spawn_hulld();

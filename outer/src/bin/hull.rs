@@ -38,6 +38,9 @@ enum Command {
         /// Base image of the inner: debian (default) or busybox.
         #[arg(long)]
         image: Option<String>,
+        /// The inner's network: nat (egress through a veth with masquerade, the default) or none (loopback only; ingress still works).
+        #[arg(long, value_parser = hull_outer::config::parse_network_mode)]
+        network: Option<hull_outer::config::NetworkMode>,
     },
     /// Show the inner's state, pid, uptime, limits and bounce count.
     Status,
@@ -108,6 +111,10 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         since: Option<std::time::Duration>,
     },
+    /// TCP ports the inner listens on, who owns them and how they are reachable from outside (forwarded on the outer address, or through HTTP ingress only).
+    Ports,
+    /// The HTTP ingress: where it listens, which ports are private, and the bearer token they need.
+    Ingress,
     /// Base images for the inner.
     Image {
         #[command(subcommand)]
@@ -207,7 +214,11 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn global(cli: &Cli, image: Option<&String>) -> Result<(Global, Vec<String>)> {
+fn global(
+    cli: &Cli,
+    image: Option<&String>,
+    network: Option<hull_outer::config::NetworkMode>,
+) -> Result<(Global, Vec<String>)> {
     let mut config = Config::load(cli.config.as_deref())?;
     let mut hulld_args = Vec::new();
     if let Some(path) = &cli.config {
@@ -224,6 +235,10 @@ fn global(cli: &Cli, image: Option<&String>) -> Result<(Global, Vec<String>)> {
     if let Some(image) = image {
         config.image = image.clone();
         hulld_args.extend(["--image".to_string(), image.clone()]);
+    }
+    if let Some(mode) = network {
+        config.network.mode = mode;
+        hulld_args.extend(["--network".to_string(), mode.name().to_string()]);
     }
     config.validate()?;
     let g = Global {
@@ -249,11 +264,11 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
-    let image = match &cli.command {
-        Command::Up { image } => image.as_ref(),
-        _ => None,
+    let (image, network) = match &cli.command {
+        Command::Up { image, network } => (image.as_ref(), *network),
+        _ => (None, None),
     };
-    let (g, hulld_args) = global(&cli, image)?;
+    let (g, hulld_args) = global(&cli, image, network)?;
     match cli.command {
         Command::Up { .. } => cli::up(&g, hulld_args).await.map(|()| 0),
         Command::Status => cli::status(&g).await.map(|()| 0),
@@ -286,6 +301,8 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             cli::exec(&g, opts).await
         }
+        Command::Ports => cli::ports(&g).await.map(|()| 0),
+        Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
         Command::Down { grace } => cli::down(&g, grace).await.map(|()| 0),
         Command::Checkpoint { command } => match command {

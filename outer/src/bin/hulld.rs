@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use hull_outer::config::{Config, LogFormat};
+use hull_outer::config::{Config, LogFormat, NetworkMode};
 use hull_outer::launch::HELPER_ARG;
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ struct Args {
     /// Also serve the control API on this vsock port.
     #[arg(long)]
     vsock_port: Option<u32>,
+    /// The inner's network: nat (veth and masquerade, the default) or none (loopback only).
+    #[arg(long, value_parser = parse_network)]
+    network: Option<NetworkMode>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
@@ -78,6 +81,10 @@ fn init_tracing(format: LogFormat) {
         .init();
 }
 
+fn parse_network(s: &str) -> Result<NetworkMode, String> {
+    hull_outer::config::parse_network_mode(s)
+}
+
 fn daemon_main() -> Result<()> {
     let args = Args::parse();
     let mut config = Config::load(args.config.as_deref())?;
@@ -92,6 +99,9 @@ fn daemon_main() -> Result<()> {
     }
     if args.vsock_port.is_some() {
         config.vsock_port = args.vsock_port;
+    }
+    if let Some(mode) = args.network {
+        config.network.mode = mode;
     }
     if args.log_json {
         config.log_format = LogFormat::Json;

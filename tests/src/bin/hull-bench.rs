@@ -183,6 +183,7 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
         pids_max: 1024,
         volume_size: "8G",
         auto_checkpoints_keep: 10,
+        ..Limits::default()
     });
     let mut rows = Vec::new();
     block_on(async {

@@ -1,0 +1,381 @@
+//! TCP forwarding: for every port the inner listens on (and the config
+//! allows), hulld listens on the same port number on the outer address and
+//! relays each connection into the inner through a socket made inside the
+//! inner's namespace. Listeners outlive a bounce for the wait window, so a
+//! client that connects while the inner comes back waits instead of being
+//! refused.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ports::wait_listening;
+use crate::{Dialer, PortTable};
+
+/// Which inner ports may be exposed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFilter {
+    /// Inclusive ranges; empty means every port.
+    pub ranges: Vec<(u16, u16)>,
+}
+
+impl PortFilter {
+    pub fn allows(&self, port: u16) -> bool {
+        self.ranges.is_empty()
+            || self
+                .ranges
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&port))
+    }
+
+    /// Parses "8000-8999,3000,5432" (empty: everything).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || format!("{part:?} is not a port or a range like 8000-8999");
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (
+                    lo.trim().parse().map_err(|_| bad())?,
+                    hi.trim().parse().map_err(|_| bad())?,
+                ),
+                None => {
+                    let p: u16 = part.parse().map_err(|_| bad())?;
+                    (p, p)
+                }
+            };
+            if lo == 0 || lo > hi {
+                return Err(bad());
+            }
+            ranges.push((lo, hi));
+        }
+        Ok(PortFilter { ranges })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub outer_addr: IpAddr,
+    pub allow: PortFilter,
+    /// Ports hulld itself uses on the outer address (the HTTP listener):
+    /// never bound for forwarding, reached through HTTP ingress instead.
+    pub reserved: Vec<u16>,
+    /// Peer networks refused at accept (the inner's own subnet).
+    pub refuse_from: Vec<(IpAddr, u8)>,
+    /// How long a connection waits for the inner's port, and how long an
+    /// outer listener outlives its inner port.
+    pub wait: Duration,
+}
+
+/// What became of one inner port on the outer side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ForwardState {
+    /// hulld listens on `outer` and relays into the inner.
+    Forwarded { outer: SocketAddr },
+    /// The port is taken on the outer address; reach it through HTTP ingress.
+    Taken { outer: SocketAddr, error: String },
+    /// The config's allow list leaves it out.
+    NotAllowed,
+}
+
+struct Exposed {
+    state: ForwardState,
+    task: Option<JoinHandle<()>>,
+    /// Since when the inner no longer listens on it.
+    gone_since: Option<Instant>,
+}
+
+/// The set of outer listeners, kept in step with the port table.
+pub struct Forwarder {
+    exposed: Mutex<HashMap<u16, Exposed>>,
+}
+
+impl Forwarder {
+    pub fn start(
+        dialer: Dialer,
+        ports: watch::Receiver<PortTable>,
+        config: ForwardConfig,
+    ) -> Arc<Forwarder> {
+        let forwarder = Arc::new(Forwarder {
+            exposed: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(follow(forwarder.clone(), dialer, ports, Arc::new(config)));
+        forwarder
+    }
+
+    pub fn state(&self, port: u16) -> Option<ForwardState> {
+        let exposed = self.exposed.lock().unwrap_or_else(|e| e.into_inner());
+        exposed.get(&port).map(|e| e.state.clone())
+    }
+
+    /// Closes every outer listener (hulld going down).
+    pub fn close_all(&self) {
+        let mut exposed = self.exposed.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, e) in exposed.drain() {
+            if let Some(task) = e.task {
+                task.abort();
+            }
+        }
+    }
+}
+
+async fn follow(
+    forwarder: Arc<Forwarder>,
+    dialer: Dialer,
+    mut ports: watch::Receiver<PortTable>,
+    config: Arc<ForwardConfig>,
+) {
+    loop {
+        let listening: Vec<u16> = {
+            let table = ports.borrow_and_update();
+            let mut v: Vec<u16> = table.ports.iter().map(|p| p.port).collect();
+            v.dedup();
+            v
+        };
+        sync(&forwarder, &dialer, &ports, &config, &listening).await;
+        // Wake up for changes, and now and then to close lingering listeners.
+        match tokio::time::timeout(Duration::from_secs(1), ports.changed()).await {
+            Ok(Err(_)) => break,
+            _ => continue,
+        }
+    }
+    forwarder.close_all();
+}
+
+async fn sync(
+    forwarder: &Arc<Forwarder>,
+    dialer: &Dialer,
+    ports: &watch::Receiver<PortTable>,
+    config: &Arc<ForwardConfig>,
+    listening: &[u16],
+) {
+    let fresh: Vec<u16> = {
+        let mut exposed = forwarder.exposed.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        exposed.retain(|port, e| {
+            if listening.contains(port) {
+                e.gone_since = None;
+                return true;
+            }
+            let since = *e.gone_since.get_or_insert(now);
+            let keep = since.elapsed() < config.wait;
+            if !keep {
+                if let Some(task) = e.task.take() {
+                    task.abort();
+                }
+                tracing::debug!(port, "inner port gone; outer listener closed");
+            }
+            keep
+        });
+        listening
+            .iter()
+            .copied()
+            .filter(|p| !exposed.contains_key(p))
+            .collect()
+    };
+    for port in fresh {
+        let exposed = expose(port, dialer, ports, config).await;
+        forwarder
+            .exposed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port, exposed);
+    }
+}
+
+async fn expose(
+    port: u16,
+    dialer: &Dialer,
+    ports: &watch::Receiver<PortTable>,
+    config: &Arc<ForwardConfig>,
+) -> Exposed {
+    let outer = SocketAddr::new(config.outer_addr, port);
+    let state_only = |state| Exposed {
+        state,
+        task: None,
+        gone_since: None,
+    };
+    if !config.allow.allows(port) {
+        return state_only(ForwardState::NotAllowed);
+    }
+    if config.reserved.contains(&port) {
+        return state_only(ForwardState::Taken {
+            outer,
+            error: "hulld's HTTP ingress listens there".into(),
+        });
+    }
+    match TcpListener::bind(outer).await {
+        Ok(listener) => {
+            tracing::info!(port, %outer, "forwarding an inner port");
+            let task = tokio::spawn(accept_loop(
+                listener,
+                port,
+                dialer.clone(),
+                ports.clone(),
+                config.clone(),
+            ));
+            Exposed {
+                state: ForwardState::Forwarded { outer },
+                task: Some(task),
+                gone_since: None,
+            }
+        }
+        Err(e) => {
+            tracing::info!(port, %outer, error = %e, "inner port not forwarded: the outer port is taken");
+            state_only(ForwardState::Taken {
+                outer,
+                error: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Whether `ip` is inside `net/prefix`.
+pub fn in_network(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix.min(32))
+            };
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - prefix.min(128))
+            };
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V4(_)) => match ip.to_ipv4_mapped() {
+            Some(v4) => in_network(IpAddr::V4(v4), net, prefix),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+pub fn refused(peer: IpAddr, refuse_from: &[(IpAddr, u8)]) -> bool {
+    refuse_from
+        .iter()
+        .any(|(net, prefix)| in_network(peer, *net, *prefix))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    port: u16,
+    dialer: Dialer,
+    ports: watch::Receiver<PortTable>,
+    config: Arc<ForwardConfig>,
+) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(port, error = %e, "accept on a forwarded port failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if refused(peer.ip(), &config.refuse_from) {
+            tracing::debug!(port, %peer, "connection from the inner's own network refused");
+            continue;
+        }
+        let (dialer, ports, config) = (dialer.clone(), ports.clone(), config.clone());
+        tokio::spawn(async move {
+            if let Err(e) = relay(client, port, &dialer, ports, &config).await {
+                tracing::debug!(port, %peer, error = %e, "forwarded connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn relay(
+    mut client: TcpStream,
+    port: u16,
+    dialer: &Dialer,
+    mut ports: watch::Receiver<PortTable>,
+    config: &ForwardConfig,
+) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let mut upstream = connect(port, dialer, &mut ports, config.wait).await?;
+    // copy_bidirectional passes a half-close on: EOF from one side becomes
+    // shutdown(SHUT_WR) towards the other.
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// Connects to the inner's `port`, waiting (bounded) through a bounce.
+pub async fn connect(
+    port: u16,
+    dialer: &Dialer,
+    ports: &mut watch::Receiver<PortTable>,
+    wait: Duration,
+) -> io::Result<TcpStream> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(listening) = wait_listening(ports, port, left, false).await else {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("nothing listens on port {port} in the inner"),
+            ));
+        };
+        match dialer.connect(port, Some(listening.addr)).await {
+            Ok(stream) => return Ok(stream),
+            // The table lags the inner by a scan: the listener may have just
+            // gone (a bounce). Wait for the next scan and try again.
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(300), ports.changed()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_parses_ranges_and_lists() {
+        let f = PortFilter::parse("8000-8999, 3000").unwrap();
+        assert!(f.allows(8000) && f.allows(8999) && f.allows(3000));
+        assert!(!f.allows(7999) && !f.allows(9000) && !f.allows(3001));
+        assert!(PortFilter::parse("").unwrap().allows(1));
+        for bad in ["x", "9000-8000", "0", "1-70000"] {
+            assert!(PortFilter::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn networks_match_by_prefix() {
+        let net: IpAddr = "100.96.0.0".parse().unwrap();
+        assert!(in_network("100.96.0.2".parse().unwrap(), net, 30));
+        assert!(!in_network("100.96.0.4".parse().unwrap(), net, 30));
+        assert!(in_network("::ffff:100.96.0.2".parse().unwrap(), net, 30));
+        assert!(in_network(
+            "::1".parse().unwrap(),
+            "::1".parse().unwrap(),
+            128
+        ));
+        assert!(!in_network(
+            "127.0.0.1".parse().unwrap(),
+            "::1".parse().unwrap(),
+            128
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! The inner's network, owned by hulld in the root namespace.
+//!
+//! hulld creates the inner's network namespace once and keeps it across
+//! bounces and restores (as a pod sandbox does), so the veth, the NAT rules,
+//! the port table and every outer listener outlive any one inner. Sockets
+//! into the inner are created by a thread that lives in that namespace.
+//!
+//! * [`netns`]: the persistent namespace and the thread that makes sockets in it.
+//! * [`link`]: the veth pair, addresses and routes (rtnetlink).
+//! * [`nat`]: masquerade and forwarding rules (nftables).
+//! * [`ports`]: which TCP ports the inner listens on (sock_diag), and by whom.
+//! * [`forward`]: one outer listener per inner port, relaying connections.
+//! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
+
+pub mod forward;
+pub mod http;
+pub mod link;
+pub mod nat;
+pub mod netns;
+pub mod ports;
+pub mod portwatch;
+
+pub use netns::{Dialer, InnerNetns};
+pub use ports::{ListeningPort, PortTable};

@@ -1,0 +1,180 @@
+//! Egress for the inner: IPv4 forwarding and an nftables table of hulld's
+//! own (masquerade of the inner's subnet, forwarding out but not in). The
+//! table is replaced as a whole in one `nft -f` transaction, so a crashed
+//! hulld's leftovers are overwritten, never duplicated.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::link::VethPlan;
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    #[error("nft is not installed, so the inner gets no egress: install nftables (apt-get install nftables) or set network = \"none\"")]
+    NftMissing,
+    #[error("cannot run nft: {0}")]
+    Spawn(std::io::Error),
+    #[error("nft refused the rules for table {table}: {stderr}")]
+    Rules { table: String, stderr: String },
+    #[error("cannot enable IPv4 forwarding through {path}: {source}")]
+    Forwarding {
+        path: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// hulld's nftables table for one inner.
+#[derive(Debug, Clone)]
+pub struct NatTable {
+    pub name: String,
+}
+
+impl NatTable {
+    pub fn new(name: &str) -> Self {
+        NatTable {
+            name: name.to_string(),
+        }
+    }
+
+    /// The ruleset: the inner's subnet is masqueraded on the way out of any
+    /// interface but its own; connections into the inner's veth are only
+    /// replies (the way in is the ingress).
+    pub fn ruleset(&self, plan: &VethPlan) -> String {
+        let (table, subnet, veth) = (&self.name, plan.subnet(), &plan.host_if);
+        format!(
+            "table ip {table} {{}}\n\
+             delete table ip {table}\n\
+             table ip {table} {{\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr {subnet} oifname != \"{veth}\" masquerade\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{veth}\" accept\n\
+             \t\toifname \"{veth}\" ct state established,related accept\n\
+             \t\toifname \"{veth}\" drop\n\
+             \t}}\n\
+             }}\n"
+        )
+    }
+
+    pub fn install(&self, plan: &VethPlan) -> Result<(), NatError> {
+        run_nft(&self.name, &self.ruleset(plan))
+    }
+
+    /// Removes the table; a table that is not there is not an error.
+    pub fn remove(&self) -> Result<(), NatError> {
+        let table = &self.name;
+        run_nft(
+            table,
+            &format!("table ip {table} {{}}\ndelete table ip {table}\n"),
+        )
+    }
+}
+
+fn run_nft(table: &str, script: &str) -> Result<(), NatError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => NatError::NftMissing,
+            _ => NatError::Spawn(e),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(NatError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NatError::Spawn)?;
+    if !out.status.success() {
+        return Err(NatError::Rules {
+            table: table.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Turns IPv4 forwarding on if it is off; returns whether it changed.
+pub fn enable_forwarding() -> Result<bool, NatError> {
+    let err = |source| NatError::Forwarding {
+        path: IP_FORWARD,
+        source,
+    };
+    let now = std::fs::read_to_string(Path::new(IP_FORWARD)).map_err(err)?;
+    if now.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(IP_FORWARD, "1").map_err(err)?;
+    Ok(true)
+}
+
+/// The resolv.conf for the inner: the configured servers, else the host's
+/// servers that the inner can reach (not the host's loopback, which inside
+/// the inner is the inner's own).
+pub fn resolv_conf(host: &str, configured: &[String]) -> (String, Vec<String>) {
+    let mut servers: Vec<String> = configured.to_vec();
+    let mut search = Vec::new();
+    if servers.is_empty() {
+        for line in host.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    if let Some(ip) = words
+                        .next()
+                        .and_then(|w| w.parse::<std::net::IpAddr>().ok())
+                    {
+                        if !ip.is_loopback() {
+                            servers.push(ip.to_string());
+                        }
+                    }
+                }
+                Some("search") => search.extend(words.map(str::to_string)),
+                _ => {}
+            }
+        }
+    }
+    let mut text = String::from("# Written by hulld at every start of the inner.\n");
+    if !search.is_empty() {
+        text.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    for s in &servers {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    (text, servers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_drops_loopback_servers() {
+        let host =
+            "nameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch corp.example\noptions edns0\n";
+        let (text, servers) = resolv_conf(host, &[]);
+        assert_eq!(servers, vec!["10.1.2.3"]);
+        assert!(text.contains("nameserver 10.1.2.3\n"));
+        assert!(text.contains("search corp.example\n"));
+        assert!(!text.contains("127.0.0.53"));
+        let (text, servers) = resolv_conf(host, &["9.9.9.9".into()]);
+        assert_eq!(servers, vec!["9.9.9.9"]);
+        assert!(!text.contains("10.1.2.3"));
+    }
+
+    #[test]
+    fn ruleset_masquerades_the_subnet_and_replaces_the_table() {
+        let plan = VethPlan::new("100.96.0.0/30", "hv1").unwrap();
+        let rules = NatTable::new("hull_t").ruleset(&plan);
+        assert!(rules.starts_with("table ip hull_t {}\ndelete table ip hull_t\n"));
+        assert!(rules.contains("ip saddr 100.96.0.0/30 oifname != \"hv1\" masquerade"));
+        assert!(rules.contains("oifname \"hv1\" drop"));
+    }
+}

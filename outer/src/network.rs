@@ -1,0 +1,352 @@
+//! hulld's side of the inner's network: creates the persistent namespace
+//! (with its veth and NAT when the mode is "nat"), the port table, the TCP
+//! forwarder and the HTTP ingress, and answers `hull ports`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder};
+use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
+use hull_ingress::link::{self, LinkError, VethPlan};
+use hull_ingress::nat::{self, NatError, NatTable};
+use hull_ingress::netns::NetnsError;
+use hull_ingress::ports::{socket_owners, ListenScanner};
+use hull_ingress::{Dialer, InnerNetns, PortTable};
+use hull_proto::{IngressReport, PortInfo, PortsReport};
+use tokio::sync::watch;
+
+use crate::config::{Config, NetworkConfig, NetworkMode};
+
+/// How often the inner's listening sockets are scanned.
+const SCAN_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("inner network: {0}")]
+    Link(#[from] LinkError),
+    #[error("inner egress: {0}")]
+    Nat(#[from] NatError),
+    #[error("cannot open a sock_diag socket in the inner's namespace: {0}")]
+    Scanner(std::io::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+pub struct Network {
+    pub mode: NetworkMode,
+    pub netns: Arc<InnerNetns>,
+    pub plan: Option<VethPlan>,
+    nat: Option<NatTable>,
+    pub ports: watch::Receiver<PortTable>,
+    forwarder: Arc<Forwarder>,
+    /// Where the HTTP ingress listens, if it does.
+    pub http: Option<SocketAddr>,
+    token: Arc<str>,
+    config: NetworkConfig,
+    pub resolv_conf: Option<PathBuf>,
+    routes: watch::Sender<Vec<HttpRoute>>,
+}
+
+impl Network {
+    /// Sets everything up; `running` says whether an inner is up.
+    pub async fn start(
+        config: &Config,
+        running: watch::Receiver<bool>,
+    ) -> Result<Network, NetworkError> {
+        let net = config.network.clone();
+        let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
+        link::loopback_up(&netns).await?;
+        let (plan, nat_table, resolv_conf) = match net.mode {
+            NetworkMode::None => (None, None, None),
+            NetworkMode::Nat => {
+                let plan = net.veth_plan(&config.cgroup_name)?;
+                let (nat_table, resolv) = egress(config, &netns, &plan).await?;
+                (Some(plan), Some(nat_table), Some(resolv))
+            }
+        };
+        let scanner = netns
+            .run(ListenScanner::new)
+            .await?
+            .map_err(NetworkError::Scanner)?;
+        let ports = hull_ingress::portwatch::watch_ports(scanner, running, SCAN_INTERVAL);
+        let token = load_or_create_token(&config.state_dir.join("ingress.token"))?;
+        let outer = net.outer_ip()?;
+        let refuse_from: Vec<(IpAddr, u8)> = plan
+            .iter()
+            .map(|p| (IpAddr::V4(p.network), p.prefix))
+            .collect();
+        let wait = Duration::from_secs(net.wait_secs);
+        let dialer = Dialer::new(netns.clone());
+        let http = match net.http_port {
+            0 => None,
+            port => Some(SocketAddr::new(outer, port)),
+        };
+        let forwarder = Forwarder::start(
+            dialer.clone(),
+            ports.clone(),
+            ForwardConfig {
+                outer_addr: outer,
+                allow: net.port_filter()?,
+                reserved: http.iter().map(|a| a.port()).collect(),
+                refuse_from: refuse_from.clone(),
+                wait,
+            },
+        );
+        let (routes, routes_rx) = watch::channel(Vec::new());
+        let http = match http {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let ingress = Arc::new(HttpIngress {
+                        dialer,
+                        ports: ports.clone(),
+                        routes: routes_rx,
+                        config: HttpIngressConfig {
+                            wait,
+                            token: Some(token.clone()),
+                            private_ports: net.private_ports.clone(),
+                            private_all: net.private_all,
+                            refuse_from,
+                        },
+                    });
+                    tokio::spawn(ingress.serve(listener));
+                    Some(addr)
+                }
+                Err(e) => {
+                    // Forwarded ports still work; hulld is more use up
+                    // than down because another program holds the port.
+                    tracing::error!(%addr, error = %e, "HTTP ingress is off: cannot listen");
+                    None
+                }
+            },
+        };
+        tracing::info!(
+            mode = net.mode.name(),
+            inner_address = ?plan.as_ref().map(|p| p.inner_ip),
+            http = ?http,
+            "inner network ready"
+        );
+        Ok(Network {
+            mode: net.mode,
+            netns,
+            plan,
+            nat: nat_table,
+            ports,
+            forwarder,
+            http,
+            token,
+            config: net,
+            resolv_conf,
+            routes,
+        })
+    }
+
+    /// The services that declared an HTTP port, for HTTP ingress routing.
+    pub fn set_routes(&self, specs: &[hull_proto::ServiceSpec]) {
+        let mut routes: Vec<HttpRoute> = specs
+            .iter()
+            .filter_map(|s| {
+                s.http_port.map(|port| HttpRoute {
+                    service: s.name.clone(),
+                    port,
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a.service.cmp(&b.service));
+        self.routes.send_if_modified(|now| {
+            let changed = *now != routes;
+            *now = routes;
+            changed
+        });
+    }
+
+    fn is_private(&self, port: u16) -> bool {
+        self.config.private_all || self.config.private_ports.contains(&port)
+    }
+
+    /// `hull ports`: what listens in the inner, who owns it, how it is exposed.
+    pub fn report(&self, inner_pids: &[i32]) -> PortsReport {
+        let table = self.ports.borrow().clone();
+        let owners = socket_owners(inner_pids);
+        let ports = table
+            .ports
+            .iter()
+            .map(|p| {
+                let owner = owners.get(&p.inode);
+                let (exposure, outer, detail) = match self.forwarder.state(p.port) {
+                    Some(ForwardState::Forwarded { outer }) => {
+                        ("forwarded", Some(outer.to_string()), None)
+                    }
+                    Some(ForwardState::Taken { outer, error }) => {
+                        ("taken", Some(outer.to_string()), Some(error))
+                    }
+                    Some(ForwardState::NotAllowed) => ("not-allowed", None, None),
+                    None => ("pending", None, None),
+                };
+                PortInfo {
+                    port: p.port,
+                    address: p.addr.to_string(),
+                    pid: owner.map(|o| o.pid),
+                    command: owner.map(|o| o.command.clone()),
+                    exposure: exposure.to_string(),
+                    outer,
+                    detail,
+                    http_url: self.http.map(|a| http_url(a, p.port)),
+                    private: self.is_private(p.port),
+                }
+            })
+            .collect();
+        PortsReport {
+            network: self.mode.name().to_string(),
+            ports,
+        }
+    }
+
+    pub fn ingress_report(&self) -> IngressReport {
+        IngressReport {
+            http: self.http.map(|a| a.to_string()),
+            token: self.token.to_string(),
+            private_ports: self.config.private_ports.clone(),
+            private_all: self.config.private_all,
+            inner_address: self.plan.as_ref().map(|p| p.inner_ip.to_string()),
+            gateway: self.plan.as_ref().map(|p| p.host_ip.to_string()),
+        }
+    }
+
+    /// Undoes what lives outside the namespace: the NAT table and the veth.
+    pub async fn shutdown(&self) {
+        self.forwarder.close_all();
+        if let Some(nat) = &self.nat {
+            if let Err(e) = tokio::task::block_in_place(|| nat.remove()) {
+                tracing::warn!(error = %e, "removing hulld's nftables table failed");
+            }
+        }
+        if let Some(plan) = &self.plan {
+            if let Err(e) = link::remove_veth(&plan.host_if).await {
+                tracing::warn!(error = %e, "removing the inner's veth failed");
+            }
+        }
+    }
+}
+
+/// The URL of an inner port through HTTP ingress: `PORT.localhost` resolves
+/// to loopback everywhere, and the Host header picks the port.
+fn http_url(http: SocketAddr, port: u16) -> String {
+    let host = match http.ip() {
+        ip if ip.is_loopback() || ip.is_unspecified() => "localhost".to_string(),
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!("http://{port}.{host}:{}/", http.port())
+}
+
+/// The veth, forwarding, NAT and resolv.conf of the "nat" mode.
+async fn egress(
+    config: &Config,
+    netns: &InnerNetns,
+    plan: &VethPlan,
+) -> Result<(NatTable, PathBuf), NetworkError> {
+    link::create_veth(netns, plan).await?;
+    if tokio::task::block_in_place(nat::enable_forwarding)? {
+        tracing::info!("IPv4 forwarding was off; turned it on for the inner's egress");
+    }
+    let table = NatTable::new(&format!("hull_{}", plan.host_if));
+    tokio::task::block_in_place(|| table.install(plan))?;
+    let host_resolv = Path::new("/etc/resolv.conf");
+    let host_text = std::fs::read_to_string(host_resolv).unwrap_or_default();
+    let (text, servers) = nat::resolv_conf(&host_text, &config.network.dns);
+    if servers.is_empty() {
+        tracing::warn!(
+            "no name server the inner can reach (the host's are loopback or none); set network.dns"
+        );
+    }
+    let path = config.state_dir.join("resolv.conf");
+    write_world_readable(&path, text.as_bytes())?;
+    Ok((table, path))
+}
+
+fn write_world_readable(path: &Path, data: &[u8]) -> Result<(), NetworkError> {
+    let err = |source| NetworkError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::write(path, data).map_err(err)?;
+    // hulld's umask is 077; users of the inner other than root read it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(err)
+}
+
+/// The bearer token of private URLs: made at first start, kept 0600.
+fn load_or_create_token(path: &Path) -> Result<Arc<str>, NetworkError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().len() >= 32 => return Ok(Arc::from(text.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(NetworkError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let err = |source| NetworkError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(err)?;
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(token.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(Arc::from(token.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_the_port_in_the_host() {
+        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(http_url(a, 8000), "http://8000.localhost:8080/");
+        let b: SocketAddr = "10.0.0.5:80".parse().unwrap();
+        assert_eq!(http_url(b, 3000), "http://3000.10.0.0.5:80/");
+    }
+
+    #[test]
+    fn the_token_is_made_once_and_kept_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingress.token");
+        let first = load_or_create_token(&path).unwrap();
+        assert_eq!(first.len(), 64);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_or_create_token(&path).unwrap(), first);
+    }
+}

@@ -1,0 +1,440 @@
+//! Ingress end to end: ports bound in the inner are listed, forwarded on the
+//! test's own loopback address and reachable through HTTP ingress; big
+//! transfers, an Upgrade, a bounce in the middle of a request, private
+//! URLs, and egress through the veth. Only loopback and the namespaces
+//! hulld made for the test carry traffic.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hull_proto::RestartPolicy;
+use hull_tests::{block_on, require_root, wait_until, Limits, TestHull};
+use sha2::{Digest, Sha256};
+
+/// A raw HTTP/1.1 exchange (Connection: close); returns status, head, body.
+fn http(addr: SocketAddr, host: &str, request_tail: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!("{request_tail}Host: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .unwrap_or_else(|e| panic!("read from {addr}: {e}"));
+    split_response(&out)
+}
+
+fn split_response(out: &[u8]) -> (u16, String, Vec<u8>) {
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(out)));
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, head, out[end + 4..].to_vec())
+}
+
+fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String, Vec<u8>) {
+    http(addr, host, &format!("GET {path} HTTP/1.1\r\n"), b"")
+}
+
+fn ports_json(hull: &TestHull) -> serde_json::Value {
+    let out = hull.hull(&["ports", "--json"]);
+    assert!(
+        out.status.success(),
+        "hull ports: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn listed(hull: &TestHull, port: u16) -> Option<serde_json::Value> {
+    ports_json(hull)["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == port)
+        .cloned()
+}
+
+fn wait_listed(hull: &TestHull, port: u16) -> serde_json::Value {
+    let mut found = None;
+    wait_until(
+        Duration::from_secs(10),
+        &format!("port {port} listed"),
+        || {
+            found = listed(hull, port).filter(|p| p["exposure"] != "pending");
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+fn ingress(hull: &TestHull) -> SocketAddr {
+    SocketAddr::from((hull.outer, hull.http_port))
+}
+
+fn web_root(hull: &TestHull, dir: &str, text: &str) {
+    block_on(hull.sh(&format!("mkdir -p {dir} && echo {text} > {dir}/index.html")));
+}
+
+#[test]
+fn wildcard_and_loopback_servers_are_listed_forwarded_and_routed() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    web_root(&hull, "/www-any", "hello-any");
+    web_root(&hull, "/www-lo", "hello-lo");
+    hull.add_service(
+        "any",
+        "exec httpd -f -p 0.0.0.0:8000 -h /www-any",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    hull.add_service(
+        "lo",
+        "exec httpd -f -p 127.0.0.1:8001 -h /www-lo",
+        &[],
+        Some(8001),
+        RestartPolicy::Always,
+    );
+
+    let any = wait_listed(&hull, 8000);
+    let lo = wait_listed(&hull, 8001);
+    assert_eq!(any["address"], "0.0.0.0");
+    assert_eq!(lo["address"], "127.0.0.1");
+    for p in [&any, &lo] {
+        assert_eq!(p["command"], "httpd", "{p}");
+        assert!(p["pid"].as_i64().unwrap() > 1, "{p}");
+        assert_eq!(p["exposure"], "forwarded", "{p}");
+    }
+    assert_eq!(any["outer"], format!("{}:8000", hull.outer));
+
+    // TCP forwarding, on the same port numbers of the test's address.
+    let (status, _, body) = get(SocketAddr::from((hull.outer, 8000)), "x", "/");
+    assert_eq!((status, body), (200, b"hello-any\n".to_vec()));
+    let (status, _, body) = get(SocketAddr::from((hull.outer, 8001)), "x", "/");
+    assert_eq!((status, body), (200, b"hello-lo\n".to_vec()));
+
+    // HTTP ingress: by Host, and by the service that declared --http-port.
+    let (status, _, body) = get(ingress(&hull), "8000.localhost", "/");
+    assert_eq!((status, body), (200, b"hello-any\n".to_vec()));
+    let (status, _, body) = get(ingress(&hull), "hull.example", "/");
+    assert_eq!((status, body), (200, b"hello-lo\n".to_vec()));
+
+    // Nothing on 8009: a 502 that names the port.
+    let (status, _, body) = get(ingress(&hull), "8009.localhost", "/");
+    assert_eq!(status, 502);
+    assert!(String::from_utf8_lossy(&body).contains("8009"), "{body:?}");
+
+    // The human table shows both.
+    let table = String::from_utf8(hull.hull(&["ports"]).stdout).unwrap();
+    assert!(table.contains("8000") && table.contains("8001"), "{table}");
+
+    // Stopping one removes it from the list.
+    let stop = hull.hull(&["services", "stop", "any"]);
+    assert!(stop.status.success());
+    let stopped = Instant::now();
+    wait_until(Duration::from_secs(5), "port 8000 gone", || {
+        listed(&hull, 8000).is_none()
+    });
+    eprintln!(
+        "port 8000 left the list {:?} after the stop returned",
+        stopped.elapsed()
+    );
+    assert!(listed(&hull, 8001).is_some());
+}
+
+#[test]
+fn a_hundred_megabytes_go_up_and_down_through_ingress_intact() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        memory_max: "512M",
+        ..Limits::default()
+    });
+    let sum = block_on(hull.sh(
+        "mkdir -p /big/cgi-bin && dd if=/dev/urandom of=/big/blob bs=1M count=100 2>/dev/null && \
+         printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\nhead -c $CONTENT_LENGTH | sha256sum\\n' > /big/cgi-bin/sum && \
+         chmod +x /big/cgi-bin/sum && sha256sum /big/blob",
+    ));
+    let want = sum.split_whitespace().next().unwrap().to_string();
+    hull.add_service(
+        "big",
+        "exec httpd -f -p 8100 -h /big",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    wait_listed(&hull, 8100);
+
+    let (status, _, body) = get(ingress(&hull), "8100.localhost", "/blob");
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 100 << 20);
+    assert_eq!(format!("{:x}", Sha256::digest(&body)), want);
+
+    let upload: Vec<u8> = (0..100u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let (status, _, body) = http(
+        ingress(&hull),
+        "8100.localhost",
+        &format!(
+            "POST /cgi-bin/sum HTTP/1.1\r\nContent-Length: {}\r\n",
+            upload.len()
+        ),
+        &upload,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let got = String::from_utf8_lossy(&body);
+    assert!(
+        got.contains(&format!("{:x}", Sha256::digest(&upload))),
+        "the inner saw a different upload: {got}"
+    );
+}
+
+/// The server is a shell script behind busybox nc: it answers the
+/// handshake (with the real Sec-WebSocket-Accept) and then echoes bytes.
+#[test]
+fn a_websocket_upgrade_echoes_through_http_ingress() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(hull.sh(
+        "cat > /ws.sh <<'EOF'\n#!/bin/sh\nkey=\nwhile IFS= read -r line; do\n  line=$(printf '%s' \"$line\" | tr -d '\\r')\n  [ -z \"$line\" ] && break\n  case \"$line\" in Sec-WebSocket-Key:*|sec-websocket-key:*) key=${line#*: };; esac\ndone\naccept=$(printf '%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11' \"$key\" | sha1sum | cut -d' ' -f1 | xxd -r -p | base64)\nprintf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\nSec-WebSocket-Accept: %s\\r\\n\\r\\n' \"$accept\"\nexec cat\nEOF\nchmod +x /ws.sh",
+    ));
+    hull.add_service(
+        "ws",
+        "exec nc -ll -p 8200 -e /ws.sh",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    wait_listed(&hull, 8200);
+
+    let mut s = TcpStream::connect(ingress(&hull)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: 8200.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut byte).unwrap(),
+            1,
+            "EOF in the 101 head: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // RFC 6455's own example key and accept value.
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    // A masked text frame "hello ws", then raw bytes both ways.
+    let frame = [
+        0x81u8,
+        0x88,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'e' ^ 2,
+        b'l' ^ 3,
+        b'l' ^ 4,
+        b'o' ^ 1,
+        b' ' ^ 2,
+        b'w' ^ 3,
+        b's' ^ 4,
+    ];
+    s.write_all(&frame).unwrap();
+    let mut echo = [0u8; 14];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, frame);
+}
+
+#[test]
+fn a_request_sent_during_a_bounce_is_answered_afterwards() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    web_root(&hull, "/www", "still-here");
+    hull.add_service(
+        "web",
+        "exec httpd -f -p 8300 -h /www",
+        &[],
+        Some(8300),
+        RestartPolicy::Always,
+    );
+    wait_listed(&hull, 8300);
+    for round in 0..3 {
+        let bounce = std::thread::spawn({
+            let config = hull.config.clone();
+            move || {
+                std::process::Command::new(hull_tests::bin_dir().join("hull"))
+                    .arg("--config")
+                    .arg(config)
+                    .arg("bounce")
+                    .output()
+                    .unwrap()
+            }
+        });
+        // Let the bounce begin: the old inner is going or gone.
+        std::thread::sleep(Duration::from_millis(2 + round * 3));
+        let (status, _, body) = get(ingress(&hull), "8300.localhost", "/");
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).to_string()),
+            (200, "still-here\n".to_string()),
+            "round {round}"
+        );
+        assert!(bounce.join().unwrap().status.success());
+        // Plain TCP cannot replay bytes a dying server swallowed, so the
+        // forwarded port is checked once the bounce is over: its outer
+        // listener outlived the inner's and a new connection gets through.
+        let (status, _, body) = get(SocketAddr::from((hull.outer, 8300)), "x", "/");
+        assert_eq!(
+            (status, body),
+            (200, b"still-here\n".to_vec()),
+            "forwarded, round {round}"
+        );
+    }
+}
+
+#[test]
+fn private_ports_need_the_bearer_token() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        network_extra: "private_ports = [8400]".into(),
+        ..Limits::default()
+    });
+    web_root(&hull, "/p", "secret");
+    web_root(&hull, "/q", "public");
+    hull.add_service(
+        "p",
+        "exec httpd -f -p 8400 -h /p",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    hull.add_service(
+        "q",
+        "exec httpd -f -p 8401 -h /q",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    wait_listed(&hull, 8400);
+    wait_listed(&hull, 8401);
+    let out = hull.hull(&["ingress", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = report["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 64);
+    let mode = std::fs::metadata(hull.state_dir.join("ingress.token")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let req = |auth: Option<&str>| {
+        let extra = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        http(
+            ingress(&hull),
+            "8400.localhost",
+            &format!("GET / HTTP/1.1\r\n{extra}"),
+            b"",
+        )
+    };
+    assert_eq!(req(None).0, 401);
+    assert_eq!(req(Some("Bearer nope")).0, 401);
+    let mut wrong = token.clone().into_bytes();
+    wrong[10] = if wrong[10] == b'a' { b'b' } else { b'a' };
+    assert_eq!(
+        req(Some(&format!(
+            "Bearer {}",
+            String::from_utf8(wrong).unwrap()
+        )))
+        .0,
+        401
+    );
+    let (status, _, body) = req(Some(&format!("Bearer {token}")));
+    assert_eq!((status, body), (200, b"secret\n".to_vec()));
+    // Not private: no token needed.
+    let (status, _, body) = get(ingress(&hull), "8401.localhost", "/");
+    assert_eq!((status, body), (200, b"public\n".to_vec()));
+    assert_eq!(listed(&hull, 8400).unwrap()["private"], true);
+}
+
+#[test]
+fn the_inner_reaches_a_server_through_its_veth_but_not_hulld() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        ..Limits::default()
+    });
+    let out = hull.hull(&["ingress", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gateway = report["gateway"]
+        .as_str()
+        .expect("a gateway in nat mode")
+        .to_string();
+    let inner = report["inner_address"].as_str().unwrap().to_string();
+
+    // A server in the root namespace, on the gateway address (the veth
+    // hulld made for this test), answering one line.
+    let server = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let serve = std::thread::spawn(move || {
+        let (mut conn, peer) = server.accept().unwrap();
+        let mut line = [0u8; 5];
+        conn.read_exact(&mut line).unwrap();
+        conn.write_all(b"pong\n").unwrap();
+        (peer, line)
+    });
+    let got = block_on(hull.sh(&format!("echo ping | nc -w 5 {gateway} {port}")));
+    assert_eq!(got, "pong\n");
+    let (peer, line) = serve.join().unwrap();
+    assert_eq!(&line, b"ping\n");
+    assert_eq!(peer.ip().to_string(), inner);
+
+    // The inner's resolv.conf is hulld's.
+    let resolv = block_on(hull.sh("cat /etc/resolv.conf"));
+    assert!(resolv.contains("Written by hulld"), "{resolv}");
+
+    // hulld's listeners: its HTTP ingress on the outer address is the
+    // inner's own loopback from inside, and via the gateway nothing
+    // listens; the control socket is not in the inner's mount namespace.
+    let socket = hull.socket.display().to_string();
+    let probe = block_on(hull.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "nc -w 2 {outer} {http} </dev/null; echo a=$?; nc -w 2 {gateway} {http} </dev/null; echo b=$?; test -e {socket}; echo c=$?",
+            outer = hull.outer,
+            http = hull.http_port,
+        ),
+    ]));
+    let text = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        text.contains("a=1") && text.contains("b=1") && text.contains("c=1"),
+        "{text}"
+    );
+}
