@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 use crate::ports::wait_listening;
 use crate::{Dialer, PortTable};
 
+/// Per-direction relay buffer of a forwarded connection.
+const RELAY_BUF: usize = 64 * 1024;
+
 /// Which inner ports may be exposed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortFilter {
@@ -310,8 +313,10 @@ async fn relay(
     client.set_nodelay(true)?;
     let mut upstream = connect(port, dialer, &mut ports, config.wait).await?;
     // copy_bidirectional passes a half-close on: EOF from one side becomes
-    // shutdown(SHUT_WR) towards the other.
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    // shutdown(SHUT_WR) towards the other. Its default 8 KiB buffers cost a
+    // third of the throughput of a direct connection on big transfers.
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF)
+        .await?;
     Ok(())
 }
 

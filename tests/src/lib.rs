@@ -216,7 +216,12 @@ impl TestHull {
         let mut cmd = Command::new(bin_dir().join("hulld"));
         cmd.arg("--config")
             .arg(&self.config)
-            .env("HULL_LOG", "debug")
+            // Tests want every detail in the log they print on failure; the
+            // bench sets HULL_LOG=info to measure what a user runs.
+            .env(
+                "HULL_LOG",
+                std::env::var("HULL_LOG").unwrap_or_else(|_| "debug".to_owned()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

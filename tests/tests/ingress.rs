@@ -438,3 +438,83 @@ fn the_inner_reaches_a_server_through_its_veth_but_not_hulld() {
         "{text}"
     );
 }
+
+/// The inner listens on the HTTP ingress port itself: that port cannot be
+/// forwarded, `hull ports` says so, and HTTP ingress still reaches it.
+#[test]
+fn a_port_taken_on_the_outer_side_is_reached_through_http_ingress() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    web_root(&hull, "/t", "via-http");
+    let port = hull.http_port;
+    hull.add_service(
+        "t",
+        &format!("exec httpd -f -p {port} -h /t"),
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    let entry = wait_listed(&hull, port);
+    assert_eq!(entry["exposure"], "taken", "{entry}");
+    let table = String::from_utf8(hull.hull(&["ports"]).stdout).unwrap();
+    assert!(
+        table.contains("taken") && table.contains("HTTP ingress"),
+        "{table}"
+    );
+    let (status, _, body) = get(ingress(&hull), &format!("{port}.localhost"), "/");
+    assert_eq!((status, body), (200, b"via-http\n".to_vec()));
+}
+
+/// Many connections at once through one forwarded port, each with its own
+/// request and answer.
+#[test]
+fn hundreds_of_concurrent_forwarded_connections_each_get_their_answer() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        pids_max: 2048,
+        ..Limits::default()
+    });
+    block_on(hull.sh("mkdir -p /c && for i in $(seq 0 9); do echo file-$i > /c/f$i; done"));
+    hull.add_service(
+        "c",
+        "exec httpd -f -p 8500 -h /c",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    wait_listed(&hull, 8500);
+    let addr = SocketAddr::from((hull.outer, 8500));
+    // Open them all first, so they are concurrent, then ask on each.
+    let conns: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let req = format!(
+                    "GET /f{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    i % 10
+                );
+                s.write_all(req.as_bytes()).unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).unwrap();
+                let (status, _, body) = split_response(&out);
+                assert_eq!(
+                    (status, body),
+                    (200, format!("file-{}\n", i % 10).into_bytes()),
+                    "connection {i}"
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}

@@ -6,6 +6,9 @@
 //!     sudo ./target/release/hull-bench --checkpoints   # the storage stack
 //!     sudo ./target/release/hull-bench --services      # service replay
 //!     sudo ./target/release/hull-bench --logs          # log capture throughput
+//!     sudo ./target/release/hull-bench --ingress       # forwarding and HTTP ingress vs a direct connection
+//!
+//! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -400,6 +403,399 @@ fn print_rows(rows: &[Row]) {
     print_table(&rows.iter().collect::<Vec<_>>());
 }
 
+/// One GET on a new connection; returns the time to the last byte and the
+/// body length.
+fn timed_get(addr: std::net::SocketAddr, host: &str, path: &str) -> Result<(f64, usize)> {
+    use std::io::{Read, Write};
+    let begin = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let elapsed = ms(begin.elapsed());
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP head")?;
+    if !out.starts_with(b"HTTP/1.1 200") && !out.starts_with(b"HTTP/1.0 200") {
+        bail!(
+            "{addr} {host}{path}: {}",
+            String::from_utf8_lossy(&out[..head_end])
+        );
+    }
+    Ok((elapsed, out.len() - head_end - 4))
+}
+
+/// Small requests and a 256 MiB download through the three ways in: a
+/// direct connection to the inner's veth address (the anchor), TCP
+/// forwarding, and HTTP ingress.
+fn bench_ingress(rounds: usize) -> Result<()> {
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        memory_max: "1G",
+        ..Limits::default()
+    });
+    block_on(hull.sh(
+        "mkdir -p /b && head -c 1024 /dev/zero > /b/small && dd if=/dev/zero of=/b/big bs=1M count=256 2>/dev/null",
+    ));
+    hull.add_service(
+        "b",
+        "exec httpd -f -p 8600 -h /b",
+        &[],
+        None,
+        hull_proto::RestartPolicy::Always,
+    );
+    let out = hull.hull(&["ingress", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let inner: std::net::IpAddr = report["inner_address"]
+        .as_str()
+        .context("no inner address")?
+        .parse()?;
+    let direct = std::net::SocketAddr::new(inner, 8600);
+    let forwarded = std::net::SocketAddr::from((hull.outer, 8600));
+    let http = std::net::SocketAddr::from((hull.outer, hull.http_port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while timed_get(forwarded, "x", "/small").is_err() {
+        if Instant::now() > deadline {
+            bail!("port 8600 not forwarded; log:\n{}", hull.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ways: [(&'static str, &'static str, std::net::SocketAddr, &str); 3] = [
+        (
+            "anchor: direct to the inner's address",
+            "anchor: 256 MiB direct",
+            direct,
+            "x",
+        ),
+        (
+            "TCP forwarding",
+            "256 MiB through TCP forwarding",
+            forwarded,
+            "x",
+        ),
+        (
+            "HTTP ingress",
+            "256 MiB through HTTP ingress",
+            http,
+            "8600.localhost",
+        ),
+    ];
+    let mut rows = Vec::new();
+    let mut rates = Vec::new();
+    for (name, big_name, addr, host) in ways {
+        let mut samples = Vec::new();
+        for _ in 0..rounds * 4 {
+            samples.push(timed_get(addr, host, "/small")?.0);
+        }
+        rows.push(Row {
+            name: match name {
+                "TCP forwarding" => "GET 1 KiB, new connection, TCP forwarding",
+                "HTTP ingress" => "GET 1 KiB, new connection, HTTP ingress",
+                _ => "anchor: GET 1 KiB, new connection, direct",
+            },
+            samples,
+            unit: "ms",
+            target: "",
+        });
+        let mut big = Vec::new();
+        for _ in 0..3 {
+            let (t, len) = timed_get(addr, host, "/big")?;
+            if len != 256 << 20 {
+                bail!("{big_name}: got {len} bytes");
+            }
+            big.push(t);
+        }
+        big.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        rates.push((big_name, 256.0 / (big[1] / 1e3)));
+    }
+    print_rows(&rows);
+    println!();
+    let anchor = rows[0].p(0.5);
+    for row in &rows[1..] {
+        println!(
+            "ratio {} / direct (p50): {:.2}",
+            row.name,
+            row.p(0.5) / anchor
+        );
+    }
+    println!();
+    for (name, rate) in &rates {
+        println!("{name:<44} {rate:>8.0} MiB/s (median of 3)");
+    }
+    println!(
+        "ratio forwarding / direct throughput: {:.2}",
+        rates[1].1 / rates[0].1
+    );
+    println!(
+        "ratio HTTP ingress / direct throughput: {:.2}",
+        rates[2].1 / rates[0].1
+    );
+    let inner_pid = hull
+        .wait_running(Duration::from_secs(10))
+        .inner_pid
+        .context("the inner has no pid")?;
+    bench_keepalive(&hull, inner_pid, direct.ip())
+}
+
+/// The port of the keep-alive server the wrk rows measure.
+const KEEPALIVE_PORT: u16 = 8700;
+
+/// wrk against a keep-alive HTTP server in the inner's network namespace:
+/// direct, through HTTP ingress and through TCP forwarding with 64
+/// connections, then 1,000 connections held through TCP forwarding.
+fn bench_keepalive(hull: &TestHull, inner_pid: i32, inner: std::net::IpAddr) -> Result<()> {
+    raise_nofile();
+    let listener = listen_in_netns(inner_pid, KEEPALIVE_PORT)?;
+    let _server = KeepAliveServer::start(listener)?;
+    let forwarded = std::net::SocketAddr::from((hull.outer, KEEPALIVE_PORT));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&forwarded, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("port {KEEPALIVE_PORT} not forwarded; log:\n{}", hull.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = arg_usize("--wrk-secs", 5);
+    let host = format!("{KEEPALIVE_PORT}.localhost");
+    let hulld = hull.hulld_pid();
+    let direct_url = format!("http://{inner}:{KEEPALIVE_PORT}/");
+    let http_url = format!("http://{}:{}/", hull.outer, hull.http_port);
+    let fwd_url = format!("http://{forwarded}/");
+    for connections in [1, 64] {
+        let direct = wrk(&direct_url, None, connections, secs)?;
+        let cpu = cpu_ticks(hulld)?;
+        let http = wrk(&http_url, Some(&host), connections, secs)?;
+        let http_cpu = cpu_ticks(hulld)? - cpu;
+        let cpu = cpu_ticks(hulld)?;
+        let fwd = wrk(&fwd_url, None, connections, secs)?;
+        let fwd_cpu = cpu_ticks(hulld)? - cpu;
+        println!();
+        println!("wrk, {connections} keep-alive connection(s), {secs} s, 1 KiB responses:");
+        println!(
+            "{:<40} {:>9} {:>10} {:>10} {:>6} {:>14}",
+            "path", "req/s", "p50", "p99", "errors", "hulld CPU/req"
+        );
+        println!("{}", "-".repeat(94));
+        for (name, r, cpu) in [
+            ("anchor: direct to the inner's address", &direct, None),
+            ("HTTP ingress", &http, Some(http_cpu)),
+            ("TCP forwarding", &fwd, Some(fwd_cpu)),
+        ] {
+            let per_req = cpu
+                .map(|ticks| {
+                    format!(
+                        "{:.1} us",
+                        ticks as f64 * 1e6 / clock_ticks() / r.requests as f64
+                    )
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<40} {:>9.0} {:>7.3} ms {:>7.3} ms {:>6} {:>14}",
+                name, r.rps, r.p50_ms, r.p99_ms, r.errors, per_req
+            );
+        }
+        println!(
+            "ratio HTTP ingress / direct throughput: {:.2}  (target >= 0.8)",
+            http.rps / direct.rps
+        );
+        println!(
+            "HTTP ingress added p50 latency: {:.3} ms  (target <= 0.2 ms)",
+            http.p50_ms - direct.p50_ms
+        );
+        println!(
+            "ratio TCP forwarding / direct throughput: {:.2}",
+            fwd.rps / direct.rps
+        );
+    }
+    let held = wrk(&format!("http://{forwarded}/"), None, 1000, 10)?;
+    println!();
+    println!(
+        "1000 keep-alive connections through TCP forwarding, 10 s: {} requests, {} errors  (target 0 errors)",
+        held.requests, held.errors
+    );
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command, which may hold spaces, start at state (3).
+    let after = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// What one wrk run reports.
+struct WrkRun {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    /// Socket errors (connect, read, write, timeout) plus non-2xx answers.
+    errors: u64,
+}
+
+fn wrk(url: &str, host: Option<&str>, connections: usize, secs: usize) -> Result<WrkRun> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["--latency", "--timeout", "5s"])
+        .arg(format!("-t{}", connections.min(2)))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{secs}s"));
+    if let Some(host) = host {
+        cmd.args(["-H", &format!("Host: {host}")]);
+    }
+    let out = cmd
+        .arg(url)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk {url} failed: {text}");
+    }
+    parse_wrk(&text).with_context(|| format!("parse wrk's output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Result<WrkRun> {
+    let mut run = WrkRun {
+        rps: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        requests: 0,
+        errors: 0,
+    };
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", n] => run.rps = n.parse()?,
+            ["50%", t] => run.p50_ms = wrk_ms(t)?,
+            ["99%", t] => run.p99_ms = wrk_ms(t)?,
+            [n, "requests", "in", ..] => run.requests = n.parse()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => run.errors += n.parse::<u64>()?,
+            ["Socket", "errors:", rest @ ..] => {
+                for n in rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                {
+                    run.errors += n;
+                }
+            }
+            _ => {}
+        }
+    }
+    if run.rps.is_nan() || run.p50_ms.is_nan() {
+        bail!("no Requests/sec or 50% line");
+    }
+    Ok(run)
+}
+
+/// wrk's durations: 812.00us, 1.20ms, 2.01s.
+fn wrk_ms(t: &str) -> Result<f64> {
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .context("a duration without a unit")?;
+    let (n, unit) = t.split_at(split);
+    let n: f64 = n.parse()?;
+    Ok(match unit {
+        "us" => n / 1e3,
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        other => bail!("unknown unit {other}"),
+    })
+}
+
+/// 1,000 connections need more descriptors than the usual soft limit of
+/// 1024, here and in wrk, which inherits it.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// A listening socket made inside the inner's network namespace. busybox
+/// httpd closes every connection after one answer, so keep-alive is
+/// measured against a server of our own whose socket lives where a
+/// service's would: the forwarder and the ingress treat it like any other.
+fn listen_in_netns(inner_pid: i32, port: u16) -> Result<std::net::TcpListener> {
+    let ns = std::fs::File::open(format!("/proc/{inner_pid}/ns/net"))
+        .with_context(|| format!("open /proc/{inner_pid}/ns/net"))?;
+    // A thread of its own: setns moves only the calling thread, and this one
+    // ends right after, so no other work runs in the inner's namespace.
+    std::thread::spawn(move || -> Result<std::net::TcpListener> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("setns into the inner's network namespace")?;
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("bind 0.0.0.0:{port} in the inner"))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the setns thread panicked"))?
+}
+
+/// hyper serving a fixed 1 KiB body on its own runtime; dropped, it stops.
+struct KeepAliveServer {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KeepAliveServer {
+    fn start(listener: std::net::TcpListener) -> Result<KeepAliveServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            let body = bytes::Bytes::from(vec![b'x'; 1024]);
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(body),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(KeepAliveServer {
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for KeepAliveServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 fn print_table(rows: &[&Row]) {
     println!();
     println!(
@@ -425,10 +821,18 @@ fn main() -> Result<()> {
     if !require_root() {
         bail!("hull-bench needs root");
     }
+    // hulld's default level: debug logging of every request is not what a
+    // user runs.
+    if std::env::var_os("HULL_LOG").is_none() {
+        std::env::set_var("HULL_LOG", "info");
+    }
     let rounds = arg_usize("--rounds", 50);
     let execs = arg_usize("--execs", 300);
     if std::env::args().any(|a| a == "--logs") {
         return bench_logs(arg_usize("--lines", 2_000_000) as u64);
+    }
+    if std::env::args().any(|a| a == "--ingress") {
+        return bench_ingress(rounds);
     }
     if std::env::args().any(|a| a == "--services") {
         print_rows(&bench_services(rounds)?);
