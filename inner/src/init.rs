@@ -25,7 +25,9 @@ use crate::security;
 use crate::spec::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD};
 
 /// The environment every process in the inner starts from.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The image's usual directories, then the `hull` client hulld mounts.
+const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/run/hull/bin";
 
 /// Entry point of the forked child. Returns the init's exit code.
 pub fn run(spec: &InnerSpec) -> i32 {

@@ -10,7 +10,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chdir, pivot_root, sethostname};
 
-use crate::spec::InnerSpec;
+use crate::spec::{InnerSpec, INNER_API_BIN, INNER_API_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -96,6 +96,10 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     step("hostname", set_hostname(&spec.hostname))?;
     if let Some(resolv) = &spec.resolv_conf {
         step("resolv-conf", bind_resolv_conf(root, resolv))?;
+    }
+    step("run", mount_run(root))?;
+    if let Some(api) = &spec.api_dir {
+        step("api", bind_api(root, api))?;
     }
     step(
         "loopback",
@@ -324,6 +328,67 @@ fn bind_resolv_conf(root: &Path, source: &Path) -> Result<()> {
         target,
         source,
     })
+}
+
+/// /run is volatile, as on a booted system: whatever the image or an
+/// earlier inner left there is gone, and hull's own mount point under it
+/// is made without touching the user's layer.
+fn mount_run(root: &Path) -> Result<()> {
+    let run = root.join("run");
+    mount_fs(
+        "tmpfs",
+        &run,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=755,size=65536k"),
+    )?;
+    // Debian's tools expect it, as systemd-tmpfiles would make it.
+    ensure_dir(&run.join("lock"), 0o1777)
+}
+
+/// hulld's directory for the inner, read-only: the service socket (a
+/// socket can be connected to on a read-only mount) and the client.
+fn bind_api(root: &Path, source: &Path) -> Result<()> {
+    let target = root.join(INNER_API_DIR.trim_start_matches('/'));
+    ensure_dir(&target, 0o755)?;
+    let mount_err = |source| SetupError::Mount {
+        fstype: "bind",
+        target: target.clone(),
+        source,
+    };
+    mount(
+        Some(source),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(mount_err)?;
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(mount_err)?;
+    link_client(root)
+}
+
+/// A login shell resets PATH (Debian's /etc/profile does), so `hull` is
+/// also linked from /usr/local/bin when the image has that directory and
+/// nothing of the user's is called hull there.
+fn link_client(root: &Path) -> Result<()> {
+    let bin = root.join("usr/local/bin");
+    let link = bin.join("hull");
+    if !bin.is_dir() || fs::symlink_metadata(&link).is_ok() {
+        return Ok(());
+    }
+    let client = Path::new(INNER_API_BIN).join("hull");
+    symlink(&client, &link).map_err(|source| SetupError::Create { path: link, source })
 }
 
 fn set_hostname(hostname: &str) -> Result<()> {

@@ -32,4 +32,14 @@ pub struct InnerSpec {
     /// A file hulld wrote, bind-mounted on the inner's /etc/resolv.conf.
     #[serde(default)]
     pub resolv_conf: Option<PathBuf>,
+    /// hulld's directory for the inner (the service socket and the `hull`
+    /// client), bind-mounted read-only on [`INNER_API_DIR`].
+    #[serde(default)]
+    pub api_dir: Option<PathBuf>,
 }
+
+/// Where the inner sees [`InnerSpec::api_dir`]: the `hull` client's default
+/// socket is `/run/hull/hull.sock`, so it works there unconfigured.
+pub const INNER_API_DIR: &str = "/run/hull";
+/// The `hull` client inside the inner, on its PATH.
+pub const INNER_API_BIN: &str = "/run/hull/bin";

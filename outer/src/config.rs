@@ -21,8 +21,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("{field} = {value:?} is not a size: use bytes or a number with K, M or G")]
+    #[error("{field} = {value:?} is not a size: use bytes or a number with K, M or G (logs sizes: at least 64K)")]
     Size { field: &'static str, value: String },
+    #[error("logs.max_per_source = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
+    LogCap { segment: String, cap: String },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
@@ -203,6 +205,49 @@ pub struct Config {
     /// Automatic checkpoints (taken before each restore) to keep.
     pub auto_checkpoints_keep: usize,
     pub network: NetworkConfig,
+    pub logs: LogsConfig,
+}
+
+/// The `[logs]` table: how much of each source's log is kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// A segment file is closed and a new one started at this size.
+    pub segment_size: String,
+    /// Each source's segments together; the oldest go first beyond it.
+    pub max_per_source: String,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            segment_size: "8M".into(),
+            max_per_source: "64M".into(),
+        }
+    }
+}
+
+impl LogsConfig {
+    /// (segment size, cap per source) in bytes.
+    pub fn limits(&self) -> Result<(u64, u64), ConfigError> {
+        let size = |field, value: &String| {
+            parse_size(value)
+                .filter(|&n| n >= 64 * 1024)
+                .ok_or_else(|| ConfigError::Size {
+                    field,
+                    value: value.clone(),
+                })
+        };
+        let segment = size("logs.segment_size", &self.segment_size)?;
+        let cap = size("logs.max_per_source", &self.max_per_source)?;
+        if cap < segment {
+            return Err(ConfigError::LogCap {
+                segment: self.segment_size.clone(),
+                cap: self.max_per_source.clone(),
+            });
+        }
+        Ok((segment, cap))
+    }
 }
 
 impl Default for Config {
@@ -221,6 +266,7 @@ impl Default for Config {
             volume_size: "64G".to_string(),
             auto_checkpoints_keep: 10,
             network: NetworkConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -250,6 +296,7 @@ impl Config {
         self.volume_size_bytes()?;
         self.image_kind()?;
         self.network.validate(&self.cgroup_name)?;
+        self.logs.limits()?;
         let h = &self.hostname;
         if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
@@ -333,6 +380,29 @@ mod tests {
         assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("12X"), None);
         assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn logs_limits_parse_and_bad_ones_name_the_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("hull.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path))
+        };
+        let c = load("[logs]\nsegment_size = \"1M\"\nmax_per_source = \"4M\"\n").unwrap();
+        assert_eq!(c.logs.limits().unwrap(), (1 << 20, 4 << 20));
+        assert_eq!(
+            Config::default().logs.limits().unwrap(),
+            (8 << 20, 64 << 20)
+        );
+        let err = load("[logs]\nsegment_size = \"8M\"\nmax_per_source = \"1M\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::LogCap { .. }), "{err}");
+        let err = load("[logs]\nsegment_size = \"lots\"\n").unwrap_err();
+        assert!(err.to_string().contains("logs.segment_size"), "{err}");
+        // Below 64 KiB a segment would rotate on nearly every batch.
+        let err = load("[logs]\nsegment_size = \"1K\"\n").unwrap_err();
+        assert!(err.to_string().contains("logs.segment_size"), "{err}");
     }
 
     #[test]

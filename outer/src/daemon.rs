@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::config::{Config, ConfigError};
 use crate::launch::{LaunchError, SealedExe};
+use crate::server::Scope;
 use crate::services::ServiceManager;
 use crate::supervisor::{InnerConfig, Supervisor};
 
@@ -53,6 +54,8 @@ pub enum DaemonError {
     Vsock { port: u32, source: io::Error },
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    InnerApi(#[from] crate::inner_api::InnerApiError),
 }
 
 /// Shared state of the running daemon.
@@ -229,12 +232,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
-    let logs = crate::logs::LogStore::open(config.state_dir.join("logs")).map_err(|source| {
-        DaemonError::StateDir {
-            path: config.state_dir.join("logs"),
-            source,
-        }
-    })?;
+    let (segment_max, source_max) = config.logs.limits()?;
+    let limits = crate::logs::LogLimits {
+        segment_max,
+        source_max,
+    };
+    let logs =
+        crate::logs::LogStore::open(config.state_dir.join("logs"), limits).map_err(|source| {
+            DaemonError::StateDir {
+                path: config.state_dir.join("logs"),
+                source,
+            }
+        })?;
     match logs.source(crate::logs::DAEMON_SOURCE) {
         Ok(own) => crate::logs::set_daemon_log(own),
         Err(e) => tracing::warn!(error = %e, "cannot keep hulld's own log in the log store"),
@@ -273,6 +282,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
+    let inner_api = crate::inner_api::InnerApi::open(&config.state_dir)?;
     let vsock = match config.vsock_port {
         Some(port) => Some(
             tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
@@ -304,6 +314,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         hostname: config.hostname.clone(),
         netns: Some(network.netns.clone()),
         resolv_conf: network.resolv_conf.clone(),
+        api_dir: Some(inner_api.dir.clone()),
     });
     let mut current = supervisor.watch_current();
     tokio::spawn(async move {
@@ -354,13 +365,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream));
+                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::Control));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on the unix socket failed"),
             },
+            accepted = inner_api.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::InnerServices));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept on the inner's service socket failed"),
+            },
             accepted = accept_vsock(vsock.as_ref()) => match accepted {
                 Ok(stream) => {
-                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream));
+                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::Control));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on vsock failed"),
             },

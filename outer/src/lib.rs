@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 mod exec;
+pub mod inner_api;
 pub mod launch;
 pub mod logs;
 pub mod network;

@@ -17,8 +17,23 @@ use tokio::sync::watch;
 /// Lines longer than this are split: a process printing without newlines
 /// must not make hulld buffer without bound.
 pub const MAX_LINE: usize = 64 * 1024;
-const SEGMENT_MAX: u64 = 8 << 20;
-const SOURCE_MAX: u64 = 64 << 20;
+/// How much of a source's log is kept: the `[logs]` config table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// A segment is closed and a new one started at this size.
+    pub segment_max: u64,
+    /// All of a source's segments; the oldest go first beyond it.
+    pub source_max: u64,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            segment_max: 8 << 20,
+            source_max: 64 << 20,
+        }
+    }
+}
 /// Buffered records reach the file (the page cache) at least this often,
 /// so a kill -9 of hulld loses at most this much.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -89,13 +104,14 @@ fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str) -> bool {
 /// One source's log (a service, for now).
 pub struct SourceLog {
     dir: PathBuf,
+    limits: LogLimits,
     writer: Mutex<Writer>,
     /// Bumped on every append, for followers.
     appended: watch::Sender<u64>,
 }
 
 impl SourceLog {
-    fn open(dir: PathBuf) -> io::Result<Self> {
+    fn open(dir: PathBuf, limits: LogLimits) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
         let segment = segments(&dir).last().copied().unwrap_or(1);
         let path = dir.join(segment_name(segment));
@@ -103,6 +119,7 @@ impl SourceLog {
         let size = file.metadata()?.len();
         Ok(SourceLog {
             dir,
+            limits,
             writer: Mutex::new(Writer {
                 file: BufWriter::with_capacity(256 * 1024, file),
                 segment,
@@ -143,7 +160,7 @@ impl SourceLog {
             if !w.write(&scratch) {
                 w.dropped += 1;
             }
-            if w.size >= SEGMENT_MAX {
+            if w.size >= self.limits.segment_max {
                 self.rotate(&mut w);
             }
         }
@@ -153,7 +170,12 @@ impl SourceLog {
     }
 
     fn rotate(&self, w: &mut Writer) {
-        let _ = w.file.flush();
+        // Lines still in the buffer (the disk is full) would go with the
+        // old writer, uncounted: rotate once they are on disk. Until then
+        // every append tries again, and lines that do not fit are counted.
+        if w.file.flush().is_err() {
+            return;
+        }
         let next = w.segment + 1;
         let Ok(file) = OpenOptions::new()
             .create(true)
@@ -174,7 +196,7 @@ impl SourceLog {
             .sum();
         let mut dropped = 0u64;
         for n in nums {
-            if total <= SOURCE_MAX || n == next {
+            if total <= self.limits.source_max || n == next {
                 break;
             }
             let path = self.dir.join(segment_name(n));
@@ -186,8 +208,8 @@ impl SourceLog {
         }
         if dropped > 0 {
             let note = format!(
-                "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {} MiB)",
-                SOURCE_MAX >> 20
+                "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {}; logs.max_per_source in the config)",
+                human_size(self.limits.source_max)
             );
             let mut record = Vec::new();
             if encode(
@@ -210,6 +232,16 @@ impl SourceLog {
     }
 }
 
+/// 64 MiB, 512 KiB, 1000 bytes: sizes as a user wrote them in the config.
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
 /// Where a reader is in a source's segments.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cursor {
@@ -219,14 +251,16 @@ pub struct Cursor {
 
 pub struct LogStore {
     root: PathBuf,
+    limits: LogLimits,
     sources: Mutex<HashMap<String, Arc<SourceLog>>>,
 }
 
 impl LogStore {
-    pub fn open(root: PathBuf) -> io::Result<Arc<Self>> {
+    pub fn open(root: PathBuf, limits: LogLimits) -> io::Result<Arc<Self>> {
         fs::create_dir_all(&root)?;
         let store = Arc::new(LogStore {
             root,
+            limits,
             sources: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&store);
@@ -246,7 +280,7 @@ impl LogStore {
         if let Some(s) = sources.get(source) {
             return Ok(s.clone());
         }
-        let log = Arc::new(SourceLog::open(self.root.join(source))?);
+        let log = Arc::new(SourceLog::open(self.root.join(source), self.limits)?);
         sources.insert(source.to_string(), log.clone());
         Ok(log)
     }

@@ -22,20 +22,45 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     })
 }
 
+/// What a connection may ask for, by the endpoint it came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The control socket and vsock: everything.
+    Control,
+    /// The socket mounted into the inner: the service API only, so the
+    /// user's code can register services but cannot exec, bounce, restore,
+    /// read logs or stop hulld.
+    InnerServices,
+}
+
+impl Scope {
+    fn permits(self, msg: &ClientMsg) -> bool {
+        match self {
+            Scope::Control => true,
+            Scope::InnerServices => matches!(msg, ClientMsg::Services(_)),
+        }
+    }
+}
+
 /// Serves one client until it hangs up or sends something unusable.
-pub async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S)
+pub async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S, scope: Scope)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = frame_reader::<_, ClientMsg>(read_half);
     let mut writer = frame_writer::<_, DaemonMsg>(write_half);
-    if let Err(e) = serve(&daemon, &mut reader, &mut writer).await {
+    if let Err(e) = serve(&daemon, scope, &mut reader, &mut writer).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
-async fn serve<R, W>(daemon: &Arc<Daemon>, reader: &mut R, writer: &mut W) -> io::Result<()>
+async fn serve<R, W>(
+    daemon: &Arc<Daemon>,
+    scope: Scope,
+    reader: &mut R,
+    writer: &mut W,
+) -> io::Result<()>
 where
     R: futures::Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
@@ -78,6 +103,22 @@ where
             Some(Err(e)) => return bad_frame(writer, e).await,
             None => return Ok(()),
         };
+        if !scope.permits(&msg) {
+            tracing::info!(
+                request = variant(&msg),
+                "refused a request on the inner's service socket"
+            );
+            writer
+                .send(error(
+                    ErrorKind::NotPermitted,
+                    format!(
+                        "{} is not available from inside the inner: the socket there serves `hull services` only; run it from the VM",
+                        command_name(&msg)
+                    ),
+                ))
+                .await?;
+            continue;
+        }
         match msg {
             ClientMsg::Status => writer.send(DaemonMsg::Status(status(daemon))).await?,
             ClientMsg::Exec(spec) => {
@@ -226,6 +267,24 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Logs { .. } => "Logs",
         ClientMsg::Ports => "Ports",
         ClientMsg::Ingress => "Ingress",
+    }
+}
+
+/// The command a user typed to send `msg`, for refusals.
+fn command_name(msg: &ClientMsg) -> &'static str {
+    match msg {
+        ClientMsg::Status => "hull status",
+        ClientMsg::Exec(_) => "hull exec",
+        ClientMsg::Bounce { .. } => "hull bounce",
+        ClientMsg::Shutdown { .. } => "hull down",
+        ClientMsg::CheckpointCreate { .. }
+        | ClientMsg::CheckpointRestore { .. }
+        | ClientMsg::CheckpointList
+        | ClientMsg::CheckpointDelete { .. } => "hull checkpoint",
+        ClientMsg::Logs { .. } => "hull logs",
+        ClientMsg::Ports => "hull ports",
+        ClientMsg::Ingress => "hull ingress",
+        other => variant(other),
     }
 }
 

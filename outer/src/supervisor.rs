@@ -42,6 +42,8 @@ pub struct InnerConfig {
     pub netns: Option<Arc<hull_ingress::InnerNetns>>,
     /// Bind-mounted on the inner's /etc/resolv.conf.
     pub resolv_conf: Option<PathBuf>,
+    /// The service socket and client, mounted read-only at /run/hull.
+    pub api_dir: Option<PathBuf>,
 }
 
 /// Counters and state for `hull status`.
@@ -256,6 +258,7 @@ impl Task {
             cgroup_procs: self.config.cgroup.procs_files(),
             join_netns: self.config.netns.is_some(),
             resolv_conf: self.config.resolv_conf.clone(),
+            api_dir: self.config.api_dir.clone(),
         })
     }
 

@@ -218,6 +218,9 @@ pub enum ErrorKind {
     Service,
     /// Storage failed (full volume, a failed snapshot, ...).
     Storage,
+    /// The request is not served on this endpoint (the inner's service
+    /// socket answers service requests only).
+    NotPermitted,
     Internal,
 }
 

@@ -83,6 +83,10 @@ pub struct Limits {
     pub network: &'static str,
     /// More lines for the `[network]` table (private_ports = [..], ...).
     pub network_extra: String,
+    /// More tables after `[network]` (`[logs]` ...).
+    pub tables: String,
+    /// Put `state_dir/logs` on a tmpfs of this size, to fill it up.
+    pub logs_tmpfs: Option<&'static str>,
 }
 
 impl Default for Limits {
@@ -94,6 +98,8 @@ impl Default for Limits {
             auto_checkpoints_keep: 10,
             network: "none",
             network_extra: String::new(),
+            tables: String::new(),
+            logs_tmpfs: None,
         }
     }
 }
@@ -112,6 +118,8 @@ pub struct TestHull {
     pub http_port: u16,
     /// The veth subnet (only used with network "nat").
     pub subnet: String,
+    /// A tmpfs this harness mounted, unmounted in `Drop`.
+    tmpfs: Option<PathBuf>,
     hulld: Option<Child>,
 }
 
@@ -155,7 +163,7 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n{tables}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -168,9 +176,23 @@ impl TestHull {
                 subnet = subnet,
                 outer = outer,
                 extra = limits.network_extra,
+                tables = limits.tables,
             ),
         )
         .unwrap();
+        let tmpfs = limits.logs_tmpfs.map(|size| {
+            let logs = state_dir.join("logs");
+            std::fs::create_dir_all(&logs).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &logs,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={size},mode=700").as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", logs.display()));
+            logs
+        });
         let mut hull = TestHull {
             dir,
             config,
@@ -180,6 +202,7 @@ impl TestHull {
             outer,
             http_port: TEST_HTTP_PORT,
             subnet,
+            tmpfs,
             hulld: None,
         };
         hull.spawn_hulld();
@@ -392,6 +415,9 @@ impl Drop for TestHull {
         if let Ok(cgroups) = HullCgroups::locate(&self.cgroup_name) {
             let _ = cgroups.inner.kill_all(Duration::from_secs(5));
             let _ = cgroups.teardown();
+        }
+        if let Some(tmpfs) = self.tmpfs.take() {
+            let _ = nix::mount::umount2(&tmpfs, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hull_proto::{RestartPolicy, ServiceRequest};
-use hull_tests::{bin_dir, block_on, require_root, wait_until, TestHull};
+use hull_tests::{bin_dir, block_on, require_root, wait_until, Limits, TestHull};
 
 fn add(hull: &TestHull, name: &str, cmd: &str, restart: RestartPolicy) {
     hull.add_service(name, cmd, &[], None, restart);
@@ -233,12 +233,15 @@ fn the_oldest_lines_go_first_at_the_cap_and_the_drop_is_recorded() {
     if !require_root() {
         return;
     }
-    let hull = TestHull::start();
-    // About 100 MB of records against a 64 MiB cap per source.
+    let hull = TestHull::start_with(Limits {
+        tables: "[logs]\nsegment_size = \"1M\"\nmax_per_source = \"4M\"\n".into(),
+        ..Limits::default()
+    });
+    // About 15 MB of records against the 4 MiB cap.
     add(
         &hull,
         "flood",
-        "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | head -n 700000; echo the-end",
+        "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | head -n 100000; echo the-end",
         RestartPolicy::Never,
     );
     wait_until(Duration::from_secs(120), "the flood to end", || {
@@ -249,14 +252,27 @@ fn the_oldest_lines_go_first_at_the_cap_and_the_drop_is_recorded() {
     let notes = hull.hull(&["logs", "flood", "--stream", "stderr"]);
     let notes = String::from_utf8_lossy(&notes.stderr);
     assert!(
-        notes.contains("dropped") && notes.contains("capped at 64 MiB"),
+        notes.contains("dropped") && notes.contains("capped at 4 MiB"),
         "{notes}"
     );
     let size: u64 = std::fs::read_dir(hull.state_dir.join("logs/flood"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    assert!(size <= 72 << 20, "the log grew past its cap: {size} bytes");
+    assert!(
+        size <= 5 << 20,
+        "the log grew past its cap and one segment: {size} bytes"
+    );
+    // The newest lines are all there: the cap dropped whole old segments,
+    // not lines from the middle.
+    let tail = hull.hull(&["logs", "flood", "--tail", "1000", "--stream", "stdout"]);
+    let tail = String::from_utf8_lossy(&tail.stdout);
+    assert_eq!(
+        tail.lines().count(),
+        1000,
+        "{}",
+        &tail[..200.min(tail.len())]
+    );
 }
 
 #[test]
@@ -277,4 +293,71 @@ fn hullds_own_log_is_a_source() {
         !out.status.success(),
         "hull logs without a name or --daemon"
     );
+}
+
+#[test]
+fn a_full_log_disk_never_blocks_the_service_and_the_loss_is_recorded() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        logs_tmpfs: Some("3M"),
+        tables: "[logs]\nsegment_size = \"1M\"\nmax_per_source = \"64M\"\n".into(),
+        ..Limits::default()
+    });
+    // About 15 MB into a 3 MiB disk; then it waits for the test.
+    add(
+        &hull,
+        "flood",
+        "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | head -n 100000; touch /tmp/flooded; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo after-the-full-disk",
+        RestartPolicy::Never,
+    );
+    // The service got through all of its output although most of it could
+    // not be stored.
+    wait_until(Duration::from_secs(60), "the flood to be written", || {
+        block_on(hull.exec(&["test", "-e", "/tmp/flooded"])).end
+            == hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0))
+    });
+    // hulld answers while its log disk is full.
+    hull.wait_running(Duration::from_secs(5));
+    // Room again: the next line is stored, preceded by the count of lost ones.
+    let logs = hull.state_dir.join("logs");
+    nix::mount::mount(
+        None::<&str>,
+        &logs,
+        None::<&str>,
+        nix::mount::MsFlags::MS_REMOUNT,
+        Some("size=64M"),
+    )
+    .expect("grow the log tmpfs");
+    block_on(hull.sh("touch /tmp/go"));
+    wait_until(
+        Duration::from_secs(15),
+        "the line after the full disk",
+        || {
+            let out = hull.hull(&["logs", "flood", "--tail", "1", "--stream", "stdout"]);
+            String::from_utf8_lossy(&out.stdout) == "after-the-full-disk\n"
+        },
+    );
+    let notes = hull.hull(&["logs", "flood", "--stream", "stderr"]);
+    let notes = String::from_utf8_lossy(&notes.stderr);
+    let lost: u64 = notes
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("hull: ")?
+                .split_once(" log lines were lost")?
+                .0
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let stored = hull
+        .hull(&["logs", "flood", "--stream", "stdout"])
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| l.starts_with(b"0123"))
+        .count() as u64;
+    // Every line is either stored or counted as lost, none silently gone.
+    assert!(lost > 0, "nothing was lost to a full disk: {notes}");
+    assert_eq!(stored + lost, 100_000, "{stored} stored + {lost} lost");
 }

@@ -240,3 +240,74 @@ fn bad_definitions_are_refused_at_add_and_nothing_is_stored() {
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(parsed[0]["spec"]["name"], "db");
 }
+
+#[test]
+fn a_service_registered_from_inside_the_inner_runs_and_nothing_else_is_reachable() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // The user's shell: `hull` on PATH, the socket at its default path.
+    let added = block_on(hull.sh(
+        "hull services add ticker --cmd 'while true; do echo tick; sleep 1; done' --restart always",
+    ));
+    assert!(added.contains("ticker"), "add printed {added:?}");
+    wait_states(&hull, "ticker running", all_running(&["ticker"]));
+    let listed = block_on(hull.sh("hull --json services list"));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["spec"]["name"], "ticker", "{listed}");
+
+    // Everything but the service API is refused, with a reason.
+    for command in ["status", "bounce", "checkpoint list", "logs ticker", "down"] {
+        let out = block_on(hull.exec(&["sh", "-c", &format!("hull {command}")]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(
+            out.end,
+            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            "hull {command} worked from inside the inner"
+        );
+        assert!(
+            stderr.contains("not available from inside the inner"),
+            "hull {command}: {stderr}"
+        );
+        eprintln!("hull {command} in the inner: {}", stderr.trim());
+    }
+    assert_eq!(
+        hull.wait_running(Duration::from_secs(5)).bounces,
+        0,
+        "the inner bounced itself"
+    );
+
+    // hulld's control socket and state are not in the inner's view, and its
+    // own mount is read-only.
+    let socket = hull.socket.display().to_string();
+    let out = block_on(hull.exec(&["sh", "-c", &format!("test -e {socket}")]));
+    assert_ne!(
+        out.end,
+        hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+        "{socket} is visible in the inner"
+    );
+    let out = block_on(hull.exec(&["sh", "-c", "touch /run/hull/x"]));
+    assert_ne!(
+        out.end,
+        hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+        "/run/hull is writable from the inner"
+    );
+
+    // A bounce mounts it again: the shell can still reach the service API,
+    // and remove what it added.
+    let bounced = hull.hull(&["bounce"]);
+    assert!(
+        bounced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bounced.stderr)
+    );
+    assert_eq!(hull.wait_running(Duration::from_secs(5)).bounces, 1);
+    wait_states(
+        &hull,
+        "ticker back after the bounce",
+        all_running(&["ticker"]),
+    );
+    block_on(hull.sh("hull services remove ticker"));
+    wait_states(&hull, "ticker removed", |l| l.is_empty());
+}
