@@ -56,6 +56,9 @@ pub struct CheckpointMade {
     pub row: CheckpointRow,
     pub frozen: Duration,
     pub total: Duration,
+    /// How long each step took, in order: where a slow checkpoint spent
+    /// its time.
+    pub steps: Vec<(&'static str, Duration)>,
 }
 
 /// A new layer made from a checkpoint, not yet current.
@@ -315,6 +318,13 @@ impl Storage {
         quiesce: &mut dyn Quiesce,
     ) -> Result<CheckpointMade> {
         let begin = Instant::now();
+        let mut steps = Vec::with_capacity(6);
+        let mut clock = begin;
+        let mut step = |name: &'static str| {
+            let now = Instant::now();
+            steps.push((name, now - clock));
+            clock = now;
+        };
         let catalog = self.catalog.lock().unwrap();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
@@ -329,6 +339,7 @@ impl Storage {
             state: "creating".into(),
         };
         catalog.insert_checkpoint(&row).map_err(&db)?;
+        step("row");
         failpoint("create:after-row");
         let current = catalog
             .meta(CURRENT_LAYER)
@@ -341,8 +352,11 @@ impl Storage {
         // window holds only what was written in the last moment.
         let layer_dir = fs::File::open(&source).map_err(StorageError::Sync)?;
         let _ = nix::unistd::syncfs(&layer_dir);
+        step("syncfs");
         let freeze_start = Instant::now();
-        if let Err(e) = quiesce.freeze() {
+        let frozen_ok = quiesce.freeze();
+        step("freeze");
+        if let Err(e) = frozen_ok {
             let _ = quiesce.thaw();
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
             return Err(StorageError::Freeze(e));
@@ -354,8 +368,10 @@ impl Storage {
         // commit to the frozen window.
         let snap = btrfs::snapshot(&source, &dest, true)
             .map_err(|e| Self::subvolume_error("snapshot", &dest, e));
+        step("snapshot");
         let thawed = quiesce.thaw();
         let frozen = freeze_start.elapsed();
+        step("thaw");
         if let Err(e) = snap {
             let _ = self.destroy(&dest);
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
@@ -366,6 +382,7 @@ impl Storage {
             .set_checkpoint_state(&row.id, "ready")
             .map_err(&db)?;
         catalog.set_meta(HEAD, &row.id).map_err(&db)?;
+        step("record");
         if let Err(e) = thawed {
             tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
         }
@@ -377,6 +394,7 @@ impl Storage {
             row,
             frozen,
             total: begin.elapsed(),
+            steps,
         })
     }
 

@@ -9,6 +9,20 @@ use std::process::Command;
 
 use crate::btrfs;
 
+/// One copy of the metadata: both copies of DUP would sit in the same file
+/// on the same host disk, and every commit (each checkpoint is one) would
+/// write them twice. Below 1 GiB data and metadata share block groups
+/// (as mkfs.btrfs advises for small filesystems): otherwise data can take
+/// every chunk, and a full volume stays unable to snapshot even after the
+/// data is deleted, for want of metadata space.
+fn mkfs_profile(size: u64) -> &'static [&'static str] {
+    if size < 1 << 30 {
+        &["--mixed", "--metadata", "single", "--data", "single"]
+    } else {
+        &["--metadata", "single"]
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("cannot create {path}: {source}")]
@@ -111,7 +125,10 @@ impl Volume {
             drop(file);
             run(
                 "mkfs.btrfs",
-                Command::new("mkfs.btrfs").arg("-q").arg("-f").arg(&partial),
+                Command::new("mkfs.btrfs")
+                    .args(["-q", "-f"])
+                    .args(mkfs_profile(image_size))
+                    .arg(&partial),
                 &partial,
             )?;
             fs::rename(&partial, &image).map_err(|source| VolumeError::Image {

@@ -416,6 +416,12 @@ impl Task {
             auto,
             frozen_ms = made.frozen.as_secs_f64() * 1e3,
             total_ms = made.total.as_secs_f64() * 1e3,
+            steps_us = %made
+                .steps
+                .iter()
+                .map(|(name, d)| format!("{name}={}", d.as_micros()))
+                .collect::<Vec<_>>()
+                .join(","),
             "checkpoint created"
         );
         Ok(made)

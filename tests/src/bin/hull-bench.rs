@@ -180,6 +180,67 @@ async fn creates(hull: &TestHull, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     Ok((total, frozen))
 }
 
+/// p50 of each step of checkpoint create, from hulld's "checkpoint
+/// created" log lines (not the automatic ones a restore makes): `rounds`
+/// lines per phase, phases in order.
+fn print_create_steps(log: &str, rounds: usize, phases: &[&str]) {
+    let runs: Vec<Vec<(String, f64)>> = log
+        .lines()
+        .filter(|l| l.contains("checkpoint created"))
+        .map(strip_ansi)
+        .filter(|l| !l.contains("auto=true"))
+        .filter_map(|l| {
+            let steps = l.split("steps_us=").nth(1)?.split_whitespace().next()?;
+            Some(
+                steps
+                    .split(',')
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        Some((k.to_owned(), v.parse::<f64>().ok()? / 1e3))
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    if rounds == 0 || runs.len() < phases.len() * rounds {
+        eprintln!("no step timings in hulld's log");
+        return;
+    }
+    println!();
+    print!("checkpoint create steps, p50 ms:");
+    for phase in phases {
+        print!(" {phase:>9}");
+    }
+    println!();
+    for (i, (name, _)) in runs[0].iter().enumerate() {
+        print!("  {name:<31}");
+        for group in runs.chunks(rounds).take(phases.len()) {
+            let mut v: Vec<f64> = group.iter().filter_map(|r| r.get(i).map(|s| s.1)).collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            print!(" {:>9.3}", percentile(&v, 0.5));
+        }
+        println!();
+    }
+}
+
+/// hulld's stderr log is coloured: drop the escape sequences.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
     let hull = TestHull::start_with(Limits {
         memory_max: "1G",
@@ -190,36 +251,30 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
     });
     let mut rows = Vec::new();
     block_on(async {
-        let (empty, empty_frozen) = creates(&hull, rounds).await?;
-        eprintln!("writing 1 GiB and 100k small files into the layer...");
-        hull.sh("dd if=/dev/zero of=/root/big bs=1M count=1024 2>/dev/null && mkdir -p /root/many && cd /root/many && seq 1 100000 | xargs touch && sync")
+        push_create(
+            &mut rows,
+            CREATE_EMPTY,
+            "<= 20 ms",
+            creates(&hull, rounds).await?,
+        );
+        eprintln!("writing 1 GiB into the layer...");
+        hull.sh("dd if=/dev/zero of=/root/big bs=1M count=1024 2>/dev/null && sync")
             .await;
-        let (full, full_frozen) = creates(&hull, rounds).await?;
-        rows.push(Row {
-            name: "checkpoint create, empty layer",
-            samples: empty,
-            unit: "ms",
-            target: "<= 20 ms",
-        });
-        rows.push(Row {
-            name: "  inner frozen during it",
-            samples: empty_frozen,
-            unit: "ms",
-            target: "",
-        });
-        rows.push(Row {
-            name: "checkpoint create, 1 GiB + 100k files",
-            samples: full,
-            unit: "ms",
-            target: "<= 1.5x empty",
-        });
-        rows.push(Row {
-            name: "  inner frozen during it",
-            samples: full_frozen,
-            unit: "ms",
-            target: "",
-        });
-
+        push_create(
+            &mut rows,
+            CREATE_BIG,
+            "<= 1.5x empty",
+            creates(&hull, rounds).await?,
+        );
+        eprintln!("adding 100k small files...");
+        hull.sh("mkdir -p /root/many && cd /root/many && seq 1 100000 | xargs touch && sync")
+            .await;
+        push_create(
+            &mut rows,
+            CREATE_FULL,
+            "<= 1.5x empty",
+            creates(&hull, rounds).await?,
+        );
         // The naive baseline: copy the layer.
         let layers = hull.state_dir.join("volume/layers");
         let layer = std::fs::read_dir(&layers)?
@@ -255,10 +310,23 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
             .checkpoint
             .id;
         let mut restores = Vec::new();
+        let mut slowest: Option<(f64, hull_proto::RestoreReport)> = None;
         for _ in 0..rounds.min(30) {
             let t = Instant::now();
-            c.checkpoint_restore(&target).await?;
-            restores.push(ms(t.elapsed()));
+            let report = c.checkpoint_restore(&target).await?;
+            let took = ms(t.elapsed());
+            restores.push(took);
+            if slowest.as_ref().is_none_or(|(worst, _)| took > *worst) {
+                slowest = Some((took, report));
+            }
+        }
+        if let Some((took, r)) = slowest {
+            eprintln!(
+                "slowest restore {took:.1} ms: stop {:.1}, start {:.1}, the rest (auto checkpoint, layer snapshot, swap, services) {:.1}",
+                r.stop_ms,
+                r.start_ms,
+                r.total_ms - r.stop_ms - r.start_ms
+            );
         }
         rows.push(Row {
             name: "restore incl. bounce (1 GiB layer)",
@@ -266,10 +334,47 @@ fn bench_checkpoints(rounds: usize) -> Result<Vec<Row>> {
             unit: "ms",
             target: "<= 150 ms",
         });
+        // The same volume with the data gone from the layer (the snapshots
+        // keep it): tells the layer's size from the volume's age.
+        hull.sh("rm -rf /root/big /root/many && sync").await;
+        let again = creates(&hull, rounds).await?;
+        rows.push(Row {
+            name: CREATE_AGAIN,
+            samples: again.0,
+            unit: "ms",
+            target: "",
+        });
+        print_create_steps(&hull.log(), rounds, &["empty", "1 GiB", "+100k", "again"]);
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(rows)
 }
+
+/// A create row and the frozen-time row under it.
+fn push_create(
+    rows: &mut Vec<Row>,
+    name: &'static str,
+    target: &'static str,
+    (total, frozen): (Vec<f64>, Vec<f64>),
+) {
+    rows.push(Row {
+        name,
+        samples: total,
+        unit: "ms",
+        target,
+    });
+    rows.push(Row {
+        name: "  inner frozen during it",
+        samples: frozen,
+        unit: "ms",
+        target: "",
+    });
+}
+
+const CREATE_EMPTY: &str = "checkpoint create, empty layer";
+const CREATE_BIG: &str = "checkpoint create, 1 GiB written";
+const CREATE_FULL: &str = "checkpoint create, 1 GiB + 100k files";
+const CREATE_AGAIN: &str = "checkpoint create, emptied again";
 
 /// Waits until `n` services run; returns how long that took.
 async fn until_running(hull: &TestHull, n: usize, since: Instant) -> Result<f64> {
@@ -847,13 +952,23 @@ fn main() -> Result<()> {
                 .map(|r| r.p(0.5))
                 .unwrap_or(f64::NAN)
         };
-        let empty = p50("checkpoint create, empty layer");
-        let full = p50("checkpoint create, 1 GiB + 100k files");
+        let empty = p50(CREATE_EMPTY);
+        let big = p50(CREATE_BIG);
+        let full = p50(CREATE_FULL);
+        let again = p50(CREATE_AGAIN);
         let copy = p50("anchor: cp -a of that layer");
         println!();
         println!(
-            "ratio create full / empty (p50): {:.2}  (target <= 1.5)",
+            "ratio create 1 GiB / empty (p50): {:.2}  (target <= 1.5)",
+            big / empty
+        );
+        println!(
+            "ratio create 1 GiB + 100k files / empty (p50): {:.2}  (target <= 1.5)",
             full / empty
+        );
+        println!(
+            "ratio create emptied again / empty (p50): {:.2}  (the volume's age, not the layer's size)",
+            again / empty
         );
         println!(
             "ratio cp -a / create full (p50): {:.0}x slower than a checkpoint",
