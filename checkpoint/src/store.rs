@@ -271,16 +271,39 @@ impl Storage {
             .as_ref()
             .is_some_and(|id| self.layer(id).upper.is_dir() && self.layer(id).work.is_dir());
         if !current_ok {
+            // The newest state that is still whole: the checkpoint the lost
+            // layer came from or was last saved as (missing ones are gone
+            // from the catalog by now). A volume that lost its last writes
+            // (a power loss under a disk cache that ignored flushes) comes
+            // back as it was then, not empty.
+            let head = catalog
+                .meta(HEAD)
+                .map_err(&db)?
+                .filter(|h| self.checkpoint_dir(h).is_dir());
             let id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
-            catalog.insert_layer(&id, None, "creating").map_err(&db)?;
-            self.make_empty_layer(&id)?;
+            catalog
+                .insert_layer(&id, head.as_deref(), "creating")
+                .map_err(&db)?;
+            let dest = self.layer_dir(&id);
+            match &head {
+                Some(h) => btrfs::snapshot(&self.checkpoint_dir(h), &dest, false)
+                    .map_err(|e| Self::subvolume_error("snapshot", &dest, e))?,
+                None => {
+                    self.make_empty_layer(&id)?;
+                }
+            }
             catalog.set_layer_state(&id, "active").map_err(&db)?;
             catalog.set_meta(CURRENT_LAYER, &id).map_err(&db)?;
             if let Some(old) = current {
                 catalog.delete_layer(&old).map_err(&db)?;
-                recovery.actions.push(format!(
-                    "the current layer {old} was missing; started an empty layer {id}"
-                ));
+                recovery.actions.push(match &head {
+                    Some(h) => format!(
+                        "the current layer {old} was missing; made layer {id} from checkpoint {h}"
+                    ),
+                    None => format!(
+                        "the current layer {old} was missing and no checkpoint is left; started an empty layer {id}"
+                    ),
+                });
             }
         }
         // Subvolumes the catalog does not know (a crash between the ioctl

@@ -451,3 +451,123 @@ fn a_full_volume_gives_a_clear_error_and_a_consistent_catalog() {
     });
     assert_catalog_agrees(&hull);
 }
+
+/// FIFREEZE and FITHAW: _IOWR('X', 119/120, int).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// A copy of the volume's image as the disk holds it now: the filesystem is
+/// frozen (everything committed is written, nothing new starts) meanwhile.
+fn save_volume(hull: &TestHull) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    let volume = std::fs::File::open(hull.state_dir.join("volume")).unwrap();
+    let saved = hull.dir.path().join("volume.saved");
+    // SAFETY: FIFREEZE takes an int argument the kernel ignores, on an fd
+    // that stays open for the call.
+    let frozen = unsafe { libc::ioctl(volume.as_raw_fd(), FIFREEZE as _, 0) };
+    assert_eq!(frozen, 0, "FIFREEZE: {}", std::io::Error::last_os_error());
+    let copied = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(hull.state_dir.join("volume.img"))
+        .arg(&saved)
+        .status();
+    // SAFETY: as above, FITHAW on the same open fd.
+    let thawed = unsafe { libc::ioctl(volume.as_raw_fd(), FITHAW as _, 0) };
+    assert_eq!(thawed, 0, "FITHAW: {}", std::io::Error::last_os_error());
+    assert!(copied.unwrap().success(), "cp of the volume image failed");
+    saved
+}
+
+/// A power loss under a disk cache that had not written what btrfs
+/// committed since `saved` was taken (a VM whose host caches writes): the
+/// volume goes back to `saved`, while the catalog (SQLite with
+/// synchronous=FULL, on the state dir's own disk) keeps every commit. Then
+/// hulld starts again.
+fn lose_power(hull: &mut TestHull, saved: &std::path::Path) {
+    hull.kill9_hulld();
+    hull.cgroups()
+        .inner
+        .kill_all(Duration::from_secs(5))
+        .expect("kill the inner");
+    let volume = hull.state_dir.join("volume");
+    // The inner's mount namespace, which holds the overlay on the volume,
+    // goes away just after its last process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = nix::mount::umount(&volume) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cannot unmount {}: {e}",
+            volume.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::rename(saved, hull.state_dir.join("volume.img")).unwrap();
+    hull.spawn_hulld();
+    hull.wait_running(Duration::from_secs(20));
+}
+
+#[test]
+fn a_deletion_a_power_loss_undid_is_finished_at_restart() {
+    if !require_root() {
+        return;
+    }
+    let mut hull = TestHull::start();
+    block_on(async {
+        hull.sh("echo one > /root/f").await;
+        hull.client().await.checkpoint_create(None).await.unwrap();
+    });
+    let saved = save_volume(&hull);
+    block_on(async { hull.client().await.checkpoint_delete("v1").await.unwrap() });
+    lose_power(&mut hull, &saved);
+    // v1's snapshot is back on the disk, but its deletion was recorded.
+    assert_catalog_agrees(&hull);
+    assert_eq!(listed(&hull), Vec::<String>::new());
+    assert!(
+        hull.log()
+            .contains("snapshot v1: not in the catalog; deleted"),
+        "{}",
+        hull.log()
+    );
+    assert_eq!(block_on(hull.sh("cat /root/f")), "one\n");
+}
+
+#[test]
+fn a_restore_a_power_loss_undid_comes_back_from_its_checkpoint() {
+    if !require_root() {
+        return;
+    }
+    let mut hull = TestHull::start();
+    block_on(async {
+        let mut c = hull.client().await;
+        hull.sh("echo one > /root/f").await;
+        c.checkpoint_create(Some("one".into())).await.unwrap();
+        hull.sh("echo two > /root/f").await;
+        c.checkpoint_create(Some("two".into())).await.unwrap();
+    });
+    let saved = save_volume(&hull);
+    block_on(async {
+        let mut c = hull.client().await;
+        let restored = c.checkpoint_restore("v1").await.unwrap();
+        assert_eq!(restored.undo, "v3");
+        hull.sh("echo three > /root/f").await;
+    });
+    // The disk lost the restore's layer and its automatic checkpoint v3;
+    // the catalog still names that layer as current.
+    lose_power(&mut hull, &saved);
+    assert_catalog_agrees(&hull);
+    assert_eq!(listed(&hull), vec!["v1".to_string(), "v2".to_string()]);
+    let log = hull.log();
+    assert!(
+        log.contains("checkpoint v3: its snapshot is missing; removed from the catalog"),
+        "{log}"
+    );
+    assert!(log.contains("made layer"), "{log}");
+    // The restore's target, the newest state still whole on the disk.
+    assert_eq!(block_on(hull.sh("cat /root/f")), "one\n");
+    // And everything works on from there.
+    block_on(async {
+        let mut c = hull.client().await;
+        c.checkpoint_restore("v2").await.unwrap();
+        assert_eq!(hull.sh("cat /root/f").await, "two\n");
+    });
+}
