@@ -222,9 +222,20 @@ pub struct Inner {
     pidfd: OwnedFd,
     exit: watch::Receiver<Option<ExitStatus>>,
     stop_reason: Mutex<Option<String>>,
+    /// The inner's mount namespace, held so that the init's exit does not
+    /// unmount its root: unmounting an overlay whose files were touched
+    /// frees every cached dentry (a third of a second after 100k files),
+    /// and a stop need not wait for that. See [`Inner::take_mount_ns`].
+    mount_ns: Mutex<Option<std::fs::File>>,
 }
 
 impl Inner {
+    /// The held mount namespace; dropping it unmounts the inner's root
+    /// filesystem (in the dropping thread) once the init is gone.
+    pub fn take_mount_ns(&self) -> Option<std::fs::File> {
+        self.mount_ns.lock().unwrap().take()
+    }
+
     /// Sends `signal` to the init (ESRCH once it is gone, which is fine).
     pub fn signal(&self, signal: i32) -> io::Result<()> {
         pidfd_send_signal(&self.pidfd, signal)
@@ -329,6 +340,7 @@ pub async fn launch(
     tokio::spawn(read_link(reader, link.clone(), link_guard));
     let receiver = FdReceiver::new(fds_parent).map_err(LaunchError::Socketpair)?;
     tokio::spawn(read_fds(receiver, link.clone()));
+    let mount_ns = hold_mount_ns(pid, &pidfd);
     Ok(Arc::new(Inner {
         pid,
         generation,
@@ -338,6 +350,7 @@ pub async fn launch(
         pidfd,
         exit: exit_rx,
         stop_reason: Mutex::new(None),
+        mount_ns: Mutex::new(mount_ns),
     }))
 }
 
@@ -415,6 +428,23 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens the init's mount namespace. Without it (no /proc, or a kernel
+/// that refuses) the inner works the same, its stop just waits for the
+/// unmount.
+fn hold_mount_ns(pid: i32, pidfd: &OwnedFd) -> Option<std::fs::File> {
+    let path = format!("/proc/{pid}/ns/mnt");
+    match std::fs::File::open(&path) {
+        // Alive after the open: the pid was still the init's when opened
+        // (a pid is reused only after hulld reaps it).
+        Ok(ns) if pidfd_send_signal(pidfd, 0).is_ok() => Some(ns),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(path, error = %e, "cannot hold the inner's mount namespace");
+            None
+        }
+    }
 }
 
 fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {

@@ -195,6 +195,16 @@ impl Supervisor {
     }
 }
 
+/// Whether a stop waits for the old inner's root to be unmounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnmountWait {
+    /// The next inner mounts the same layer (a bounce, a restart), or
+    /// hulld is going down and must leave nothing mounted.
+    Wait,
+    /// The next inner runs on a new layer (a restore).
+    Background,
+}
+
 struct Task {
     config: InnerConfig,
     current: watch::Sender<Option<Arc<Inner>>>,
@@ -217,7 +227,7 @@ impl Task {
                         let _ = reply.send(report);
                     }
                     Some(Request::Shutdown { grace, reply }) => {
-                        self.stop(grace, "hulld is shutting down (hull down)").await;
+                        self.stop(grace, "hulld is shutting down (hull down)", UnmountWait::Wait).await;
                         let _ = reply.send(());
                         return;
                     }
@@ -330,7 +340,7 @@ impl Task {
 
     /// SIGTERM to everything (the init forwards it), SIGKILL after `grace`,
     /// then wait for the init to be reaped and the cgroup to be empty.
-    async fn stop(&mut self, grace: Duration, reason: &str) {
+    async fn stop(&mut self, grace: Duration, reason: &str, unmount_wait: UnmountWait) {
         let Some(inner) = self.current.send_replace(None) else {
             let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
             self.set_state(InnerState::Stopped);
@@ -355,6 +365,23 @@ impl Task {
         if let Err(e) = self.config.cgroup.kill_all(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "inner cgroup not empty after its init died");
         }
+        // The last reference to the inner's mounts: dropping it unmounts
+        // the old root. A restore's next inner runs on another layer and
+        // need not wait for that; any other start reuses this layer, whose
+        // overlay must be gone first.
+        if let Some(ns) = inner.take_mount_ns() {
+            let unmount = tokio::task::spawn_blocking(move || {
+                let begin = Instant::now();
+                drop(ns);
+                tracing::debug!(
+                    ms = begin.elapsed().as_secs_f64() * 1e3,
+                    "the stopped inner's mounts are gone"
+                );
+            });
+            if unmount_wait == UnmountWait::Wait {
+                let _ = unmount.await;
+            }
+        }
         self.set_state(InnerState::Stopped);
     }
 
@@ -364,7 +391,8 @@ impl Task {
         exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
     ) -> Result<BounceReport, String> {
         let begin = Instant::now();
-        self.stop(grace, "the inner was bounced").await;
+        self.stop(grace, "the inner was bounced", UnmountWait::Wait)
+            .await;
         let stop_ms = begin.elapsed().as_secs_f64() * 1e3;
         self.backoff = RETRY_FIRST;
         if !self.start(exit_tx).await {
@@ -443,6 +471,7 @@ impl Task {
         self.stop(
             Duration::ZERO,
             &format!("the inner was restored to checkpoint {id}"),
+            UnmountWait::Background,
         )
         .await;
         let stop_ms = stop_begin.elapsed().as_secs_f64() * 1e3;
@@ -525,6 +554,10 @@ impl Task {
         tracing::warn!(pid = inner.pid, %status, "the inner's init died; restarting the inner");
         self.current.send_replace(None);
         let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+        // The next inner mounts the same layer: the old root goes first.
+        if let Some(ns) = inner.take_mount_ns() {
+            let _ = tokio::task::spawn_blocking(move || drop(ns)).await;
+        }
         self.published.lock().unwrap().unplanned_restarts += 1;
         if inner.started.elapsed() > STABLE_AFTER {
             self.backoff = RETRY_FIRST;
