@@ -321,6 +321,53 @@ impl LogStore {
         }
     }
 
+    /// A cursor from which the last `n` complete records of `source` are
+    /// read: found by counting newlines backwards from the end, so a tail
+    /// of a large log reads the end, not the whole log.
+    pub fn tail_cursor(&self, source: &str, n: u64) -> io::Result<Cursor> {
+        use std::os::unix::fs::FileExt;
+        if let Some(s) = self.sources.lock().unwrap().get(source) {
+            s.flush();
+        }
+        let dir = self.root.join(source);
+        let mut need = n;
+        let mut cursor = Cursor::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        for seg in segments(&dir).into_iter().rev() {
+            cursor = Cursor {
+                segment: seg,
+                offset: 0,
+            };
+            let file = match File::open(dir.join(segment_name(seg))) {
+                Ok(f) => f,
+                // Dropped by the cap meanwhile: start after it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let mut pos = file.metadata()?.len();
+            // Newlines seen from the end: the (need + 1)-th ends the line
+            // before the first one wanted. A partial last line has none.
+            let mut seen = 0u64;
+            while pos > 0 {
+                let start = pos.saturating_sub(buf.len() as u64);
+                let chunk = &mut buf[..(pos - start) as usize];
+                file.read_exact_at(chunk, start)?;
+                for i in (0..chunk.len()).rev() {
+                    if chunk[i] == b'\n' {
+                        seen += 1;
+                        if seen > need {
+                            cursor.offset = start + i as u64 + 1;
+                            return Ok(cursor);
+                        }
+                    }
+                }
+                pos = start;
+            }
+            need -= seen;
+        }
+        Ok(cursor)
+    }
+
     pub fn exists(&self, source: &str) -> bool {
         self.root.join(source).is_dir()
     }
@@ -556,8 +603,19 @@ where
     // Subscribe before the first read, so nothing appended in between is missed.
     let mut appended = store.source(source)?.subscribe();
     // Memory stays bounded: records stream a frame at a time, and --tail
-    // keeps only its last N while reading.
-    let mut cursor = Cursor::default();
+    // keeps only its last N while reading. A tail starts near the end, as
+    // --since keeps a suffix of the log; only --stream, which keeps a
+    // subsequence, reads from the start.
+    let mut cursor = match tail {
+        Some(n) if filter.stream.is_none() => {
+            let store = store.clone();
+            let source = source.to_string();
+            tokio::task::spawn_blocking(move || store.tail_cursor(&source, n))
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))??
+        }
+        _ => Cursor::default(),
+    };
     let mut last: std::collections::VecDeque<LogRecord> = std::collections::VecDeque::new();
     loop {
         let (records, next) = read(cursor).await?;
@@ -653,6 +711,33 @@ mod tests {
                 let back: LogRecord = serde_json::from_slice(&buf).unwrap();
                 assert_eq!(back.line, line);
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_tail_cursor_reads_exactly_the_last_lines_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of about ten records each.
+        let limits = LogLimits {
+            segment_max: 600,
+            source_max: 1 << 20,
+        };
+        let store = LogStore::open(dir.path().to_path_buf(), limits).unwrap();
+        let log = store.source("s").unwrap();
+        let lines: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        for l in &lines {
+            log.append(Stream::Stdout, l);
+        }
+        assert!(segments(&dir.path().join("s")).len() > 5);
+        for n in [0u64, 1, 5, 9, 10, 11, 20, 99, 100, 150] {
+            let cursor = store.tail_cursor("s", n).unwrap();
+            let (records, _) = store.read_from("s", cursor, 1000).unwrap();
+            let got: Vec<&str> = records.iter().map(|r| r.line.as_str()).collect();
+            let want: Vec<&str> = lines[100 - n.min(100) as usize..]
+                .iter()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(got, want, "tail {n}");
         }
     }
 

@@ -413,7 +413,10 @@ impl Task {
     /// The service's last lines, from its log.
     fn last_lines(&self, name: &str) -> Vec<String> {
         let mut last = VecDeque::new();
-        let mut cursor = self.logs.newest_segment(name);
+        let mut cursor = self
+            .logs
+            .tail_cursor(name, LAST_LINES as u64)
+            .unwrap_or_else(|_| self.logs.newest_segment(name));
         while let Ok((records, next)) = self.logs.read_from(name, cursor, 1000) {
             cursor = next;
             let done = records.len() < 1000;
