@@ -96,9 +96,8 @@ fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str) -> bool {
             Stream::Stdout => "Stdout",
             Stream::Stderr => "Stderr",
         };
-        buf.extend_from_slice(b"{\"ts_ms\":");
-        buf.extend_from_slice(ts_ms.to_string().as_bytes());
-        buf.extend_from_slice(b",\"stream\":\"");
+        // Into the buffer directly: no String per line.
+        let _ = write!(buf, "{{\"ts_ms\":{ts_ms},\"stream\":\"");
         buf.extend_from_slice(stream.as_bytes());
         buf.extend_from_slice(b"\",\"line\":\"");
         buf.extend_from_slice(line.as_bytes());
@@ -326,9 +325,7 @@ impl LogStore {
     /// of a large log reads the end, not the whole log.
     pub fn tail_cursor(&self, source: &str, n: u64) -> io::Result<Cursor> {
         use std::os::unix::fs::FileExt;
-        if let Some(s) = self.sources.lock().unwrap().get(source) {
-            s.flush();
-        }
+        self.flush_source(source);
         let dir = self.root.join(source);
         let mut need = n;
         let mut cursor = Cursor::default();
@@ -372,6 +369,13 @@ impl LogStore {
         self.root.join(source).is_dir()
     }
 
+    /// Readers see what a source's writer still buffers.
+    fn flush_source(&self, source: &str) {
+        if let Some(s) = self.sources.lock().unwrap().get(source) {
+            s.flush();
+        }
+    }
+
     pub fn flush(&self) {
         for s in self.sources.lock().unwrap().values() {
             s.flush();
@@ -386,9 +390,7 @@ impl LogStore {
         mut cursor: Cursor,
         max: usize,
     ) -> io::Result<(Vec<LogRecord>, Cursor)> {
-        if let Some(s) = self.sources.lock().unwrap().get(source) {
-            s.flush();
-        }
+        self.flush_source(source);
         let dir = self.root.join(source);
         let mut out = Vec::new();
         for n in segments(&dir) {

@@ -205,6 +205,28 @@ enum UnmountWait {
     Background,
 }
 
+/// Drops hulld's reference to a dead inner's mount namespace, which
+/// unmounts its root (on a blocking thread: it can take a third of a
+/// second). A restore's next inner runs on another layer and need not wait
+/// for that; any other start reuses this layer, whose overlay must be gone
+/// first.
+async fn release_mounts(inner: &Inner, wait: UnmountWait) {
+    let Some(ns) = inner.take_mount_ns() else {
+        return;
+    };
+    let unmount = tokio::task::spawn_blocking(move || {
+        let begin = Instant::now();
+        drop(ns);
+        tracing::debug!(
+            ms = begin.elapsed().as_secs_f64() * 1e3,
+            "the stopped inner's mounts are gone"
+        );
+    });
+    if wait == UnmountWait::Wait {
+        let _ = unmount.await;
+    }
+}
+
 struct Task {
     config: InnerConfig,
     current: watch::Sender<Option<Arc<Inner>>>,
@@ -365,23 +387,7 @@ impl Task {
         if let Err(e) = self.config.cgroup.kill_all(Duration::from_secs(5)) {
             tracing::warn!(error = %e, "inner cgroup not empty after its init died");
         }
-        // The last reference to the inner's mounts: dropping it unmounts
-        // the old root. A restore's next inner runs on another layer and
-        // need not wait for that; any other start reuses this layer, whose
-        // overlay must be gone first.
-        if let Some(ns) = inner.take_mount_ns() {
-            let unmount = tokio::task::spawn_blocking(move || {
-                let begin = Instant::now();
-                drop(ns);
-                tracing::debug!(
-                    ms = begin.elapsed().as_secs_f64() * 1e3,
-                    "the stopped inner's mounts are gone"
-                );
-            });
-            if unmount_wait == UnmountWait::Wait {
-                let _ = unmount.await;
-            }
-        }
+        release_mounts(&inner, unmount_wait).await;
         self.set_state(InnerState::Stopped);
     }
 
@@ -555,9 +561,7 @@ impl Task {
         self.current.send_replace(None);
         let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
         // The next inner mounts the same layer: the old root goes first.
-        if let Some(ns) = inner.take_mount_ns() {
-            let _ = tokio::task::spawn_blocking(move || drop(ns)).await;
-        }
+        release_mounts(&inner, UnmountWait::Wait).await;
         self.published.lock().unwrap().unplanned_restarts += 1;
         if inner.started.elapsed() > STABLE_AFTER {
             self.backoff = RETRY_FIRST;
