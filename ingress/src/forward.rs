@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::ports::wait_listening;
+use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, PortTable};
 
 /// Per-direction relay buffer of a forwarded connection.
@@ -340,10 +340,7 @@ pub async fn connect(
             Ok(stream) => return Ok(stream),
             // The table lags the inner by a scan: the listener may have just
             // gone (a bounce). Wait for the next scan and try again.
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionRefused
-                    && tokio::time::Instant::now() < deadline =>
-            {
+            Err(e) if listener_went_away(&e) && tokio::time::Instant::now() < deadline => {
                 let _ = tokio::time::timeout(Duration::from_millis(300), ports.changed()).await;
             }
             Err(e) => return Err(e),

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::ports::wait_listening;
+use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, PortTable};
 
 /// The body of every response the ingress returns: a proxied one streams
@@ -88,6 +87,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The shortest time a connect to the inner is given.
 const CONNECT_MIN: Duration = Duration::from_secs(1);
+/// The largest answer to an idempotent request that is read whole before
+/// it is passed on, so that it can be asked for again if the server dies
+/// half-way through it.
+const WHOLE_ANSWER_LIMIT: u64 = 256 * 1024;
 /// How long a request waits for the previous one's upstream connection to
 /// finish reading its response before it dials a new one.
 const REUSE_WAIT: Duration = Duration::from_millis(50);
@@ -229,7 +232,7 @@ impl HttpIngress {
                 let upstream = hyper::upgrade::on(&mut resp);
                 tokio::spawn(splice(downstream, upstream, sender, port));
             }
-            return finish_response(resp);
+            return finish_response(resp.map(|body| body.boxed()));
         }
 
         // A kept connection may have been closed by the inner since its last
@@ -246,6 +249,11 @@ impl HttpIngress {
             *again.headers_mut() = req.headers().clone();
             again
         });
+        // The server may also die between its head and the end of its body.
+        // An idempotent request may then be sent again too (RFC 9110
+        // §9.2.2), as long as nothing of the answer has gone out yet; so a
+        // small answer to one is read whole before its head is passed on.
+        let whole_answer = replay.is_some() && req.method().is_idempotent();
         let deadline = tokio::time::Instant::now() + self.config.wait;
         let mut kept = self.kept_sender(port, upstreams).await;
         loop {
@@ -257,10 +265,16 @@ impl HttpIngress {
                     Err((status, message)) => return text(status, message),
                 },
             };
-            match sender.try_send_request(req).await {
+            let failure = match sender.try_send_request(req).await {
                 Ok(resp) => {
                     lock(upstreams).insert(port, sender);
-                    return finish_response(resp);
+                    if !(whole_answer && small_body(&resp)) {
+                        return finish_response(resp.map(|body| body.boxed()));
+                    }
+                    match read_whole(resp).await {
+                        Ok(resp) => return finish_response(resp),
+                        Err(e) => e,
+                    }
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
@@ -269,19 +283,21 @@ impl HttpIngress {
                             "http ingress: kept connection was closed, dialing again"
                         );
                         req = back;
+                        continue;
                     }
-                    _ => match &replay {
-                        Some(template) if tokio::time::Instant::now() < deadline => {
-                            debug!(port, error = %e.error(), "http ingress: upstream failed before answering; sending again");
-                            let mut table = self.ports.clone();
-                            let _ = tokio::time::timeout(RETRY_PAUSE, table.changed()).await;
-                            req = template
-                                .clone()
-                                .map(|()| Empty::new().map_err(|never| match never {}).boxed());
-                        }
-                        _ => return upstream_failed(port, e.error()),
-                    },
+                    _ => e.into_error(),
                 },
+            };
+            match &replay {
+                Some(template) if tokio::time::Instant::now() < deadline => {
+                    debug!(port, error = %failure, "http ingress: upstream failed before answering; sending again");
+                    let mut table = self.ports.clone();
+                    let _ = tokio::time::timeout(RETRY_PAUSE, table.changed()).await;
+                    req = template
+                        .clone()
+                        .map(|()| Empty::new().map_err(|never| match never {}).boxed());
+                }
+                _ => return upstream_failed(port, &failure),
             }
         }
     }
@@ -379,15 +395,12 @@ impl HttpIngress {
                 // The table is one scan behind: the listener may have just
                 // closed because the inner or the service is going down.
                 // Wait for the next scan (or a short pause) and look again.
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Ok(Err(e)) if listener_went_away(&e) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(not_listening(" (connection refused)"));
+                        return Err(not_listening(&format!(" ({e})")));
                     }
-                    debug!(
-                        port,
-                        "http ingress: connection refused, waiting for the port"
-                    );
+                    debug!(port, error = %e, "http ingress: the port went away, waiting for it");
                     if let Ok(Err(_)) = tokio::time::timeout(pause.min(left), table.changed()).await
                     {
                         // No more scans will come; pause so this is no busy loop.
@@ -614,11 +627,32 @@ fn prepare_request(
     Ok(())
 }
 
-fn finish_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn finish_response(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body)
+}
+
+/// Whether an answer's body has a declared length small enough to hold
+/// before passing it on. A streamed body of unknown length (server-sent
+/// events, a long download) is relayed as it comes.
+fn small_body(resp: &Response<Incoming>) -> bool {
+    resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && resp
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|len| len <= WHOLE_ANSWER_LIMIT)
+}
+
+async fn read_whole(resp: Response<Incoming>) -> Result<Response<ProxyBody>, hyper::Error> {
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(
+        parts,
+        Full::new(bytes).map_err(|never| match never {}).boxed(),
+    ))
 }
 
 fn upstream_failed(port: u16, e: &hyper::Error) -> Response<ProxyBody> {
@@ -1121,6 +1155,70 @@ mod tests {
         let (status, _, body) = call(&mut client, get(&host)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.contains("name=second\n"), "{body}");
+    }
+
+    /// An upstream whose first connection answers a head and part of the
+    /// body, then dies (a bounce caught it mid-answer); later ones answer
+    /// whole. Counts connections.
+    async fn upstream_dying_mid_answer() -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let count = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let nth = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer: &[u8] = if nth == 0 {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhalf"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nwhole answer"
+                    };
+                    let _ = stream.write_all(answer).await;
+                });
+            }
+        });
+        (port, conns)
+    }
+
+    #[tokio::test]
+    async fn http_an_answer_cut_short_is_asked_for_again() {
+        let (port, conns) = upstream_dying_mid_answer().await;
+        let proxy = start_proxy(config(), table(&[port], true), Vec::new()).await;
+        let (status, _, body) = fetch(proxy.addr, get(&format!("{port}.localhost"))).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "whole answer"));
+        assert_eq!(conns.load(Ordering::SeqCst), 2, "sent once more");
+    }
+
+    #[tokio::test]
+    async fn http_a_post_is_not_sent_again_once_answered() {
+        // The server has acted on a POST once it answers; a second one could
+        // act twice. The client sees the answer break off instead.
+        let (port, conns) = upstream_dying_mid_answer().await;
+        let proxy = start_proxy(config(), table(&[port], true), Vec::new()).await;
+        let req = Request::post("/act")
+            .header(header::HOST, format!("{port}.localhost"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut client = connect(proxy.addr).await;
+        let resp = tokio::time::timeout(LIMIT, client.send_request(req))
+            .await
+            .expect("request hung")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
+            .await
+            .expect("body hung");
+        assert!(body.is_err(), "a cut answer must not look whole");
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "sent once");
     }
 
     /// xorshift64: a reproducible byte stream without buffering it.

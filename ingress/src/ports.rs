@@ -50,6 +50,18 @@ impl PortTable {
     }
 }
 
+/// Whether a failed connect means the listener has just gone (the table
+/// lags the inner by a scan): refused once it is closed, reset or aborted
+/// when it closed with this connection still in its accept queue. Worth
+/// waiting for the next scan, since a bounce brings it back.
+pub fn listener_went_away(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+    )
+}
+
 /// Waits until `port` listens in the inner, for at most `limit`, but only as
 /// long as waiting makes sense (see [`PortTable::worth_waiting`]); `extra`
 /// says to wait even so (the port belongs to a declared service).

@@ -397,8 +397,21 @@ impl TestHull {
     }
 }
 
+/// How much of hulld's log a failing test prints.
+const LOG_TAIL_ON_FAILURE: usize = 24 * 1024;
+
 impl Drop for TestHull {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed assertion rarely names hulld's side of the story;
+            // the end of its log usually does.
+            let log = self.log();
+            let start = log.len().saturating_sub(LOG_TAIL_ON_FAILURE);
+            let start = (start..log.len())
+                .find(|&i| log.is_char_boundary(i))
+                .unwrap_or(log.len());
+            eprintln!("--- end of hulld's log ---\n{}", &log[start..]);
+        }
         if self.hulld.is_some() {
             let _ = self.hull(&["down", "--grace", "0"]);
         }
