@@ -672,7 +672,7 @@ const KEEPALIVE_PORT: u16 = 8700;
 fn bench_keepalive(hull: &TestHull, inner_pid: i32, inner: std::net::IpAddr) -> Result<()> {
     raise_nofile();
     let listener = listen_in_netns(inner_pid, KEEPALIVE_PORT)?;
-    let _server = KeepAliveServer::start(listener)?;
+    let server = KeepAliveServer::start(listener)?;
     let forwarded = std::net::SocketAddr::from((hull.outer, KEEPALIVE_PORT));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect_timeout(&forwarded, Duration::from_millis(200)).is_err() {
@@ -684,54 +684,26 @@ fn bench_keepalive(hull: &TestHull, inner_pid: i32, inner: std::net::IpAddr) -> 
     let secs = arg_usize("--wrk-secs", 5);
     let host = format!("{KEEPALIVE_PORT}.localhost");
     let hulld = hull.hulld_pid();
-    let direct_url = format!("http://{inner}:{KEEPALIVE_PORT}/");
-    let http_url = format!("http://{}:{}/", hull.outer, hull.http_port);
-    let fwd_url = format!("http://{forwarded}/");
+    let urls = WrkUrls {
+        direct: format!("http://{inner}:{KEEPALIVE_PORT}/"),
+        http: format!("http://{}:{}/", hull.outer, hull.http_port),
+        forwarded: format!("http://{forwarded}/"),
+        host,
+    };
     for connections in [1, 64] {
-        let direct = wrk(&direct_url, None, connections, secs)?;
-        let cpu = cpu_ticks(hulld)?;
-        let http = wrk(&http_url, Some(&host), connections, secs)?;
-        let http_cpu = cpu_ticks(hulld)? - cpu;
-        let cpu = cpu_ticks(hulld)?;
-        let fwd = wrk(&fwd_url, None, connections, secs)?;
-        let fwd_cpu = cpu_ticks(hulld)? - cpu;
-        println!();
-        println!("wrk, {connections} keep-alive connection(s), {secs} s, 1 KiB responses:");
-        println!(
-            "{:<40} {:>9} {:>10} {:>10} {:>6} {:>14}",
-            "path", "req/s", "p50", "p99", "errors", "hulld CPU/req"
-        );
-        println!("{}", "-".repeat(94));
-        for (name, r, cpu) in [
-            ("anchor: direct to the inner's address", &direct, None),
-            ("HTTP ingress", &http, Some(http_cpu)),
-            ("TCP forwarding", &fwd, Some(fwd_cpu)),
-        ] {
-            let per_req = cpu
-                .map(|ticks| {
-                    format!(
-                        "{:.1} us",
-                        ticks as f64 * 1e6 / clock_ticks() / r.requests as f64
-                    )
-                })
-                .unwrap_or_default();
-            println!(
-                "{:<40} {:>9.0} {:>7.3} ms {:>7.3} ms {:>6} {:>14}",
-                name, r.rps, r.p50_ms, r.p99_ms, r.errors, per_req
-            );
-        }
-        println!(
-            "ratio HTTP ingress / direct throughput: {:.2}  (target >= 0.8)",
-            http.rps / direct.rps
-        );
-        println!(
-            "HTTP ingress added p50 latency: {:.3} ms  (target <= 0.2 ms)",
-            http.p50_ms - direct.p50_ms
-        );
-        println!(
-            "ratio TCP forwarding / direct throughput: {:.2}",
-            fwd.rps / direct.rps
-        );
+        wrk_paths(&urls, hulld, connections, secs, None)?;
+    }
+    // On two shared cores the ratios above are CPU ratios: whatever hulld
+    // spends per request is taken from wrk and the server. The usual proxy
+    // methodology gives the proxy a core of its own instead, with the
+    // client and the server on the same core(s) in both runs.
+    if let Some(cores) = ProxyCores::split() {
+        let placement = cores.apply(hulld, &server)?;
+        let result = wrk_paths(&urls, hulld, 64, secs, Some(&cores));
+        placement.undo(&server)?;
+        result?;
+    } else {
+        println!("\n(one CPU only: no run with hulld on a core of its own)");
     }
     let held = wrk(&format!("http://{forwarded}/"), None, 1000, 10)?;
     println!();
@@ -740,6 +712,186 @@ fn bench_keepalive(hull: &TestHull, inner_pid: i32, inner: std::net::IpAddr) -> 
         held.requests, held.errors
     );
     Ok(())
+}
+
+struct WrkUrls {
+    direct: String,
+    http: String,
+    forwarded: String,
+    /// The Host that routes an HTTP ingress request to the server.
+    host: String,
+}
+
+/// One wrk run per path (direct, HTTP ingress, TCP forwarding) and their
+/// ratios; with `cores`, wrk runs on the client cores.
+fn wrk_paths(
+    urls: &WrkUrls,
+    hulld: i32,
+    connections: usize,
+    secs: usize,
+    cores: Option<&ProxyCores>,
+) -> Result<()> {
+    let run = |url: &str, host: Option<&str>| -> Result<WrkRun> {
+        // Progress, and a mark for a profiler to start at.
+        eprintln!("wrk: {connections} connection(s) to {url} for {secs} s");
+        match cores {
+            Some(c) => c.on_client_cores(|| wrk(url, host, connections, secs)),
+            None => wrk(url, host, connections, secs),
+        }
+    };
+    let direct = run(&urls.direct, None)?;
+    let cpu = cpu_ticks(hulld)?;
+    let http = run(&urls.http, Some(&urls.host))?;
+    let http_cpu = cpu_ticks(hulld)? - cpu;
+    let cpu = cpu_ticks(hulld)?;
+    let fwd = run(&urls.forwarded, None)?;
+    let fwd_cpu = cpu_ticks(hulld)? - cpu;
+    println!();
+    match cores {
+        None => println!(
+            "wrk, {connections} keep-alive connection(s), {secs} s, 1 KiB responses, all on every CPU:"
+        ),
+        Some(c) => println!(
+            "wrk, {connections} keep-alive connection(s), {secs} s, 1 KiB responses, wrk and the server on CPU {}, hulld on CPU {}:",
+            c.client_list(),
+            c.proxy
+        ),
+    }
+    println!(
+        "{:<40} {:>9} {:>10} {:>10} {:>6} {:>14}",
+        "path", "req/s", "p50", "p99", "errors", "hulld CPU/req"
+    );
+    println!("{}", "-".repeat(94));
+    for (name, r, cpu) in [
+        ("anchor: direct to the inner's address", &direct, None),
+        ("HTTP ingress", &http, Some(http_cpu)),
+        ("TCP forwarding", &fwd, Some(fwd_cpu)),
+    ] {
+        let per_req = cpu
+            .map(|ticks| {
+                format!(
+                    "{:.1} us",
+                    ticks as f64 * 1e6 / clock_ticks() / r.requests as f64
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<40} {:>9.0} {:>7.3} ms {:>7.3} ms {:>6} {:>14}",
+            name, r.rps, r.p50_ms, r.p99_ms, r.errors, per_req
+        );
+    }
+    println!(
+        "ratio HTTP ingress / direct throughput: {:.2}  (target >= 0.8)",
+        http.rps / direct.rps
+    );
+    println!(
+        "HTTP ingress added p50 latency: {:.3} ms  (target <= 0.2 ms)",
+        http.p50_ms - direct.p50_ms
+    );
+    println!(
+        "ratio TCP forwarding / direct throughput: {:.2}",
+        fwd.rps / direct.rps
+    );
+    Ok(())
+}
+
+/// The CPUs of a run where hulld has a core of its own: the last allowed
+/// CPU for hulld, the others for wrk and the server.
+struct ProxyCores {
+    client: Vec<usize>,
+    proxy: usize,
+}
+
+/// What `ProxyCores::apply` changed, to put back.
+struct Placement {
+    hulld_before: Vec<(i32, nix::sched::CpuSet)>,
+    server_before: nix::sched::CpuSet,
+}
+
+impl ProxyCores {
+    fn split() -> Option<ProxyCores> {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+        let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .collect();
+        let (&proxy, client) = cpus.split_last()?;
+        (!client.is_empty()).then(|| ProxyCores {
+            client: client.to_vec(),
+            proxy,
+        })
+    }
+
+    fn client_list(&self) -> String {
+        let list: Vec<String> = self.client.iter().map(|c| c.to_string()).collect();
+        list.join(",")
+    }
+
+    fn set(cpus: &[usize]) -> Result<nix::sched::CpuSet> {
+        let mut set = nix::sched::CpuSet::new();
+        for &c in cpus {
+            set.set(c)?;
+        }
+        Ok(set)
+    }
+
+    /// Pins every thread of hulld to the proxy core and the server's
+    /// threads to the client cores.
+    fn apply(&self, hulld: i32, server: &KeepAliveServer) -> Result<Placement> {
+        use nix::sched::{sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let proxy = Self::set(&[self.proxy])?;
+        let mut hulld_before = Vec::new();
+        for tid in threads(hulld)? {
+            let pid = Pid::from_raw(tid);
+            // A thread that ended since the listing has nothing to pin.
+            if let Ok(before) = sched_getaffinity(pid) {
+                sched_setaffinity(pid, &proxy)
+                    .with_context(|| format!("pin hulld's thread {tid} to CPU {}", self.proxy))?;
+                hulld_before.push((tid, before));
+            }
+        }
+        let server_before = server.set_affinity(&Self::set(&self.client)?)?;
+        Ok(Placement {
+            hulld_before,
+            server_before,
+        })
+    }
+
+    /// Runs `f` with the calling thread on the client cores, so that what
+    /// it spawns (wrk) starts there.
+    fn on_client_cores<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        use nix::sched::{sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let me = Pid::from_raw(0);
+        let before = sched_getaffinity(me)?;
+        sched_setaffinity(me, &Self::set(&self.client)?)
+            .context("pin the bench to the client cores")?;
+        let result = f();
+        sched_setaffinity(me, &before)?;
+        result
+    }
+}
+
+impl Placement {
+    fn undo(self, server: &KeepAliveServer) -> Result<()> {
+        for (tid, before) in self.hulld_before {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &before);
+        }
+        server.set_affinity(&self.server_before)?;
+        Ok(())
+    }
+}
+
+/// The thread ids of a process.
+fn threads(pid: i32) -> Result<Vec<i32>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("list {dir}"))? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    Ok(tids)
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -871,13 +1023,20 @@ fn listen_in_netns(inner_pid: i32, port: u16) -> Result<std::net::TcpListener> {
 /// hyper serving a fixed 1 KiB body on its own runtime; dropped, it stops.
 struct KeepAliveServer {
     runtime: Option<tokio::runtime::Runtime>,
+    /// Its runtime's threads, to pin them.
+    threads: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
 }
 
 impl KeepAliveServer {
     fn start(listener: std::net::TcpListener) -> Result<KeepAliveServer> {
+        let threads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = threads.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
+            .on_thread_start(move || {
+                record.lock().unwrap().push(nix::unistd::gettid().as_raw());
+            })
             .build()?;
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -905,7 +1064,22 @@ impl KeepAliveServer {
         });
         Ok(KeepAliveServer {
             runtime: Some(runtime),
+            threads,
         })
+    }
+
+    /// Sets the CPUs of the server's threads; returns what the first had.
+    fn set_affinity(&self, cpus: &nix::sched::CpuSet) -> Result<nix::sched::CpuSet> {
+        use nix::sched::{sched_getaffinity, sched_setaffinity};
+        use nix::unistd::Pid;
+        let threads = self.threads.lock().unwrap().clone();
+        let first = *threads.first().context("the server has no threads")?;
+        let before = sched_getaffinity(Pid::from_raw(first))?;
+        for tid in threads {
+            sched_setaffinity(Pid::from_raw(tid), cpus)
+                .with_context(|| format!("set the CPUs of the server's thread {tid}"))?;
+        }
+        Ok(before)
     }
 }
 
