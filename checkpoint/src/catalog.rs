@@ -104,6 +104,17 @@ impl Catalog {
         Ok(next)
     }
 
+    /// Gives back `seq`, the last number `counter` handed out, for a thing
+    /// that was never made (a checkpoint whose snapshot failed), so the
+    /// next one does not leave a gap. Does nothing if a later number went.
+    pub fn give_back_seq(&self, counter: &str, seq: i64) -> rusqlite::Result<()> {
+        let last = self.meta(counter)?.and_then(|v| v.parse::<i64>().ok());
+        if last == Some(seq) {
+            self.set_meta(counter, &(seq - 1).to_string())?;
+        }
+        Ok(())
+    }
+
     pub fn insert_checkpoint(&self, row: &CheckpointRow) -> rusqlite::Result<()> {
         self.conn.execute(
             "INSERT INTO checkpoints (id, seq, parent, created_ms, comment, auto, services, state)
@@ -257,5 +268,18 @@ mod tests {
         let c = Catalog::open(&path).unwrap();
         assert_eq!(c.checkpoints().unwrap().len(), 1);
         assert_eq!(c.next_seq("checkpoint_seq").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_number_given_back_is_handed_out_again_only_if_it_was_the_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        let first = c.next_seq("checkpoint_seq").unwrap();
+        c.give_back_seq("checkpoint_seq", first).unwrap();
+        assert_eq!(c.next_seq("checkpoint_seq").unwrap(), first);
+        let second = c.next_seq("checkpoint_seq").unwrap();
+        // An older number cannot come back: a later one is already out.
+        c.give_back_seq("checkpoint_seq", first).unwrap();
+        assert_eq!(c.next_seq("checkpoint_seq").unwrap(), second + 1);
     }
 }

@@ -382,6 +382,7 @@ impl Storage {
         if let Err(e) = frozen_ok {
             let _ = quiesce.thaw();
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
+            catalog.give_back_seq("checkpoint_seq", seq).map_err(&db)?;
             return Err(StorageError::Freeze(e));
         }
         // No second syncfs here: the snapshot ioctl itself flushes the
@@ -398,6 +399,8 @@ impl Storage {
         if let Err(e) = snap {
             let _ = self.destroy(&dest);
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
+            // The id was never shown as a checkpoint: the next one takes it.
+            catalog.give_back_seq("checkpoint_seq", seq).map_err(&db)?;
             return Err(e);
         }
         failpoint("create:after-snapshot");

@@ -75,18 +75,28 @@ impl Terminal {
     /// Waits until the output after byte `from` contains `needle`; returns
     /// the output's length, to wait for the next answer after it.
     fn expect(&self, from: usize, needle: &str) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for(from, needle, Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                let seen = self.seen.lock().unwrap();
+                panic!(
+                    "no {needle:?} on the terminal; it shows {:?}",
+                    &seen[from.min(seen.len())..]
+                )
+            })
+    }
+
+    /// Like `expect`, but None after `limit`.
+    fn wait_for(&self, from: usize, needle: &str, limit: Duration) -> Option<usize> {
+        let deadline = Instant::now() + limit;
         loop {
             {
                 let seen = self.seen.lock().unwrap();
                 if let Some(pos) = seen.get(from..).and_then(|s| s.find(needle)) {
-                    return from + pos + needle.len();
+                    return Some(from + pos + needle.len());
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "no {needle:?} on the terminal; it shows {:?}",
-                    &seen[from.min(seen.len())..]
-                );
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -136,10 +146,21 @@ fn console_is_a_shell_with_resize_ctrl_c_and_exit_code() {
     term.type_keys(b"stty size\r");
     let at = term.expect(0, "24 80");
     term.resize(40, 132);
-    // SIGWINCH travels hull -> hulld -> the PTY; give it a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    term.type_keys(b"stty size\r");
-    let at = term.expect(at, "40 132");
+    // SIGWINCH travels hull -> hulld -> the PTY, racing the next command;
+    // ask again until the new size shows (bounded), so a slow machine does
+    // not fail the test and a lost resize still does.
+    let mut at = at;
+    let mut resized = None;
+    for _ in 0..10 {
+        term.type_keys(b"stty size\r");
+        // The echo of what was typed comes first; wait past it.
+        at = term.expect(at, "stty size");
+        resized = term.wait_for(at, "40 132", Duration::from_secs(1));
+        if resized.is_some() {
+            break;
+        }
+    }
+    let at = resized.unwrap_or_else(|| term.expect(at, "40 132"));
     // Ctrl-C interrupts the foreground job, not the shell.
     term.type_keys(b"sleep 100\r");
     std::thread::sleep(Duration::from_millis(300));
