@@ -290,7 +290,7 @@ impl HttpIngress {
             };
             match &replay {
                 Some(template) if tokio::time::Instant::now() < deadline => {
-                    debug!(port, error = %failure, "http ingress: upstream failed before answering; sending again");
+                    debug!(port, error = %failure, "http ingress: upstream failed before a whole answer; sending again");
                     let mut table = self.ports.clone();
                     let _ = tokio::time::timeout(RETRY_PAUSE, table.changed()).await;
                     req = template

@@ -817,7 +817,8 @@ struct ProxyCores {
 
 /// What `ProxyCores::apply` changed, to put back.
 struct Placement {
-    hulld_before: Vec<(i32, nix::sched::CpuSet)>,
+    hulld: i32,
+    hulld_before: nix::sched::CpuSet,
     server_before: nix::sched::CpuSet,
 }
 
@@ -850,21 +851,14 @@ impl ProxyCores {
     /// Pins every thread of hulld to the proxy core and the server's
     /// threads to the client cores.
     fn apply(&self, hulld: i32, server: &KeepAliveServer) -> Result<Placement> {
-        use nix::sched::{sched_getaffinity, sched_setaffinity};
+        use nix::sched::sched_getaffinity;
         use nix::unistd::Pid;
-        let proxy = Self::set(&[self.proxy])?;
-        let mut hulld_before = Vec::new();
-        for tid in threads(hulld)? {
-            let pid = Pid::from_raw(tid);
-            // A thread that ended since the listing has nothing to pin.
-            if let Ok(before) = sched_getaffinity(pid) {
-                sched_setaffinity(pid, &proxy)
-                    .with_context(|| format!("pin hulld's thread {tid} to CPU {}", self.proxy))?;
-                hulld_before.push((tid, before));
-            }
-        }
+        let hulld_before = sched_getaffinity(Pid::from_raw(hulld))
+            .context("read the CPUs of hulld's main thread")?;
+        set_threads_affinity(hulld, &Self::set(&[self.proxy])?)?;
         let server_before = server.set_affinity(&Self::set(&self.client)?)?;
         Ok(Placement {
+            hulld,
             hulld_before,
             server_before,
         })
@@ -886,13 +880,25 @@ impl ProxyCores {
 }
 
 impl Placement {
+    /// Threads hulld started meanwhile inherited the pinned mask, so every
+    /// thread it has now gets the main thread's mask back.
     fn undo(self, server: &KeepAliveServer) -> Result<()> {
-        for (tid, before) in self.hulld_before {
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &before);
-        }
+        set_threads_affinity(self.hulld, &self.hulld_before)?;
         server.set_affinity(&self.server_before)?;
         Ok(())
     }
+}
+
+/// Sets the CPUs of every thread a process has.
+fn set_threads_affinity(pid: i32, cpus: &nix::sched::CpuSet) -> Result<()> {
+    for tid in threads(pid)? {
+        match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus) {
+            // A thread that ended since the listing has nothing to set.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => bail!("set the CPUs of thread {tid} of process {pid}: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// The thread ids of a process.
