@@ -348,6 +348,10 @@ impl Storage {
             steps.push((name, now - clock));
             clock = now;
         };
+        // The catalog is locked for its own steps only: a syncfs of a dirty
+        // layer can take seconds, and `hull status` and `checkpoint list`
+        // read the catalog meanwhile. Creates never overlap (the caller
+        // serialises them with restores).
         let catalog = self.catalog.lock().unwrap();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
@@ -368,6 +372,7 @@ impl Storage {
             .meta(CURRENT_LAYER)
             .map_err(&db)?
             .expect("recovery guarantees a current layer");
+        drop(catalog);
         let source = self.layer_dir(&current);
         let dest = self.checkpoint_dir(&row.id);
 
@@ -381,6 +386,7 @@ impl Storage {
         step("freeze");
         if let Err(e) = frozen_ok {
             let _ = quiesce.thaw();
+            let catalog = self.catalog.lock().unwrap();
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
             catalog.give_back_seq("checkpoint_seq", seq).map_err(&db)?;
             return Err(StorageError::Freeze(e));
@@ -396,6 +402,7 @@ impl Storage {
         let thawed = quiesce.thaw();
         let frozen = freeze_start.elapsed();
         step("thaw");
+        let catalog = self.catalog.lock().unwrap();
         if let Err(e) = snap {
             let _ = self.destroy(&dest);
             catalog.delete_checkpoint(&row.id).map_err(&db)?;

@@ -738,6 +738,7 @@ mod tests {
             ports: ports.iter().copied().map(listening).collect(),
             inner_running,
             recently_gone: HashMap::new(),
+            scanned_at: None,
         }
     }
 

@@ -24,6 +24,9 @@ pub struct ListeningPort {
 #[derive(Debug, Clone, Default)]
 pub struct PortTable {
     pub ports: Vec<ListeningPort>,
+    /// When the scan behind this table began: a reader that needs a view
+    /// newer than some event (a service's start) compares with it.
+    pub scanned_at: Option<Instant>,
     /// Whether an inner is running (false while it bounces or restores).
     pub inner_running: bool,
     /// Ports that stopped listening, and when: a request for one of them

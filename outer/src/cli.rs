@@ -581,6 +581,20 @@ pub async fn checkpoint_restore(g: &Global, id: &str) -> Result<()> {
         "restored {} in {:.1} ms (stop {:.1} ms, start {:.1} ms); undo with: hull checkpoint restore {}",
         r.restored, r.total_ms, r.stop_ms, r.start_ms, r.undo
     );
+    if !r.services_removed.is_empty() {
+        println!(
+            "services removed (not in {}): {}",
+            r.restored,
+            r.services_removed.join(", ")
+        );
+    }
+    if !r.services_added.is_empty() {
+        println!(
+            "services brought back (recorded in {}): {}",
+            r.restored,
+            r.services_added.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -13,13 +13,14 @@ use hull_proto::Limits;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
 use crate::server::Scope;
-use crate::services::ServiceManager;
 use crate::supervisor::{InnerConfig, Supervisor};
+use hull_services::ServiceManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -56,64 +57,8 @@ pub enum DaemonError {
     Network(#[from] crate::network::NetworkError),
     #[error(transparent)]
     InnerApi(#[from] crate::inner_api::InnerApiError),
-}
-
-/// Shared state of the running daemon.
-pub struct Daemon {
-    pub config: Config,
-    pub storage: Arc<Storage>,
-    pub services: ServiceManager,
-    pub logs: Arc<crate::logs::LogStore>,
-    pub cgroups: HullCgroups,
-    pub supervisor: Supervisor,
-    pub limits: Limits,
-    pub image: PathBuf,
-    pub network: crate::network::Network,
-    pub registry: Arc<std::sync::Mutex<hull_services::Registry>>,
-    stopped: Notify,
-    shutdown_lock: tokio::sync::Mutex<bool>,
-}
-
-impl Daemon {
-    /// Stops the inner and removes hull's cgroups and the socket.
-    /// Idempotent; returns once everything is gone. The main loop keeps
-    /// running until [`Daemon::exit`], so the caller can still answer.
-    pub async fn shutdown(&self, grace: Duration) {
-        let mut done = self.shutdown_lock.lock().await;
-        if *done {
-            return;
-        }
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
-        self.supervisor.shutdown(grace).await;
-        self.network.shutdown().await;
-        if let Err(e) = self.cgroups.teardown() {
-            tracing::warn!(error = %e, "cannot remove hull's cgroups");
-        }
-        if let Err(e) = self.storage.close() {
-            tracing::warn!(error = %e, "cannot unmount the btrfs volume");
-        }
-        let _ = std::fs::remove_file(&self.config.socket);
-        self.logs.flush();
-        *done = true;
-    }
-
-    /// Points HTTP ingress at the services that declare a port now (after
-    /// start, a change of the registry, a restore).
-    pub fn refresh_routes(&self) {
-        let specs = match self.registry.lock() {
-            Ok(registry) => registry.list(),
-            Err(_) => return,
-        };
-        match specs {
-            Ok(specs) => self.network.set_routes(&specs),
-            Err(e) => tracing::warn!(error = %e, "cannot read the services for HTTP routing"),
-        }
-    }
-
-    /// Lets the main loop return (after [`Daemon::shutdown`]).
-    pub fn exit(&self) {
-        self.stopped.notify_one();
-    }
+    #[error("hulld's {task} task {how}; hulld exits so that the next start recovers from the persisted state")]
+    TaskFailed { task: &'static str, how: String },
 }
 
 /// Every forwarded connection costs two fds; the default soft limit of 1024
@@ -233,19 +178,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
     let (segment_max, source_max) = config.logs.limits()?;
-    let limits = crate::logs::LogLimits {
+    let limits = hull_logs::LogLimits {
         segment_max,
         source_max,
     };
     let logs =
-        crate::logs::LogStore::open(config.state_dir.join("logs"), limits).map_err(|source| {
+        hull_logs::LogStore::open(config.state_dir.join("logs"), limits).map_err(|source| {
             DaemonError::StateDir {
                 path: config.state_dir.join("logs"),
                 source,
             }
         })?;
-    match logs.source(crate::logs::DAEMON_SOURCE) {
-        Ok(own) => crate::logs::set_daemon_log(own),
+    match logs.source(hull_logs::DAEMON_SOURCE) {
+        Ok(own) => hull_logs::set_daemon_log(own),
         Err(e) => tracing::warn!(error = %e, "cannot keep hulld's own log in the log store"),
     }
 
@@ -275,10 +220,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
-    let registry_path = config.state_dir.join("services.db");
-    let registry = Arc::new(std::sync::Mutex::new(hull_services::Registry::open(
-        &registry_path,
-    )?));
+    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?;
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
@@ -301,21 +243,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     raise_fd_limit();
     let (running_tx, running) = tokio::sync::watch::channel(false);
     let network = crate::network::Network::start(&config, running).await?;
-    let supervisor = Supervisor::start(InnerConfig {
-        exe: SealedExe::create()?,
-        cgroup: cgroups.inner.clone(),
-        memory_max: limits.memory_max_bytes,
-        pids_max: limits.pids_max,
-        lower: image.clone(),
-        storage: storage.clone(),
-        auto_checkpoints_keep: config.auto_checkpoints_keep,
-        registry: registry.clone(),
-        rootfs,
-        hostname: config.hostname.clone(),
-        netns: Some(network.netns.clone()),
-        resolv_conf: network.resolv_conf.clone(),
-        api_dir: Some(inner_api.dir.clone()),
-    });
+    let (current_tx, current) = tokio::sync::watch::channel(None);
+    let (services, services_task) =
+        ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
+    network.follow_definitions(services.definitions());
+    let (supervisor, supervisor_task) = Supervisor::start(
+        InnerConfig {
+            exe: SealedExe::create()?,
+            cgroup: cgroups.inner.clone(),
+            memory_max: limits.memory_max_bytes,
+            pids_max: limits.pids_max,
+            lower: image.clone(),
+            storage: storage.clone(),
+            auto_checkpoints_keep: config.auto_checkpoints_keep,
+            services: services.clone(),
+            rootfs,
+            hostname: config.hostname.clone(),
+            netns: Some(network.netns.clone()),
+            resolv_conf: network.resolv_conf.clone(),
+            api_dir: Some(inner_api.dir.clone()),
+        },
+        current_tx,
+    );
     let mut current = supervisor.watch_current();
     tokio::spawn(async move {
         loop {
@@ -335,10 +284,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
-    let services =
-        ServiceManager::start(registry.clone(), logs.clone(), supervisor.watch_current());
-    let daemon = Arc::new(Daemon {
-        config,
+    let hulld = Hulld::new(Parts {
+        state_dir: config.state_dir.clone(),
+        socket: config.socket.clone(),
         storage,
         services,
         logs,
@@ -347,12 +295,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         limits,
         image,
         network,
-        registry,
-        stopped: Notify::new(),
-        shutdown_lock: tokio::sync::Mutex::new(false),
     });
-
-    daemon.refresh_routes();
+    let mut tasks = Tasks {
+        supervisor: Some(supervisor_task),
+        services: Some(services_task),
+    };
     let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Protect {
         what: "SIGTERM handler",
         source,
@@ -365,31 +312,40 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::Control));
+                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on the unix socket failed"),
             },
             accepted = inner_api.listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::InnerServices));
+                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::InnerServices));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on the inner's service socket failed"),
             },
             accepted = accept_vsock(vsock.as_ref()) => match accepted {
                 Ok(stream) => {
-                    tokio::spawn(crate::server::serve_connection(daemon.clone(), stream, Scope::Control));
+                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on vsock failed"),
             },
+            (task, how) = tasks.failed(), if !hulld.is_shutting_down() => {
+                // A supervisor or service manager that is gone would leave
+                // hulld half alive (every bounce answering "shutting
+                // down"). Exit instead: the inner and the volume are left
+                // as after a kill -9, which the next start recovers from.
+                tracing::error!(task, how = %how, "a core task of hulld failed; exiting");
+                hulld.logs().flush();
+                return Err(DaemonError::TaskFailed { task, how });
+            }
             _ = sigterm.recv() => {
-                daemon.shutdown(Duration::from_secs(2)).await;
+                hulld.shutdown(Duration::from_secs(2)).await;
                 break;
             }
             _ = sigint.recv() => {
-                daemon.shutdown(Duration::from_secs(2)).await;
+                hulld.shutdown(Duration::from_secs(2)).await;
                 break;
             }
-            _ = daemon.stopped.notified() => break,
+            _ = hulld.exited() => break,
         }
     }
     tracing::info!("hulld stopped");
@@ -402,5 +358,51 @@ async fn accept_vsock(
     match listener {
         Some(l) => l.accept().await.map(|(stream, _)| stream),
         None => std::future::pending().await,
+    }
+}
+
+/// hulld's core tasks, watched for an end that is not a shutdown.
+struct Tasks {
+    supervisor: Option<JoinHandle<()>>,
+    services: Option<JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Resolves when a task ends: its name, and whether it panicked (with
+    /// the panic's message) or returned.
+    async fn failed(&mut self) -> (&'static str, String) {
+        let watched = [
+            ("supervisor", &mut self.supervisor),
+            ("service manager", &mut self.services),
+        ];
+        let pending: Vec<_> = watched
+            .into_iter()
+            .filter_map(|(name, slot)| {
+                slot.as_mut()
+                    .map(|h| Box::pin(async move { (name, h.await) }))
+            })
+            .collect();
+        if pending.is_empty() {
+            return std::future::pending().await;
+        }
+        let ((name, result), _, _) = futures::future::select_all(pending).await;
+        match name {
+            "supervisor" => self.supervisor = None,
+            _ => self.services = None,
+        }
+        let how = match result {
+            Ok(()) => "ended".to_string(),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("panicked: {message}")
+            }
+            Err(_) => "was cancelled".to_string(),
+        };
+        (name, how)
     }
 }

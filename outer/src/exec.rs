@@ -18,8 +18,8 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use crate::launch::{InitEvent, Inner, SpawnFailure};
-use crate::logs::{LineSplitter, LogStore, SourceLog};
 use crate::supervisor::Supervisor;
+use hull_logs::{LineSplitter, LogStore, SourceLog};
 
 const CHUNK: usize = 64 * 1024;
 /// How long to wait for an inner that is starting or bouncing.

@@ -117,13 +117,7 @@ impl Drop for InitProcess {
     }
 }
 
-/// Why the init did not start a process.
-pub enum SpawnFailure {
-    /// The init refused (missing program, bad cwd, unknown user).
-    Refused(SpawnErrorKind, String),
-    /// The inner stopped before it could.
-    InnerGone,
-}
+pub use hull_services::SpawnFailure;
 
 /// hulld's side of the link to one inner init.
 pub struct InitLink {
@@ -550,5 +544,42 @@ async fn read_link(
 async fn read_fds(receiver: FdReceiver, link: Arc<InitLink>) {
     while let Ok(Some((id, fds))) = receiver.recv().await {
         link.dispatch(id, InitEvent::Fds(fds));
+    }
+}
+
+impl InitProcess {
+    /// Waits for the exit; `None` when the inner went away first.
+    pub async fn wait_exit(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.exited {
+            return Some(status);
+        }
+        loop {
+            match self.events.recv().await {
+                Some(InitEvent::Exited(status)) => return Some(status),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    }
+}
+
+/// The service manager starts services through the init link, like execs.
+impl hull_services::InnerHost for Inner {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    async fn spawn(&self, spec: ExecSpec) -> Result<hull_services::HostProcess, SpawnFailure> {
+        let mut process = self.link.spawn(spec).await?;
+        let fds = std::mem::take(&mut process.fds);
+        let (id, pid) = (process.id, process.pid);
+        // The process guard moves into the future: its session stays
+        // registered on the link until the exit is seen.
+        let exit = Box::pin(async move { process.wait_exit().await });
+        Ok(hull_services::HostProcess { id, pid, fds, exit })
+    }
+
+    async fn kill(&self, id: u64, signal: i32) {
+        self.link.kill(id, signal).await;
     }
 }

@@ -17,7 +17,7 @@ use hull_ingress::netns::NetnsError;
 use hull_ingress::ports::{socket_owners, ListenScanner};
 use hull_ingress::{Dialer, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{Config, NetworkConfig, NetworkMode};
 
@@ -62,7 +62,28 @@ pub struct Network {
     token: Arc<str>,
     config: NetworkConfig,
     pub resolv_conf: Option<PathBuf>,
-    routes: watch::Sender<Vec<HttpRoute>>,
+    routes: Arc<watch::Sender<Vec<HttpRoute>>>,
+    /// Asks the port scanner for a scan now.
+    rescan: Arc<Notify>,
+}
+
+/// Service readiness reads the same port table as the ingress.
+struct PortTableProbe {
+    ports: watch::Receiver<PortTable>,
+    rescan: Arc<Notify>,
+}
+
+impl hull_services::PortProbe for PortTableProbe {
+    fn listening_since(&self, since: std::time::Instant) -> Option<Vec<u16>> {
+        // A caller asks while it waits for a port: scan again soon either
+        // way, so the port is seen within a scan of its bind.
+        self.rescan.notify_one();
+        let table = self.ports.borrow();
+        match table.scanned_at {
+            Some(at) if at >= since => Some(table.ports.iter().map(|p| p.port).collect()),
+            _ => None,
+        }
+    }
 }
 
 impl Network {
@@ -86,7 +107,9 @@ impl Network {
             .run(ListenScanner::new)
             .await?
             .map_err(NetworkError::Scanner)?;
-        let ports = hull_ingress::portwatch::watch_ports(scanner, running, SCAN_INTERVAL);
+        let rescan = Arc::new(Notify::new());
+        let ports =
+            hull_ingress::portwatch::watch_ports(scanner, running, SCAN_INTERVAL, rescan.clone());
         let token = load_or_create_token(&config.state_dir.join("ingress.token"))?;
         let outer = net.outer_ip()?;
         let refuse_from: Vec<(IpAddr, u8)> = plan
@@ -160,26 +183,34 @@ impl Network {
             token,
             config: net,
             resolv_conf,
-            routes,
+            routes: Arc::new(routes),
+            rescan,
         })
     }
 
-    /// The services that declared an HTTP port, for HTTP ingress routing.
-    pub fn set_routes(&self, specs: &[hull_proto::ServiceSpec]) {
-        let mut routes: Vec<HttpRoute> = specs
-            .iter()
-            .filter_map(|s| {
-                s.http_port.map(|port| HttpRoute {
-                    service: s.name.clone(),
-                    port,
-                })
-            })
-            .collect();
-        routes.sort_by(|a, b| a.service.cmp(&b.service));
-        self.routes.send_if_modified(|now| {
-            let changed = *now != routes;
-            *now = routes;
-            changed
+    /// Service readiness from the port table.
+    pub fn port_probe(&self) -> Arc<dyn hull_services::PortProbe> {
+        Arc::new(PortTableProbe {
+            ports: self.ports.clone(),
+            rescan: self.rescan.clone(),
+        })
+    }
+
+    /// Keeps HTTP ingress routing on the services that declare a port, as
+    /// the service manager publishes them.
+    pub fn follow_definitions(
+        &self,
+        mut definitions: watch::Receiver<Vec<hull_proto::ServiceSpec>>,
+    ) {
+        let routes = self.routes.clone();
+        tokio::spawn(async move {
+            loop {
+                let specs = definitions.borrow_and_update().clone();
+                set_routes(&routes, &specs);
+                if definitions.changed().await.is_err() {
+                    return;
+                }
+            }
         });
     }
 
@@ -361,6 +392,25 @@ fn bind_on(
     listener.set_nonblocking(true)?;
     let _on = io.enter();
     tokio::net::TcpListener::from_std(listener)
+}
+
+/// The services that declared an HTTP port, for HTTP ingress routing.
+fn set_routes(routes: &watch::Sender<Vec<HttpRoute>>, specs: &[hull_proto::ServiceSpec]) {
+    let mut new: Vec<HttpRoute> = specs
+        .iter()
+        .filter_map(|s| {
+            s.http_port.map(|port| HttpRoute {
+                service: s.name.clone(),
+                port,
+            })
+        })
+        .collect();
+    new.sort_by(|a, b| a.service.cmp(&b.service));
+    routes.send_if_modified(|now| {
+        let changed = *now != new;
+        *now = new;
+        changed
+    });
 }
 
 #[cfg(test)]

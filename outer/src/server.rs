@@ -8,12 +8,15 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hull_checkpoint::StorageError;
 use hull_proto::{
-    frame_reader, frame_writer, CheckpointInfo, CheckpointListing, CheckpointReport, ClientMsg,
-    DaemonMsg, ErrorKind, ErrorReport, Hello, Limits, StatusReport, PROTOCOL_VERSION,
+    frame_reader, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, Hello,
+    PROTOCOL_VERSION,
 };
+use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::daemon::Daemon;
+use crate::error_chain;
+use crate::hulld::Hulld;
+use crate::supervisor::SupervisorError;
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     DaemonMsg::Error(ErrorReport {
@@ -43,20 +46,20 @@ impl Scope {
 }
 
 /// Serves one client until it hangs up or sends something unusable.
-pub async fn serve_connection<S>(daemon: Arc<Daemon>, stream: S, scope: Scope)
+pub async fn serve_connection<S>(hulld: Arc<Hulld>, stream: S, scope: Scope)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = frame_reader::<_, ClientMsg>(read_half);
     let mut writer = frame_writer::<_, DaemonMsg>(write_half);
-    if let Err(e) = serve(&daemon, scope, &mut reader, &mut writer).await {
+    if let Err(e) = serve(&hulld, scope, &mut reader, &mut writer).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
 async fn serve<R, W>(
-    daemon: &Arc<Daemon>,
+    hulld: &Arc<Hulld>,
     scope: Scope,
     reader: &mut R,
     writer: &mut W,
@@ -120,94 +123,60 @@ where
             continue;
         }
         match msg {
-            ClientMsg::Status => writer.send(DaemonMsg::Status(status(daemon))).await?,
+            ClientMsg::Status => {
+                writer
+                    .send(DaemonMsg::Status(hulld.do_status().await))
+                    .await?
+            }
             ClientMsg::Exec(spec) => {
-                crate::exec::run(&daemon.supervisor, &daemon.logs, spec, reader, writer).await?;
+                crate::exec::run(hulld.supervisor(), hulld.logs(), spec, reader, writer).await?;
                 had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {
-                let reply = match daemon
-                    .supervisor
-                    .bounce(Duration::from_millis(grace_ms))
-                    .await
-                {
-                    Ok(report) => DaemonMsg::Bounced(report),
-                    Err(e) => error(ErrorKind::InnerUnavailable, format!("bounce failed: {e}")),
-                };
-                writer.send(reply).await?;
+                let reply = hulld.do_bounce(Duration::from_millis(grace_ms)).await;
+                writer
+                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::Bounced))
+                    .await?;
             }
             ClientMsg::CheckpointCreate { comment } => {
-                let reply = match daemon.supervisor.checkpoint(comment).await {
-                    Ok(made) => DaemonMsg::CheckpointCreated(CheckpointReport {
-                        checkpoint: info(made.row),
-                        frozen_ms: made.frozen.as_secs_f64() * 1e3,
-                        total_ms: made.total.as_secs_f64() * 1e3,
-                    }),
-                    Err(e) => storage_error(e),
-                };
-                writer.send(reply).await?;
+                let reply = hulld.do_checkpoint_create(comment).await;
+                writer
+                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::CheckpointCreated))
+                    .await?;
             }
             ClientMsg::CheckpointRestore { id } => {
-                let reply = match daemon.supervisor.restore(id).await {
-                    Ok(report) => DaemonMsg::Restored(report),
-                    Err(e) => storage_error(e),
-                };
-                daemon.refresh_routes();
-                writer.send(reply).await?;
+                let reply = hulld.do_checkpoint_restore(id).await;
+                writer
+                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::Restored))
+                    .await?;
             }
             ClientMsg::CheckpointList => {
-                let storage = &daemon.storage;
-                let reply = match storage.list().and_then(|rows| Ok((rows, storage.head()?))) {
-                    Ok((rows, head)) => DaemonMsg::Checkpoints(CheckpointListing {
-                        checkpoints: rows
-                            .into_iter()
-                            .filter(|r| r.state == "ready")
-                            .map(info)
-                            .collect(),
-                        head,
-                        now_ms: hull_checkpoint::catalog::now_ms(),
-                    }),
-                    Err(e) => storage_error(e),
-                };
-                writer.send(reply).await?;
+                let reply = hulld.do_checkpoint_list().await;
+                writer
+                    .send(reply.map_or_else(|e| storage_error(&e), DaemonMsg::Checkpoints))
+                    .await?;
             }
             ClientMsg::CheckpointDelete { id } => {
-                let storage = daemon.storage.clone();
-                let deleted = id.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || storage.delete_checkpoint(&deleted))
-                        .await
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                let reply = match result {
-                    Ok(()) => DaemonMsg::CheckpointDeleted { id },
-                    Err(e) => storage_error(e),
-                };
-                writer.send(reply).await?;
+                let reply = hulld.do_checkpoint_delete(id.clone()).await;
+                writer
+                    .send(reply.map_or_else(
+                        |e| storage_error(&e),
+                        |()| DaemonMsg::CheckpointDeleted { id },
+                    ))
+                    .await?;
             }
             ClientMsg::Services(request) => {
-                let reply = match daemon.services.request(request).await {
-                    Ok(list) => DaemonMsg::Services(list),
-                    Err(e) => {
-                        let kind = match e {
-                            hull_services::ServiceError::NotFound(_) => ErrorKind::NotFound,
-                            _ => ErrorKind::Service,
-                        };
-                        error(kind, e.to_string())
-                    }
-                };
-                daemon.refresh_routes();
-                writer.send(reply).await?;
+                let reply = hulld.do_services(request).await;
+                writer
+                    .send(reply.map_or_else(|e| service_error(&e), DaemonMsg::Services))
+                    .await?;
             }
             ClientMsg::Ports => {
-                let pids = daemon.cgroups.inner.pids().unwrap_or_default();
-                let report = daemon.network.report(&pids);
-                writer.send(DaemonMsg::Ports(report)).await?
-            }
-            ClientMsg::Ingress => {
                 writer
-                    .send(DaemonMsg::Ingress(daemon.network.ingress_report()))
+                    .send(DaemonMsg::Ports(hulld.do_ports().await))
                     .await?
             }
+            ClientMsg::Ingress => writer.send(DaemonMsg::Ingress(hulld.do_ingress())).await?,
             ClientMsg::Logs {
                 source,
                 follow,
@@ -215,14 +184,14 @@ where
                 stream,
                 since_ms,
             } => {
-                let filter = crate::logs::Filter { stream, since_ms };
-                crate::logs::serve(&daemon.logs, &source, follow, tail, filter, reader, writer)
+                let filter = hull_logs::Filter { stream, since_ms };
+                hull_logs::serve(hulld.logs(), &source, follow, tail, filter, reader, writer)
                     .await?
             }
             ClientMsg::Shutdown { grace_ms } => {
-                daemon.shutdown(Duration::from_millis(grace_ms)).await;
+                hulld.shutdown(Duration::from_millis(grace_ms)).await;
                 let sent = writer.send(DaemonMsg::ShuttingDown).await;
-                daemon.exit();
+                hulld.exit();
                 return sent;
             }
             // Input sent while the process was exiting arrives after its
@@ -299,57 +268,33 @@ where
         .await
 }
 
-fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
-    CheckpointInfo {
-        id: row.id,
-        parent: row.parent,
-        created_ms: row.created_ms,
-        comment: row.comment,
-        auto: row.auto,
-        services: row.services,
-    }
-}
-
-fn storage_error(e: StorageError) -> DaemonMsg {
+fn storage_error(e: &StorageError) -> DaemonMsg {
     let kind = match e {
         StorageError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Storage,
     };
-    error(kind, e.to_string())
+    error(kind, error_chain(e))
 }
 
-fn status(daemon: &Daemon) -> StatusReport {
-    let p = daemon.supervisor.published();
-    let inner = daemon.supervisor.current();
-    StatusReport {
-        daemon_pid: std::process::id() as i32,
-        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
-        state: p.state,
-        inner_pid: inner.as_ref().map(|i| i.pid),
-        inner_uptime_ms: inner
-            .as_ref()
-            .map(|i| i.started.elapsed().as_millis() as u64),
-        bounces: p.bounces,
-        unplanned_restarts: p.unplanned_restarts,
-        limits: Limits {
-            memory_max_bytes: daemon.limits.memory_max_bytes,
-            pids_max: daemon.limits.pids_max,
+fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
+    let kind = match e {
+        SupervisorError::ShuttingDown
+        | SupervisorError::BounceStart { .. }
+        | SupervisorError::RestoredNotStarted { .. } => ErrorKind::InnerUnavailable,
+        SupervisorError::CheckpointServices(_) => ErrorKind::Internal,
+        _ => match e.storage() {
+            Some(StorageError::UnknownCheckpoint { .. }) => ErrorKind::NotFound,
+            _ => ErrorKind::Storage,
         },
-        image: daemon.image.display().to_string(),
-        state_dir: daemon.config.state_dir.display().to_string(),
-        cgroup: daemon.cgroups.inner.display_path(),
-        volume: {
-            let v = daemon.storage.volume();
-            match &v.image {
-                Some(image) => format!(
-                    "btrfs loop image {} at {}",
-                    image.display(),
-                    v.root.display()
-                ),
-                None => format!("btrfs at {}", v.root.display()),
-            }
-        },
-        head: daemon.storage.head().ok().flatten(),
-        last_error: p.last_error,
-    }
+    };
+    error(kind, error_chain(e))
+}
+
+fn service_error(e: &ServiceError) -> DaemonMsg {
+    let kind = match e {
+        ServiceError::NotFound(_) => ErrorKind::NotFound,
+        ServiceError::ManagerGone => ErrorKind::Internal,
+        _ => ErrorKind::Service,
+    };
+    error(kind, error_chain(e))
 }

@@ -3,16 +3,18 @@
 //! operations never overlap; everyone else reads its published state.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
-use hull_inner::cgroup::Cgroup;
+use hull_inner::cgroup::{Cgroup, CgroupError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
+use hull_services::{Replaced, ServiceError, ServiceManager};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
-use crate::launch::{launch, Inner, SealedExe};
+use crate::launch::{launch, Inner, LaunchError, SealedExe};
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -32,9 +34,9 @@ pub struct InnerConfig {
     pub storage: Arc<Storage>,
     /// Automatic checkpoints kept before the oldest are deleted.
     pub auto_checkpoints_keep: usize,
-    /// The service definitions: recorded with each checkpoint, replaced by
-    /// a restore.
-    pub registry: Arc<Mutex<hull_services::Registry>>,
+    /// The service manager: asked for the definitions recorded with each
+    /// checkpoint, and told to replace them on a restore.
+    pub services: ServiceManager,
     pub rootfs: PathBuf,
     pub hostname: String,
     /// hulld's network namespace for the inner (None: a fresh one per
@@ -55,10 +57,69 @@ pub struct Published {
     pub last_error: Option<String>,
 }
 
+/// Why an inner did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot prepare the inner's cgroup")]
+    Cgroup(#[source] CgroupError),
+    #[error("cannot find the writable layer")]
+    Layer(#[source] StorageError),
+    #[error("cannot launch the inner")]
+    Launch(#[source] LaunchError),
+}
+
+/// What a lifecycle operation failed at. Each operation has its own
+/// variants, so "hulld is shutting down" never reads as a storage error.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("hulld is shutting down")]
+    ShuttingDown,
+    #[error("the inner did not start again after the bounce: {reason}")]
+    BounceStart { reason: String },
+    #[error("cannot read the service definitions to record with the checkpoint")]
+    CheckpointServices(#[source] ServiceError),
+    #[error("cannot take the checkpoint")]
+    Checkpoint(#[source] StorageError),
+    #[error("cannot take the automatic checkpoint before restoring {id}")]
+    RestoreUndo {
+        id: String,
+        #[source]
+        source: Box<SupervisorError>,
+    },
+    #[error("cannot restore checkpoint {id}")]
+    Restore {
+        id: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("restored {id}, but the inner did not start: {reason}")]
+    RestoredNotStarted { id: String, reason: String },
+}
+
+impl SupervisorError {
+    /// The storage error underneath, if that is what failed.
+    pub fn storage(&self) -> Option<&StorageError> {
+        match self {
+            SupervisorError::Checkpoint(e) | SupervisorError::Restore { source: e, .. } => Some(e),
+            SupervisorError::RestoreUndo { source, .. } => source.storage(),
+            _ => None,
+        }
+    }
+}
+
+/// Locks the published counters. Every write to them is a plain field
+/// assignment, so a panic elsewhere cannot leave them half-updated: a
+/// poisoned lock is taken over rather than spread.
+fn lock(published: &Mutex<Published>) -> MutexGuard<'_, Published> {
+    published
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 enum Request {
     Bounce {
         grace: Duration,
-        reply: oneshot::Sender<Result<BounceReport, String>>,
+        reply: oneshot::Sender<Result<BounceReport, SupervisorError>>,
     },
     Shutdown {
         grace: Duration,
@@ -66,19 +127,19 @@ enum Request {
     },
     Checkpoint {
         comment: Option<String>,
-        reply: oneshot::Sender<Result<CheckpointMade, StorageError>>,
+        reply: oneshot::Sender<Result<CheckpointMade, SupervisorError>>,
     },
     Restore {
         id: String,
-        reply: oneshot::Sender<Result<RestoreReport, StorageError>>,
+        reply: oneshot::Sender<Result<RestoreReport, SupervisorError>>,
     },
     Retry,
 }
 
 /// Freezes the inner's cgroup around a snapshot.
-struct FreezeInner<'a>(&'a Cgroup);
+struct FreezeInner(Cgroup);
 
-impl Quiesce for FreezeInner<'_> {
+impl Quiesce for FreezeInner {
     fn freeze(&mut self) -> Result<(), String> {
         self.0
             .freeze(Duration::from_secs(5))
@@ -90,10 +151,6 @@ impl Quiesce for FreezeInner<'_> {
     }
 }
 
-fn gone() -> StorageError {
-    StorageError::Freeze("hulld is shutting down".into())
-}
-
 /// The handle everyone else holds.
 #[derive(Clone)]
 pub struct Supervisor {
@@ -103,10 +160,15 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts the supervisor task, which starts the first inner at once.
-    pub fn start(config: InnerConfig) -> Self {
+    /// Starts the supervisor task, which starts the first inner at once
+    /// and publishes it on `current_tx`. The join handle tells the caller
+    /// if the task panicked.
+    pub fn start(
+        config: InnerConfig,
+        current_tx: watch::Sender<Option<Arc<Inner>>>,
+    ) -> (Self, JoinHandle<()>) {
         let (requests, rx) = mpsc::unbounded_channel();
-        let (current_tx, current) = watch::channel(None);
+        let current = current_tx.subscribe();
         let published = Arc::new(Mutex::new(Published {
             state: InnerState::Stopped,
             bounces: 0,
@@ -122,16 +184,19 @@ impl Supervisor {
             backoff: RETRY_FIRST,
             retry_pending: false,
         };
-        tokio::spawn(task.run(rx));
-        Supervisor {
-            requests,
-            current,
-            published,
-        }
+        let join = tokio::spawn(task.run(rx));
+        (
+            Supervisor {
+                requests,
+                current,
+                published,
+            },
+            join,
+        )
     }
 
     pub fn published(&self) -> Published {
-        self.published.lock().unwrap().clone()
+        lock(&self.published).clone()
     }
 
     /// Follows the running inner: `None` while stopped or starting.
@@ -154,33 +219,34 @@ impl Supervisor {
         }
     }
 
-    pub async fn bounce(&self, grace: Duration) -> Result<BounceReport, String> {
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, SupervisorError>>) -> Request,
+    ) -> Result<T, SupervisorError> {
         let (reply, rx) = oneshot::channel();
         self.requests
-            .send(Request::Bounce { grace, reply })
-            .map_err(|_| "hulld is shutting down".to_string())?;
-        rx.await.map_err(|_| "hulld is shutting down".to_string())?
+            .send(request(reply))
+            .map_err(|_| SupervisorError::ShuttingDown)?;
+        rx.await.map_err(|_| SupervisorError::ShuttingDown)?
+    }
+
+    pub async fn bounce(&self, grace: Duration) -> Result<BounceReport, SupervisorError> {
+        self.ask(|reply| Request::Bounce { grace, reply }).await
     }
 
     /// Takes a checkpoint; lifecycle operations wait while it runs.
     pub async fn checkpoint(
         &self,
         comment: Option<String>,
-    ) -> Result<CheckpointMade, StorageError> {
-        let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Checkpoint { comment, reply })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+    ) -> Result<CheckpointMade, SupervisorError> {
+        self.ask(|reply| Request::Checkpoint { comment, reply })
+            .await
     }
 
     /// Restores checkpoint `id`; a second restore waits for the first.
-    pub async fn restore(&self, id: String) -> Result<RestoreReport, StorageError> {
-        let (reply, rx) = oneshot::channel();
-        self.requests
-            .send(Request::Restore { id, reply })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+    /// The report says which service definitions the restore changed.
+    pub async fn restore(&self, id: String) -> Result<RestoreReport, SupervisorError> {
+        self.ask(|reply| Request::Restore { id, reply }).await
     }
 
     pub async fn shutdown(&self, grace: Duration) {
@@ -254,7 +320,7 @@ impl Task {
                         return;
                     }
                     Some(Request::Checkpoint { comment, reply }) => {
-                        let _ = reply.send(self.checkpoint(comment, false));
+                        let _ = reply.send(self.checkpoint(comment, false).await);
                     }
                     Some(Request::Restore { id, reply }) => {
                         let result = self.restore(&id, &exit_tx).await;
@@ -276,7 +342,16 @@ impl Task {
     }
 
     fn set_state(&self, state: InnerState) {
-        self.published.lock().unwrap().state = state;
+        lock(&self.published).state = state;
+    }
+
+    /// Kills whatever is left in the inner's cgroup: a loop that sleeps,
+    /// so on a blocking thread.
+    async fn kill_cgroup(&self) -> Result<(), CgroupError> {
+        let cgroup = self.config.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.kill_all(Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     fn spec(&self) -> Result<InnerSpec, StorageError> {
@@ -298,14 +373,17 @@ impl Task {
     async fn start(&mut self, exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>) -> bool {
         self.set_state(InnerState::Starting);
         self.generation += 1;
-        let prepared = self.config.cgroup.create().and_then(|()| {
-            self.config
-                .cgroup
-                .set_limits(self.config.memory_max, self.config.pids_max)
-        });
-        let spec = prepared
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.spec().map_err(|e| e.to_string()));
+        let prepared = self
+            .config
+            .cgroup
+            .create()
+            .and_then(|()| {
+                self.config
+                    .cgroup
+                    .set_limits(self.config.memory_max, self.config.pids_max)
+            })
+            .map_err(StartError::Cgroup);
+        let spec = prepared.and_then(|()| self.spec().map_err(StartError::Layer));
         let result = match spec {
             Err(e) => Err(e),
             Ok(spec) => launch(
@@ -316,7 +394,7 @@ impl Task {
                 exit_tx.clone(),
             )
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(StartError::Launch),
         };
         match result {
             Ok(inner) => {
@@ -325,18 +403,19 @@ impl Task {
                     start_ms = inner.start_time.as_secs_f64() * 1e3,
                     "inner ready"
                 );
-                self.published.lock().unwrap().last_error = None;
+                lock(&self.published).last_error = None;
                 self.set_state(InnerState::Running);
                 self.current.send_replace(Some(inner));
                 true
             }
-            Err(message) => {
-                tracing::error!(error = %message, retry_in_ms = self.backoff.as_millis() as u64, "inner failed to start");
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!(error = %message, retry_in_ms = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX), "inner failed to start");
                 // Whatever the failed attempt left in the cgroup must go
                 // before the next one.
-                let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+                let _ = self.kill_cgroup().await;
                 {
-                    let mut p = self.published.lock().unwrap();
+                    let mut p = lock(&self.published);
                     p.state = InnerState::Failed;
                     p.last_error = Some(message);
                 }
@@ -364,7 +443,7 @@ impl Task {
     /// then wait for the init to be reaped and the cgroup to be empty.
     async fn stop(&mut self, grace: Duration, reason: &str, unmount_wait: UnmountWait) {
         let Some(inner) = self.current.send_replace(None) else {
-            let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+            let _ = self.kill_cgroup().await;
             self.set_state(InnerState::Stopped);
             return;
         };
@@ -374,9 +453,11 @@ impl Task {
             let _ = inner.signal(libc::SIGTERM);
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline {
-                match self.config.cgroup.pids() {
-                    Ok(pids) if pids.len() <= 1 => break,
-                    Err(_) => break,
+                // pids_current is one small file read; listing every pid
+                // of a 4,000-process inner on a worker is not.
+                match self.config.cgroup.pids_current() {
+                    Some(n) if n <= 1 => break,
+                    None => break,
                     _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
             }
@@ -384,7 +465,7 @@ impl Task {
         // Killing the pid namespace's init kills every process in it.
         let _ = inner.signal(libc::SIGKILL);
         inner.wait_exit().await;
-        if let Err(e) = self.config.cgroup.kill_all(Duration::from_secs(5)) {
+        if let Err(e) = self.kill_cgroup().await {
             tracing::warn!(error = %e, "inner cgroup not empty after its init died");
         }
         release_mounts(&inner, unmount_wait).await;
@@ -395,19 +476,23 @@ impl Task {
         &mut self,
         grace: Duration,
         exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
-    ) -> Result<BounceReport, String> {
+    ) -> Result<BounceReport, SupervisorError> {
+        hull_proto::panic_point("supervisor:bounce-panics");
         let begin = Instant::now();
         self.stop(grace, "the inner was bounced", UnmountWait::Wait)
             .await;
         let stop_ms = begin.elapsed().as_secs_f64() * 1e3;
         self.backoff = RETRY_FIRST;
-        if !self.start(exit_tx).await {
-            let p = self.published.lock().unwrap();
-            return Err(p.last_error.clone().unwrap_or_default());
-        }
-        let inner = self.current.borrow().clone().expect("just started");
+        self.start(exit_tx).await;
+        let started = self.current.borrow().clone();
+        let Some(inner) = started else {
+            let reason = lock(&self.published).last_error.clone();
+            return Err(SupervisorError::BounceStart {
+                reason: reason.unwrap_or_default(),
+            });
+        };
         let bounces = {
-            let mut p = self.published.lock().unwrap();
+            let mut p = lock(&self.published);
             p.bounces += 1;
             p.bounces
         };
@@ -422,29 +507,28 @@ impl Task {
         Ok(report)
     }
 
-    /// Freeze, snapshot, thaw. Blocking work (ioctls, fsync, SQLite) runs
-    /// in place on this worker; it takes milliseconds.
-    fn checkpoint(
+    /// Freeze, snapshot, thaw. The work (syncfs of a dirty layer, ioctls,
+    /// SQLite) runs on a blocking thread; this task waits for it, so no
+    /// other lifecycle operation overlaps it.
+    async fn checkpoint(
         &self,
         comment: Option<String>,
         auto: bool,
-    ) -> Result<CheckpointMade, StorageError> {
-        let storage = &self.config.storage;
+    ) -> Result<CheckpointMade, SupervisorError> {
+        let storage = self.config.storage.clone();
         let services = self
             .config
-            .registry
-            .lock()
-            .unwrap()
-            .to_json()
-            .map_err(|e| StorageError::Freeze(format!("reading the service registry: {e}")))?;
-        let made = tokio::task::block_in_place(|| {
-            storage.create_checkpoint(
-                comment,
-                auto,
-                &services,
-                &mut FreezeInner(&self.config.cgroup),
-            )
-        })?;
+            .services
+            .snapshot()
+            .await
+            .map_err(SupervisorError::CheckpointServices)?;
+        let mut freeze = FreezeInner(self.config.cgroup.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            storage.create_checkpoint(comment, auto, &services, &mut freeze)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(SupervisorError::Checkpoint)?;
         tracing::info!(
             id = %made.row.id,
             auto,
@@ -466,13 +550,33 @@ impl Task {
         &mut self,
         id: &str,
         exit_tx: &mpsc::UnboundedSender<(u64, ExitStatus)>,
-    ) -> Result<RestoreReport, StorageError> {
+    ) -> Result<RestoreReport, SupervisorError> {
         let begin = Instant::now();
         let storage = self.config.storage.clone();
-        let target = storage.checkpoint(id)?;
-        let undo = self.checkpoint(Some(format!("before restore to {id}")), true)?;
+        let failed = |source| SupervisorError::Restore {
+            id: id.to_string(),
+            source,
+        };
+        let target = blocking(&storage, {
+            let id = id.to_string();
+            move |s| s.checkpoint(&id)
+        })
+        .await
+        .map_err(failed)?;
+        let undo = self
+            .checkpoint(Some(format!("before restore to {id}")), true)
+            .await
+            .map_err(|e| SupervisorError::RestoreUndo {
+                id: id.to_string(),
+                source: Box::new(e),
+            })?;
         failpoint("restore:after-auto-checkpoint");
-        let pending = tokio::task::block_in_place(|| storage.prepare_restore(id))?;
+        let pending = blocking(&storage, {
+            let id = id.to_string();
+            move |s| s.prepare_restore(&id)
+        })
+        .await
+        .map_err(failed)?;
         let stop_begin = Instant::now();
         self.stop(
             Duration::ZERO,
@@ -482,32 +586,30 @@ impl Task {
         .await;
         let stop_ms = stop_begin.elapsed().as_secs_f64() * 1e3;
         failpoint("restore:after-stop");
-        if let Err(e) = storage.commit_restore(pending) {
+        if let Err(e) = blocking(&storage, move |s| s.commit_restore(pending)).await {
             // The old layer is still current: bring the inner back on it.
             self.start(exit_tx).await;
-            return Err(e);
+            return Err(failed(e));
         }
         failpoint("restore:after-swap");
         // The services recorded with the checkpoint replace the registry;
         // the service manager replays them on the new inner.
-        if let Err(e) = self
-            .config
-            .registry
-            .lock()
-            .unwrap()
-            .replace_all(&target.services)
-        {
-            tracing::error!(error = %e, checkpoint = id, "cannot restore the services recorded with the checkpoint");
-        }
+        let replaced = match self.config.services.replace(target.services).await {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), checkpoint = id, "cannot restore the services recorded with the checkpoint");
+                Replaced::default()
+            }
+        };
         self.backoff = RETRY_FIRST;
         self.start(exit_tx).await;
         let current = self.current.borrow().clone();
         let Some(inner) = current else {
-            let reason = self.published.lock().unwrap().last_error.clone();
-            return Err(StorageError::Freeze(format!(
-                "restored {id}, but the inner did not start: {}",
-                reason.unwrap_or_default()
-            )));
+            let reason = lock(&self.published).last_error.clone();
+            return Err(SupervisorError::RestoredNotStarted {
+                id: id.to_string(),
+                reason: reason.unwrap_or_default(),
+            });
         };
         let keep = self.config.auto_checkpoints_keep;
         // Deleting a retired layer makes btrfs's cleaner walk its whole
@@ -542,6 +644,8 @@ impl Task {
             start_ms: inner.start_time.as_secs_f64() * 1e3,
             total_ms: begin.elapsed().as_secs_f64() * 1e3,
             inner_pid: inner.pid,
+            services_removed: replaced.removed,
+            services_added: replaced.added,
         };
         tracing::info!(restored = id, undo = %report.undo, total_ms = report.total_ms, "restored");
         Ok(report)
@@ -559,18 +663,30 @@ impl Task {
         };
         tracing::warn!(pid = inner.pid, %status, "the inner's init died; restarting the inner");
         self.current.send_replace(None);
-        let _ = self.config.cgroup.kill_all(Duration::from_secs(5));
+        let _ = self.kill_cgroup().await;
         // The next inner mounts the same layer: the old root goes first.
         release_mounts(&inner, UnmountWait::Wait).await;
-        self.published.lock().unwrap().unplanned_restarts += 1;
+        lock(&self.published).unplanned_restarts += 1;
         if inner.started.elapsed() > STABLE_AFTER {
             self.backoff = RETRY_FIRST;
             self.start(exit_tx).await;
         } else {
             self.set_state(InnerState::Failed);
-            self.published.lock().unwrap().last_error =
+            lock(&self.published).last_error =
                 Some(format!("the inner's init died ({status}) soon after start"));
             self.schedule_retry();
         }
     }
+}
+
+/// Runs a storage call on a blocking thread: the catalog is SQLite with
+/// synchronous=FULL, and snapshots are ioctls that may flush.
+async fn blocking<T: Send + 'static>(
+    storage: &Arc<Storage>,
+    f: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    let storage = storage.clone();
+    tokio::task::spawn_blocking(move || f(&storage))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }

@@ -21,3 +21,11 @@ pub use messages::*;
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A test hook: panics when `HULL_FAILPOINT` names this point, so tests
+/// can check what hulld does when one of its tasks panics.
+pub fn panic_point(name: &str) {
+    if std::env::var("HULL_FAILPOINT").is_ok_and(|v| v == name) {
+        panic!("failpoint {name} reached");
+    }
+}

@@ -190,6 +190,12 @@ pub struct RestoreReport {
     pub start_ms: f64,
     pub total_ms: f64,
     pub inner_pid: i32,
+    /// Service definitions the restore removed (not in the checkpoint).
+    #[serde(default)]
+    pub services_removed: Vec<String>,
+    /// Service definitions it brought back (in the checkpoint only).
+    #[serde(default)]
+    pub services_added: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -353,7 +353,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => cli::logs(
             &g,
             if daemon {
-                hull_outer::logs::DAEMON_SOURCE.to_string()
+                hull_logs::DAEMON_SOURCE.to_string()
             } else {
                 name.unwrap_or_default()
             },

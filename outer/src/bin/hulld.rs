@@ -73,7 +73,7 @@ fn init_tracing(format: LogFormat) {
     };
     let store = fmt::layer()
         .with_ansi(false)
-        .with_writer(hull_outer::logs::DaemonLogWriter::new);
+        .with_writer(hull_logs::DaemonLogWriter::new);
     tracing_subscriber::registry()
         .with(filter)
         .with(stderr)

@@ -1,21 +1,26 @@
 //! The service manager: starts the registered services on every new inner
 //! in `--after` order, supervises them with their restart policy, and
-//! answers `hull services`. One task owns all service state.
+//! answers `hull services`. One task owns all service state, the registry
+//! included; everyone else sends it messages.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use hull_logs::{LogStore, SourceLog};
 use hull_proto::{
     ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream,
 };
-use hull_services::{Registry, ServiceError};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+// The manager's clock is tokio's, so its state machine can be tested on a
+// paused clock.
+use tokio::time::Instant;
 
-use crate::launch::{InitEvent, Inner, SpawnFailure};
-use crate::logs::{LogStore, SourceLog};
+use crate::host::{HostProcess, InnerHost, PortProbe, SpawnFailure};
+use crate::registry::{Registry, ServiceError};
 
 /// Lines of output `hull services show` includes.
 const LAST_LINES: usize = 20;
@@ -125,64 +130,136 @@ enum Event {
 
 type Reply = oneshot::Sender<Result<Vec<ServiceStatus>, ServiceError>>;
 
-/// The handle hulld's connections use.
+/// What a restore changed in the definitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replaced {
+    /// Registered before, not recorded in the checkpoint.
+    pub removed: Vec<String>,
+    /// Recorded in the checkpoint, not registered before.
+    pub added: Vec<String>,
+}
+
+enum Command {
+    Request(ServiceRequest, Reply),
+    /// The definitions as JSON, for a checkpoint.
+    Snapshot(oneshot::Sender<Result<String, ServiceError>>),
+    /// Replace every definition (a restore), before the next inner starts.
+    Replace(String, oneshot::Sender<Result<Replaced, ServiceError>>),
+}
+
+/// The handle hulld holds; cheap to clone.
 #[derive(Clone)]
 pub struct ServiceManager {
-    requests: mpsc::UnboundedSender<(ServiceRequest, Reply)>,
+    commands: mpsc::UnboundedSender<Command>,
+    definitions: watch::Receiver<Vec<ServiceSpec>>,
 }
 
 impl ServiceManager {
-    pub fn start(
-        registry: Arc<Mutex<Registry>>,
+    /// Starts the manager task, the only owner of `registry` from now on.
+    /// It follows `current` (the running inner, `None` while there is
+    /// none). The task ends when every handle is dropped; its join handle
+    /// tells the caller if it panicked.
+    pub fn start<H: InnerHost>(
+        registry: Registry,
         logs: Arc<LogStore>,
-        current: watch::Receiver<Option<Arc<Inner>>>,
-    ) -> Self {
-        let (requests, rx) = mpsc::unbounded_channel();
+        current: watch::Receiver<Option<Arc<H>>>,
+        ports: Arc<dyn PortProbe>,
+    ) -> Result<(Self, JoinHandle<()>), ServiceError> {
+        let specs = registry.list()?;
+        let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
+        let services = specs
+            .iter()
+            .map(|spec| (spec.name.clone(), Service::new(spec.clone())))
+            .collect();
+        let (definitions_tx, definitions) = watch::channel(specs);
         let task = Task {
-            registry,
+            registry: Some(registry),
             logs,
-            services: BTreeMap::new(),
+            ports,
+            services,
             inner: None,
             events_tx,
+            definitions: definitions_tx,
         };
-        tokio::spawn(task.run(rx, events, current));
-        ServiceManager { requests }
+        let join = tokio::spawn(task.run(rx, events, current));
+        Ok((
+            ServiceManager {
+                commands,
+                definitions,
+            },
+            join,
+        ))
     }
 
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, ServiceError>>) -> Command,
+    ) -> Result<T, ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| ServiceError::ManagerGone)?;
+        rx.await.map_err(|_| ServiceError::ManagerGone)?
+    }
+
+    /// Answers one `hull services` request.
     pub async fn request(
         &self,
         request: ServiceRequest,
     ) -> Result<Vec<ServiceStatus>, ServiceError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || ServiceError::NotFound("(the service manager stopped)".into());
-        self.requests.send((request, reply)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.ask(|reply| Command::Request(request, reply)).await
+    }
+
+    /// The definitions as JSON, to record with a checkpoint.
+    pub async fn snapshot(&self) -> Result<String, ServiceError> {
+        self.ask(Command::Snapshot).await
+    }
+
+    /// Replaces every definition with those in `json` (a restore); the
+    /// next inner starts exactly these.
+    pub async fn replace(&self, json: String) -> Result<Replaced, ServiceError> {
+        self.ask(|reply| Command::Replace(json, reply)).await
+    }
+
+    /// Follows the registered definitions (for HTTP routing).
+    pub fn definitions(&self) -> watch::Receiver<Vec<ServiceSpec>> {
+        self.definitions.clone()
     }
 }
 
-struct Task {
-    registry: Arc<Mutex<Registry>>,
+struct Task<H> {
+    /// `None` only while a blocking call has it.
+    registry: Option<Registry>,
     logs: Arc<LogStore>,
+    ports: Arc<dyn PortProbe>,
     services: BTreeMap<String, Service>,
-    inner: Option<Arc<Inner>>,
+    inner: Option<Arc<H>>,
     events_tx: mpsc::UnboundedSender<Event>,
+    definitions: watch::Sender<Vec<ServiceSpec>>,
 }
 
-impl Task {
+impl<H: InnerHost> Task<H> {
     async fn run(
         mut self,
-        mut requests: mpsc::UnboundedReceiver<(ServiceRequest, Reply)>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
         mut events: mpsc::UnboundedReceiver<Event>,
-        mut current: watch::Receiver<Option<Arc<Inner>>>,
+        mut current: watch::Receiver<Option<Arc<H>>>,
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.on_inner(current.borrow_and_update().clone());
+        let first = current.borrow_and_update().clone();
+        self.on_inner(first);
         loop {
             tokio::select! {
-                request = requests.recv() => match request {
-                    Some((request, reply)) => self.handle(request, reply).await,
+                command = commands.recv() => match command {
+                    Some(Command::Request(request, reply)) => self.handle(request, reply).await,
+                    Some(Command::Snapshot(reply)) => {
+                        let _ = reply.send(self.registry(|r| r.to_json()).await);
+                    }
+                    Some(Command::Replace(json, reply)) => {
+                        let _ = reply.send(self.replace(json).await);
+                    }
                     None => return,
                 },
                 Some(event) = events.recv() => {
@@ -190,7 +267,7 @@ impl Task {
                     let started = matches!(event, Event::Spawned { .. });
                     self.on_event(event);
                     if started {
-                        self.schedule().await;
+                        self.schedule();
                     }
                 }
                 changed = current.changed() => {
@@ -199,18 +276,82 @@ impl Task {
                     }
                     let inner = current.borrow_and_update().clone();
                     self.on_inner(inner);
-                    self.schedule().await;
+                    self.schedule();
                 }
-                _ = tick.tick() => self.schedule().await,
+                _ = tick.tick() => self.schedule(),
             }
         }
     }
 
+    /// Runs `f` on the registry on a blocking thread: SQLite fsyncs.
+    async fn registry<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut Registry) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let Some(mut registry) = self.registry.take() else {
+            return Err(ServiceError::ManagerGone);
+        };
+        let (registry, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&mut registry);
+            (registry, result)
+        })
+        .await
+        // The closure panicked: the registry is lost with it, and so is
+        // this task (hulld exits and the next one starts clean).
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        self.registry = Some(registry);
+        result
+    }
+
+    /// The registered definitions: the table less services being removed
+    /// (they stay in it until their process has exited).
+    fn defined(&self) -> Vec<ServiceSpec> {
+        self.services
+            .values()
+            .filter(|s| {
+                !s.pending
+                    .iter()
+                    .any(|(then, _)| matches!(then, AfterStop::Remove))
+            })
+            .map(|s| s.spec.clone())
+            .collect()
+    }
+
+    /// Publishes the definitions after a change of the registry.
+    fn publish(&self) {
+        let specs = self.defined();
+        self.definitions.send_if_modified(|now| {
+            let changed = *now != specs;
+            *now = specs;
+            changed
+        });
+    }
+
+    async fn replace(&mut self, json: String) -> Result<Replaced, ServiceError> {
+        let (before, after) = self
+            .registry(move |r| {
+                let before = r.list()?;
+                r.replace_all(&json)?;
+                Ok((before, r.list()?))
+            })
+            .await?;
+        let names = |specs: &[ServiceSpec]| -> BTreeSet<String> {
+            specs.iter().map(|s| s.name.clone()).collect()
+        };
+        let (old, new) = (names(&before), names(&after));
+        let replaced = Replaced {
+            removed: old.difference(&new).cloned().collect(),
+            added: new.difference(&old).cloned().collect(),
+        };
+        self.reload(after);
+        Ok(replaced)
+    }
+
     /// A new inner (start, bounce, restore) or none (stopping): every
     /// service process died with the old one.
-    fn on_inner(&mut self, inner: Option<Arc<Inner>>) {
+    fn on_inner(&mut self, inner: Option<Arc<H>>) {
         let same = match (&self.inner, &inner) {
-            (Some(a), Some(b)) => a.generation == b.generation,
+            (Some(a), Some(b)) => a.generation() == b.generation(),
             (None, None) => true,
             _ => false,
         };
@@ -218,10 +359,13 @@ impl Task {
             return;
         }
         self.inner = inner;
-        let specs = self.registry.lock().unwrap().list().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read the service registry");
-            Vec::new()
-        });
+        let specs = self.defined();
+        self.reload(specs);
+    }
+
+    /// Rebuilds the service table from `specs` with every process gone,
+    /// keeping counters and stops the user asked for.
+    fn reload(&mut self, specs: Vec<ServiceSpec>) {
         let mut old = std::mem::take(&mut self.services);
         for (name, svc) in old.iter_mut() {
             // Processes died with the old inner: stops are complete.
@@ -245,33 +389,36 @@ impl Task {
                     svc.stop_requested = true;
                 }
             }
-            if self.inner.is_none() && svc.state != State::Stopped {
-                svc.state = State::Waiting;
-            }
             self.services.insert(spec.name.clone(), svc);
         }
+        self.publish();
     }
 
-    /// Starts what may start now and probes ports of running services.
-    async fn schedule(&mut self) {
+    /// Starts what may start now and checks ports of running services.
+    fn schedule(&mut self) {
         let Some(inner) = self.inner.clone() else {
             return;
         };
         let now = Instant::now();
-        // Reading the inner's TCP tables walks the kernel's whole socket
-        // hash (milliseconds on a big VM): only when a port is awaited.
+        // The oldest start still waiting for its port: a scan from before
+        // it could list a port of the previous inner.
         let awaited = self
             .services
             .values()
-            .any(|s| s.state == State::Running && !s.ready && s.spec.http_port.is_some());
-        let listening = if awaited {
-            listening_ports(inner.pid)
-        } else {
-            Vec::new()
-        };
+            .filter(|s| s.state == State::Running && !s.ready && s.spec.http_port.is_some())
+            .filter_map(|s| s.process.map(|(_, _, since)| since))
+            .max();
+        let listening = awaited.and_then(|since| self.ports.listening_since(since.into_std()));
+        if let Some(listening) = listening {
+            for svc in self.services.values_mut() {
+                if svc.state == State::Running && !svc.ready {
+                    svc.ready = svc.spec.http_port.is_none_or(|p| listening.contains(&p));
+                }
+            }
+        }
         for svc in self.services.values_mut() {
-            if svc.state == State::Running && !svc.ready {
-                svc.ready = svc.spec.http_port.is_none_or(|p| listening.contains(&p));
+            if svc.state == State::Running && svc.spec.http_port.is_none() {
+                svc.ready = true;
             }
         }
         let satisfied = |services: &BTreeMap<String, Service>, spec: &ServiceSpec| {
@@ -283,7 +430,9 @@ impl Task {
         };
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let svc = &self.services[&name];
+            let Some(svc) = self.services.get(&name) else {
+                continue;
+            };
             let due = match svc.state {
                 State::Waiting => satisfied(&self.services, &svc.spec),
                 State::Backoff => svc.next_start.is_some_and(|t| t <= now),
@@ -295,8 +444,10 @@ impl Task {
         }
     }
 
-    fn spawn(&mut self, name: &str, inner: &Arc<Inner>) {
-        let svc = self.services.get_mut(name).expect("known service");
+    fn spawn(&mut self, name: &str, inner: &Arc<H>) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         svc.generation += 1;
         svc.state = State::Starting;
         svc.ready = false;
@@ -309,19 +460,12 @@ impl Task {
             user: svc.spec.user.clone(),
             tty: None,
         };
-        let log = match self.logs.source(name) {
-            Ok(log) => log,
-            Err(e) => {
-                tracing::error!(service = name, error = %e, "cannot open the service's log");
-                return;
-            }
-        };
         tokio::spawn(run_process(
             inner.clone(),
+            self.logs.clone(),
             name.to_string(),
             svc.generation,
             spec,
-            log,
             self.events_tx.clone(),
         ));
     }
@@ -346,7 +490,7 @@ impl Task {
                 status,
             } => {
                 if let Some(svc) = self.current(&name, generation) {
-                    on_exit(&name, svc, status);
+                    on_exit(&name, svc, status, Instant::now());
                     let pending = std::mem::take(&mut svc.pending);
                     finish_stop(&mut self.services, &name, pending);
                 }
@@ -365,33 +509,47 @@ impl Task {
             let _ = reply.send(r);
         };
         match request {
-            ServiceRequest::List => answer(
-                reply,
-                Ok(self.services.values().map(Service::status).collect()),
-            ),
-            ServiceRequest::Show(name) => {
-                let result = self.get(&name).map(|s| {
-                    let mut status = s.status();
-                    status.last_lines = self.last_lines(&name);
-                    vec![status]
-                });
-                answer(reply, result)
+            ServiceRequest::List => {
+                hull_proto::panic_point("services:list-panics");
+                answer(
+                    reply,
+                    Ok(self.services.values().map(Service::status).collect()),
+                )
             }
+            ServiceRequest::Show(name) => match self.get(&name) {
+                Ok(svc) => {
+                    // Reading the log walks files: off the task, and the
+                    // reply goes when the lines are in.
+                    let mut status = svc.status();
+                    let logs = self.logs.clone();
+                    tokio::spawn(async move {
+                        let lines =
+                            tokio::task::spawn_blocking(move || last_lines(&logs, &name)).await;
+                        status.last_lines = lines.unwrap_or_default();
+                        let _ = reply.send(Ok(vec![status]));
+                    });
+                }
+                Err(e) => answer(reply, Err(e)),
+            },
             ServiceRequest::Add(spec) => {
-                if let Err(e) = self.registry.lock().unwrap().add(&spec) {
+                let stored = spec.clone();
+                if let Err(e) = self.registry(move |r| r.add(&stored)).await {
                     return answer(reply, Err(e));
                 }
                 tracing::info!(service = %spec.name, "service registered");
                 let svc = Service::new(spec.clone());
                 let status = svc.status();
                 self.services.insert(spec.name, svc);
+                self.publish();
                 answer(reply, Ok(vec![status]))
             }
             ServiceRequest::Remove(name) => {
-                if let Err(e) = self.registry.lock().unwrap().remove(&name) {
+                let removed = name.clone();
+                if let Err(e) = self.registry(move |r| r.remove(&removed)).await {
                     return answer(reply, Err(e));
                 }
                 self.stop(&name, AfterStop::Remove, reply).await;
+                self.publish();
             }
             ServiceRequest::Stop(name) => self.stop(&name, AfterStop::Stop, reply).await,
             ServiceRequest::Restart(name) => self.stop(&name, AfterStop::Restart, reply).await,
@@ -408,29 +566,6 @@ impl Task {
                 answer(reply, result)
             }
         }
-    }
-
-    /// The service's last lines, from its log.
-    fn last_lines(&self, name: &str) -> Vec<String> {
-        let mut last = VecDeque::new();
-        let mut cursor = self
-            .logs
-            .tail_cursor(name, LAST_LINES as u64)
-            .unwrap_or_else(|_| self.logs.newest_segment(name));
-        while let Ok((records, next)) = self.logs.read_from(name, cursor, 1000) {
-            cursor = next;
-            let done = records.len() < 1000;
-            for r in records {
-                if last.len() == LAST_LINES {
-                    last.pop_front();
-                }
-                last.push_back(r.line);
-            }
-            if done {
-                break;
-            }
-        }
-        last.into()
     }
 
     fn get(&self, name: &str) -> Result<&Service, ServiceError> {
@@ -457,11 +592,11 @@ impl Task {
         match (self.inner.clone(), svc.process, running) {
             (Some(inner), Some((id, _, _)), true) => {
                 svc.pending.push((then, reply));
-                inner.link.kill(id, libc::SIGTERM).await;
+                inner.kill(id, libc::SIGTERM).await;
                 tokio::spawn(async move {
                     tokio::time::sleep(STOP_TIMEOUT).await;
                     // The init ignores ids whose process is gone.
-                    inner.link.kill(id, libc::SIGKILL).await;
+                    inner.kill(id, libc::SIGKILL).await;
                 });
             }
             _ => {
@@ -471,6 +606,28 @@ impl Task {
             }
         }
     }
+}
+
+/// The service's last lines, from its log (reads files: a blocking thread).
+fn last_lines(logs: &LogStore, name: &str) -> Vec<String> {
+    let mut last = VecDeque::new();
+    let mut cursor = logs
+        .tail_cursor(name, LAST_LINES as u64)
+        .unwrap_or_else(|_| logs.newest_segment(name));
+    while let Ok((records, next)) = logs.read_from(name, cursor, 1000) {
+        cursor = next;
+        let done = records.len() < 1000;
+        for r in records {
+            if last.len() == LAST_LINES {
+                last.pop_front();
+            }
+            last.push_back(r.line);
+        }
+        if done {
+            break;
+        }
+    }
+    last.into()
 }
 
 /// What to do once a stopped service's process is gone.
@@ -501,8 +658,8 @@ fn finish_stop(
     }
 }
 
-fn on_exit(name: &str, svc: &mut Service, status: ExitStatus) {
-    let ran = svc.process.map(|(_, _, since)| since.elapsed());
+fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
+    let ran = svc.process.map(|(_, _, since)| now.duration_since(since));
     svc.process = None;
     svc.last_exit = Some(status);
     svc.ready = false;
@@ -528,7 +685,6 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus) {
         tracing::info!(service = name, %status, "service exited");
         return;
     }
-    let now = Instant::now();
     if ran.is_some_and(|d| d > STABLE_AFTER) {
         svc.backoff = BACKOFF_FIRST;
         svc.exits.clear();
@@ -558,38 +714,13 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus) {
     svc.backoff = (svc.backoff * 2).min(BACKOFF_MAX);
 }
 
-/// TCP ports in LISTEN state in the inner's network namespace, read from
-/// its init's view of /proc/net (no agent inside the user's code).
-fn listening_ports(init_pid: i32) -> Vec<u16> {
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{init_pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address is ADDR:PORT in hex; state 0A is LISTEN.
-            if fields.len() > 3 && fields[3] == "0A" {
-                if let Some(port) = fields[1]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-                {
-                    ports.push(port);
-                }
-            }
-        }
-    }
-    ports
-}
-
 /// Runs one service process to its end, reporting to the manager.
-async fn run_process(
-    inner: Arc<Inner>,
+async fn run_process<H: InnerHost>(
+    inner: Arc<H>,
+    logs: Arc<LogStore>,
     name: String,
     generation: u64,
     spec: ExecSpec,
-    log: Arc<SourceLog>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let send = |e: Event| {
@@ -600,7 +731,18 @@ async fn run_process(
         generation,
         status,
     };
-    let mut process = match inner.link.spawn(spec).await {
+    // Opening a source creates its directory and segment file.
+    let source = name.clone();
+    let log = match tokio::task::spawn_blocking(move || logs.source(&source)).await {
+        Ok(Ok(log)) => log,
+        Ok(Err(e)) => {
+            tracing::error!(service = %name, error = %e, "cannot open the service's log");
+            send(exited(ExitStatus::Code(125)));
+            return;
+        }
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    let process = match inner.spawn(spec).await {
         Ok(p) => p,
         Err(SpawnFailure::Refused(kind, message)) => {
             log.append(Stream::Stderr, &format!("hull: {message}"));
@@ -609,8 +751,7 @@ async fn run_process(
         }
         Err(SpawnFailure::InnerGone) => return,
     };
-    let (id, pid, exit) = (process.id, process.pid, process.exited);
-    let fds = std::mem::take(&mut process.fds);
+    let HostProcess { id, pid, fds, exit } = process;
     send(Event::Spawned {
         name: name.clone(),
         generation,
@@ -618,18 +759,7 @@ async fn run_process(
         pid,
     });
     let readers = spawn_captures(fds, &log);
-    let status = match exit {
-        Some(s) => Some(s),
-        None => loop {
-            match process.events.recv().await {
-                Some(InitEvent::Exited(s)) => break Some(s),
-                Some(_) => continue,
-                None => break None,
-            }
-        },
-    };
-    drop(process);
-    let Some(status) = status else {
+    let Some(status) = exit.await else {
         return; // the inner went away; on_inner resets every service
     };
     // Let the output readers finish (bounded: a background child may hold
@@ -663,11 +793,7 @@ fn spawn_captures(fds: Vec<OwnedFd>, log: &Arc<SourceLog>) -> Vec<tokio::task::J
         let Ok(pipe) = pipe::Receiver::from_owned_fd(fd) else {
             continue;
         };
-        handles.push(tokio::spawn(crate::logs::capture(
-            pipe,
-            stream,
-            log.clone(),
-        )));
+        handles.push(tokio::spawn(hull_logs::capture(pipe, stream, log.clone())));
     }
     handles
 }

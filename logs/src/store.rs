@@ -17,6 +17,14 @@ use tokio::sync::watch;
 /// Lines longer than this are split: a process printing without newlines
 /// must not make hulld buffer without bound.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Milliseconds since the Unix epoch: the timestamp of every record.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// How much of a source's log is kept: the `[logs]` config table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogLimits {
@@ -38,7 +46,7 @@ impl Default for LogLimits {
 /// so a kill -9 of hulld loses at most this much.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
-fn segment_name(n: u64) -> String {
+pub(crate) fn segment_name(n: u64) -> String {
     format!("{n:08}.log")
 }
 
@@ -134,7 +142,7 @@ pub struct SourceLog {
 }
 
 impl SourceLog {
-    fn open(dir: PathBuf, limits: LogLimits) -> io::Result<Self> {
+    pub(crate) fn open(dir: PathBuf, limits: LogLimits) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
         let segment = segments(&dir).last().copied().unwrap_or(1);
         let path = dir.join(segment_name(segment));
@@ -164,7 +172,7 @@ impl SourceLog {
     /// that cannot be written (a full disk) are counted, and the count is
     /// written into the log as soon as writing works again.
     pub fn append_many(&self, stream: Stream, lines: &[&str]) {
-        let ts_ms = hull_checkpoint::catalog::now_ms();
+        let ts_ms = now_ms();
         let mut w = self.writer.lock().unwrap();
         let mut scratch = std::mem::take(&mut w.scratch);
         for line in lines {
@@ -235,18 +243,13 @@ impl SourceLog {
                 human_size(self.limits.source_max)
             );
             let mut record = Vec::new();
-            if encode(
-                &mut record,
-                hull_checkpoint::catalog::now_ms(),
-                Stream::Stderr,
-                &note,
-            ) {
+            if encode(&mut record, now_ms(), Stream::Stderr, &note) {
                 w.write(&record);
             }
         }
     }
 
-    fn flush(&self) {
+    pub(crate) fn flush(&self) {
         let _ = self.writer.lock().unwrap().file.flush();
     }
 
@@ -286,14 +289,15 @@ impl LogStore {
             limits,
             sources: Mutex::new(HashMap::new()),
         });
+        // Flushing writes files: a thread of its own, never a runtime worker.
         let weak = Arc::downgrade(&store);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(FLUSH_EVERY).await;
+        std::thread::Builder::new()
+            .name("hull-log-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(FLUSH_EVERY);
                 let Some(store) = weak.upgrade() else { return };
                 store.flush();
-            }
-        });
+            })?;
         Ok(store)
     }
 
@@ -427,251 +431,6 @@ impl LogStore {
     }
 }
 
-/// Cuts a byte stream into log lines: at newlines, and at [`MAX_LINE`]
-/// (never inside a UTF-8 sequence) so that a process printing without
-/// newlines cannot make hulld buffer without bound.
-#[derive(Default)]
-pub struct LineSplitter {
-    /// Bytes of an unfinished line carried to the next push.
-    carry: Vec<u8>,
-}
-
-impl LineSplitter {
-    /// Appends the complete lines in `carry + bytes` to `log`, one batch.
-    pub fn push(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog) {
-        let carry = &mut self.carry;
-        carry.extend_from_slice(bytes);
-        let mut bounds: Vec<(usize, usize)> = Vec::new();
-        let mut start = 0;
-        loop {
-            // The next newline within the longest line allowed (memchr:
-            // the byte-at-a-time loop was another fifth of hulld's time).
-            let window = (start + MAX_LINE + 1).min(carry.len());
-            match memchr::memchr(b'\n', &carry[start..window]) {
-                Some(at) => {
-                    bounds.push((start, start + at));
-                    start += at + 1;
-                }
-                None if window - start > MAX_LINE => {
-                    // Too long: cut at MAX_LINE, back to a character start.
-                    let mut cut = start + MAX_LINE;
-                    while cut > start + 1 && (carry[cut] & 0xC0) == 0x80 {
-                        cut -= 1;
-                    }
-                    bounds.push((start, cut));
-                    start = cut;
-                }
-                None => break,
-            }
-        }
-        if !bounds.is_empty() {
-            // One UTF-8 check for the whole batch; lossy copies only when
-            // the output is not valid UTF-8.
-            match std::str::from_utf8(&carry[..start]) {
-                Ok(text) => {
-                    let lines: Vec<&str> = bounds.iter().map(|&(a, b)| &text[a..b]).collect();
-                    log.append_many(stream, &lines);
-                }
-                Err(_) => {
-                    let owned: Vec<String> = bounds
-                        .iter()
-                        .map(|&(a, b)| String::from_utf8_lossy(&carry[a..b]).into_owned())
-                        .collect();
-                    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
-                    log.append_many(stream, &lines);
-                }
-            }
-        }
-        carry.drain(..start);
-    }
-
-    /// Logs a last line that had no newline.
-    pub fn finish(&mut self, stream: Stream, log: &SourceLog) {
-        if !self.carry.is_empty() {
-            log.append(stream, &String::from_utf8_lossy(&self.carry));
-            self.carry.clear();
-        }
-    }
-}
-
-/// Reads a pipe into `log` until end of file, a batch of lines per read.
-pub async fn capture(pipe: tokio::net::unix::pipe::Receiver, stream: Stream, log: Arc<SourceLog>) {
-    use tokio::io::AsyncReadExt;
-    let mut pipe = pipe;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut lines = LineSplitter::default();
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => lines.push(&buf[..n], stream, &log),
-        }
-    }
-    lines.finish(stream, &log);
-}
-
-/// The log source of hulld's own tracing output (`hull logs --daemon`).
-pub const DAEMON_SOURCE: &str = "hulld";
-
-static DAEMON_LOG: std::sync::OnceLock<Arc<SourceLog>> = std::sync::OnceLock::new();
-
-/// From now on, hulld's tracing output also goes to `log`.
-pub fn set_daemon_log(log: Arc<SourceLog>) {
-    let _ = DAEMON_LOG.set(log);
-}
-
-/// A tracing writer for one event: collects the formatted text and appends
-/// it to the `hulld` source when dropped (nothing before the store opens).
-#[derive(Default)]
-pub struct DaemonLogWriter {
-    buf: Vec<u8>,
-}
-
-impl DaemonLogWriter {
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-impl Write for DaemonLogWriter {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for DaemonLogWriter {
-    fn drop(&mut self) {
-        if let Some(log) = DAEMON_LOG.get() {
-            let text = String::from_utf8_lossy(&self.buf);
-            let lines: Vec<&str> = text.lines().collect();
-            log.append_many(Stream::Stderr, &lines);
-        }
-    }
-}
-
-const RECORDS_PER_FRAME: usize = 1000;
-
-/// Which records a `Logs` request wants.
-#[derive(Debug, Clone, Copy)]
-pub struct Filter {
-    pub stream: Option<Stream>,
-    pub since_ms: Option<i64>,
-}
-
-impl Filter {
-    fn keeps(&self, r: &LogRecord) -> bool {
-        self.stream.is_none_or(|s| s == r.stream) && self.since_ms.is_none_or(|t| r.ts_ms >= t)
-    }
-}
-
-/// Answers one `Logs` request on a client connection.
-pub async fn serve<R, W>(
-    store: &Arc<LogStore>,
-    source: &str,
-    follow: bool,
-    tail: Option<u64>,
-    filter: Filter,
-    reader: &mut R,
-    writer: &mut W,
-) -> io::Result<()>
-where
-    R: futures::Stream<Item = io::Result<hull_proto::ClientMsg>> + Unpin,
-    W: futures::Sink<hull_proto::DaemonMsg, Error = io::Error> + Unpin,
-{
-    use futures::{SinkExt, StreamExt};
-    use hull_proto::{DaemonMsg, ErrorKind, ErrorReport};
-    if !store.exists(source) {
-        return writer
-            .send(DaemonMsg::Error(ErrorReport {
-                kind: ErrorKind::NotFound,
-                message: format!("no logs for {source:?}: no service of that name has run"),
-            }))
-            .await;
-    }
-    let keep = |r: &LogRecord| filter.keeps(r);
-    let read = |cursor: Cursor| {
-        let store = store.clone();
-        let source = source.to_string();
-        async move {
-            tokio::task::spawn_blocking(move || store.read_from(&source, cursor, RECORDS_PER_FRAME))
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?
-        }
-    };
-    // Subscribe before the first read, so nothing appended in between is missed.
-    let mut appended = store.source(source)?.subscribe();
-    // Memory stays bounded: records stream a frame at a time, and --tail
-    // keeps only its last N while reading. A tail starts near the end, as
-    // --since keeps a suffix of the log; only --stream, which keeps a
-    // subsequence, reads from the start.
-    let mut cursor = match tail {
-        Some(n) if filter.stream.is_none() => {
-            let store = store.clone();
-            let source = source.to_string();
-            tokio::task::spawn_blocking(move || store.tail_cursor(&source, n))
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))??
-        }
-        _ => Cursor::default(),
-    };
-    let mut last: std::collections::VecDeque<LogRecord> = std::collections::VecDeque::new();
-    loop {
-        let (records, next) = read(cursor).await?;
-        cursor = next;
-        let done = records.len() < RECORDS_PER_FRAME;
-        let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
-        match tail {
-            Some(n) => {
-                last.extend(records);
-                while last.len() as u64 > n {
-                    last.pop_front();
-                }
-            }
-            None if !records.is_empty() => writer.send(DaemonMsg::LogRecords(records)).await?,
-            None => {}
-        }
-        if done {
-            break;
-        }
-    }
-    if !last.is_empty() {
-        let last: Vec<LogRecord> = last.into();
-        for chunk in last.chunks(RECORDS_PER_FRAME) {
-            writer.send(DaemonMsg::LogRecords(chunk.to_vec())).await?;
-        }
-    }
-    if !follow {
-        return writer.send(DaemonMsg::LogsEnd).await;
-    }
-    loop {
-        tokio::select! {
-            changed = appended.changed() => {
-                if changed.is_err() {
-                    return writer.send(DaemonMsg::LogsEnd).await;
-                }
-                loop {
-                    let (records, next) = read(cursor).await?;
-                    cursor = next;
-                    let done = records.len() < RECORDS_PER_FRAME;
-                    let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
-                    if !records.is_empty() {
-                        writer.send(DaemonMsg::LogRecords(records)).await?;
-                    }
-                    if done {
-                        break;
-                    }
-                }
-            }
-            // Following ends when the client hangs up (or sends anything).
-            _ = reader.next() => return Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,8 +475,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn logs_tail_cursor_reads_exactly_the_last_lines_across_segments() {
+    #[test]
+    fn logs_tail_cursor_reads_exactly_the_last_lines_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         // Segments of about ten records each.
         let limits = LogLimits {
@@ -749,46 +508,5 @@ mod tests {
         for b in [b'"', b'\\', b'\n', 0, 0x1f] {
             assert!(needs_escape(&[b'a', b, b'z']), "byte {b:#x}");
         }
-    }
-
-    /// Runs `chunks` through a splitter into a fresh log and reads it back.
-    fn split(chunks: &[&[u8]]) -> Vec<String> {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SourceLog::open(dir.path().join("s"), LogLimits::default()).unwrap();
-        let mut splitter = LineSplitter::default();
-        for c in chunks {
-            splitter.push(c, Stream::Stdout, &log);
-        }
-        splitter.finish(Stream::Stdout, &log);
-        log.flush();
-        let text = std::fs::read_to_string(dir.path().join("s").join(segment_name(1))).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str::<LogRecord>(l).unwrap().line)
-            .collect()
-    }
-
-    #[test]
-    fn logs_splitter_cuts_at_newlines_across_chunks() {
-        assert_eq!(
-            split(&[b"one\ntw", b"o\n\nthr", b"ee"]),
-            vec!["one", "two", "", "three"]
-        );
-    }
-
-    #[test]
-    fn logs_splitter_cuts_long_lines_at_a_character_start() {
-        // MAX_LINE - 1 ASCII bytes, then a 2-byte character straddling the
-        // limit: the cut moves back before it.
-        let mut long = vec![b'a'; MAX_LINE - 1];
-        long.extend_from_slice("é".as_bytes());
-        long.extend_from_slice(b"tail\n");
-        let lines = split(&[&long]);
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].len(), MAX_LINE - 1);
-        assert_eq!(lines[1], "étail");
-        // Exactly MAX_LINE bytes then a newline is one line.
-        let mut exact = vec![b'b'; MAX_LINE];
-        exact.push(b'\n');
-        assert_eq!(split(&[&exact]), vec!["b".repeat(MAX_LINE)]);
     }
 }

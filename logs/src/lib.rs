@@ -1,0 +1,17 @@
+//! hull's log pipeline, in the root namespace so that logs outlive every
+//! bounce, restore and crash of the inner.
+//!
+//! * [`store`]: segment files per source, rotation, the cap per source.
+//! * [`capture`]: a process's output pipes cut into lines into its source.
+//! * [`serve`]: a client's read of a source: tail, filter, follow.
+//! * [`daemon`]: hulld's own tracing output as the `hulld` source.
+
+pub mod capture;
+pub mod daemon;
+pub mod serve;
+pub mod store;
+
+pub use capture::{capture, LineSplitter};
+pub use daemon::{set_daemon_log, DaemonLogWriter, DAEMON_SOURCE};
+pub use serve::{serve, Filter};
+pub use store::{Cursor, LogLimits, LogStore, SourceLog, FLUSH_EVERY, MAX_LINE};

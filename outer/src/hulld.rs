@@ -1,0 +1,221 @@
+//! What hulld is once started: the handles of its services (supervisor,
+//! storage, service manager, logs, network), composed. Connections call the
+//! `do_*` methods; none of them owns state of its own or blocks a runtime
+//! worker.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hull_checkpoint::{Storage, StorageError};
+use hull_inner::cgroup::HullCgroups;
+use hull_logs::LogStore;
+use hull_proto::{
+    BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, IngressReport, Limits,
+    PortsReport, RestoreReport, ServiceRequest, ServiceStatus, StatusReport,
+};
+use hull_services::{ServiceError, ServiceManager};
+use tokio::sync::Notify;
+
+use crate::network::Network;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// The parts [`Hulld`] is made of, as start-up built them.
+pub(crate) struct Parts {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub storage: Arc<Storage>,
+    pub services: ServiceManager,
+    pub logs: Arc<LogStore>,
+    pub cgroups: HullCgroups,
+    pub supervisor: Supervisor,
+    pub limits: Limits,
+    pub image: PathBuf,
+    pub network: Network,
+}
+
+pub struct Hulld {
+    parts: Parts,
+    stopped: Notify,
+    shutdown_lock: tokio::sync::Mutex<bool>,
+    shutting_down: AtomicBool,
+}
+
+/// Runs `f` on a blocking thread (files, SQLite) and waits for it.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+impl Hulld {
+    pub(crate) fn new(parts: Parts) -> Arc<Self> {
+        Arc::new(Hulld {
+            parts,
+            stopped: Notify::new(),
+            shutdown_lock: tokio::sync::Mutex::new(false),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.parts.supervisor
+    }
+
+    pub fn logs(&self) -> &Arc<LogStore> {
+        &self.parts.logs
+    }
+
+    pub async fn do_status(&self) -> StatusReport {
+        let p = self.parts.supervisor.published();
+        let inner = self.parts.supervisor.current();
+        let storage = self.parts.storage.clone();
+        let head = blocking(move || storage.head()).await.ok().flatten();
+        let volume = self.parts.storage.volume();
+        StatusReport {
+            daemon_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+            daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+            state: p.state,
+            inner_pid: inner.as_ref().map(|i| i.pid),
+            inner_uptime_ms: inner
+                .as_ref()
+                .map(|i| u64::try_from(i.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            bounces: p.bounces,
+            unplanned_restarts: p.unplanned_restarts,
+            limits: self.parts.limits.clone(),
+            image: self.parts.image.display().to_string(),
+            state_dir: self.parts.state_dir.display().to_string(),
+            cgroup: self.parts.cgroups.inner.display_path(),
+            volume: match &volume.image {
+                Some(image) => format!(
+                    "btrfs loop image {} at {}",
+                    image.display(),
+                    volume.root.display()
+                ),
+                None => format!("btrfs at {}", volume.root.display()),
+            },
+            head,
+            last_error: p.last_error,
+        }
+    }
+
+    pub async fn do_bounce(&self, grace: Duration) -> Result<BounceReport, SupervisorError> {
+        self.parts.supervisor.bounce(grace).await
+    }
+
+    pub async fn do_checkpoint_create(
+        &self,
+        comment: Option<String>,
+    ) -> Result<CheckpointReport, SupervisorError> {
+        let made = self.parts.supervisor.checkpoint(comment).await?;
+        Ok(CheckpointReport {
+            checkpoint: info(made.row),
+            frozen_ms: made.frozen.as_secs_f64() * 1e3,
+            total_ms: made.total.as_secs_f64() * 1e3,
+        })
+    }
+
+    pub async fn do_checkpoint_restore(
+        &self,
+        id: String,
+    ) -> Result<RestoreReport, SupervisorError> {
+        self.parts.supervisor.restore(id).await
+    }
+
+    pub async fn do_checkpoint_list(&self) -> Result<CheckpointListing, StorageError> {
+        let storage = self.parts.storage.clone();
+        let (rows, head) =
+            blocking(move || Ok::<_, StorageError>((storage.list()?, storage.head()?))).await?;
+        Ok(CheckpointListing {
+            checkpoints: rows
+                .into_iter()
+                .filter(|r| r.state == "ready")
+                .map(info)
+                .collect(),
+            head,
+            now_ms: hull_checkpoint::catalog::now_ms(),
+        })
+    }
+
+    pub async fn do_checkpoint_delete(&self, id: String) -> Result<(), StorageError> {
+        let storage = self.parts.storage.clone();
+        blocking(move || storage.delete_checkpoint(&id)).await
+    }
+
+    pub async fn do_services(
+        &self,
+        request: ServiceRequest,
+    ) -> Result<Vec<ServiceStatus>, ServiceError> {
+        self.parts.services.request(request).await
+    }
+
+    pub async fn do_ports(&self) -> PortsReport {
+        let cgroup = self.parts.cgroups.inner.clone();
+        let pids = blocking(move || cgroup.pids().unwrap_or_default()).await;
+        self.parts.network.report(&pids)
+    }
+
+    pub fn do_ingress(&self) -> IngressReport {
+        self.parts.network.ingress_report()
+    }
+
+    /// Whether a shutdown has begun: tasks that end now are not failures.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Stops the inner and removes hull's cgroups and the socket.
+    /// Idempotent; returns once everything is gone. The main loop keeps
+    /// running until [`Hulld::exit`], so the caller can still answer.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::Release);
+        let mut done = self.shutdown_lock.lock().await;
+        if *done {
+            return;
+        }
+        tracing::info!(
+            grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            "shutting down"
+        );
+        self.parts.supervisor.shutdown(grace).await;
+        self.parts.network.shutdown().await;
+        let cgroups = self.parts.cgroups.clone();
+        let storage = self.parts.storage.clone();
+        let socket = self.parts.socket.clone();
+        let logs = self.parts.logs.clone();
+        blocking(move || {
+            if let Err(e) = cgroups.teardown() {
+                tracing::warn!(error = %e, "cannot remove hull's cgroups");
+            }
+            if let Err(e) = storage.close() {
+                tracing::warn!(error = %e, "cannot unmount the btrfs volume");
+            }
+            let _ = std::fs::remove_file(&socket);
+            logs.flush();
+        })
+        .await;
+        *done = true;
+    }
+
+    /// Lets the main loop return (after [`Hulld::shutdown`]).
+    pub fn exit(&self) {
+        self.stopped.notify_one();
+    }
+
+    /// Resolves when [`Hulld::exit`] was called.
+    pub async fn exited(&self) {
+        self.stopped.notified().await
+    }
+}
+
+fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
+    CheckpointInfo {
+        id: row.id,
+        parent: row.parent,
+        created_ms: row.created_ms,
+        comment: row.comment,
+        auto: row.auto,
+        services: row.services,
+    }
+}

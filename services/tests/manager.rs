@@ -1,0 +1,265 @@
+//! The service manager's state machine against a fake inner, on tokio's
+//! paused clock: backoff, crash loops, readiness, stops across bounces and
+//! restores, with no real time spent and no timing noise.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hull_logs::{LogLimits, LogStore};
+use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec};
+use hull_services::{HostProcess, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// How a fake process ends.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Exits at once with this code.
+    ExitAt0(i32),
+    /// Runs until killed.
+    Runs,
+}
+
+#[derive(Default)]
+struct Record {
+    /// (service command, when) of every spawn.
+    spawns: Vec<(String, Instant)>,
+    /// Exit senders of running processes, by exec id.
+    running: BTreeMap<u64, oneshot::Sender<ExitStatus>>,
+    next_id: u64,
+}
+
+struct FakeInner {
+    generation: u64,
+    behaviour: BTreeMap<String, Behaviour>,
+    record: Arc<Mutex<Record>>,
+}
+
+impl InnerHost for FakeInner {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    async fn spawn(&self, spec: ExecSpec) -> Result<HostProcess, SpawnFailure> {
+        let cmd = spec.argv[2].clone();
+        let mut record = self.record.lock().unwrap();
+        record.spawns.push((cmd.clone(), Instant::now()));
+        record.next_id += 1;
+        let id = record.next_id;
+        let exit: HostProcess = match self.behaviour.get(&cmd).copied().unwrap_or(Behaviour::Runs) {
+            Behaviour::ExitAt0(code) => HostProcess {
+                id,
+                pid: 100,
+                fds: Vec::new(),
+                exit: Box::pin(async move { Some(ExitStatus::Code(code)) }),
+            },
+            Behaviour::Runs => {
+                let (tx, rx) = oneshot::channel();
+                record.running.insert(id, tx);
+                HostProcess {
+                    id,
+                    pid: 100,
+                    fds: Vec::new(),
+                    exit: Box::pin(async move { rx.await.ok() }),
+                }
+            }
+        };
+        Ok(exit)
+    }
+
+    async fn kill(&self, id: u64, signal: i32) {
+        if let Some(tx) = self.record.lock().unwrap().running.remove(&id) {
+            let _ = tx.send(ExitStatus::Signal(signal));
+        }
+    }
+}
+
+/// Ports the test says are listening; every scan is "fresh".
+#[derive(Default)]
+struct FakePorts(Mutex<Option<Vec<u16>>>);
+
+impl PortProbe for FakePorts {
+    fn listening_since(&self, _since: std::time::Instant) -> Option<Vec<u16>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    manager: ServiceManager,
+    current: watch::Sender<Option<Arc<FakeInner>>>,
+    record: Arc<Mutex<Record>>,
+    ports: Arc<FakePorts>,
+    behaviour: BTreeMap<String, Behaviour>,
+}
+
+fn spec(name: &str, cmd: &str) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        cmd: cmd.into(),
+        env: Vec::new(),
+        cwd: None,
+        user: None,
+        after: Vec::new(),
+        http_port: None,
+        restart: RestartPolicy::Always,
+    }
+}
+
+impl Fixture {
+    fn new(specs: &[ServiceSpec], behaviour: &[(&str, Behaviour)]) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(&dir.path().join("services.db")).unwrap();
+        for s in specs {
+            registry.add(s).unwrap();
+        }
+        let logs = LogStore::open(dir.path().join("logs"), LogLimits::default()).unwrap();
+        let (current, rx) = watch::channel(None);
+        let ports = Arc::new(FakePorts::default());
+        let (manager, _task) =
+            ServiceManager::start(registry, logs, rx, ports.clone() as Arc<dyn PortProbe>).unwrap();
+        Fixture {
+            _dir: dir,
+            manager,
+            current,
+            record: Arc::new(Mutex::new(Record::default())),
+            ports,
+            behaviour: behaviour
+                .iter()
+                .map(|(cmd, b)| (cmd.to_string(), *b))
+                .collect(),
+        }
+    }
+
+    /// A new inner, as a start, bounce or restore brings.
+    fn new_inner(&self, generation: u64) {
+        self.current.send_replace(Some(Arc::new(FakeInner {
+            generation,
+            behaviour: self.behaviour.clone(),
+            record: self.record.clone(),
+        })));
+    }
+
+    fn spawn_times(&self, cmd: &str) -> Vec<Instant> {
+        self.record
+            .lock()
+            .unwrap()
+            .spawns
+            .iter()
+            .filter(|(c, _)| c == cmd)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    async fn state(&self, name: &str) -> String {
+        let list = self.manager.request(ServiceRequest::List).await.unwrap();
+        list.into_iter()
+            .find(|s| s.spec.name == name)
+            .map(|s| s.state)
+            .unwrap_or_else(|| "absent".into())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_backs_off_doubling_then_fails() {
+    let f = Fixture::new(
+        &[spec("crash", "false")],
+        &[("false", Behaviour::ExitAt0(1))],
+    );
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let times = f.spawn_times("false");
+    assert_eq!(times.len(), 5, "five starts, then the crash loop gives up");
+    assert_eq!(f.state("crash").await, "failed");
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    // Backoff 100 ms doubling, checked on a 20 ms scheduling tick.
+    for (gap, want_ms) in gaps.iter().zip([100u64, 200, 400, 800]) {
+        let want = Duration::from_millis(want_ms);
+        assert!(
+            *gap >= want && *gap <= want + Duration::from_millis(40),
+            "gaps {gaps:?}: expected about {want_ms} ms"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_waits_for_the_port_of_what_it_comes_after() {
+    let mut web = spec("web", "web");
+    web.http_port = Some(8000);
+    let mut worker = spec("worker", "worker");
+    worker.after = vec!["web".into()];
+    let f = Fixture::new(&[web, worker], &[]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(f.spawn_times("web").len(), 1);
+    assert!(
+        f.spawn_times("worker").is_empty(),
+        "worker started before web's port listened"
+    );
+    assert_eq!(f.state("worker").await, "waiting");
+    *f.ports.0.lock().unwrap() = Some(vec![8000]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        f.spawn_times("worker").len(),
+        1,
+        "worker did not start once web listened"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_service_stays_stopped_past_backoff_and_bounces() {
+    let f = Fixture::new(&[spec("svc", "svc")], &[]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.state("svc").await, "running");
+    f.manager
+        .request(ServiceRequest::Stop("svc".into()))
+        .await
+        .unwrap();
+    assert_eq!(f.state("svc").await, "stopped");
+    // Well past the longest backoff, and through a bounce.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    f.new_inner(2);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        f.spawn_times("svc").len(),
+        1,
+        "a stopped service was started again"
+    );
+    assert_eq!(f.state("svc").await, "stopped");
+    f.manager
+        .request(ServiceRequest::Start("svc".into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.spawn_times("svc").len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_replaces_the_definitions_and_says_what_changed() {
+    let f = Fixture::new(&[spec("a", "a"), spec("b", "b")], &[]);
+    let recorded = f.manager.snapshot().await.unwrap();
+    f.manager
+        .request(ServiceRequest::Add(spec("c", "c")))
+        .await
+        .unwrap();
+    f.manager
+        .request(ServiceRequest::Remove("a".into()))
+        .await
+        .unwrap();
+    let mut definitions = f.manager.definitions();
+    let names = |d: &watch::Receiver<Vec<ServiceSpec>>| -> Vec<String> {
+        d.borrow().iter().map(|s| s.name.clone()).collect()
+    };
+    assert_eq!(names(&definitions), ["b", "c"]);
+    let replaced = f.manager.replace(recorded).await.unwrap();
+    assert_eq!(replaced.removed, ["c"]);
+    assert_eq!(replaced.added, ["a"]);
+    definitions.changed().await.unwrap();
+    assert_eq!(names(&definitions), ["a", "b"]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.spawn_times("a").len(), 1);
+    assert!(f.spawn_times("c").is_empty());
+}
