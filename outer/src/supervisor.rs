@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hull_cgroups::Cgroup;
 use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
-use hull_inner::cgroup::Cgroup;
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use tokio::sync::{mpsc, oneshot, watch};
