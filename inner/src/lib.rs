@@ -1,13 +1,13 @@
 //! The inner container: the single-threaded helper that creates its
-//! namespaces, the root filesystem it pivots into, its cgroups, and the inner
-//! init that runs as PID 1 inside it.
+//! namespaces, the root filesystem it pivots into, and the inner init that
+//! runs as PID 1 inside it. Its cgroup is hulld's (`hull-cgroups`); the
+//! helper only writes itself into the `cgroup.procs` files the spec names.
 //!
 //! hulld never forks from its tokio runtime: it execs its own (sealed, in
 //! memory) binary as [`helper::run`], which joins the inner cgroup, unshares
 //! the namespaces and forks once. The child becomes the inner init
 //! ([`init::run`]), the helper prints the init's pid and exits.
 
-pub mod cgroup;
 pub mod helper;
 pub mod init;
 mod rootfs;

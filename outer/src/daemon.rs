@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hull_cgroups::{CgroupError, HullCgroups};
 use hull_checkpoint::Storage;
 use hull_image::ImageStore;
-use hull_inner::cgroup::{CgroupError, HullCgroups};
 use hull_proto::Limits;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hull_cgroups::HullCgroups;
 use hull_checkpoint::{Storage, StorageError};
-use hull_inner::cgroup::HullCgroups;
 use hull_logs::LogStore;
 use hull_proto::{
     BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, IngressReport, Limits,

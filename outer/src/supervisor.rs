@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hull_cgroups::{Cgroup, CgroupError};
 use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
-use hull_inner::cgroup::{Cgroup, CgroupError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use hull_services::{Replaced, ServiceError, ServiceManager};

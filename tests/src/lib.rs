@@ -8,8 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use hull_cgroups::HullCgroups;
 use hull_image::{ImageKind, ImageStore};
-use hull_inner::cgroup::HullCgroups;
 use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
