@@ -10,6 +10,7 @@
 //! * [`nat`]: masquerade and forwarding rules (nftables).
 //! * [`ports`]: which TCP ports the inner listens on (sock_diag), and by whom.
 //! * [`forward`]: one outer listener per inner port, relaying connections.
+//! * [`peer`]: whether a connection comes from the inner's own network.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
 
 pub mod forward;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod link;
 pub mod nat;
 pub mod netns;
+pub mod peer;
 pub mod ports;
 pub mod portwatch;
 
