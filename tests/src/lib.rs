@@ -126,6 +126,14 @@ pub struct TestHull {
 /// HTTP ingress port of every test hulld (on its own loopback address).
 pub const TEST_HTTP_PORT: u16 = 8080;
 
+/// The service manager's first restart delay, doubled after each exit
+/// (ARCHITECTURE.md: "backoff 100 ms doubling to 30 s"). Tests derive their
+/// waits and lower bounds from it; a change there must be made here too.
+pub const SERVICE_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+
+/// Exits within 30 s after which the service manager marks a service failed.
+pub const SERVICE_CRASH_LOOP_EXITS: usize = 5;
+
 impl TestHull {
     pub fn start() -> TestHull {
         Self::start_with(Limits::default())
