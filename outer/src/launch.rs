@@ -364,22 +364,19 @@ async fn run_helper(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let (link_raw, fds_raw) = (link_child.as_raw_fd(), fds_child.as_raw_fd());
-    let netns_raw = netns.unwrap_or(-1);
-    // SAFETY: between fork and exec the closure only calls dup2(2), which is
-    // async-signal-safe; the source fds stay open in the parent until spawn
-    // returns because we hold them (the namespace fd is held by the
+    let pairs = [
+        (link_child.as_raw_fd(), INIT_LINK_FD),
+        (fds_child.as_raw_fd(), FD_CHANNEL_FD),
+        (netns.unwrap_or(-1), NETNS_FD),
+    ];
+    let placed = if netns.is_some() { 3 } else { 2 };
+    // SAFETY: between fork and exec the closure only runs `place_fds`, which
+    // makes raw fcntl/dup2/close calls (async-signal-safe) on a copied array
+    // and allocates nothing; the source fds stay open in the parent until
+    // spawn returns because we hold them (the namespace fd is held by the
     // InnerNetns for hulld's lifetime).
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(link_raw, INIT_LINK_FD) < 0 || libc::dup2(fds_raw, FD_CHANNEL_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if netns_raw >= 0 && libc::dup2(netns_raw, NETNS_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || place_fds(&pairs[..placed]));
     }
     let mut child = cmd
         .spawn()
@@ -412,6 +409,66 @@ async fn run_helper(
     line.trim()
         .parse::<i32>()
         .map_err(|_| LaunchError::HelperOutput(line.clone()))
+}
+
+/// The most fds [`place_fds`] moves at once (the helper gets three); a
+/// fixed bound, as the child between fork and exec must not allocate.
+const MAX_PLACED_FDS: usize = 8;
+
+/// In a child between fork and exec: makes each pair's target fd refer to
+/// what its source fd referred to on entry, and stay open across exec.
+///
+/// Plain dup2(source, target) in turn gets two cases wrong: dup2(fd, fd)
+/// does nothing, so an fd already in place keeps its close-on-exec flag and
+/// is gone after exec; and a source that is also an earlier pair's target
+/// (3 -> 4 after 4 -> 3) has been overwritten by the time it is read. So
+/// every source is first copied above the highest target, and the targets
+/// are then filled from the copies only.
+///
+/// Only raw fcntl, dup2 and close, and no allocation: safe between fork and
+/// exec in a multi-threaded parent.
+fn place_fds(pairs: &[(RawFd, RawFd)]) -> io::Result<()> {
+    let invalid = || io::Error::from_raw_os_error(libc::EINVAL);
+    if pairs.len() > MAX_PLACED_FDS {
+        return Err(invalid());
+    }
+    for (i, &(_, target)) in pairs.iter().enumerate() {
+        // Two sources for one target would leave it to the last one silently.
+        if target < 0 || pairs[..i].iter().any(|&(_, t)| t == target) {
+            return Err(invalid());
+        }
+    }
+    let above = pairs.iter().map(|&(_, t)| t).max().unwrap_or(0) + 1;
+    let mut copies: [RawFd; MAX_PLACED_FDS] = [-1; MAX_PLACED_FDS];
+    let close_copies = |copies: &[RawFd]| {
+        for &fd in copies.iter().filter(|&&fd| fd >= 0) {
+            // SAFETY: each copy is an fd this function made and nothing else uses.
+            unsafe { libc::close(fd) };
+        }
+    };
+    for (i, &(source, _)) in pairs.iter().enumerate() {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) only reads `source` and returns a
+        // new fd numbered at least `above`, so no target is touched yet.
+        let fd = unsafe { libc::fcntl(source, libc::F_DUPFD_CLOEXEC, above) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            close_copies(&copies[..i]);
+            return Err(e);
+        }
+        copies[i] = fd;
+    }
+    for (&copy, &(_, target)) in copies.iter().zip(pairs) {
+        // SAFETY: `copy` is above every target, so this dup2 is never the
+        // no-op of dup2(fd, fd): the target is replaced and its
+        // close-on-exec flag cleared.
+        if unsafe { libc::dup2(copy, target) } < 0 {
+            let e = io::Error::last_os_error();
+            close_copies(&copies);
+            return Err(e);
+        }
+    }
+    close_copies(&copies);
+    Ok(())
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -581,5 +638,160 @@ impl hull_services::InnerHost for Inner {
 
     async fn kill(&self, id: u64, signal: i32) {
         self.link.kill(id, signal).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    type Pairs = [(RawFd, RawFd); MAX_PLACED_FDS];
+
+    fn fixed(pairs: &[(RawFd, RawFd)]) -> (Pairs, usize) {
+        let mut out = [(-1, -1); MAX_PLACED_FDS];
+        out[..pairs.len()].copy_from_slice(pairs);
+        (out, pairs.len())
+    }
+
+    /// Files x, y, z held at fds from 100 up (close-on-exec, like all of
+    /// hulld's), so they never sit where a case wants its fds.
+    struct Objects {
+        dir: tempfile::TempDir,
+        fds: Vec<OwnedFd>,
+    }
+
+    impl Objects {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let fds = ["x", "y", "z"]
+                .iter()
+                .map(|name| {
+                    let file = std::fs::File::create(dir.path().join(name)).unwrap();
+                    // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd or -1.
+                    let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+                    assert!(fd >= 100, "{}", io::Error::last_os_error());
+                    // SAFETY: the kernel just returned this fd; nothing else owns it.
+                    unsafe { OwnedFd::from_raw_fd(fd) }
+                })
+                .collect();
+            Objects { dir, fds }
+        }
+
+        fn fd(&self, name: char) -> RawFd {
+            self.fds[(name as u8 - b'x') as usize].as_raw_fd()
+        }
+
+        /// In a child: `start` puts the named files at the fd numbers a case
+        /// starts from, then `place_fds(pairs)`, then exec of a shell that
+        /// reports which of its fds refer to one of the files. Fds that did
+        /// not survive the exec (close-on-exec) are missing from the answer.
+        fn run(
+            &self,
+            start: &[(char, RawFd)],
+            pairs: &[(RawFd, RawFd)],
+        ) -> io::Result<BTreeMap<RawFd, String>> {
+            let start: Vec<(RawFd, RawFd)> = start
+                .iter()
+                .map(|&(name, at)| (self.fd(name), at))
+                .collect();
+            let (start, start_len) = fixed(&start);
+            let (pairs, pairs_len) = fixed(pairs);
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c").arg(
+                r#"for f in /proc/$$/fd/*; do l=$(readlink "$f") && echo "${f##*/} $l"; done"#,
+            );
+            // SAFETY: between fork and exec the closure makes raw dup3 calls
+            // and runs `place_fds`, all async-signal-safe and allocation-free
+            // on arrays copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &(fd, at) in &start[..start_len] {
+                        if libc::dup3(fd, at, libc::O_CLOEXEC) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    place_fds(&pairs[..pairs_len])
+                });
+            }
+            let out = cmd.stdin(Stdio::null()).output()?;
+            assert!(out.status.success(), "{out:?}");
+            let prefix = format!("{}/", self.dir.path().display());
+            Ok(String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .filter_map(|line| {
+                    let (fd, path) = line.split_once(' ')?;
+                    Some((fd.parse().ok()?, path.strip_prefix(&prefix)?.to_owned()))
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn every_target_refers_to_its_source_and_survives_exec() {
+        let o = Objects::new();
+        type Case<'a> = (
+            &'a str,
+            &'a [(char, RawFd)],
+            &'a [(RawFd, RawFd)],
+            &'a [(RawFd, &'a str)],
+        );
+        let cases: [Case; 6] = [
+            (
+                "sources far from the targets (hulld's case)",
+                &[('x', 20), ('y', 21), ('z', 22)],
+                &[(20, 3), (21, 4), (22, 5)],
+                &[(3, "x"), (4, "y"), (5, "z")],
+            ),
+            // dup2(3, 3) alone leaves fd 3 close-on-exec.
+            ("already in place", &[('x', 3)], &[(3, 3)], &[(3, "x")]),
+            (
+                "a source an earlier target overwrites",
+                &[('x', 3), ('y', 7)],
+                &[(7, 3), (3, 4)],
+                &[(3, "y"), (4, "x")],
+            ),
+            (
+                "a swap",
+                &[('x', 3), ('y', 4)],
+                &[(3, 4), (4, 3)],
+                &[(3, "y"), (4, "x")],
+            ),
+            (
+                "a three-cycle",
+                &[('x', 3), ('y', 4), ('z', 5)],
+                &[(3, 4), (4, 5), (5, 3)],
+                &[(3, "z"), (4, "x"), (5, "y")],
+            ),
+            (
+                "one in place next to one moving",
+                &[('x', 3), ('y', 5)],
+                &[(5, 5), (3, 4)],
+                &[(4, "x"), (5, "y")],
+            ),
+        ];
+        // Every case runs, so a failure names all the orders that break.
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|&(what, start, pairs, want)| {
+                let want: BTreeMap<RawFd, String> =
+                    want.iter().map(|&(fd, n)| (fd, n.to_owned())).collect();
+                let got = o.run(start, pairs).unwrap();
+                (got != want).then(|| format!("{what}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn a_bad_source_or_a_doubled_target_fails_the_spawn() {
+        let o = Objects::new();
+        let err = o.run(&[], &[(1 << 20, 3)]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+        let err = o.run(&[('x', 3), ('y', 4)], &[(3, 5), (4, 5)]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 }

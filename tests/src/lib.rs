@@ -126,6 +126,35 @@ pub struct TestHull {
 /// HTTP ingress port of every test hulld (on its own loopback address).
 pub const TEST_HTTP_PORT: u16 = 8080;
 
+/// The service manager's first restart delay, doubled after each exit
+/// (ARCHITECTURE.md: "backoff 100 ms doubling to 30 s"). Tests derive their
+/// waits and lower bounds from it; a change there must be made here too.
+pub const SERVICE_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+
+/// Exits within 30 s after which the service manager marks a service failed.
+pub const SERVICE_CRASH_LOOP_EXITS: usize = 5;
+
+/// The pids of this test's inner whose command line is exactly `argv`, found
+/// from the root namespace (the inner's cgroup is named after the test).
+pub fn inner_pids_running(hull: &TestHull, argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want)
+                && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.contains(&format!("/{}/inner", hull.cgroup_name)))
+        })
+        .collect()
+}
+
 impl TestHull {
     pub fn start() -> TestHull {
         Self::start_with(Limits::default())

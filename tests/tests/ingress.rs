@@ -6,10 +6,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use hull_proto::RestartPolicy;
-use hull_tests::{block_on, require_root, wait_until, Limits, TestHull};
+use hull_proto::{BounceReport, InnerState, RestartPolicy};
+use hull_tests::{block_on, inner_pids_running, require_root, wait_until, Limits, TestHull};
 use sha2::{Digest, Sha256};
 
 /// A raw HTTP/1.1 exchange (Connection: close); returns status, head, body.
@@ -265,52 +266,200 @@ fn a_websocket_upgrade_echoes_through_http_ingress() {
     assert_eq!(echo, frame);
 }
 
-#[test]
-fn a_request_sent_during_a_bounce_is_answered_afterwards() {
-    if !require_root() {
-        return;
-    }
-    let hull = TestHull::start();
-    web_root(&hull, "/www", "still-here");
+/// Web root /www on 8300 for the bounce tests. Each start of the server
+/// counts itself in /root/runs; `/cgi-bin/who` notes each request it gets
+/// in /root/arrivals with the run that got it, and answers with that run,
+/// except that with `hold` in the query it never answers in run 1.
+fn counting_web_server(hull: &TestHull) {
+    block_on(hull.sh(
+        "mkdir -p /www/cgi-bin && cat > /www/cgi-bin/who <<'EOF'\n#!/bin/sh\nrun=$(cat /root/runs)\necho $run >> /root/arrivals\ncase \"$run $QUERY_STRING\" in '1 hold') exec sleep 1000;; esac\nprintf 'Content-Type: text/plain\\r\\n\\r\\nanswered-by-run-%s\\n' $run\nEOF\nchmod +x /www/cgi-bin/who",
+    ));
     hull.add_service(
         "web",
-        "exec httpd -f -p 8300 -h /www",
+        "echo $(( $(cat /root/runs 2>/dev/null || echo 0) + 1 )) > /root/runs; exec httpd -f -p 8300 -h /www",
         &[],
         Some(8300),
         RestartPolicy::Always,
     );
-    wait_listed(&hull, 8300);
-    for round in 0..3 {
-        let bounce = std::thread::spawn({
-            let config = hull.config.clone();
-            move || {
-                std::process::Command::new(hull_tests::bin_dir().join("hull"))
-                    .arg("--config")
-                    .arg(config)
-                    .arg("bounce")
-                    .output()
-                    .unwrap()
-            }
-        });
-        // Let the bounce begin: the old inner is going or gone.
-        std::thread::sleep(Duration::from_millis(2 + round * 3));
-        let (status, _, body) = get(ingress(&hull), "8300.localhost", "/");
-        assert_eq!(
-            (status, String::from_utf8_lossy(&body).to_string()),
-            (200, "still-here\n".to_string()),
-            "round {round}"
-        );
-        assert!(bounce.join().unwrap().status.success());
-        // Plain TCP cannot replay bytes a dying server swallowed, so the
-        // forwarded port is checked once the bounce is over: its outer
-        // listener outlived the inner's and a new connection gets through.
-        let (status, _, body) = get(SocketAddr::from((hull.outer, 8300)), "x", "/");
-        assert_eq!(
-            (status, body),
-            (200, b"still-here\n".to_vec()),
-            "forwarded, round {round}"
-        );
+    wait_listed(hull, 8300);
+}
+
+/// A GET through HTTP ingress on a thread of its own; the answer comes
+/// back on the channel.
+fn get_in_background(hull: &TestHull, path: &'static str) -> Receiver<(u16, String, Vec<u8>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addr = ingress(hull);
+    std::thread::spawn(move || {
+        let _ = tx.send(get(addr, "8300.localhost", path));
+    });
+    rx
+}
+
+/// The run a `/cgi-bin/who` answer names (its body may come chunked).
+fn answered_by(body: &[u8]) -> Option<u32> {
+    let text = String::from_utf8_lossy(body);
+    let (_, rest) = text.split_once("answered-by-run-")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn arrivals(hull: &TestHull) -> Vec<String> {
+    block_on(hull.sh("cat /root/arrivals 2>/dev/null || true"))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// After the one bounce `report` tells of, the request waiting on `answer`
+/// was answered by the server's second run, and the runs saw it `seen`.
+fn answered_by_run_2(
+    hull: &TestHull,
+    report: &BounceReport,
+    answer: &Receiver<(u16, String, Vec<u8>)>,
+    seen: &[&str],
+) {
+    assert_eq!(report.bounces, 1);
+    let (status, _, body) = answer
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no answer after the bounce");
+    assert_eq!((status, answered_by(&body)), (200, Some(2)));
+    assert_eq!(
+        arrivals(hull),
+        seen,
+        "the runs of the server that saw the request"
+    );
+}
+
+/// Bounce tests wait on the inner: a long wait_secs keeps a slow machine
+/// from turning a wait into a 502.
+fn bounce_limits() -> Limits {
+    Limits {
+        network_extra: "wait_secs = 60".into(),
+        ..Limits::default()
     }
+}
+
+/// Catches an ingress that cuts a request when the server handling it dies
+/// in a bounce, instead of sending it again to the server that comes back.
+/// The overlap is by construction, not by timing: the old server has the
+/// request (it noted it, in run 1) before the bounce is asked for, holds it
+/// unanswered until the bounce kills it, and the one answer the client gets
+/// comes from run 2, which exists only after the bounce.
+#[test]
+fn a_request_a_bounce_catches_in_the_server_is_answered_by_the_new_inner() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(bounce_limits());
+    counting_web_server(&hull);
+    let answer = get_in_background(&hull, "/cgi-bin/who?hold");
+    wait_until(Duration::from_secs(30), "the request held by run 1", || {
+        arrivals(&hull) == ["1"]
+    });
+    assert!(
+        answer.try_recv().is_err(),
+        "run 1 answered a request it holds"
+    );
+    let report = block_on(async { hull.client().await.bounce(0).await.unwrap() });
+    answered_by_run_2(&hull, &report, &answer, &["1", "2"]);
+}
+
+/// The `holdout` service's process, which ignores SIGTERM; killed from the
+/// root namespace when the test lets the bounce go on, or fails (so a
+/// failed test does not sit out the bounce's whole grace).
+struct Holdout<'a>(&'a TestHull);
+
+impl Holdout<'_> {
+    const ARGV: [&'static str; 2] = ["sleep", "4242"];
+
+    fn pids(&self) -> Vec<i32> {
+        inner_pids_running(self.0, &Self::ARGV)
+    }
+
+    fn release(&self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Holdout<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Catches an ingress that answers 502 (or drops the connection) when a
+/// request comes while the inner is down, instead of waiting for the port
+/// to listen again. The inner is held down by a process that ignores
+/// SIGTERM, under a long grace: the request is sent after hulld reports the
+/// inner stopping and the old server is gone, hulld still reports it
+/// stopping afterwards, and only then does the test kill that process from
+/// the root namespace so the bounce can go on. No step depends on timing.
+#[test]
+fn a_request_sent_while_the_inner_is_down_is_answered_by_the_new_inner() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(bounce_limits());
+    counting_web_server(&hull);
+    hull.add_service(
+        "holdout",
+        &format!("trap '' TERM; exec {}", Holdout::ARGV.join(" ")),
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    let holdout = Holdout(&hull);
+    wait_until(Duration::from_secs(10), "the holdout running", || {
+        !holdout.pids().is_empty()
+    });
+    let status = || block_on(async { hull.client().await.status().await.unwrap() });
+    let bounce = std::thread::spawn({
+        let socket = hull.socket.clone();
+        move || {
+            block_on(async {
+                hull_outer::client::Client::connect(&socket)
+                    .await
+                    .unwrap()
+                    .bounce(120_000)
+                    .await
+            })
+        }
+    });
+    wait_until(Duration::from_secs(30), "the inner stopping", || {
+        status().state == InnerState::Stopping
+    });
+    wait_until(Duration::from_secs(30), "the old server gone", || {
+        inner_pids_running(&hull, &["httpd", "-f", "-p", "8300", "-h", "/www"]).is_empty()
+    });
+    let answer = get_in_background(&hull, "/cgi-bin/who");
+    // Give hulld the request while the inner is down (a bound, not a
+    // measurement: the assertions below hold however long it takes).
+    std::thread::sleep(Duration::from_millis(300));
+    let during = status();
+    assert_eq!(
+        (during.state, during.bounces),
+        (InnerState::Stopping, 0),
+        "the inner came back before the request was sent"
+    );
+    assert!(
+        answer.try_recv().is_err(),
+        "answered while the inner was down"
+    );
+    holdout.release();
+    let report = bounce.join().unwrap().unwrap();
+    answered_by_run_2(&hull, &report, &answer, &["2"]);
+    // Plain TCP cannot replay bytes a dying server swallowed, so the
+    // forwarded port is checked once the bounce is over: its outer
+    // listener outlived the inner's and a new connection gets through.
+    let (status, _, body) = get(SocketAddr::from((hull.outer, 8300)), "x", "/cgi-bin/who");
+    assert_eq!((status, answered_by(&body)), (200, Some(2)), "forwarded");
 }
 
 #[test]

@@ -108,6 +108,35 @@ fn logs_follow_across_a_bounce() {
     let _ = follower.wait();
 }
 
+/// The records of `source` in its segment files on disk, as (stream, line).
+fn on_disk(hull: &TestHull, source: &str) -> Vec<(String, String)> {
+    let dir = hull.state_dir.join("logs").join(source);
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    segments.sort();
+    segments
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|r| {
+                    let field = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                    (field("stream"), field("line"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Catches a log store that leaves lines in its buffer until a reader asks
+/// for them: nothing here reads the log (`hull logs` and `services show`
+/// flush it first) before hulld is killed, so only the 200 ms flusher can
+/// have put the lines on disk, where they are read straight from the
+/// segment files. The wait after the lines are written is a bound well
+/// past the flush interval, not a measurement.
 #[test]
 fn logs_survive_a_killed_hulld_and_stderr_stays_apart() {
     if !require_root() {
@@ -117,17 +146,26 @@ fn logs_survive_a_killed_hulld_and_stderr_stays_apart() {
     add(
         &hull,
         "both",
-        "echo to-out; echo to-err >&2; exec sleep 1000",
+        "echo to-out; echo to-err >&2; touch /root/written; exec sleep 1000",
         RestartPolicy::Always,
     );
-    wait_until(Duration::from_secs(10), "both lines logged", || {
-        let out = hull.hull(&["logs", "both"]);
-        String::from_utf8_lossy(&out.stdout).contains("to-out")
-            && String::from_utf8_lossy(&out.stderr).contains("to-err")
+    wait_until(Duration::from_secs(10), "the lines written", || {
+        block_on(hull.exec(&["test", "-e", "/root/written"])).end
+            == hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0))
     });
-    // Lines reach the file within the flush interval; kill -9 after it.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(600));
     hull.kill9_hulld();
+    let records = on_disk(&hull, "both");
+    for want in [("Stdout", "to-out"), ("Stderr", "to-err")] {
+        assert!(
+            records
+                .iter()
+                .any(|(s, l)| (s.as_str(), l.as_str()) == want),
+            "{want:?} did not reach the disk before the kill: {records:?}"
+        );
+    }
+
+    // A new hulld serves them, the streams apart.
     hull.spawn_hulld();
     hull.wait_running(Duration::from_secs(20));
     let out = hull.hull(&["logs", "both", "--stream", "stdout"]);

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use hull_proto::{RestartPolicy, ServiceRequest, ServiceStatus};
-use hull_tests::{block_on, require_root, wait_until, TestHull};
+use hull_tests::{
+    block_on, require_root, wait_until, TestHull, SERVICE_BACKOFF_FIRST, SERVICE_CRASH_LOOP_EXITS,
+};
 
 fn list(hull: &TestHull) -> Vec<ServiceStatus> {
     block_on(async {
@@ -93,6 +95,34 @@ fn three_services_come_back_in_order_after_a_bounce_and_two_after_a_restore() {
     );
 }
 
+/// The state of the service `name`.
+fn state(hull: &TestHull, name: &str) -> String {
+    list(hull)
+        .into_iter()
+        .find(|s| s.spec.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
+        .state
+}
+
+/// Lines in a file of the inner (0 when it does not exist).
+fn lines_in(hull: &TestHull, path: &str) -> usize {
+    block_on(hull.sh(&format!("cat {path} 2>/dev/null || true")))
+        .lines()
+        .count()
+}
+
+/// The inner's /proc/uptime has centiseconds: a measured gap can be short
+/// of the real one by up to this much.
+const UPTIME_RESOLUTION_MS: f64 = 10.0;
+
+/// Catches a restart without backoff, a fixed delay, or a delay that does
+/// not double: each start is timestamped inside the inner (the kernel's
+/// uptime clock, so the times do not depend on when the test looks), and
+/// the gap before restart N must be at least the Nth delay (100, 200, 400,
+/// 800 ms) and exceed the gap before it by a quarter of the delay's growth.
+/// Those are lower bounds, which load on the machine only makes easier to
+/// meet; a restart with no delay gives gaps of a few ms that do not grow.
+/// It also catches a crash-loop limit other than five exits.
 #[test]
 fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
     if !require_root() {
@@ -101,7 +131,7 @@ fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
     let hull = TestHull::start();
     hull.add_service(
         "crasher",
-        "echo boom at $(date +%s%N); exit 1",
+        "read up _ < /proc/uptime; echo $up >> /root/starts; echo boom at $up; exit 1",
         &[],
         None,
         RestartPolicy::OnFailure,
@@ -109,6 +139,38 @@ fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
     wait_states(&hull, "the crasher to be marked failed", |l| {
         l.iter().any(|s| s.state == "failed")
     });
+    let starts: Vec<f64> = block_on(hull.sh("cat /root/starts"))
+        .lines()
+        .map(|l| l.parse::<f64>().unwrap() * 1e3)
+        .collect();
+    assert_eq!(
+        starts.len(),
+        SERVICE_CRASH_LOOP_EXITS,
+        "starts (ms of uptime) before the crash loop was declared: {starts:?}"
+    );
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("gaps between starts (ms): {gaps:?}");
+    let first = SERVICE_BACKOFF_FIRST.as_secs_f64() * 1e3;
+    for (n, gap) in gaps.iter().enumerate() {
+        let delay = first * f64::from(1u32 << n);
+        assert!(
+            gap + UPTIME_RESOLUTION_MS >= delay,
+            "restart {} came {gap:.0} ms after the start before it, under its {delay:.0} ms backoff; gaps {gaps:?}",
+            n + 1
+        );
+    }
+    for (n, pair) in gaps.windows(2).enumerate() {
+        // The delay grew by `first << n`; jitter in the time a start takes
+        // may eat some of that, not three quarters of it.
+        let margin = first * f64::from(1u32 << n) / 4.0;
+        assert!(
+            pair[1] > pair[0] + margin,
+            "the gap before restart {} ({:.0} ms) is not {margin:.0} ms longer than the one before ({:.0} ms); gaps {gaps:?}",
+            n + 2,
+            pair[1],
+            pair[0]
+        );
+    }
     let shown = block_on(async {
         hull.client()
             .await
@@ -117,7 +179,7 @@ fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
             .unwrap()
     });
     let s = &shown[0];
-    assert!(s.restarts >= 4, "restarts {}", s.restarts);
+    assert_eq!(s.restarts as usize, SERVICE_CRASH_LOOP_EXITS - 1);
     assert!(
         s.reason.as_deref().unwrap_or("").contains("crash loop"),
         "{:?}",
@@ -136,8 +198,17 @@ fn a_crashing_service_backs_off_then_fails_with_its_last_lines() {
         text.contains("failed") && text.contains("boom at"),
         "{text}"
     );
+    // Failed is final: no start comes after it, not even after twice the
+    // delay a next restart would have had.
+    std::thread::sleep(SERVICE_BACKOFF_FIRST * (1 << SERVICE_CRASH_LOOP_EXITS));
+    assert_eq!(lines_in(&hull, "/root/starts"), SERVICE_CRASH_LOOP_EXITS);
 }
 
+/// Catches a stop that does not stick: one the manager takes for a crash
+/// and restarts after the first backoff, and one a bounce forgets (the
+/// service replayed on the new inner). Each start of `pair` is counted in
+/// the inner, so a restart that came and went still shows; `witness`
+/// proves the new inner's services were replayed before `pair` is checked.
 #[test]
 fn stop_reaches_the_whole_process_group_and_start_brings_it_back() {
     if !require_root() {
@@ -146,12 +217,19 @@ fn stop_reaches_the_whole_process_group_and_start_brings_it_back() {
     let hull = TestHull::start();
     hull.add_service(
         "pair",
-        "sleep 1001 & sleep 1002",
+        "echo >> /root/pair-starts; sleep 1001 & sleep 1002",
         &[],
         None,
-        RestartPolicy::OnFailure,
+        RestartPolicy::Always,
     );
-    wait_states(&hull, "pair running", all_running(&["pair"]));
+    hull.add_service(
+        "witness",
+        "echo >> /root/witness-starts; exec sleep 2000",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    wait_states(&hull, "both running", all_running(&["pair", "witness"]));
     wait_until(Duration::from_secs(5), "both sleeps", || {
         block_on(hull.sh("ps -o args")).contains("sleep 1001")
     });
@@ -165,23 +243,69 @@ fn stop_reaches_the_whole_process_group_and_start_brings_it_back() {
     assert_eq!(stopped[0].state, "stopped");
     let ps = block_on(hull.sh("ps -o args"));
     assert!(!ps.contains("sleep 100"), "the group survived stop: {ps}");
-    // A stopped service stays stopped across a bounce.
+    // The reply came after the exit was handled, so a restart, if the exit
+    // were taken for a crash, is due one backoff later; wait ten (a bound,
+    // not a measurement).
+    let past_a_restart = SERVICE_BACKOFF_FIRST * 10;
+    std::thread::sleep(past_a_restart);
+    assert_eq!(state(&hull, "pair"), "stopped", "stop did not stick");
+    assert_eq!(
+        lines_in(&hull, "/root/pair-starts"),
+        1,
+        "stop did not stick"
+    );
+    let ps = block_on(hull.sh("ps -o args"));
+    assert!(!ps.contains("sleep 100"), "pair came back after stop: {ps}");
+
+    // A stopped service stays stopped across a bounce: once the witness has
+    // been replayed on the new inner, pair would have been too.
     block_on(async { hull.client().await.bounce(0).await.unwrap() });
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(list(&hull)[0].state, "stopped");
+    wait_until(Duration::from_secs(15), "the witness replayed", || {
+        lines_in(&hull, "/root/witness-starts") == 2
+    });
+    std::thread::sleep(past_a_restart);
+    assert_eq!(
+        state(&hull, "pair"),
+        "stopped",
+        "the bounce started a stopped service"
+    );
+    assert_eq!(
+        lines_in(&hull, "/root/pair-starts"),
+        1,
+        "the bounce started a stopped service"
+    );
+    let ps = block_on(hull.sh("ps -o args"));
+    assert!(
+        !ps.contains("sleep 100"),
+        "pair runs after the bounce: {ps}"
+    );
+
     let out = hull.hull(&["services", "start", "pair"]);
     assert!(out.status.success());
-    wait_states(&hull, "pair running again", all_running(&["pair"]));
+    wait_states(
+        &hull,
+        "pair running again",
+        all_running(&["pair", "witness"]),
+    );
+    assert_eq!(lines_in(&hull, "/root/pair-starts"), 2);
     let out = hull.hull(&["services", "restart", "pair"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_states(&hull, "pair running after restart", all_running(&["pair"]));
+    wait_states(
+        &hull,
+        "pair running after restart",
+        all_running(&["pair", "witness"]),
+    );
+    wait_until(Duration::from_secs(5), "pair's third start", || {
+        lines_in(&hull, "/root/pair-starts") == 3
+    });
     let out = hull.hull(&["services", "remove", "pair"]);
     assert!(out.status.success());
-    assert!(list(&hull).is_empty());
+    let names: Vec<String> = list(&hull).into_iter().map(|s| s.spec.name).collect();
+    assert_eq!(names, ["witness"]);
     let ps = block_on(hull.sh("ps -o args"));
     assert!(!ps.contains("sleep 100"), "remove left the processes: {ps}");
 }
