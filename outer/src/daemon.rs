@@ -328,7 +328,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 }
                 Err(e) => tracing::warn!(error = %e, "accept on vsock failed"),
             },
-            (task, how) = tasks.failed(), if !hulld.is_shutting_down() => {
+            (task, how) = tasks.failed() => {
+                // The guard of a select branch is read when the select
+                // starts, so a task that ends during a shutdown is told
+                // apart here.
+                if hulld.is_shutting_down() {
+                    continue;
+                }
                 // A supervisor or service manager that is gone would leave
                 // hulld half alive (every bounce answering "shutting
                 // down"). Exit instead: the inner and the volume are left
