@@ -84,6 +84,12 @@ impl Catalog {
             .optional()
     }
 
+    pub fn delete_meta(&self, key: &str) -> rusqlite::Result<()> {
+        self.conn
+            .execute("DELETE FROM meta WHERE key = ?1", [key])
+            .map(drop)
+    }
+
     pub fn set_meta(&self, key: &str, value: &str) -> rusqlite::Result<()> {
         self.conn.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)

@@ -84,10 +84,23 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// Stalls here for two seconds if HULL_SLOW_POINT names this point: a test
+/// stands in for a slow disk to prove that nothing else waits for storage.
+pub fn slow_point(name: &str) {
+    if std::env::var("HULL_SLOW_POINT").is_ok_and(|v| v == name) {
+        tracing::warn!(slow_point = name, "slow point reached: stalling 2 s");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
 pub struct Storage {
     volume: Volume,
     catalog_path: PathBuf,
     catalog: Mutex<Catalog>,
+    /// The catalog's `head`, kept in memory by the only code that writes
+    /// it, so readers (`hull status` on every call) never wait behind the
+    /// catalog lock while a checkpoint or restore holds it.
+    head: Mutex<Option<String>>,
 }
 
 const CURRENT_LAYER: &str = "current_layer";
@@ -115,8 +128,16 @@ impl Storage {
             volume,
             catalog_path,
             catalog: Mutex::new(catalog),
+            head: Mutex::new(None),
         };
         let recovery = storage.recover()?;
+        let head = storage
+            .catalog
+            .lock()
+            .unwrap()
+            .meta(HEAD)
+            .map_err(storage.db_err())?;
+        storage.set_head_cache(head);
         Ok((storage, recovery))
     }
 
@@ -158,13 +179,15 @@ impl Storage {
         Ok(self.layer(&id))
     }
 
-    /// The checkpoint the current state descends from.
-    pub fn head(&self) -> Result<Option<String>> {
-        self.catalog
-            .lock()
-            .unwrap()
-            .meta(HEAD)
-            .map_err(self.db_err())
+    /// The checkpoint the current state descends from. Never waits for
+    /// storage work in progress.
+    pub fn head(&self) -> Option<String> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Called after every committed change of the catalog's `head`.
+    fn set_head_cache(&self, head: Option<String>) {
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
     }
 
     pub fn list(&self) -> Result<Vec<CheckpointRow>> {
@@ -380,6 +403,7 @@ impl Storage {
         // window holds only what was written in the last moment.
         let layer_dir = fs::File::open(&source).map_err(StorageError::Sync)?;
         let _ = nix::unistd::syncfs(&layer_dir);
+        slow_point("create:syncfs");
         step("syncfs");
         let freeze_start = Instant::now();
         let frozen_ok = quiesce.freeze();
@@ -415,6 +439,7 @@ impl Storage {
             .set_checkpoint_state(&row.id, "ready")
             .map_err(&db)?;
         catalog.set_meta(HEAD, &row.id).map_err(&db)?;
+        self.set_head_cache(Some(row.id.clone()));
         step("record");
         if let Err(e) = thawed {
             tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
@@ -481,6 +506,7 @@ impl Storage {
         catalog
             .swap_layer(&old, &pending.layer.id, &pending.checkpoint)
             .map_err(self.db_err())?;
+        self.set_head_cache(Some(pending.checkpoint.clone()));
         Ok(pending.layer)
     }
 
@@ -497,18 +523,45 @@ impl Storage {
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
         let catalog = self.catalog.lock().unwrap();
         let db = self.db_err();
-        self.ready_checkpoint(&catalog, id)?;
+        let row = self.ready_checkpoint(&catalog, id)?;
         catalog.set_checkpoint_state(id, "deleting").map_err(&db)?;
         failpoint("delete:after-mark");
         self.destroy(&self.checkpoint_dir(id))?;
         failpoint("delete:after-destroy");
         catalog.delete_checkpoint(id).map_err(&db)?;
+        // The current state still descends from the deleted checkpoint's
+        // parent; a head naming a checkpoint that is gone would become the
+        // parent of the next one and mark nothing in the list.
+        if self.head().as_deref() == Some(id) {
+            let ancestor = self.nearest_existing(&catalog, row.parent)?;
+            match &ancestor {
+                Some(a) => catalog.set_meta(HEAD, a).map_err(&db)?,
+                None => catalog.delete_meta(HEAD).map_err(&db)?,
+            }
+            self.set_head_cache(ancestor);
+        }
         Ok(())
+    }
+
+    /// `id` or, if it is gone, its closest ancestor that is still there.
+    fn nearest_existing(
+        &self,
+        catalog: &Catalog,
+        mut id: Option<String>,
+    ) -> Result<Option<String>> {
+        while let Some(candidate) = id {
+            match catalog.checkpoint(&candidate).map_err(self.db_err())? {
+                Some(row) if row.state == "ready" => return Ok(Some(candidate)),
+                Some(row) => id = row.parent,
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     /// Deletes the oldest automatic checkpoints beyond `keep`.
     pub fn apply_retention(&self, keep: usize) -> Result<Vec<String>> {
-        let head = self.head()?;
+        let head = self.head();
         let autos: Vec<String> = self
             .list()?
             .into_iter()

@@ -70,8 +70,7 @@ impl Hulld {
     pub async fn do_status(&self) -> StatusReport {
         let p = self.parts.supervisor.published();
         let inner = self.parts.supervisor.current();
-        let storage = self.parts.storage.clone();
-        let head = blocking(move || storage.head()).await.ok().flatten();
+        let head = self.parts.storage.head();
         let volume = self.parts.storage.volume();
         StatusReport {
             daemon_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
@@ -126,7 +125,7 @@ impl Hulld {
     pub async fn do_checkpoint_list(&self) -> Result<CheckpointListing, StorageError> {
         let storage = self.parts.storage.clone();
         let (rows, head) =
-            blocking(move || Ok::<_, StorageError>((storage.list()?, storage.head()?))).await?;
+            blocking(move || Ok::<_, StorageError>((storage.list()?, storage.head()))).await?;
         Ok(CheckpointListing {
             checkpoints: rows
                 .into_iter()

@@ -194,6 +194,9 @@ fn any_checkpoint_can_be_deleted_and_the_list_is_json() {
         // v2 is where the current state came from; it can go all the same.
         c.checkpoint_delete("v2").await.unwrap();
         assert_eq!(hull.sh("cat /root/n").await, "2\n");
+        // What the current state descends from is now v2's parent: a head
+        // naming a deleted checkpoint would be the parent of the next one.
+        assert_eq!(c.status().await.unwrap().head.as_deref(), Some("v1"));
     });
     let out = hull.hull(&["--json", "checkpoint", "list"]);
     assert!(out.status.success());
