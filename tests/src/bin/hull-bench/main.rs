@@ -1,0 +1,138 @@
+//! hull's benchmarks, each suite against an anchor measured the same way in
+//! the same run. Run as root, release build:
+//!
+//!     cargo build --release --workspace --bins
+//!     sudo ./target/release/hull-bench start         # cold start, exec, bounce, RSS; runc as the anchor
+//!     sudo ./target/release/hull-bench checkpoints   # the storage stack
+//!     sudo ./target/release/hull-bench services      # service replay
+//!     sudo ./target/release/hull-bench logs          # log capture throughput
+//!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
+//!
+//! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
+
+mod checkpoints;
+mod ingress;
+mod logs;
+mod report;
+mod services;
+mod start;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use hull_tests::require_root;
+
+/// hull's benchmarks (as root, on a release build). Without a suite, the
+/// start suite runs.
+#[derive(Parser)]
+#[command(name = "hull-bench", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Option<Suite>,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Inner cold start, exec round-trip, bounce and hulld's idle memory,
+    /// against `runc run` (apt-get install runc).
+    Start(StartArgs),
+    /// Checkpoint create (empty, right after an unsynced 1 GiB write,
+    /// 1 GiB, 100k files) and restore, against `cp -a`.
+    Checkpoints(CheckpointArgs),
+    /// Bounce and restore until the registered services run.
+    Services(Rounds),
+    /// Log capture throughput, lines lost and hulld's peak memory.
+    Logs(LogArgs),
+    /// TCP forwarding and HTTP ingress against a direct connection, and
+    /// against nginx and HAProxy with each proxy on a CPU of its own
+    /// (apt-get install wrk nginx haproxy).
+    Ingress(IngressArgs),
+}
+
+#[derive(Args)]
+struct Rounds {
+    /// Samples per row.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    #[command(flatten)]
+    rounds: Rounds,
+    /// Exec round-trips per exec row.
+    #[arg(long, default_value_t = 300)]
+    execs: usize,
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    #[command(flatten)]
+    rounds: Rounds,
+    /// Rounds of writing 1 GiB and checkpointing right after, with the
+    /// volume's dirty data bounded and then unbounded.
+    #[arg(long, default_value_t = 10)]
+    dirty_rounds: usize,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Lines the service writes.
+    #[arg(long, default_value_t = 2_000_000)]
+    lines: u64,
+}
+
+#[derive(Args)]
+struct IngressArgs {
+    #[command(flatten)]
+    rounds: Rounds,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 5)]
+    wrk_secs: usize,
+    /// wrk runs per path; each row is the median run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    wrk_runs: u64,
+}
+
+/// The suites were flags before they were subcommands; a script that
+/// still passes one learns the new spelling instead of a generic error.
+fn reject_old_flags() {
+    for arg in std::env::args().skip(1) {
+        if let Some(suite) = arg
+            .strip_prefix("--")
+            .filter(|s| ["start", "checkpoints", "services", "logs", "ingress"].contains(s))
+        {
+            eprintln!("error: `{arg}` is now a subcommand: hull-bench {suite} [OPTIONS] (see hull-bench --help)");
+            // clap's exit code for a usage error.
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    reject_old_flags();
+    let cli = Cli::parse();
+    if !require_root() {
+        bail!("hull-bench needs root");
+    }
+    // hulld's default level: debug logging of every request is not what a
+    // user runs.
+    if std::env::var_os("HULL_LOG").is_none() {
+        std::env::set_var("HULL_LOG", "info");
+    }
+    match cli.suite {
+        None => start::run(cli.start.rounds.rounds, cli.start.execs),
+        Some(Suite::Start(a)) => start::run(a.rounds.rounds, a.execs),
+        Some(Suite::Checkpoints(a)) => checkpoints::run(a.rounds.rounds, a.dirty_rounds),
+        Some(Suite::Services(a)) => services::run(a.rounds),
+        Some(Suite::Logs(a)) => logs::run(a.lines),
+        Some(Suite::Ingress(a)) => ingress::run(
+            a.rounds.rounds,
+            ingress::WrkOptions {
+                secs: a.wrk_secs,
+                runs: a.wrk_runs as usize,
+            },
+        ),
+    }
+}
