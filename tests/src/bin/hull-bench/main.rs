@@ -7,6 +7,7 @@
 //!     sudo ./target/release/hull-bench services      # service replay
 //!     sudo ./target/release/hull-bench logs          # log capture throughput
 //!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
+//!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
@@ -14,6 +15,7 @@ mod checkpoints;
 mod ingress;
 mod logs;
 mod report;
+mod responsiveness;
 mod services;
 mod start;
 
@@ -48,6 +50,10 @@ enum Suite {
     /// against nginx and HAProxy with each proxy on a CPU of its own
     /// (apt-get install wrk nginx haproxy).
     Ingress(IngressArgs),
+    /// `hull status` latency while a checkpoint of 512 MiB of unsynced
+    /// writes and a bounce of a 4,000-process inner run, against the same
+    /// call on an idle hulld.
+    Responsiveness(Rounds),
 }
 
 #[derive(Args)]
@@ -101,7 +107,7 @@ fn reject_old_flags() {
     for arg in std::env::args().skip(1) {
         if let Some(suite) = arg
             .strip_prefix("--")
-            .filter(|s| ["start", "checkpoints", "services", "logs", "ingress"].contains(s))
+            .filter(|s| ["start", "checkpoints", "services", "logs", "ingress", "responsiveness"].contains(s))
         {
             eprintln!("error: `{arg}` is now a subcommand: hull-bench {suite} [OPTIONS] (see hull-bench --help)");
             // clap's exit code for a usage error.
@@ -126,6 +132,7 @@ fn main() -> Result<()> {
         Some(Suite::Start(a)) => start::run(a.rounds.rounds, a.execs),
         Some(Suite::Checkpoints(a)) => checkpoints::run(a.rounds.rounds, a.dirty_rounds),
         Some(Suite::Services(a)) => services::run(a.rounds),
+        Some(Suite::Responsiveness(a)) => responsiveness::run(a.rounds),
         Some(Suite::Logs(a)) => logs::run(a.lines),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
