@@ -15,7 +15,7 @@ pub mod catalog;
 mod store;
 pub mod volume;
 
-pub use catalog::CheckpointRow;
+pub use catalog::{CheckpointRow, CheckpointState, LayerState};
 pub use store::{
     failpoint, CheckpointMade, PendingLayer, Quiesce, Recovery, Storage, StorageError,
     WritableLayer,

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::btrfs;
-use crate::catalog::{now_ms, Catalog, CheckpointRow};
+use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
 use crate::volume::{Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +18,8 @@ pub enum StorageError {
     },
     #[error("no checkpoint {id:?}; `hull checkpoint list` shows the ids")]
     UnknownCheckpoint { id: String },
-    #[error("checkpoint {id} is being {state}; try again when that is done")]
-    NotReady { id: String, state: String },
+    #[error("checkpoint {id} is not ready (state {state}); try again when that is done")]
+    NotReady { id: String, state: CheckpointState },
     #[error("cannot {what} {path}: {source}")]
     Subvolume {
         what: &'static str,
@@ -221,16 +221,16 @@ impl Storage {
         let db = self.db_err();
         for row in catalog.checkpoints().map_err(&db)? {
             let dir = self.checkpoint_dir(&row.id);
-            match row.state.as_str() {
-                "ready" if dir.exists() => {}
-                "ready" => {
+            match row.state {
+                CheckpointState::Ready if dir.exists() => {}
+                CheckpointState::Ready => {
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
                         "checkpoint {}: its snapshot is missing; removed from the catalog",
                         row.id
                     ));
                 }
-                "creating" => {
+                CheckpointState::Creating => {
                     self.destroy(&dir)?;
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
@@ -238,7 +238,7 @@ impl Storage {
                         row.id
                     ));
                 }
-                _ => {
+                CheckpointState::Deleting => {
                     self.destroy(&dir)?;
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
@@ -255,7 +255,7 @@ impl Storage {
             }
             self.destroy(&self.layer_dir(&layer.id))?;
             catalog.delete_layer(&layer.id).map_err(&db)?;
-            if layer.state == "creating" {
+            if layer.state == LayerState::Creating {
                 recovery.actions.push(format!(
                     "layer {}: a restore to {} was interrupted before the swap; rolled back",
                     layer.id,
@@ -282,7 +282,7 @@ impl Storage {
                 .filter(|h| self.checkpoint_dir(h).is_dir());
             let id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
             catalog
-                .insert_layer(&id, head.as_deref(), "creating")
+                .insert_layer(&id, head.as_deref(), LayerState::Creating)
                 .map_err(&db)?;
             let dest = self.layer_dir(&id);
             match &head {
@@ -292,7 +292,9 @@ impl Storage {
                     self.make_empty_layer(&id)?;
                 }
             }
-            catalog.set_layer_state(&id, "active").map_err(&db)?;
+            catalog
+                .set_layer_state(&id, LayerState::Active)
+                .map_err(&db)?;
             catalog.set_meta(CURRENT_LAYER, &id).map_err(&db)?;
             if let Some(old) = current {
                 catalog.delete_layer(&old).map_err(&db)?;
@@ -363,7 +365,7 @@ impl Storage {
             comment,
             auto,
             services: services.to_string(),
-            state: "creating".into(),
+            state: CheckpointState::Creating,
         };
         catalog.insert_checkpoint(&row).map_err(&db)?;
         step("row");
@@ -412,7 +414,7 @@ impl Storage {
         }
         failpoint("create:after-snapshot");
         catalog
-            .set_checkpoint_state(&row.id, "ready")
+            .set_checkpoint_state(&row.id, CheckpointState::Ready)
             .map_err(&db)?;
         catalog.set_meta(HEAD, &row.id).map_err(&db)?;
         step("record");
@@ -420,7 +422,7 @@ impl Storage {
             tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
         }
         let row = CheckpointRow {
-            state: "ready".into(),
+            state: CheckpointState::Ready,
             ..row
         };
         Ok(CheckpointMade {
@@ -434,7 +436,7 @@ impl Storage {
     fn ready_checkpoint(&self, catalog: &Catalog, id: &str) -> Result<CheckpointRow> {
         match catalog.checkpoint(id).map_err(self.db_err())? {
             None => Err(StorageError::UnknownCheckpoint { id: id.to_string() }),
-            Some(row) if row.state != "ready" => Err(StorageError::NotReady {
+            Some(row) if row.state != CheckpointState::Ready => Err(StorageError::NotReady {
                 id: id.to_string(),
                 state: row.state,
             }),
@@ -456,7 +458,7 @@ impl Storage {
         self.ready_checkpoint(&catalog, id)?;
         let layer_id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
         catalog
-            .insert_layer(&layer_id, Some(id), "creating")
+            .insert_layer(&layer_id, Some(id), LayerState::Creating)
             .map_err(&db)?;
         let dest = self.layer_dir(&layer_id);
         if let Err(e) = btrfs::snapshot(&self.checkpoint_dir(id), &dest, false) {
@@ -498,7 +500,9 @@ impl Storage {
         let catalog = self.catalog.lock().unwrap();
         let db = self.db_err();
         self.ready_checkpoint(&catalog, id)?;
-        catalog.set_checkpoint_state(id, "deleting").map_err(&db)?;
+        catalog
+            .set_checkpoint_state(id, CheckpointState::Deleting)
+            .map_err(&db)?;
         failpoint("delete:after-mark");
         self.destroy(&self.checkpoint_dir(id))?;
         failpoint("delete:after-destroy");
@@ -512,7 +516,7 @@ impl Storage {
         let autos: Vec<String> = self
             .list()?
             .into_iter()
-            .filter(|r| r.auto && r.state == "ready" && Some(&r.id) != head.as_ref())
+            .filter(|r| r.auto && r.state == CheckpointState::Ready && Some(&r.id) != head.as_ref())
             .map(|r| r.id)
             .collect();
         let excess = autos.len().saturating_sub(keep);
@@ -531,7 +535,7 @@ impl Storage {
         let db = self.db_err();
         let mut n = 0;
         for layer in catalog.layers().map_err(&db)? {
-            if layer.state == "retired" {
+            if layer.state == LayerState::Retired {
                 self.destroy(&self.layer_dir(&layer.id))?;
                 catalog.delete_layer(&layer.id).map_err(&db)?;
                 n += 1;

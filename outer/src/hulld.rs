@@ -130,7 +130,7 @@ impl Hulld {
         Ok(CheckpointListing {
             checkpoints: rows
                 .into_iter()
-                .filter(|r| r.state == "ready")
+                .filter(|r| r.state == hull_checkpoint::CheckpointState::Ready)
                 .map(info)
                 .collect(),
             head,
