@@ -17,7 +17,7 @@ pub mod volume;
 
 pub use catalog::{CheckpointRow, CheckpointState, LayerState};
 pub use store::{
-    failpoint, CheckpointMade, PendingLayer, Quiesce, Recovery, Storage, StorageError,
-    WritableLayer,
+    failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,
+    StorageError, WritableLayer,
 };
 pub use volume::{Volume, VolumeError};

@@ -11,7 +11,7 @@ use crate::volume::{Volume, VolumeError};
 pub enum StorageError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    #[error("catalog {path}: {source}")]
+    #[error("the catalog {path} failed")]
     Catalog {
         path: PathBuf,
         source: rusqlite::Error,
@@ -20,26 +20,32 @@ pub enum StorageError {
     UnknownCheckpoint { id: String },
     #[error("checkpoint {id} is not ready (state {state}); try again when that is done")]
     NotReady { id: String, state: CheckpointState },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Subvolume {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot freeze the inner for a consistent checkpoint: {0}")]
-    Freeze(String),
-    #[error("cannot flush the writable layer to disk: {0}")]
-    Sync(std::io::Error),
+    #[error("cannot freeze the inner for a consistent checkpoint")]
+    Freeze(#[source] QuiesceError),
+    #[error("cannot open the writable layer {path} to flush it to disk")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no space left on the volume {path}: free some by deleting checkpoints (`hull checkpoint delete ID`)")]
     NoSpace { path: PathBuf },
 }
 
 type Result<T> = std::result::Result<T, StorageError>;
 
+/// Why the writers could not be stopped or resumed.
+pub type QuiesceError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Stops and resumes the processes that write to the layer.
 pub trait Quiesce {
-    fn freeze(&mut self) -> std::result::Result<(), String>;
-    fn thaw(&mut self) -> std::result::Result<(), String>;
+    fn freeze(&mut self) -> std::result::Result<(), QuiesceError>;
+    fn thaw(&mut self) -> std::result::Result<(), QuiesceError>;
 }
 
 /// The overlay upper and work directories of one layer.
@@ -380,7 +386,10 @@ impl Storage {
 
         // Flush what is already written before freezing, so the frozen
         // window holds only what was written in the last moment.
-        let layer_dir = fs::File::open(&source).map_err(StorageError::Sync)?;
+        let layer_dir = fs::File::open(&source).map_err(|e| StorageError::Sync {
+            path: source.clone(),
+            source: e,
+        })?;
         let _ = nix::unistd::syncfs(&layer_dir);
         step("syncfs");
         let freeze_start = Instant::now();
@@ -419,7 +428,10 @@ impl Storage {
         catalog.set_meta(HEAD, &row.id).map_err(&db)?;
         step("record");
         if let Err(e) = thawed {
-            tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
+            tracing::error!(
+                error = &*e as &(dyn std::error::Error + 'static),
+                "cannot thaw the inner after a checkpoint"
+            );
         }
         let row = CheckpointRow {
             state: CheckpointState::Ready,

@@ -26,13 +26,13 @@ use hull_services::ServiceManager;
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot create state directory {path}: {source}; hulld needs a writable state dir (set state_dir in the config or pass --state-dir)")]
+    #[error("cannot create state directory {path} (hulld needs a writable state dir: set state_dir in the config or pass --state-dir)")]
     StateDir { path: PathBuf, source: io::Error },
     #[error("another hulld holds {path} (pid {holder}); stop it with `hull down`")]
     AlreadyRunning { path: PathBuf, holder: String },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}")]
     Lock { path: PathBuf, source: io::Error },
-    #[error("cannot protect hulld ({what}): {source}")]
+    #[error("cannot protect hulld ({what})")]
     Protect {
         what: &'static str,
         source: io::Error,
@@ -49,9 +49,9 @@ pub enum DaemonError {
     Launch(#[from] LaunchError),
     #[error("a hulld already answers on {path}; stop it with `hull down`")]
     SocketInUse { path: PathBuf },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Socket { path: PathBuf, source: io::Error },
-    #[error("cannot listen on vsock port {port}: {source}")]
+    #[error("cannot listen on vsock port {port}")]
     Vsock { port: u32, source: io::Error },
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
@@ -191,7 +191,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })?;
     match logs.source(hull_logs::DAEMON_SOURCE) {
         Ok(own) => hull_logs::set_daemon_log(own),
-        Err(e) => tracing::warn!(error = %e, "cannot keep hulld's own log in the log store"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot keep hulld's own log in the log store")
+        }
     }
 
     let cgroups = HullCgroups::locate(&config.cgroup_name)?;

@@ -186,10 +186,10 @@ impl Hulld {
         let logs = self.parts.logs.clone();
         blocking(move || {
             if let Err(e) = cgroups.teardown() {
-                tracing::warn!(error = %e, "cannot remove hull's cgroups");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot remove hull's cgroups");
             }
             if let Err(e) = storage.close() {
-                tracing::warn!(error = %e, "cannot unmount the btrfs volume");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot unmount the btrfs volume");
             }
             let _ = std::fs::remove_file(&socket);
             logs.flush();

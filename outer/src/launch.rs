@@ -27,17 +27,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot create a sealed copy of hulld's binary: {0}")]
-    SealedExe(io::Error),
-    #[error("cannot create the init link socketpair: {0}")]
-    Socketpair(io::Error),
-    #[error("cannot start the inner helper {path}: {source}")]
+    #[error("cannot create a sealed copy of hulld's binary")]
+    SealedExe(#[source] io::Error),
+    #[error("cannot create the init link socketpair")]
+    Socketpair(#[source] io::Error),
+    #[error("cannot start the inner helper {path}")]
     SpawnHelper { path: PathBuf, source: io::Error },
     #[error("the inner helper failed ({status}): {stderr}")]
     Helper { status: String, stderr: String },
     #[error("the inner helper printed no init pid: {0:?}")]
     HelperOutput(String),
-    #[error("cannot open a pidfd for the inner init (pid {pid}): {source}")]
+    #[error("cannot open a pidfd for the inner init (pid {pid})")]
     Pidfd { pid: i32, source: io::Error },
     #[error("handshake with the inner init failed: {0}")]
     Handshake(String),

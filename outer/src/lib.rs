@@ -13,14 +13,4 @@ pub mod network;
 mod server;
 mod supervisor;
 
-/// An error and its sources, joined with ": ", for a one-line message.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
+pub use hull_proto::error_chain;

@@ -28,26 +28,26 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(250);
 pub enum NetworkError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("inner network: {0}")]
+    #[error("cannot set up the inner's network")]
     Link(#[from] LinkError),
-    #[error("inner egress: {0}")]
+    #[error("cannot set up the inner's egress")]
     Nat(#[from] NatError),
-    #[error("cannot open a sock_diag socket in the inner's namespace: {0}")]
-    Scanner(std::io::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot open a sock_diag socket in the inner's namespace")]
+    Scanner(#[source] std::io::Error),
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot start the ingress thread: {0}")]
-    IngressThread(std::io::Error),
+    #[error("cannot start the ingress thread")]
+    IngressThread(#[source] std::io::Error),
 }
 
 pub struct Network {
@@ -272,12 +272,12 @@ impl Network {
         self.forwarder.close_all();
         if let Some(nat) = &self.nat {
             if let Err(e) = tokio::task::block_in_place(|| nat.remove()) {
-                tracing::warn!(error = %e, "removing hulld's nftables table failed");
+                tracing::warn!(error = %crate::error_chain(&e), "removing hulld's nftables table failed");
             }
         }
         if let Some(plan) = &self.plan {
             if let Err(e) = link::remove_veth(&plan.host_if).await {
-                tracing::warn!(error = %e, "removing the inner's veth failed");
+                tracing::warn!(error = %crate::error_chain(&e), "removing the inner's veth failed");
             }
         }
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hull_cgroups::{Cgroup, CgroupError};
-use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
+use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, QuiesceError, Storage, StorageError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use hull_services::{Replaced, ServiceError, ServiceManager};
@@ -140,14 +140,12 @@ enum Request {
 struct FreezeInner(Cgroup);
 
 impl Quiesce for FreezeInner {
-    fn freeze(&mut self) -> Result<(), String> {
-        self.0
-            .freeze(Duration::from_secs(5))
-            .map_err(|e| e.to_string())
+    fn freeze(&mut self) -> Result<(), QuiesceError> {
+        Ok(self.0.freeze(Duration::from_secs(5))?)
     }
 
-    fn thaw(&mut self) -> Result<(), String> {
-        self.0.thaw().map_err(|e| e.to_string())
+    fn thaw(&mut self) -> Result<(), QuiesceError> {
+        Ok(self.0.thaw()?)
     }
 }
 
@@ -466,7 +464,7 @@ impl Task {
         let _ = inner.signal(libc::SIGKILL);
         inner.wait_exit().await;
         if let Err(e) = self.kill_cgroup().await {
-            tracing::warn!(error = %e, "inner cgroup not empty after its init died");
+            tracing::warn!(error = %crate::error_chain(&e), "inner cgroup not empty after its init died");
         }
         release_mounts(&inner, unmount_wait).await;
         self.set_state(InnerState::Stopped);
@@ -619,7 +617,7 @@ impl Task {
             tokio::time::sleep(GC_DELAY).await;
             let _ = tokio::task::spawn_blocking(move || {
                 if let Err(e) = storage.collect_garbage() {
-                    tracing::warn!(error = %e, "cannot delete retired layers");
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot delete retired layers");
                 }
                 match storage.apply_retention(keep) {
                     Ok(deleted) if !deleted.is_empty() => {
@@ -631,7 +629,7 @@ impl Task {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "retention of automatic checkpoints failed")
+                        tracing::warn!(error = %crate::error_chain(&e), "retention of automatic checkpoints failed")
                     }
                 }
             })

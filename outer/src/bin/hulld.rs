@@ -49,7 +49,7 @@ fn main() {
         match hull_inner::helper::run(&spec) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
-                eprintln!("hull-inner-helper: {e}");
+                eprintln!("hull-inner-helper: {}", hull_outer::error_chain(&e));
                 std::process::exit(1);
             }
         }
