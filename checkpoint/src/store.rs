@@ -126,6 +126,17 @@ impl Storage {
         Ok((storage, recovery))
     }
 
+    /// The catalog, locked. Every change to it is one SQLite statement or
+    /// transaction and each row's state says how far its operation got, so
+    /// a panic while it was held leaves the catalog consistent (readers
+    /// skip rows that are not ready; the next start's recovery repairs
+    /// them): a poisoned lock is taken over.
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn db_err(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
         move |source| StorageError::Catalog {
             path: self.catalog_path.clone(),
@@ -156,7 +167,7 @@ impl Storage {
 
     /// The layer the inner runs on now.
     pub fn current_layer(&self) -> Result<WritableLayer> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let id = catalog
             .meta(CURRENT_LAYER)
             .map_err(self.db_err())?
@@ -166,19 +177,11 @@ impl Storage {
 
     /// The checkpoint the current state descends from.
     pub fn head(&self) -> Result<Option<String>> {
-        self.catalog
-            .lock()
-            .unwrap()
-            .meta(HEAD)
-            .map_err(self.db_err())
+        self.catalog().meta(HEAD).map_err(self.db_err())
     }
 
     pub fn list(&self) -> Result<Vec<CheckpointRow>> {
-        self.catalog
-            .lock()
-            .unwrap()
-            .checkpoints()
-            .map_err(self.db_err())
+        self.catalog().checkpoints().map_err(self.db_err())
     }
 
     fn destroy(&self, path: &Path) -> Result<()> {
@@ -223,7 +226,7 @@ impl Storage {
     /// Brings the catalog and the subvolumes into agreement after a crash.
     fn recover(&self) -> Result<Recovery> {
         let mut recovery = Recovery::default();
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         for row in catalog.checkpoints().map_err(&db)? {
             let dir = self.checkpoint_dir(&row.id);
@@ -360,7 +363,7 @@ impl Storage {
         // layer can take seconds, and `hull status` and `checkpoint list`
         // read the catalog meanwhile. Creates never overlap (the caller
         // serialises them with restores).
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
         let row = CheckpointRow {
@@ -397,7 +400,7 @@ impl Storage {
         step("freeze");
         if let Err(e) = frozen_ok {
             let _ = quiesce.thaw();
-            let catalog = self.catalog.lock().unwrap();
+            let catalog = self.catalog();
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
             catalog.give_back_seq("checkpoint_seq", seq).map_err(&db)?;
             return Err(StorageError::Freeze(e));
@@ -413,7 +416,7 @@ impl Storage {
         let thawed = quiesce.thaw();
         let frozen = freeze_start.elapsed();
         step("thaw");
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         if let Err(e) = snap {
             let _ = self.destroy(&dest);
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
@@ -458,14 +461,14 @@ impl Storage {
 
     /// Looks a checkpoint up (ready ones only).
     pub fn checkpoint(&self, id: &str) -> Result<CheckpointRow> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         self.ready_checkpoint(&catalog, id)
     }
 
     /// Makes a writable snapshot of checkpoint `id`: the layer a restore
     /// will swap in. The inner keeps running meanwhile.
     pub fn prepare_restore(&self, id: &str) -> Result<PendingLayer> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         self.ready_checkpoint(&catalog, id)?;
         let layer_id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
@@ -487,7 +490,7 @@ impl Storage {
     /// The atomic swap: the pending layer becomes current, the old one is
     /// retired (deleted by [`Storage::collect_garbage`]).
     pub fn commit_restore(&self, pending: PendingLayer) -> Result<WritableLayer> {
-        let mut catalog = self.catalog.lock().unwrap();
+        let mut catalog = self.catalog();
         let old = catalog
             .meta(CURRENT_LAYER)
             .map_err(self.db_err())?
@@ -500,7 +503,7 @@ impl Storage {
 
     /// Drops a pending layer that will not be used.
     pub fn abort_restore(&self, pending: PendingLayer) -> Result<()> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         self.destroy(&self.layer_dir(&pending.layer.id))?;
         catalog
             .delete_layer(&pending.layer.id)
@@ -509,7 +512,7 @@ impl Storage {
 
     /// Deletes checkpoint `id`. Snapshots are independent: any may go.
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         self.ready_checkpoint(&catalog, id)?;
         catalog
@@ -543,7 +546,7 @@ impl Storage {
     /// Deletes retired layers. Slow on big layers (btrfs cleans up in the
     /// background anyway), so hulld calls it off the restore path.
     pub fn collect_garbage(&self) -> Result<usize> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         let mut n = 0;
         for layer in catalog.layers().map_err(&db)? {

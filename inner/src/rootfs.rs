@@ -83,7 +83,8 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     let mut timings = Vec::new();
     let mut clock = std::time::Instant::now();
     let mut step = |name: &str, result: Result<()>| {
-        timings.push((name.to_string(), clock.elapsed().as_micros() as u64));
+        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+        timings.push((name.to_string(), micros));
         clock = std::time::Instant::now();
         result
     };

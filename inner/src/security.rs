@@ -98,7 +98,10 @@ pub fn loopback_up() -> io::Result<()> {
         if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
             Err(io::Error::last_os_error())
         } else {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            // The flags are 0x41; the kernel keeps them in a short.
+            #[allow(clippy::cast_possible_truncation)]
+            let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            req.ifr_ifru.ifru_flags |= up;
             if libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) < 0 {
                 Err(io::Error::last_os_error())
             } else {

@@ -134,7 +134,7 @@ impl NetworkConfig {
     fn interface_name(&self, cgroup_name: &str) -> String {
         self.interface
             .clone()
-            .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) as u32))
+            .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) & 0xffff_ffff))
     }
 
     fn resolve(&self, cgroup_name: &str, state_dir: &Path) -> Result<NetworkSettings, ConfigError> {
@@ -541,7 +541,7 @@ mod tests {
         assert_eq!(s.network.wait, Duration::from_secs(3));
         assert_eq!(
             s.network.veth.host_if,
-            format!("hv{:08x}", fnv1a("t") as u32)
+            format!("hv{:08x}", fnv1a("t") & 0xffff_ffff)
         );
         assert_eq!(s.network.token_file, Path::new("/s/ingress.token"));
     }

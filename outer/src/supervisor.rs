@@ -3,7 +3,7 @@
 //! operations never overlap; everyone else reads its published state.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_cgroups::{Cgroup, CgroupError};
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::launch::{launch, Inner, LaunchError, SealedExe};
+use crate::lock;
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -105,15 +106,6 @@ impl SupervisorError {
             _ => None,
         }
     }
-}
-
-/// Locks the published counters. Every write to them is a plain field
-/// assignment, so a panic elsewhere cannot leave them half-updated: a
-/// poisoned lock is taken over rather than spread.
-fn lock(published: &Mutex<Published>) -> MutexGuard<'_, Published> {
-    published
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Request {
