@@ -62,14 +62,14 @@ impl CpuMax {
     /// with both numbers, rather than as EINVAL from a write.
     pub(crate) fn micros(&self) -> Result<(Option<u64>, u64)> {
         match *self {
-            CpuMax::Unlimited => Ok((None, Self::PERIOD.as_micros() as u64)),
+            CpuMax::Unlimited => Ok((None, micros(Self::PERIOD))),
             CpuMax::Quota { quota, period } => {
                 let ok = (Duration::from_millis(1)..=Duration::from_secs(1)).contains(&period)
                     && quota >= Duration::from_millis(1);
                 if !ok {
                     return Err(CgroupError::CpuQuota { quota, period });
                 }
-                Ok((Some(quota.as_micros() as u64), period.as_micros() as u64))
+                Ok((Some(micros(quota)), micros(period)))
             }
         }
     }
@@ -183,6 +183,11 @@ pub trait CgroupManager: std::fmt::Debug + Send + Sync {
     /// until the group is empty. A group that does not exist is empty. The
     /// group is left thawed, so whatever joins it next runs.
     fn kill_all(&self, timeout: Duration) -> Result<()>;
+}
+
+/// Microseconds, saturating (a cgroup takes no period of 584,000 years).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

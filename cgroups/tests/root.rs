@@ -2,6 +2,9 @@
 //! by a guard's `Drop` even when a test fails. They need root; under
 //! CI=true a run without it fails instead of passing by skipping.
 
+// Test code: a failed unwrap is the test failing.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,93 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
+/// A state string in the catalog that this hulld does not know (a newer
+/// hulld's, or a hand edit): reading the row fails rather than guess.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} state {value:?} in the catalog")]
+pub struct UnknownState {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+/// An enum stored as one of a fixed set of strings. The strings are the
+/// on-disk format: existing catalogs must keep reading.
+macro_rules! state_enum {
+    ($(#[$meta:meta])* $name:ident, $kind:literal { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, UnknownState> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownState { kind: $kind, value: s.to_string() }),
+                }
+            }
+        }
+
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $name {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value
+                    .as_str()?
+                    .parse()
+                    .map_err(|e: UnknownState| FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
+}
+
+state_enum! {
+    /// Where a checkpoint is in its life.
+    CheckpointState, "checkpoint" {
+        /// The row is written, the snapshot may not be: a crash rolls it back.
+        Creating => "creating",
+        /// Snapshot taken and recorded: listable, restorable.
+        Ready => "ready",
+        /// Marked for deletion: a crash finishes the deletion.
+        Deleting => "deleting",
+    }
+}
+
+state_enum! {
+    /// Where a writable layer is in its life.
+    LayerState, "layer" {
+        /// Being made for a restore, not yet swapped in.
+        Creating => "creating",
+        /// The current layer (or one recovery made current).
+        Active => "active",
+        /// Swapped out by a restore: garbage to collect.
+        Retired => "retired",
+    }
+}
+
 /// A checkpoint as the catalog knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointRow {
@@ -41,20 +129,20 @@ pub struct CheckpointRow {
     pub auto: bool,
     /// The service definitions registered when it was taken (JSON).
     pub services: String,
-    pub state: String,
+    pub state: CheckpointState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerRow {
     pub id: String,
     pub origin: Option<String>,
-    pub state: String,
+    pub state: LayerState,
 }
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -139,10 +227,10 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn set_checkpoint_state(&self, id: &str, state: &str) -> rusqlite::Result<()> {
+    pub fn set_checkpoint_state(&self, id: &str, state: CheckpointState) -> rusqlite::Result<()> {
         self.conn.execute(
             "UPDATE checkpoints SET state = ?2 WHERE id = ?1",
-            [id, state],
+            params![id, state],
         )?;
         Ok(())
     }
@@ -190,7 +278,7 @@ impl Catalog {
         &self,
         id: &str,
         origin: Option<&str>,
-        state: &str,
+        state: LayerState,
     ) -> rusqlite::Result<()> {
         self.conn.execute(
             "INSERT INTO layers (id, created_ms, origin, state) VALUES (?1, ?2, ?3, ?4)",
@@ -213,9 +301,11 @@ impl Catalog {
         rows.collect()
     }
 
-    pub fn set_layer_state(&self, id: &str, state: &str) -> rusqlite::Result<()> {
-        self.conn
-            .execute("UPDATE layers SET state = ?2 WHERE id = ?1", [id, state])?;
+    pub fn set_layer_state(&self, id: &str, state: LayerState) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET state = ?2 WHERE id = ?1",
+            params![id, state],
+        )?;
         Ok(())
     }
 
@@ -229,8 +319,14 @@ impl Catalog {
     /// the swap a restore hinges on.
     pub fn swap_layer(&mut self, old: &str, new: &str, head: &str) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("UPDATE layers SET state = 'active' WHERE id = ?1", [new])?;
-        tx.execute("UPDATE layers SET state = 'retired' WHERE id = ?1", [old])?;
+        tx.execute(
+            "UPDATE layers SET state = ?2 WHERE id = ?1",
+            params![new, LayerState::Active],
+        )?;
+        tx.execute(
+            "UPDATE layers SET state = ?2 WHERE id = ?1",
+            params![old, LayerState::Retired],
+        )?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('current_layer', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -264,7 +360,7 @@ mod tests {
                 comment: Some("first".into()),
                 auto: false,
                 services: "[]".into(),
-                state: "ready".into(),
+                state: CheckpointState::Ready,
             };
             c.insert_checkpoint(&row).unwrap();
             assert_eq!(c.checkpoint("v1").unwrap(), Some(row));
@@ -287,5 +383,89 @@ mod tests {
         // An older number cannot come back: a later one is already out.
         c.give_back_seq("checkpoint_seq", first).unwrap();
         assert_eq!(c.next_seq("checkpoint_seq").unwrap(), second + 1);
+    }
+
+    #[test]
+    fn states_round_trip_through_the_database_as_their_old_strings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        for (i, &state) in CheckpointState::ALL.iter().enumerate() {
+            let id = format!("v{i}");
+            c.insert_checkpoint(&CheckpointRow {
+                id: id.clone(),
+                seq: i64::try_from(i).unwrap(),
+                parent: None,
+                created_ms: 0,
+                comment: None,
+                auto: false,
+                services: "[]".into(),
+                state,
+            })
+            .unwrap();
+            assert_eq!(c.checkpoint(&id).unwrap().unwrap().state, state);
+            let stored: String = c
+                .conn
+                .query_row("SELECT state FROM checkpoints WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(stored, state.to_string());
+        }
+        c.set_checkpoint_state("v0", CheckpointState::Deleting)
+            .unwrap();
+        assert_eq!(
+            c.checkpoint("v0").unwrap().unwrap().state,
+            CheckpointState::Deleting
+        );
+        for &state in LayerState::ALL {
+            let id = format!("l-{state}");
+            c.insert_layer(&id, None, LayerState::Creating).unwrap();
+            c.set_layer_state(&id, state).unwrap();
+            let row = c.layers().unwrap().into_iter().find(|l| l.id == id);
+            assert_eq!(row.unwrap().state, state);
+        }
+        // The strings catalogs written before the enum hold.
+        let old = ["creating", "ready", "deleting"].map(|s| s.parse::<CheckpointState>().unwrap());
+        assert_eq!(
+            old,
+            [
+                CheckpointState::Creating,
+                CheckpointState::Ready,
+                CheckpointState::Deleting
+            ]
+        );
+        let old = ["creating", "active", "retired"].map(|s| s.parse::<LayerState>().unwrap());
+        assert_eq!(
+            old,
+            [
+                LayerState::Creating,
+                LayerState::Active,
+                LayerState::Retired
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_state_in_the_database_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&tmp.path().join("catalog.db")).unwrap();
+        c.conn
+            .execute(
+                "INSERT INTO checkpoints (id, seq, created_ms, state) VALUES ('v1', 1, 0, 'frozen')",
+                [],
+            )
+            .unwrap();
+        c.conn
+            .execute(
+                "INSERT INTO layers (id, created_ms, state) VALUES ('l1', 0, 'zombie')",
+                [],
+            )
+            .unwrap();
+        let err = c.checkpoint("v1").unwrap_err().to_string();
+        assert!(err.contains("unknown checkpoint state \"frozen\""), "{err}");
+        let err = c.checkpoints().unwrap_err().to_string();
+        assert!(err.contains("\"frozen\""), "{err}");
+        let err = c.layers().unwrap_err().to_string();
+        assert!(err.contains("unknown layer state \"zombie\""), "{err}");
     }
 }

@@ -15,9 +15,9 @@ pub mod catalog;
 mod store;
 pub mod volume;
 
-pub use catalog::CheckpointRow;
+pub use catalog::{CheckpointRow, CheckpointState, LayerState};
 pub use store::{
-    failpoint, CheckpointMade, PendingLayer, Quiesce, Recovery, Storage, StorageError,
-    WritableLayer,
+    failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,
+    StorageError, WritableLayer,
 };
 pub use volume::{Volume, VolumeError};

@@ -4,42 +4,48 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::btrfs;
-use crate::catalog::{now_ms, Catalog, CheckpointRow};
+use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
 use crate::volume::{Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    #[error("catalog {path}: {source}")]
+    #[error("the catalog {path} failed")]
     Catalog {
         path: PathBuf,
         source: rusqlite::Error,
     },
     #[error("no checkpoint {id:?}; `hull checkpoint list` shows the ids")]
     UnknownCheckpoint { id: String },
-    #[error("checkpoint {id} is being {state}; try again when that is done")]
-    NotReady { id: String, state: String },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("checkpoint {id} is not ready (state {state}); try again when that is done")]
+    NotReady { id: String, state: CheckpointState },
+    #[error("cannot {what} {path}")]
     Subvolume {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot freeze the inner for a consistent checkpoint: {0}")]
-    Freeze(String),
-    #[error("cannot flush the writable layer to disk: {0}")]
-    Sync(std::io::Error),
+    #[error("cannot freeze the inner for a consistent checkpoint")]
+    Freeze(#[source] QuiesceError),
+    #[error("cannot open the writable layer {path} to flush it to disk")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no space left on the volume {path}: free some by deleting checkpoints (`hull checkpoint delete ID`)")]
     NoSpace { path: PathBuf },
 }
 
 type Result<T> = std::result::Result<T, StorageError>;
 
+/// Why the writers could not be stopped or resumed.
+pub type QuiesceError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Stops and resumes the processes that write to the layer.
 pub trait Quiesce {
-    fn freeze(&mut self) -> std::result::Result<(), String>;
-    fn thaw(&mut self) -> std::result::Result<(), String>;
+    fn freeze(&mut self) -> std::result::Result<(), QuiesceError>;
+    fn thaw(&mut self) -> std::result::Result<(), QuiesceError>;
 }
 
 /// The overlay upper and work directories of one layer.
@@ -131,14 +137,20 @@ impl Storage {
             head: Mutex::new(None),
         };
         let recovery = storage.recover()?;
-        let head = storage
-            .catalog
-            .lock()
-            .unwrap()
-            .meta(HEAD)
-            .map_err(storage.db_err())?;
+        let head = storage.catalog().meta(HEAD).map_err(storage.db_err())?;
         storage.set_head_cache(head);
         Ok((storage, recovery))
+    }
+
+    /// The catalog, locked. Every change to it is one SQLite statement or
+    /// transaction and each row's state says how far its operation got, so
+    /// a panic while it was held leaves the catalog consistent (readers
+    /// skip rows that are not ready; the next start's recovery repairs
+    /// them): a poisoned lock is taken over.
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn db_err(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
@@ -171,7 +183,7 @@ impl Storage {
 
     /// The layer the inner runs on now.
     pub fn current_layer(&self) -> Result<WritableLayer> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let id = catalog
             .meta(CURRENT_LAYER)
             .map_err(self.db_err())?
@@ -191,11 +203,7 @@ impl Storage {
     }
 
     pub fn list(&self) -> Result<Vec<CheckpointRow>> {
-        self.catalog
-            .lock()
-            .unwrap()
-            .checkpoints()
-            .map_err(self.db_err())
+        self.catalog().checkpoints().map_err(self.db_err())
     }
 
     fn destroy(&self, path: &Path) -> Result<()> {
@@ -240,20 +248,20 @@ impl Storage {
     /// Brings the catalog and the subvolumes into agreement after a crash.
     fn recover(&self) -> Result<Recovery> {
         let mut recovery = Recovery::default();
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         for row in catalog.checkpoints().map_err(&db)? {
             let dir = self.checkpoint_dir(&row.id);
-            match row.state.as_str() {
-                "ready" if dir.exists() => {}
-                "ready" => {
+            match row.state {
+                CheckpointState::Ready if dir.exists() => {}
+                CheckpointState::Ready => {
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
                         "checkpoint {}: its snapshot is missing; removed from the catalog",
                         row.id
                     ));
                 }
-                "creating" => {
+                CheckpointState::Creating => {
                     self.destroy(&dir)?;
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
@@ -261,7 +269,7 @@ impl Storage {
                         row.id
                     ));
                 }
-                _ => {
+                CheckpointState::Deleting => {
                     self.destroy(&dir)?;
                     catalog.delete_checkpoint(&row.id).map_err(&db)?;
                     recovery.actions.push(format!(
@@ -278,7 +286,7 @@ impl Storage {
             }
             self.destroy(&self.layer_dir(&layer.id))?;
             catalog.delete_layer(&layer.id).map_err(&db)?;
-            if layer.state == "creating" {
+            if layer.state == LayerState::Creating {
                 recovery.actions.push(format!(
                     "layer {}: a restore to {} was interrupted before the swap; rolled back",
                     layer.id,
@@ -305,7 +313,7 @@ impl Storage {
                 .filter(|h| self.checkpoint_dir(h).is_dir());
             let id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
             catalog
-                .insert_layer(&id, head.as_deref(), "creating")
+                .insert_layer(&id, head.as_deref(), LayerState::Creating)
                 .map_err(&db)?;
             let dest = self.layer_dir(&id);
             match &head {
@@ -315,7 +323,9 @@ impl Storage {
                     self.make_empty_layer(&id)?;
                 }
             }
-            catalog.set_layer_state(&id, "active").map_err(&db)?;
+            catalog
+                .set_layer_state(&id, LayerState::Active)
+                .map_err(&db)?;
             catalog.set_meta(CURRENT_LAYER, &id).map_err(&db)?;
             if let Some(old) = current {
                 catalog.delete_layer(&old).map_err(&db)?;
@@ -375,7 +385,7 @@ impl Storage {
         // layer can take seconds, and `hull status` and `checkpoint list`
         // read the catalog meanwhile. Creates never overlap (the caller
         // serialises them with restores).
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
         let row = CheckpointRow {
@@ -386,7 +396,7 @@ impl Storage {
             comment,
             auto,
             services: services.to_string(),
-            state: "creating".into(),
+            state: CheckpointState::Creating,
         };
         catalog.insert_checkpoint(&row).map_err(&db)?;
         step("row");
@@ -401,7 +411,10 @@ impl Storage {
 
         // Flush what is already written before freezing, so the frozen
         // window holds only what was written in the last moment.
-        let layer_dir = fs::File::open(&source).map_err(StorageError::Sync)?;
+        let layer_dir = fs::File::open(&source).map_err(|e| StorageError::Sync {
+            path: source.clone(),
+            source: e,
+        })?;
         let _ = nix::unistd::syncfs(&layer_dir);
         slow_point("create:syncfs");
         step("syncfs");
@@ -410,7 +423,7 @@ impl Storage {
         step("freeze");
         if let Err(e) = frozen_ok {
             let _ = quiesce.thaw();
-            let catalog = self.catalog.lock().unwrap();
+            let catalog = self.catalog();
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
             catalog.give_back_seq("checkpoint_seq", seq).map_err(&db)?;
             return Err(StorageError::Freeze(e));
@@ -426,7 +439,7 @@ impl Storage {
         let thawed = quiesce.thaw();
         let frozen = freeze_start.elapsed();
         step("thaw");
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         if let Err(e) = snap {
             let _ = self.destroy(&dest);
             catalog.delete_checkpoint(&row.id).map_err(&db)?;
@@ -436,16 +449,19 @@ impl Storage {
         }
         failpoint("create:after-snapshot");
         catalog
-            .set_checkpoint_state(&row.id, "ready")
+            .set_checkpoint_state(&row.id, CheckpointState::Ready)
             .map_err(&db)?;
         catalog.set_meta(HEAD, &row.id).map_err(&db)?;
         self.set_head_cache(Some(row.id.clone()));
         step("record");
         if let Err(e) = thawed {
-            tracing::error!(error = %e, "cannot thaw the inner after a checkpoint");
+            tracing::error!(
+                error = &*e as &(dyn std::error::Error + 'static),
+                "cannot thaw the inner after a checkpoint"
+            );
         }
         let row = CheckpointRow {
-            state: "ready".into(),
+            state: CheckpointState::Ready,
             ..row
         };
         Ok(CheckpointMade {
@@ -459,7 +475,7 @@ impl Storage {
     fn ready_checkpoint(&self, catalog: &Catalog, id: &str) -> Result<CheckpointRow> {
         match catalog.checkpoint(id).map_err(self.db_err())? {
             None => Err(StorageError::UnknownCheckpoint { id: id.to_string() }),
-            Some(row) if row.state != "ready" => Err(StorageError::NotReady {
+            Some(row) if row.state != CheckpointState::Ready => Err(StorageError::NotReady {
                 id: id.to_string(),
                 state: row.state,
             }),
@@ -469,19 +485,19 @@ impl Storage {
 
     /// Looks a checkpoint up (ready ones only).
     pub fn checkpoint(&self, id: &str) -> Result<CheckpointRow> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         self.ready_checkpoint(&catalog, id)
     }
 
     /// Makes a writable snapshot of checkpoint `id`: the layer a restore
     /// will swap in. The inner keeps running meanwhile.
     pub fn prepare_restore(&self, id: &str) -> Result<PendingLayer> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         self.ready_checkpoint(&catalog, id)?;
         let layer_id = format!("l{}", catalog.next_seq("layer_seq").map_err(&db)?);
         catalog
-            .insert_layer(&layer_id, Some(id), "creating")
+            .insert_layer(&layer_id, Some(id), LayerState::Creating)
             .map_err(&db)?;
         let dest = self.layer_dir(&layer_id);
         if let Err(e) = btrfs::snapshot(&self.checkpoint_dir(id), &dest, false) {
@@ -498,7 +514,7 @@ impl Storage {
     /// The atomic swap: the pending layer becomes current, the old one is
     /// retired (deleted by [`Storage::collect_garbage`]).
     pub fn commit_restore(&self, pending: PendingLayer) -> Result<WritableLayer> {
-        let mut catalog = self.catalog.lock().unwrap();
+        let mut catalog = self.catalog();
         let old = catalog
             .meta(CURRENT_LAYER)
             .map_err(self.db_err())?
@@ -512,7 +528,7 @@ impl Storage {
 
     /// Drops a pending layer that will not be used.
     pub fn abort_restore(&self, pending: PendingLayer) -> Result<()> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         self.destroy(&self.layer_dir(&pending.layer.id))?;
         catalog
             .delete_layer(&pending.layer.id)
@@ -521,10 +537,12 @@ impl Storage {
 
     /// Deletes checkpoint `id`. Snapshots are independent: any may go.
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         let row = self.ready_checkpoint(&catalog, id)?;
-        catalog.set_checkpoint_state(id, "deleting").map_err(&db)?;
+        catalog
+            .set_checkpoint_state(id, CheckpointState::Deleting)
+            .map_err(&db)?;
         failpoint("delete:after-mark");
         self.destroy(&self.checkpoint_dir(id))?;
         failpoint("delete:after-destroy");
@@ -551,7 +569,7 @@ impl Storage {
     ) -> Result<Option<String>> {
         while let Some(candidate) = id {
             match catalog.checkpoint(&candidate).map_err(self.db_err())? {
-                Some(row) if row.state == "ready" => return Ok(Some(candidate)),
+                Some(row) if row.state == CheckpointState::Ready => return Ok(Some(candidate)),
                 Some(row) => id = row.parent,
                 None => return Ok(None),
             }
@@ -565,7 +583,7 @@ impl Storage {
         let autos: Vec<String> = self
             .list()?
             .into_iter()
-            .filter(|r| r.auto && r.state == "ready" && Some(&r.id) != head.as_ref())
+            .filter(|r| r.auto && r.state == CheckpointState::Ready && Some(&r.id) != head.as_ref())
             .map(|r| r.id)
             .collect();
         let excess = autos.len().saturating_sub(keep);
@@ -580,11 +598,11 @@ impl Storage {
     /// Deletes retired layers. Slow on big layers (btrfs cleans up in the
     /// background anyway), so hulld calls it off the restore path.
     pub fn collect_garbage(&self) -> Result<usize> {
-        let catalog = self.catalog.lock().unwrap();
+        let catalog = self.catalog();
         let db = self.db_err();
         let mut n = 0;
         for layer in catalog.layers().map_err(&db)? {
-            if layer.state == "retired" {
+            if layer.state == LayerState::Retired {
                 self.destroy(&self.layer_dir(&layer.id))?;
                 catalog.delete_layer(&layer.id).map_err(&db)?;
                 n += 1;

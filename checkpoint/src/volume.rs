@@ -172,17 +172,19 @@ fn btrfs_bdi(device: &str) -> std::io::Result<PathBuf> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not on btrfs and hull cannot create its loop image there: {source}; put the state dir on btrfs or make it writable")]
+    #[error("{path} is not on btrfs and hull cannot create its loop image there (put the state dir on btrfs or make it writable)")]
     Image {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot run {program}: {source} (install btrfs-progs and mount: apt-get install btrfs-progs mount)")]
+    #[error(
+        "cannot run {program} (install btrfs-progs and mount: apt-get install btrfs-progs mount)"
+    )]
     Tool {
         program: &'static str,
         source: std::io::Error,
@@ -193,7 +195,7 @@ pub enum VolumeError {
         path: PathBuf,
         detail: String,
     },
-    #[error("cannot unmount {path}: {source}")]
+    #[error("cannot unmount {path}")]
     Unmount { path: PathBuf, source: nix::Error },
 }
 

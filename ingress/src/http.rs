@@ -177,7 +177,7 @@ impl HttpIngress {
         };
         debug!(
             %peer, %method, path, host = host.as_deref().unwrap_or(""), port,
-            status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64,
+            status = resp.status().as_u16(), elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "http ingress request"
         );
         resp

@@ -20,12 +20,12 @@ pub enum LinkError {
     Subnet(String),
     #[error("interface name {0:?} is not 1 to 15 letters, digits, '-' or '_'")]
     Name(String),
-    #[error("cannot open an rtnetlink socket {side}: {source}")]
+    #[error("cannot open an rtnetlink socket {side}")]
     Connect {
         side: &'static str,
         source: std::io::Error,
     },
-    #[error("{step} failed on {interface}: {source}")]
+    #[error("{step} failed on {interface}")]
     Netlink {
         step: &'static str,
         interface: String,

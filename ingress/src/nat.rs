@@ -15,11 +15,11 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 pub enum NatError {
     #[error("nft is not installed, so the inner gets no egress: install nftables (apt-get install nftables) or set network = \"none\"")]
     NftMissing,
-    #[error("cannot run nft: {0}")]
-    Spawn(std::io::Error),
+    #[error("cannot run nft")]
+    Spawn(#[source] std::io::Error),
     #[error("nft refused the rules for table {table}: {stderr}")]
     Rules { table: String, stderr: String },
-    #[error("cannot enable IPv4 forwarding through {path}: {source}")]
+    #[error("cannot enable IPv4 forwarding through {path}")]
     Forwarding {
         path: &'static str,
         source: std::io::Error,

@@ -17,11 +17,11 @@ use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("cannot start the thread that owns the inner's network namespace: {0}")]
-    Thread(io::Error),
-    #[error("unshare(CLONE_NEWNET) for the inner's network namespace failed: {0}")]
-    Unshare(nix::Error),
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot start the thread that owns the inner's network namespace")]
+    Thread(#[source] io::Error),
+    #[error("unshare(CLONE_NEWNET) for the inner's network namespace failed")]
+    Unshare(#[source] nix::Error),
+    #[error("cannot open {path}")]
     Open {
         path: &'static str,
         source: io::Error,

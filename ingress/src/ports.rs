@@ -499,8 +499,11 @@ mod tests {
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        // IFF_UP is 1; the kernel keeps the flags in a short.
+        #[allow(clippy::cast_possible_truncation)]
+        let up = libc::IFF_UP as libc::c_short;
         // SAFETY: SIOCGIFFLAGS just set the flags member of the union.
-        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        unsafe { req.ifr_ifru.ifru_flags |= up };
         // SAFETY: SIOCSIFFLAGS only reads `req`, a live, initialised ifreq.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
             return Err(io::Error::last_os_error());

@@ -12,21 +12,21 @@ use crate::spec::{InnerSpec, NETNS_FD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
-    #[error("the inner spec passed to the helper is not valid JSON: {0}")]
-    Spec(serde_json::Error),
-    #[error("cannot reset oom_score_adj of the helper: {0}")]
-    OomScore(std::io::Error),
-    #[error("cannot join cgroup through {path}: {source}")]
+    #[error("the inner spec passed to the helper is not valid JSON")]
+    Spec(#[source] serde_json::Error),
+    #[error("cannot reset oom_score_adj of the helper")]
+    OomScore(#[source] std::io::Error),
+    #[error("cannot join cgroup through {path}")]
     JoinCgroup {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot join the inner's network namespace (fd {NETNS_FD}): {0}")]
-    JoinNetns(nix::Error),
-    #[error("unshare of the inner's namespaces failed: {0}")]
-    Unshare(nix::Error),
-    #[error("fork of the inner init failed: {0}")]
-    Fork(nix::Error),
+    #[error("cannot join the inner's network namespace (fd {NETNS_FD})")]
+    JoinNetns(#[source] nix::Error),
+    #[error("unshare of the inner's namespaces failed")]
+    Unshare(#[source] nix::Error),
+    #[error("fork of the inner init failed")]
+    Fork(#[source] nix::Error),
 }
 
 /// The namespaces of the inner. No user namespace: the inner's root is the

@@ -39,7 +39,7 @@ pub fn run(spec: &InnerSpec) -> i32 {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     security::close_fds_above(FD_CHANNEL_FD);
     let setup = rootfs::prepare(spec).and_then(|steps| {
-        security::drop_privileges().map_err(SetupError::Privileges)?;
+        security::drop_privileges()?;
         Ok(steps)
     });
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -113,7 +113,7 @@ async fn serve(setup: Result<Vec<(String, u64)>, SetupError>) -> i32 {
             let _ = writer
                 .send(FromInit::SetupFailed {
                     step: e.step().to_string(),
-                    message: e.to_string(),
+                    message: hull_proto::error_chain(&e),
                 })
                 .await;
             return 1;

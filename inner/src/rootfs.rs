@@ -14,45 +14,45 @@ use crate::spec::{InnerSpec, INNER_API_BIN, INNER_API_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("cannot make the mount tree private: {0}")]
-    PrivateMounts(nix::Error),
+    #[error("cannot make the mount tree private")]
+    PrivateMounts(#[source] nix::Error),
     #[error("overlay path {path} contains a ',' or ':' that overlayfs cannot take")]
     OverlayPath { path: PathBuf },
-    #[error("cannot mount the overlay (lower {lower}, upper {upper}) on {target}: {source}")]
+    #[error("cannot mount the overlay (lower {lower}, upper {upper}) on {target}")]
     Overlay {
         lower: PathBuf,
         upper: PathBuf,
         target: PathBuf,
         source: nix::Error,
     },
-    #[error("cannot mount {fstype} on {target}: {source}")]
+    #[error("cannot mount {fstype} on {target}")]
     Mount {
         fstype: &'static str,
         target: PathBuf,
         source: nix::Error,
     },
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot create device node {path}: {source}")]
+    #[error("cannot create device node {path}")]
     DeviceNode { path: PathBuf, source: nix::Error },
-    #[error("cannot mask {path}: {source}")]
+    #[error("cannot mask {path}")]
     Mask { path: PathBuf, source: nix::Error },
-    #[error("cannot set the hostname to {hostname:?}: {source}")]
+    #[error("cannot set the hostname to {hostname:?}")]
     Hostname {
         hostname: String,
         source: nix::Error,
     },
-    #[error("cannot bring the loopback interface up: {0}")]
-    Loopback(std::io::Error),
-    #[error("cannot pivot_root into {path}: {source}")]
+    #[error("cannot bring the loopback interface up")]
+    Loopback(#[source] std::io::Error),
+    #[error("cannot pivot_root into {path}")]
     PivotRoot { path: PathBuf, source: nix::Error },
-    #[error("cannot detach the old root: {0}")]
-    DetachOldRoot(nix::Error),
-    #[error("cannot drop privileges: {0}")]
-    Privileges(String),
+    #[error("cannot detach the old root")]
+    DetachOldRoot(#[source] nix::Error),
+    #[error(transparent)]
+    Privileges(#[from] crate::security::PrivilegeError),
 }
 
 impl SetupError {
@@ -83,7 +83,8 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     let mut timings = Vec::new();
     let mut clock = std::time::Instant::now();
     let mut step = |name: &str, result: Result<()>| {
-        timings.push((name.to_string(), clock.elapsed().as_micros() as u64));
+        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+        timings.push((name.to_string(), micros));
         clock = std::time::Instant::now();
         result
     };

@@ -26,24 +26,42 @@ const KEPT: [Capability; 13] = [
     Capability::CAP_AUDIT_WRITE,
 ];
 
-pub fn drop_privileges() -> Result<(), String> {
+/// The step of [`drop_privileges`] that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot drop privileges: {step} failed")]
+pub struct PrivilegeError {
+    pub step: String,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn step_failed<E: std::error::Error + Send + Sync + 'static>(
+    step: impl FnOnce() -> String,
+) -> impl FnOnce(E) -> PrivilegeError {
+    move |e| PrivilegeError {
+        step: step(),
+        source: Box::new(e),
+    }
+}
+
+pub fn drop_privileges() -> Result<(), PrivilegeError> {
     let kept: HashSet<Capability> = KEPT.into_iter().collect();
     for cap in caps::all() {
         if !kept.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .map_err(|e| format!("dropping {cap} from the bounding set: {e}"))?;
+            caps::drop(None, CapSet::Bounding, cap).map_err(step_failed(|| {
+                format!("dropping {cap} from the bounding set")
+            }))?;
         }
     }
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::set(None, set, &kept).map_err(|e| format!("setting {set:?}: {e}"))?;
+        caps::set(None, set, &kept).map_err(step_failed(|| format!("setting {set:?}")))?;
     }
     // A non-dumpable init cannot be ptraced or have its /proc/1/mem and fds
     // opened by the inner's root, which lacks CAP_SYS_PTRACE.
     // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers and touches no memory.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "prctl(PR_SET_DUMPABLE): {}",
-            io::Error::last_os_error()
+        return Err(step_failed(|| "prctl(PR_SET_DUMPABLE)".to_string())(
+            io::Error::last_os_error(),
         ));
     }
     Ok(())
@@ -80,7 +98,10 @@ pub fn loopback_up() -> io::Result<()> {
         if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
             Err(io::Error::last_os_error())
         } else {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            // The flags are 0x41; the kernel keeps them in a short.
+            #[allow(clippy::cast_possible_truncation)]
+            let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            req.ifr_ifru.ifru_flags |= up;
             if libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) < 0 {
                 Err(io::Error::last_os_error())
             } else {

@@ -1,8 +1,18 @@
 //! hulld's configuration: a TOML file, every field optional, every path
 //! overridable (tests point them all into a temporary directory).
+//!
+//! [`Config`] is the file as written; [`Config::resolve`] turns it, once at
+//! start, into the typed [`Settings`] each part of hulld takes, and is where
+//! every bad value is reported, by its key.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use hull_image::ImageKind;
+use hull_ingress::forward::PortFilter;
+use hull_ingress::link::VethPlan;
+use hull_logs::LogLimits;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hull/hull.toml";
@@ -11,12 +21,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/hull";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {source}")]
+    #[error("config file {path} is not valid")]
     Parse {
         path: PathBuf,
         source: toml::de::Error,
@@ -110,59 +120,52 @@ impl Default for NetworkConfig {
     }
 }
 
+fn ip_address(field: &'static str, value: &str) -> Result<IpAddr, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Network {
+        field,
+        value: value.to_string(),
+        why: "not an IP address".into(),
+    })
+}
+
 impl NetworkConfig {
-    pub fn outer_ip(&self) -> Result<std::net::IpAddr, ConfigError> {
-        self.outer_address
-            .parse()
-            .map_err(|_| ConfigError::Network {
-                field: "outer_address",
-                value: self.outer_address.clone(),
-                why: "not an IP address".into(),
-            })
-    }
-
-    pub fn port_filter(&self) -> Result<hull_ingress::forward::PortFilter, ConfigError> {
-        hull_ingress::forward::PortFilter::parse(&self.expose).map_err(|why| ConfigError::Network {
-            field: "expose",
-            value: self.expose.clone(),
-            why,
-        })
-    }
-
     /// The host end of the veth: configured, or "hv" and a hash of the
     /// cgroup name (interface names are at most 15 bytes).
-    pub fn interface_name(&self, cgroup_name: &str) -> String {
+    fn interface_name(&self, cgroup_name: &str) -> String {
         self.interface
             .clone()
-            .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) as u32))
+            .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) & 0xffff_ffff))
     }
 
-    pub fn veth_plan(
-        &self,
-        cgroup_name: &str,
-    ) -> Result<hull_ingress::link::VethPlan, ConfigError> {
+    fn resolve(&self, cgroup_name: &str, state_dir: &Path) -> Result<NetworkSettings, ConfigError> {
         let name = self.interface_name(cgroup_name);
-        hull_ingress::link::VethPlan::new(&self.subnet, &name).map_err(|e| ConfigError::Network {
+        let veth = VethPlan::new(&self.subnet, &name).map_err(|e| ConfigError::Network {
             field: "subnet",
             value: self.subnet.clone(),
             why: e.to_string(),
+        })?;
+        let expose = PortFilter::parse(&self.expose).map_err(|why| ConfigError::Network {
+            field: "expose",
+            value: self.expose.clone(),
+            why,
+        })?;
+        Ok(NetworkSettings {
+            mode: self.mode,
+            veth,
+            dns: self
+                .dns
+                .iter()
+                .map(|server| ip_address("dns", server))
+                .collect::<Result<_, _>>()?,
+            outer_ip: ip_address("outer_address", &self.outer_address)?,
+            expose,
+            http_port: self.http_port,
+            wait: Duration::from_secs(self.wait_secs),
+            private_ports: self.private_ports.clone(),
+            private_all: self.private_all,
+            token_file: state_dir.join("ingress.token"),
+            resolv_conf: state_dir.join("resolv.conf"),
         })
-    }
-
-    pub fn validate(&self, cgroup_name: &str) -> Result<(), ConfigError> {
-        self.outer_ip()?;
-        self.port_filter()?;
-        self.veth_plan(cgroup_name)?;
-        for server in &self.dns {
-            server
-                .parse::<std::net::IpAddr>()
-                .map_err(|_| ConfigError::Network {
-                    field: "dns",
-                    value: server.clone(),
-                    why: "not an IP address".into(),
-                })?;
-        }
-        Ok(())
     }
 }
 
@@ -228,8 +231,7 @@ impl Default for LogsConfig {
 }
 
 impl LogsConfig {
-    /// (segment size, cap per source) in bytes.
-    pub fn limits(&self) -> Result<(u64, u64), ConfigError> {
+    fn resolve(&self) -> Result<LogLimits, ConfigError> {
         let size = |field, value: &String| {
             parse_size(value)
                 .filter(|&n| n >= 64 * 1024)
@@ -246,7 +248,10 @@ impl LogsConfig {
                 cap: self.max_per_source.clone(),
             });
         }
-        Ok((segment, cap))
+        Ok(LogLimits {
+            segment_max: segment,
+            source_max: cap,
+        })
     }
 }
 
@@ -285,24 +290,51 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Config =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
-        config.validate()?;
-        Ok(config)
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })
     }
 
+    /// Checks every value (see [`Config::resolve`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.memory_max_bytes()?;
-        self.volume_size_bytes()?;
-        self.image_kind()?;
-        self.network.validate(&self.cgroup_name)?;
-        self.logs.limits()?;
+        self.resolve().map(drop)
+    }
+
+    /// The typed settings of each part of hulld; the first bad value is
+    /// the error, named by its key.
+    pub fn resolve(&self) -> Result<Settings, ConfigError> {
         let h = &self.hostname;
         if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
             return Err(ConfigError::Hostname(h.clone()));
         }
-        Ok(())
+        let memory_max = match &self.memory_max {
+            Some(v) => size("memory_max", v)?,
+            None => physical_memory() / 4 * 3,
+        };
+        Ok(Settings {
+            daemon: DaemonSettings {
+                state_dir: self.state_dir.clone(),
+                socket: self.socket.clone(),
+                vsock_port: self.vsock_port,
+                cgroup_name: self.cgroup_name.clone(),
+            },
+            storage: StorageSettings {
+                state_dir: self.state_dir.clone(),
+                volume_size: size("volume_size", &self.volume_size)?,
+                auto_checkpoints_keep: self.auto_checkpoints_keep,
+            },
+            inner: InnerSettings {
+                image: self.image_kind()?,
+                image_dir: self.image_dir(),
+                hostname: self.hostname.clone(),
+                memory_max,
+                pids_max: self.pids_max,
+            },
+            logs: LogsSettings {
+                dir: self.state_dir.join("logs"),
+                limits: self.logs.resolve()?,
+            },
+            network: self.network.resolve(&self.cgroup_name, &self.state_dir)?,
+        })
     }
 
     pub fn image_dir(&self) -> PathBuf {
@@ -311,32 +343,93 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("images"))
     }
 
-    pub fn image_kind(&self) -> Result<hull_image::ImageKind, ConfigError> {
+    pub fn image_kind(&self) -> Result<ImageKind, ConfigError> {
         self.image
             .parse()
             .map_err(|_| ConfigError::Image(self.image.clone()))
     }
 
-    pub fn memory_max_bytes(&self) -> Result<u64, ConfigError> {
-        match &self.memory_max {
-            Some(v) => parse_size(v).ok_or_else(|| ConfigError::Size {
-                field: "memory_max",
-                value: v.clone(),
-            }),
-            None => Ok(physical_memory() / 4 * 3),
-        }
-    }
-
-    pub fn volume_size_bytes(&self) -> Result<u64, ConfigError> {
-        parse_size(&self.volume_size).ok_or_else(|| ConfigError::Size {
-            field: "volume_size",
-            value: self.volume_size.clone(),
-        })
-    }
-
     pub fn log_file(&self) -> PathBuf {
         self.state_dir.join("hulld.log")
     }
+}
+
+fn size(field: &'static str, value: &str) -> Result<u64, ConfigError> {
+    parse_size(value).ok_or_else(|| ConfigError::Size {
+        field,
+        value: value.to_string(),
+    })
+}
+
+/// Everything hulld runs on, resolved from a [`Config`] at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub daemon: DaemonSettings,
+    pub storage: StorageSettings,
+    pub inner: InnerSettings,
+    pub logs: LogsSettings,
+    pub network: NetworkSettings,
+}
+
+/// hulld's own: where it keeps state, listens, and its cgroup.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub vsock_port: Option<u32>,
+    /// The name of hull's cgroup below the one hulld starts in.
+    pub cgroup_name: String,
+}
+
+/// The btrfs volume and its checkpoints.
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    pub state_dir: PathBuf,
+    /// Bytes of the sparse image when the state dir is not on btrfs.
+    pub volume_size: u64,
+    pub auto_checkpoints_keep: usize,
+}
+
+/// What every inner is made of and limited to.
+#[derive(Debug, Clone)]
+pub struct InnerSettings {
+    pub image: ImageKind,
+    pub image_dir: PathBuf,
+    pub hostname: String,
+    /// Bytes.
+    pub memory_max: u64,
+    pub pids_max: Option<u64>,
+}
+
+/// The log store.
+#[derive(Debug, Clone)]
+pub struct LogsSettings {
+    pub dir: PathBuf,
+    pub limits: LogLimits,
+}
+
+/// The inner's network and the ingress.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub mode: NetworkMode,
+    /// The veth pair and its addresses (used in "nat" mode).
+    pub veth: VethPlan,
+    /// Name servers for the inner; the host's when empty.
+    pub dns: Vec<IpAddr>,
+    /// Where forwarded ports and the HTTP ingress listen.
+    pub outer_ip: IpAddr,
+    /// Inner ports that may be forwarded.
+    pub expose: PortFilter,
+    /// The HTTP ingress port on the outer address; 0: off.
+    pub http_port: u16,
+    /// How long a request waits for a port while the inner comes back.
+    pub wait: Duration,
+    pub private_ports: Vec<u16>,
+    pub private_all: bool,
+    /// The bearer token of private URLs.
+    pub token_file: PathBuf,
+    /// The inner's resolv.conf ("nat" mode).
+    pub resolv_conf: PathBuf,
 }
 
 /// "512M", "2G", "1048576" -> bytes.
@@ -382,31 +475,79 @@ mod tests {
         assert_eq!(parse_size(""), None);
     }
 
+    fn from_toml(text: &str) -> Config {
+        toml::from_str(text).unwrap()
+    }
+
     #[test]
     fn logs_limits_parse_and_bad_ones_name_the_field() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("hull.toml");
-        let load = |text: &str| {
-            std::fs::write(&path, text).unwrap();
-            Config::load(Some(&path))
-        };
-        let c = load("[logs]\nsegment_size = \"1M\"\nmax_per_source = \"4M\"\n").unwrap();
-        assert_eq!(c.logs.limits().unwrap(), (1 << 20, 4 << 20));
-        assert_eq!(
-            Config::default().logs.limits().unwrap(),
-            (8 << 20, 64 << 20)
-        );
-        let err = load("[logs]\nsegment_size = \"8M\"\nmax_per_source = \"1M\"\n").unwrap_err();
+        let limits = |text: &str| from_toml(text).resolve().map(|s| s.logs.limits);
+        let l = limits("[logs]\nsegment_size = \"1M\"\nmax_per_source = \"4M\"\n").unwrap();
+        assert_eq!((l.segment_max, l.source_max), (1 << 20, 4 << 20));
+        let l = Config::default().resolve().unwrap().logs.limits;
+        assert_eq!((l.segment_max, l.source_max), (8 << 20, 64 << 20));
+        let err = limits("[logs]\nsegment_size = \"8M\"\nmax_per_source = \"1M\"\n").unwrap_err();
         assert!(matches!(err, ConfigError::LogCap { .. }), "{err}");
-        let err = load("[logs]\nsegment_size = \"lots\"\n").unwrap_err();
-        assert!(err.to_string().contains("logs.segment_size"), "{err}");
         // Below 64 KiB a segment would rotate on nearly every batch.
-        let err = load("[logs]\nsegment_size = \"1K\"\n").unwrap_err();
+        let err = limits("[logs]\nsegment_size = \"1K\"\n").unwrap_err();
         assert!(err.to_string().contains("logs.segment_size"), "{err}");
     }
 
     #[test]
-    fn unknown_fields_and_bad_values_are_refused() {
+    fn a_bad_value_in_each_group_is_reported_by_resolve_with_its_key() {
+        for (text, key) in [
+            ("volume_size = \"big\"\n", "volume_size"),
+            ("memory_max = \"lots\"\n", "memory_max"),
+            ("image = \"arch\"\n", "image"),
+            ("hostname = \"no spaces\"\n", "hostname"),
+            ("[logs]\nsegment_size = \"lots\"\n", "logs.segment_size"),
+            ("[logs]\nmax_per_source = \"9Q\"\n", "logs.max_per_source"),
+            (
+                "[network]\nouter_address = \"localhost\"\n",
+                "network.outer_address",
+            ),
+            ("[network]\nexpose = \"80-\"\n", "network.expose"),
+            ("[network]\nsubnet = \"10.0.0.0/31\"\n", "network.subnet"),
+            (
+                "[network]\ndns = [\"1.1.1.1\", \"dns.google\"]\n",
+                "network.dns",
+            ),
+        ] {
+            let config = from_toml(text);
+            let err = config.resolve().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key} = ")), "{text:?}: {err}");
+            assert!(config.validate().is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn resolve_types_every_group() {
+        let s = from_toml(
+            "state_dir = \"/s\"\nimage = \"busybox\"\nmemory_max = \"256M\"\n\
+             volume_size = \"2G\"\ncgroup_name = \"t\"\n\
+             [network]\nouter_address = \"127.0.0.2\"\nexpose = \"8000-8999\"\n\
+             dns = [\"9.9.9.9\"]\nwait_secs = 3\n",
+        )
+        .resolve()
+        .unwrap();
+        assert_eq!(s.inner.memory_max, 256 << 20);
+        assert_eq!(s.inner.image, ImageKind::Busybox);
+        assert_eq!(s.inner.image_dir, Path::new("/s/images"));
+        assert_eq!(s.storage.volume_size, 2 << 30);
+        assert_eq!(s.logs.dir, Path::new("/s/logs"));
+        assert_eq!(s.network.outer_ip, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(s.network.expose, PortFilter::parse("8000-8999").unwrap());
+        assert_eq!(s.network.dns, ["9.9.9.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(s.network.wait, Duration::from_secs(3));
+        assert_eq!(
+            s.network.veth.host_if,
+            format!("hv{:08x}", fnv1a("t") & 0xffff_ffff)
+        );
+        assert_eq!(s.network.token_file, Path::new("/s/ingress.token"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_and_a_missing_file_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("hull.toml");
         std::fs::write(&path, "stat_dir = \"/x\"\n").unwrap();
@@ -414,14 +555,9 @@ mod tests {
             Config::load(Some(&path)),
             Err(ConfigError::Parse { .. })
         ));
-        std::fs::write(&path, "memory_max = \"lots\"\n").unwrap();
-        assert!(matches!(
-            Config::load(Some(&path)),
-            Err(ConfigError::Size { .. })
-        ));
         std::fs::write(&path, "image = \"busybox\"\nmemory_max = \"256M\"\n").unwrap();
         let c = Config::load(Some(&path)).unwrap();
-        assert_eq!(c.memory_max_bytes().unwrap(), 256 << 20);
+        assert_eq!(c.resolve().unwrap().inner.memory_max, 256 << 20);
         assert!(Config::load(Some(&tmp.path().join("missing.toml"))).is_err());
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError};
+use crate::config::Settings;
 use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
 use crate::server::Scope;
@@ -24,15 +24,13 @@ use hull_services::ServiceManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("cannot create state directory {path}: {source}; hulld needs a writable state dir (set state_dir in the config or pass --state-dir)")]
+    #[error("cannot create state directory {path} (hulld needs a writable state dir: set state_dir in the config or pass --state-dir)")]
     StateDir { path: PathBuf, source: io::Error },
     #[error("another hulld holds {path} (pid {holder}); stop it with `hull down`")]
     AlreadyRunning { path: PathBuf, holder: String },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}")]
     Lock { path: PathBuf, source: io::Error },
-    #[error("cannot protect hulld ({what}): {source}")]
+    #[error("cannot protect hulld ({what})")]
     Protect {
         what: &'static str,
         source: io::Error,
@@ -49,9 +47,9 @@ pub enum DaemonError {
     Launch(#[from] LaunchError),
     #[error("a hulld already answers on {path}; stop it with `hull down`")]
     SocketInUse { path: PathBuf },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Socket { path: PathBuf, source: io::Error },
-    #[error("cannot listen on vsock port {port}: {source}")]
+    #[error("cannot listen on vsock port {port}")]
     Vsock { port: u32, source: io::Error },
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
@@ -170,28 +168,30 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
 }
 
 /// Runs hulld until `hull down` or SIGTERM.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
-    config.validate()?;
+pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+    let Settings {
+        daemon: config,
+        storage: storage_settings,
+        inner: inner_settings,
+        logs: logs_settings,
+        network: network_settings,
+    } = settings;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     create_state_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
-    let (segment_max, source_max) = config.logs.limits()?;
-    let limits = hull_logs::LogLimits {
-        segment_max,
-        source_max,
-    };
-    let logs =
-        hull_logs::LogStore::open(config.state_dir.join("logs"), limits).map_err(|source| {
-            DaemonError::StateDir {
-                path: config.state_dir.join("logs"),
-                source,
-            }
-        })?;
+    let logs = hull_logs::LogStore::open(logs_settings.dir.clone(), logs_settings.limits).map_err(
+        |source| DaemonError::StateDir {
+            path: logs_settings.dir,
+            source,
+        },
+    )?;
     match logs.source(hull_logs::DAEMON_SOURCE) {
         Ok(own) => hull_logs::set_daemon_log(own),
-        Err(e) => tracing::warn!(error = %e, "cannot keep hulld's own log in the log store"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot keep hulld's own log in the log store")
+        }
     }
 
     let cgroups = HullCgroups::locate(&config.cgroup_name)?;
@@ -201,8 +201,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     cgroups.daemon.join(std::process::id() as i32)?;
     clean_up_stale_inner(&cgroups)?;
 
-    let kind = config.image_kind()?;
-    let store = ImageStore::new(config.image_dir());
+    let kind = inner_settings.image;
+    let store = ImageStore::new(inner_settings.image_dir.clone());
     let image = store.rootfs(kind);
     if !store.is_built(kind) {
         return Err(DaemonError::ImageMissing {
@@ -211,7 +211,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         });
     }
     let (storage, recovery) = tokio::task::block_in_place(|| {
-        Storage::open(&config.state_dir, config.volume_size_bytes()?).map_err(DaemonError::from)
+        Storage::open(&storage_settings.state_dir, storage_settings.volume_size)
     })?;
     if !recovery.actions.is_empty() {
         tracing::warn!(
@@ -237,12 +237,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
 
     let limits = Limits {
-        memory_max_bytes: Some(config.memory_max_bytes()?),
-        pids_max: config.pids_max,
+        memory_max_bytes: Some(inner_settings.memory_max),
+        pids_max: inner_settings.pids_max,
     };
     raise_fd_limit();
     let (running_tx, running) = tokio::sync::watch::channel(false);
-    let network = crate::network::Network::start(&config, running).await?;
+    let network = crate::network::Network::start(network_settings, running).await?;
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
@@ -255,10 +255,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             pids_max: limits.pids_max,
             lower: image.clone(),
             storage: storage.clone(),
-            auto_checkpoints_keep: config.auto_checkpoints_keep,
+            auto_checkpoints_keep: storage_settings.auto_checkpoints_keep,
             services: services.clone(),
             rootfs,
-            hostname: config.hostname.clone(),
+            hostname: inner_settings.hostname,
             netns: Some(network.netns.clone()),
             resolv_conf: network.resolv_conf.clone(),
             api_dir: Some(inner_api.dir.clone()),

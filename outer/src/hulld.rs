@@ -129,7 +129,7 @@ impl Hulld {
         Ok(CheckpointListing {
             checkpoints: rows
                 .into_iter()
-                .filter(|r| r.state == "ready")
+                .filter(|r| r.state == hull_checkpoint::CheckpointState::Ready)
                 .map(info)
                 .collect(),
             head,
@@ -185,10 +185,10 @@ impl Hulld {
         let logs = self.parts.logs.clone();
         blocking(move || {
             if let Err(e) = cgroups.teardown() {
-                tracing::warn!(error = %e, "cannot remove hull's cgroups");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot remove hull's cgroups");
             }
             if let Err(e) = storage.close() {
-                tracing::warn!(error = %e, "cannot unmount the btrfs volume");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot unmount the btrfs volume");
             }
             let _ = std::fs::remove_file(&socket);
             logs.flush();

@@ -14,9 +14,9 @@ use tokio::net::UnixListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InnerApiError {
-    #[error("cannot create {path} for the inner's service socket: {source}")]
+    #[error("cannot create {path} for the inner's service socket")]
     Create { path: PathBuf, source: io::Error },
-    #[error("cannot listen on the inner's service socket {path}: {source}")]
+    #[error("cannot listen on the inner's service socket {path}")]
     Listen { path: PathBuf, source: io::Error },
 }
 
@@ -26,17 +26,17 @@ pub enum InnerApiError {
 pub enum ClientInstallError {
     #[error("the hull client is not next to hulld at {path}")]
     Missing { path: PathBuf },
-    #[error("cannot list the libraries of {path} with ldd: {source}")]
+    #[error("cannot list the libraries of {path} with ldd")]
     Ldd { path: PathBuf, source: io::Error },
     #[error("ldd cannot read {path}: {message}")]
     LddFailed { path: PathBuf, message: String },
-    #[error("cannot copy {from} to {to}: {source}")]
+    #[error("cannot copy {from} to {to}")]
     Copy {
         from: PathBuf,
         to: PathBuf,
         source: io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write { path: PathBuf, source: io::Error },
 }
 
@@ -71,7 +71,7 @@ impl InnerApi {
         match install_client(&dir) {
             Ok(()) => tracing::debug!(dir = %dir.display(), "hull client ready for the inner"),
             Err(e) => tracing::warn!(
-                error = %e,
+                error = %crate::error_chain(&e),
                 "`hull` will not be runnable inside the inner; its service socket still works"
             ),
         }

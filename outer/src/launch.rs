@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lock;
 use futures::{SinkExt, StreamExt};
 use hull_inner::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, NETNS_FD};
 use hull_proto::fdpass::{self, FdReceiver};
@@ -27,17 +28,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot create a sealed copy of hulld's binary: {0}")]
-    SealedExe(io::Error),
-    #[error("cannot create the init link socketpair: {0}")]
-    Socketpair(io::Error),
-    #[error("cannot start the inner helper {path}: {source}")]
+    #[error("cannot create a sealed copy of hulld's binary")]
+    SealedExe(#[source] io::Error),
+    #[error("cannot create the init link socketpair")]
+    Socketpair(#[source] io::Error),
+    #[error("cannot start the inner helper {path}")]
     SpawnHelper { path: PathBuf, source: io::Error },
     #[error("the inner helper failed ({status}): {stderr}")]
     Helper { status: String, stderr: String },
     #[error("the inner helper printed no init pid: {0:?}")]
     HelperOutput(String),
-    #[error("cannot open a pidfd for the inner init (pid {pid}): {source}")]
+    #[error("cannot open a pidfd for the inner init (pid {pid})")]
     Pidfd { pid: i32, source: io::Error },
     #[error("handshake with the inner init failed: {0}")]
     Handshake(String),
@@ -165,13 +166,13 @@ impl InitLink {
     /// Registers exec `id`; `None` when the inner is already gone.
     fn register(&self, id: u64) -> Option<mpsc::UnboundedReceiver<InitEvent>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut sessions = self.sessions.lock().unwrap();
+        let mut sessions = lock(&self.sessions);
         sessions.as_mut()?.insert(id, tx);
         Some(rx)
     }
 
     fn unregister(&self, id: u64) {
-        if let Some(s) = self.sessions.lock().unwrap().as_mut() {
+        if let Some(s) = lock(&self.sessions).as_mut() {
             s.remove(&id);
         }
     }
@@ -187,19 +188,13 @@ impl InitLink {
     }
 
     fn dispatch(&self, id: u64, event: InitEvent) {
-        if let Some(tx) = self
-            .sessions
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|s| s.get(&id))
-        {
+        if let Some(tx) = lock(&self.sessions).as_ref().and_then(|s| s.get(&id)) {
             let _ = tx.send(event);
         }
     }
 
     fn close(&self) {
-        self.sessions.lock().unwrap().take();
+        lock(&self.sessions).take();
     }
 }
 
@@ -227,7 +222,7 @@ impl Inner {
     /// The held mount namespace; dropping it unmounts the inner's root
     /// filesystem (in the dropping thread) once the init is gone.
     pub fn take_mount_ns(&self) -> Option<std::fs::File> {
-        self.mount_ns.lock().unwrap().take()
+        lock(&self.mount_ns).take()
     }
 
     /// Sends `signal` to the init (ESRCH once it is gone, which is fine).
@@ -237,15 +232,13 @@ impl Inner {
 
     /// Why the inner stopped, for sessions that it ended.
     pub fn stop_reason(&self) -> String {
-        self.stop_reason
-            .lock()
-            .unwrap()
+        lock(&self.stop_reason)
             .clone()
             .unwrap_or_else(|| "the inner's init died".to_string())
     }
 
     pub fn set_stop_reason(&self, reason: &str) {
-        *self.stop_reason.lock().unwrap() = Some(reason.to_string());
+        *lock(&self.stop_reason) = Some(reason.to_string());
     }
 
     /// Waits until the init has exited and been reaped.
@@ -477,8 +470,9 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Opens the init's mount namespace. Without it (no /proc, or a kernel

@@ -19,7 +19,7 @@ use hull_ingress::{Dialer, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{Config, NetworkConfig, NetworkMode};
+use crate::config::{NetworkMode, NetworkSettings};
 
 /// How often the inner's listening sockets are scanned.
 const SCAN_INTERVAL: Duration = Duration::from_millis(250);
@@ -28,26 +28,24 @@ const SCAN_INTERVAL: Duration = Duration::from_millis(250);
 pub enum NetworkError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("inner network: {0}")]
+    #[error("cannot set up the inner's network")]
     Link(#[from] LinkError),
-    #[error("inner egress: {0}")]
+    #[error("cannot set up the inner's egress")]
     Nat(#[from] NatError),
-    #[error("cannot open a sock_diag socket in the inner's namespace: {0}")]
-    Scanner(std::io::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot open a sock_diag socket in the inner's namespace")]
+    Scanner(#[source] std::io::Error),
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
-    #[error("cannot start the ingress thread: {0}")]
-    IngressThread(std::io::Error),
+    #[error("cannot start the ingress thread")]
+    IngressThread(#[source] std::io::Error),
 }
 
 pub struct Network {
@@ -60,7 +58,8 @@ pub struct Network {
     /// Where the HTTP ingress listens, if it does.
     pub http: Option<SocketAddr>,
     token: Arc<str>,
-    config: NetworkConfig,
+    private_ports: Vec<u16>,
+    private_all: bool,
     pub resolv_conf: Option<PathBuf>,
     routes: Arc<watch::Sender<Vec<HttpRoute>>>,
     /// Asks the port scanner for a scan now.
@@ -89,18 +88,16 @@ impl hull_services::PortProbe for PortTableProbe {
 impl Network {
     /// Sets everything up; `running` says whether an inner is up.
     pub async fn start(
-        config: &Config,
+        net: NetworkSettings,
         running: watch::Receiver<bool>,
     ) -> Result<Network, NetworkError> {
-        let net = config.network.clone();
         let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
         link::loopback_up(&netns).await?;
         let (plan, nat_table, resolv_conf) = match net.mode {
             NetworkMode::None => (None, None, None),
             NetworkMode::Nat => {
-                let plan = net.veth_plan(&config.cgroup_name)?;
-                let (nat_table, resolv) = egress(config, &netns, &plan).await?;
-                (Some(plan), Some(nat_table), Some(resolv))
+                let (nat_table, resolv) = egress(&net, &netns).await?;
+                (Some(net.veth.clone()), Some(nat_table), Some(resolv))
             }
         };
         let scanner = netns
@@ -110,13 +107,13 @@ impl Network {
         let rescan = Arc::new(Notify::new());
         let ports =
             hull_ingress::portwatch::watch_ports(scanner, running, SCAN_INTERVAL, rescan.clone());
-        let token = load_or_create_token(&config.state_dir.join("ingress.token"))?;
-        let outer = net.outer_ip()?;
+        let token = load_or_create_token(&net.token_file)?;
+        let outer = net.outer_ip;
         let refuse_from: Vec<(IpAddr, u8)> = plan
             .iter()
             .map(|p| (IpAddr::V4(p.network), p.prefix))
             .collect();
-        let wait = Duration::from_secs(net.wait_secs);
+        let wait = net.wait;
         let dialer = Dialer::new(netns.clone());
         let http = match net.http_port {
             0 => None,
@@ -131,7 +128,7 @@ impl Network {
                 ports.clone(),
                 ForwardConfig {
                     outer_addr: outer,
-                    allow: net.port_filter()?,
+                    allow: net.expose.clone(),
                     reserved: http.iter().map(|a| a.port()).collect(),
                     refuse_from: refuse_from.clone(),
                     wait,
@@ -181,7 +178,8 @@ impl Network {
             forwarder,
             http,
             token,
-            config: net,
+            private_ports: net.private_ports,
+            private_all: net.private_all,
             resolv_conf,
             routes: Arc::new(routes),
             rescan,
@@ -215,7 +213,7 @@ impl Network {
     }
 
     fn is_private(&self, port: u16) -> bool {
-        self.config.private_all || self.config.private_ports.contains(&port)
+        self.private_all || self.private_ports.contains(&port)
     }
 
     /// `hull ports`: what listens in the inner, who owns it, how it is exposed.
@@ -260,8 +258,8 @@ impl Network {
         IngressReport {
             http: self.http.map(|a| a.to_string()),
             token: self.token.to_string(),
-            private_ports: self.config.private_ports.clone(),
-            private_all: self.config.private_all,
+            private_ports: self.private_ports.clone(),
+            private_all: self.private_all,
             inner_address: self.plan.as_ref().map(|p| p.inner_ip.to_string()),
             gateway: self.plan.as_ref().map(|p| p.host_ip.to_string()),
         }
@@ -272,12 +270,12 @@ impl Network {
         self.forwarder.close_all();
         if let Some(nat) = &self.nat {
             if let Err(e) = tokio::task::block_in_place(|| nat.remove()) {
-                tracing::warn!(error = %e, "removing hulld's nftables table failed");
+                tracing::warn!(error = %crate::error_chain(&e), "removing hulld's nftables table failed");
             }
         }
         if let Some(plan) = &self.plan {
             if let Err(e) = link::remove_veth(&plan.host_if).await {
-                tracing::warn!(error = %e, "removing the inner's veth failed");
+                tracing::warn!(error = %crate::error_chain(&e), "removing the inner's veth failed");
             }
         }
     }
@@ -296,10 +294,10 @@ fn http_url(http: SocketAddr, port: u16) -> String {
 
 /// The veth, forwarding, NAT and resolv.conf of the "nat" mode.
 async fn egress(
-    config: &Config,
+    net: &NetworkSettings,
     netns: &InnerNetns,
-    plan: &VethPlan,
 ) -> Result<(NatTable, PathBuf), NetworkError> {
+    let plan = &net.veth;
     link::create_veth(netns, plan).await?;
     if tokio::task::block_in_place(nat::enable_forwarding)? {
         tracing::info!("IPv4 forwarding was off; turned it on for the inner's egress");
@@ -308,15 +306,15 @@ async fn egress(
     tokio::task::block_in_place(|| table.install(plan))?;
     let host_resolv = Path::new("/etc/resolv.conf");
     let host_text = std::fs::read_to_string(host_resolv).unwrap_or_default();
-    let (text, servers) = nat::resolv_conf(&host_text, &config.network.dns);
+    let configured: Vec<String> = net.dns.iter().map(IpAddr::to_string).collect();
+    let (text, servers) = nat::resolv_conf(&host_text, &configured);
     if servers.is_empty() {
         tracing::warn!(
             "no name server the inner can reach (the host's are loopback or none); set network.dns"
         );
     }
-    let path = config.state_dir.join("resolv.conf");
-    write_world_readable(&path, text.as_bytes())?;
-    Ok((table, path))
+    write_world_readable(&net.resolv_conf, text.as_bytes())?;
+    Ok((table, net.resolv_conf.clone()))
 }
 
 fn write_world_readable(path: &Path, data: &[u8]) -> Result<(), NetworkError> {

@@ -3,11 +3,11 @@
 //! operations never overlap; everyone else reads its published state.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_cgroups::{Cgroup, CgroupError};
-use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
+use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, QuiesceError, Storage, StorageError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use hull_services::{Replaced, ServiceError, ServiceManager};
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::launch::{launch, Inner, LaunchError, SealedExe};
+use crate::lock;
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -107,15 +108,6 @@ impl SupervisorError {
     }
 }
 
-/// Locks the published counters. Every write to them is a plain field
-/// assignment, so a panic elsewhere cannot leave them half-updated: a
-/// poisoned lock is taken over rather than spread.
-fn lock(published: &Mutex<Published>) -> MutexGuard<'_, Published> {
-    published
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 enum Request {
     Bounce {
         grace: Duration,
@@ -140,14 +132,12 @@ enum Request {
 struct FreezeInner(Cgroup);
 
 impl Quiesce for FreezeInner {
-    fn freeze(&mut self) -> Result<(), String> {
-        self.0
-            .freeze(Duration::from_secs(5))
-            .map_err(|e| e.to_string())
+    fn freeze(&mut self) -> Result<(), QuiesceError> {
+        Ok(self.0.freeze(Duration::from_secs(5))?)
     }
 
-    fn thaw(&mut self) -> Result<(), String> {
-        self.0.thaw().map_err(|e| e.to_string())
+    fn thaw(&mut self) -> Result<(), QuiesceError> {
+        Ok(self.0.thaw()?)
     }
 }
 
@@ -466,7 +456,7 @@ impl Task {
         let _ = inner.signal(libc::SIGKILL);
         inner.wait_exit().await;
         if let Err(e) = self.kill_cgroup().await {
-            tracing::warn!(error = %e, "inner cgroup not empty after its init died");
+            tracing::warn!(error = %crate::error_chain(&e), "inner cgroup not empty after its init died");
         }
         release_mounts(&inner, unmount_wait).await;
         self.set_state(InnerState::Stopped);
@@ -619,7 +609,7 @@ impl Task {
             tokio::time::sleep(GC_DELAY).await;
             let _ = tokio::task::spawn_blocking(move || {
                 if let Err(e) = storage.collect_garbage() {
-                    tracing::warn!(error = %e, "cannot delete retired layers");
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot delete retired layers");
                 }
                 match storage.apply_retention(keep) {
                     Ok(deleted) if !deleted.is_empty() => {
@@ -631,7 +621,7 @@ impl Task {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "retention of automatic checkpoints failed")
+                        tracing::warn!(error = %crate::error_chain(&e), "retention of automatic checkpoints failed")
                     }
                 }
             })

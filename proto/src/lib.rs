@@ -22,6 +22,20 @@ pub use messages::*;
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// An error and its sources, joined with ": ", for a one-line message.
+/// Errors name what failed and keep the cause as their `source()`, so
+/// each cause appears once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
 /// A test hook: panics when `HULL_FAILPOINT` names this point, so tests
 /// can check what hulld does when one of its tasks panics.
 pub fn panic_point(name: &str) {

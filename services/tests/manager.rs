@@ -2,6 +2,9 @@
 //! paused clock: backoff, crash loops, readiness, stops across bounces and
 //! restores, with no real time spent and no timing noise.
 
+// Test code: a failed unwrap is the test failing.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

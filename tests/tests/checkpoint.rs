@@ -402,6 +402,42 @@ fn a_snapshot_lost_behind_hullds_back_is_dropped_from_the_list() {
 }
 
 #[test]
+fn a_failed_checkpoint_names_each_cause_once() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // A directory where the next snapshot goes: the snapshot ioctl fails
+    // with EEXIST, deep in the storage stack.
+    let taken = hull.state_dir.join("volume/checkpoints/v1");
+    std::fs::create_dir(&taken).unwrap();
+    let message = block_on(async {
+        match hull.client().await.checkpoint_create(None).await {
+            Err(ClientError::Daemon(report)) => report.message,
+            other => panic!("expected the snapshot to fail, got {other:?}"),
+        }
+    });
+    let os_error = std::io::Error::from_raw_os_error(libc::EEXIST).to_string();
+    for part in [
+        "cannot take the checkpoint",
+        &format!("cannot snapshot {}", taken.display()),
+        &os_error,
+    ] {
+        assert_eq!(
+            message.matches(part).count(),
+            1,
+            "{part:?} should appear once in {message:?}"
+        );
+    }
+    std::fs::remove_dir(&taken).unwrap();
+    block_on(async {
+        let made = hull.client().await.checkpoint_create(None).await.unwrap();
+        assert_eq!(made.checkpoint.id, "v1", "the failed attempt left a gap");
+    });
+    assert_catalog_agrees(&hull);
+}
+
+#[test]
 fn a_full_volume_gives_a_clear_error_and_a_consistent_catalog() {
     if !require_root() {
         return;

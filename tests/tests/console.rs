@@ -111,10 +111,8 @@ impl Terminal {
         };
         // SAFETY: TIOCSWINSZ on our PTY master reads a valid winsize; the
         // kernel sends SIGWINCH to hull, the terminal's foreground process.
-        assert_eq!(
-            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(rc, 0);
     }
 
     fn wait(&mut self) -> i32 {

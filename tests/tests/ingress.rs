@@ -183,7 +183,7 @@ fn a_hundred_megabytes_go_up_and_down_through_ingress_intact() {
     assert_eq!(format!("{:x}", Sha256::digest(&body)), want);
 
     let upload: Vec<u8> = (0..100u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .map(|i| u8::try_from((i.wrapping_mul(2654435761) >> 13) & 0xff).unwrap())
         .collect();
     let (status, _, body) = http(
         ingress(&hull),

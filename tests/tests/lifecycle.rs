@@ -140,7 +140,7 @@ fn down_leaves_nothing_behind_and_up_starts_clean() {
         "{}",
         String::from_utf8_lossy(&down.stderr)
     );
-    let pid = report["daemon_pid"].as_i64().unwrap() as i32;
+    let pid = i32::try_from(report["daemon_pid"].as_i64().unwrap()).unwrap();
     wait_until(Duration::from_secs(10), "hulld to exit", || !alive(pid));
 }
 

@@ -8,7 +8,7 @@ use hull_proto::{ClientMsg, DaemonMsg, ErrorKind, Hello};
 use hull_tests::{block_on, require_root, TestHull};
 
 fn frame(body: &[u8]) -> Vec<u8> {
-    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    let mut f = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
     f.extend_from_slice(body);
     f
 }

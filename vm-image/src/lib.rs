@@ -45,9 +45,9 @@ impl std::str::FromStr for ImageKind {
 pub enum ImageError {
     #[error("unknown image kind {0:?}: expected busybox or debian")]
     UnknownKind(String),
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create { path: PathBuf, source: io::Error },
-    #[error("cannot run {program}: {source} (install it with: apt-get install {package})")]
+    #[error("cannot run {program} (install it with: apt-get install {package})")]
     Spawn {
         program: String,
         package: String,
@@ -63,7 +63,7 @@ pub enum ImageError {
         "busybox-static is neither downloadable nor installed; run: apt-get install busybox-static"
     )]
     NoBusybox,
-    #[error("cannot move the finished image into {path}: {source}")]
+    #[error("cannot move the finished image into {path}")]
     Publish { path: PathBuf, source: io::Error },
 }
 

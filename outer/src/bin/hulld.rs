@@ -49,7 +49,7 @@ fn main() {
         match hull_inner::helper::run(&spec) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
-                eprintln!("hull-inner-helper: {e}");
+                eprintln!("hull-inner-helper: {}", hull_outer::error_chain(&e));
                 std::process::exit(1);
             }
         }
@@ -107,10 +107,12 @@ fn daemon_main() -> Result<()> {
         config.log_format = LogFormat::Json;
     }
     init_tracing(config.log_format);
+    // Every bad value is reported here, before anything starts.
+    let settings = config.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(hull_outer::daemon::run(config))?;
+    runtime.block_on(hull_outer::daemon::run(settings))?;
     Ok(())
 }

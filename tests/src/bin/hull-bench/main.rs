@@ -105,10 +105,17 @@ struct IngressArgs {
 /// still passes one learns the new spelling instead of a generic error.
 fn reject_old_flags() {
     for arg in std::env::args().skip(1) {
-        if let Some(suite) = arg
-            .strip_prefix("--")
-            .filter(|s| ["start", "checkpoints", "services", "logs", "ingress", "responsiveness"].contains(s))
-        {
+        if let Some(suite) = arg.strip_prefix("--").filter(|s| {
+            [
+                "start",
+                "checkpoints",
+                "services",
+                "logs",
+                "ingress",
+                "responsiveness",
+            ]
+            .contains(s)
+        }) {
             eprintln!("error: `{arg}` is now a subcommand: hull-bench {suite} [OPTIONS] (see hull-bench --help)");
             // clap's exit code for a usage error.
             std::process::exit(2);
@@ -138,7 +145,7 @@ fn main() -> Result<()> {
             a.rounds.rounds,
             ingress::WrkOptions {
                 secs: a.wrk_secs,
-                runs: a.wrk_runs as usize,
+                runs: usize::try_from(a.wrk_runs)?,
             },
         ),
     }

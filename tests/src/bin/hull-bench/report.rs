@@ -17,6 +17,8 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
+    // p is in 0..=1, so the index is within the slice.
+    #[allow(clippy::cast_possible_truncation)]
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
 }

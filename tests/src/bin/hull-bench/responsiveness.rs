@@ -36,7 +36,10 @@ pub fn run(rounds: usize) -> Result<()> {
     })?;
     let (mut busy, mut checkpoints, mut stops) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        eprintln!("round {}/{rounds}: 4,000 sleepers and 512 MiB unsynced...", round + 1);
+        eprintln!(
+            "round {}/{rounds}: 4,000 sleepers and 512 MiB unsynced...",
+            round + 1
+        );
         let r = busy_round(&hull)?;
         busy.extend(r.status);
         checkpoints.push(r.checkpoint_ms);
