@@ -33,6 +33,12 @@ pub enum LinkError {
     },
     #[error("interface {0} is missing right after it was created")]
     Missing(String),
+    #[error("cannot set {path} on the host end of the veth")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the inner's network namespace is gone")]
     Netns,
 }
@@ -182,6 +188,7 @@ pub async fn create_veth(netns: &InnerNetns, plan: &VethPlan) -> Result<(), Link
         .execute()
         .await
         .map_err(netlink("adding the gateway address", &plan.host_if))?;
+    harden_host_end(&plan.host_if)?;
     root.link()
         .set(LinkUnspec::new_with_index(host).up().build())
         .execute()
@@ -215,6 +222,31 @@ pub async fn create_veth(netns: &InnerNetns, plan: &VethPlan) -> Result<(), Link
         .execute()
         .await
         .map_err(netlink("adding the default route", INNER_IF))?;
+    Ok(())
+}
+
+/// What the inner sends can never reconfigure the root namespace through
+/// the host end: no IPv6 on it at all (so no router advertisement is
+/// taken and no link-local address leads to root-namespace services) and
+/// no ICMP redirects. Set before the link comes up, so not even a
+/// link-local address ever exists.
+fn harden_host_end(host_if: &str) -> Result<(), LinkError> {
+    for (family, key, value) in [
+        ("ipv6", "accept_ra", "0"),
+        ("ipv6", "accept_redirects", "0"),
+        ("ipv6", "disable_ipv6", "1"),
+        ("ipv4", "accept_redirects", "0"),
+        ("ipv4", "send_redirects", "0"),
+    ] {
+        let path = format!("/proc/sys/net/{family}/conf/{host_if}/{key}");
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            // A kernel booted without IPv6 has no such knobs, and nothing
+            // to take an RA with.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && family == "ipv6" => {}
+            Err(source) => return Err(LinkError::Sysctl { path, source }),
+        }
+    }
     Ok(())
 }
 

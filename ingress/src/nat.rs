@@ -41,7 +41,10 @@ impl NatTable {
 
     /// The ruleset: the inner's subnet is masqueraded on the way out of any
     /// interface but its own; connections into the inner's veth are only
-    /// replies (the way in is the ingress).
+    /// replies (the way in is the ingress); and nothing from the inner
+    /// reaches the root namespace itself (its services on 0.0.0.0, through
+    /// the gateway or any of the VM's addresses) but replies to
+    /// connections hulld opened into the inner.
     pub fn ruleset(&self, plan: &VethPlan) -> String {
         let (table, subnet, veth) = (&self.name, plan.subnet(), &plan.host_if);
         format!(
@@ -57,6 +60,11 @@ impl NatTable {
              \t\tiifname \"{veth}\" accept\n\
              \t\toifname \"{veth}\" ct state established,related accept\n\
              \t\toifname \"{veth}\" drop\n\
+             \t}}\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{veth}\" ct state established,related accept\n\
+             \t\tiifname \"{veth}\" drop\n\
              \t}}\n\
              }}\n"
         )
@@ -176,5 +184,7 @@ mod tests {
         assert!(rules.starts_with("table ip hull_t {}\ndelete table ip hull_t\n"));
         assert!(rules.contains("ip saddr 100.96.0.0/30 oifname != \"hv1\" masquerade"));
         assert!(rules.contains("oifname \"hv1\" drop"));
+        assert!(rules.contains("hook input"));
+        assert!(rules.contains("iifname \"hv1\" drop"));
     }
 }

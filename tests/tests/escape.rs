@@ -1,0 +1,268 @@
+//! The boundary, tried as an attacker would from a root shell in the inner:
+//! each test runs one attack from inside a real inner and asserts that it
+//! fails and that hulld still answers. Network attacks stay on the test's
+//! own veth and namespaces; nothing leaves the machine.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use hull_tests::{block_on, require_root, Limits, TestHull};
+
+/// `status` must keep answering within this while an attack runs.
+const RESPONSIVE: Duration = Duration::from_secs(1);
+
+fn nat_hull() -> TestHull {
+    TestHull::start_with(Limits {
+        network: "nat",
+        ..Limits::default()
+    })
+}
+
+fn assert_responsive(hull: &TestHull) {
+    block_on(async {
+        let mut c = hull.client().await;
+        let asked = Instant::now();
+        c.status().await.expect("status after the attack");
+        assert!(
+            asked.elapsed() < RESPONSIVE,
+            "status took {:?} after the attack",
+            asked.elapsed()
+        );
+    });
+}
+
+/// The host end of the test's veth: the root namespace's interface that
+/// holds the first address of the subnet.
+fn host_end(hull: &TestHull) -> (String, Ipv4Addr) {
+    let network: Ipv4Addr = hull
+        .subnet
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("subnet");
+    let gateway = Ipv4Addr::from(u32::from(network) + 1);
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "to", &gateway.to_string()])
+        .output()
+        .expect("run ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let name = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no interface holds {gateway}: {text}"))
+        .to_string();
+    (name, gateway)
+}
+
+/// IPv6 addresses of `interface` in the root namespace, from
+/// /proc/net/if_inet6 (empty when the interface has IPv6 off).
+fn ipv6_addresses(interface: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().last() == Some(interface))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Sends one router advertisement for 2001:db8:1::/64 (a documentation
+/// prefix) out of the inner's eth0, from inside the inner's network
+/// namespace: the packet the inner's root can send with CAP_NET_RAW.
+fn send_router_advertisement(inner_pid: i32) {
+    let netns = std::fs::File::open(format!("/proc/{inner_pid}/ns/net")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // The router's source must be a link-local address that passed
+        // duplicate address detection, or the receiver drops the RA.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // thread-self: /proc/net follows the main thread, still in the
+            // root namespace.
+            let ready = std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    // fields: address, ifindex, prefix len, scope, flags, name;
+                    // scope 20 = link, flag 0x40 = tentative.
+                    f.len() == 6
+                        && f[5] == "eth0"
+                        && f[3] == "20"
+                        && u8::from_str_radix(f[4], 16).is_ok_and(|fl| fl & 0x40 == 0)
+                });
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "eth0 got no link-local address");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert_ne!(ifindex, 0, "no eth0 in the inner");
+        // SAFETY: plain socket(2); the fd is owned and closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
+        assert!(
+            fd >= 0,
+            "raw ICMPv6 socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let hops: libc::c_int = 255;
+        for (opt, val) in [
+            (libc::IPV6_MULTICAST_HOPS, hops),
+            (libc::IPV6_MULTICAST_IF, ifindex as libc::c_int),
+        ] {
+            // SAFETY: the option value is a c_int that lives across the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    opt,
+                    (&val as *const libc::c_int).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
+                )
+            };
+            assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+        }
+        let mut ra = vec![
+            134, 0, 0, 0, // type RA, code, checksum (the kernel fills it)
+            64, 0, 0x07, 0x08, // hop limit, flags, router lifetime 1800 s
+            0, 0, 0, 0, 0, 0, 0, 0, // reachable, retrans timers
+            3, 4, 64, 0xc0, // prefix information: len 64, on-link + autonomous
+            0, 0, 0x0e, 0x10, 0, 0, 0x0e, 0x10, // valid, preferred lifetimes
+            0, 0, 0, 0, // reserved
+        ];
+        ra.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut dest: libc::sockaddr_in6 =
+            // SAFETY: sockaddr_in6 is plain data; all zeros is valid.
+            unsafe { std::mem::zeroed() };
+        dest.sin6_family = libc::sa_family_t::try_from(libc::AF_INET6).unwrap();
+        dest.sin6_addr.s6_addr = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        dest.sin6_scope_id = ifindex;
+        // SAFETY: buffer and address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                ra.as_ptr().cast(),
+                ra.len(),
+                0,
+                (&dest as *const libc::sockaddr_in6).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in6>()).unwrap(),
+            )
+        };
+        assert_eq!(
+            sent,
+            ra.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is ours and used no more.
+        unsafe { libc::close(fd) };
+    })
+    .join()
+    .unwrap();
+}
+
+/// One RA from the inner made the root namespace autoconfigure an address
+/// (and a route) on hull's veth, whose host end accepted RAs.
+#[test]
+fn a_router_advertisement_from_the_inner_configures_nothing_in_the_vm() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let (host_if, _) = host_end(&hull);
+    let before = ipv6_addresses(&host_if);
+    let inner_pid = hull
+        .wait_running(Duration::from_secs(10))
+        .inner_pid
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..3 {
+        send_router_advertisement(inner_pid);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let after = ipv6_addresses(&host_if);
+    let global: Vec<&String> = after.iter().filter(|a| a.starts_with("20010db8")).collect();
+    assert!(
+        global.is_empty(),
+        "the host end {host_if} took an address from the inner's RA: {after:?} (before: {before:?})"
+    );
+    // This kernel counted the RAs received and did not act on them here,
+    // where it did on other VMs: the host end must refuse them by its
+    // settings, not by luck. IPv6 off on it also means no link-local
+    // address through which the inner reaches root-namespace services.
+    let conf = |family: &str, key: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/{host_if}/{key}"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|e| format!("unreadable: {e}"))
+    };
+    assert_eq!(
+        conf("ipv6", "disable_ipv6"),
+        "1",
+        "IPv6 on the host end {host_if}"
+    );
+    assert_eq!(conf("ipv6", "accept_ra"), "0", "RAs accepted on {host_if}");
+    assert_eq!(
+        conf("ipv6", "accept_redirects"),
+        "0",
+        "IPv6 redirects accepted on {host_if}"
+    );
+    assert_eq!(
+        conf("ipv4", "accept_redirects"),
+        "0",
+        "IPv4 redirects accepted on {host_if}"
+    );
+    assert_responsive(&hull);
+}
+
+/// Services of the root namespace on 0.0.0.0 answered the inner through the
+/// gateway address and the VM's own addresses: the table filtered forwarded
+/// traffic only.
+#[test]
+fn root_namespace_services_are_out_of_the_inner_reach() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let (host_if, gateway) = host_end(&hull);
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Every IPv4 address of the root namespace but loopback: the gateway
+    // and whatever the VM's own interfaces hold.
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    let mut targets: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        })
+        .filter(|a| a.parse::<Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+        .collect();
+    assert!(targets.contains(&gateway.to_string()), "{targets:?}");
+    targets.dedup();
+    block_on(async {
+        for target in &targets {
+            // The listener is the judge: a SYN that got through completes
+            // the handshake in the kernel, whatever nc prints.
+            hull.exec(&[
+                "sh",
+                "-c",
+                &format!("timeout 3 nc {target} {port} </dev/null; true"),
+            ])
+            .await;
+            if let Ok((_, peer)) = listener.accept() {
+                panic!("the inner reached a root-namespace service at {target}:{port} (from {peer}, through {host_if})");
+            }
+        }
+    });
+    // The way out still works for what the inner starts: replies come back.
+    assert_responsive(&hull);
+}
