@@ -679,8 +679,8 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
     }
     if !detail {
         println!(
-            "{:<16} {:<9} {:>7} {:>9} {:>8}  last exit",
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS"
+            "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  last exit",
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "STARTS"
         );
     }
     for s in list {
@@ -694,9 +694,17 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into());
         if !detail {
+            // What a waiting service waits for goes last: it is long.
+            let waiting = s.reason.as_deref().filter(|_| s.state == "waiting");
             println!(
-                "{:<16} {:<9} {:>7} {:>9} {:>8}  {last}",
-                s.spec.name, s.state, pid, uptime, s.restarts
+                "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  {last}{}",
+                s.spec.name,
+                s.state,
+                pid,
+                uptime,
+                s.restarts,
+                s.inner_starts,
+                waiting.map(|w| format!("  ({w})")).unwrap_or_default()
             );
             continue;
         }
@@ -713,8 +721,8 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             }
         );
         println!(
-            "pid        {pid}   uptime {uptime}   restarts {}",
-            s.restarts
+            "pid        {pid}   uptime {uptime}   restarts {} (after exits)   starts {} (on a new inner)",
+            s.restarts, s.inner_starts
         );
         println!("restart    {}", s.spec.restart.name());
         if !s.spec.after.is_empty() {

@@ -246,7 +246,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
-    network.follow_definitions(services.definitions());
+    network.follow_services(services.definitions(), services.failed());
     let (supervisor, supervisor_task) = Supervisor::start(
         InnerConfig {
             exe: SealedExe::create()?,

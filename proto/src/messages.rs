@@ -467,11 +467,16 @@ pub struct ServiceStatus {
     /// The pid inside the inner.
     pub pid: Option<i32>,
     pub uptime_ms: Option<u64>,
+    /// Starts by its restart policy after it exited on a running inner.
     pub restarts: u32,
+    /// Inners it was started on: the first start, and one per bounce,
+    /// restore or restart of a dead inner. Not counted in `restarts`.
+    #[serde(default)]
+    pub inner_starts: u32,
     pub last_exit: Option<ExitStatus>,
     /// Its port accepts connections (always true without --http-port).
     pub ready: bool,
-    /// Why it failed, when it did.
+    /// Why it failed, or what it waits for (`waiting for web (failed)`).
     pub reason: Option<String>,
     /// The last lines it printed (stdout and stderr).
     pub last_lines: Vec<String>,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hull_logs::{LogLimits, LogStore};
-use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec};
+use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus};
 use hull_services::{HostProcess, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -153,11 +153,28 @@ impl Fixture {
     }
 
     async fn state(&self, name: &str) -> String {
-        let list = self.manager.request(ServiceRequest::List).await.unwrap();
-        list.into_iter()
-            .find(|s| s.spec.name == name)
+        self.status(name)
+            .await
             .map(|s| s.state)
             .unwrap_or_else(|| "absent".into())
+    }
+
+    async fn status(&self, name: &str) -> Option<ServiceStatus> {
+        let list = self.manager.request(ServiceRequest::List).await.unwrap();
+        list.into_iter().find(|s| s.spec.name == name)
+    }
+
+    /// A bounce as the supervisor does it: the old inner is withdrawn
+    /// first, then its processes die of the SIGTERM the init forwards, and
+    /// a new inner comes.
+    async fn bounce(&self, generation: u64) {
+        self.current.send_replace(None);
+        let running = std::mem::take(&mut self.record.lock().unwrap().running);
+        for (_, exit) in running {
+            let _ = exit.send(ExitStatus::Signal(libc::SIGTERM));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.new_inner(generation);
     }
 }
 
@@ -262,4 +279,87 @@ async fn a_restore_replaces_the_definitions_and_says_what_changed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(f.spawn_times("a").len(), 1);
     assert!(f.spawn_times("c").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bounces_count_as_inner_starts_not_restarts() {
+    let f = Fixture::new(&[spec("svc", "svc")], &[]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for generation in 2..=4 {
+        f.bounce(generation).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(f.state("svc").await, "running");
+    }
+    let s = f.status("svc").await.unwrap();
+    assert_eq!(f.spawn_times("svc").len(), 4, "one start per inner");
+    assert_eq!(s.restarts, 0, "a bounce counted as a restart");
+    assert_eq!(s.inner_starts, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_count_exits_restarted_by_the_policy() {
+    let f = Fixture::new(
+        &[spec("flaky", "flaky")],
+        &[("flaky", Behaviour::ExitAt0(1))],
+    );
+    f.new_inner(1);
+    // 100 + 200 ms of backoff: three starts on this inner.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let s = f.status("flaky").await.unwrap();
+    assert_eq!(f.spawn_times("flaky").len(), 3);
+    // Each exit counts as it schedules its restart: the third is due at 700 ms.
+    assert_eq!(s.state, "backoff");
+    assert_eq!(s.restarts, 3);
+    assert_eq!(s.inner_starts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_behind_a_failed_after_says_what_it_waits_for() {
+    let mut web = spec("web", "false");
+    web.restart = RestartPolicy::Never;
+    let mut db = spec("db", "db");
+    db.http_port = Some(5432);
+    let mut worker = spec("worker", "worker");
+    worker.after = vec!["web".into(), "db".into()];
+    let f = Fixture::new(&[web, db, worker], &[("false", Behaviour::ExitAt0(1))]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(f.state("web").await, "failed");
+    let worker = f.status("worker").await.unwrap();
+    assert_eq!(worker.state, "waiting");
+    assert_eq!(
+        worker.reason.as_deref(),
+        Some("waiting for web (failed), db (port 5432 not listening yet)")
+    );
+    // The note follows what changes: db's port listens, web is still down.
+    *f.ports.0.lock().unwrap() = Some(vec![5432]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let worker = f.status("worker").await.unwrap();
+    assert_eq!(worker.reason.as_deref(), Some("waiting for web (failed)"));
+    assert!(f.spawn_times("worker").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_never_is_not_restarted_after_exit_but_starts_on_every_inner() {
+    let mut once = spec("once", "once");
+    once.restart = RestartPolicy::Never;
+    let f = Fixture::new(&[once], &[("once", Behaviour::ExitAt0(0))]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        f.spawn_times("once").len(),
+        1,
+        "never: run again after it exited"
+    );
+    assert_eq!(f.state("once").await, "exited");
+    f.bounce(2).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        f.spawn_times("once").len(),
+        2,
+        "never: not started on the new inner"
+    );
+    let s = f.status("once").await.unwrap();
+    assert_eq!((s.restarts, s.inner_starts), (0, 2));
 }

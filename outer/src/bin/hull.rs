@@ -158,14 +158,19 @@ enum ServicesCommand {
         /// The port it serves HTTP on; services after it wait until it listens.
         #[arg(long)]
         http_port: Option<u16>,
-        /// always, on-failure (default) or never.
+        /// What happens after it exits on a running inner: always, on-failure
+        /// (default: restarted when it exits with a non-zero code or a
+        /// signal) or never. Whatever the policy, every new inner (start,
+        /// bounce, restore) starts it again; "never" only means it is not
+        /// restarted after it exits.
         #[arg(long, default_value = "on-failure")]
         restart: hull_proto::RestartPolicy,
         /// Start only once this service runs (repeatable).
         #[arg(long)]
         after: Vec<String>,
     },
-    /// State, pid, uptime, restarts and last exit of every service.
+    /// State, pid, uptime, restarts (after exits), starts (on new inners)
+    /// and last exit of every service.
     List,
     /// Everything about one service, with its last output lines.
     Show {
