@@ -784,7 +784,20 @@ pub async fn logs(
         match client::next(&mut c.reader).await? {
             DaemonMsg::LogRecords(records) => {
                 for r in records {
-                    if g.json {
+                    if let Some(marker) = r.marker {
+                        // Something that happened to the service, not its output.
+                        if g.json {
+                            let record = serde_json::json!({
+                                "type": "marker",
+                                "ts_ms": r.ts_ms,
+                                "event": marker.name(),
+                                "text": r.line,
+                            });
+                            writeln!(out, "{record}")?;
+                        } else {
+                            writeln!(out, "-- {} --", r.line)?;
+                        }
+                    } else if g.json {
                         writeln!(out, "{}", serde_json::to_string(&r)?)?;
                     } else if r.stream == Stream::Stderr {
                         writeln!(err, "{}", r.line)?;

@@ -10,7 +10,7 @@ use hull_cgroups::{Cgroup, CgroupError};
 use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, Storage, StorageError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
-use hull_services::{Replaced, ServiceError, ServiceManager};
+use hull_services::{InnerCause, Replaced, ServiceError, ServiceManager};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -183,6 +183,7 @@ impl Supervisor {
             generation: 0,
             backoff: RETRY_FIRST,
             retry_pending: false,
+            cause: InnerCause::Boot,
         };
         let join = tokio::spawn(task.run(rx));
         (
@@ -301,6 +302,8 @@ struct Task {
     generation: u64,
     backoff: Duration,
     retry_pending: bool,
+    /// Why the next inner starts; back to `Boot` once one has started.
+    cause: InnerCause,
 }
 
 impl Task {
@@ -390,6 +393,7 @@ impl Task {
                 &self.config.exe,
                 &spec,
                 self.generation,
+                self.cause.clone(),
                 self.config.netns.as_ref().map(|ns| ns.fd()),
                 exit_tx.clone(),
             )
@@ -404,6 +408,7 @@ impl Task {
                     "inner ready"
                 );
                 lock(&self.published).last_error = None;
+                self.cause = InnerCause::Boot;
                 self.set_state(InnerState::Running);
                 self.current.send_replace(Some(inner));
                 true
@@ -483,6 +488,7 @@ impl Task {
             .await;
         let stop_ms = begin.elapsed().as_secs_f64() * 1e3;
         self.backoff = RETRY_FIRST;
+        self.cause = InnerCause::Bounce;
         self.start(exit_tx).await;
         let started = self.current.borrow().clone();
         let Some(inner) = started else {
@@ -588,6 +594,7 @@ impl Task {
         failpoint("restore:after-stop");
         if let Err(e) = blocking(&storage, move |s| s.commit_restore(pending)).await {
             // The old layer is still current: bring the inner back on it.
+            self.cause = InnerCause::Bounce;
             self.start(exit_tx).await;
             return Err(failed(e));
         }
@@ -602,6 +609,7 @@ impl Task {
             }
         };
         self.backoff = RETRY_FIRST;
+        self.cause = InnerCause::Restore(id.to_string());
         self.start(exit_tx).await;
         let current = self.current.borrow().clone();
         let Some(inner) = current else {
@@ -667,6 +675,7 @@ impl Task {
         // The next inner mounts the same layer: the old root goes first.
         release_mounts(&inner, UnmountWait::Wait).await;
         lock(&self.published).unplanned_restarts += 1;
+        self.cause = InnerCause::Recovery;
         if inner.started.elapsed() > STABLE_AFTER {
             self.backoff = RETRY_FIRST;
             self.start(exit_tx).await;

@@ -501,4 +501,37 @@ pub struct LogRecord {
     pub ts_ms: i64,
     pub stream: Stream,
     pub line: String,
+    /// Set on a record hulld wrote about the service (it started, the
+    /// inner was bounced), whose `line` then says what happened; absent
+    /// on the service's own output. Last, so a record without it decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<LogMarker>,
+}
+
+/// What a marker record in a service's log marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMarker {
+    /// The service started on a new inner (or by `hull services start`).
+    Start,
+    /// Its restart policy started it again after it exited.
+    Restart,
+    /// The inner was bounced; what follows ran on the new one.
+    Bounce,
+    /// The inner was restored to a checkpoint.
+    Restore,
+    /// The inner's init died and hulld started a new inner.
+    InnerRestart,
+}
+
+impl LogMarker {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogMarker::Start => "start",
+            LogMarker::Restart => "restart",
+            LogMarker::Bounce => "bounce",
+            LogMarker::Restore => "restore",
+            LogMarker::InnerRestart => "inner_restart",
+        }
+    }
 }

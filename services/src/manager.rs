@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use hull_logs::{LogStore, SourceLog};
 use hull_proto::{
-    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream,
+    ExecSpec, ExitStatus, LogMarker, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus,
+    Stream,
 };
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 // paused clock.
 use tokio::time::Instant;
 
-use crate::host::{HostProcess, InnerHost, PortProbe, SpawnFailure};
+use crate::host::{HostProcess, InnerCause, InnerHost, PortProbe, SpawnFailure};
 use crate::registry::{Registry, ServiceError};
 
 /// Lines of output `hull services show` includes.
@@ -486,10 +487,19 @@ impl<H: InnerHost> Task<H> {
             return;
         };
         svc.generation += 1;
+        // What the log marks before this process's output.
+        let mut markers = Vec::new();
         if !svc.spawned_here {
             svc.spawned_here = true;
             svc.inner_starts += 1;
+            markers.extend(inner_marker(&inner.cause()));
         }
+        let kind = if svc.state == State::Backoff {
+            LogMarker::Restart
+        } else {
+            LogMarker::Start
+        };
+        markers.push((kind, format!("{name} {}", kind_text(kind))));
         svc.state = State::Starting;
         svc.ready = false;
         svc.reason = None;
@@ -507,6 +517,7 @@ impl<H: InnerHost> Task<H> {
             name.to_string(),
             svc.generation,
             spec,
+            markers,
             self.events_tx.clone(),
         ));
     }
@@ -696,7 +707,10 @@ fn last_lines(logs: &LogStore, name: &str) -> Vec<String> {
             if last.len() == LAST_LINES {
                 last.pop_front();
             }
-            last.push_back(r.line);
+            last.push_back(match r.marker {
+                Some(_) => format!("-- {} --", r.line),
+                None => r.line,
+            });
         }
         if done {
             break;
@@ -789,13 +803,40 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
     svc.backoff = (svc.backoff * 2).min(BACKOFF_MAX);
 }
 
+/// The marker of a new inner in its services' logs; none for a boot.
+fn inner_marker(cause: &InnerCause) -> Option<(LogMarker, String)> {
+    match cause {
+        InnerCause::Boot => None,
+        InnerCause::Bounce => Some((LogMarker::Bounce, "inner bounced".into())),
+        InnerCause::Restore(id) => Some((
+            LogMarker::Restore,
+            format!("inner restored to checkpoint {id}"),
+        )),
+        InnerCause::Recovery => Some((
+            LogMarker::InnerRestart,
+            "inner restarted: its init died".into(),
+        )),
+    }
+}
+
+fn kind_text(kind: LogMarker) -> &'static str {
+    if kind == LogMarker::Restart {
+        "restarted"
+    } else {
+        "started"
+    }
+}
+
 /// Runs one service process to its end, reporting to the manager.
+/// `markers` go into its log before its output, the last one (its start)
+/// with the pid once it is known.
 async fn run_process<H: InnerHost>(
     inner: Arc<H>,
     logs: Arc<LogStore>,
     name: String,
     generation: u64,
     spec: ExecSpec,
+    markers: Vec<(LogMarker, String)>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let send = |e: Event| {
@@ -827,6 +868,13 @@ async fn run_process<H: InnerHost>(
         Err(SpawnFailure::InnerGone) => return,
     };
     let HostProcess { id, pid, fds, exit } = process;
+    for (kind, text) in markers {
+        let text = match kind {
+            LogMarker::Start | LogMarker::Restart => format!("{text} (pid {pid})"),
+            _ => text,
+        };
+        log.append_marker(kind, &text);
+    }
     send(Event::Spawned {
         name: name.clone(),
         generation,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hull_logs::{LogLimits, LogStore};
 use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus};
-use hull_services::{HostProcess, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure};
+use hull_services::{
+    HostProcess, InnerCause, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure,
+};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -32,6 +34,7 @@ struct Record {
 
 struct FakeInner {
     generation: u64,
+    cause: InnerCause,
     behaviour: BTreeMap<String, Behaviour>,
     record: Arc<Mutex<Record>>,
 }
@@ -39,6 +42,10 @@ struct FakeInner {
 impl InnerHost for FakeInner {
     fn generation(&self) -> u64 {
         self.generation
+    }
+
+    fn cause(&self) -> InnerCause {
+        self.cause.clone()
     }
 
     async fn spawn(&self, spec: ExecSpec) -> Result<HostProcess, SpawnFailure> {
@@ -88,6 +95,7 @@ impl PortProbe for FakePorts {
 struct Fixture {
     _dir: tempfile::TempDir,
     manager: ServiceManager,
+    logs: Arc<LogStore>,
     current: watch::Sender<Option<Arc<FakeInner>>>,
     record: Arc<Mutex<Record>>,
     ports: Arc<FakePorts>,
@@ -117,11 +125,17 @@ impl Fixture {
         let logs = LogStore::open(dir.path().join("logs"), LogLimits::default()).unwrap();
         let (current, rx) = watch::channel(None);
         let ports = Arc::new(FakePorts::default());
-        let (manager, _task) =
-            ServiceManager::start(registry, logs, rx, ports.clone() as Arc<dyn PortProbe>).unwrap();
+        let (manager, _task) = ServiceManager::start(
+            registry,
+            logs.clone(),
+            rx,
+            ports.clone() as Arc<dyn PortProbe>,
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             manager,
+            logs,
             current,
             record: Arc::new(Mutex::new(Record::default())),
             ports,
@@ -134,8 +148,13 @@ impl Fixture {
 
     /// A new inner, as a start, bounce or restore brings.
     fn new_inner(&self, generation: u64) {
+        self.new_inner_for(generation, InnerCause::Boot);
+    }
+
+    fn new_inner_for(&self, generation: u64, cause: InnerCause) {
         self.current.send_replace(Some(Arc::new(FakeInner {
             generation,
+            cause,
             behaviour: self.behaviour.clone(),
             record: self.record.clone(),
         })));
@@ -174,7 +193,19 @@ impl Fixture {
             let _ = exit.send(ExitStatus::Signal(libc::SIGTERM));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        self.new_inner(generation);
+        self.new_inner_for(generation, InnerCause::Bounce);
+    }
+
+    /// The marker records in `name`'s log: (event, text).
+    fn markers(&self, name: &str) -> Vec<(&'static str, String)> {
+        let (records, _) = self
+            .logs
+            .read_from(name, hull_logs::Cursor::default(), 1000)
+            .unwrap();
+        records
+            .into_iter()
+            .filter_map(|r| Some((r.marker?.name(), r.line)))
+            .collect()
     }
 }
 
@@ -362,4 +393,36 @@ async fn restart_never_is_not_restarted_after_exit_but_starts_on_every_inner() {
     );
     let s = f.status("once").await.unwrap();
     assert_eq!((s.restarts, s.inner_starts), (0, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_log_marks_each_start_and_what_brought_a_new_inner() {
+    let f = Fixture::new(
+        &[spec("svc", "svc"), spec("flaky", "flaky")],
+        &[("flaky", Behaviour::ExitAt0(1))],
+    );
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.bounce(2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.current.send_replace(None);
+    f.new_inner_for(3, InnerCause::Restore("v3".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The fake's every process is pid 100.
+    assert_eq!(
+        f.markers("svc"),
+        [
+            ("start", "svc started (pid 100)".to_string()),
+            ("bounce", "inner bounced".to_string()),
+            ("start", "svc started (pid 100)".to_string()),
+            ("restore", "inner restored to checkpoint v3".to_string()),
+            ("start", "svc started (pid 100)".to_string()),
+        ]
+    );
+    let flaky = f.markers("flaky");
+    assert_eq!(flaky[0], ("start", "flaky started (pid 100)".to_string()));
+    assert_eq!(
+        flaky[1],
+        ("restart", "flaky restarted (pid 100)".to_string())
+    );
 }

@@ -98,10 +98,12 @@ enum Command {
         /// hulld's own log instead.
         #[arg(long)]
         daemon: bool,
-        /// Keep printing new lines as they come.
+        /// Keep printing new lines as they come, like tail -f: starts with the
+        /// last 10 lines (or --tail N, or everything since --since).
         #[arg(short, long)]
         follow: bool,
-        /// Only the last N lines.
+        /// Only the last N lines (markers such as `-- web started (pid 42) --`
+        /// count as lines).
         #[arg(long, value_name = "N")]
         tail: Option<u64>,
         /// Only stdout or only stderr.
