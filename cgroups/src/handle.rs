@@ -68,6 +68,18 @@ impl Cgroup {
         }
     }
 
+    /// How a cgroup namespace rooted at this group mounts it: `None` on
+    /// v2 (the one unified hierarchy), else each v1 hierarchy the group
+    /// is in, as its mount options (`memory`, `cpu,cpuacct`).
+    pub fn v1_hierarchies(&self) -> Result<Option<Vec<String>>> {
+        let Manager::V1(m) = &self.0 else {
+            return Ok(None);
+        };
+        let own = crate::hull::read_own()?;
+        let controllers: Vec<&str> = m.controllers().collect();
+        Ok(Some(crate::hull::hierarchies(&own, &controllers)))
+    }
+
     /// The directories of this group, for messages and for `status`.
     pub fn display_path(&self) -> String {
         self.manager()

@@ -262,6 +262,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             netns: Some(network.netns.clone()),
             resolv_conf: network.resolv_conf.clone(),
             api_dir: Some(inner_api.dir.clone()),
+            cgroup_view: Some(match cgroups.inner.v1_hierarchies()? {
+                None => hull_inner::CgroupView::Unified,
+                Some(hierarchies) => hull_inner::CgroupView::V1(hierarchies),
+            }),
         },
         current_tx,
     );

@@ -46,6 +46,8 @@ pub struct InnerConfig {
     pub resolv_conf: Option<PathBuf>,
     /// The service socket and client, mounted read-only at /run/hull.
     pub api_dir: Option<PathBuf>,
+    /// The inner's own cgroup, mounted read-only at its /sys/fs/cgroup.
+    pub cgroup_view: Option<hull_inner::CgroupView>,
 }
 
 /// Counters and state for `hull status`.
@@ -369,6 +371,7 @@ impl Task {
             join_netns: self.config.netns.is_some(),
             resolv_conf: self.config.resolv_conf.clone(),
             api_dir: self.config.api_dir.clone(),
+            cgroup_view: self.config.cgroup_view.clone(),
         })
     }
 

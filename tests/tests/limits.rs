@@ -82,3 +82,48 @@ fn a_memory_hog_is_oom_killed_inside_the_inner() {
         assert_eq!(hull.sh("echo still-here").await, "still-here\n");
     });
 }
+
+/// Programs in the inner read their own limit at /sys/fs/cgroup (the
+/// inner's group, through its cgroup namespace), not the VM's, and cannot
+/// change it.
+#[test]
+fn the_inner_sees_its_own_memory_limit_read_only_at_sys_fs_cgroup() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        memory_max: "96M",
+        ..Limits::default()
+    });
+    block_on(async {
+        // v2: cgroup2 at /sys/fs/cgroup; v1 (a hybrid host): a directory
+        // per hierarchy.
+        let limit = hull
+            .sh("cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes")
+            .await;
+        assert_eq!(limit.trim(), (96u64 << 20).to_string());
+        let v1 = hull
+            .sh("test -d /sys/fs/cgroup/memory && echo v1 || echo v2")
+            .await;
+        let file = if v1.trim() == "v1" {
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        } else {
+            "/sys/fs/cgroup/memory.max"
+        };
+        let write = hull
+            .sh(&format!(
+                "(echo 1G > {file}) 2>&1; echo exit=$?; cat {file}"
+            ))
+            .await;
+        assert!(write.contains("Read-only file system"), "{write}");
+        assert!(write.contains(&(96u64 << 20).to_string()), "{write}");
+        let mkdir = hull.sh("mkdir /sys/fs/cgroup/x 2>&1; echo exit=$?").await;
+        assert!(mkdir.contains("Read-only file system"), "{mkdir}");
+        // Its cgroup namespace is rooted at its own group.
+        let own = hull.sh("cat /proc/self/cgroup").await;
+        assert!(
+            own.lines().all(|l| l.ends_with(":/")),
+            "the inner sees cgroup paths above its own group: {own}"
+        );
+    });
+}
