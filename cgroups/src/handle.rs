@@ -128,6 +128,26 @@ impl Cgroup {
         self.manager().oom_kills()
     }
 
+    /// A registration for this group's OOM notifications (see
+    /// [`OomWatch`]); the group must exist and have a memory controller.
+    pub fn watch_oom(&self) -> Result<crate::OomWatch> {
+        match &self.0 {
+            Manager::V2(m) => crate::OomWatch::v2(m.dir()),
+            Manager::V1(m) => match m.controller_dir("memory") {
+                Some(dir) => crate::OomWatch::v1(dir),
+                None => Err(crate::CgroupError::NoController {
+                    path: self
+                        .manager()
+                        .dirs()
+                        .first()
+                        .map(|d| d.to_path_buf())
+                        .unwrap_or_default(),
+                    controller: "memory",
+                }),
+            },
+        }
+    }
+
     /// All pids in this group (and, on v1, in any controller's copy of it).
     pub fn pids(&self) -> Result<Vec<i32>> {
         self.manager().pids()

@@ -68,6 +68,14 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         "bounces    {} (unplanned restarts {})",
         s.bounces, s.unplanned_restarts
     );
+    match s.last_oom_kill_ms {
+        Some(last) => println!(
+            "oom kills  {} (the last {} s ago; hull logs --daemon has each)",
+            s.oom_kills,
+            (hull_logs::now_ms() - last).max(0) / 1000
+        ),
+        None => println!("oom kills  0"),
+    }
     println!("image      {}", s.image);
     println!("state      {}", s.state_dir);
     println!("cgroup     {}", s.cgroup);

@@ -57,6 +57,10 @@ pub struct Published {
     pub bounces: u64,
     pub unplanned_restarts: u64,
     pub last_error: Option<String>,
+    /// Out-of-memory kills in the inner's cgroup since hulld started.
+    pub oom_kills: u64,
+    /// When the last was seen, Unix time in milliseconds.
+    pub last_oom_kill_ms: Option<i64>,
 }
 
 /// Why an inner did not start.
@@ -159,6 +163,109 @@ pub struct Supervisor {
     requests: mpsc::UnboundedSender<Request>,
     current: watch::Receiver<Option<Arc<Inner>>>,
     published: Arc<Mutex<Published>>,
+    /// The inner's cgroup and memory limit, for [`OomCheck`].
+    cgroup: Cgroup,
+    memory_max: Option<u64>,
+}
+
+/// Tells whether an exec's process was the out-of-memory killer's victim:
+/// it died of SIGKILL and the inner's cgroup counted a kill meanwhile (the
+/// kernel counts it before the victim dies, so the count is read when the
+/// exit is known; another process killed at the same time would be taken
+/// for it).
+pub struct OomCheck {
+    cgroup: Cgroup,
+    before: Option<u64>,
+    memory_max: Option<u64>,
+}
+
+impl OomCheck {
+    /// The line to print on the exec's stderr, if its process was killed by
+    /// the out-of-memory killer.
+    pub async fn victim_note(&self, status: ExitStatus) -> Option<String> {
+        if status != ExitStatus::Signal(libc::SIGKILL) {
+            return None;
+        }
+        let cgroup = self.cgroup.clone();
+        let after = tokio::task::spawn_blocking(move || cgroup.oom_kills())
+            .await
+            .ok()
+            .flatten();
+        match (self.before, after) {
+            (Some(before), Some(after)) if after > before => Some(format!(
+                "hull: killed by the out-of-memory killer (memory_max {})\n",
+                memory_text(self.memory_max)
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A memory limit as the config writes it: 64M, 2G.
+fn memory_text(bytes: Option<u64>) -> String {
+    match bytes {
+        None => "none".into(),
+        Some(b) if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        Some(b) => format!("{b} bytes"),
+    }
+}
+
+/// How often the OOM watcher looks again without a notification: the
+/// count is read after every wait, so a kernel that never notifies is
+/// still noticed within this.
+const OOM_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches the inner's cgroup for out-of-memory kills on a thread of its
+/// own (the waits block) and sends the number of new kills to the
+/// supervisor, until the supervisor is gone.
+fn spawn_oom_watcher(cgroup: Cgroup, tx: mpsc::UnboundedSender<u64>) {
+    let run = move || {
+        let mut watch = None;
+        let mut seen = cgroup.oom_kills();
+        let mut warned = false;
+        while !tx.is_closed() {
+            if watch.is_none() {
+                match cgroup.watch_oom() {
+                    Ok(w) => watch = Some(w),
+                    // The group is made by the first start; until then,
+                    // and where it cannot be watched, the count is read
+                    // every OOM_CHECK_EVERY.
+                    Err(e) if !warned && cgroup.exists() => {
+                        warned = true;
+                        tracing::debug!(error = %crate::error_chain(&e), "cannot watch the inner's cgroup for out-of-memory kills; reading its count every second");
+                    }
+                    Err(_) => {}
+                }
+            }
+            let waited = match watch.as_mut().map(|w| w.wait(OOM_CHECK_EVERY)) {
+                Some(Ok(_)) => true,
+                Some(Err(_)) => {
+                    watch = None;
+                    false
+                }
+                None => false,
+            };
+            if !waited {
+                std::thread::sleep(OOM_CHECK_EVERY);
+            }
+            let now = cgroup.oom_kills();
+            if let (Some(before), Some(now)) = (seen, now) {
+                if now > before && tx.send(now - before).is_err() {
+                    return;
+                }
+            }
+            if now.is_some() {
+                seen = now;
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("hull-oom-watch".into())
+        .spawn(run)
+    {
+        tracing::warn!(error = %e, "cannot start the out-of-memory watcher; OOM kills will not be reported");
+    }
 }
 
 impl Supervisor {
@@ -176,7 +283,12 @@ impl Supervisor {
             bounces: 0,
             unplanned_restarts: 0,
             last_error: None,
+            oom_kills: 0,
+            last_oom_kill_ms: None,
         }));
+        let (cgroup, memory_max) = (config.cgroup.clone(), config.memory_max);
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        spawn_oom_watcher(cgroup.clone(), oom_tx);
         let task = Task {
             config,
             current: current_tx,
@@ -187,15 +299,31 @@ impl Supervisor {
             retry_pending: false,
             cause: InnerCause::Boot,
         };
-        let join = tokio::spawn(task.run(rx));
+        let join = tokio::spawn(task.run(rx, oom_rx));
         (
             Supervisor {
                 requests,
                 current,
                 published,
+                cgroup,
+                memory_max,
             },
             join,
         )
+    }
+
+    /// Call before an exec's process starts; ask the result once it ended.
+    pub async fn oom_check(&self) -> OomCheck {
+        let cgroup = self.cgroup.clone();
+        let before = tokio::task::spawn_blocking(move || cgroup.oom_kills())
+            .await
+            .ok()
+            .flatten();
+        OomCheck {
+            cgroup: self.cgroup.clone(),
+            before,
+            memory_max: self.memory_max,
+        }
     }
 
     pub fn published(&self) -> Published {
@@ -309,7 +437,11 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut oom_kills: mpsc::UnboundedReceiver<u64>,
+    ) {
         let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u64, ExitStatus)>();
         self.start(&exit_tx).await;
         loop {
@@ -342,8 +474,25 @@ impl Task {
                 Some((generation, status)) = exits.recv() => {
                     self.on_exit(generation, status, &exit_tx).await;
                 }
+                Some(killed) = oom_kills.recv() => self.on_oom_kills(killed),
             }
         }
+    }
+
+    /// The kernel's OOM killer killed `killed` more processes in the inner.
+    fn on_oom_kills(&self, killed: u64) {
+        let total = {
+            let mut p = lock(&self.published);
+            p.oom_kills += killed;
+            p.last_oom_kill_ms = Some(hull_logs::now_ms());
+            p.oom_kills
+        };
+        tracing::warn!(
+            killed,
+            total,
+            memory_max = %memory_text(self.config.memory_max),
+            "the out-of-memory killer killed {killed} process(es) in the inner: it reached its memory limit"
+        );
     }
 
     fn set_state(&self, state: InnerState) {

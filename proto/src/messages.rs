@@ -144,6 +144,13 @@ pub struct StatusReport {
     /// The checkpoint the current state came from.
     pub head: Option<String>,
     pub last_error: Option<String>,
+    /// Processes the out-of-memory killer killed in the inner since hulld
+    /// started (the kernel's count for the inner's cgroup).
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// When hulld saw the last of them, Unix time in milliseconds.
+    #[serde(default)]
+    pub last_oom_kill_ms: Option<i64>,
 }
 
 /// A finished bounce.
