@@ -768,8 +768,8 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
             State::Failed
         };
         svc.reason = Some(format!(
-            "exited ({status}); restart policy {:?}",
-            svc.spec.restart
+            "exited ({status}); restart policy {}",
+            svc.spec.restart.name()
         ));
         tracing::info!(service = name, %status, "service exited");
         return;

@@ -356,7 +356,12 @@ async fn a_service_behind_a_failed_after_says_what_it_waits_for() {
     let f = Fixture::new(&[web, db, worker], &[("false", Behaviour::ExitAt0(1))]);
     f.new_inner(1);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(f.state("web").await, "failed");
+    let web = f.status("web").await.unwrap();
+    assert_eq!(web.state, "failed");
+    assert_eq!(
+        web.reason.as_deref(),
+        Some("exited (exit code 1); restart policy never")
+    );
     let worker = f.status("worker").await.unwrap();
     assert_eq!(worker.state, "waiting");
     assert_eq!(
