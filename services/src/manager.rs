@@ -688,6 +688,8 @@ fn blocked_on(services: &BTreeMap<String, Service>, spec: &ServiceSpec) -> Vec<S
                 (State::Running, false, Some(port)) => {
                     Some(format!("{dep} (port {port} not listening yet)"))
                 }
+                // Spawned, not yet seen by a scheduling pass.
+                (State::Running, false, None) => Some(format!("{dep} (starting)")),
                 (state, _, _) => Some(format!("{dep} ({})", state.name())),
             }
         })
