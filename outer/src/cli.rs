@@ -69,11 +69,15 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         s.bounces, s.unplanned_restarts
     );
     match s.last_oom_kill_ms {
-        Some(last) => println!(
-            "oom kills  {} (the last {} s ago; hull logs --daemon has each)",
-            s.oom_kills,
-            (hull_logs::now_ms() - last).max(0) / 1000
-        ),
+        Some(last) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(last.max(0) as u64);
+            println!(
+                "oom kills  {} (the last at {}, {} s ago; hull logs --daemon has each)",
+                s.oom_kills,
+                httpdate::fmt_http_date(at),
+                (hull_logs::now_ms() - last).max(0) / 1000
+            )
+        }
         None => println!("oom kills  0"),
     }
     println!("image      {}", s.image);

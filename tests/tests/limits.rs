@@ -169,7 +169,8 @@ fn an_oom_kill_is_reported_on_stderr_in_status_and_in_hullds_log() {
     assert!(json["oom_kills"].as_u64() >= Some(1), "{json}");
     assert!(json["last_oom_kill_ms"].as_i64().is_some(), "{json}");
     let text = String::from_utf8_lossy(&hull.hull(&["status"]).stdout).to_string();
-    assert!(text.contains("oom kills  1 (the last"), "{text}");
+    assert!(text.contains("oom kills  1 (the last at "), "{text}");
+    assert!(text.contains(" GMT, "), "{text}");
     // Until `hull logs --daemon` prints hulld's lines on stdout, they are on
     // stderr: either will do here.
     let daemon = hull.hull(&["logs", "--daemon"]);
