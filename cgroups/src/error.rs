@@ -14,6 +14,12 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot watch for out-of-memory kills through {path}")]
+    WatchOom {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("no cgroup hierarchy with a memory or pids controller is mounted under {root}")]
     NoHierarchy { root: PathBuf },
     #[error("cannot create cgroup {path}")]

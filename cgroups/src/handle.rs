@@ -68,6 +68,18 @@ impl Cgroup {
         }
     }
 
+    /// How a cgroup namespace rooted at this group mounts it: `None` on
+    /// v2 (the one unified hierarchy), else each v1 hierarchy the group
+    /// is in, as its mount options (`memory`, `cpu,cpuacct`).
+    pub fn v1_hierarchies(&self) -> Result<Option<Vec<String>>> {
+        let Manager::V1(m) = &self.0 else {
+            return Ok(None);
+        };
+        let own = crate::hull::read_own()?;
+        let controllers: Vec<&str> = m.controllers().collect();
+        Ok(Some(crate::hull::hierarchies(&own, &controllers)))
+    }
+
     /// The directories of this group, for messages and for `status`.
     pub fn display_path(&self) -> String {
         self.manager()
@@ -114,6 +126,26 @@ impl Cgroup {
     /// Processes the OOM killer has killed in this group, where the kernel counts.
     pub fn oom_kills(&self) -> Option<u64> {
         self.manager().oom_kills()
+    }
+
+    /// A registration for this group's OOM notifications (see
+    /// [`OomWatch`]); the group must exist and have a memory controller.
+    pub fn watch_oom(&self) -> Result<crate::OomWatch> {
+        match &self.0 {
+            Manager::V2(m) => crate::OomWatch::v2(m.dir()),
+            Manager::V1(m) => match m.controller_dir("memory") {
+                Some(dir) => crate::OomWatch::v1(dir),
+                None => Err(crate::CgroupError::NoController {
+                    path: self
+                        .manager()
+                        .dirs()
+                        .first()
+                        .map(|d| d.to_path_buf())
+                        .unwrap_or_default(),
+                    controller: "memory",
+                }),
+            },
+        }
     }
 
     /// All pids in this group (and, on v1, in any controller's copy of it).

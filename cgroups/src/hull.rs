@@ -20,6 +20,14 @@ pub struct HullCgroups {
     pub inner: Cgroup,
 }
 
+/// The caller's /proc/self/cgroup.
+pub(crate) fn read_own() -> Result<String> {
+    std::fs::read_to_string(PROC_SELF_CGROUP).map_err(|source| CgroupError::ReadOwn {
+        path: PROC_SELF_CGROUP.into(),
+        source,
+    })
+}
+
 fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
@@ -36,6 +44,26 @@ fn rows(text: &str) -> Vec<(&str, &str)> {
             Some((parts.next()?, parts.next()?))
         })
         .collect()
+}
+
+/// The v1 hierarchies holding `controllers`, each as the list of its
+/// controllers (`memory`, `cpu,cpuacct`): what mounting it again takes as
+/// options. From the rows of a /proc/<pid>/cgroup file, in `controllers`'
+/// order, each hierarchy once.
+pub(crate) fn hierarchies(own: &str, controllers: &[&str]) -> Vec<String> {
+    let rows = rows(own);
+    let mut out: Vec<String> = Vec::new();
+    for controller in controllers {
+        let found = rows
+            .iter()
+            .find(|(c, _)| c.split(',').any(|c| c == *controller));
+        if let Some((c, _)) = found {
+            if !out.iter().any(|o| o == c) {
+                out.push(c.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// Strips `/<name>/daemon` from the end of hulld's own cgroup path so that a
@@ -90,11 +118,7 @@ impl HullCgroups {
     /// caller's own cgroup: v2 where /sys/fs/cgroup is the unified
     /// hierarchy, the v1 controllers otherwise (a hybrid host).
     pub fn locate(name: &str) -> Result<Self> {
-        let own =
-            std::fs::read_to_string(PROC_SELF_CGROUP).map_err(|source| CgroupError::ReadOwn {
-                path: PROC_SELF_CGROUP.into(),
-                source,
-            })?;
+        let own = read_own()?;
         let root = Path::new(CGROUP_ROOT);
         Ok(Self::with_base(base_in(
             root,
@@ -186,6 +210,19 @@ mod tests {
         hull.create_base().unwrap();
         hull.inner.create().unwrap();
         assert!(root.path().join("pids/hull/inner").is_dir());
+    }
+
+    #[test]
+    fn v1_hierarchies_are_named_by_all_their_controllers() {
+        assert_eq!(
+            hierarchies(HYBRID, &["memory", "pids", "freezer", "cpu"]),
+            ["memory", "pids", "freezer", "cpu,cpuacct"]
+        );
+        assert_eq!(
+            hierarchies(HYBRID, &["cpu", "memory", "cpuacct"]),
+            ["cpu,cpuacct", "memory"]
+        );
+        assert!(hierarchies("0::/\n", &["memory"]).is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod fs;
 mod handle;
 mod hull;
 mod manager;
+mod oom;
 pub mod v1;
 pub mod v2;
 
@@ -23,3 +24,4 @@ pub use error::{CgroupError, Result};
 pub use handle::Cgroup;
 pub use hull::HullCgroups;
 pub use manager::{CgroupManager, CpuLimits, CpuMax, Version};
+pub use oom::OomWatch;

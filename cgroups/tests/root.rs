@@ -260,3 +260,32 @@ fn v2_freeze_and_kill_where_a_unified_tree_is_mounted() {
     assert!(handle.pids().unwrap().is_empty());
     assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
 }
+
+/// The OOM watch wakes for a kill in the group, and the kill is counted.
+#[test]
+fn an_oom_kill_wakes_the_watch_and_is_counted() {
+    if !can_run("") {
+        return;
+    }
+    let groups = Groups::new();
+    let inner = &groups.0.inner;
+    inner
+        .set_limits(Some(32 << 20), None)
+        .expect("memory limit");
+    let before = inner
+        .oom_kills()
+        .expect("a kernel that counts OOM kills (4.13 or later)");
+    let mut watch = inner.watch_oom().expect("watch");
+    // Nothing happens yet: the wait ends at its timeout.
+    assert!(!watch.wait(Duration::from_millis(100)).unwrap());
+    let mut hog = spawn_in(inner, "exec dd if=/dev/zero of=/dev/null bs=100M count=1");
+    let begin = Instant::now();
+    let mut woke = false;
+    while !woke && begin.elapsed() < Duration::from_secs(10) {
+        woke = watch.wait(Duration::from_secs(1)).unwrap();
+    }
+    assert!(woke, "no OOM notification within 10 s");
+    let status = hog.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(inner.oom_kills().unwrap() > before);
+}

@@ -40,6 +40,9 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 pub struct HttpRoute {
     pub service: String,
     pub port: u16,
+    /// Why the service failed, while it is failed: nothing will listen on
+    /// its port until someone starts it, so requests get 503 at once.
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,17 +167,19 @@ impl HttpIngress {
             let routes = self.routes.borrow();
             route(host.as_deref(), &routes)
         };
-        let resp = match port {
-            None => text(
+        let resp = match &port {
+            Err(message) => text(StatusCode::BAD_REQUEST, message.clone()),
+            Ok(None) => text(
                 StatusCode::BAD_GATEWAY,
                 "no service declares --http-port; use a Host of the form PORT.<anything>\n"
                     .to_owned(),
             ),
-            Some(port) => {
-                self.proxy(req, port, host.as_deref(), peer, upstreams)
+            Ok(Some(port)) => {
+                self.proxy(req, *port, host.as_deref(), peer, upstreams)
                     .await
             }
         };
+        let port = port.ok().flatten();
         debug!(
             %peer, %method, path, host = host.as_deref().unwrap_or(""), port,
             status = resp.status().as_u16(), elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -372,10 +377,17 @@ impl HttpIngress {
             let listening = match found {
                 Some(l) => l,
                 None => {
+                    if let Some(failure) = self.failed_service(port) {
+                        return Err(failure);
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match wait_listening(&mut table, port, left, declared).await {
-                        Some(l) => l,
-                        None => return Err(not_listening("")),
+                    let mut routes = self.routes.clone();
+                    tokio::select! {
+                        found = wait_listening(&mut table, port, left, declared) => match found {
+                            Some(l) => l,
+                            None => return Err(not_listening("")),
+                        },
+                        failure = service_fails(&mut routes, port) => return Err(failure),
                     }
                 }
             };
@@ -391,6 +403,9 @@ impl HttpIngress {
                 // closed because the inner or the service is going down.
                 // Wait for the next scan (or a short pause) and look again.
                 Ok(Err(e)) if listener_went_away(&e) => {
+                    if let Some(failure) = self.failed_service(port) {
+                        return Err(failure);
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(not_listening(&format!(" ({e})")));
@@ -416,6 +431,38 @@ impl HttpIngress {
                     ))
                 }
             }
+        }
+    }
+}
+
+impl HttpIngress {
+    /// 503 naming the service whose port this is, if it has failed.
+    fn failed_service(&self, port: u16) -> Option<Failure> {
+        failed_route(&self.routes.borrow(), port)
+    }
+}
+
+fn failed_route(routes: &[HttpRoute], port: u16) -> Option<Failure> {
+    let r = routes.iter().find(|r| r.port == port)?;
+    let why = r.failed.as_ref()?;
+    Some((
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "service {} (port {port}) has failed: {why}\nstart it again with: hull services start {}\n",
+            r.service, r.service
+        ),
+    ))
+}
+
+/// Resolves once the service declaring `port` has failed; never if the
+/// routes are no longer published.
+async fn service_fails(routes: &mut watch::Receiver<Vec<HttpRoute>>, port: u16) -> Failure {
+    loop {
+        if let Some(failure) = failed_route(&routes.borrow_and_update(), port) {
+            return failure;
+        }
+        if routes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }
@@ -486,27 +533,30 @@ fn first_label(host: &str) -> Option<&str> {
     name.split('.').next().filter(|l| !l.is_empty())
 }
 
-/// Which inner port a request for `host` goes to.
-fn route(host: Option<&str>, routes: &[HttpRoute]) -> Option<u16> {
+/// Which inner port a request for `host` goes to: `None` when nothing
+/// routes it, an error (for a 400) when its first label is a number that
+/// is no port, which no service name can be either.
+fn route(host: Option<&str>, routes: &[HttpRoute]) -> Result<Option<u16>, String> {
     if let Some(label) = host.and_then(first_label) {
         if label.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(port) = label.parse::<u16>() {
-                if port != 0 {
-                    return Some(port);
-                }
-            }
+            return match label.parse::<u16>() {
+                Ok(port) if port != 0 => Ok(Some(port)),
+                _ => Err(format!(
+                    "{label:?} in the Host is not a port: use 1-65535, as in 8000.localhost\n"
+                )),
+            };
         }
         if let Some(r) = routes
             .iter()
             .find(|r| r.service.eq_ignore_ascii_case(label))
         {
-            return Some(r.port);
+            return Ok(Some(r.port));
         }
     }
-    routes
+    Ok(routes
         .iter()
         .min_by(|a, b| a.service.cmp(&b.service))
-        .map(|r| r.port)
+        .map(|r| r.port))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1); Proxy-* are matched by prefix.
@@ -725,6 +775,7 @@ mod tests {
             .map(|&(service, port)| HttpRoute {
                 service: service.to_owned(),
                 port,
+                failed: None,
             })
             .collect()
     }
@@ -732,7 +783,7 @@ mod tests {
     struct Proxy {
         addr: SocketAddr,
         ports: watch::Sender<PortTable>,
-        _routes: watch::Sender<Vec<HttpRoute>>,
+        _routes: Arc<watch::Sender<Vec<HttpRoute>>>,
     }
 
     async fn start_proxy(
@@ -754,7 +805,7 @@ mod tests {
         Proxy {
             addr,
             ports: ports_tx,
-            _routes: routes_tx,
+            _routes: Arc::new(routes_tx),
         }
     }
 
@@ -1381,18 +1432,76 @@ mod tests {
     #[test]
     fn http_route_rules() {
         let r = routes(&[("web", 3000), ("api", 4000)]);
-        assert_eq!(route(Some("8000.localhost:8080"), &r), Some(8000));
-        assert_eq!(route(Some("8000"), &r), Some(8000));
-        assert_eq!(route(Some("web.example.com"), &r), Some(3000));
-        assert_eq!(route(Some("nothing"), &r), Some(4000));
-        assert_eq!(route(None, &r), Some(4000));
-        assert_eq!(route(Some("[::1]:8080"), &r), Some(4000));
-        assert_eq!(route(Some("10.0.0.1"), &r), Some(4000));
-        // Not a port: 0 and out of range.
-        assert_eq!(route(Some("0.localhost"), &r), Some(4000));
-        assert_eq!(route(Some("70000.localhost"), &r), Some(4000));
-        assert_eq!(route(Some("8000.localhost"), &[]), Some(8000));
-        assert_eq!(route(Some("web.localhost"), &[]), None);
+        assert_eq!(route(Some("8000.localhost:8080"), &r), Ok(Some(8000)));
+        assert_eq!(route(Some("8000"), &r), Ok(Some(8000)));
+        assert_eq!(route(Some("web.example.com"), &r), Ok(Some(3000)));
+        assert_eq!(route(Some("nothing"), &r), Ok(Some(4000)));
+        assert_eq!(route(None, &r), Ok(Some(4000)));
+        assert_eq!(route(Some("[::1]:8080"), &r), Ok(Some(4000)));
+        assert_eq!(route(Some("10.0.0.1"), &r), Ok(Some(4000)));
+        assert_eq!(route(Some("8000.localhost"), &[]), Ok(Some(8000)));
+        assert_eq!(route(Some("web.localhost"), &[]), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn http_a_host_that_is_no_port_is_400() {
+        let r = routes(&[("web", 3000)]);
+        for host in ["99999.localhost", "0.localhost:8080", "70000"] {
+            let message = route(Some(host), &r).unwrap_err();
+            assert!(message.contains("not a port"), "{host}: {message}");
+        }
+        let proxy = start_proxy(config(), table(&[3000], true), r).await;
+        let (status, _, body) = fetch(proxy.addr, get("99999.localhost")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body.contains("\"99999\" in the Host is not a port"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_a_failed_service_is_503_at_once() {
+        let mut r = routes(&[("web", 3000)]);
+        r[0].failed = Some("crash loop: exited 5 times within 30 s".into());
+        // The inner is running and the port is declared: without the failure
+        // the request would wait the whole `wait` for the port.
+        let proxy = start_proxy(config(), table(&[], true), r.clone()).await;
+        let started = Instant::now();
+        for host in ["localhost", "web.localhost", "3000.localhost"] {
+            let (status, _, body) = fetch(proxy.addr, get(host)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{host}: {body}");
+            assert!(
+                body.contains("service web (port 3000) has failed: crash loop"),
+                "{body}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn http_a_service_failing_ends_a_wait_for_its_port() {
+        let r = routes(&[("web", 3000)]);
+        let proxy = start_proxy(config(), table(&[], true), r.clone()).await;
+        let routes_tx = proxy._routes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut failed = r;
+            failed[0].failed = Some("exited (exit code 1); restart policy never".into());
+            routes_tx.send_replace(failed);
+        });
+        let started = Instant::now();
+        let (status, _, body) = fetch(proxy.addr, get("web.localhost")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

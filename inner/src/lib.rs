@@ -15,4 +15,6 @@ mod security;
 mod spec;
 
 pub use rootfs::SetupError;
-pub use spec::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, INNER_API_BIN, INNER_API_DIR, NETNS_FD};
+pub use spec::{
+    CgroupView, InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, INNER_API_BIN, INNER_API_DIR, NETNS_FD,
+};

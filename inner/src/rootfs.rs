@@ -10,7 +10,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chdir, pivot_root, sethostname};
 
-use crate::spec::{InnerSpec, INNER_API_BIN, INNER_API_DIR};
+use crate::spec::{CgroupView, InnerSpec, INNER_API_BIN, INNER_API_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -92,6 +92,9 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     step("overlay", mount_overlay(spec))?;
     step("proc", mount_proc(root))?;
     step("sys", mount_sys(root))?;
+    if let Some(view) = &spec.cgroup_view {
+        step("cgroup", mount_cgroup(root, view))?;
+    }
     step("dev", mount_dev(root))?;
     step("mask", mask_kernel_interfaces(root))?;
     step("hostname", set_hostname(&spec.hostname))?;
@@ -188,6 +191,42 @@ fn mount_sys(root: &Path) -> Result<()> {
         HARDENED | MsFlags::MS_RDONLY,
         None,
     )
+}
+
+/// The inner's own cgroup at /sys/fs/cgroup, read-only. The helper
+/// unshared the cgroup namespace after joining the inner's group, so each
+/// hierarchy mounted here has that group as its root: `memory.max` (or
+/// v1's `memory/memory.limit_in_bytes`) reads the inner's limit.
+fn mount_cgroup(root: &Path, view: &CgroupView) -> Result<()> {
+    let target = root.join("sys/fs/cgroup");
+    let read_only = HARDENED | MsFlags::MS_RDONLY;
+    let hierarchies = match view {
+        CgroupView::Unified => return mount_fs("cgroup2", &target, read_only, None),
+        CgroupView::V1(hierarchies) => hierarchies,
+    };
+    mount_fs("tmpfs", &target, HARDENED, Some("mode=755,size=64k"))?;
+    for options in hierarchies {
+        mount_fs("cgroup", &target.join(options), read_only, Some(options))?;
+        if !options.contains(',') {
+            continue;
+        }
+        for controller in options.split(',') {
+            let path = target.join(controller);
+            symlink(options, &path).map_err(|source| SetupError::Create { path, source })?;
+        }
+    }
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | read_only,
+        Some("mode=755,size=64k"),
+    )
+    .map_err(|source| SetupError::Mount {
+        fstype: "tmpfs",
+        target,
+        source,
+    })
 }
 
 /// (name, major, minor) of the character devices every program expects.

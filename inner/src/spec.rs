@@ -36,6 +36,22 @@ pub struct InnerSpec {
     /// client), bind-mounted read-only on [`INNER_API_DIR`].
     #[serde(default)]
     pub api_dir: Option<PathBuf>,
+    /// How the inner sees its cgroup at /sys/fs/cgroup: read-only, and
+    /// rooted at its own group by the cgroup namespace, so programs read
+    /// their own limits. `None`: /sys/fs/cgroup stays as sysfs has it.
+    #[serde(default)]
+    pub cgroup_view: Option<CgroupView>,
+}
+
+/// The cgroup hierarchies to mount at the inner's /sys/fs/cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CgroupView {
+    /// cgroup2 at /sys/fs/cgroup.
+    Unified,
+    /// A tmpfs at /sys/fs/cgroup with a directory per v1 hierarchy, named
+    /// by its controllers as mount options (`memory`, `cpu,cpuacct`), and
+    /// a symlink per controller where a hierarchy has several.
+    V1(Vec<String>),
 }
 
 /// Where the inner sees [`InnerSpec::api_dir`]: the `hull` client's default

@@ -17,4 +17,4 @@ pub mod store;
 pub use capture::{capture, LineSplitter};
 pub use daemon::{set_daemon_log, DaemonLogWriter, DAEMON_SOURCE};
 pub use serve::{serve, Filter};
-pub use store::{Cursor, LogLimits, LogStore, SourceLog, FLUSH_EVERY, MAX_LINE};
+pub use store::{now_ms, Cursor, LogLimits, LogStore, SourceLog, FLUSH_EVERY, MAX_LINE};

@@ -18,11 +18,17 @@ pub struct Filter {
 
 impl Filter {
     fn keeps(&self, r: &LogRecord) -> bool {
-        self.stream.is_none_or(|s| s == r.stream) && self.since_ms.is_none_or(|t| r.ts_ms >= t)
+        // A marker (a start, a bounce) belongs to both streams.
+        let stream = r.marker.is_some() || self.stream.is_none_or(|s| s == r.stream);
+        stream && self.since_ms.is_none_or(|t| r.ts_ms >= t)
     }
 }
 
-/// Answers one `Logs` request on a client connection.
+/// The lines a follow without `tail` or `since` starts with, as tail -f.
+pub const FOLLOW_TAIL: u64 = 10;
+
+/// Answers one `Logs` request on a client connection. A follow without a
+/// tail or a `since` starts at the last [`FOLLOW_TAIL`] records.
 pub async fn serve<R, W>(
     store: &Arc<LogStore>,
     source: &str,
@@ -46,6 +52,7 @@ where
             }))
             .await;
     }
+    let tail = tail.or((follow && filter.since_ms.is_none()).then_some(FOLLOW_TAIL));
     let keep = |r: &LogRecord| filter.keeps(r);
     let read = |cursor: Cursor| {
         let store = store.clone();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hull_proto::{LogRecord, Stream};
+use hull_proto::{LogMarker, LogRecord, Stream};
 use tokio::sync::watch;
 
 /// Lines longer than this are split: a process printing without newlines
@@ -196,6 +196,30 @@ impl SourceLog {
             }
         }
         w.scratch = scratch;
+        drop(w);
+        self.appended.send_modify(|n| *n += 1);
+    }
+
+    /// Appends a marker: a record of something that happened to the
+    /// source (it started, the inner was bounced), `text` saying what.
+    pub fn append_marker(&self, marker: LogMarker, text: &str) {
+        let record = LogRecord {
+            ts_ms: now_ms(),
+            stream: Stream::Stdout,
+            line: text.to_string(),
+            marker: Some(marker),
+        };
+        let Ok(mut bytes) = serde_json::to_vec(&record) else {
+            return;
+        };
+        bytes.push(b'\n');
+        let mut w = self.writer.lock().unwrap();
+        if !w.write(&bytes) {
+            w.dropped += 1;
+        }
+        if w.size >= self.limits.segment_max {
+            self.rotate(&mut w);
+        }
         drop(w);
         self.appended.send_modify(|n| *n += 1);
     }
@@ -500,6 +524,29 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "tail {n}");
         }
+    }
+
+    #[test]
+    fn logs_markers_are_kept_apart_from_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path().to_path_buf(), LogLimits::default()).unwrap();
+        let log = store.source("s").unwrap();
+        log.append(Stream::Stdout, "before");
+        log.append_marker(LogMarker::Bounce, "inner bounced");
+        log.append(Stream::Stdout, "after");
+        let (records, _) = store.read_from("s", Cursor::default(), 10).unwrap();
+        let got: Vec<(Option<LogMarker>, &str)> = records
+            .iter()
+            .map(|r| (r.marker, r.line.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (None, "before"),
+                (Some(LogMarker::Bounce), "inner bounced"),
+                (None, "after")
+            ]
+        );
     }
 
     #[test]

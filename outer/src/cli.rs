@@ -68,6 +68,18 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         "bounces    {} (unplanned restarts {})",
         s.bounces, s.unplanned_restarts
     );
+    match s.last_oom_kill_ms {
+        Some(last) => {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(last.max(0) as u64);
+            println!(
+                "oom kills  {} (the last at {}, {} s ago; hull logs --daemon has each)",
+                s.oom_kills,
+                httpdate::fmt_http_date(at),
+                (hull_logs::now_ms() - last).max(0) / 1000
+            )
+        }
+        None => println!("oom kills  0"),
+    }
     println!("image      {}", s.image);
     println!("state      {}", s.state_dir);
     println!("cgroup     {}", s.cgroup);
@@ -679,8 +691,8 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
     }
     if !detail {
         println!(
-            "{:<16} {:<9} {:>7} {:>9} {:>8}  last exit",
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS"
+            "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  last exit",
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "STARTS"
         );
     }
     for s in list {
@@ -694,9 +706,17 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into());
         if !detail {
+            // What a waiting service waits for goes last: it is long.
+            let waiting = s.reason.as_deref().filter(|_| s.state == "waiting");
             println!(
-                "{:<16} {:<9} {:>7} {:>9} {:>8}  {last}",
-                s.spec.name, s.state, pid, uptime, s.restarts
+                "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  {last}{}",
+                s.spec.name,
+                s.state,
+                pid,
+                uptime,
+                s.restarts,
+                s.inner_starts,
+                waiting.map(|w| format!("  ({w})")).unwrap_or_default()
             );
             continue;
         }
@@ -713,8 +733,8 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             }
         );
         println!(
-            "pid        {pid}   uptime {uptime}   restarts {}",
-            s.restarts
+            "pid        {pid}   uptime {uptime}   restarts {} (after exits)   starts {} (on a new inner)",
+            s.restarts, s.inner_starts
         );
         println!("restart    {}", s.spec.restart.name());
         if !s.spec.after.is_empty() {
@@ -776,7 +796,20 @@ pub async fn logs(
         match client::next(&mut c.reader).await? {
             DaemonMsg::LogRecords(records) => {
                 for r in records {
-                    if g.json {
+                    if let Some(marker) = r.marker {
+                        // Something that happened to the service, not its output.
+                        if g.json {
+                            let record = serde_json::json!({
+                                "type": "marker",
+                                "ts_ms": r.ts_ms,
+                                "event": marker.name(),
+                                "text": r.line,
+                            });
+                            writeln!(out, "{record}")?;
+                        } else {
+                            writeln!(out, "-- {} --", r.line)?;
+                        }
+                    } else if g.json {
                         writeln!(out, "{}", serde_json::to_string(&r)?)?;
                     } else if r.stream == Stream::Stderr {
                         writeln!(err, "{}", r.line)?;

@@ -246,7 +246,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
-    network.follow_definitions(services.definitions());
+    network.follow_services(services.definitions(), services.failed());
     let (supervisor, supervisor_task) = Supervisor::start(
         InnerConfig {
             exe: SealedExe::create()?,
@@ -262,6 +262,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             netns: Some(network.netns.clone()),
             resolv_conf: network.resolv_conf.clone(),
             api_dir: Some(inner_api.dir.clone()),
+            cgroup_view: Some(match cgroups.inner.v1_hierarchies()? {
+                None => hull_inner::CgroupView::Unified,
+                Some(hierarchies) => hull_inner::CgroupView::V1(hierarchies),
+            }),
         },
         current_tx,
     );

@@ -18,7 +18,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use crate::launch::{InitEvent, Inner, SpawnFailure};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{OomCheck, Supervisor};
 use hull_logs::{LineSplitter, LogStore, SourceLog};
 
 const CHUNK: usize = 64 * 1024;
@@ -235,7 +235,8 @@ where
     } else {
         None
     };
-    session(&inner, spec, log, reader, writer).await
+    let oom = supervisor.oom_check().await;
+    session(&inner, spec, log, &oom, reader, writer).await
 }
 
 /// The log source of non-interactive execs (`hull logs exec`).
@@ -252,6 +253,7 @@ async fn session<R, W>(
     inner: &Arc<Inner>,
     spec: ExecSpec,
     log: Option<Arc<SourceLog>>,
+    oom: &OomCheck,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -390,6 +392,14 @@ where
         err_lines.finish(Out::Stderr, log);
     }
     let status = exit.expect("loop ends after exit");
+    if let Some(note) = oom.victim_note(status).await {
+        writer
+            .send(DaemonMsg::Output {
+                stream: Out::Stderr,
+                data: note.into_bytes(),
+            })
+            .await?;
+    }
     writer
         .send(DaemonMsg::ExecEnded(ExecEnd::Exited(status)))
         .await

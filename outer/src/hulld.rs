@@ -96,6 +96,8 @@ impl Hulld {
             },
             head,
             last_error: p.last_error,
+            oom_kills: p.oom_kills,
+            last_oom_kill_ms: p.last_oom_kill_ms,
         }
     }
 

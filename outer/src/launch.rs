@@ -211,6 +211,8 @@ pub struct Inner {
     pidfd: OwnedFd,
     exit: watch::Receiver<Option<ExitStatus>>,
     stop_reason: Mutex<Option<String>>,
+    /// Why it was started, for the services' logs.
+    cause: hull_services::InnerCause,
     /// The inner's mount namespace, held so that the init's exit does not
     /// unmount its root: unmounting an overlay whose files were touched
     /// frees every cached dentry (a third of a second after 100k files),
@@ -255,6 +257,7 @@ pub async fn launch(
     exe: &SealedExe,
     spec: &InnerSpec,
     generation: u64,
+    cause: hull_services::InnerCause,
     netns: Option<RawFd>,
     on_exit: mpsc::UnboundedSender<(u64, ExitStatus)>,
 ) -> Result<Arc<Inner>, LaunchError> {
@@ -337,6 +340,7 @@ pub async fn launch(
         pidfd,
         exit: exit_rx,
         stop_reason: Mutex::new(None),
+        cause,
         mount_ns: Mutex::new(mount_ns),
     }))
 }
@@ -618,6 +622,10 @@ impl InitProcess {
 impl hull_services::InnerHost for Inner {
     fn generation(&self) -> u64 {
         self.generation
+    }
+
+    fn cause(&self) -> hull_services::InnerCause {
+        self.cause.clone()
     }
 
     async fn spawn(&self, spec: ExecSpec) -> Result<hull_services::HostProcess, SpawnFailure> {

@@ -195,17 +195,23 @@ impl Network {
     }
 
     /// Keeps HTTP ingress routing on the services that declare a port, as
-    /// the service manager publishes them.
-    pub fn follow_definitions(
+    /// the service manager publishes them, and on which of them failed.
+    pub fn follow_services(
         &self,
         mut definitions: watch::Receiver<Vec<hull_proto::ServiceSpec>>,
+        mut failed: watch::Receiver<hull_services::Failed>,
     ) {
         let routes = self.routes.clone();
         tokio::spawn(async move {
             loop {
                 let specs = definitions.borrow_and_update().clone();
-                set_routes(&routes, &specs);
-                if definitions.changed().await.is_err() {
+                let down = failed.borrow_and_update().clone();
+                set_routes(&routes, &specs, &down);
+                let changed = tokio::select! {
+                    c = definitions.changed() => c,
+                    c = failed.changed() => c,
+                };
+                if changed.is_err() {
                     return;
                 }
             }
@@ -393,13 +399,18 @@ fn bind_on(
 }
 
 /// The services that declared an HTTP port, for HTTP ingress routing.
-fn set_routes(routes: &watch::Sender<Vec<HttpRoute>>, specs: &[hull_proto::ServiceSpec]) {
+fn set_routes(
+    routes: &watch::Sender<Vec<HttpRoute>>,
+    specs: &[hull_proto::ServiceSpec],
+    failed: &hull_services::Failed,
+) {
     let mut new: Vec<HttpRoute> = specs
         .iter()
         .filter_map(|s| {
             s.http_port.map(|port| HttpRoute {
                 service: s.name.clone(),
                 port,
+                failed: failed.get(&s.name).cloned(),
             })
         })
         .collect();

@@ -10,7 +10,7 @@ use hull_cgroups::{Cgroup, CgroupError};
 use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, QuiesceError, Storage, StorageError};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
-use hull_services::{Replaced, ServiceError, ServiceManager};
+use hull_services::{InnerCause, Replaced, ServiceError, ServiceManager};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -47,6 +47,8 @@ pub struct InnerConfig {
     pub resolv_conf: Option<PathBuf>,
     /// The service socket and client, mounted read-only at /run/hull.
     pub api_dir: Option<PathBuf>,
+    /// The inner's own cgroup, mounted read-only at its /sys/fs/cgroup.
+    pub cgroup_view: Option<hull_inner::CgroupView>,
 }
 
 /// Counters and state for `hull status`.
@@ -56,6 +58,10 @@ pub struct Published {
     pub bounces: u64,
     pub unplanned_restarts: u64,
     pub last_error: Option<String>,
+    /// Out-of-memory kills in the inner's cgroup since hulld started.
+    pub oom_kills: u64,
+    /// When the last was seen, Unix time in milliseconds.
+    pub last_oom_kill_ms: Option<i64>,
 }
 
 /// Why an inner did not start.
@@ -147,6 +153,109 @@ pub struct Supervisor {
     requests: mpsc::UnboundedSender<Request>,
     current: watch::Receiver<Option<Arc<Inner>>>,
     published: Arc<Mutex<Published>>,
+    /// The inner's cgroup and memory limit, for [`OomCheck`].
+    cgroup: Cgroup,
+    memory_max: Option<u64>,
+}
+
+/// Tells whether an exec's process was the out-of-memory killer's victim:
+/// it died of SIGKILL and the inner's cgroup counted a kill meanwhile (the
+/// kernel counts it before the victim dies, so the count is read when the
+/// exit is known; another process killed at the same time would be taken
+/// for it).
+pub struct OomCheck {
+    cgroup: Cgroup,
+    before: Option<u64>,
+    memory_max: Option<u64>,
+}
+
+impl OomCheck {
+    /// The line to print on the exec's stderr, if its process was killed by
+    /// the out-of-memory killer.
+    pub async fn victim_note(&self, status: ExitStatus) -> Option<String> {
+        if status != ExitStatus::Signal(libc::SIGKILL) {
+            return None;
+        }
+        let cgroup = self.cgroup.clone();
+        let after = tokio::task::spawn_blocking(move || cgroup.oom_kills())
+            .await
+            .ok()
+            .flatten();
+        match (self.before, after) {
+            (Some(before), Some(after)) if after > before => Some(format!(
+                "hull: killed by the out-of-memory killer (memory_max {})\n",
+                memory_text(self.memory_max)
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A memory limit as the config writes it: 64M, 2G.
+fn memory_text(bytes: Option<u64>) -> String {
+    match bytes {
+        None => "none".into(),
+        Some(b) if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        Some(b) if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        Some(b) => format!("{b} bytes"),
+    }
+}
+
+/// How often the OOM watcher looks again without a notification: the
+/// count is read after every wait, so a kernel that never notifies is
+/// still noticed within this.
+const OOM_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches the inner's cgroup for out-of-memory kills on a thread of its
+/// own (the waits block) and sends the number of new kills to the
+/// supervisor, until the supervisor is gone.
+fn spawn_oom_watcher(cgroup: Cgroup, tx: mpsc::UnboundedSender<u64>) {
+    let run = move || {
+        let mut watch = None;
+        let mut seen = cgroup.oom_kills();
+        let mut warned = false;
+        while !tx.is_closed() {
+            if watch.is_none() {
+                match cgroup.watch_oom() {
+                    Ok(w) => watch = Some(w),
+                    // The group is made by the first start; until then,
+                    // and where it cannot be watched, the count is read
+                    // every OOM_CHECK_EVERY.
+                    Err(e) if !warned && cgroup.exists() => {
+                        warned = true;
+                        tracing::debug!(error = %crate::error_chain(&e), "cannot watch the inner's cgroup for out-of-memory kills; reading its count every second");
+                    }
+                    Err(_) => {}
+                }
+            }
+            let waited = match watch.as_mut().map(|w| w.wait(OOM_CHECK_EVERY)) {
+                Some(Ok(_)) => true,
+                Some(Err(_)) => {
+                    watch = None;
+                    false
+                }
+                None => false,
+            };
+            if !waited {
+                std::thread::sleep(OOM_CHECK_EVERY);
+            }
+            let now = cgroup.oom_kills();
+            if let (Some(before), Some(now)) = (seen, now) {
+                if now > before && tx.send(now - before).is_err() {
+                    return;
+                }
+            }
+            if now.is_some() {
+                seen = now;
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("hull-oom-watch".into())
+        .spawn(run)
+    {
+        tracing::warn!(error = %e, "cannot start the out-of-memory watcher; OOM kills will not be reported");
+    }
 }
 
 impl Supervisor {
@@ -164,7 +273,12 @@ impl Supervisor {
             bounces: 0,
             unplanned_restarts: 0,
             last_error: None,
+            oom_kills: 0,
+            last_oom_kill_ms: None,
         }));
+        let (cgroup, memory_max) = (config.cgroup.clone(), config.memory_max);
+        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
+        spawn_oom_watcher(cgroup.clone(), oom_tx);
         let task = Task {
             config,
             current: current_tx,
@@ -173,16 +287,33 @@ impl Supervisor {
             generation: 0,
             backoff: RETRY_FIRST,
             retry_pending: false,
+            cause: InnerCause::Boot,
         };
-        let join = tokio::spawn(task.run(rx));
+        let join = tokio::spawn(task.run(rx, oom_rx));
         (
             Supervisor {
                 requests,
                 current,
                 published,
+                cgroup,
+                memory_max,
             },
             join,
         )
+    }
+
+    /// Call before an exec's process starts; ask the result once it ended.
+    pub async fn oom_check(&self) -> OomCheck {
+        let cgroup = self.cgroup.clone();
+        let before = tokio::task::spawn_blocking(move || cgroup.oom_kills())
+            .await
+            .ok()
+            .flatten();
+        OomCheck {
+            cgroup: self.cgroup.clone(),
+            before,
+            memory_max: self.memory_max,
+        }
     }
 
     pub fn published(&self) -> Published {
@@ -291,10 +422,16 @@ struct Task {
     generation: u64,
     backoff: Duration,
     retry_pending: bool,
+    /// Why the next inner starts; back to `Boot` once one has started.
+    cause: InnerCause,
 }
 
 impl Task {
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut oom_kills: mpsc::UnboundedReceiver<u64>,
+    ) {
         let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u64, ExitStatus)>();
         self.start(&exit_tx).await;
         loop {
@@ -327,8 +464,25 @@ impl Task {
                 Some((generation, status)) = exits.recv() => {
                     self.on_exit(generation, status, &exit_tx).await;
                 }
+                Some(killed) = oom_kills.recv() => self.on_oom_kills(killed),
             }
         }
+    }
+
+    /// The kernel's OOM killer killed `killed` more processes in the inner.
+    fn on_oom_kills(&self, killed: u64) {
+        let total = {
+            let mut p = lock(&self.published);
+            p.oom_kills += killed;
+            p.last_oom_kill_ms = Some(hull_logs::now_ms());
+            p.oom_kills
+        };
+        tracing::warn!(
+            killed,
+            total,
+            memory_max = %memory_text(self.config.memory_max),
+            "the out-of-memory killer killed {killed} process(es) in the inner: it reached its memory limit"
+        );
     }
 
     fn set_state(&self, state: InnerState) {
@@ -356,6 +510,7 @@ impl Task {
             join_netns: self.config.netns.is_some(),
             resolv_conf: self.config.resolv_conf.clone(),
             api_dir: self.config.api_dir.clone(),
+            cgroup_view: self.config.cgroup_view.clone(),
         })
     }
 
@@ -380,6 +535,7 @@ impl Task {
                 &self.config.exe,
                 &spec,
                 self.generation,
+                self.cause.clone(),
                 self.config.netns.as_ref().map(|ns| ns.fd()),
                 exit_tx.clone(),
             )
@@ -394,6 +550,7 @@ impl Task {
                     "inner ready"
                 );
                 lock(&self.published).last_error = None;
+                self.cause = InnerCause::Boot;
                 self.set_state(InnerState::Running);
                 self.current.send_replace(Some(inner));
                 true
@@ -473,6 +630,7 @@ impl Task {
             .await;
         let stop_ms = begin.elapsed().as_secs_f64() * 1e3;
         self.backoff = RETRY_FIRST;
+        self.cause = InnerCause::Bounce;
         self.start(exit_tx).await;
         let started = self.current.borrow().clone();
         let Some(inner) = started else {
@@ -578,6 +736,7 @@ impl Task {
         failpoint("restore:after-stop");
         if let Err(e) = blocking(&storage, move |s| s.commit_restore(pending)).await {
             // The old layer is still current: bring the inner back on it.
+            self.cause = InnerCause::Bounce;
             self.start(exit_tx).await;
             return Err(failed(e));
         }
@@ -592,6 +751,7 @@ impl Task {
             }
         };
         self.backoff = RETRY_FIRST;
+        self.cause = InnerCause::Restore(id.to_string());
         self.start(exit_tx).await;
         let current = self.current.borrow().clone();
         let Some(inner) = current else {
@@ -657,6 +817,7 @@ impl Task {
         // The next inner mounts the same layer: the old root goes first.
         release_mounts(&inner, UnmountWait::Wait).await;
         lock(&self.published).unplanned_restarts += 1;
+        self.cause = InnerCause::Recovery;
         if inner.started.elapsed() > STABLE_AFTER {
             self.backoff = RETRY_FIRST;
             self.start(exit_tx).await;

@@ -144,6 +144,13 @@ pub struct StatusReport {
     /// The checkpoint the current state came from.
     pub head: Option<String>,
     pub last_error: Option<String>,
+    /// Processes the out-of-memory killer killed in the inner since hulld
+    /// started (the kernel's count for the inner's cgroup).
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// When hulld saw the last of them, Unix time in milliseconds.
+    #[serde(default)]
+    pub last_oom_kill_ms: Option<i64>,
 }
 
 /// A finished bounce.
@@ -467,11 +474,16 @@ pub struct ServiceStatus {
     /// The pid inside the inner.
     pub pid: Option<i32>,
     pub uptime_ms: Option<u64>,
+    /// Starts by its restart policy after it exited on a running inner.
     pub restarts: u32,
+    /// Inners it was started on: the first start, and one per bounce,
+    /// restore or restart of a dead inner. Not counted in `restarts`.
+    #[serde(default)]
+    pub inner_starts: u32,
     pub last_exit: Option<ExitStatus>,
     /// Its port accepts connections (always true without --http-port).
     pub ready: bool,
-    /// Why it failed, when it did.
+    /// Why it failed, or what it waits for (`waiting for web (failed)`).
     pub reason: Option<String>,
     /// The last lines it printed (stdout and stderr).
     pub last_lines: Vec<String>,
@@ -496,4 +508,37 @@ pub struct LogRecord {
     pub ts_ms: i64,
     pub stream: Stream,
     pub line: String,
+    /// Set on a record hulld wrote about the service (it started, the
+    /// inner was bounced), whose `line` then says what happened; absent
+    /// on the service's own output. Last, so a record without it decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<LogMarker>,
+}
+
+/// What a marker record in a service's log marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMarker {
+    /// The service started on a new inner (or by `hull services start`).
+    Start,
+    /// Its restart policy started it again after it exited.
+    Restart,
+    /// The inner was bounced; what follows ran on the new one.
+    Bounce,
+    /// The inner was restored to a checkpoint.
+    Restore,
+    /// The inner's init died and hulld started a new inner.
+    InnerRestart,
+}
+
+impl LogMarker {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogMarker::Start => "start",
+            LogMarker::Restart => "restart",
+            LogMarker::Bounce => "bounce",
+            LogMarker::Restore => "restore",
+            LogMarker::InnerRestart => "inner_restart",
+        }
+    }
 }

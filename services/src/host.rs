@@ -30,11 +30,29 @@ pub enum SpawnFailure {
     InnerGone,
 }
 
+/// Why an inner was started: what the services' logs mark before their
+/// first output on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InnerCause {
+    /// hulld started it (its start, or a retry after a failed start).
+    Boot,
+    Bounce,
+    /// Restored to this checkpoint.
+    Restore(String),
+    /// The previous inner's init died.
+    Recovery,
+}
+
 /// One running inner, as the service manager uses it.
 pub trait InnerHost: Send + Sync + 'static {
     /// A different value means a different inner: every process of the
     /// previous one is gone.
     fn generation(&self) -> u64;
+
+    /// Why this inner was started.
+    fn cause(&self) -> InnerCause {
+        InnerCause::Boot
+    }
 
     /// Starts `spec` with pipes for its stdio.
     fn spawn(

@@ -15,7 +15,7 @@ pub mod host;
 pub mod manager;
 pub mod registry;
 
-pub use host::{HostProcess, InnerHost, PortProbe, SpawnFailure};
+pub use host::{HostProcess, InnerCause, InnerHost, PortProbe, SpawnFailure};
 pub use hull_proto::{RestartPolicy, ServiceSpec};
-pub use manager::{Replaced, ServiceManager};
+pub use manager::{Failed, Replaced, ServiceManager};
 pub use registry::{start_order, validate, Registry, ServiceError, RESERVED_NAMES};

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use hull_logs::{LogStore, SourceLog};
 use hull_proto::{
-    ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus, Stream,
+    ExecSpec, ExitStatus, LogMarker, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus,
+    Stream,
 };
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,7 +20,7 @@ use tokio::task::JoinHandle;
 // paused clock.
 use tokio::time::Instant;
 
-use crate::host::{HostProcess, InnerHost, PortProbe, SpawnFailure};
+use crate::host::{HostProcess, InnerCause, InnerHost, PortProbe, SpawnFailure};
 use crate::registry::{Registry, ServiceError};
 
 /// Lines of output `hull services show` includes.
@@ -66,7 +67,13 @@ struct Service {
     process: Option<(u64, i32, Instant)>,
     /// Bumped on every spawn; events of older spawns are ignored.
     generation: u64,
+    /// Starts by the restart policy after an exit.
     restarts: u32,
+    /// Inners (boot, bounce, restore, a restart of a dead inner) it was
+    /// started on.
+    inner_starts: u32,
+    /// It has been spawned on the current inner.
+    spawned_here: bool,
     last_exit: Option<ExitStatus>,
     ready: bool,
     reason: Option<String>,
@@ -86,6 +93,8 @@ impl Service {
             process: None,
             generation: 0,
             restarts: 0,
+            inner_starts: 0,
+            spawned_here: false,
             last_exit: None,
             ready: false,
             reason: None,
@@ -106,6 +115,7 @@ impl Service {
                 .process
                 .map(|(_, _, since)| since.elapsed().as_millis() as u64),
             restarts: self.restarts,
+            inner_starts: self.inner_starts,
             last_exit: self.last_exit,
             ready: self.ready,
             reason: self.reason.clone(),
@@ -152,7 +162,11 @@ enum Command {
 pub struct ServiceManager {
     commands: mpsc::UnboundedSender<Command>,
     definitions: watch::Receiver<Vec<ServiceSpec>>,
+    failed: watch::Receiver<Failed>,
 }
+
+/// The services in state `failed` on the current inner, with why.
+pub type Failed = BTreeMap<String, String>;
 
 impl ServiceManager {
     /// Starts the manager task, the only owner of `registry` from now on.
@@ -173,7 +187,9 @@ impl ServiceManager {
             .map(|spec| (spec.name.clone(), Service::new(spec.clone())))
             .collect();
         let (definitions_tx, definitions) = watch::channel(specs);
+        let (failed_tx, failed) = watch::channel(Failed::new());
         let task = Task {
+            failed: failed_tx,
             registry: Some(registry),
             logs,
             ports,
@@ -187,6 +203,7 @@ impl ServiceManager {
             ServiceManager {
                 commands,
                 definitions,
+                failed,
             },
             join,
         ))
@@ -226,6 +243,12 @@ impl ServiceManager {
     pub fn definitions(&self) -> watch::Receiver<Vec<ServiceSpec>> {
         self.definitions.clone()
     }
+
+    /// Follows which services have failed (for HTTP ingress, which answers
+    /// at once instead of waiting for a port that will not come).
+    pub fn failed(&self) -> watch::Receiver<Failed> {
+        self.failed.clone()
+    }
 }
 
 struct Task<H> {
@@ -237,6 +260,7 @@ struct Task<H> {
     inner: Option<Arc<H>>,
     events_tx: mpsc::UnboundedSender<Event>,
     definitions: watch::Sender<Vec<ServiceSpec>>,
+    failed: watch::Sender<Failed>,
 }
 
 impl<H: InnerHost> Task<H> {
@@ -252,6 +276,18 @@ impl<H: InnerHost> Task<H> {
         self.on_inner(first);
         loop {
             tokio::select! {
+                // A new inner first: the supervisor publishes it before it
+                // signals the old one, so an exit queued meanwhile belongs
+                // to the old inner and must not count as a restart.
+                biased;
+                changed = current.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let inner = current.borrow_and_update().clone();
+                    self.on_inner(inner);
+                    self.schedule();
+                }
                 command = commands.recv() => match command {
                     Some(Command::Request(request, reply)) => self.handle(request, reply).await,
                     Some(Command::Snapshot(reply)) => {
@@ -270,17 +306,24 @@ impl<H: InnerHost> Task<H> {
                         self.schedule();
                     }
                 }
-                changed = current.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let inner = current.borrow_and_update().clone();
-                    self.on_inner(inner);
-                    self.schedule();
-                }
                 _ = tick.tick() => self.schedule(),
             }
+            self.publish_failed();
         }
+    }
+
+    fn publish_failed(&self) {
+        let failed: Failed = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.state == State::Failed)
+            .map(|(name, s)| (name.clone(), s.reason.clone().unwrap_or_default()))
+            .collect();
+        self.failed.send_if_modified(|now| {
+            let changed = *now != failed;
+            *now = failed;
+            changed
+        });
     }
 
     /// Runs `f` on the registry on a blocking thread: SQLite fsyncs.
@@ -381,8 +424,10 @@ impl<H: InnerHost> Task<H> {
             let mut svc = Service::new(spec.clone());
             if let Some(prev) = old.remove(&spec.name) {
                 svc.restarts = prev.restarts;
+                svc.inner_starts = prev.inner_starts;
                 svc.last_exit = prev.last_exit;
-                svc.generation = prev.generation;
+                // Events of the old inner's process are stale from now on.
+                svc.generation = prev.generation + 1;
                 // A service the user stopped stays stopped across bounces.
                 if prev.state == State::Stopped && prev.stop_requested {
                     svc.state = State::Stopped;
@@ -421,20 +466,13 @@ impl<H: InnerHost> Task<H> {
                 svc.ready = true;
             }
         }
-        let satisfied = |services: &BTreeMap<String, Service>, spec: &ServiceSpec| {
-            spec.after.iter().all(|dep| {
-                services
-                    .get(dep)
-                    .is_some_and(|d| d.state == State::Running && d.ready)
-            })
-        };
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
             let Some(svc) = self.services.get(&name) else {
                 continue;
             };
             let due = match svc.state {
-                State::Waiting => satisfied(&self.services, &svc.spec),
+                State::Waiting => blocked_on(&self.services, &svc.spec).is_empty(),
                 State::Backoff => svc.next_start.is_some_and(|t| t <= now),
                 _ => false,
             };
@@ -449,6 +487,19 @@ impl<H: InnerHost> Task<H> {
             return;
         };
         svc.generation += 1;
+        // What the log marks before this process's output.
+        let mut markers = Vec::new();
+        if !svc.spawned_here {
+            svc.spawned_here = true;
+            svc.inner_starts += 1;
+            markers.extend(inner_marker(&inner.cause()));
+        }
+        let kind = if svc.state == State::Backoff {
+            LogMarker::Restart
+        } else {
+            LogMarker::Start
+        };
+        markers.push((kind, format!("{name} {}", kind_text(kind))));
         svc.state = State::Starting;
         svc.ready = false;
         svc.reason = None;
@@ -466,6 +517,7 @@ impl<H: InnerHost> Task<H> {
             name.to_string(),
             svc.generation,
             spec,
+            markers,
             self.events_tx.clone(),
         ));
     }
@@ -513,14 +565,14 @@ impl<H: InnerHost> Task<H> {
                 hull_proto::panic_point("services:list-panics");
                 answer(
                     reply,
-                    Ok(self.services.values().map(Service::status).collect()),
+                    Ok(self.services.values().map(|s| self.status(s)).collect()),
                 )
             }
             ServiceRequest::Show(name) => match self.get(&name) {
                 Ok(svc) => {
                     // Reading the log walks files: off the task, and the
                     // reply goes when the lines are in.
-                    let mut status = svc.status();
+                    let mut status = self.status(svc);
                     let logs = self.logs.clone();
                     tokio::spawn(async move {
                         let lines =
@@ -568,6 +620,20 @@ impl<H: InnerHost> Task<H> {
         }
     }
 
+    /// A service's status; a waiting one says on what, as of now.
+    fn status(&self, svc: &Service) -> ServiceStatus {
+        let mut status = svc.status();
+        if svc.state == State::Waiting {
+            let blocked = blocked_on(&self.services, &svc.spec);
+            if !blocked.is_empty() {
+                status.reason = Some(format!("waiting for {}", blocked.join(", ")));
+            } else if self.inner.is_none() {
+                status.reason = Some("waiting for the inner to start".into());
+            }
+        }
+        status
+    }
+
     fn get(&self, name: &str) -> Result<&Service, ServiceError> {
         self.services
             .get(name)
@@ -608,6 +674,28 @@ impl<H: InnerHost> Task<H> {
     }
 }
 
+/// What `spec` still waits for among its `--after` services, each with
+/// where it stands: `web (failed)`, `db (port 5432 not listening yet)`.
+fn blocked_on(services: &BTreeMap<String, Service>, spec: &ServiceSpec) -> Vec<String> {
+    spec.after
+        .iter()
+        .filter_map(|dep| {
+            let Some(d) = services.get(dep) else {
+                return Some(format!("{dep} (not registered)"));
+            };
+            match (d.state, d.ready, d.spec.http_port) {
+                (State::Running, true, _) => None,
+                (State::Running, false, Some(port)) => {
+                    Some(format!("{dep} (port {port} not listening yet)"))
+                }
+                // Spawned, not yet seen by a scheduling pass.
+                (State::Running, false, None) => Some(format!("{dep} (starting)")),
+                (state, _, _) => Some(format!("{dep} ({})", state.name())),
+            }
+        })
+        .collect()
+}
+
 /// The service's last lines, from its log (reads files: a blocking thread).
 fn last_lines(logs: &LogStore, name: &str) -> Vec<String> {
     let mut last = VecDeque::new();
@@ -621,7 +709,10 @@ fn last_lines(logs: &LogStore, name: &str) -> Vec<String> {
             if last.len() == LAST_LINES {
                 last.pop_front();
             }
-            last.push_back(r.line);
+            last.push_back(match r.marker {
+                Some(_) => format!("-- {} --", r.line),
+                None => r.line,
+            });
         }
         if done {
             break;
@@ -679,8 +770,8 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
             State::Failed
         };
         svc.reason = Some(format!(
-            "exited ({status}); restart policy {:?}",
-            svc.spec.restart
+            "exited ({status}); restart policy {}",
+            svc.spec.restart.name()
         ));
         tracing::info!(service = name, %status, "service exited");
         return;
@@ -714,13 +805,40 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
     svc.backoff = (svc.backoff * 2).min(BACKOFF_MAX);
 }
 
+/// The marker of a new inner in its services' logs; none for a boot.
+fn inner_marker(cause: &InnerCause) -> Option<(LogMarker, String)> {
+    match cause {
+        InnerCause::Boot => None,
+        InnerCause::Bounce => Some((LogMarker::Bounce, "inner bounced".into())),
+        InnerCause::Restore(id) => Some((
+            LogMarker::Restore,
+            format!("inner restored to checkpoint {id}"),
+        )),
+        InnerCause::Recovery => Some((
+            LogMarker::InnerRestart,
+            "inner restarted: its init died".into(),
+        )),
+    }
+}
+
+fn kind_text(kind: LogMarker) -> &'static str {
+    if kind == LogMarker::Restart {
+        "restarted"
+    } else {
+        "started"
+    }
+}
+
 /// Runs one service process to its end, reporting to the manager.
+/// `markers` go into its log before its output, the last one (its start)
+/// with the pid once it is known.
 async fn run_process<H: InnerHost>(
     inner: Arc<H>,
     logs: Arc<LogStore>,
     name: String,
     generation: u64,
     spec: ExecSpec,
+    markers: Vec<(LogMarker, String)>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let send = |e: Event| {
@@ -752,6 +870,13 @@ async fn run_process<H: InnerHost>(
         Err(SpawnFailure::InnerGone) => return,
     };
     let HostProcess { id, pid, fds, exit } = process;
+    for (kind, text) in markers {
+        let text = match kind {
+            LogMarker::Start | LogMarker::Restart => format!("{text} (pid {pid})"),
+            _ => text,
+        };
+        log.append_marker(kind, &text);
+    }
     send(Event::Spawned {
         name: name.clone(),
         generation,

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hull_logs::{LogLimits, LogStore};
-use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec};
-use hull_services::{HostProcess, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure};
+use hull_proto::{ExecSpec, ExitStatus, RestartPolicy, ServiceRequest, ServiceSpec, ServiceStatus};
+use hull_services::{
+    HostProcess, InnerCause, InnerHost, PortProbe, Registry, ServiceManager, SpawnFailure,
+};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -35,6 +37,7 @@ struct Record {
 
 struct FakeInner {
     generation: u64,
+    cause: InnerCause,
     behaviour: BTreeMap<String, Behaviour>,
     record: Arc<Mutex<Record>>,
 }
@@ -42,6 +45,10 @@ struct FakeInner {
 impl InnerHost for FakeInner {
     fn generation(&self) -> u64 {
         self.generation
+    }
+
+    fn cause(&self) -> InnerCause {
+        self.cause.clone()
     }
 
     async fn spawn(&self, spec: ExecSpec) -> Result<HostProcess, SpawnFailure> {
@@ -91,6 +98,7 @@ impl PortProbe for FakePorts {
 struct Fixture {
     _dir: tempfile::TempDir,
     manager: ServiceManager,
+    logs: Arc<LogStore>,
     current: watch::Sender<Option<Arc<FakeInner>>>,
     record: Arc<Mutex<Record>>,
     ports: Arc<FakePorts>,
@@ -120,11 +128,17 @@ impl Fixture {
         let logs = LogStore::open(dir.path().join("logs"), LogLimits::default()).unwrap();
         let (current, rx) = watch::channel(None);
         let ports = Arc::new(FakePorts::default());
-        let (manager, _task) =
-            ServiceManager::start(registry, logs, rx, ports.clone() as Arc<dyn PortProbe>).unwrap();
+        let (manager, _task) = ServiceManager::start(
+            registry,
+            logs.clone(),
+            rx,
+            ports.clone() as Arc<dyn PortProbe>,
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             manager,
+            logs,
             current,
             record: Arc::new(Mutex::new(Record::default())),
             ports,
@@ -137,8 +151,13 @@ impl Fixture {
 
     /// A new inner, as a start, bounce or restore brings.
     fn new_inner(&self, generation: u64) {
+        self.new_inner_for(generation, InnerCause::Boot);
+    }
+
+    fn new_inner_for(&self, generation: u64, cause: InnerCause) {
         self.current.send_replace(Some(Arc::new(FakeInner {
             generation,
+            cause,
             behaviour: self.behaviour.clone(),
             record: self.record.clone(),
         })));
@@ -156,11 +175,40 @@ impl Fixture {
     }
 
     async fn state(&self, name: &str) -> String {
-        let list = self.manager.request(ServiceRequest::List).await.unwrap();
-        list.into_iter()
-            .find(|s| s.spec.name == name)
+        self.status(name)
+            .await
             .map(|s| s.state)
             .unwrap_or_else(|| "absent".into())
+    }
+
+    async fn status(&self, name: &str) -> Option<ServiceStatus> {
+        let list = self.manager.request(ServiceRequest::List).await.unwrap();
+        list.into_iter().find(|s| s.spec.name == name)
+    }
+
+    /// A bounce as the supervisor does it: the old inner is withdrawn
+    /// first, then its processes die of the SIGTERM the init forwards, and
+    /// a new inner comes.
+    async fn bounce(&self, generation: u64) {
+        self.current.send_replace(None);
+        let running = std::mem::take(&mut self.record.lock().unwrap().running);
+        for (_, exit) in running {
+            let _ = exit.send(ExitStatus::Signal(libc::SIGTERM));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.new_inner_for(generation, InnerCause::Bounce);
+    }
+
+    /// The marker records in `name`'s log: (event, text).
+    fn markers(&self, name: &str) -> Vec<(&'static str, String)> {
+        let (records, _) = self
+            .logs
+            .read_from(name, hull_logs::Cursor::default(), 1000)
+            .unwrap();
+        records
+            .into_iter()
+            .filter_map(|r| Some((r.marker?.name(), r.line)))
+            .collect()
     }
 }
 
@@ -265,4 +313,124 @@ async fn a_restore_replaces_the_definitions_and_says_what_changed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(f.spawn_times("a").len(), 1);
     assert!(f.spawn_times("c").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn bounces_count_as_inner_starts_not_restarts() {
+    let f = Fixture::new(&[spec("svc", "svc")], &[]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for generation in 2..=4 {
+        f.bounce(generation).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(f.state("svc").await, "running");
+    }
+    let s = f.status("svc").await.unwrap();
+    assert_eq!(f.spawn_times("svc").len(), 4, "one start per inner");
+    assert_eq!(s.restarts, 0, "a bounce counted as a restart");
+    assert_eq!(s.inner_starts, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_count_exits_restarted_by_the_policy() {
+    let f = Fixture::new(
+        &[spec("flaky", "flaky")],
+        &[("flaky", Behaviour::ExitAt0(1))],
+    );
+    f.new_inner(1);
+    // 100 + 200 ms of backoff: three starts on this inner.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let s = f.status("flaky").await.unwrap();
+    assert_eq!(f.spawn_times("flaky").len(), 3);
+    // Each exit counts as it schedules its restart: the third is due at 700 ms.
+    assert_eq!(s.state, "backoff");
+    assert_eq!(s.restarts, 3);
+    assert_eq!(s.inner_starts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_behind_a_failed_after_says_what_it_waits_for() {
+    let mut web = spec("web", "false");
+    web.restart = RestartPolicy::Never;
+    let mut db = spec("db", "db");
+    db.http_port = Some(5432);
+    let mut worker = spec("worker", "worker");
+    worker.after = vec!["web".into(), "db".into()];
+    let f = Fixture::new(&[web, db, worker], &[("false", Behaviour::ExitAt0(1))]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let web = f.status("web").await.unwrap();
+    assert_eq!(web.state, "failed");
+    assert_eq!(
+        web.reason.as_deref(),
+        Some("exited (exit code 1); restart policy never")
+    );
+    let worker = f.status("worker").await.unwrap();
+    assert_eq!(worker.state, "waiting");
+    assert_eq!(
+        worker.reason.as_deref(),
+        Some("waiting for web (failed), db (port 5432 not listening yet)")
+    );
+    // The note follows what changes: db's port listens, web is still down.
+    *f.ports.0.lock().unwrap() = Some(vec![5432]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let worker = f.status("worker").await.unwrap();
+    assert_eq!(worker.reason.as_deref(), Some("waiting for web (failed)"));
+    assert!(f.spawn_times("worker").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_never_is_not_restarted_after_exit_but_starts_on_every_inner() {
+    let mut once = spec("once", "once");
+    once.restart = RestartPolicy::Never;
+    let f = Fixture::new(&[once], &[("once", Behaviour::ExitAt0(0))]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        f.spawn_times("once").len(),
+        1,
+        "never: run again after it exited"
+    );
+    assert_eq!(f.state("once").await, "exited");
+    f.bounce(2).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        f.spawn_times("once").len(),
+        2,
+        "never: not started on the new inner"
+    );
+    let s = f.status("once").await.unwrap();
+    assert_eq!((s.restarts, s.inner_starts), (0, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_log_marks_each_start_and_what_brought_a_new_inner() {
+    let f = Fixture::new(
+        &[spec("svc", "svc"), spec("flaky", "flaky")],
+        &[("flaky", Behaviour::ExitAt0(1))],
+    );
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.bounce(2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.current.send_replace(None);
+    f.new_inner_for(3, InnerCause::Restore("v3".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The fake's every process is pid 100.
+    assert_eq!(
+        f.markers("svc"),
+        [
+            ("start", "svc started (pid 100)".to_string()),
+            ("bounce", "inner bounced".to_string()),
+            ("start", "svc started (pid 100)".to_string()),
+            ("restore", "inner restored to checkpoint v3".to_string()),
+            ("start", "svc started (pid 100)".to_string()),
+        ]
+    );
+    let flaky = f.markers("flaky");
+    assert_eq!(flaky[0], ("start", "flaky started (pid 100)".to_string()));
+    assert_eq!(
+        flaky[1],
+        ("restart", "flaky restarted (pid 100)".to_string())
+    );
 }

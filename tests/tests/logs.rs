@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use hull_proto::{RestartPolicy, ServiceRequest};
@@ -23,10 +24,6 @@ fn state_of(hull: &TestHull, name: &str) -> String {
     })
 }
 
-/// Counts the inner's service runs: each start prints run-N.
-const COUNTING: &str = "n=$(cat /root/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /root/n; \
-                        while true; do echo run-$n; sleep 0.05; done";
-
 #[test]
 fn a_million_numbered_lines_arrive_in_order() {
     if !require_root() {
@@ -44,8 +41,11 @@ fn a_million_numbered_lines_arrive_in_order() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let started = lines.next().unwrap_or_default();
+    assert!(started.starts_with("-- counter started (pid "), "{started}");
     let mut expected = 1u64;
-    for line in text.lines() {
+    for line in lines {
         assert_eq!(
             line.parse::<u64>().ok(),
             Some(expected),
@@ -65,20 +65,12 @@ fn a_million_numbered_lines_arrive_in_order() {
     assert_eq!(lines[1]["stream"], "Stdout");
 }
 
-#[test]
-fn logs_follow_across_a_bounce() {
-    if !require_root() {
-        return;
-    }
-    let hull = TestHull::start();
-    add(&hull, "ticker", COUNTING, RestartPolicy::Always);
-    wait_until(Duration::from_secs(10), "the ticker to run", || {
-        state_of(&hull, "ticker") == "running"
-    });
+/// Starts `hull logs -f NAME` and hands its stdout lines over a channel.
+fn follow(hull: &TestHull, name: &str) -> (std::process::Child, Receiver<String>) {
     let mut follower = Command::new(bin_dir().join("hull"))
         .arg("--config")
         .arg(&hull.config)
-        .args(["logs", "-f", "ticker"])
+        .args(["logs", "-f", name])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -91,21 +83,72 @@ fn logs_follow_across_a_bounce() {
             }
         }
     });
-    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert_eq!(first, "run-1");
-    block_on(async { hull.client().await.bounce(0).await.unwrap() });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("no line from after the bounce reached the follower");
-        if line == "run-2" {
-            break;
-        }
-        assert_eq!(line, "run-1");
+    (follower, rx)
+}
+
+fn next_line(rx: &Receiver<String>, what: &str) -> String {
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no line from the follower: expected {what}"))
+}
+
+/// `hull logs -f` is tail -f: the last ten lines, then new ones, and the
+/// stream marks each start of the service and each bounce.
+#[test]
+fn logs_follow_starts_at_the_last_lines_and_marks_starts_and_bounces() {
+    if !require_root() {
+        return;
     }
+    let hull = TestHull::start();
+    // Each run prints 30 numbered lines, then stays quiet.
+    add(
+        &hull,
+        "hist",
+        "n=$(cat /root/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /root/n; \
+         for i in $(seq 1 30); do echo run-$n-$i; done; exec sleep 1000",
+        RestartPolicy::Always,
+    );
+    wait_until(Duration::from_secs(10), "the first run's lines", || {
+        String::from_utf8_lossy(&hull.hull(&["logs", "hist"]).stdout).contains("run-1-30")
+    });
+    let (mut follower, rx) = follow(&hull, "hist");
+    let first: Vec<String> = (0..10)
+        .map(|_| next_line(&rx, "the last ten lines"))
+        .collect();
+    let want: Vec<String> = (21..=30).map(|i| format!("run-1-{i}")).collect();
+    assert_eq!(first, want, "a follow must start at the last ten lines");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "more than the last ten lines before anything new"
+    );
+
+    let bounced = block_on(async { hull.client().await.bounce(0).await.unwrap() });
+    assert_eq!(next_line(&rx, "the bounce marker"), "-- inner bounced --");
+    let started = next_line(&rx, "the start marker");
+    assert!(
+        started.starts_with("-- hist started (pid ") && started.ends_with(") --"),
+        "{started}"
+    );
+    assert_eq!(next_line(&rx, "the new run's output"), "run-2-1");
     let _ = follower.kill();
     let _ = follower.wait();
+    assert!(bounced.bounces >= 1);
+
+    // The same markers in --json, as records of their own.
+    let out = hull.hull(&["--json", "logs", "hist"]);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<&str> = records
+        .iter()
+        .filter(|r| r["type"] == "marker")
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["start", "bounce", "start"], "{records:?}");
+    assert!(records
+        .iter()
+        .filter(|r| r["type"] == "marker")
+        .all(|r| r["text"].is_string() && r["ts_ms"].is_i64()));
 }
 
 /// The records of `source` in its segment files on disk, as (stream, line).
@@ -196,12 +239,9 @@ fn an_over_long_line_is_split_between_characters() {
     let out = hull.hull(&["--json", "logs", "wide"]);
     let parts: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["line"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] != "marker")
+        .map(|r| r["line"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(parts.len(), 2, "expected one split");
     assert!(
@@ -230,7 +270,10 @@ fn since_keeps_only_recent_lines() {
     let recent = hull.hull(&["logs", "slow", "--since", "2s"]);
     assert_eq!(String::from_utf8_lossy(&recent.stdout), "late\n");
     let all = hull.hull(&["logs", "slow", "--since", "1h"]);
-    assert_eq!(String::from_utf8_lossy(&all.stdout), "early\nlate\n");
+    let all = String::from_utf8_lossy(&all.stdout);
+    let (started, rest) = all.split_once('\n').unwrap();
+    assert!(started.starts_with("-- slow started (pid "), "{all}");
+    assert_eq!(rest, "early\nlate\n");
     let bad = hull.hull(&["logs", "slow", "--since", "soon"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a duration"));

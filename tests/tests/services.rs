@@ -435,3 +435,93 @@ fn a_service_registered_from_inside_the_inner_runs_and_nothing_else_is_reachable
     block_on(hull.sh("hull services remove ticker"));
     wait_states(&hull, "ticker removed", |l| l.is_empty());
 }
+
+/// A raw GET through HTTP ingress: the status and the body.
+fn ingress_get(hull: &TestHull, host: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from((hull.outer, hull.http_port));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// What a user sees of a failed service: what waits on it says so, HTTP
+/// ingress answers 503 at once naming it, a bounce is no restart, and
+/// `--restart never` is documented as it behaves.
+#[test]
+fn a_failed_service_is_named_by_what_waits_for_it_and_by_ingress() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    hull.add_service("web", "exit 3", &[], Some(8050), RestartPolicy::Never);
+    hull.add_service(
+        "worker",
+        "exec sleep 1000",
+        &["web"],
+        None,
+        RestartPolicy::Always,
+    );
+    hull.add_service("idle", "exec sleep 1000", &[], None, RestartPolicy::Always);
+    wait_states(&hull, "web failed, idle running", |l| {
+        l.iter()
+            .any(|s| s.spec.name == "web" && s.state == "failed")
+            && l.iter()
+                .any(|s| s.spec.name == "idle" && s.state == "running")
+    });
+    let out = hull.hull(&["services", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("waiting for web (failed)"), "{table}");
+
+    let begin = std::time::Instant::now();
+    let (status, body) = ingress_get(&hull, "web.localhost");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("service web (port 8050) has failed"),
+        "{body}"
+    );
+    assert!(
+        begin.elapsed() < Duration::from_secs(5),
+        "503 took {:?}: it waited for the port",
+        begin.elapsed()
+    );
+    let (status, body) = ingress_get(&hull, "99999.localhost");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a port"), "{body}");
+
+    block_on(async { hull.client().await.bounce(1).await.unwrap() });
+    wait_states(&hull, "idle back after the bounce", |l| {
+        l.iter()
+            .any(|s| s.spec.name == "idle" && s.state == "running" && s.inner_starts == 2)
+    });
+    let out = hull.hull(&["--json", "services", "list"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let idle = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spec"]["name"] == "idle")
+        .unwrap();
+    assert_eq!(idle["restarts"], 0, "a bounce counted as a restart: {idle}");
+    assert_eq!(idle["inner_starts"], 2, "{idle}");
+
+    let help = hull.hull(&["services", "add", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("every new inner") && help.contains("not restarted after it exits"),
+        "{help}"
+    );
+}

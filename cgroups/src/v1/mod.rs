@@ -43,6 +43,11 @@ impl Manager {
         )
     }
 
+    /// The controllers the group has a directory for.
+    pub fn controllers(&self) -> impl Iterator<Item = &str> {
+        self.dirs.iter().map(|(c, _)| c.as_str())
+    }
+
     /// The group's directory in `controller`'s hierarchy.
     pub fn controller_dir(&self, controller: &str) -> Option<&Path> {
         self.dirs

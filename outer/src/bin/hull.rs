@@ -98,10 +98,12 @@ enum Command {
         /// hulld's own log instead.
         #[arg(long)]
         daemon: bool,
-        /// Keep printing new lines as they come.
+        /// Keep printing new lines as they come, like tail -f: starts with the
+        /// last 10 lines (or --tail N, or everything since --since).
         #[arg(short, long)]
         follow: bool,
-        /// Only the last N lines.
+        /// Only the last N lines (markers such as `-- web started (pid 42) --`
+        /// count as lines).
         #[arg(long, value_name = "N")]
         tail: Option<u64>,
         /// Only stdout or only stderr.
@@ -158,14 +160,19 @@ enum ServicesCommand {
         /// The port it serves HTTP on; services after it wait until it listens.
         #[arg(long)]
         http_port: Option<u16>,
-        /// always, on-failure (default) or never.
+        /// What happens after it exits on a running inner: always, on-failure
+        /// (default: restarted when it exits with a non-zero code or a
+        /// signal) or never. Whatever the policy, every new inner (start,
+        /// bounce, restore) starts it again; "never" only means it is not
+        /// restarted after it exits.
         #[arg(long, default_value = "on-failure")]
         restart: hull_proto::RestartPolicy,
         /// Start only once this service runs (repeatable).
         #[arg(long)]
         after: Vec<String>,
     },
-    /// State, pid, uptime, restarts and last exit of every service.
+    /// State, pid, uptime, restarts (after exits), starts (on new inners)
+    /// and last exit of every service.
     List,
     /// Everything about one service, with its last output lines.
     Show {
