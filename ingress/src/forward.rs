@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::policy::PortPolicy;
 use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, PortTable};
 
@@ -65,7 +66,7 @@ impl PortFilter {
 #[derive(Debug, Clone)]
 pub struct ForwardConfig {
     pub outer_addr: IpAddr,
-    pub allow: PortFilter,
+    pub policy: PortPolicy,
     /// Ports hulld itself uses on the outer address (the HTTP listener):
     /// never bound for forwarding, reached through HTTP ingress instead.
     pub reserved: Vec<u16>,
@@ -86,6 +87,8 @@ pub enum ForwardState {
     Taken { outer: SocketAddr, error: String },
     /// The config's allow list leaves it out.
     NotAllowed,
+    /// It needs the bearer token, which only HTTP ingress checks.
+    Private,
 }
 
 struct Exposed {
@@ -205,8 +208,11 @@ async fn expose(
         task: None,
         gone_since: None,
     };
-    if !config.allow.allows(port) {
+    if !config.policy.exposes(port) {
         return state_only(ForwardState::NotAllowed);
+    }
+    if config.policy.is_private(port) {
+        return state_only(ForwardState::Private);
     }
     if config.reserved.contains(&port) {
         return state_only(ForwardState::Taken {

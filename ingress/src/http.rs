@@ -12,6 +12,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::policy::PortPolicy;
+
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -51,10 +53,8 @@ pub struct HttpIngressConfig {
     pub wait: Duration,
     /// Bearer token for private ports (None: nothing is private).
     pub token: Option<Arc<str>>,
-    /// Inner ports that need the token.
-    pub private_ports: Vec<u16>,
-    /// Every port needs the token.
-    pub private_all: bool,
+    /// Which ports are exposed at all, and which need the token.
+    pub policy: PortPolicy,
     /// Peer networks whose connections are dropped at accept: the inner's
     /// own subnet, so the inner cannot reach hulld's listeners through it.
     pub refuse_from: Vec<(IpAddr, u8)>,
@@ -65,8 +65,7 @@ impl Default for HttpIngressConfig {
         HttpIngressConfig {
             wait: Duration::from_secs(10),
             token: None,
-            private_ports: Vec::new(),
-            private_all: false,
+            policy: PortPolicy::default(),
             refuse_from: Vec::new(),
         }
     }
@@ -196,6 +195,12 @@ impl HttpIngress {
         peer: IpAddr,
         upstreams: &Upstreams,
     ) -> Response<ProxyBody> {
+        if !self.config.policy.exposes(port) {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("port {port} is not exposed (the `expose` setting leaves it out)\n"),
+            );
+        }
         if self.is_private(port) && !self.authorized(req.headers_mut()) {
             let mut resp = text(
                 StatusCode::UNAUTHORIZED,
@@ -320,8 +325,7 @@ impl HttpIngress {
     }
 
     fn is_private(&self, port: u16) -> bool {
-        self.config.token.is_some()
-            && (self.config.private_all || self.config.private_ports.contains(&port))
+        self.config.token.is_some() && self.config.policy.is_private(port)
     }
 
     /// Checks the bearer token and removes it: it is hull's, not the
@@ -1053,7 +1057,10 @@ mod tests {
         let (b, _) = upstream("b").await;
         let cfg = HttpIngressConfig {
             token: Some(Arc::from("s3cret-token")),
-            private_ports: vec![a],
+            policy: PortPolicy {
+                private_ports: vec![a],
+                ..PortPolicy::default()
+            },
             ..config()
         };
         let proxy = start_proxy(cfg, table(&[a, b], true), Vec::new()).await;
@@ -1093,7 +1100,10 @@ mod tests {
         let (a, _) = upstream("a").await;
         let cfg = HttpIngressConfig {
             token: Some(Arc::from("tok")),
-            private_all: true,
+            policy: PortPolicy {
+                private_all: true,
+                ..PortPolicy::default()
+            },
             ..config()
         };
         let proxy = start_proxy(cfg, table(&[a], true), routes(&[("web", a)])).await;

@@ -11,6 +11,7 @@
 //! * [`ports`]: which TCP ports the inner listens on (sock_diag), and by whom.
 //! * [`forward`]: one outer listener per inner port, relaying connections.
 //! * [`peer`]: whether a connection comes from the inner's own network.
+//! * [`policy`]: which inner ports the outside reaches, and on what terms.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
 
 pub mod forward;
@@ -19,6 +20,7 @@ pub mod link;
 pub mod nat;
 pub mod netns;
 pub mod peer;
+pub mod policy;
 pub mod ports;
 pub mod portwatch;
 

@@ -14,6 +14,7 @@ use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
 use hull_ingress::link::{self, LinkError, VethPlan};
 use hull_ingress::nat::{self, NatError, NatTable};
 use hull_ingress::netns::NetnsError;
+use hull_ingress::policy::PortPolicy;
 use hull_ingress::ports::{socket_owners, ListenScanner};
 use hull_ingress::{Dialer, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
@@ -58,8 +59,7 @@ pub struct Network {
     /// Where the HTTP ingress listens, if it does.
     pub http: Option<SocketAddr>,
     token: Arc<str>,
-    private_ports: Vec<u16>,
-    private_all: bool,
+    policy: PortPolicy,
     pub resolv_conf: Option<PathBuf>,
     routes: Arc<watch::Sender<Vec<HttpRoute>>>,
     /// Asks the port scanner for a scan now.
@@ -119,6 +119,11 @@ impl Network {
             0 => None,
             port => Some(SocketAddr::new(outer, port)),
         };
+        let policy = PortPolicy {
+            expose: net.expose.clone(),
+            private_ports: net.private_ports.clone(),
+            private_all: net.private_all,
+        };
         let io = start_ingress_runtime()?;
         let forwarder = {
             // Its tasks and listeners live on the ingress runtime.
@@ -128,7 +133,7 @@ impl Network {
                 ports.clone(),
                 ForwardConfig {
                     outer_addr: outer,
-                    allow: net.expose.clone(),
+                    policy: policy.clone(),
                     reserved: http.iter().map(|a| a.port()).collect(),
                     refuse_from: refuse_from.clone(),
                     wait,
@@ -147,8 +152,7 @@ impl Network {
                         config: HttpIngressConfig {
                             wait,
                             token: Some(token.clone()),
-                            private_ports: net.private_ports.clone(),
-                            private_all: net.private_all,
+                            policy: policy.clone(),
                             refuse_from,
                         },
                     });
@@ -178,8 +182,7 @@ impl Network {
             forwarder,
             http,
             token,
-            private_ports: net.private_ports,
-            private_all: net.private_all,
+            policy,
             resolv_conf,
             routes: Arc::new(routes),
             rescan,
@@ -218,10 +221,6 @@ impl Network {
         });
     }
 
-    fn is_private(&self, port: u16) -> bool {
-        self.private_all || self.private_ports.contains(&port)
-    }
-
     /// `hull ports`: what listens in the inner, who owns it, how it is exposed.
     pub fn report(&self, inner_pids: &[i32]) -> PortsReport {
         let table = self.ports.borrow().clone();
@@ -239,6 +238,7 @@ impl Network {
                         ("taken", Some(outer.to_string()), Some(error))
                     }
                     Some(ForwardState::NotAllowed) => ("not-allowed", None, None),
+                    Some(ForwardState::Private) => ("private", None, None),
                     None => ("pending", None, None),
                 };
                 PortInfo {
@@ -250,7 +250,7 @@ impl Network {
                     outer,
                     detail,
                     http_url: self.http.map(|a| http_url(a, p.port)),
-                    private: self.is_private(p.port),
+                    private: self.policy.is_private(p.port),
                 }
             })
             .collect();
@@ -264,8 +264,8 @@ impl Network {
         IngressReport {
             http: self.http.map(|a| a.to_string()),
             token: self.token.to_string(),
-            private_ports: self.private_ports.clone(),
-            private_all: self.private_all,
+            private_ports: self.policy.private_ports.clone(),
+            private_all: self.policy.private_all,
             inner_address: self.plan.as_ref().map(|p| p.inner_ip.to_string()),
             gateway: self.plan.as_ref().map(|p| p.host_ip.to_string()),
         }

@@ -528,6 +528,64 @@ fn private_ports_need_the_bearer_token() {
     let (status, _, body) = get(ingress(&hull), "8401.localhost", "/");
     assert_eq!((status, body), (200, b"public\n".to_vec()));
     assert_eq!(listed(&hull, 8400).unwrap()["private"], true);
+    // The raw forward of the same port would skip the token: a private
+    // port is reached through HTTP ingress only.
+    assert_eq!(listed(&hull, 8400).unwrap()["exposure"], "private");
+    let raw = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from((hull.outer, 8400)),
+        Duration::from_secs(2),
+    );
+    assert!(
+        raw.is_err(),
+        "private port 8400 is forwarded raw, without the token"
+    );
+    let (status, _, body) = http(
+        SocketAddr::from((hull.outer, 8401)),
+        "x",
+        "GET / HTTP/1.1\r\n",
+        b"",
+    );
+    assert_eq!(
+        (status, body),
+        (200, b"public\n".to_vec()),
+        "public 8401 raw"
+    );
+}
+
+/// `expose` is the list of inner ports reachable from outside at all: HTTP
+/// ingress reached any port by `Host: PORT.x`.
+#[test]
+fn http_ingress_keeps_to_the_expose_list() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        network_extra: "expose = \"8401\"".into(),
+        ..Limits::default()
+    });
+    web_root(&hull, "/p", "hidden");
+    web_root(&hull, "/q", "shown");
+    for (name, port, dir) in [("p", 8400, "/p"), ("q", 8401, "/q")] {
+        hull.add_service(
+            name,
+            &format!("exec httpd -f -p {port} -h {dir}"),
+            &[],
+            None,
+            RestartPolicy::Always,
+        );
+    }
+    wait_listed(&hull, 8401);
+    wait_listed(&hull, 8400);
+    let (status, _, body) = get(ingress(&hull), "8400.localhost", "/");
+    assert_eq!(
+        status,
+        403,
+        "port 8400 is outside expose: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(String::from_utf8_lossy(&body).contains("8400"));
+    let (status, _, body) = get(ingress(&hull), "8401.localhost", "/");
+    assert_eq!((status, body), (200, b"shown\n".to_vec()));
 }
 
 /// A network namespace of the test's own, reached from the root namespace
@@ -750,7 +808,18 @@ fn hundreds_of_concurrent_forwarded_connections_each_get_their_answer() {
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
+    let failed = threads
+        .into_iter()
+        .map(std::thread::JoinHandle::join)
+        .filter(Result::is_err)
+        .count();
+    if failed > 0 {
+        let log = hull.log();
+        let relay_errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ended with an error") || l.contains("WARN"))
+            .take(20)
+            .collect();
+        panic!("{failed} of 500 connections got no answer; hulld said:\n{relay_errors:#?}");
     }
 }
