@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use crate::launch::{InitEvent, Inner, SpawnFailure};
+use crate::launch::{InitEvent, InitProcess, Inner, StartFailure};
 use crate::supervisor::Supervisor;
 use hull_logs::{LineSplitter, LogStore, SourceLog};
 
@@ -218,24 +218,67 @@ where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
-    let Some(inner) = supervisor.wait_running(WAIT_FOR_INNER).await else {
-        let p = supervisor.published();
-        let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
-        return writer
-            .send(error(
-                ErrorKind::InnerUnavailable,
-                format!("the inner is not running (state {}){detail}", p.state),
-            ))
-            .await;
-    };
-    // Non-interactive output is also kept in the `exec` log source; a
-    // terminal session is the user's own screen and is not.
-    let log = if spec.tty.is_none() {
-        logs.source(EXEC_LOG).ok()
-    } else {
-        None
-    };
-    session(&inner, spec, log, reader, writer).await
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_INNER;
+    let mut stopped: Option<Arc<Inner>> = None;
+    loop {
+        let Some(inner) = next_inner(supervisor, stopped.as_ref(), deadline).await else {
+            let p = supervisor.published();
+            let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
+            return writer
+                .send(error(
+                    ErrorKind::InnerUnavailable,
+                    format!("the inner is not running (state {}){detail}", p.state),
+                ))
+                .await;
+        };
+        // A request the init never got ran nowhere: it goes to the next
+        // inner. One it may have acted on is not repeated.
+        let process = match inner.link.start(spec.clone()).await {
+            Ok(p) => p,
+            Err(StartFailure::NotSent) => {
+                tracing::debug!(
+                    generation = inner.generation,
+                    "exec raced a stop; retrying on the next inner"
+                );
+                stopped = Some(inner);
+                continue;
+            }
+            Err(StartFailure::Refused(kind, message)) => {
+                return writer.send(error(ErrorKind::Spawn(kind), message)).await
+            }
+            Err(StartFailure::Lost) => return writer.send(inner_stopped(&inner)).await,
+        };
+        // Non-interactive output is also kept in the `exec` log source; a
+        // terminal session is the user's own screen and is not.
+        let log = if spec.tty.is_none() {
+            logs.source(EXEC_LOG).ok()
+        } else {
+            None
+        };
+        return session(&inner, process, spec.tty.is_some(), log, reader, writer).await;
+    }
+}
+
+/// The running inner, other than `stopped` (one a request just missed),
+/// waiting for one until `deadline`.
+async fn next_inner(
+    supervisor: &Supervisor,
+    stopped: Option<&Arc<Inner>>,
+    deadline: tokio::time::Instant,
+) -> Option<Arc<Inner>> {
+    let mut current = supervisor.watch_current();
+    let found = tokio::time::timeout_at(
+        deadline,
+        current.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|c| !stopped.is_some_and(|s| Arc::ptr_eq(c, s)))
+        }),
+    )
+    .await;
+    match found {
+        Ok(Ok(inner)) => inner.clone(),
+        _ => None,
+    }
 }
 
 /// The log source of non-interactive execs (`hull logs exec`).
@@ -250,7 +293,8 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
 
 async fn session<R, W>(
     inner: &Arc<Inner>,
-    spec: ExecSpec,
+    mut process: InitProcess,
+    tty: bool,
     log: Option<Arc<SourceLog>>,
     reader: &mut R,
     writer: &mut W,
@@ -259,14 +303,6 @@ where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
-    let tty = spec.tty.is_some();
-    let mut process = match inner.link.spawn(spec).await {
-        Ok(p) => p,
-        Err(SpawnFailure::Refused(kind, message)) => {
-            return writer.send(error(ErrorKind::Spawn(kind), message)).await
-        }
-        Err(SpawnFailure::InnerGone) => return writer.send(inner_stopped(inner)).await,
-    };
     let fds = std::mem::take(&mut process.fds);
     let (id, pid) = (process.id, process.pid);
     let mut exit: Option<ExitStatus> = process.exited;

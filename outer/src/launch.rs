@@ -119,6 +119,17 @@ impl Drop for InitProcess {
 
 pub use hull_services::SpawnFailure;
 
+/// Why [`InitLink::start`] has no process.
+#[derive(Debug)]
+pub enum StartFailure {
+    /// The inner refused (missing program, bad cwd, unknown user).
+    Refused(SpawnErrorKind, String),
+    /// The inner was gone before the request reached it: nothing ran.
+    NotSent,
+    /// The inner went away after the request was sent: it may have run.
+    Lost,
+}
+
 /// hulld's side of the link to one inner init.
 pub struct InitLink {
     writer: tokio::sync::Mutex<FrameWriter<OwnedWriteHalf, ToInit>>,
@@ -129,9 +140,18 @@ pub struct InitLink {
 impl InitLink {
     /// Asks the init to run `spec` and waits for its pid and stdio fds.
     pub async fn spawn(self: &Arc<Self>, spec: ExecSpec) -> Result<InitProcess, SpawnFailure> {
+        self.start(spec).await.map_err(|e| match e {
+            StartFailure::Refused(kind, message) => SpawnFailure::Refused(kind, message),
+            StartFailure::NotSent | StartFailure::Lost => SpawnFailure::InnerGone,
+        })
+    }
+
+    /// Like [`InitLink::spawn`], telling apart a request the init never got
+    /// (safe to run elsewhere) from one it may have acted on.
+    pub async fn start(self: &Arc<Self>, spec: ExecSpec) -> Result<InitProcess, StartFailure> {
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(events) = self.register(id) else {
-            return Err(SpawnFailure::InnerGone);
+            return Err(StartFailure::NotSent);
         };
         // From here on the guard's drop unregisters `id` on every path.
         let mut process = InitProcess {
@@ -142,8 +162,9 @@ impl InitLink {
             events,
             link: self.clone(),
         };
+        // A failed write delivers no whole frame: the init cannot act on it.
         if self.send(ToInit::Spawn { id, spec }).await.is_err() {
-            return Err(SpawnFailure::InnerGone);
+            return Err(StartFailure::NotSent);
         }
         let (mut pid, mut fds) = (None, None);
         while pid.is_none() || fds.is_none() {
@@ -152,9 +173,9 @@ impl InitLink {
                 Some(InitEvent::Fds(f)) => fds = Some(f),
                 Some(InitEvent::Exited(s)) => process.exited = Some(s),
                 Some(InitEvent::SpawnFailed(kind, message)) => {
-                    return Err(SpawnFailure::Refused(kind, message))
+                    return Err(StartFailure::Refused(kind, message))
                 }
-                None => return Err(SpawnFailure::InnerGone),
+                None => return Err(StartFailure::Lost),
             }
         }
         process.pid = pid.unwrap_or_default();
