@@ -24,10 +24,12 @@ pub struct WinSize {
     pub cols: u16,
 }
 
-/// How a process ended.
+/// How a process ended: `{"exit_code": N}` or `{"signal": N}` in JSON.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ExitStatus {
+    #[serde(rename = "exit_code")]
     Code(i32),
+    #[serde(rename = "signal")]
     Signal(i32),
 }
 
@@ -168,8 +170,8 @@ pub struct CheckpointInfo {
     pub comment: Option<String>,
     /// Taken by hull itself (before a restore), subject to retention.
     pub auto: bool,
-    /// The service definitions recorded with it (JSON array).
-    pub services: String,
+    /// The service definitions recorded with it.
+    pub services: Vec<ServiceSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
