@@ -1,6 +1,6 @@
 //! The `hull` commands. Each is a thin layer over [`crate::client`].
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -11,13 +11,127 @@ use anyhow::{bail, Context, Result};
 use futures::SinkExt;
 use hull_image::{ImageKind, ImageStore};
 use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecSpec, StatusReport, Stream, WinSize,
+    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecSpec, ExitStatus, StatusReport, Stream, WinSize,
 };
 use nix::sys::termios;
 use tokio::sync::mpsc;
 
 use crate::client::{self, Client, ClientError};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+
+/// Failures of the CLI itself; each has a stable code (see [`error_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// hulld runs as root and its control socket is root's (mode 0600).
+    #[error("hull needs root (the control socket is 0600); run it as root, e.g. with sudo")]
+    NeedsRoot,
+    /// A command that only makes sense in the VM, asked inside the inner.
+    #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services` works")]
+    NotInInner(&'static str),
+    /// The reader of stdout went away (`hull status | head -1`): the end of
+    /// the output, not a failure to report.
+    #[error("stdout is closed")]
+    StdoutClosed,
+    #[error("cannot write to stdout")]
+    Stdout(#[source] std::io::Error),
+    /// The inner stopped while the command ran; hull exits 255.
+    #[error("session ended: {0}")]
+    SessionEnded(String),
+}
+
+/// The stable, snake_case code of an error, for `--json` (docs/json.md).
+pub fn error_code(e: &anyhow::Error) -> &'static str {
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<CliError>() {
+            return match e {
+                CliError::NeedsRoot => "needs_root",
+                CliError::NotInInner(_) => "not_permitted",
+                CliError::StdoutClosed | CliError::Stdout(_) => "stdout",
+                CliError::SessionEnded(_) => "inner_stopped",
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<ClientError>() {
+            return match e {
+                ClientError::NotRunning { .. } => "not_running",
+                ClientError::NeedsRoot { .. } => "needs_root",
+                ClientError::Io(_) | ClientError::Closed => "connection_lost",
+                ClientError::Unexpected(_) => "protocol",
+                ClientError::InnerStopped(_) => "inner_stopped",
+                ClientError::Daemon(report) => daemon_code(report.kind),
+            };
+        }
+        if cause.is::<ConfigError>() {
+            return "config";
+        }
+        if cause.is::<hull_image::ImageError>() {
+            return "image";
+        }
+    }
+    "failed"
+}
+
+fn daemon_code(kind: ErrorKind) -> &'static str {
+    use hull_proto::SpawnErrorKind as S;
+    match kind {
+        ErrorKind::Version => "version_mismatch",
+        ErrorKind::BadFrame => "bad_frame",
+        ErrorKind::BadRequest => "bad_request",
+        ErrorKind::InnerUnavailable => "inner_unavailable",
+        ErrorKind::Spawn(S::NotFound) => "command_not_found",
+        ErrorKind::Spawn(S::PermissionDenied) => "command_not_executable",
+        ErrorKind::Spawn(S::BadCwd) => "bad_cwd",
+        ErrorKind::Spawn(S::Other) => "spawn_failed",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::Service => "service_refused",
+        ErrorKind::Storage => "storage",
+        ErrorKind::NotPermitted => "not_permitted",
+        ErrorKind::Internal => "internal",
+    }
+}
+
+/// Reports an error on stderr: `hull: message`, or one JSON object
+/// `{"code": ..., "message": ...}` under `--json`.
+pub fn report_error(json: bool, code: &str, message: &str) {
+    if json {
+        let obj = serde_json::json!({ "code": code, "message": message });
+        eprintln!("{obj}");
+    } else {
+        eprintln!("hull: {message}");
+    }
+}
+
+/// Exit code of a command that failed in hull itself (not in the inner).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code when hull needs root (every command but exec and console,
+/// which use [`HULL_FAILED`]).
+pub const EXIT_NEEDS_ROOT: i32 = 4;
+/// Exit code when stdout's reader went away, as a shell reports a
+/// process that SIGPIPE ended.
+pub const EXIT_STDOUT_CLOSED: i32 = 128 + libc::SIGPIPE;
+
+/// One line to stdout. A closed stdout becomes [`CliError::StdoutClosed`]
+/// rather than the panic of `println!`.
+pub fn write_out(args: std::fmt::Arguments) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .map_err(stdout_error)
+}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError::StdoutClosed.into()
+    } else {
+        CliError::Stdout(e).into()
+    }
+}
+
+/// `println!` that returns a closed stdout as an error instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_out(format_args!($($arg)*))?
+    };
+}
 
 /// Options every command shares.
 #[derive(Debug, Clone)]
@@ -34,7 +148,7 @@ impl Global {
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -42,16 +156,17 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
     if g.json {
         return print_json(s);
     }
-    println!(
+    outln!(
         "hulld      pid {} (version {})",
-        s.daemon_pid, s.daemon_version
+        s.daemon_pid,
+        s.daemon_version
     );
-    println!("inner      {}", s.state);
+    outln!("inner      {}", s.state);
     if let Some(pid) = s.inner_pid {
-        println!("inner pid  {pid}");
+        outln!("inner pid  {pid}");
     }
     if let Some(ms) = s.inner_uptime_ms {
-        println!("uptime     {:.1} s", ms as f64 / 1000.0);
+        outln!("uptime     {:.1} s", ms as f64 / 1000.0);
     }
     let mem = s
         .limits
@@ -63,20 +178,21 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         .pids_max
         .map(|p| p.to_string())
         .unwrap_or_else(|| "none".into());
-    println!("limits     memory {mem}, pids {pids}");
-    println!(
+    outln!("limits     memory {mem}, pids {pids}");
+    outln!(
         "bounces    {} (unplanned restarts {})",
-        s.bounces, s.unplanned_restarts
+        s.bounces,
+        s.unplanned_restarts
     );
-    println!("image      {}", s.image);
-    println!("state      {}", s.state_dir);
-    println!("cgroup     {}", s.cgroup);
-    println!("volume     {}", s.volume);
+    outln!("image      {}", s.image);
+    outln!("state      {}", s.state_dir);
+    outln!("cgroup     {}", s.cgroup);
+    outln!("volume     {}", s.volume);
     if let Some(head) = &s.head {
-        println!("from       checkpoint {head}");
+        outln!("from       checkpoint {head}");
     }
     if let Some(e) = &s.last_error {
-        println!("last error {e}");
+        outln!("last error {e}");
     }
     Ok(())
 }
@@ -116,7 +232,7 @@ pub fn image_build(g: &Global, kind: Option<String>, rebuild: bool) -> Result<()
     if g.json {
         print_json(&serde_json::json!({ "kind": kind.name(), "rootfs": path }))?;
     } else {
-        println!("{}", path.display());
+        outln!("{}", path.display());
     }
     Ok(())
 }
@@ -142,12 +258,20 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// Starts hulld in the background unless it runs, then waits for the inner.
 pub async fn up(g: &Global, hulld_args: Vec<String>) -> Result<()> {
-    if let Ok(mut c) = Client::connect(&g.config.socket).await {
-        let s = c.status().await?;
-        if !g.json {
-            eprintln!("hull: hulld is already running");
+    match Client::connect(&g.config.socket).await {
+        Ok(mut c) => {
+            let s = c.status().await?;
+            if !g.json {
+                outln!("hulld is already running");
+            }
+            return print_status(g, &s);
         }
-        return print_status(g, &s);
+        Err(e @ ClientError::NeedsRoot { .. }) => return Err(e.into()),
+        Err(_) => {}
+    }
+    // hulld needs root; building an image first would only fail later.
+    if !nix::unistd::geteuid().is_root() {
+        bail!(CliError::NeedsRoot);
     }
     build_image(&g.config, g.config.image_kind()?, false)?;
     std::fs::create_dir_all(&g.config.state_dir)
@@ -205,9 +329,9 @@ pub async fn up(g: &Global, hulld_args: Vec<String>) -> Result<()> {
 pub async fn down(g: &Global, grace: f64) -> Result<()> {
     let mut c = match Client::connect(&g.config.socket).await {
         Ok(c) => c,
-        Err(ClientError::Connect { .. }) => {
+        Err(ClientError::NotRunning { .. }) => {
             if !g.json {
-                eprintln!("hull: hulld is not running");
+                outln!("hulld is not running");
             } else {
                 print_json(&serde_json::json!({ "stopped": false, "running": false }))?;
             }
@@ -227,7 +351,7 @@ pub async fn down(g: &Global, grace: f64) -> Result<()> {
     if g.json {
         print_json(&serde_json::json!({ "stopped": true, "daemon_pid": pid }))?;
     } else {
-        eprintln!("hull: stopped hulld (pid {pid}) and the inner");
+        outln!("stopped hulld (pid {pid}) and the inner");
     }
     Ok(())
 }
@@ -250,9 +374,13 @@ pub async fn bounce(g: &Global, grace: f64) -> Result<()> {
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "bounced in {:.1} ms (stop {:.1} ms, start {:.1} ms); inner pid {}, bounce #{}",
-        r.total_ms, r.stop_ms, r.start_ms, r.inner_pid, r.bounces
+        r.total_ms,
+        r.stop_ms,
+        r.start_ms,
+        r.inner_pid,
+        r.bounces
     );
     Ok(())
 }
@@ -314,8 +442,19 @@ pub struct ExecOptions {
 
 /// Runs one command in the inner, wired to this terminal. Returns the exit
 /// code hull should exit with.
-pub async fn exec(g: &Global, opts: ExecOptions) -> Result<i32> {
+pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
+    if opts.tty && !std::io::stdin().is_terminal() {
+        // A PTY only ends its input when a user types ^D; with a pipe or a
+        // file on stdin the session would wait for that forever.
+        if !g.json {
+            eprintln!("hull: stdin is not a terminal; running without one (as without -t)");
+        }
+        opts.tty = false;
+    }
+    // --json collects the output into one object: no terminal to draw on.
+    opts.tty &= !g.json;
     let mut c = g.connect().await?;
+    let started = Instant::now();
     let tty = opts.tty.then(local_winsize);
     let spec = ExecSpec {
         argv: opts.argv,
@@ -327,11 +466,12 @@ pub async fn exec(g: &Global, opts: ExecOptions) -> Result<i32> {
     match c.exec_start(spec).await {
         Ok(_pid) => {}
         Err(ClientError::Daemon(report)) => {
-            eprintln!("hull: {}", report.message);
-            return Ok(match report.kind {
-                ErrorKind::Spawn(kind) => kind.shell_code(),
-                _ => HULL_FAILED,
-            });
+            let ErrorKind::Spawn(kind) = report.kind else {
+                return Err(ClientError::Daemon(report).into());
+            };
+            // The command's failure, with the code a shell gives it.
+            report_error(g.json, daemon_code(report.kind), &report.message);
+            return Ok(kind.shell_code());
         }
         Err(e) => return Err(e.into()),
     }
@@ -348,67 +488,141 @@ pub async fn exec(g: &Global, opts: ExecOptions) -> Result<i32> {
             }
         }
     });
-    let _raw = if opts.tty { RawTerminal::enter() } else { None };
+    let raw = if opts.tty { RawTerminal::enter() } else { None };
     if opts.interactive {
-        let tx = tx.clone();
-        let tty = opts.tty;
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        if !tty {
-                            let _ = tx.blocking_send(ClientMsg::StdinEof);
-                        }
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx
-                            .blocking_send(ClientMsg::Stdin(buf[..n].to_vec()))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        spawn_stdin_reader(tx.clone(), opts.tty);
     } else {
         tx.send(ClientMsg::StdinEof).await?;
     }
     spawn_signal_forwarding(tx.clone(), opts.tty)?;
-    // Blocking writes: the terminal is the session's only sink, and a slow
-    // terminal should slow the session down, not buffer without bound.
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    loop {
+    let mut sink = if g.json {
+        OutputSink::Collect(Vec::new(), Vec::new())
+    } else {
+        OutputSink::Terminal
+    };
+    let end = loop {
         match client::next(&mut reader).await {
-            Ok(DaemonMsg::Output { stream, data }) => match stream {
-                Stream::Stdout => {
-                    stdout.write_all(&data)?;
-                    stdout.flush()?;
+            Ok(DaemonMsg::Output { stream, data }) => sink.write(stream, &data)?,
+            Ok(DaemonMsg::ExecEnded(end)) => break end,
+            Ok(other) => bail!(ClientError::Unexpected(format!("{other:?}"))),
+            Err(e) => {
+                drop(raw);
+                if opts.tty {
+                    eprintln!("\r");
                 }
-                Stream::Stderr => {
-                    stderr.write_all(&data)?;
-                    stderr.flush()?;
-                }
-            },
-            Ok(DaemonMsg::ExecEnded(ExecEnd::Exited(status))) => return Ok(status.shell_code()),
-            Ok(DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason })) => {
-                drop(_raw);
-                eprintln!("\r\nhull: session ended: {reason}");
-                return Ok(INNER_STOPPED);
+                return Err(e.into());
             }
-            Ok(other) => bail!("unexpected message from hulld: {other:?}"),
-            Err(ClientError::Closed) => {
-                drop(_raw);
-                eprintln!("\r\nhull: hulld closed the connection");
-                return Ok(HULL_FAILED);
+        }
+    };
+    drop(raw);
+    match end {
+        ExecEnd::Exited(status) => {
+            if let OutputSink::Collect(stdout, stderr) = &sink {
+                print_json(&exec_json(status, stdout, stderr, started.elapsed()))?;
             }
-            Err(e) => return Err(e.into()),
+            Ok(status.shell_code())
+        }
+        ExecEnd::InnerStopped { reason } => {
+            if opts.tty {
+                eprintln!("\r");
+            }
+            Err(CliError::SessionEnded(reason).into())
         }
     }
+}
+
+/// Where a session's output goes: this terminal, or memory for `--json`.
+enum OutputSink {
+    Terminal,
+    Collect(Vec<u8>, Vec<u8>),
+}
+
+impl OutputSink {
+    /// Blocking writes: the terminal is the session's only sink, and a slow
+    /// terminal should slow the session down, not buffer without bound.
+    fn write(&mut self, stream: Stream, data: &[u8]) -> Result<()> {
+        match (self, stream) {
+            (OutputSink::Terminal, Stream::Stdout) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(data)
+                    .and_then(|()| out.flush())
+                    .map_err(stdout_error)
+            }
+            (OutputSink::Terminal, Stream::Stderr) => {
+                let mut err = std::io::stderr().lock();
+                // A closed stderr loses diagnostics, not the session.
+                let _ = err.write_all(data).and_then(|()| err.flush());
+                Ok(())
+            }
+            (OutputSink::Collect(out, _), Stream::Stdout) => {
+                out.extend_from_slice(data);
+                Ok(())
+            }
+            (OutputSink::Collect(_, err), Stream::Stderr) => {
+                err.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `hull --json exec`: the exit and both streams in one object. A stream
+/// that is not UTF-8 comes as `NAME_base64` instead of `NAME`.
+fn exec_json(
+    status: ExitStatus,
+    stdout: &[u8],
+    stderr: &[u8],
+    elapsed: Duration,
+) -> serde_json::Value {
+    use base64::Engine;
+    let mut obj = serde_json::Map::new();
+    obj.insert("exit_code".into(), status.shell_code().into());
+    if let ExitStatus::Signal(n) = status {
+        obj.insert("signal".into(), n.into());
+    }
+    for (name, bytes) in [("stdout", stdout), ("stderr", stderr)] {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => obj.insert(name.into(), text.into()),
+            Err(_) => obj.insert(
+                format!("{name}_base64"),
+                base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .into(),
+            ),
+        };
+    }
+    obj.insert(
+        "duration_ms".into(),
+        (elapsed.as_secs_f64() * 1000.0).into(),
+    );
+    serde_json::Value::Object(obj)
+}
+
+/// Streams this terminal's stdin to the session from a thread (stdin reads
+/// block). On a PTY the end of input is a ^D the user types, not an EOF.
+fn spawn_stdin_reader(tx: mpsc::Sender<ClientMsg>, tty: bool) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    if !tty {
+                        let _ = tx.blocking_send(ClientMsg::StdinEof);
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    if tx
+                        .blocking_send(ClientMsg::Stdin(buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// With a PTY, Ctrl-C travels as a byte and only window changes need
@@ -453,6 +667,48 @@ pub fn console_argv() -> Vec<String> {
     ]
 }
 
+/// Commands for the VM only: inside the inner, hulld's socket there serves
+/// `hull services` and the help does not offer the rest.
+pub const VM_ONLY_COMMANDS: [&str; 11] = [
+    "up",
+    "status",
+    "exec",
+    "console",
+    "bounce",
+    "down",
+    "checkpoint",
+    "logs",
+    "ports",
+    "ingress",
+    "image",
+];
+
+/// True inside the inner: hulld mounts its `hull` client there, at a path
+/// the VM itself never has.
+pub fn in_inner() -> bool {
+    Path::new(hull_inner::INNER_API_BIN).join("hull").exists()
+}
+
+/// Reports a failed command (nothing for a closed stdout) and returns the
+/// exit code. A command run in the inner (`exec`, `console`) keeps every
+/// code but 125 (hull failed) and 255 (the inner stopped under it) for the
+/// command's own; the rest exit 1, or 4 when hull needs root.
+pub fn fail(e: &anyhow::Error, json: bool, runs_command: bool) -> i32 {
+    if e.chain()
+        .any(|c| matches!(c.downcast_ref(), Some(CliError::StdoutClosed)))
+    {
+        return EXIT_STDOUT_CLOSED;
+    }
+    let code = error_code(e);
+    report_error(json, code, &error_chain(e));
+    match (runs_command, code) {
+        (true, "inner_stopped") => INNER_STOPPED,
+        (true, _) => HULL_FAILED,
+        (false, "needs_root") => EXIT_NEEDS_ROOT,
+        (false, _) => EXIT_FAILED,
+    }
+}
+
 pub fn flush_stdout() {
     let _ = std::io::stdout().flush();
 }
@@ -482,15 +738,19 @@ pub async fn ports(g: &Global) -> Result<()> {
         return print_json(&r);
     }
     if r.ports.is_empty() {
-        println!(
+        outln!(
             "nothing listens on a TCP port in the inner (network: {})",
             r.network
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<6} {:<16} {:<8} {:<16} {:<22} HTTP",
-        "PORT", "ADDRESS", "PID", "COMMAND", "OUTSIDE"
+        "PORT",
+        "ADDRESS",
+        "PID",
+        "COMMAND",
+        "OUTSIDE"
     );
     for p in &r.ports {
         let outside = match (p.exposure.as_str(), &p.outer) {
@@ -503,7 +763,7 @@ pub async fn ports(g: &Global) -> Result<()> {
             Some(url) => url.clone(),
             None => "-".into(),
         };
-        println!(
+        outln!(
             "{:<6} {:<16} {:<8} {:<16} {:<22} {}",
             p.port,
             p.address,
@@ -514,7 +774,7 @@ pub async fn ports(g: &Global) -> Result<()> {
         );
     }
     for p in r.ports.iter().filter(|p| p.exposure == "taken") {
-        println!(
+        outln!(
             "port {}: the outer address is taken ({}); reach it through HTTP ingress",
             p.port,
             p.detail.as_deref().unwrap_or("in use")
@@ -532,9 +792,9 @@ pub async fn ingress(g: &Global) -> Result<()> {
     }
     match &r.http {
         Some(addr) => {
-            println!("HTTP ingress   http://{addr}/ (Host PORT.<anything> picks the inner port)")
+            outln!("HTTP ingress   http://{addr}/ (Host PORT.<anything> picks the inner port)")
         }
-        None => println!("HTTP ingress   off"),
+        None => outln!("HTTP ingress   off"),
     }
     let private = if r.private_all {
         "every port".to_string()
@@ -547,13 +807,13 @@ pub async fn ingress(g: &Global) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("private        {private}");
-    println!(
+    outln!("private        {private}");
+    outln!(
         "token          {}  (send: Authorization: Bearer TOKEN)",
         r.token
     );
     if let (Some(inner), Some(gw)) = (&r.inner_address, &r.gateway) {
-        println!("inner address  {inner} (gateway {gw})");
+        outln!("inner address  {inner} (gateway {gw})");
     }
     Ok(())
 }
@@ -564,9 +824,11 @@ pub async fn checkpoint_create(g: &Global, comment: Option<String>) -> Result<()
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "checkpoint {} created in {:.1} ms (inner frozen {:.1} ms)",
-        r.checkpoint.id, r.total_ms, r.frozen_ms
+        r.checkpoint.id,
+        r.total_ms,
+        r.frozen_ms
     );
     Ok(())
 }
@@ -577,19 +839,19 @@ pub async fn checkpoint_restore(g: &Global, id: &str) -> Result<()> {
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "restored {} in {:.1} ms (stop {:.1} ms, start {:.1} ms); undo with: hull checkpoint restore {}",
         r.restored, r.total_ms, r.stop_ms, r.start_ms, r.undo
     );
     if !r.services_removed.is_empty() {
-        println!(
+        outln!(
             "services removed (not in {}): {}",
             r.restored,
             r.services_removed.join(", ")
         );
     }
     if !r.services_added.is_empty() {
-        println!(
+        outln!(
             "services brought back (recorded in {}): {}",
             r.restored,
             r.services_added.join(", ")
@@ -604,7 +866,7 @@ pub async fn checkpoint_delete(g: &Global, id: &str) -> Result<()> {
     if g.json {
         return print_json(&serde_json::json!({ "deleted": id }));
     }
-    println!("deleted checkpoint {id}");
+    outln!("deleted checkpoint {id}");
     Ok(())
 }
 
@@ -618,6 +880,73 @@ fn age(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// The checkpoints as a tree, one line each, in creation order. A chain
+/// (each checkpoint the only child of the one before) stays in one column;
+/// only a checkpoint with several children opens branches, drawn like
+/// `tree(1)`.
+pub fn checkpoint_tree(listing: &hull_proto::CheckpointListing) -> Vec<String> {
+    use std::collections::HashMap;
+    let known: std::collections::HashSet<&str> =
+        listing.checkpoints.iter().map(|c| c.id.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&hull_proto::CheckpointInfo>> = HashMap::new();
+    for cp in &listing.checkpoints {
+        // A checkpoint whose parent was deleted starts a tree of its own.
+        let parent = cp.parent.as_deref().filter(|p| known.contains(p));
+        children.entry(parent).or_default().push(cp);
+    }
+    let line = |cp: &hull_proto::CheckpointInfo, prefix: &str| {
+        let marker = if listing.head.as_deref() == Some(cp.id.as_str()) {
+            "*"
+        } else {
+            " "
+        };
+        let orphan = match &cp.parent {
+            Some(p) if !known.contains(p.as_str()) => format!(" (from deleted {p})"),
+            _ => String::new(),
+        };
+        format!(
+            "{marker} {prefix}{:<6} {:>8}  {}{}{}",
+            cp.id,
+            age(listing.now_ms, cp.created_ms),
+            if cp.auto { "[auto] " } else { "" },
+            cp.comment.as_deref().unwrap_or(""),
+            orphan,
+        )
+        .trim_end()
+        .to_string()
+    };
+    let mut out = Vec::new();
+    // (siblings still to draw, the prefix of their lines, whether they
+    // hang off a fork): an explicit stack, so a chain of thousands does
+    // not recurse thousands deep.
+    let roots = children.get(&None).cloned().unwrap_or_default();
+    let mut stack: Vec<(
+        std::vec::IntoIter<&hull_proto::CheckpointInfo>,
+        String,
+        bool,
+    )> = vec![(roots.into_iter(), String::new(), false)];
+    while let Some((siblings, prefix, fork)) = stack.last_mut() {
+        let Some(cp) = siblings.next() else {
+            stack.pop();
+            continue;
+        };
+        let last = siblings.len() == 0;
+        let (own, below) = match (*fork, last) {
+            (false, _) => (prefix.clone(), prefix.clone()),
+            (true, false) => (format!("{prefix}├─ "), format!("{prefix}│  ")),
+            (true, true) => (format!("{prefix}└─ "), format!("{prefix}   ")),
+        };
+        out.push(line(cp, &own));
+        let kids = children
+            .get(&Some(cp.id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        let forks = kids.len() > 1;
+        stack.push((kids.into_iter(), below, forks));
+    }
+    out
+}
+
 /// Prints checkpoints as a tree: each under its parent, in creation order.
 pub async fn checkpoint_list(g: &Global) -> Result<()> {
     let mut c = g.connect().await?;
@@ -626,61 +955,44 @@ pub async fn checkpoint_list(g: &Global) -> Result<()> {
         return print_json(&listing);
     }
     if listing.checkpoints.is_empty() {
-        println!("no checkpoints yet; take one with: hull checkpoint create -m COMMENT");
+        outln!("no checkpoints yet; take one with: hull checkpoint create -m COMMENT");
         return Ok(());
     }
-    let ids: Vec<&str> = listing.checkpoints.iter().map(|c| c.id.as_str()).collect();
-    fn walk(
-        listing: &hull_proto::CheckpointListing,
-        ids: &[&str],
-        parent: Option<&str>,
-        depth: usize,
-    ) {
-        for cp in listing.checkpoints.iter().filter(|c| {
-            let p = c.parent.as_deref().filter(|p| ids.contains(p));
-            p == parent
-        }) {
-            let marker = if listing.head.as_deref() == Some(cp.id.as_str()) {
-                "*"
-            } else {
-                " "
-            };
-            let orphan = match (&cp.parent, depth) {
-                (Some(p), 0) => format!(" (from deleted {p})"),
-                _ => String::new(),
-            };
-            println!(
-                "{marker} {:indent$}{:<6} {:>8}  {}{}{}",
-                "",
-                cp.id,
-                age(listing.now_ms, cp.created_ms),
-                if cp.auto { "[auto] " } else { "" },
-                cp.comment.as_deref().unwrap_or(""),
-                orphan,
-                indent = depth * 2
-            );
-            walk(listing, ids, Some(&cp.id), depth + 1);
-        }
+    for line in checkpoint_tree(&listing) {
+        outln!("{line}");
     }
-    walk(&listing, &ids, None, 0);
     if let Some(head) = &listing.head {
-        println!("(* the current state came from {head})");
+        outln!("(* the current state came from {head})");
     }
     Ok(())
 }
 
-fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) -> Result<()> {
+/// Services as a table, one in detail (`show`), or JSON: an array for
+/// `list`, an object for a request about one service.
+fn print_services(
+    g: &Global,
+    list: &[hull_proto::ServiceStatus],
+    detail: bool,
+    single: bool,
+) -> Result<()> {
     if g.json {
-        return print_json(&list);
+        return match (single, list) {
+            (true, [one]) => print_json(one),
+            _ => print_json(&list),
+        };
     }
     if list.is_empty() {
-        println!("no services; register one with: hull services add NAME --cmd \"...\"");
+        outln!("no services; register one with: hull services add NAME --cmd \"...\"");
         return Ok(());
     }
     if !detail {
-        println!(
+        outln!(
             "{:<16} {:<9} {:>7} {:>9} {:>8}  last exit",
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS"
+            "NAME",
+            "STATE",
+            "PID",
+            "UPTIME",
+            "RESTARTS"
         );
     }
     for s in list {
@@ -694,16 +1006,20 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             .map(|e| e.to_string())
             .unwrap_or_else(|| "-".into());
         if !detail {
-            println!(
+            outln!(
                 "{:<16} {:<9} {:>7} {:>9} {:>8}  {last}",
-                s.spec.name, s.state, pid, uptime, s.restarts
+                s.spec.name,
+                s.state,
+                pid,
+                uptime,
+                s.restarts
             );
             continue;
         }
-        println!("name       {}", s.spec.name);
-        println!("command    {}", s.spec.cmd);
+        outln!("name       {}", s.spec.name);
+        outln!("command    {}", s.spec.cmd);
         let waiting_for_port = s.state == "running" && !s.ready;
-        println!(
+        outln!(
             "state      {}{}",
             s.state,
             if waiting_for_port {
@@ -712,25 +1028,25 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
                 ""
             }
         );
-        println!(
+        outln!(
             "pid        {pid}   uptime {uptime}   restarts {}",
             s.restarts
         );
-        println!("restart    {}", s.spec.restart.name());
+        outln!("restart    {}", s.spec.restart.name());
         if !s.spec.after.is_empty() {
-            println!("after      {}", s.spec.after.join(", "));
+            outln!("after      {}", s.spec.after.join(", "));
         }
         if let Some(port) = s.spec.http_port {
-            println!("http port  {port}");
+            outln!("http port  {port}");
         }
-        println!("last exit  {last}");
+        outln!("last exit  {last}");
         if let Some(reason) = &s.reason {
-            println!("reason     {reason}");
+            outln!("reason     {reason}");
         }
         if !s.last_lines.is_empty() {
-            println!("last output:");
+            outln!("last output:");
             for line in &s.last_lines {
-                println!("  | {line}");
+                outln!("  | {line}");
             }
         }
     }
@@ -738,14 +1054,39 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
 }
 
 pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result<()> {
-    let detail = matches!(request, hull_proto::ServiceRequest::Show(_));
+    use hull_proto::ServiceRequest as R;
+    let detail = matches!(request, R::Show(_));
+    // Every request but List is about one service: its answer is an object.
+    let single = !matches!(request, R::List);
     let mut c = g.connect().await?;
     let list = c.services(request).await?;
-    print_services(g, &list, detail)
+    print_services(g, &list, detail, single)
 }
 
-/// `hull logs`: stdout lines to stdout, stderr lines to stderr, or JSON
-/// records; with `follow`, until interrupted (across bounces and restores).
+/// One record of `hull logs --json` (docs/json.md).
+#[derive(serde::Serialize)]
+struct LogLine<'a> {
+    ts_ms: i64,
+    stream: &'static str,
+    line: &'a str,
+}
+
+impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
+    fn from(r: &'a hull_proto::LogRecord) -> Self {
+        LogLine {
+            ts_ms: r.ts_ms,
+            stream: match r.stream {
+                Stream::Stdout => "stdout",
+                Stream::Stderr => "stderr",
+            },
+            line: &r.line,
+        }
+    }
+}
+
+/// `hull logs`: every line to stdout (the output is what the user asked
+/// for, whichever stream wrote it; `--stream` picks one), or JSON records;
+/// with `follow`, until interrupted (across bounces and restores).
 pub async fn logs(
     g: &Global,
     source: String,
@@ -770,21 +1111,19 @@ pub async fn logs(
             since_ms,
         })
         .await?;
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         match client::next(&mut c.reader).await? {
             DaemonMsg::LogRecords(records) => {
                 for r in records {
                     if g.json {
-                        writeln!(out, "{}", serde_json::to_string(&r)?)?;
-                    } else if r.stream == Stream::Stderr {
-                        writeln!(err, "{}", r.line)?;
+                        let text = serde_json::to_string(&LogLine::from(&r))?;
+                        writeln!(out, "{text}").map_err(stdout_error)?;
                     } else {
-                        writeln!(out, "{}", r.line)?;
+                        writeln!(out, "{}", r.line).map_err(stdout_error)?;
                     }
                 }
-                out.flush()?;
+                out.flush().map_err(stdout_error)?;
             }
             DaemonMsg::LogsEnd => return Ok(()),
             other => bail!("unexpected message from hulld: {other:?}"),

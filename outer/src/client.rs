@@ -15,11 +15,20 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot connect to hulld at {path}: {source} (is it running? start it with `hull up`)"
-    )]
-    Connect { path: PathBuf, source: io::Error },
-    #[error("connection to hulld failed: {0}")]
+    #[error("hulld is not running (start it with `hull up`): cannot connect to {path}")]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The control socket is root's (mode 0600): only root may use it.
+    #[error("hull needs root (the control socket is 0600): cannot use {path}")]
+    NeedsRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connection to hulld failed")]
     Io(#[from] io::Error),
     #[error("hulld closed the connection")]
     Closed,
@@ -27,6 +36,22 @@ pub enum ClientError {
     Unexpected(String),
     #[error("hulld: {}", .0.message)]
     Daemon(ErrorReport),
+    /// The inner stopped after hulld had asked it to start the command and
+    /// before it said it had: the command may have started.
+    #[error("the inner stopped as the command was starting ({0}); it may or may not have run")]
+    InnerStopped(String),
+}
+
+impl ClientError {
+    /// A connect error: root's socket refuses others, anything else means
+    /// no hulld listens there.
+    fn connect(path: &Path, source: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => ClientError::NeedsRoot { path, source },
+            _ => ClientError::NotRunning { path, source },
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -54,10 +79,7 @@ impl Client {
     pub async fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|source| ClientError::Connect {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| ClientError::connect(path, source))?;
         let (r, w) = stream.into_split();
         let mut reader = frame_reader(r);
         let mut writer = frame_writer(w);
@@ -167,9 +189,9 @@ impl Client {
     pub async fn exec_start(&mut self, spec: ExecSpec) -> Result<i32> {
         match self.request(ClientMsg::Exec(spec)).await? {
             DaemonMsg::ExecStarted { pid } => Ok(pid),
-            DaemonMsg::ExecEnded(end) => Err(ClientError::Unexpected(format!(
-                "session ended before it started: {end:?}"
-            ))),
+            DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
+                Err(ClientError::InnerStopped(reason))
+            }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
