@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use futures::SinkExt;
 use hull_image::{ImageKind, ImageStore};
 use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecSpec, ExitStatus, StatusReport, Stream, WinSize,
+    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecRequest, ExecSpec, ExitStatus, StatusReport,
+    Stream, WinSize,
 };
 use nix::sys::termios;
 use tokio::sync::mpsc;
@@ -438,7 +439,15 @@ pub struct ExecOptions {
     pub user: Option<String>,
     pub tty: bool,
     pub interactive: bool,
+    /// How long to keep output after the command exits (hulld's default
+    /// when absent).
+    pub linger: Option<Duration>,
+    /// Kill the command's process group after this long.
+    pub timeout: Option<Duration>,
 }
+
+/// Exit code of an exec its `--timeout` ended, as timeout(1) has it.
+pub const TIMED_OUT: i32 = 124;
 
 /// Runs one command in the inner, wired to this terminal. Returns the exit
 /// code hull should exit with.
@@ -463,7 +472,12 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         user: opts.user,
         tty,
     };
-    match c.exec_start(spec).await {
+    let request = ExecRequest {
+        spec,
+        linger_ms: opts.linger.map(|d| d.as_millis() as u64),
+        timeout_ms: opts.timeout.map(|d| d.as_millis() as u64),
+    };
+    match c.exec_start(request).await {
         Ok(_pid) => {}
         Err(ClientError::Daemon(report)) => {
             let ErrorKind::Spawn(kind) = report.kind else {
@@ -500,9 +514,11 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
     } else {
         OutputSink::Terminal
     };
+    let mut output_cut = None;
     let end = loop {
         match client::next(&mut reader).await {
             Ok(DaemonMsg::Output { stream, data }) => sink.write(stream, &data)?,
+            Ok(DaemonMsg::OutputCut { linger_ms }) => output_cut = Some(linger_ms),
             Ok(DaemonMsg::ExecEnded(end)) => break end,
             Ok(other) => bail!(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => {
@@ -515,19 +531,73 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         }
     };
     drop(raw);
-    match end {
-        ExecEnd::Exited(status) => {
-            if let OutputSink::Collect(stdout, stderr) = &sink {
-                print_json(&exec_json(status, stdout, stderr, started.elapsed()))?;
-            }
-            Ok(status.shell_code())
-        }
+    let ended = match end {
+        ExecEnd::Exited(status) => Ended {
+            status: Some(status),
+            timed_out: None,
+            output_cut,
+        },
+        ExecEnd::TimedOut { timeout_ms } => Ended {
+            status: None,
+            timed_out: Some(timeout_ms),
+            output_cut,
+        },
         ExecEnd::InnerStopped { reason } => {
             if opts.tty {
                 eprintln!("\r");
             }
-            Err(CliError::SessionEnded(reason).into())
+            return Err(CliError::SessionEnded(reason).into());
         }
+    };
+    match &sink {
+        OutputSink::Collect(stdout, stderr) => {
+            print_json(&exec_json(&ended, stdout, stderr, started.elapsed()))?
+        }
+        OutputSink::Terminal => ended.tell(),
+    }
+    Ok(ended.code())
+}
+
+/// How an exec that ran ended, as the CLI reports it.
+struct Ended {
+    /// `None` when the timeout killed it.
+    status: Option<ExitStatus>,
+    timed_out: Option<u64>,
+    /// The linger after which output was cut, if it was.
+    output_cut: Option<u64>,
+}
+
+impl Ended {
+    fn code(&self) -> i32 {
+        match self.status {
+            Some(status) => status.shell_code(),
+            None => TIMED_OUT,
+        }
+    }
+
+    /// Says on stderr what the output alone does not show.
+    fn tell(&self) {
+        if let Some(ms) = self.output_cut {
+            eprintln!(
+                "hull: output cut: processes the command left behind still held its output {} after it exited (wait longer with --linger)",
+                millis(ms)
+            );
+        }
+        if let Some(ms) = self.timed_out {
+            eprintln!(
+                "hull: timed out after {}; killed the command's process group",
+                millis(ms)
+            );
+        }
+    }
+}
+
+/// "2 s", "1.5 s", "300 ms".
+fn millis(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{} s", ms as f64 / 1000.0)
     }
 }
 
@@ -568,18 +638,15 @@ impl OutputSink {
 
 /// `hull --json exec`: the exit and both streams in one object. A stream
 /// that is not UTF-8 comes as `NAME_base64` instead of `NAME`.
-fn exec_json(
-    status: ExitStatus,
-    stdout: &[u8],
-    stderr: &[u8],
-    elapsed: Duration,
-) -> serde_json::Value {
+fn exec_json(ended: &Ended, stdout: &[u8], stderr: &[u8], elapsed: Duration) -> serde_json::Value {
     use base64::Engine;
     let mut obj = serde_json::Map::new();
-    obj.insert("exit_code".into(), status.shell_code().into());
-    if let ExitStatus::Signal(n) = status {
+    obj.insert("exit_code".into(), ended.code().into());
+    if let Some(ExitStatus::Signal(n)) = ended.status {
         obj.insert("signal".into(), n.into());
     }
+    obj.insert("timed_out".into(), ended.timed_out.is_some().into());
+    obj.insert("output_cut".into(), ended.output_cut.is_some().into());
     for (name, bytes) in [("stdout", stdout), ("stderr", stderr)] {
         match std::str::from_utf8(bytes) {
             Ok(text) => obj.insert(name.into(), text.into()),
@@ -1131,24 +1198,27 @@ pub async fn logs(
     }
 }
 
-/// "90s", "10m", "2h", "1d" (a bare number is seconds).
+/// "500ms", "90s", "10m", "2h", "1d" (a bare number is seconds).
 pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 10m, 2h or 1d"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 30s, 10m, 2h or 1d"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => {
             return Err(format!(
-                "{text:?} is not a duration like 30s, 10m, 2h or 1d"
+                "{text:?} is not a duration like 500ms, 30s, 10m, 2h or 1d"
             ))
         }
     };
-    Ok(Duration::from_secs(n * secs))
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use futures::{SinkExt, StreamExt};
 use hull_proto::{
     frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
-    DaemonMsg, ErrorReport, ExecEnd, ExecSpec, FrameReader, FrameWriter, Hello, RestoreReport,
+    DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, StatusReport, Stream,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -73,6 +73,9 @@ pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub end: ExecEnd,
+    /// Processes the command left behind still held its output when the
+    /// linger ran out: what they wrote later is missing.
+    pub output_cut: bool,
 }
 
 impl Client {
@@ -185,9 +188,10 @@ impl Client {
         }
     }
 
-    /// Starts an exec session; returns the pid inside the inner.
-    pub async fn exec_start(&mut self, spec: ExecSpec) -> Result<i32> {
-        match self.request(ClientMsg::Exec(spec)).await? {
+    /// Starts an exec session (an [`ExecSpec`] runs with hulld's defaults);
+    /// returns the pid inside the inner.
+    pub async fn exec_start(&mut self, request: impl Into<ExecRequest>) -> Result<i32> {
+        match self.request(ClientMsg::Exec(request.into())).await? {
             DaemonMsg::ExecStarted { pid } => Ok(pid),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))
@@ -199,7 +203,12 @@ impl Client {
     /// Runs `spec` with `stdin` as its whole input and collects its output.
     /// Input is sent while output is read: a process that answers before it
     /// has read everything must not stall the session.
-    pub async fn exec_collect(&mut self, spec: ExecSpec, stdin: &[u8]) -> Result<ExecOutput> {
+    pub async fn exec_collect(
+        &mut self,
+        request: impl Into<ExecRequest>,
+        stdin: &[u8],
+    ) -> Result<ExecOutput> {
+        let spec = request.into();
         let pid = self.exec_start(spec).await?;
         let writer = &mut self.writer;
         let send = async move {
@@ -216,6 +225,7 @@ impl Client {
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 end: ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+                output_cut: false,
             };
             loop {
                 match next(reader).await? {
@@ -223,6 +233,7 @@ impl Client {
                         Stream::Stdout => out.stdout.extend_from_slice(&data),
                         Stream::Stderr => out.stderr.extend_from_slice(&data),
                     },
+                    DaemonMsg::OutputCut { .. } => out.output_cut = true,
                     DaemonMsg::ExecEnded(end) => {
                         out.end = end;
                         return Ok(out);

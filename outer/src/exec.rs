@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
-    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecSpec, ExitStatus,
-    Stream as Out, WinSize,
+    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, ExitStatus,
+    Stream as Out, WinSize, DEFAULT_LINGER_MS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,9 +24,6 @@ use hull_logs::{LineSplitter, LogStore, SourceLog};
 const CHUNK: usize = 64 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
 const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
-/// After the process exits, output still buffered in its pipes is drained;
-/// a background child holding them open must not keep the session alive.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     DaemonMsg::Error(ErrorReport {
@@ -203,6 +200,7 @@ enum Step {
     Event(Option<InitEvent>),
     StdinRoom,
     DrainOver,
+    Timeout,
 }
 
 /// Runs one exec session to its end. Errors are connection errors: the
@@ -210,7 +208,7 @@ enum Step {
 pub async fn run<R, W>(
     supervisor: &Supervisor,
     logs: &LogStore,
-    spec: ExecSpec,
+    request: ExecRequest,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -218,6 +216,7 @@ where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
+    let spec = &request.spec;
     let deadline = tokio::time::Instant::now() + WAIT_FOR_INNER;
     let mut stopped: Option<Arc<Inner>> = None;
     loop {
@@ -255,7 +254,20 @@ where
         } else {
             None
         };
-        return session(&inner, process, spec.tty.is_some(), log, reader, writer).await;
+        let limits = SessionLimits {
+            linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
+            timeout: request.timeout_ms.map(Duration::from_millis),
+        };
+        return session(
+            &inner,
+            process,
+            spec.tty.is_some(),
+            limits,
+            log,
+            reader,
+            writer,
+        )
+        .await;
     }
 }
 
@@ -291,10 +303,19 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
     })
 }
 
+/// How long a session may run, and how long it passes on output after the
+/// process exited: processes it left behind may hold its stdout/stderr,
+/// and must not keep the session alive for ever.
+struct SessionLimits {
+    linger: Duration,
+    timeout: Option<Duration>,
+}
+
 async fn session<R, W>(
     inner: &Arc<Inner>,
     mut process: InitProcess,
     tty: bool,
+    limits: SessionLimits,
     log: Option<Arc<SourceLog>>,
     reader: &mut R,
     writer: &mut W,
@@ -327,8 +348,12 @@ where
     if exit.is_some() {
         drain
             .as_mut()
-            .reset(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            .reset(tokio::time::Instant::now() + limits.linger);
     }
+    let timeout = tokio::time::sleep(limits.timeout.unwrap_or(Duration::from_secs(86400 * 365)));
+    tokio::pin!(timeout);
+    let mut timed_out = false;
+    let mut cut = false;
     loop {
         if exit.is_some() && !io.output_open() {
             break;
@@ -356,6 +381,7 @@ where
                 n = read_opt_fd(master, &mut pty_buf), if has_pty => Step::Output(Source::Pty, n),
                 ev = events.recv(), if exit.is_none() => Step::Event(ev),
                 _ = &mut drain, if exit.is_some() => Step::DrainOver,
+                _ = &mut timeout, if limits.timeout.is_some() && exit.is_none() && !timed_out => Step::Timeout,
             }
         };
         match step {
@@ -411,22 +437,40 @@ where
                 exit = Some(status);
                 drain
                     .as_mut()
-                    .reset(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                    .reset(tokio::time::Instant::now() + limits.linger);
             }
             Step::Event(Some(_)) => {}
             Step::Event(None) => {
                 return writer.send(inner_stopped(inner)).await;
             }
             Step::StdinRoom => {}
-            Step::DrainOver => break,
+            Step::DrainOver => {
+                cut = io.output_open();
+                break;
+            }
+            Step::Timeout => {
+                timed_out = true;
+                inner.link.kill(id, libc::SIGKILL).await;
+            }
         }
     }
     if let Some(log) = &log {
         out_lines.finish(Out::Stdout, log);
         err_lines.finish(Out::Stderr, log);
     }
+    if cut {
+        writer
+            .send(DaemonMsg::OutputCut {
+                linger_ms: limits.linger.as_millis() as u64,
+            })
+            .await?;
+    }
     let status = exit.expect("loop ends after exit");
-    writer
-        .send(DaemonMsg::ExecEnded(ExecEnd::Exited(status)))
-        .await
+    let end = match limits.timeout {
+        Some(t) if timed_out => ExecEnd::TimedOut {
+            timeout_ms: t.as_millis() as u64,
+        },
+        _ => ExecEnd::Exited(status),
+    };
+    writer.send(DaemonMsg::ExecEnded(end)).await
 }

@@ -556,3 +556,82 @@ fn a_chain_of_checkpoints_lists_flat_and_branches_only_where_it_forks() {
         "the chain after the fork is flat:\n{out}"
     );
 }
+
+#[test]
+fn output_of_processes_left_behind_is_kept_up_to_the_linger() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let script = "(sleep 0.2; echo a; sleep 1; echo b) & echo early";
+    let out = hull.hull(&["exec", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "early\na\nb\n");
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+
+    let script = "(sleep 0.2; echo a; sleep 5; echo b) & echo early";
+    let out = hull.hull(&["exec", "--linger", "2s", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "early\na\n");
+    assert!(
+        text(&out.stderr).contains("output cut") && text(&out.stderr).contains("--linger"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hull.hull(&[
+        "--json",
+        "exec",
+        "--linger",
+        "0s",
+        "--",
+        "sh",
+        "-c",
+        "sleep 5 & echo x",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["output_cut"], true, "{v}");
+}
+
+#[test]
+fn a_timeout_kills_the_process_group_and_exits_124() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        "sleep 300 & echo started; sleep 301; echo never",
+    ]);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "started\n");
+    assert!(
+        text(&out.stderr).contains("timed out after 1 s"),
+        "{}",
+        text(&out.stderr)
+    );
+    wait_until(Duration::from_secs(5), "the process group to die", || {
+        hull_tests::inner_pids_running(&hull, &["sleep", "300"]).is_empty()
+            && hull_tests::inner_pids_running(&hull, &["sleep", "301"]).is_empty()
+    });
+
+    let out = hull.hull(&["--json", "exec", "--timeout", "200ms", "--", "sleep", "302"]);
+    assert_eq!(out.status.code(), Some(124));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["timed_out"].as_bool()),
+        (Some(124), Some(true)),
+        "{v}"
+    );
+
+    let out = hull.hull(&["exec", "--timeout", "30s", "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a timeout that does not pass changes nothing"
+    );
+}

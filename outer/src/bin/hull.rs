@@ -44,7 +44,7 @@ enum Command {
     },
     /// Show the inner's state, pid, uptime, limits and bounce count.
     Status,
-    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N, 125: hull failed, 255: the inner stopped under it).
+    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N, 124: --timeout passed, 125: hull failed, 255: the inner stopped under it).
     Exec {
         /// Allocate a terminal (PTY) for the command. Needs a terminal on
         /// stdin; without one, hull says so and runs with pipes.
@@ -62,6 +62,16 @@ enum Command {
         /// Run as this user of the inner (from its /etc/passwd).
         #[arg(short, long)]
         user: Option<String>,
+        /// After the command exits, keep passing on output of processes it
+        /// left behind that still hold its stdout/stderr for this long
+        /// (500ms, 2s, 1m; default 2s); hull says on stderr when it cut
+        /// output off.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        linger: Option<std::time::Duration>,
+        /// Kill the command's process group after this long (500ms, 30s,
+        /// 10m) and exit 124, as timeout(1) does.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        timeout: Option<std::time::Duration>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -328,6 +338,8 @@ async fn run(cli: Cli) -> Result<i32> {
             env,
             workdir,
             user,
+            linger,
+            timeout,
             command,
         } => {
             let opts = ExecOptions {
@@ -337,6 +349,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 user,
                 tty,
                 interactive,
+                linger,
+                timeout,
             };
             cli::exec(&g, opts).await
         }
@@ -348,6 +362,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 user: None,
                 tty: true,
                 interactive: true,
+                linger: None,
+                timeout: None,
             };
             cli::exec(&g, opts).await
         }
