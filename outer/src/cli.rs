@@ -456,7 +456,7 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         // A PTY only ends its input when a user types ^D; with a pipe or a
         // file on stdin the session would wait for that forever.
         if !g.json {
-            eprintln!("hull: stdin is not a terminal; running without one (as without -t)");
+            eprintln!("hull: stdin is not a terminal: running with pipes instead of a terminal");
         }
         opts.tty = false;
     }
@@ -1221,4 +1221,63 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     n.checked_mul(ms)
         .map(Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hull_proto::{CheckpointInfo, CheckpointListing};
+
+    fn listing(parents: &[(&str, Option<&str>)]) -> CheckpointListing {
+        CheckpointListing {
+            checkpoints: parents
+                .iter()
+                .map(|(id, parent)| CheckpointInfo {
+                    id: id.to_string(),
+                    parent: parent.map(str::to_string),
+                    created_ms: 0,
+                    comment: None,
+                    auto: false,
+                    services: Vec::new(),
+                })
+                .collect(),
+            head: Some("v3".into()),
+            now_ms: 0,
+        }
+    }
+
+    #[test]
+    fn cli_checkpoint_tree_keeps_chains_flat_and_draws_forks() {
+        let tree = checkpoint_tree(&listing(&[
+            ("v1", None),
+            ("v2", Some("v1")),
+            ("v3", Some("v2")),
+            ("v4", Some("v3")),
+            ("v5", Some("v2")),
+            ("v6", Some("v5")),
+            ("v7", Some("gone")),
+        ]));
+        assert_eq!(
+            tree,
+            [
+                "  v1       0s ago",
+                "  v2       0s ago",
+                "* ├─ v3       0s ago",
+                "  │  v4       0s ago",
+                "  └─ v5       0s ago",
+                "     v6       0s ago",
+                "  v7       0s ago   (from deleted gone)",
+            ]
+        );
+    }
+
+    #[test]
+    fn cli_durations_take_milliseconds_to_days() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
 }
