@@ -103,6 +103,28 @@ fn exec_before_up_exits_125_with_a_plain_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert_eq!(json_error(&out)["code"], "not_running");
+    // A usage error is hull's too: not 2, which a command may return.
+    for args in [
+        &["exec"][..],
+        &["exec", "--linger", "soon", "--", "true"],
+        &["console", "extra"],
+    ] {
+        let out = Command::new(bin_dir().join("hull"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(125),
+            "hull {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = Command::new(bin_dir().join("hull"))
+        .arg("statu")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

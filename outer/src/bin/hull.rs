@@ -290,18 +290,46 @@ fn parse() -> Result<Cli, clap::Error> {
     Cli::from_arg_matches_mut(&mut command.try_get_matches()?)
 }
 
+/// The subcommand named on the command line, if any: the first word that
+/// is neither an option nor the value of a global option.
+fn subcommand_named() -> Option<String> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "--socket" | "--state-dir" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return Some(a.to_string()),
+        }
+    }
+    None
+}
+
+/// Exits for a command line clap refused: 2 (125 for `exec` and `console`,
+/// whose other codes are the command's), with one JSON object under
+/// `--json`.
+fn usage_error(e: clap::Error) -> ! {
+    let code = match subcommand_named().as_deref() {
+        Some("exec" | "console") => cli::HULL_FAILED,
+        _ => e.exit_code(),
+    };
+    if std::env::args_os().any(|a| a == "--json") {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        cli::report_error(true, "usage", first.trim_start_matches("error: "));
+    } else {
+        let _ = e.print();
+    }
+    std::process::exit(code);
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = match parse() {
         Ok(cli) => cli,
-        // Under --json a usage error is an error object too; --help and
-        // --version print as usual.
-        Err(e) if e.use_stderr() && std::env::args_os().any(|a| a == "--json") => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            cli::report_error(true, "usage", first.trim_start_matches("error: "));
-            std::process::exit(2);
-        }
+        Err(e) if e.use_stderr() => usage_error(e),
+        // --help and --version.
         Err(e) => e.exit(),
     };
     let (json, runs_command) = (
