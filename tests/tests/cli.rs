@@ -462,37 +462,59 @@ fn help_explains_every_argument() {
     if !require_root() {
         return;
     }
-    for args in [
-        &["services", "start", "--help"][..],
-        &["services", "restart", "--help"],
-        &["services", "show", "--help"],
-        &["checkpoint", "restore", "--help"],
-        &["checkpoint", "delete", "--help"],
-        &["services", "add", "--help"],
+    for command in [
+        "up",
+        "status",
+        "exec",
+        "console",
+        "bounce",
+        "down",
+        "checkpoint create",
+        "checkpoint restore",
+        "checkpoint list",
+        "checkpoint delete",
+        "services add",
+        "services list",
+        "services show",
+        "services start",
+        "services stop",
+        "services restart",
+        "services remove",
+        "logs",
+        "ports",
+        "ingress",
+        "image build",
     ] {
+        let args: Vec<&str> = command.split(' ').chain(["-h"]).collect();
         let out = Command::new(bin_dir().join("hull"))
-            .args(args)
+            .args(&args)
             .output()
             .unwrap();
         let help = text(&out.stdout);
-        let first = help.lines().next().unwrap_or_default();
         assert!(
-            !first.starts_with("Usage:"),
-            "hull {args:?} has no description:\n{help}"
+            !help.starts_with("Usage:"),
+            "hull {command} has no description:\n{help}"
         );
-        for line in help.lines() {
-            let item = line.trim_start();
-            let described =
-                |name: &str| !item.starts_with(name) || item[name.len()..].trim().len() > 3;
-            assert!(
-                described("<NAME>") && described("<ID>") && described("--cwd <DIR>"),
-                "hull {args:?}: {line:?} has no help:\n{help}"
-            );
-        }
-        if args[1] == "add" {
-            assert!(help.contains("--cwd <DIR>"), "{help}");
+        // "  -x, --name <V>  What it does": the name, two spaces, the help.
+        for line in help.lines().filter(|l| {
+            let item = l.trim_start();
+            l.starts_with("  ") && (item.starts_with('-') || item.starts_with('<'))
+        }) {
+            let described = line
+                .trim()
+                .split_once("  ")
+                .is_some_and(|(_, help)| !help.trim().is_empty());
+            assert!(described, "hull {command}: {line:?} has no help:\n{help}");
         }
     }
+    let add = text(
+        &Command::new(bin_dir().join("hull"))
+            .args(["services", "add", "-h"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(add.contains("--cwd <DIR>"), "{add}");
 }
 
 #[test]

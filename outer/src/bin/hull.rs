@@ -221,6 +221,7 @@ enum ImageCommand {
         /// busybox (seconds, for tests) or debian (debootstrap minbase).
         #[arg(long)]
         kind: Option<String>,
+        /// Build it again even when it is already built.
         #[arg(long)]
         rebuild: bool,
     },
