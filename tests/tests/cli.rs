@@ -329,8 +329,9 @@ fn a_closed_stdout_ends_every_command_quietly() {
     }
 }
 
-/// `setpriv` to nobody, running `hull` with a config nobody can read.
-fn as_nobody(config: &Path, args: &[&str]) -> Output {
+/// `setpriv` to nobody, running the copy of `hull` in `dir` (the build's
+/// own may be in a directory nobody can enter) with the config there.
+fn as_nobody(dir: &Path, args: &[&str]) -> Output {
     Command::new("setpriv")
         .args([
             "--reuid",
@@ -340,9 +341,9 @@ fn as_nobody(config: &Path, args: &[&str]) -> Output {
             "--clear-groups",
             "--",
         ])
-        .arg(bin_dir().join("hull"))
+        .arg(dir.join("hull"))
         .arg("--config")
-        .arg(config)
+        .arg(dir.join("hull.toml"))
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -356,19 +357,20 @@ fn an_unprivileged_user_is_told_hull_needs_root() {
     }
     let hull = TestHull::start();
     // The test's own dir is 0700, as /run/hull's socket is 0600: nobody may
-    // read a copy of the config, not the socket.
+    // read a copy of the config and run a copy of hull, not the socket.
     let open = tempfile::tempdir().unwrap();
     std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = open.path().join("hull.toml");
     std::fs::copy(&hull.config, &config).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::copy(bin_dir().join("hull"), open.path().join("hull")).unwrap();
     for (args, code) in [
         (&["down"][..], 4),
         (&["status"], 4),
         (&["up"], 4),
         (&["exec", "--", "true"], 125),
     ] {
-        let out = as_nobody(&config, args);
+        let out = as_nobody(open.path(), args);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "hull {args:?}: {stderr}");
         assert!(
@@ -379,7 +381,7 @@ fn an_unprivileged_user_is_told_hull_needs_root() {
             assert!(!stderr.contains(wrong), "hull {args:?}: {stderr}");
         }
     }
-    let out = as_nobody(&config, &["--json", "status"]);
+    let out = as_nobody(open.path(), &["--json", "status"]);
     assert_eq!(json_error(&out)["code"], "needs_root");
     assert!(
         hull.hull(&["status"]).status.success(),
