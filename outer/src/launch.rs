@@ -87,6 +87,8 @@ impl SealedExe {
 /// What the init link delivers to one exec session.
 #[derive(Debug)]
 pub enum InitEvent {
+    /// The init read the `Spawn`: from here on it may have run.
+    Received,
     Spawned(i32),
     SpawnFailed(SpawnErrorKind, String),
     Fds(Vec<OwnedFd>),
@@ -124,9 +126,9 @@ pub use hull_services::SpawnFailure;
 pub enum StartFailure {
     /// The inner refused (missing program, bad cwd, unknown user).
     Refused(SpawnErrorKind, String),
-    /// The inner was gone before the request reached it: nothing ran.
+    /// The inner was gone before the init read the request: nothing ran.
     NotSent,
-    /// The inner went away after the request was sent: it may have run.
+    /// The inner went away after the init read the request: it may have run.
     Lost,
 }
 
@@ -166,16 +168,19 @@ impl InitLink {
         if self.send(ToInit::Spawn { id, spec }).await.is_err() {
             return Err(StartFailure::NotSent);
         }
-        let (mut pid, mut fds) = (None, None);
+        let (mut pid, mut fds, mut received) = (None, None, false);
         while pid.is_none() || fds.is_none() {
             match process.events.recv().await {
+                Some(InitEvent::Received) => received = true,
                 Some(InitEvent::Spawned(p)) => pid = Some(p),
                 Some(InitEvent::Fds(f)) => fds = Some(f),
                 Some(InitEvent::Exited(s)) => process.exited = Some(s),
                 Some(InitEvent::SpawnFailed(kind, message)) => {
                     return Err(StartFailure::Refused(kind, message))
                 }
-                None => return Err(StartFailure::Lost),
+                None if received => return Err(StartFailure::Lost),
+                // The init died with the request unread.
+                None => return Err(StartFailure::NotSent),
             }
         }
         process.pid = pid.unwrap_or_default();
@@ -608,6 +613,7 @@ async fn read_link(
             None => break,
         };
         match msg {
+            FromInit::Received { id } => link.dispatch(id, InitEvent::Received),
             FromInit::Spawned { id, pid } => link.dispatch(id, InitEvent::Spawned(pid)),
             FromInit::SpawnFailed { id, kind, message } => {
                 link.dispatch(id, InitEvent::SpawnFailed(kind, message))

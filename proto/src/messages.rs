@@ -430,6 +430,11 @@ pub enum FromInit {
         step: String,
         message: String,
     },
+    /// A `Spawn` was read; sent before anything of it runs, so a `Spawn`
+    /// hulld never got this for never started anything.
+    Received {
+        id: u64,
+    },
     /// The process runs; its stdio fds were sent on the fd channel first,
     /// tagged with the same id.
     Spawned {
