@@ -334,6 +334,30 @@ fn a_closed_stdout_ends_every_command_quietly() {
     }
 }
 
+#[test]
+fn a_closed_stderr_is_no_crash_either() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // `hull ... 2>&1 | true`: both streams into a pipe nobody reads.
+    for (args, code) in [
+        (&["--json", "no-such-command"][..], 2),
+        (&["checkpoint", "restore", "v99"], 1),
+        (&["exec", "--", "sh", "-c", "echo to-stderr >&2; exit 7"], 7),
+    ] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = hull_cmd(&hull, args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(write))
+            .status()
+            .unwrap();
+        assert_eq!(out.code(), Some(code), "hull {args:?} with stderr closed");
+    }
+}
+
 /// `setpriv` to nobody, running the copy of `hull` in `dir` (the build's
 /// own may be in a directory nobody can enter) with the config there.
 fn as_nobody(dir: &Path, args: &[&str]) -> Output {

@@ -79,7 +79,7 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         // A PTY only ends its input when a user types ^D; with a pipe or a
         // file on stdin the session would wait for that forever.
         if !g.json {
-            eprintln!("hull: stdin is not a terminal: running with pipes instead of a terminal");
+            errln!("hull: stdin is not a terminal: running with pipes instead of a terminal");
         }
         opts.tty = false;
     }
@@ -147,7 +147,7 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
             Err(e) => {
                 drop(raw);
                 if opts.tty {
-                    eprintln!("\r");
+                    errln!("\r");
                 }
                 return Err(e.into());
             }
@@ -167,7 +167,7 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         },
         ExecEnd::InnerStopped { reason } => {
             if opts.tty {
-                eprintln!("\r");
+                errln!("\r");
             }
             return Err(CliError::SessionEnded(reason).into());
         }
@@ -201,13 +201,13 @@ impl Ended {
     /// Says on stderr what the output alone does not show.
     fn tell(&self) {
         if let Some(ms) = self.output_cut {
-            eprintln!(
+            errln!(
                 "hull: output cut: processes the command left behind still held its output {} after it exited (wait longer with --linger)",
                 millis(ms)
             );
         }
         if let Some(ms) = self.timed_out {
-            eprintln!(
+            errln!(
                 "hull: timed out after {}; killed the command's process group",
                 millis(ms)
             );

@@ -21,6 +21,15 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!` that never panics: with stderr closed (`hull ... 2>&1 |
+/// head -1`) a diagnostic is lost, not turned into a crash.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod exec;
 mod report;
 
@@ -104,14 +113,14 @@ pub fn build_image(config: &Config, kind: ImageKind, rebuild: bool) -> Result<Pa
     if store.is_built(kind) && !rebuild {
         return Ok(store.rootfs(kind));
     }
-    eprintln!(
+    errln!(
         "hull: building the {} base image in {}",
         kind.name(),
         config.image_dir().display()
     );
     let start = Instant::now();
-    let path = store.ensure(kind, rebuild, &mut |line| eprintln!("  {line}"))?;
-    eprintln!(
+    let path = store.ensure(kind, rebuild, &mut |line| errln!("  {line}"))?;
+    errln!(
         "hull: image built in {:.1} s",
         start.elapsed().as_secs_f64()
     );

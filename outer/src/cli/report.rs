@@ -85,9 +85,9 @@ pub(super) fn daemon_code(kind: ErrorKind) -> &'static str {
 pub fn report_error(json: bool, code: &str, message: &str) {
     if json {
         let obj = serde_json::json!({ "code": code, "message": message });
-        eprintln!("{obj}");
+        errln!("{obj}");
     } else {
-        eprintln!("hull: {message}");
+        errln!("hull: {message}");
     }
 }
 
