@@ -146,7 +146,13 @@ async fn serve(setup: Result<Vec<(String, u64)>, SetupError>) -> i32 {
         tokio::select! {
             frame = reader.next(), if link_open => match frame {
                 Some(Ok(ToInit::Spawn { id, spec })) => {
-                    replies.push(spawn(&mut spawned, &fd_channel, id, &spec));
+                    // hulld runs a request it has no receipt for on the next
+                    // inner: nothing may start before the receipt is out.
+                    if writer.send(FromInit::Received { id }).await.is_ok() {
+                        replies.push(spawn(&mut spawned, &fd_channel, id, &spec));
+                    } else {
+                        link_open = false;
+                    }
                 }
                 Some(Ok(ToInit::Kill { id, signal })) => signal_process(&spawned, id, signal),
                 Some(Ok(ToInit::Hello(_))) => {}

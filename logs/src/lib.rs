@@ -9,9 +9,6 @@
 pub mod capture;
 pub mod daemon;
 pub mod serve;
-// FIXME-lints: store.rs is being rewritten; its mutex unwraps and a
-// u64-to-usize cast are fixed with it.
-#[allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 pub mod store;
 
 pub use capture::{capture, LineSplitter};

@@ -8,11 +8,18 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hull_proto::{LogMarker, LogRecord, Stream};
 use tokio::sync::watch;
+
+/// Locks a mutex, taking over a poisoned one: every critical section here
+/// leaves the state whole (a write either landed or did not), so the
+/// panic of another thread is no reason to lose the log.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Lines longer than this are split: a process printing without newlines
 /// must not make hulld buffer without bound.
@@ -173,7 +180,7 @@ impl SourceLog {
     /// written into the log as soon as writing works again.
     pub fn append_many(&self, stream: Stream, lines: &[&str]) {
         let ts_ms = now_ms();
-        let mut w = self.writer.lock().unwrap();
+        let mut w = lock(&self.writer);
         let mut scratch = std::mem::take(&mut w.scratch);
         for line in lines {
             if w.dropped > 0 {
@@ -213,7 +220,7 @@ impl SourceLog {
             return;
         };
         bytes.push(b'\n');
-        let mut w = self.writer.lock().unwrap();
+        let mut w = lock(&self.writer);
         if !w.write(&bytes) {
             w.dropped += 1;
         }
@@ -274,7 +281,7 @@ impl SourceLog {
     }
 
     pub(crate) fn flush(&self) {
-        let _ = self.writer.lock().unwrap().file.flush();
+        let _ = lock(&self.writer).file.flush();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -327,7 +334,7 @@ impl LogStore {
 
     /// The log of `source`, created on first use.
     pub fn source(&self, source: &str) -> io::Result<Arc<SourceLog>> {
-        let mut sources = self.sources.lock().unwrap();
+        let mut sources = lock(&self.sources);
         if let Some(s) = sources.get(source) {
             return Ok(s.clone());
         }
@@ -375,7 +382,9 @@ impl LogStore {
             let mut seen = 0u64;
             while pos > 0 {
                 let start = pos.saturating_sub(buf.len() as u64);
-                let chunk = &mut buf[..(pos - start) as usize];
+                // At most buf.len(), by the line above.
+                let len = usize::try_from(pos - start).unwrap_or(buf.len());
+                let chunk = &mut buf[..len];
                 file.read_exact_at(chunk, start)?;
                 for i in (0..chunk.len()).rev() {
                     if chunk[i] == b'\n' {
@@ -399,13 +408,13 @@ impl LogStore {
 
     /// Readers see what a source's writer still buffers.
     fn flush_source(&self, source: &str) {
-        if let Some(s) = self.sources.lock().unwrap().get(source) {
+        if let Some(s) = lock(&self.sources).get(source) {
             s.flush();
         }
     }
 
     pub fn flush(&self) {
-        for s in self.sources.lock().unwrap().values() {
+        for s in lock(&self.sources).values() {
             s.flush();
         }
     }

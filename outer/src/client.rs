@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use futures::{SinkExt, StreamExt};
 use hull_proto::{
     frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
-    DaemonMsg, ErrorReport, ExecEnd, ExecSpec, FrameReader, FrameWriter, Hello, RestoreReport,
+    DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, StatusReport, Stream,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -15,11 +15,20 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "cannot connect to hulld at {path}: {source} (is it running? start it with `hull up`)"
-    )]
-    Connect { path: PathBuf, source: io::Error },
-    #[error("connection to hulld failed: {0}")]
+    #[error("hulld is not running (start it with `hull up`): cannot connect to {path}")]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The control socket is root's (mode 0600): only root may use it.
+    #[error("hull needs root (the control socket is 0600): cannot use {path}")]
+    NeedsRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connection to hulld failed")]
     Io(#[from] io::Error),
     #[error("hulld closed the connection")]
     Closed,
@@ -27,6 +36,22 @@ pub enum ClientError {
     Unexpected(String),
     #[error("hulld: {}", .0.message)]
     Daemon(ErrorReport),
+    /// The inner stopped after hulld had asked it to start the command and
+    /// before it said it had: the command may have started.
+    #[error("the inner stopped as the command was starting ({0}); it may or may not have run")]
+    InnerStopped(String),
+}
+
+impl ClientError {
+    /// A connect error: root's socket refuses others, anything else means
+    /// no hulld listens there.
+    fn connect(path: &Path, source: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => ClientError::NeedsRoot { path, source },
+            _ => ClientError::NotRunning { path, source },
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -48,16 +73,16 @@ pub struct ExecOutput {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub end: ExecEnd,
+    /// Processes the command left behind still held its output when the
+    /// linger ran out: what they wrote later is missing.
+    pub output_cut: bool,
 }
 
 impl Client {
     pub async fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|source| ClientError::Connect {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| ClientError::connect(path, source))?;
         let (r, w) = stream.into_split();
         let mut reader = frame_reader(r);
         let mut writer = frame_writer(w);
@@ -163,13 +188,14 @@ impl Client {
         }
     }
 
-    /// Starts an exec session; returns the pid inside the inner.
-    pub async fn exec_start(&mut self, spec: ExecSpec) -> Result<i32> {
-        match self.request(ClientMsg::Exec(spec)).await? {
+    /// Starts an exec session (an [`ExecSpec`] runs with hulld's defaults);
+    /// returns the pid inside the inner.
+    pub async fn exec_start(&mut self, request: impl Into<ExecRequest>) -> Result<i32> {
+        match self.request(ClientMsg::Exec(request.into())).await? {
             DaemonMsg::ExecStarted { pid } => Ok(pid),
-            DaemonMsg::ExecEnded(end) => Err(ClientError::Unexpected(format!(
-                "session ended before it started: {end:?}"
-            ))),
+            DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
+                Err(ClientError::InnerStopped(reason))
+            }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -177,7 +203,12 @@ impl Client {
     /// Runs `spec` with `stdin` as its whole input and collects its output.
     /// Input is sent while output is read: a process that answers before it
     /// has read everything must not stall the session.
-    pub async fn exec_collect(&mut self, spec: ExecSpec, stdin: &[u8]) -> Result<ExecOutput> {
+    pub async fn exec_collect(
+        &mut self,
+        request: impl Into<ExecRequest>,
+        stdin: &[u8],
+    ) -> Result<ExecOutput> {
+        let spec = request.into();
         let pid = self.exec_start(spec).await?;
         let writer = &mut self.writer;
         let send = async move {
@@ -194,6 +225,7 @@ impl Client {
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 end: ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+                output_cut: false,
             };
             loop {
                 match next(reader).await? {
@@ -201,6 +233,7 @@ impl Client {
                         Stream::Stdout => out.stdout.extend_from_slice(&data),
                         Stream::Stderr => out.stderr.extend_from_slice(&data),
                     },
+                    DaemonMsg::OutputCut { .. } => out.output_cut = true,
                     DaemonMsg::ExecEnded(end) => {
                         out.end = end;
                         return Ok(out);

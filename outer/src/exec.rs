@@ -9,24 +9,21 @@ use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
-    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecSpec, ExitStatus,
-    Stream as Out, WinSize,
+    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, ExitStatus,
+    Stream as Out, WinSize, DEFAULT_LINGER_MS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use crate::launch::{InitEvent, Inner, SpawnFailure};
+use crate::launch::{InitEvent, InitProcess, Inner, StartFailure};
 use crate::supervisor::{OomCheck, Supervisor};
 use hull_logs::{LineSplitter, LogStore, SourceLog};
 
 const CHUNK: usize = 64 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
 const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
-/// After the process exits, output still buffered in its pipes is drained;
-/// a background child holding them open must not keep the session alive.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     DaemonMsg::Error(ErrorReport {
@@ -203,6 +200,7 @@ enum Step {
     Event(Option<InitEvent>),
     StdinRoom,
     DrainOver,
+    Timeout,
 }
 
 /// Runs one exec session to its end. Errors are connection errors: the
@@ -210,7 +208,7 @@ enum Step {
 pub async fn run<R, W>(
     supervisor: &Supervisor,
     logs: &LogStore,
-    spec: ExecSpec,
+    request: ExecRequest,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -218,25 +216,74 @@ where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
-    let Some(inner) = supervisor.wait_running(WAIT_FOR_INNER).await else {
-        let p = supervisor.published();
-        let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
-        return writer
-            .send(error(
-                ErrorKind::InnerUnavailable,
-                format!("the inner is not running (state {}){detail}", p.state),
-            ))
-            .await;
-    };
-    // Non-interactive output is also kept in the `exec` log source; a
-    // terminal session is the user's own screen and is not.
-    let log = if spec.tty.is_none() {
-        logs.source(EXEC_LOG).ok()
-    } else {
-        None
-    };
-    let oom = supervisor.oom_check().await;
-    session(&inner, spec, log, &oom, reader, writer).await
+    let spec = &request.spec;
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_INNER;
+    let mut stopped: Option<Arc<Inner>> = None;
+    loop {
+        let Some(inner) = next_inner(supervisor, stopped.as_ref(), deadline).await else {
+            let p = supervisor.published();
+            let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
+            return writer
+                .send(error(
+                    ErrorKind::InnerUnavailable,
+                    format!("the inner is not running (state {}){detail}", p.state),
+                ))
+                .await;
+        };
+        // A request the init never got ran nowhere: it goes to the next
+        // inner. One it may have acted on is not repeated.
+        let process = match inner.link.start(spec.clone()).await {
+            Ok(p) => p,
+            Err(StartFailure::NotSent) => {
+                tracing::debug!(
+                    generation = inner.generation,
+                    "exec raced a stop; retrying on the next inner"
+                );
+                stopped = Some(inner);
+                continue;
+            }
+            Err(StartFailure::Refused(kind, message)) => {
+                return writer.send(error(ErrorKind::Spawn(kind), message)).await
+            }
+            Err(StartFailure::Lost) => return writer.send(inner_stopped(&inner)).await,
+        };
+        // Non-interactive output is also kept in the `exec` log source; a
+        // terminal session is the user's own screen and is not.
+        let log = if spec.tty.is_none() {
+            logs.source(EXEC_LOG).ok()
+        } else {
+            None
+        };
+        let terms = SessionTerms {
+            tty: spec.tty.is_some(),
+            linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
+            timeout: request.timeout_ms.map(Duration::from_millis),
+            oom: supervisor.oom_check().await,
+        };
+        return session(&inner, process, terms, log, reader, writer).await;
+    }
+}
+
+/// The running inner, other than `stopped` (one a request just missed),
+/// waiting for one until `deadline`.
+async fn next_inner(
+    supervisor: &Supervisor,
+    stopped: Option<&Arc<Inner>>,
+    deadline: tokio::time::Instant,
+) -> Option<Arc<Inner>> {
+    let mut current = supervisor.watch_current();
+    let found = tokio::time::timeout_at(
+        deadline,
+        current.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|c| !stopped.is_some_and(|s| Arc::ptr_eq(c, s)))
+        }),
+    )
+    .await;
+    match found {
+        Ok(Ok(inner)) => inner.clone(),
+        _ => None,
+    }
 }
 
 /// The log source of non-interactive execs (`hull logs exec`).
@@ -249,11 +296,22 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
     })
 }
 
+/// The terms of one session: whether it has a terminal, how long it may
+/// run, how long it passes on output after the process exited (processes
+/// it left behind may hold its stdout/stderr, and must not keep the
+/// session alive for ever), and how an out-of-memory kill is told.
+struct SessionTerms {
+    tty: bool,
+    linger: Duration,
+    timeout: Option<Duration>,
+    oom: OomCheck,
+}
+
 async fn session<R, W>(
     inner: &Arc<Inner>,
-    spec: ExecSpec,
+    mut process: InitProcess,
+    limits: SessionTerms,
     log: Option<Arc<SourceLog>>,
-    oom: &OomCheck,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -261,18 +319,11 @@ where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
-    let tty = spec.tty.is_some();
-    let mut process = match inner.link.spawn(spec).await {
-        Ok(p) => p,
-        Err(SpawnFailure::Refused(kind, message)) => {
-            return writer.send(error(ErrorKind::Spawn(kind), message)).await
-        }
-        Err(SpawnFailure::InnerGone) => return writer.send(inner_stopped(inner)).await,
-    };
     let fds = std::mem::take(&mut process.fds);
     let (id, pid) = (process.id, process.pid);
     let mut exit: Option<ExitStatus> = process.exited;
     let events = &mut process.events;
+    let tty = limits.tty;
     let mut io = match ProcessIo::from_fds(fds, tty) {
         Ok(io) => io,
         Err(e) => {
@@ -293,8 +344,12 @@ where
     if exit.is_some() {
         drain
             .as_mut()
-            .reset(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            .reset(tokio::time::Instant::now() + limits.linger);
     }
+    let timeout = tokio::time::sleep(limits.timeout.unwrap_or(Duration::from_secs(86400 * 365)));
+    tokio::pin!(timeout);
+    let mut timed_out = false;
+    let mut cut = false;
     loop {
         if exit.is_some() && !io.output_open() {
             break;
@@ -322,6 +377,7 @@ where
                 n = read_opt_fd(master, &mut pty_buf), if has_pty => Step::Output(Source::Pty, n),
                 ev = events.recv(), if exit.is_none() => Step::Event(ev),
                 _ = &mut drain, if exit.is_some() => Step::DrainOver,
+                _ = &mut timeout, if limits.timeout.is_some() && exit.is_none() && !timed_out => Step::Timeout,
             }
         };
         match step {
@@ -377,22 +433,36 @@ where
                 exit = Some(status);
                 drain
                     .as_mut()
-                    .reset(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                    .reset(tokio::time::Instant::now() + limits.linger);
             }
             Step::Event(Some(_)) => {}
             Step::Event(None) => {
                 return writer.send(inner_stopped(inner)).await;
             }
             Step::StdinRoom => {}
-            Step::DrainOver => break,
+            Step::DrainOver => {
+                cut = io.output_open();
+                break;
+            }
+            Step::Timeout => {
+                timed_out = true;
+                inner.link.kill(id, libc::SIGKILL).await;
+            }
         }
     }
     if let Some(log) = &log {
         out_lines.finish(Out::Stdout, log);
         err_lines.finish(Out::Stderr, log);
     }
+    if cut {
+        writer
+            .send(DaemonMsg::OutputCut {
+                linger_ms: u64::try_from(limits.linger.as_millis()).unwrap_or(u64::MAX),
+            })
+            .await?;
+    }
     let status = exit.expect("loop ends after exit");
-    if let Some(note) = oom.victim_note(status).await {
+    if let Some(note) = limits.oom.victim_note(status).await {
         writer
             .send(DaemonMsg::Output {
                 stream: Out::Stderr,
@@ -400,7 +470,11 @@ where
             })
             .await?;
     }
-    writer
-        .send(DaemonMsg::ExecEnded(ExecEnd::Exited(status)))
-        .await
+    let end = match limits.timeout {
+        Some(t) if timed_out => ExecEnd::TimedOut {
+            timeout_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+        },
+        _ => ExecEnd::Exited(status),
+    };
+    writer.send(DaemonMsg::ExecEnded(end)).await
 }

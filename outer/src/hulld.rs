@@ -212,11 +212,19 @@ impl Hulld {
 
 fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
     CheckpointInfo {
+        services: services_of(&row.id, &row.services),
         id: row.id,
         parent: row.parent,
         created_ms: row.created_ms,
         comment: row.comment,
         auto: row.auto,
-        services: row.services,
     }
+}
+
+/// The definitions a checkpoint recorded, stored as the registry's JSON.
+fn services_of(id: &str, json: &str) -> Vec<hull_proto::ServiceSpec> {
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        tracing::warn!(checkpoint = id, error = %e, "unreadable service definitions in the catalog");
+        Vec::new()
+    })
 }

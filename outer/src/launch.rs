@@ -88,6 +88,8 @@ impl SealedExe {
 /// What the init link delivers to one exec session.
 #[derive(Debug)]
 pub enum InitEvent {
+    /// The init read the `Spawn`: from here on it may have run.
+    Received,
     Spawned(i32),
     SpawnFailed(SpawnErrorKind, String),
     Fds(Vec<OwnedFd>),
@@ -120,6 +122,17 @@ impl Drop for InitProcess {
 
 pub use hull_services::SpawnFailure;
 
+/// Why [`InitLink::start`] has no process.
+#[derive(Debug)]
+pub enum StartFailure {
+    /// The inner refused (missing program, bad cwd, unknown user).
+    Refused(SpawnErrorKind, String),
+    /// The inner was gone before the init read the request: nothing ran.
+    NotSent,
+    /// The inner went away after the init read the request: it may have run.
+    Lost,
+}
+
 /// hulld's side of the link to one inner init.
 pub struct InitLink {
     writer: tokio::sync::Mutex<FrameWriter<OwnedWriteHalf, ToInit>>,
@@ -130,9 +143,18 @@ pub struct InitLink {
 impl InitLink {
     /// Asks the init to run `spec` and waits for its pid and stdio fds.
     pub async fn spawn(self: &Arc<Self>, spec: ExecSpec) -> Result<InitProcess, SpawnFailure> {
+        self.start(spec).await.map_err(|e| match e {
+            StartFailure::Refused(kind, message) => SpawnFailure::Refused(kind, message),
+            StartFailure::NotSent | StartFailure::Lost => SpawnFailure::InnerGone,
+        })
+    }
+
+    /// Like [`InitLink::spawn`], telling apart a request the init never got
+    /// (safe to run elsewhere) from one it may have acted on.
+    pub async fn start(self: &Arc<Self>, spec: ExecSpec) -> Result<InitProcess, StartFailure> {
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(events) = self.register(id) else {
-            return Err(SpawnFailure::InnerGone);
+            return Err(StartFailure::NotSent);
         };
         // From here on the guard's drop unregisters `id` on every path.
         let mut process = InitProcess {
@@ -143,19 +165,23 @@ impl InitLink {
             events,
             link: self.clone(),
         };
+        // A failed write delivers no whole frame: the init cannot act on it.
         if self.send(ToInit::Spawn { id, spec }).await.is_err() {
-            return Err(SpawnFailure::InnerGone);
+            return Err(StartFailure::NotSent);
         }
-        let (mut pid, mut fds) = (None, None);
+        let (mut pid, mut fds, mut received) = (None, None, false);
         while pid.is_none() || fds.is_none() {
             match process.events.recv().await {
+                Some(InitEvent::Received) => received = true,
                 Some(InitEvent::Spawned(p)) => pid = Some(p),
                 Some(InitEvent::Fds(f)) => fds = Some(f),
                 Some(InitEvent::Exited(s)) => process.exited = Some(s),
                 Some(InitEvent::SpawnFailed(kind, message)) => {
-                    return Err(SpawnFailure::Refused(kind, message))
+                    return Err(StartFailure::Refused(kind, message))
                 }
-                None => return Err(SpawnFailure::InnerGone),
+                None if received => return Err(StartFailure::Lost),
+                // The init died with the request unread.
+                None => return Err(StartFailure::NotSent),
             }
         }
         process.pid = pid.unwrap_or_default();
@@ -585,6 +611,7 @@ async fn read_link(
             None => break,
         };
         match msg {
+            FromInit::Received { id } => link.dispatch(id, InitEvent::Received),
             FromInit::Spawned { id, pid } => link.dispatch(id, InitEvent::Spawned(pid)),
             FromInit::SpawnFailed { id, kind, message } => {
                 link.dispatch(id, InitEvent::SpawnFailed(kind, message))

@@ -1,9 +1,6 @@
 //! hulld, the root-namespace daemon, and the client side of its protocol
 //! used by the `hull` command-line tool.
 
-// FIXME-lints: cli.rs is being rewritten; its casts of durations are
-// fixed with it.
-#[allow(clippy::cast_possible_truncation)]
 pub mod cli;
 pub mod client;
 pub mod config;

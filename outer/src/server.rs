@@ -128,8 +128,8 @@ where
                     .send(DaemonMsg::Status(hulld.do_status().await))
                     .await?
             }
-            ClientMsg::Exec(spec) => {
-                crate::exec::run(hulld.supervisor(), hulld.logs(), spec, reader, writer).await?;
+            ClientMsg::Exec(request) => {
+                crate::exec::run(hulld.supervisor(), hulld.logs(), request, reader, writer).await?;
                 had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {

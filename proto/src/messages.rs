@@ -24,10 +24,12 @@ pub struct WinSize {
     pub cols: u16,
 }
 
-/// How a process ended.
+/// How a process ended: `{"exit_code": N}` or `{"signal": N}` in JSON.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ExitStatus {
+    #[serde(rename = "exit_code")]
     Code(i32),
+    #[serde(rename = "signal")]
     Signal(i32),
 }
 
@@ -63,6 +65,36 @@ pub struct ExecSpec {
     pub user: Option<String>,
     /// A PTY of this size instead of pipes.
     pub tty: Option<WinSize>,
+}
+
+/// An exec as a client asks for it: what to run, and how hulld runs the
+/// session around it (the init only ever sees the [`ExecSpec`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub spec: ExecSpec,
+    /// After the process exits, how long hulld keeps passing on output of
+    /// processes it left behind that still hold its stdout/stderr; hulld's
+    /// default ([`DEFAULT_LINGER_MS`]) when absent.
+    #[serde(default)]
+    pub linger_ms: Option<u64>,
+    /// Kill the process group after this long (the session then ends with
+    /// [`ExecEnd::TimedOut`]).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How long output is kept after the process exits unless the client asks
+/// otherwise.
+pub const DEFAULT_LINGER_MS: u64 = 2000;
+
+impl From<ExecSpec> for ExecRequest {
+    fn from(spec: ExecSpec) -> Self {
+        ExecRequest {
+            spec,
+            linger_ms: None,
+            timeout_ms: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -175,8 +207,8 @@ pub struct CheckpointInfo {
     pub comment: Option<String>,
     /// Taken by hull itself (before a restore), subject to retention.
     pub auto: bool,
-    /// The service definitions recorded with it (JSON array).
-    pub services: String,
+    /// The service definitions recorded with it.
+    pub services: Vec<ServiceSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -249,7 +281,7 @@ pub enum ClientMsg {
     Hello(Hello),
     Status,
     /// Starts an exec session; the connection carries it until `ExecEnded`.
-    Exec(ExecSpec),
+    Exec(ExecRequest),
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     StdinEof,
     Resize(WinSize),
@@ -297,6 +329,10 @@ pub enum ExecEnd {
     InnerStopped {
         reason: String,
     },
+    /// The timeout of the request passed: hulld killed the process group.
+    TimedOut {
+        timeout_ms: u64,
+    },
 }
 
 /// hulld to client.
@@ -312,6 +348,12 @@ pub enum DaemonMsg {
         stream: Stream,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// Sent before `ExecEnded` when processes the command left behind still
+    /// held its stdout/stderr `linger_ms` after it exited: what they write
+    /// from then on is not passed on.
+    OutputCut {
+        linger_ms: u64,
     },
     ExecEnded(ExecEnd),
     Bounced(BounceReport),
@@ -394,6 +436,11 @@ pub enum FromInit {
     SetupFailed {
         step: String,
         message: String,
+    },
+    /// A `Spawn` was read; sent before anything of it runs, so a `Spawn`
+    /// hulld never got this for never started anything.
+    Received {
+        id: u64,
     },
     /// The process runs; its stdio fds were sent on the fd channel first,
     /// tagged with the same id.

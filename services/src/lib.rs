@@ -9,9 +9,6 @@
 //!   table, as traits, so it never depends on how hulld launches inners.
 
 pub mod host;
-// FIXME-lints: manager.rs is being rewritten; its casts of durations are
-// fixed with it.
-#[allow(clippy::cast_possible_truncation)]
 pub mod manager;
 pub mod registry;
 

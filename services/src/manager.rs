@@ -111,9 +111,9 @@ impl Service {
             spec: self.spec.clone(),
             state: self.state.name().to_string(),
             pid: self.process.map(|(_, pid, _)| pid),
-            uptime_ms: self
-                .process
-                .map(|(_, _, since)| since.elapsed().as_millis() as u64),
+            uptime_ms: self.process.map(|(_, _, since)| {
+                u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }),
             restarts: self.restarts,
             inner_starts: self.inner_starts,
             last_exit: self.last_exit,
@@ -801,7 +801,7 @@ fn on_exit(name: &str, svc: &mut Service, status: ExitStatus, now: Instant) {
     svc.state = State::Backoff;
     svc.next_start = Some(now + svc.backoff);
     svc.restarts += 1;
-    tracing::info!(service = name, %status, backoff_ms = svc.backoff.as_millis() as u64, "service exited; restarting");
+    tracing::info!(service = name, %status, backoff_ms = u64::try_from(svc.backoff.as_millis()).unwrap_or(u64::MAX), "service exited; restarting");
     svc.backoff = (svc.backoff * 2).min(BACKOFF_MAX);
 }
 

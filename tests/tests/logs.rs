@@ -62,7 +62,7 @@ fn a_million_numbered_lines_arrive_in_order() {
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["line"], "1000000");
-    assert_eq!(lines[1]["stream"], "Stdout");
+    assert_eq!(lines[1]["stream"], "stdout");
 }
 
 /// Starts `hull logs -f NAME` and hands its stdout lines over a channel.
@@ -214,7 +214,7 @@ fn logs_survive_a_killed_hulld_and_stderr_stays_apart() {
     let out = hull.hull(&["logs", "both", "--stream", "stdout"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("to-out"), "{text}");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("to-err"));
+    assert!(!text.contains("to-err"), "{text}");
     let missing = hull.hull(&["logs", "ghost"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no logs for \"ghost\""));
@@ -299,9 +299,10 @@ fn non_interactive_exec_output_is_kept_and_terminal_sessions_are_not() {
         spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
         c.exec_collect(spec, b"").await.unwrap();
     });
-    let logs = hull.hull(&["logs", "exec"]);
+    let logs = hull.hull(&["logs", "exec", "--stream", "stdout"]);
     assert_eq!(String::from_utf8_lossy(&logs.stdout), "exec-out\n");
-    assert_eq!(String::from_utf8_lossy(&logs.stderr), "no-newline\n");
+    let logs = hull.hull(&["logs", "exec", "--stream", "stderr"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "no-newline\n");
     let add = hull.hull(&["services", "add", "exec", "--cmd", "true"]);
     assert!(
         !add.status.success(),
@@ -331,7 +332,7 @@ fn the_oldest_lines_go_first_at_the_cap_and_the_drop_is_recorded() {
     let last = hull.hull(&["logs", "flood", "--tail", "1", "--stream", "stdout"]);
     assert_eq!(String::from_utf8_lossy(&last.stdout), "the-end\n");
     let notes = hull.hull(&["logs", "flood", "--stream", "stderr"]);
-    let notes = String::from_utf8_lossy(&notes.stderr);
+    let notes = String::from_utf8_lossy(&notes.stdout);
     assert!(
         notes.contains("dropped") && notes.contains("capped at 4 MiB"),
         "{notes}"
@@ -365,10 +366,10 @@ fn hullds_own_log_is_a_source() {
     block_on(async { hull.client().await.bounce(0).await.unwrap() });
     wait_until(Duration::from_secs(5), "the bounce in hulld's log", || {
         let out = hull.hull(&["logs", "--daemon"]);
-        String::from_utf8_lossy(&out.stderr).contains("inner bounced")
+        String::from_utf8_lossy(&out.stdout).contains("inner bounced")
     });
     let own = hull.hull(&["logs", "--daemon"]);
-    assert!(String::from_utf8_lossy(&own.stderr).contains("hulld listening"));
+    assert!(String::from_utf8_lossy(&own.stdout).contains("hulld listening"));
     let out = hull.hull(&["logs"]);
     assert!(
         !out.status.success(),
@@ -421,7 +422,7 @@ fn a_full_log_disk_never_blocks_the_service_and_the_loss_is_recorded() {
         },
     );
     let notes = hull.hull(&["logs", "flood", "--stream", "stderr"]);
-    let notes = String::from_utf8_lossy(&notes.stderr);
+    let notes = String::from_utf8_lossy(&notes.stdout);
     let lost: u64 = notes
         .lines()
         .filter_map(|l| {

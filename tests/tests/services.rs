@@ -57,8 +57,8 @@ fn three_services_come_back_in_order_after_a_bounce_and_two_after_a_restore() {
     wait_states(&hull, "a and b running", all_running(&["a", "b"]));
     let v1 = block_on(async { hull.client().await.checkpoint_create(None).await.unwrap() });
     assert!(
-        v1.checkpoint.services.contains("\"b\""),
-        "{}",
+        v1.checkpoint.services.iter().any(|s| s.name == "b"),
+        "{:?}",
         v1.checkpoint.services
     );
     hull.add_service(

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use hull_outer::cli::{self, ExecOptions, Global};
 use hull_outer::config::Config;
 
@@ -44,9 +44,10 @@ enum Command {
     },
     /// Show the inner's state, pid, uptime, limits and bounce count.
     Status,
-    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N).
+    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N, 124: --timeout passed, 125: hull failed, 255: the inner stopped under it).
     Exec {
-        /// Allocate a terminal (PTY) for the command.
+        /// Allocate a terminal (PTY) for the command. Needs a terminal on
+        /// stdin; without one, hull says so and runs with pipes.
         #[arg(short, long)]
         tty: bool,
         /// Stream this terminal's stdin to the command.
@@ -61,6 +62,16 @@ enum Command {
         /// Run as this user of the inner (from its /etc/passwd).
         #[arg(short, long)]
         user: Option<String>,
+        /// After the command exits, keep passing on output of processes it
+        /// left behind that still hold its stdout/stderr for this long
+        /// (500ms, 2s, 1m; default 2s); hull says on stderr when it cut
+        /// output off.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        linger: Option<std::time::Duration>,
+        /// Kill the command's process group after this long (500ms, 30s,
+        /// 10m) and exit 124, as timeout(1) does.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        timeout: Option<std::time::Duration>,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -134,17 +145,24 @@ enum CheckpointCommand {
     },
     /// Bring the writable layer back to checkpoint ID and restart the inner.
     /// The state before the restore is kept as an automatic checkpoint.
-    Restore { id: String },
+    Restore {
+        /// The checkpoint (v1, v2, ...; see `hull checkpoint list`).
+        id: String,
+    },
     /// Show the checkpoints as a tree, marking the one the current state came from.
     List,
     /// Delete checkpoint ID (any of them; the tree keeps its shape).
-    Delete { id: String },
+    Delete {
+        /// The checkpoint (v1, v2, ...; see `hull checkpoint list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum ServicesCommand {
     /// Register a service; it starts now and after every bounce and restore.
     Add {
+        /// Its name (1-64 letters, digits, '-', '_', '.'), also the name of its log.
         name: String,
         /// The command, run with /bin/sh -c.
         #[arg(long)]
@@ -152,7 +170,8 @@ enum ServicesCommand {
         /// Environment variable (repeatable).
         #[arg(short, long = "env", value_name = "K=V", value_parser = parse_env)]
         env: Vec<(String, String)>,
-        #[arg(long)]
+        /// Working directory inside the inner (default /).
+        #[arg(long, value_name = "DIR")]
         cwd: Option<String>,
         /// Run as this user of the inner.
         #[arg(long)]
@@ -176,20 +195,28 @@ enum ServicesCommand {
     List,
     /// Everything about one service, with its last output lines.
     Show {
+        /// The service.
         name: String,
     },
+    /// Start a stopped or failed service (it stays registered either way).
     Start {
+        /// The service.
         name: String,
     },
-    /// SIGTERM to its process group, SIGKILL after 5 s.
+    /// SIGTERM to its process group, SIGKILL after 5 s; it stays stopped,
+    /// across bounces too, until `start`.
     Stop {
+        /// The service.
         name: String,
     },
+    /// Stop it (as `stop` does), then start it again.
     Restart {
+        /// The service.
         name: String,
     },
     /// Stop and unregister.
     Remove {
+        /// The service.
         name: String,
     },
 }
@@ -201,6 +228,7 @@ enum ImageCommand {
         /// busybox (seconds, for tests) or debian (debootstrap minbase).
         #[arg(long)]
         kind: Option<String>,
+        /// Build it again even when it is already built.
         #[arg(long)]
         rebuild: bool,
     },
@@ -256,15 +284,69 @@ fn global(
     Ok((g, hulld_args))
 }
 
+/// Parses the command line. Inside the inner, help offers only what works
+/// there.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut command = Cli::command();
+    if cli::in_inner() {
+        let about = "hull inside the inner: register and control services (every other command runs from the VM)";
+        command = command.about(about).long_about(about);
+        for name in cli::VM_ONLY_COMMANDS {
+            command = command.mut_subcommand(name, |c| c.hide(true));
+        }
+    }
+    Cli::from_arg_matches_mut(&mut command.try_get_matches()?)
+}
+
+/// The subcommand named on the command line, if any: the first word that
+/// is neither an option nor the value of a global option.
+fn subcommand_named() -> Option<String> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "--socket" | "--state-dir" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return Some(a.to_string()),
+        }
+    }
+    None
+}
+
+/// Exits for a command line clap refused: 2 (125 for `exec` and `console`,
+/// whose other codes are the command's), with one JSON object under
+/// `--json`.
+fn usage_error(e: clap::Error) -> ! {
+    let code = match subcommand_named().as_deref() {
+        Some("exec" | "console") => cli::HULL_FAILED,
+        _ => e.exit_code(),
+    };
+    if std::env::args_os().any(|a| a == "--json") {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        cli::report_error(true, "usage", first.trim_start_matches("error: "));
+    } else {
+        let _ = e.print();
+    }
+    std::process::exit(code);
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => usage_error(e),
+        // --help and --version.
+        Err(e) => e.exit(),
+    };
+    let (json, runs_command) = (
+        cli.json,
+        matches!(cli.command, Command::Exec { .. } | Command::Console),
+    );
     let code = match run(cli).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("hull: {}", cli::error_chain(&e));
-            1
-        }
+        Err(e) => cli::fail(&e, json, runs_command),
     };
     cli::flush_stdout();
     std::process::exit(code);
@@ -276,6 +358,13 @@ async fn run(cli: Cli) -> Result<i32> {
         _ => (None, None),
     };
     let (g, hulld_args) = global(&cli, image, network)?;
+    if cli::in_inner() {
+        match &cli.command {
+            Command::Up { .. } => anyhow::bail!(cli::CliError::NotInInner("up")),
+            Command::Image { .. } => anyhow::bail!(cli::CliError::NotInInner("image")),
+            _ => {}
+        }
+    }
     match cli.command {
         Command::Up { .. } => cli::up(&g, hulld_args).await.map(|()| 0),
         Command::Status => cli::status(&g).await.map(|()| 0),
@@ -285,6 +374,8 @@ async fn run(cli: Cli) -> Result<i32> {
             env,
             workdir,
             user,
+            linger,
+            timeout,
             command,
         } => {
             let opts = ExecOptions {
@@ -294,6 +385,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 user,
                 tty,
                 interactive,
+                linger,
+                timeout,
             };
             cli::exec(&g, opts).await
         }
@@ -305,6 +398,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 user: None,
                 tty: true,
                 interactive: true,
+                linger: None,
+                timeout: None,
             };
             cli::exec(&g, opts).await
         }

@@ -1,7 +1,6 @@
 //! The `hull` commands. Each is a thin layer over [`crate::client`].
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,14 +9,33 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::SinkExt;
 use hull_image::{ImageKind, ImageStore};
-use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecSpec, StatusReport, Stream, WinSize,
-};
-use nix::sys::termios;
-use tokio::sync::mpsc;
+use hull_proto::{ClientMsg, DaemonMsg, StatusReport, Stream};
 
 use crate::client::{self, Client, ClientError};
 use crate::config::Config;
+
+/// `println!` that returns a closed stdout as an error instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))?
+    };
+}
+
+/// `eprintln!` that never panics: with stderr closed (`hull ... 2>&1 |
+/// head -1`) a diagnostic is lost, not turned into a crash.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+mod exec;
+mod report;
+
+pub use exec::{exec, ExecOptions};
+use report::stdout_error;
+pub use report::*;
 
 /// Options every command shares.
 #[derive(Debug, Clone)]
@@ -34,7 +52,7 @@ impl Global {
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -42,16 +60,17 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
     if g.json {
         return print_json(s);
     }
-    println!(
+    outln!(
         "hulld      pid {} (version {})",
-        s.daemon_pid, s.daemon_version
+        s.daemon_pid,
+        s.daemon_version
     );
-    println!("inner      {}", s.state);
+    outln!("inner      {}", s.state);
     if let Some(pid) = s.inner_pid {
-        println!("inner pid  {pid}");
+        outln!("inner pid  {pid}");
     }
     if let Some(ms) = s.inner_uptime_ms {
-        println!("uptime     {:.1} s", ms as f64 / 1000.0);
+        outln!("uptime     {:.1} s", ms as f64 / 1000.0);
     }
     let mem = s
         .limits
@@ -63,32 +82,34 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         .pids_max
         .map(|p| p.to_string())
         .unwrap_or_else(|| "none".into());
-    println!("limits     memory {mem}, pids {pids}");
-    println!(
+    outln!("limits     memory {mem}, pids {pids}");
+    outln!(
         "bounces    {} (unplanned restarts {})",
-        s.bounces, s.unplanned_restarts
+        s.bounces,
+        s.unplanned_restarts
     );
     match s.last_oom_kill_ms {
         Some(last) => {
-            let at = std::time::UNIX_EPOCH + Duration::from_millis(last.max(0) as u64);
-            println!(
+            let at =
+                std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(last).unwrap_or(0));
+            outln!(
                 "oom kills  {} (the last at {}, {} s ago; hull logs --daemon has each)",
                 s.oom_kills,
                 httpdate::fmt_http_date(at),
                 (hull_logs::now_ms() - last).max(0) / 1000
             )
         }
-        None => println!("oom kills  0"),
+        None => outln!("oom kills  0"),
     }
-    println!("image      {}", s.image);
-    println!("state      {}", s.state_dir);
-    println!("cgroup     {}", s.cgroup);
-    println!("volume     {}", s.volume);
+    outln!("image      {}", s.image);
+    outln!("state      {}", s.state_dir);
+    outln!("cgroup     {}", s.cgroup);
+    outln!("volume     {}", s.volume);
     if let Some(head) = &s.head {
-        println!("from       checkpoint {head}");
+        outln!("from       checkpoint {head}");
     }
     if let Some(e) = &s.last_error {
-        println!("last error {e}");
+        outln!("last error {e}");
     }
     Ok(())
 }
@@ -105,14 +126,14 @@ pub fn build_image(config: &Config, kind: ImageKind, rebuild: bool) -> Result<Pa
     if store.is_built(kind) && !rebuild {
         return Ok(store.rootfs(kind));
     }
-    eprintln!(
+    errln!(
         "hull: building the {} base image in {}",
         kind.name(),
         config.image_dir().display()
     );
     let start = Instant::now();
-    let path = store.ensure(kind, rebuild, &mut |line| eprintln!("  {line}"))?;
-    eprintln!(
+    let path = store.ensure(kind, rebuild, &mut |line| errln!("  {line}"))?;
+    errln!(
         "hull: image built in {:.1} s",
         start.elapsed().as_secs_f64()
     );
@@ -128,7 +149,7 @@ pub fn image_build(g: &Global, kind: Option<String>, rebuild: bool) -> Result<()
     if g.json {
         print_json(&serde_json::json!({ "kind": kind.name(), "rootfs": path }))?;
     } else {
-        println!("{}", path.display());
+        outln!("{}", path.display());
     }
     Ok(())
 }
@@ -154,12 +175,20 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// Starts hulld in the background unless it runs, then waits for the inner.
 pub async fn up(g: &Global, hulld_args: Vec<String>) -> Result<()> {
-    if let Ok(mut c) = Client::connect(&g.config.socket).await {
-        let s = c.status().await?;
-        if !g.json {
-            eprintln!("hull: hulld is already running");
+    match Client::connect(&g.config.socket).await {
+        Ok(mut c) => {
+            let s = c.status().await?;
+            if !g.json {
+                outln!("hulld is already running");
+            }
+            return print_status(g, &s);
         }
-        return print_status(g, &s);
+        Err(e @ ClientError::NeedsRoot { .. }) => return Err(e.into()),
+        Err(_) => {}
+    }
+    // hulld needs root; building an image first would only fail later.
+    if !nix::unistd::geteuid().is_root() {
+        bail!(CliError::NeedsRoot);
     }
     build_image(&g.config, g.config.image_kind()?, false)?;
     std::fs::create_dir_all(&g.config.state_dir)
@@ -217,9 +246,9 @@ pub async fn up(g: &Global, hulld_args: Vec<String>) -> Result<()> {
 pub async fn down(g: &Global, grace: f64) -> Result<()> {
     let mut c = match Client::connect(&g.config.socket).await {
         Ok(c) => c,
-        Err(ClientError::Connect { .. }) => {
+        Err(ClientError::NotRunning { .. }) => {
             if !g.json {
-                eprintln!("hull: hulld is not running");
+                outln!("hulld is not running");
             } else {
                 print_json(&serde_json::json!({ "stopped": false, "running": false }))?;
             }
@@ -228,7 +257,7 @@ pub async fn down(g: &Global, grace: f64) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
     let pid = c.status().await?.daemon_pid;
-    c.shutdown((grace * 1000.0) as u64).await?;
+    c.shutdown(seconds_to_millis(grace)).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while process_alive(pid) {
         if Instant::now() > deadline {
@@ -239,7 +268,7 @@ pub async fn down(g: &Global, grace: f64) -> Result<()> {
     if g.json {
         print_json(&serde_json::json!({ "stopped": true, "daemon_pid": pid }))?;
     } else {
-        eprintln!("hull: stopped hulld (pid {pid}) and the inner");
+        outln!("stopped hulld (pid {pid}) and the inner");
     }
     Ok(())
 }
@@ -256,203 +285,30 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// A duration in milliseconds, as the protocol carries it.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A grace period given in (fractional) seconds; a negative one is none.
+fn seconds_to_millis(seconds: f64) -> u64 {
+    millis(Duration::try_from_secs_f64(seconds).unwrap_or_default())
+}
+
 pub async fn bounce(g: &Global, grace: f64) -> Result<()> {
     let mut c = g.connect().await?;
-    let r = c.bounce((grace * 1000.0) as u64).await?;
+    let r = c.bounce(seconds_to_millis(grace)).await?;
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "bounced in {:.1} ms (stop {:.1} ms, start {:.1} ms); inner pid {}, bounce #{}",
-        r.total_ms, r.stop_ms, r.start_ms, r.inner_pid, r.bounces
+        r.total_ms,
+        r.stop_ms,
+        r.start_ms,
+        r.inner_pid,
+        r.bounces
     );
-    Ok(())
-}
-
-/// Puts the local terminal in raw mode for the session's lifetime.
-struct RawTerminal {
-    saved: termios::Termios,
-}
-
-impl RawTerminal {
-    fn enter() -> Option<Self> {
-        let stdin = std::io::stdin();
-        let saved = termios::tcgetattr(stdin.as_fd()).ok()?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw).ok()?;
-        Some(RawTerminal { saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(
-            std::io::stdin().as_fd(),
-            termios::SetArg::TCSANOW,
-            &self.saved,
-        );
-    }
-}
-
-fn local_winsize() -> WinSize {
-    // SAFETY: winsize is plain data and TIOCGWINSZ fills it.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ writes into `ws`, a valid winsize.
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_row > 0 && ws.ws_col > 0 {
-        WinSize {
-            rows: ws.ws_row,
-            cols: ws.ws_col,
-        }
-    } else {
-        WinSize { rows: 24, cols: 80 }
-    }
-}
-
-/// Exit code hull uses when hull itself (not the command) failed.
-pub const HULL_FAILED: i32 = 125;
-/// Exit code when the inner stopped underneath the session.
-pub const INNER_STOPPED: i32 = 255;
-
-pub struct ExecOptions {
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub cwd: Option<String>,
-    pub user: Option<String>,
-    pub tty: bool,
-    pub interactive: bool,
-}
-
-/// Runs one command in the inner, wired to this terminal. Returns the exit
-/// code hull should exit with.
-pub async fn exec(g: &Global, opts: ExecOptions) -> Result<i32> {
-    let mut c = g.connect().await?;
-    let tty = opts.tty.then(local_winsize);
-    let spec = ExecSpec {
-        argv: opts.argv,
-        env: opts.env,
-        cwd: opts.cwd,
-        user: opts.user,
-        tty,
-    };
-    match c.exec_start(spec).await {
-        Ok(_pid) => {}
-        Err(ClientError::Daemon(report)) => {
-            eprintln!("hull: {}", report.message);
-            return Ok(match report.kind {
-                ErrorKind::Spawn(kind) => kind.shell_code(),
-                _ => HULL_FAILED,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let Client {
-        mut reader,
-        mut writer,
-        ..
-    } = c;
-    let (tx, mut rx) = mpsc::channel::<ClientMsg>(16);
-    tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            if writer.send(msg).await.is_err() {
-                break;
-            }
-        }
-    });
-    let _raw = if opts.tty { RawTerminal::enter() } else { None };
-    if opts.interactive {
-        let tx = tx.clone();
-        let tty = opts.tty;
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        if !tty {
-                            let _ = tx.blocking_send(ClientMsg::StdinEof);
-                        }
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx
-                            .blocking_send(ClientMsg::Stdin(buf[..n].to_vec()))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-    } else {
-        tx.send(ClientMsg::StdinEof).await?;
-    }
-    spawn_signal_forwarding(tx.clone(), opts.tty)?;
-    // Blocking writes: the terminal is the session's only sink, and a slow
-    // terminal should slow the session down, not buffer without bound.
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    loop {
-        match client::next(&mut reader).await {
-            Ok(DaemonMsg::Output { stream, data }) => match stream {
-                Stream::Stdout => {
-                    stdout.write_all(&data)?;
-                    stdout.flush()?;
-                }
-                Stream::Stderr => {
-                    stderr.write_all(&data)?;
-                    stderr.flush()?;
-                }
-            },
-            Ok(DaemonMsg::ExecEnded(ExecEnd::Exited(status))) => return Ok(status.shell_code()),
-            Ok(DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason })) => {
-                drop(_raw);
-                eprintln!("\r\nhull: session ended: {reason}");
-                return Ok(INNER_STOPPED);
-            }
-            Ok(other) => bail!("unexpected message from hulld: {other:?}"),
-            Err(ClientError::Closed) => {
-                drop(_raw);
-                eprintln!("\r\nhull: hulld closed the connection");
-                return Ok(HULL_FAILED);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// With a PTY, Ctrl-C travels as a byte and only window changes need
-/// forwarding; with pipes, SIGINT/SIGTERM/SIGHUP go to the process.
-fn spawn_signal_forwarding(tx: mpsc::Sender<ClientMsg>, tty: bool) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    if tty {
-        let mut winch = signal(SignalKind::window_change())?;
-        tokio::spawn(async move {
-            while winch.recv().await.is_some() {
-                if tx.send(ClientMsg::Resize(local_winsize())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        return Ok(());
-    }
-    for (kind, number) in [
-        (SignalKind::interrupt(), libc::SIGINT),
-        (SignalKind::terminate(), libc::SIGTERM),
-        (SignalKind::hangup(), libc::SIGHUP),
-    ] {
-        let mut stream = signal(kind)?;
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if tx.send(ClientMsg::Signal(number)).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
     Ok(())
 }
 
@@ -463,6 +319,28 @@ pub fn console_argv() -> Vec<String> {
         "-c".into(),
         "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
     ]
+}
+
+/// Commands for the VM only: inside the inner, hulld's socket there serves
+/// `hull services` and the help does not offer the rest.
+pub const VM_ONLY_COMMANDS: [&str; 11] = [
+    "up",
+    "status",
+    "exec",
+    "console",
+    "bounce",
+    "down",
+    "checkpoint",
+    "logs",
+    "ports",
+    "ingress",
+    "image",
+];
+
+/// True inside the inner: hulld mounts its `hull` client there, at a path
+/// the VM itself never has.
+pub fn in_inner() -> bool {
+    Path::new(hull_inner::INNER_API_BIN).join("hull").exists()
 }
 
 pub fn flush_stdout() {
@@ -494,15 +372,19 @@ pub async fn ports(g: &Global) -> Result<()> {
         return print_json(&r);
     }
     if r.ports.is_empty() {
-        println!(
+        outln!(
             "nothing listens on a TCP port in the inner (network: {})",
             r.network
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<6} {:<16} {:<8} {:<16} {:<22} HTTP",
-        "PORT", "ADDRESS", "PID", "COMMAND", "OUTSIDE"
+        "PORT",
+        "ADDRESS",
+        "PID",
+        "COMMAND",
+        "OUTSIDE"
     );
     for p in &r.ports {
         let outside = match (p.exposure.as_str(), &p.outer) {
@@ -515,7 +397,7 @@ pub async fn ports(g: &Global) -> Result<()> {
             Some(url) => url.clone(),
             None => "-".into(),
         };
-        println!(
+        outln!(
             "{:<6} {:<16} {:<8} {:<16} {:<22} {}",
             p.port,
             p.address,
@@ -526,7 +408,7 @@ pub async fn ports(g: &Global) -> Result<()> {
         );
     }
     for p in r.ports.iter().filter(|p| p.exposure == "taken") {
-        println!(
+        outln!(
             "port {}: the outer address is taken ({}); reach it through HTTP ingress",
             p.port,
             p.detail.as_deref().unwrap_or("in use")
@@ -544,9 +426,9 @@ pub async fn ingress(g: &Global) -> Result<()> {
     }
     match &r.http {
         Some(addr) => {
-            println!("HTTP ingress   http://{addr}/ (Host PORT.<anything> picks the inner port)")
+            outln!("HTTP ingress   http://{addr}/ (Host PORT.<anything> picks the inner port)")
         }
-        None => println!("HTTP ingress   off"),
+        None => outln!("HTTP ingress   off"),
     }
     let private = if r.private_all {
         "every port".to_string()
@@ -559,13 +441,13 @@ pub async fn ingress(g: &Global) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("private        {private}");
-    println!(
+    outln!("private        {private}");
+    outln!(
         "token          {}  (send: Authorization: Bearer TOKEN)",
         r.token
     );
     if let (Some(inner), Some(gw)) = (&r.inner_address, &r.gateway) {
-        println!("inner address  {inner} (gateway {gw})");
+        outln!("inner address  {inner} (gateway {gw})");
     }
     Ok(())
 }
@@ -576,9 +458,11 @@ pub async fn checkpoint_create(g: &Global, comment: Option<String>) -> Result<()
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "checkpoint {} created in {:.1} ms (inner frozen {:.1} ms)",
-        r.checkpoint.id, r.total_ms, r.frozen_ms
+        r.checkpoint.id,
+        r.total_ms,
+        r.frozen_ms
     );
     Ok(())
 }
@@ -589,19 +473,19 @@ pub async fn checkpoint_restore(g: &Global, id: &str) -> Result<()> {
     if g.json {
         return print_json(&r);
     }
-    println!(
+    outln!(
         "restored {} in {:.1} ms (stop {:.1} ms, start {:.1} ms); undo with: hull checkpoint restore {}",
         r.restored, r.total_ms, r.stop_ms, r.start_ms, r.undo
     );
     if !r.services_removed.is_empty() {
-        println!(
+        outln!(
             "services removed (not in {}): {}",
             r.restored,
             r.services_removed.join(", ")
         );
     }
     if !r.services_added.is_empty() {
-        println!(
+        outln!(
             "services brought back (recorded in {}): {}",
             r.restored,
             r.services_added.join(", ")
@@ -616,7 +500,7 @@ pub async fn checkpoint_delete(g: &Global, id: &str) -> Result<()> {
     if g.json {
         return print_json(&serde_json::json!({ "deleted": id }));
     }
-    println!("deleted checkpoint {id}");
+    outln!("deleted checkpoint {id}");
     Ok(())
 }
 
@@ -630,6 +514,73 @@ fn age(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// The checkpoints as a tree, one line each, in creation order. A chain
+/// (each checkpoint the only child of the one before) stays in one column;
+/// only a checkpoint with several children opens branches, drawn like
+/// `tree(1)`.
+pub fn checkpoint_tree(listing: &hull_proto::CheckpointListing) -> Vec<String> {
+    use std::collections::HashMap;
+    let known: std::collections::HashSet<&str> =
+        listing.checkpoints.iter().map(|c| c.id.as_str()).collect();
+    let mut children: HashMap<Option<&str>, Vec<&hull_proto::CheckpointInfo>> = HashMap::new();
+    for cp in &listing.checkpoints {
+        // A checkpoint whose parent was deleted starts a tree of its own.
+        let parent = cp.parent.as_deref().filter(|p| known.contains(p));
+        children.entry(parent).or_default().push(cp);
+    }
+    let line = |cp: &hull_proto::CheckpointInfo, prefix: &str| {
+        let marker = if listing.head.as_deref() == Some(cp.id.as_str()) {
+            "*"
+        } else {
+            " "
+        };
+        let orphan = match &cp.parent {
+            Some(p) if !known.contains(p.as_str()) => format!(" (from deleted {p})"),
+            _ => String::new(),
+        };
+        format!(
+            "{marker} {prefix}{:<6} {:>8}  {}{}{}",
+            cp.id,
+            age(listing.now_ms, cp.created_ms),
+            if cp.auto { "[auto] " } else { "" },
+            cp.comment.as_deref().unwrap_or(""),
+            orphan,
+        )
+        .trim_end()
+        .to_string()
+    };
+    let mut out = Vec::new();
+    // (siblings still to draw, the prefix of their lines, whether they
+    // hang off a fork): an explicit stack, so a chain of thousands does
+    // not recurse thousands deep.
+    let roots = children.get(&None).cloned().unwrap_or_default();
+    let mut stack: Vec<(
+        std::vec::IntoIter<&hull_proto::CheckpointInfo>,
+        String,
+        bool,
+    )> = vec![(roots.into_iter(), String::new(), false)];
+    while let Some((siblings, prefix, fork)) = stack.last_mut() {
+        let Some(cp) = siblings.next() else {
+            stack.pop();
+            continue;
+        };
+        let last = siblings.len() == 0;
+        let (own, below) = match (*fork, last) {
+            (false, _) => (prefix.clone(), prefix.clone()),
+            (true, false) => (format!("{prefix}├─ "), format!("{prefix}│  ")),
+            (true, true) => (format!("{prefix}└─ "), format!("{prefix}   ")),
+        };
+        out.push(line(cp, &own));
+        let kids = children
+            .get(&Some(cp.id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        let forks = kids.len() > 1;
+        stack.push((kids.into_iter(), below, forks));
+    }
+    out
+}
+
 /// Prints checkpoints as a tree: each under its parent, in creation order.
 pub async fn checkpoint_list(g: &Global) -> Result<()> {
     let mut c = g.connect().await?;
@@ -638,61 +589,45 @@ pub async fn checkpoint_list(g: &Global) -> Result<()> {
         return print_json(&listing);
     }
     if listing.checkpoints.is_empty() {
-        println!("no checkpoints yet; take one with: hull checkpoint create -m COMMENT");
+        outln!("no checkpoints yet; take one with: hull checkpoint create -m COMMENT");
         return Ok(());
     }
-    let ids: Vec<&str> = listing.checkpoints.iter().map(|c| c.id.as_str()).collect();
-    fn walk(
-        listing: &hull_proto::CheckpointListing,
-        ids: &[&str],
-        parent: Option<&str>,
-        depth: usize,
-    ) {
-        for cp in listing.checkpoints.iter().filter(|c| {
-            let p = c.parent.as_deref().filter(|p| ids.contains(p));
-            p == parent
-        }) {
-            let marker = if listing.head.as_deref() == Some(cp.id.as_str()) {
-                "*"
-            } else {
-                " "
-            };
-            let orphan = match (&cp.parent, depth) {
-                (Some(p), 0) => format!(" (from deleted {p})"),
-                _ => String::new(),
-            };
-            println!(
-                "{marker} {:indent$}{:<6} {:>8}  {}{}{}",
-                "",
-                cp.id,
-                age(listing.now_ms, cp.created_ms),
-                if cp.auto { "[auto] " } else { "" },
-                cp.comment.as_deref().unwrap_or(""),
-                orphan,
-                indent = depth * 2
-            );
-            walk(listing, ids, Some(&cp.id), depth + 1);
-        }
+    for line in checkpoint_tree(&listing) {
+        outln!("{line}");
     }
-    walk(&listing, &ids, None, 0);
     if let Some(head) = &listing.head {
-        println!("(* the current state came from {head})");
+        outln!("(* the current state came from {head})");
     }
     Ok(())
 }
 
-fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) -> Result<()> {
+/// Services as a table, one in detail (`show`), or JSON: an array for
+/// `list`, an object for a request about one service.
+fn print_services(
+    g: &Global,
+    list: &[hull_proto::ServiceStatus],
+    detail: bool,
+    single: bool,
+) -> Result<()> {
     if g.json {
-        return print_json(&list);
+        return match (single, list) {
+            (true, [one]) => print_json(one),
+            _ => print_json(&list),
+        };
     }
     if list.is_empty() {
-        println!("no services; register one with: hull services add NAME --cmd \"...\"");
+        outln!("no services; register one with: hull services add NAME --cmd \"...\"");
         return Ok(());
     }
     if !detail {
-        println!(
+        outln!(
             "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  last exit",
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "STARTS"
+            "NAME",
+            "STATE",
+            "PID",
+            "UPTIME",
+            "RESTARTS",
+            "STARTS"
         );
     }
     for s in list {
@@ -708,7 +643,7 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
         if !detail {
             // What a waiting service waits for goes last: it is long.
             let waiting = s.reason.as_deref().filter(|_| s.state == "waiting");
-            println!(
+            outln!(
                 "{:<16} {:<9} {:>7} {:>9} {:>8} {:>6}  {last}{}",
                 s.spec.name,
                 s.state,
@@ -720,10 +655,10 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
             );
             continue;
         }
-        println!("name       {}", s.spec.name);
-        println!("command    {}", s.spec.cmd);
+        outln!("name       {}", s.spec.name);
+        outln!("command    {}", s.spec.cmd);
         let waiting_for_port = s.state == "running" && !s.ready;
-        println!(
+        outln!(
             "state      {}{}",
             s.state,
             if waiting_for_port {
@@ -732,25 +667,25 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
                 ""
             }
         );
-        println!(
+        outln!(
             "pid        {pid}   uptime {uptime}   restarts {} (after exits)   starts {} (on a new inner)",
             s.restarts, s.inner_starts
         );
-        println!("restart    {}", s.spec.restart.name());
+        outln!("restart    {}", s.spec.restart.name());
         if !s.spec.after.is_empty() {
-            println!("after      {}", s.spec.after.join(", "));
+            outln!("after      {}", s.spec.after.join(", "));
         }
         if let Some(port) = s.spec.http_port {
-            println!("http port  {port}");
+            outln!("http port  {port}");
         }
-        println!("last exit  {last}");
+        outln!("last exit  {last}");
         if let Some(reason) = &s.reason {
-            println!("reason     {reason}");
+            outln!("reason     {reason}");
         }
         if !s.last_lines.is_empty() {
-            println!("last output:");
+            outln!("last output:");
             for line in &s.last_lines {
-                println!("  | {line}");
+                outln!("  | {line}");
             }
         }
     }
@@ -758,14 +693,39 @@ fn print_services(g: &Global, list: &[hull_proto::ServiceStatus], detail: bool) 
 }
 
 pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result<()> {
-    let detail = matches!(request, hull_proto::ServiceRequest::Show(_));
+    use hull_proto::ServiceRequest as R;
+    let detail = matches!(request, R::Show(_));
+    // Every request but List is about one service: its answer is an object.
+    let single = !matches!(request, R::List);
     let mut c = g.connect().await?;
     let list = c.services(request).await?;
-    print_services(g, &list, detail)
+    print_services(g, &list, detail, single)
 }
 
-/// `hull logs`: stdout lines to stdout, stderr lines to stderr, or JSON
-/// records; with `follow`, until interrupted (across bounces and restores).
+/// One record of `hull logs --json` (docs/json.md).
+#[derive(serde::Serialize)]
+struct LogLine<'a> {
+    ts_ms: i64,
+    stream: &'static str,
+    line: &'a str,
+}
+
+impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
+    fn from(r: &'a hull_proto::LogRecord) -> Self {
+        LogLine {
+            ts_ms: r.ts_ms,
+            stream: match r.stream {
+                Stream::Stdout => "stdout",
+                Stream::Stderr => "stderr",
+            },
+            line: &r.line,
+        }
+    }
+}
+
+/// `hull logs`: every line to stdout (the output is what the user asked
+/// for, whichever stream wrote it; `--stream` picks one), or JSON records;
+/// with `follow`, until interrupted (across bounces and restores).
 pub async fn logs(
     g: &Global,
     source: String,
@@ -779,7 +739,7 @@ pub async fn logs(
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        now.saturating_sub(d).as_millis() as i64
+        i64::try_from(now.saturating_sub(d).as_millis()).unwrap_or(i64::MAX)
     });
     c.writer
         .send(ClientMsg::Logs {
@@ -790,8 +750,7 @@ pub async fn logs(
             since_ms,
         })
         .await?;
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
         match client::next(&mut c.reader).await? {
             DaemonMsg::LogRecords(records) => {
@@ -805,19 +764,18 @@ pub async fn logs(
                                 "event": marker.name(),
                                 "text": r.line,
                             });
-                            writeln!(out, "{record}")?;
+                            writeln!(out, "{record}").map_err(stdout_error)?;
                         } else {
-                            writeln!(out, "-- {} --", r.line)?;
+                            writeln!(out, "-- {} --", r.line).map_err(stdout_error)?;
                         }
                     } else if g.json {
-                        writeln!(out, "{}", serde_json::to_string(&r)?)?;
-                    } else if r.stream == Stream::Stderr {
-                        writeln!(err, "{}", r.line)?;
+                        let text = serde_json::to_string(&LogLine::from(&r))?;
+                        writeln!(out, "{text}").map_err(stdout_error)?;
                     } else {
-                        writeln!(out, "{}", r.line)?;
+                        writeln!(out, "{}", r.line).map_err(stdout_error)?;
                     }
                 }
-                out.flush()?;
+                out.flush().map_err(stdout_error)?;
             }
             DaemonMsg::LogsEnd => return Ok(()),
             other => bail!("unexpected message from hulld: {other:?}"),
@@ -825,24 +783,86 @@ pub async fn logs(
     }
 }
 
-/// "90s", "10m", "2h", "1d" (a bare number is seconds).
+/// "500ms", "90s", "10m", "2h", "1d" (a bare number is seconds).
 pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 10m, 2h or 1d"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 30s, 10m, 2h or 1d"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => {
             return Err(format!(
-                "{text:?} is not a duration like 30s, 10m, 2h or 1d"
+                "{text:?} is not a duration like 500ms, 30s, 10m, 2h or 1d"
             ))
         }
     };
-    Ok(Duration::from_secs(n * secs))
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hull_proto::{CheckpointInfo, CheckpointListing};
+
+    fn listing(parents: &[(&str, Option<&str>)]) -> CheckpointListing {
+        CheckpointListing {
+            checkpoints: parents
+                .iter()
+                .map(|(id, parent)| CheckpointInfo {
+                    id: id.to_string(),
+                    parent: parent.map(str::to_string),
+                    created_ms: 0,
+                    comment: None,
+                    auto: false,
+                    services: Vec::new(),
+                })
+                .collect(),
+            head: Some("v3".into()),
+            now_ms: 0,
+        }
+    }
+
+    #[test]
+    fn cli_checkpoint_tree_keeps_chains_flat_and_draws_forks() {
+        let tree = checkpoint_tree(&listing(&[
+            ("v1", None),
+            ("v2", Some("v1")),
+            ("v3", Some("v2")),
+            ("v4", Some("v3")),
+            ("v5", Some("v2")),
+            ("v6", Some("v5")),
+            ("v7", Some("gone")),
+        ]));
+        assert_eq!(
+            tree,
+            [
+                "  v1       0s ago",
+                "  v2       0s ago",
+                "* ├─ v3       0s ago",
+                "  │  v4       0s ago",
+                "  └─ v5       0s ago",
+                "     v6       0s ago",
+                "  v7       0s ago   (from deleted gone)",
+            ]
+        );
+    }
+
+    #[test]
+    fn cli_durations_take_milliseconds_to_days() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
 }
