@@ -483,7 +483,11 @@ fn json_output_is_plain_objects_with_snake_case_fields() {
     assert_eq!(services[0]["name"], "crasher");
 
     let out = hull.hull(&["--json", "logs", "crasher"]);
-    let line: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    let line: Value = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["type"] == "line")
+        .expect("an output line");
     assert_eq!(line["stream"], "stderr", "{line}");
     assert_eq!(line["line"], "oops");
 }

@@ -705,6 +705,9 @@ pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result
 /// One record of `hull logs --json` (docs/json.md).
 #[derive(serde::Serialize)]
 struct LogLine<'a> {
+    /// "line", beside the "marker" records of starts and bounces.
+    #[serde(rename = "type")]
+    kind: &'static str,
     ts_ms: i64,
     stream: &'static str,
     line: &'a str,
@@ -713,6 +716,7 @@ struct LogLine<'a> {
 impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
     fn from(r: &'a hull_proto::LogRecord) -> Self {
         LogLine {
+            kind: "line",
             ts_ms: r.ts_ms,
             stream: match r.stream {
                 Stream::Stdout => "stdout",
