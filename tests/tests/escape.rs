@@ -524,3 +524,69 @@ fn mountinfo_in_the_inner_names_no_host_path_of_the_layers() {
     }
     assert_responsive(&hull);
 }
+
+/// A `Logs` request took its source as a path under the log store: `..`
+/// and `/` in it reached (and made segment files in) any directory.
+#[test]
+fn a_logs_request_for_a_path_outside_the_store_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let bait = hull.dir.path().join("bait");
+    std::fs::create_dir(&bait).unwrap();
+    let absolute = bait.display().to_string();
+    let inner_api = hull.state_dir.join("inner-api");
+    let inner_api_before = tree(&inner_api);
+    for source in [
+        "../../bait",
+        "../inner-api",
+        absolute.as_str(),
+        "a/b",
+        "..",
+        ".",
+        "",
+        "web\0",
+    ] {
+        let reply = block_on(async {
+            hull.client()
+                .await
+                .request(hull_proto::ClientMsg::Logs {
+                    source: source.to_string(),
+                    follow: false,
+                    tail: None,
+                    stream: None,
+                    since_ms: None,
+                })
+                .await
+        });
+        match reply {
+            Err(hull_outer::client::ClientError::Daemon(report)) => {
+                assert_eq!(
+                    report.kind,
+                    hull_proto::ErrorKind::BadRequest,
+                    "{source:?}: {report:?}"
+                );
+                assert!(
+                    report.message.contains("not a log source name"),
+                    "{source:?}: {}",
+                    report.message
+                );
+            }
+            other => panic!("a Logs request for {source:?} was answered {other:?}"),
+        }
+    }
+    assert_eq!(
+        tree(&bait),
+        Vec::<String>::new(),
+        "files made in {}",
+        bait.display()
+    );
+    assert_eq!(
+        tree(&inner_api),
+        inner_api_before,
+        "files made in {}",
+        inner_api.display()
+    );
+    assert_responsive(&hull);
+}
