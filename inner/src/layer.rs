@@ -38,7 +38,11 @@ impl Layer {
 
     /// `rel` opened with `flags` (O_CLOEXEC added), as the inner would
     /// after pivot_root.
-    pub fn open_at(&self, rel: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    pub fn open_at(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        self.resolve(rel, flags, RESOLVE)
+    }
+
+    fn resolve(&self, rel: &Path, flags: OFlags, resolve: ResolveFlags) -> io::Result<OwnedFd> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -48,20 +52,39 @@ impl Layer {
             &self.root,
             rel,
             flags | OFlags::CLOEXEC,
-            Mode::from_raw_mode(mode),
-            RESOLVE,
+            Mode::empty(),
+            resolve,
         )?)
     }
 
     /// An O_PATH fd of `rel`, whatever it is: a mount target.
     pub fn path_fd(&self, rel: &Path) -> io::Result<OwnedFd> {
-        self.open_at(rel, OFlags::PATH, 0)
+        self.open_at(rel, OFlags::PATH)
     }
 
     /// The directory `rel`, made (with `mode`, as mkdir -p) where missing.
     /// A dangling symlink on the way is followed and its target made inside
-    /// the layer, as mkdir -p would after pivot_root.
+    /// the layer, as mkdir -p would after pivot_root. The directory is on
+    /// the layer itself: a path that leads into another mount (a symlink
+    /// to /proc/sys ...) is refused.
     pub fn make_dir(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
+        self.make_dir_in_layer(rel, mode)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EXDEV) => io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a symlink there leads out of the layer, into another mount",
+                ),
+                _ => e,
+            })
+    }
+
+    /// Whether `fd` is the root itself.
+    pub fn is_root(&self, fd: &impl AsFd) -> io::Result<bool> {
+        let (a, b) = (rustix::fs::fstat(&self.root)?, rustix::fs::fstat(fd)?);
+        Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+    }
+
+    fn make_dir_in_layer(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
         let mut want = normal(rel);
         let mut links = 0;
         'restart: loop {
@@ -110,13 +133,17 @@ impl Layer {
     }
 
     fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
-        self.open_at(rel, OFlags::PATH | OFlags::DIRECTORY, 0)
+        self.resolve(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY,
+            RESOLVE | ResolveFlags::NO_XDEV,
+        )
     }
 }
 
-/// `rel` without a leading `/`, `.` parts or a `..` above the root: the
-/// kernel's RESOLVE_IN_ROOT clamps `..` the same way, so this only keeps
-/// mkdirat from being handed a `..`.
+/// `rel` without a leading `/`, `.` or `..` parts, so mkdirat is never
+/// handed a `..`. Lexical: a `..` after a symlink may land elsewhere than
+/// the kernel's walk would, but, like RESOLVE_IN_ROOT, never above the root.
 fn normal(rel: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in rel.components() {
@@ -172,6 +199,39 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn make_dir_refuses_a_path_into_another_mount() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root to mount");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mnt,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .unwrap();
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+        symlink("/mnt/inside", root.path().join("etc")).unwrap();
+        let layer = Layer::open(root.path()).unwrap();
+        let err = layer.make_dir(Path::new("etc"), 0o755).err().unwrap();
+        assert!(err.to_string().contains("out of the layer"), "{err}");
+        assert!(!mnt.join("inside").exists());
+        let top = layer.make_dir(Path::new("."), 0o755).unwrap();
+        assert!(layer.is_root(&top).unwrap());
     }
 
     #[test]

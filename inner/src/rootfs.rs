@@ -44,6 +44,8 @@ pub enum SetupError {
     },
     #[error("cannot create {path} in the inner")]
     Create { path: PathBuf, source: io::Error },
+    #[error("cannot make the mount point {path} in the inner's layer")]
+    MountPoint { path: PathBuf, source: io::Error },
     #[error("cannot create device node {path} in the inner")]
     DeviceNode { path: PathBuf, source: io::Error },
     #[error("cannot mask {path} in the inner")]
@@ -80,6 +82,7 @@ impl SetupError {
             SetupError::OpenRoot { .. } => "open-root",
             SetupError::Mount { .. } => "mount",
             SetupError::Create { .. } => "create",
+            SetupError::MountPoint { .. } => "mount-point",
             SetupError::DeviceNode { .. } => "dev",
             SetupError::Mask { .. } => "mask",
             SetupError::ResolvCopy { .. } => "resolv-conf",
@@ -220,13 +223,25 @@ fn mount_new(
     options: &str,
     attrs: MountAttrFlags,
 ) -> Result<OwnedFd> {
-    let target = layer
-        .make_dir(Path::new(rel), 0o755)
-        .map_err(|source| SetupError::Create {
-            path: inner_path(rel),
-            source,
-        })?;
+    let target = mount_point(layer, rel)?;
     mount_on(fstype, &target, rel, options, attrs)
+}
+
+/// The layer's directory `rel`, made where missing, to mount on: never the
+/// root itself (a link to / there would cover the whole layer).
+fn mount_point(layer: &Layer, rel: &str) -> Result<OwnedFd> {
+    let err = |source| SetupError::MountPoint {
+        path: inner_path(rel),
+        source,
+    };
+    let target = layer.make_dir(Path::new(rel), 0o755).map_err(err)?;
+    if layer.is_root(&target).map_err(err)? {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a symlink there leads to the root itself",
+        )));
+    }
+    Ok(target)
 }
 
 fn mount_on(
@@ -281,11 +296,20 @@ fn inner_path(rel: &str) -> PathBuf {
 fn mount_cgroup(layer: &Layer, view: &CgroupView) -> Result<()> {
     const AT: &str = "sys/fs/cgroup";
     let read_only = HARDENED | RDONLY;
+    // In the sysfs just mounted, not in the layer.
+    let target = layer
+        .path_fd(Path::new(AT))
+        .map_err(|source| SetupError::MountPoint {
+            path: inner_path(AT),
+            source,
+        })?;
     let hierarchies = match view {
-        CgroupView::Unified => return mount_new(layer, "cgroup2", AT, "", read_only).map(drop),
+        CgroupView::Unified => {
+            return mount_on("cgroup2", &target, AT, "", read_only).map(drop);
+        }
         CgroupView::V1(hierarchies) => hierarchies,
     };
-    let tmpfs = mount_new(layer, "tmpfs", AT, "mode=755,size=64k", HARDENED)?;
+    let tmpfs = mount_on("tmpfs", &target, AT, "mode=755,size=64k", HARDENED)?;
     for options in hierarchies {
         let shown = format!("{AT}/{options}");
         let dir = subdir(&tmpfs, options, 0o755, &shown)?;
@@ -465,7 +489,7 @@ fn bind_resolv_conf(layer: &Layer, source: &Path) -> Result<()> {
     };
     let etc = layer
         .make_dir(Path::new("etc"), 0o755)
-        .map_err(|source| SetupError::Create {
+        .map_err(|source| SetupError::MountPoint {
             path: inner_path("etc"),
             source,
         })?;
@@ -580,7 +604,7 @@ fn bind_api(layer: &Layer, run: &OwnedFd, source: &Path) -> Result<()> {
 /// nothing of the user's is called hull there.
 fn link_client(layer: &Layer) -> Result<()> {
     const AT: &str = "usr/local/bin";
-    let Ok(bin) = layer.open_at(Path::new(AT), OFlags::PATH | OFlags::DIRECTORY, 0) else {
+    let Ok(bin) = layer.open_at(Path::new(AT), OFlags::PATH | OFlags::DIRECTORY) else {
         return Ok(());
     };
     if rustix::fs::statat(&bin, "hull", AtFlags::SYMLINK_NOFOLLOW).is_ok() {

@@ -590,3 +590,36 @@ fn a_logs_request_for_a_path_outside_the_store_is_refused() {
     );
     assert_responsive(&hull);
 }
+
+/// A symlink in the layer that would put one of the inner's mount points
+/// into another mount (/proc/sys ...) or on the root itself is refused with
+/// an error naming the path; once it is gone the inner starts again.
+#[test]
+fn a_mount_point_leading_into_proc_or_to_the_root_is_refused_by_name() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let upper = current_upper(&hull);
+    for (name, target, message) in [
+        ("etc", "/proc/sys/kernel", "out of the layer"),
+        ("run", "/", "to the root itself"),
+    ] {
+        let at = upper.join(name);
+        let _ = std::fs::remove_dir_all(&at);
+        std::os::unix::fs::symlink(target, &at).unwrap();
+        let bounced = block_on(async { hull.client().await.bounce(0).await });
+        let err = bounced.expect_err("the inner started with a mount point out of its layer");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("/{name}")) && text.contains(message),
+            "{name} -> {target}: {text}"
+        );
+        assert_responsive(&hull);
+        std::fs::remove_file(&at).unwrap();
+        std::fs::create_dir(&at).unwrap();
+        block_on(async { hull.client().await.bounce(0).await }).expect("bounce without the link");
+    }
+    hull.wait_running(Duration::from_secs(10));
+    assert_responsive(&hull);
+}
