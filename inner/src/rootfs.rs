@@ -559,7 +559,7 @@ fn private_copy(source: &Path) -> io::Result<OwnedFd> {
             | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
     ) {
         Ok(copy) => Ok(copy),
-        // Linux before 6.15 clones only from mounts in the caller's
+        // Older kernels clone only from mounts in the caller's
         // namespace: bind hulld's file itself, read-only all the same.
         Err(rustix::io::Errno::INVAL) => mounts::clone_path(source),
         Err(e) => Err(e.into()),
