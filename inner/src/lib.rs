@@ -10,6 +10,8 @@
 
 pub mod helper;
 pub mod init;
+mod layer;
+mod mounts;
 mod rootfs;
 mod security;
 mod spec;

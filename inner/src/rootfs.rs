@@ -1,23 +1,32 @@
 //! The inner's root filesystem, built inside its own mount namespace so that
 //! every mount vanishes with the namespace: overlay, /proc, /sys, /dev, then
 //! pivot_root. Each step has its own error saying what failed on which path.
+//!
+//! Everything under the overlay is the user's layer and runs with the
+//! init's full privilege before pivot_root: paths there are resolved by
+//! [`Layer`] (openat2 with RESOLVE_IN_ROOT), mounts are attached to the fds
+//! it returns ([`mounts`]), and files are made relative to those fds. A
+//! symlink in the layer therefore resolves as it would inside the inner.
 
-use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chdir, pivot_root, sethostname};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::mount::MountAttrFlags;
 
+use crate::layer::Layer;
+use crate::mounts::{self, HARDENED, NOEXEC, NOSUID, RDONLY};
 use crate::spec::{CgroupView, InnerSpec, INNER_API_BIN, INNER_API_DIR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot make the mount tree private")]
     PrivateMounts(#[source] nix::Error),
-    #[error("overlay path {path} contains a ',' or ':' that overlayfs cannot take")]
-    OverlayPath { path: PathBuf },
+    #[error("cannot open the overlay layer {path}")]
+    OverlayLayer { path: PathBuf, source: io::Error },
     #[error("cannot mount the overlay (lower {lower}, upper {upper}) on {target}")]
     Overlay {
         lower: PathBuf,
@@ -25,21 +34,30 @@ pub enum SetupError {
         target: PathBuf,
         source: nix::Error,
     },
-    #[error("cannot mount {fstype} on {target}")]
+    #[error("cannot open the inner's root {path}")]
+    OpenRoot { path: PathBuf, source: io::Error },
+    #[error("cannot mount {fstype} on {target} in the inner")]
     Mount {
         fstype: &'static str,
         target: PathBuf,
-        source: nix::Error,
+        source: io::Error,
     },
-    #[error("cannot create {path}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
+    #[error("cannot create {path} in the inner")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot make the mount point {path} in the inner's layer")]
+    MountPoint { path: PathBuf, source: io::Error },
+    #[error("cannot create device node {path} in the inner")]
+    DeviceNode { path: PathBuf, source: io::Error },
+    #[error("cannot mask {path} in the inner")]
+    Mask { path: PathBuf, source: io::Error },
+    #[error("cannot copy {path} for the inner's /etc/resolv.conf")]
+    ResolvCopy { path: PathBuf, source: io::Error },
+    #[error("cannot bind {source_path} on {target} in the inner")]
+    Bind {
+        source_path: PathBuf,
+        target: PathBuf,
+        source: io::Error,
     },
-    #[error("cannot create device node {path}")]
-    DeviceNode { path: PathBuf, source: nix::Error },
-    #[error("cannot mask {path}")]
-    Mask { path: PathBuf, source: nix::Error },
     #[error("cannot set the hostname to {hostname:?}")]
     Hostname {
         hostname: String,
@@ -60,11 +78,15 @@ impl SetupError {
     pub fn step(&self) -> &'static str {
         match self {
             SetupError::PrivateMounts(_) => "private-mounts",
-            SetupError::OverlayPath { .. } | SetupError::Overlay { .. } => "overlay",
+            SetupError::OverlayLayer { .. } | SetupError::Overlay { .. } => "overlay",
+            SetupError::OpenRoot { .. } => "open-root",
             SetupError::Mount { .. } => "mount",
             SetupError::Create { .. } => "create",
+            SetupError::MountPoint { .. } => "mount-point",
             SetupError::DeviceNode { .. } => "dev",
             SetupError::Mask { .. } => "mask",
+            SetupError::ResolvCopy { .. } => "resolv-conf",
+            SetupError::Bind { .. } => "bind",
             SetupError::Hostname { .. } => "hostname",
             SetupError::Loopback(_) => "loopback",
             SetupError::PivotRoot { .. } | SetupError::DetachOldRoot(_) => "pivot-root",
@@ -75,42 +97,60 @@ impl SetupError {
 
 type Result<T> = std::result::Result<T, SetupError>;
 
+/// How long each step took, in microseconds.
+struct Timings {
+    steps: Vec<(String, u64)>,
+    clock: std::time::Instant,
+}
+
+impl Timings {
+    fn step<T>(&mut self, name: &str, result: Result<T>) -> Result<T> {
+        let micros = u64::try_from(self.clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.steps.push((name.to_string(), micros));
+        self.clock = std::time::Instant::now();
+        result
+    }
+}
+
 /// Builds the root filesystem and pivots into it. Runs as PID 1 of the new
 /// pid namespace, in the new mount namespace, before any thread exists.
 /// Returns how long each step took, in microseconds.
 pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     let root = spec.rootfs.as_path();
-    let mut timings = Vec::new();
-    let mut clock = std::time::Instant::now();
-    let mut step = |name: &str, result: Result<()>| {
-        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-        timings.push((name.to_string(), micros));
-        clock = std::time::Instant::now();
-        result
+    let mut t = Timings {
+        steps: Vec::new(),
+        clock: std::time::Instant::now(),
     };
-    step("private-mounts", make_mounts_private())?;
-    step("overlay", mount_overlay(spec))?;
-    step("proc", mount_proc(root))?;
-    step("sys", mount_sys(root))?;
+    t.step("private-mounts", make_mounts_private())?;
+    t.step("overlay", mount_overlay(spec))?;
+    let layer = t.step("open-root", open_root(root))?;
+    t.step(
+        "proc",
+        mount_new(&layer, "proc", "proc", "", HARDENED).map(drop),
+    )?;
+    t.step(
+        "sys",
+        mount_new(&layer, "sysfs", "sys", "", HARDENED | RDONLY).map(drop),
+    )?;
     if let Some(view) = &spec.cgroup_view {
-        step("cgroup", mount_cgroup(root, view))?;
+        t.step("cgroup", mount_cgroup(&layer, view))?;
     }
-    step("dev", mount_dev(root))?;
-    step("mask", mask_kernel_interfaces(root))?;
-    step("hostname", set_hostname(&spec.hostname))?;
+    let dev = t.step("dev", mount_dev(&layer))?;
+    t.step("mask", mask_kernel_interfaces(&layer, &dev))?;
+    t.step("hostname", set_hostname(&spec.hostname))?;
     if let Some(resolv) = &spec.resolv_conf {
-        step("resolv-conf", bind_resolv_conf(root, resolv))?;
+        t.step("resolv-conf", bind_resolv_conf(&layer, resolv))?;
     }
-    step("run", mount_run(root))?;
+    let run = t.step("run", mount_run(&layer))?;
     if let Some(api) = &spec.api_dir {
-        step("api", bind_api(root, api))?;
+        t.step("api", bind_api(&layer, &run, api))?;
     }
-    step(
+    t.step(
         "loopback",
         crate::security::loopback_up().map_err(SetupError::Loopback),
     )?;
-    step("pivot-root", enter_root(root))?;
-    Ok(timings)
+    t.step("pivot-root", enter_root(root))?;
+    Ok(t.steps)
 }
 
 fn make_mounts_private() -> Result<()> {
@@ -124,22 +164,33 @@ fn make_mounts_private() -> Result<()> {
     .map_err(SetupError::PrivateMounts)
 }
 
-fn overlay_safe(path: &Path) -> Result<&str> {
-    let s = path.to_str().unwrap_or(",");
-    if s.contains(',') || s.contains(':') {
-        return Err(SetupError::OverlayPath {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(s)
-}
-
+/// The layers are hulld's paths, opened here and handed to overlayfs as
+/// /proc/self/fd/N: overlayfs shows its options as given in the inner's
+/// /proc/self/mountinfo, so host paths there would tell the inner where
+/// hulld keeps its images and volumes (and a ',' or ':' in them would
+/// split the options).
 fn mount_overlay(spec: &InnerSpec) -> Result<()> {
+    let open = |path: &PathBuf| {
+        rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SetupError::OverlayLayer {
+            path: path.clone(),
+            source: e.into(),
+        })
+    };
+    let fd_path = |fd: &OwnedFd| {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", fd.as_raw_fd())
+    };
+    let (lower, upper, work) = (open(&spec.lower)?, open(&spec.upper)?, open(&spec.work)?);
     let options = format!(
         "lowerdir={},upperdir={},workdir={}",
-        overlay_safe(&spec.lower)?,
-        overlay_safe(&spec.upper)?,
-        overlay_safe(&spec.work)?
+        fd_path(&lower),
+        fd_path(&upper),
+        fd_path(&work)
     );
     mount(
         Some("overlay"),
@@ -156,81 +207,134 @@ fn mount_overlay(spec: &InnerSpec) -> Result<()> {
     })
 }
 
-fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
-    if !path.is_dir() {
-        fs::create_dir_all(path).map_err(|source| SetupError::Create {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
-    }
-    Ok(())
-}
-
-fn mount_fs(fstype: &'static str, target: &Path, flags: MsFlags, data: Option<&str>) -> Result<()> {
-    ensure_dir(target, 0o755)?;
-    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| SetupError::Mount {
-        fstype,
-        target: target.to_path_buf(),
+fn open_root(root: &Path) -> Result<Layer> {
+    Layer::open(root).map_err(|source| SetupError::OpenRoot {
+        path: root.to_path_buf(),
         source,
     })
 }
 
-const HARDENED: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC);
-
-fn mount_proc(root: &Path) -> Result<()> {
-    mount_fs("proc", &root.join("proc"), HARDENED, None)
+/// A new instance of `fstype` on the layer's directory `rel`, made where
+/// missing. Returns the attached mount, the directory of what goes in it.
+fn mount_new(
+    layer: &Layer,
+    fstype: &'static str,
+    rel: &str,
+    options: &str,
+    attrs: MountAttrFlags,
+) -> Result<OwnedFd> {
+    let target = mount_point(layer, rel)?;
+    mount_on(fstype, &target, rel, options, attrs)
 }
 
-fn mount_sys(root: &Path) -> Result<()> {
-    mount_fs(
-        "sysfs",
-        &root.join("sys"),
-        HARDENED | MsFlags::MS_RDONLY,
-        None,
+/// The layer's directory `rel`, made where missing, to mount on: never the
+/// root itself (a link to / there would cover the whole layer).
+fn mount_point(layer: &Layer, rel: &str) -> Result<OwnedFd> {
+    let err = |source| SetupError::MountPoint {
+        path: inner_path(rel),
+        source,
+    };
+    let target = layer.make_dir(Path::new(rel), 0o755).map_err(err)?;
+    if layer.is_root(&target).map_err(err)? {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a symlink there leads to the root itself",
+        )));
+    }
+    Ok(target)
+}
+
+fn mount_on(
+    fstype: &'static str,
+    target: &impl AsFd,
+    rel: &str,
+    options: &str,
+    attrs: MountAttrFlags,
+) -> Result<OwnedFd> {
+    let mount_err = |source| SetupError::Mount {
+        fstype,
+        target: inner_path(rel),
+        source,
+    };
+    let mount = mounts::new_fs(fstype, options, attrs).map_err(mount_err)?;
+    mounts::attach(&mount, target).map_err(mount_err)?;
+    Ok(mount)
+}
+
+/// The directory `name` in the directory `parent` hull just mounted (so
+/// nothing of the user's is in it), made if missing.
+fn subdir(parent: &OwnedFd, name: &str, mode: u32, shown: &str) -> Result<OwnedFd> {
+    let create = |source: io::Error| SetupError::Create {
+        path: inner_path(shown),
+        source,
+    };
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(create(e.into())),
+    }
+    // mkdir honours the umask.
+    rustix::fs::chmodat(parent, name, Mode::from_raw_mode(mode), AtFlags::empty())
+        .map_err(|e| create(e.into()))?;
+    rustix::fs::openat(
+        parent,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
     )
+    .map_err(|e| create(e.into()))
+}
+
+/// How a path of the layer reads in an error: as the inner sees it.
+fn inner_path(rel: &str) -> PathBuf {
+    Path::new("/").join(rel)
 }
 
 /// The inner's own cgroup at /sys/fs/cgroup, read-only. The helper
 /// unshared the cgroup namespace after joining the inner's group, so each
 /// hierarchy mounted here has that group as its root: `memory.max` (or
 /// v1's `memory/memory.limit_in_bytes`) reads the inner's limit.
-fn mount_cgroup(root: &Path, view: &CgroupView) -> Result<()> {
-    let target = root.join("sys/fs/cgroup");
-    let read_only = HARDENED | MsFlags::MS_RDONLY;
+fn mount_cgroup(layer: &Layer, view: &CgroupView) -> Result<()> {
+    const AT: &str = "sys/fs/cgroup";
+    let read_only = HARDENED | RDONLY;
+    // In the sysfs just mounted, not in the layer.
+    let target = layer
+        .path_fd(Path::new(AT))
+        .map_err(|source| SetupError::MountPoint {
+            path: inner_path(AT),
+            source,
+        })?;
     let hierarchies = match view {
-        CgroupView::Unified => return mount_fs("cgroup2", &target, read_only, None),
+        CgroupView::Unified => {
+            return mount_on("cgroup2", &target, AT, "", read_only).map(drop);
+        }
         CgroupView::V1(hierarchies) => hierarchies,
     };
-    mount_fs("tmpfs", &target, HARDENED, Some("mode=755,size=64k"))?;
+    let tmpfs = mount_on("tmpfs", &target, AT, "mode=755,size=64k", HARDENED)?;
     for options in hierarchies {
-        mount_fs("cgroup", &target.join(options), read_only, Some(options))?;
+        let shown = format!("{AT}/{options}");
+        let dir = subdir(&tmpfs, options, 0o755, &shown)?;
+        mount_on("cgroup", &dir, &shown, options, read_only)?;
         if !options.contains(',') {
             continue;
         }
         for controller in options.split(',') {
-            let path = target.join(controller);
-            symlink(options, &path).map_err(|source| SetupError::Create { path, source })?;
+            rustix::fs::symlinkat(options.as_str(), &tmpfs, controller).map_err(|e| {
+                SetupError::Create {
+                    path: inner_path(&format!("{AT}/{controller}")),
+                    source: e.into(),
+                }
+            })?;
         }
     }
-    mount(
-        None::<&str>,
-        &target,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | read_only,
-        Some("mode=755,size=64k"),
-    )
-    .map_err(|source| SetupError::Mount {
+    mounts::set_attrs(&tmpfs, RDONLY, false).map_err(|source| SetupError::Mount {
         fstype: "tmpfs",
-        target,
+        target: inner_path(AT),
         source,
     })
 }
 
 /// (name, major, minor) of the character devices every program expects.
-const DEVICES: [(&str, u64, u64); 6] = [
+const DEVICES: [(&str, u32, u32); 6] = [
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
@@ -239,41 +343,42 @@ const DEVICES: [(&str, u64, u64); 6] = [
     ("tty", 5, 0),
 ];
 
-fn mount_dev(root: &Path) -> Result<()> {
-    let dev = root.join("dev");
-    mount_fs(
+/// A fresh /dev. Returns its mount, where the masks find /dev/null.
+fn mount_dev(layer: &Layer) -> Result<OwnedFd> {
+    let dev = mount_new(
+        layer,
         "tmpfs",
-        &dev,
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755,size=65536k"),
+        "dev",
+        "mode=755,size=65536k",
+        NOSUID | NOEXEC,
     )?;
     for (name, major, minor) in DEVICES {
-        let path = dev.join(name);
-        mknod(
-            &path,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(major, minor),
+        let node_err = |e: rustix::io::Errno| SetupError::DeviceNode {
+            path: inner_path(&format!("dev/{name}")),
+            source: e.into(),
+        };
+        let mode = Mode::from_raw_mode(0o666);
+        rustix::fs::mknodat(
+            &dev,
+            name,
+            FileType::CharacterDevice,
+            mode,
+            rustix::fs::makedev(major, minor),
         )
-        .map_err(|source| SetupError::DeviceNode {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(node_err)?;
         // mknod honours the umask; the nodes must be usable by everyone.
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o666));
+        rustix::fs::chmodat(&dev, name, mode, AtFlags::empty()).map_err(node_err)?;
     }
-    mount_fs(
+    let pts = subdir(&dev, "pts", 0o755, "dev/pts")?;
+    mount_on(
         "devpts",
-        &dev.join("pts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        &pts,
+        "dev/pts",
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        NOSUID | NOEXEC,
     )?;
-    mount_fs(
-        "tmpfs",
-        &dev.join("shm"),
-        HARDENED,
-        Some("mode=1777,size=65536k"),
-    )?;
+    let shm = subdir(&dev, "shm", 0o1777, "dev/shm")?;
+    mount_on("tmpfs", &shm, "dev/shm", "mode=1777,size=65536k", HARDENED)?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -281,154 +386,235 @@ fn mount_dev(root: &Path) -> Result<()> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        let path = dev.join(link);
-        symlink(target, &path).map_err(|source| SetupError::Create { path, source })?;
-    }
-    Ok(())
-}
-
-/// Files of /proc that would let the inner's root read kernel memory or
-/// reconfigure the whole VM (core_pattern runs a program in the root
-/// namespace!). Masked with /dev/null or made read-only, as runc does.
-const MASKED: [&str; 5] = [
-    "proc/kcore",
-    "proc/keys",
-    "proc/timer_list",
-    "proc/sched_debug",
-    "proc/sysrq-trigger",
-];
-const READ_ONLY: [&str; 4] = ["proc/sys", "proc/irq", "proc/bus", "proc/fs"];
-
-fn mask_kernel_interfaces(root: &Path) -> Result<()> {
-    let null = root.join("dev/null");
-    for rel in MASKED {
-        let path = root.join(rel);
-        if !path.exists() || path.is_dir() {
-            continue;
-        }
-        mount(
-            Some(&null),
-            &path,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|source| SetupError::Mask {
-            path: path.clone(),
-            source,
+        rustix::fs::symlinkat(target, &dev, link).map_err(|e| SetupError::Create {
+            path: inner_path(&format!("dev/{link}")),
+            source: e.into(),
         })?;
     }
-    for rel in READ_ONLY {
-        let path = root.join(rel);
-        if !path.exists() {
-            continue;
-        }
-        let bind = |flags: MsFlags| {
-            mount(Some(&path), &path, None::<&str>, flags, None::<&str>).map_err(|source| {
-                SetupError::Mask {
-                    path: path.clone(),
-                    source,
-                }
-            })
+    Ok(dev)
+}
+
+/// What runc masks: kernel memory, keys, timers and scheduler internals,
+/// the kernel's configuration, firmware tables and power capping. A file
+/// gets /dev/null over it, a directory an empty read-only tmpfs.
+const MASKED: [&str; 12] = [
+    "proc/acpi",
+    "proc/asound",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "proc/config.gz",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+/// What runc makes read-only: the files that reconfigure the whole VM
+/// (core_pattern runs a program in the root namespace!).
+const READ_ONLY: [&str; 5] = [
+    "proc/bus",
+    "proc/fs",
+    "proc/irq",
+    "proc/sys",
+    "proc/sysrq-trigger",
+];
+
+fn mask_kernel_interfaces(layer: &Layer, dev: &OwnedFd) -> Result<()> {
+    for rel in MASKED {
+        let mask_err = |source| SetupError::Mask {
+            path: inner_path(rel),
+            source,
         };
-        bind(MsFlags::MS_BIND | MsFlags::MS_REC)?;
-        bind(MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | HARDENED)?;
+        let Some(target) = existing(layer, rel).map_err(mask_err)? else {
+            continue;
+        };
+        let is_dir = rustix::fs::fstat(&target)
+            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+            .map_err(|e| mask_err(e.into()))?;
+        let mask = if is_dir {
+            mounts::new_fs("tmpfs", "size=4k,nr_inodes=1", HARDENED | RDONLY)
+        } else {
+            rustix::fs::openat(
+                dev,
+                "null",
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io::Error::from)
+            .and_then(|null| mounts::clone_fd(&null, false))
+            .and_then(|null| {
+                mounts::set_attrs(&null, NOSUID | NOEXEC | RDONLY, false).map(|()| null)
+            })
+        }
+        .map_err(mask_err)?;
+        mounts::attach(&mask, &target).map_err(mask_err)?;
+    }
+    for rel in READ_ONLY {
+        let mask_err = |source| SetupError::Mask {
+            path: inner_path(rel),
+            source,
+        };
+        let Some(target) = existing(layer, rel).map_err(mask_err)? else {
+            continue;
+        };
+        let copy = mounts::clone_fd(&target, true).map_err(mask_err)?;
+        mounts::set_attrs(&copy, HARDENED | RDONLY, true).map_err(mask_err)?;
+        mounts::attach(&copy, &target).map_err(mask_err)?;
     }
     Ok(())
 }
 
-/// Bind-mounts hulld's resolv.conf over the inner's. A symlink there (to a
-/// resolver stub that does not run in the inner) would be followed in the
-/// root namespace's view, so it is replaced by a plain file first.
-fn bind_resolv_conf(root: &Path, source: &Path) -> Result<()> {
-    let etc = root.join("etc");
-    ensure_dir(&etc, 0o755)?;
-    let target = etc.join("resolv.conf");
-    let create = |path: &Path, source| SetupError::Create {
-        path: path.to_path_buf(),
+/// An O_PATH fd of `rel`, or None where this kernel has no such file.
+fn existing(layer: &Layer, rel: &str) -> io::Result<Option<OwnedFd>> {
+    match layer.path_fd(Path::new(rel)) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A read-only copy of hulld's resolv.conf on /etc/resolv.conf. The copy
+/// is on a tmpfs of the inner's own, so nothing the inner does (even a
+/// remount, should it ever get the privilege) reaches hulld's file; a
+/// kernel that cannot bind from a detached mount gets hulld's file bound
+/// read-only instead. A symlink at /etc/resolv.conf (to a resolver stub
+/// that does not run in the inner) is replaced by a plain file first.
+fn bind_resolv_conf(layer: &Layer, source: &Path) -> Result<()> {
+    const AT: &str = "etc/resolv.conf";
+    let create = |source: io::Error| SetupError::Create {
+        path: inner_path(AT),
         source,
     };
-    match fs::symlink_metadata(&target) {
-        Ok(meta) if meta.file_type().is_file() => {}
+    let etc = layer
+        .make_dir(Path::new("etc"), 0o755)
+        .map_err(|source| SetupError::MountPoint {
+            path: inner_path("etc"),
+            source,
+        })?;
+    let name = "resolv.conf";
+    match rustix::fs::statat(&etc, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {}
         Ok(_) => {
-            fs::remove_file(&target).map_err(|e| create(&target, e))?;
-            fs::write(&target, b"").map_err(|e| create(&target, e))?;
+            rustix::fs::unlinkat(&etc, name, AtFlags::empty()).map_err(|e| create(e.into()))?;
+            create_empty(&etc, name).map_err(create)?;
         }
-        Err(_) => fs::write(&target, b"").map_err(|e| create(&target, e))?,
+        Err(rustix::io::Errno::NOENT) => create_empty(&etc, name).map_err(create)?,
+        Err(e) => return Err(create(e.into())),
     }
-    mount(
-        Some(source),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
+    let target = rustix::fs::openat(
+        &etc,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
     )
-    .map_err(|source| SetupError::Mount {
-        fstype: "bind",
-        target,
-        source,
-    })
+    .map_err(|e| create(e.into()))?;
+    let copy = private_copy(source).map_err(|source_err| SetupError::ResolvCopy {
+        path: source.to_path_buf(),
+        source: source_err,
+    })?;
+    let bind_err = |e| SetupError::Bind {
+        source_path: source.to_path_buf(),
+        target: inner_path(AT),
+        source: e,
+    };
+    mounts::set_attrs(&copy, HARDENED | RDONLY, false).map_err(bind_err)?;
+    mounts::attach(&copy, &target).map_err(bind_err)
+}
+
+fn create_empty(dir: &OwnedFd, name: &str) -> io::Result<()> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    Ok(())
+}
+
+/// The largest resolv.conf copied: hulld writes a few lines.
+const RESOLV_MAX: u64 = 64 * 1024;
+
+/// A detached mount of a copy of `source` on a tmpfs of its own.
+fn private_copy(source: &Path) -> io::Result<OwnedFd> {
+    use std::io::{Read, Write};
+    let mut text = Vec::new();
+    std::fs::File::open(source)?
+        .take(RESOLV_MAX)
+        .read_to_end(&mut text)?;
+    let tmpfs = mounts::new_fs("tmpfs", "mode=755,size=64k,nr_inodes=4", HARDENED)?;
+    let file = rustix::fs::openat(
+        &tmpfs,
+        "resolv.conf",
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )?;
+    rustix::fs::fchmod(&file, Mode::from_raw_mode(0o644))?;
+    std::fs::File::from(file).write_all(&text)?;
+    match rustix::mount::open_tree(
+        &tmpfs,
+        "resolv.conf",
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+            | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    ) {
+        Ok(copy) => Ok(copy),
+        // Older kernels clone only from mounts in the caller's
+        // namespace: bind hulld's file itself, read-only all the same.
+        Err(rustix::io::Errno::INVAL) => mounts::clone_path(source),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// /run is volatile, as on a booted system: whatever the image or an
 /// earlier inner left there is gone, and hull's own mount point under it
-/// is made without touching the user's layer.
-fn mount_run(root: &Path) -> Result<()> {
-    let run = root.join("run");
-    mount_fs(
+/// is made without touching the user's layer. Returns its mount.
+fn mount_run(layer: &Layer) -> Result<OwnedFd> {
+    let run = mount_new(
+        layer,
         "tmpfs",
-        &run,
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=755,size=65536k"),
+        "run",
+        "mode=755,size=65536k",
+        NOSUID | mounts::NODEV,
     )?;
     // Debian's tools expect it, as systemd-tmpfiles would make it.
-    ensure_dir(&run.join("lock"), 0o1777)
+    subdir(&run, "lock", 0o1777, "run/lock")?;
+    Ok(run)
 }
 
 /// hulld's directory for the inner, read-only: the service socket (a
 /// socket can be connected to on a read-only mount) and the client.
-fn bind_api(root: &Path, source: &Path) -> Result<()> {
-    let target = root.join(INNER_API_DIR.trim_start_matches('/'));
-    ensure_dir(&target, 0o755)?;
-    let mount_err = |source| SetupError::Mount {
-        fstype: "bind",
-        target: target.clone(),
-        source,
+fn bind_api(layer: &Layer, run: &OwnedFd, source: &Path) -> Result<()> {
+    let name = INNER_API_DIR.trim_start_matches("/run/");
+    let shown = INNER_API_DIR.trim_start_matches('/');
+    let target = subdir(run, name, 0o755, shown)?;
+    let bind_err = |e| SetupError::Bind {
+        source_path: source.to_path_buf(),
+        target: inner_path(shown),
+        source: e,
     };
-    mount(
-        Some(source),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(mount_err)?;
-    mount(
-        None::<&str>,
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(mount_err)?;
-    link_client(root)
+    let copy = mounts::clone_path(source).map_err(bind_err)?;
+    mounts::set_attrs(&copy, NOSUID | mounts::NODEV | RDONLY, false).map_err(bind_err)?;
+    mounts::attach(&copy, &target).map_err(bind_err)?;
+    link_client(layer)
 }
 
 /// A login shell resets PATH (Debian's /etc/profile does), so `hull` is
 /// also linked from /usr/local/bin when the image has that directory and
 /// nothing of the user's is called hull there.
-fn link_client(root: &Path) -> Result<()> {
-    let bin = root.join("usr/local/bin");
-    let link = bin.join("hull");
-    if !bin.is_dir() || fs::symlink_metadata(&link).is_ok() {
+fn link_client(layer: &Layer) -> Result<()> {
+    const AT: &str = "usr/local/bin";
+    let Ok(bin) = layer.open_at(Path::new(AT), OFlags::PATH | OFlags::DIRECTORY) else {
+        return Ok(());
+    };
+    if rustix::fs::statat(&bin, "hull", AtFlags::SYMLINK_NOFOLLOW).is_ok() {
         return Ok(());
     }
     let client = Path::new(INNER_API_BIN).join("hull");
-    symlink(&client, &link).map_err(|source| SetupError::Create { path: link, source })
+    rustix::fs::symlinkat(&client, &bin, "hull").map_err(|e| SetupError::Create {
+        path: inner_path(&format!("{AT}/hull")),
+        source: e.into(),
+    })
 }
 
 fn set_hostname(hostname: &str) -> Result<()> {

@@ -44,6 +44,14 @@ where
 {
     use futures::{SinkExt, StreamExt};
     use hull_proto::{DaemonMsg, ErrorKind, ErrorReport};
+    if !hull_proto::valid_name(source) {
+        return writer
+            .send(DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::BadRequest,
+                message: crate::store::invalid_source(source).to_string(),
+            }))
+            .await;
+    }
     if !store.exists(source) {
         return writer
             .send(DaemonMsg::Error(ErrorReport {

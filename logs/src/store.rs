@@ -299,6 +299,17 @@ fn human_size(bytes: u64) -> String {
     }
 }
 
+/// The error for a source name [`hull_proto::valid_name`] refuses.
+pub fn invalid_source(source: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{source:?} is not a log source name: a service's name, \"exec\" or \"hulld\" ({})",
+            hull_proto::NAME_RULE
+        ),
+    )
+}
+
 /// Where a reader is in a source's segments.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cursor {
@@ -332,13 +343,23 @@ impl LogStore {
         Ok(store)
     }
 
+    /// The directory of `source`. A name with a '/', a NUL or a leading
+    /// dot would reach outside the store: refused here whoever asks.
+    fn dir(&self, source: &str) -> io::Result<PathBuf> {
+        if !hull_proto::valid_name(source) {
+            return Err(invalid_source(source));
+        }
+        Ok(self.root.join(source))
+    }
+
     /// The log of `source`, created on first use.
     pub fn source(&self, source: &str) -> io::Result<Arc<SourceLog>> {
+        let dir = self.dir(source)?;
         let mut sources = lock(&self.sources);
         if let Some(s) = sources.get(source) {
             return Ok(s.clone());
         }
-        let log = Arc::new(SourceLog::open(self.root.join(source), self.limits)?);
+        let log = Arc::new(SourceLog::open(dir, self.limits)?);
         sources.insert(source.to_string(), log.clone());
         Ok(log)
     }
@@ -347,9 +368,10 @@ impl LogStore {
     /// starts reading (at most one segment, not the whole log).
     pub fn newest_segment(&self, source: &str) -> Cursor {
         Cursor {
-            segment: segments(&self.root.join(source))
-                .last()
-                .copied()
+            segment: self
+                .dir(source)
+                .ok()
+                .and_then(|dir| segments(&dir).last().copied())
                 .unwrap_or(0),
             offset: 0,
         }
@@ -360,8 +382,8 @@ impl LogStore {
     /// of a large log reads the end, not the whole log.
     pub fn tail_cursor(&self, source: &str, n: u64) -> io::Result<Cursor> {
         use std::os::unix::fs::FileExt;
+        let dir = self.dir(source)?;
         self.flush_source(source);
-        let dir = self.root.join(source);
         let mut need = n;
         let mut cursor = Cursor::default();
         let mut buf = vec![0u8; 64 * 1024];
@@ -403,7 +425,7 @@ impl LogStore {
     }
 
     pub fn exists(&self, source: &str) -> bool {
-        self.root.join(source).is_dir()
+        self.dir(source).is_ok_and(|dir| dir.is_dir())
     }
 
     /// Readers see what a source's writer still buffers.
@@ -427,8 +449,8 @@ impl LogStore {
         mut cursor: Cursor,
         max: usize,
     ) -> io::Result<(Vec<LogRecord>, Cursor)> {
+        let dir = self.dir(source)?;
         self.flush_source(source);
-        let dir = self.root.join(source);
         let mut out = Vec::new();
         for n in segments(&dir) {
             if n < cursor.segment {
@@ -467,6 +489,28 @@ impl LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_name_that_leaves_the_store_is_refused_and_makes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("logs");
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let store = LogStore::open(root, LogLimits::default()).unwrap();
+        let absolute = outside.display().to_string();
+        for bad in ["../outside", absolute.as_str(), "a/b", "..", ".", "", "x\0"] {
+            let refused = |e: io::Error| {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+                assert!(e.to_string().contains("not a log source name"), "{e}");
+            };
+            refused(store.source(bad).err().unwrap());
+            refused(store.tail_cursor(bad, 10).unwrap_err());
+            refused(store.read_from(bad, Cursor::default(), 10).unwrap_err());
+            assert!(!store.exists(bad), "{bad:?}");
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(store.source("web.1").is_ok());
+    }
 
     fn serde_encoded(ts_ms: i64, stream: Stream, line: &str) -> Vec<u8> {
         let mut out = serde_json::to_vec(&LogRecordRef {

@@ -22,6 +22,23 @@ pub use messages::*;
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Whether `name` can name a service, and so a log source: it is also a
+/// directory of the log store, so it never holds a '/' or a NUL and is
+/// never "." or "..".
+pub fn valid_name(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// [`valid_name`] as an error message says it.
+pub const NAME_RULE: &str =
+    "1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit";
+
 /// An error and its sources, joined with ": ", for a one-line message.
 /// Errors name what failed and keep the cause as their `source()`, so
 /// each cause appears once.

@@ -11,7 +11,7 @@ pub use hull_proto::{RestartPolicy, ServiceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("service name {0:?} is not valid: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit; \"exec\" and \"hulld\" are reserved")]
+    #[error("service name {0:?} is not valid: use {rule}; \"exec\" and \"hulld\" are reserved", rule = hull_proto::NAME_RULE)]
     Name(String),
     #[error("service {0}: the command is empty")]
     EmptyCommand(String),
@@ -46,14 +46,7 @@ fn valid_name(name: &str) -> bool {
     if RESERVED_NAMES.contains(&name) {
         return false;
     }
-    // It names a log directory too: no leading dot, so no "." or "..".
-    name.chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    hull_proto::valid_name(name)
 }
 
 /// Checks `new` against the services already registered.

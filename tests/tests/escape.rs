@@ -266,3 +266,360 @@ fn root_namespace_services_are_out_of_the_inner_reach() {
     // The way out still works for what the inner starts: replies come back.
     assert_responsive(&hull);
 }
+
+/// Runs `script` in the inner and asserts that it fails.
+fn assert_fails(hull: &TestHull, script: &str) {
+    let out = block_on(hull.exec(&["sh", "-c", script]));
+    assert_ne!(
+        out.end,
+        hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+        "`{script}` succeeded in the inner"
+    );
+}
+
+/// The options of the mount on `path` in the inner's mountinfo `mounts`.
+fn mount_options(mounts: &str, path: &str) -> Vec<String> {
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(path))
+        .unwrap_or_else(|| panic!("no mount on {path}:\n{mounts}"));
+    line.split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every path under `dir`, with `d`/`f`/`l` for its type, sorted: what a
+/// host directory holds, to compare before and after an attack.
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let kind = entry.file_type().unwrap();
+            let rel = entry
+                .path()
+                .strip_prefix(dir)
+                .unwrap()
+                .display()
+                .to_string();
+            if kind.is_dir() {
+                todo.push(entry.path());
+                out.push(format!("d {rel}"));
+            } else if kind.is_symlink() {
+                out.push(format!("l {rel}"));
+            } else {
+                out.push(format!("f {rel}"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The upper directory of the layer the inner runs on: the one that holds
+/// a file the inner just made at its root.
+fn current_upper(hull: &TestHull) -> std::path::PathBuf {
+    let marker = format!(".escape-marker-{}", std::process::id());
+    block_on(hull.sh(&format!("touch /{marker}")));
+    let mut todo = vec![(hull.state_dir.clone(), 0)];
+    while let Some((dir, depth)) = todo.pop() {
+        if dir.file_name().is_some_and(|n| n == "upper") && dir.join(&marker).exists() {
+            return dir;
+        }
+        if depth < 5 {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push((entry.path(), depth + 1));
+                }
+            }
+        }
+    }
+    panic!(
+        "no layer upper dir under {} holds {marker}",
+        hull.state_dir.display()
+    );
+}
+
+/// Start-up resolved the layer's paths (usr/local/bin, etc, proc, sys,
+/// dev, run) as the root namespace sees them: a symlink planted in the layer
+/// made hulld create directories and root-owned files at host paths of the
+/// user's choosing. A symlink in the layer now resolves inside the layer,
+/// as it would after pivot_root, and the inner still starts.
+#[test]
+fn symlinks_in_the_layer_lead_setup_nowhere_on_the_host() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let bait = tempfile::Builder::new()
+        .prefix("hull-escape-bait-")
+        .tempdir()
+        .unwrap();
+    // Existing directories invite mounts and files into them.
+    for name in ["usr-local-bin", "etc", "proc", "sys", "dev", "run"] {
+        std::fs::create_dir(bait.path().join(name)).unwrap();
+    }
+    let before = tree(bait.path());
+    // What the inner can plant itself, it plants through exec.
+    block_on(hull.sh(&format!(
+        "mkdir -p /usr/local && rm -rf /usr/local/bin && ln -s {}/usr-local-bin /usr/local/bin",
+        bait.path().display()
+    )));
+    // Mount points and the directory of a bind cannot be replaced from
+    // inside while the inner runs, but the layer is the user's: an image
+    // or a restored checkpoint carries whatever it holds.
+    let upper = current_upper(&hull);
+    for name in ["etc", "proc", "sys", "dev", "run"] {
+        let at = upper.join(name);
+        if at.is_dir() && !at.is_symlink() {
+            std::fs::remove_dir_all(&at).unwrap();
+        } else {
+            let _ = std::fs::remove_file(&at);
+        }
+        std::os::unix::fs::symlink(bait.path().join(name), &at).unwrap();
+    }
+    let bounced = block_on(async { hull.client().await.bounce(0).await });
+    assert_eq!(
+        tree(bait.path()),
+        before,
+        "the inner's start-up changed {} on the host (bounce: {bounced:?})",
+        bait.path().display()
+    );
+    bounced.expect("bounce with symlinks in the layer");
+    hull.wait_running(Duration::from_secs(10));
+    // The inner sees its own mounts through its own symlinks.
+    let out = block_on(hull.sh(
+        "test -e /proc/self/status && test -c /dev/null && test -d /sys/fs && grep -q 'Written by hulld' /etc/resolv.conf && test -d /run/hull && echo ok",
+    ));
+    assert_eq!(out.trim(), "ok");
+    assert_responsive(&hull);
+}
+
+/// The inner's /etc/resolv.conf was a writable bind of hulld's file: the
+/// inner appended to it and made it setuid.
+#[test]
+fn resolv_conf_cannot_be_changed_from_the_inner() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let host_file = hull.state_dir.join("resolv.conf");
+    let meta = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.mode(), m.uid(), m.gid(), std::fs::read(p).unwrap())
+    };
+    let before = meta(&host_file);
+    for attack in [
+        "echo nameserver 6.6.6.6 >> /etc/resolv.conf",
+        "chmod u+s /etc/resolv.conf",
+        "chown 1:1 /etc/resolv.conf",
+        "touch -d 2001-01-01 /etc/resolv.conf",
+        "echo x > /etc/resolv.conf",
+    ] {
+        assert_fails(&hull, attack);
+    }
+    assert_eq!(meta(&host_file), before, "{} changed", host_file.display());
+    let mounts = block_on(hull.sh("cat /proc/self/mountinfo"));
+    let options = mount_options(&mounts, "/etc/resolv.conf");
+    for want in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(
+            options.iter().any(|o| o == want),
+            "{want} missing: {options:?}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&before.3).contains("Written by hulld"),
+        "{:?}",
+        before.3
+    );
+    assert_responsive(&hull);
+}
+
+/// runc's masks: kernel files that read kernel memory, configuration or
+/// hardware state read empty, and the files that reconfigure the whole VM
+/// are read-only. /sys/firmware and /proc/config.gz were readable.
+#[test]
+fn kernel_interfaces_are_masked_or_read_only() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let masked = [
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/scsi",
+        "/proc/config.gz",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ];
+    let mut checked = 0;
+    for path in masked {
+        let Ok(host) = std::fs::metadata(path) else {
+            continue;
+        };
+        checked += 1;
+        let script = if host.is_dir() {
+            format!("ls -A {path}")
+        } else {
+            format!("cat {path} | wc -c")
+        };
+        let out = block_on(hull.sh(&script));
+        let empty = if host.is_dir() { "" } else { "0" };
+        assert_eq!(out.trim(), empty, "{path} is not masked in the inner");
+    }
+    assert!(checked >= 3, "too few of {masked:?} exist here to test");
+    let mounts = block_on(hull.sh("cat /proc/self/mountinfo"));
+    for path in [
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+    ] {
+        if std::fs::metadata(path).is_err() {
+            continue;
+        }
+        let options = mount_options(&mounts, path);
+        assert!(
+            options.iter().any(|o| o == "ro"),
+            "{path} is writable: {options:?}"
+        );
+    }
+    // A write that the read-only mount refuses (core_pattern runs a
+    // program in the root namespace).
+    assert_fails(&hull, "echo x > /proc/sys/kernel/core_pattern");
+    assert_responsive(&hull);
+}
+
+/// The overlay's options named the image, the layer and the work directory
+/// by their host paths in the inner's /proc/self/mountinfo.
+#[test]
+fn mountinfo_in_the_inner_names_no_host_path_of_the_layers() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let mounts = block_on(hull.sh("cat /proc/self/mountinfo"));
+    let images = hull_tests::image_dir();
+    let upper = current_upper(&hull);
+    for host in [
+        images.display().to_string(),
+        upper.display().to_string(),
+        hull.state_dir.join("resolv.conf").display().to_string(),
+    ] {
+        assert!(
+            !mounts.contains(&host),
+            "the inner's mountinfo names {host}:\n{mounts}"
+        );
+    }
+    assert_responsive(&hull);
+}
+
+/// A `Logs` request took its source as a path under the log store: `..`
+/// and `/` in it reached (and made segment files in) any directory.
+#[test]
+fn a_logs_request_for_a_path_outside_the_store_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let bait = hull.dir.path().join("bait");
+    std::fs::create_dir(&bait).unwrap();
+    let absolute = bait.display().to_string();
+    let inner_api = hull.state_dir.join("inner-api");
+    let inner_api_before = tree(&inner_api);
+    for source in [
+        "../../bait",
+        "../inner-api",
+        absolute.as_str(),
+        "a/b",
+        "..",
+        ".",
+        "",
+        "web\0",
+    ] {
+        let reply = block_on(async {
+            hull.client()
+                .await
+                .request(hull_proto::ClientMsg::Logs {
+                    source: source.to_string(),
+                    follow: false,
+                    tail: None,
+                    stream: None,
+                    since_ms: None,
+                })
+                .await
+        });
+        match reply {
+            Err(hull_outer::client::ClientError::Daemon(report)) => {
+                assert_eq!(
+                    report.kind,
+                    hull_proto::ErrorKind::BadRequest,
+                    "{source:?}: {report:?}"
+                );
+                assert!(
+                    report.message.contains("not a log source name"),
+                    "{source:?}: {}",
+                    report.message
+                );
+            }
+            other => panic!("a Logs request for {source:?} was answered {other:?}"),
+        }
+    }
+    assert_eq!(
+        tree(&bait),
+        Vec::<String>::new(),
+        "files made in {}",
+        bait.display()
+    );
+    assert_eq!(
+        tree(&inner_api),
+        inner_api_before,
+        "files made in {}",
+        inner_api.display()
+    );
+    assert_responsive(&hull);
+}
+
+/// A symlink in the layer that would put one of the inner's mount points
+/// into another mount (/proc/sys ...) or on the root itself is refused with
+/// an error naming the path; once it is gone the inner starts again.
+#[test]
+fn a_mount_point_leading_into_proc_or_to_the_root_is_refused_by_name() {
+    if !require_root() {
+        return;
+    }
+    let hull = nat_hull();
+    let upper = current_upper(&hull);
+    for (name, target, message) in [
+        ("etc", "/proc/sys/kernel", "out of the layer"),
+        ("run", "/", "to the root itself"),
+    ] {
+        let at = upper.join(name);
+        let _ = std::fs::remove_dir_all(&at);
+        std::os::unix::fs::symlink(target, &at).unwrap();
+        let bounced = block_on(async { hull.client().await.bounce(0).await });
+        let err = bounced.expect_err("the inner started with a mount point out of its layer");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("/{name}")) && text.contains(message),
+            "{name} -> {target}: {text}"
+        );
+        assert_responsive(&hull);
+        std::fs::remove_file(&at).unwrap();
+        std::fs::create_dir(&at).unwrap();
+        block_on(async { hull.client().await.bounce(0).await }).expect("bounce without the link");
+    }
+    hull.wait_running(Duration::from_secs(10));
+    assert_responsive(&hull);
+}
