@@ -39,7 +39,7 @@ pub fn run(spec: &InnerSpec) -> i32 {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     security::close_fds_above(FD_CHANNEL_FD);
     let setup = rootfs::prepare(spec).and_then(|steps| {
-        security::drop_privileges()?;
+        security::drop_privileges(spec.seccomp.as_ref())?;
         Ok(steps)
     });
     let runtime = match tokio::runtime::Builder::new_current_thread()
