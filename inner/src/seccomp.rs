@@ -13,9 +13,10 @@
 //! (not namespaced: the inner's root would share root's keys in the root
 //! namespace), io_uring (unless allowed), userfaultfd, AF_VSOCK sockets
 //! (the VM's vsock ports are global) and namespace flags to clone and
-//! unshare (unless nested user namespaces are allowed). clone3 alone
-//! answers ENOSYS: its flags are out of a filter's reach, and ENOSYS is
-//! what makes glibc fall back to clone.
+//! unshare (unless nested user namespaces are allowed). Two kinds of call
+//! answer ENOSYS instead: clone3, whose flags are out of a filter's reach
+//! (ENOSYS makes glibc fall back to clone), and any call newer than the
+//! list, so programs fall back as on an older kernel.
 
 use std::collections::HashMap;
 
@@ -176,6 +177,7 @@ const ALLOWED: &[&str] = &[
     "lseek",
     "lsetxattr",
     "madvise",
+    "map_shadow_stack",
     "membarrier",
     "memfd_create",
     "memfd_secret",
@@ -444,13 +446,50 @@ fn allowlist(options: SeccompOptions, arch: TargetArch) -> Value {
 
 /// clone3's flags sit in a struct a filter cannot read: ENOSYS, so that
 /// glibc falls back to clone, whose flags the allowlist checks. Installed
-/// after the allowlist, so its answer is the one the kernel keeps.
+/// after the allowlist: of two errno answers the kernel keeps the newer
+/// filter's.
 fn clone3_enosys() -> Value {
     json!({
         "mismatch_action": "allow",
         "match_action": { "errno": libc::ENOSYS },
         "filter": [rule("clone3")],
     })
+}
+
+/// The newest call the allowlist knows of: futex_requeue (Linux 6.7).
+/// Since Linux 5.1 a new call has the same number on every architecture.
+const NEWEST_KNOWN: u32 = 456;
+
+/// AUDIT_ARCH_* of linux/audit.h, which seccompiler keeps to itself.
+fn audit_arch(arch: TargetArch) -> u32 {
+    match arch {
+        TargetArch::x86_64 => 0xc000_003e,
+        TargetArch::aarch64 => 0xc000_00b7,
+        TargetArch::riscv64 => 0xc000_00f3,
+    }
+}
+
+/// Calls newer than the allowlist answer ENOSYS, as on an older kernel, so
+/// that a program (or a newer libc) that tries one falls back to what it
+/// used before, where EPERM would be an error. A range seccompiler's rules
+/// (one per call) cannot say, hence these six instructions by hand.
+fn newer_than_known_enosys(arch: TargetArch) -> Vec<sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JGT_K: u16 = 0x25;
+    const RET_K: u16 = 0x06;
+    // struct seccomp_data: nr at 0, arch at 4.
+    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        insn(LD_W_ABS, 0, 0, 4),
+        // Another architecture's numbers mean other calls: the allowlist
+        // refuses them.
+        insn(JEQ_K, 0, 3, audit_arch(arch)),
+        insn(LD_W_ABS, 0, 0, 0),
+        insn(JGT_K, 0, 1, NEWEST_KNOWN),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 /// The architecture hulld runs on, as seccompiler names it.
@@ -482,6 +521,12 @@ pub fn compile(options: SeccompOptions, arch: TargetArch) -> Result<SeccompFilte
                 .collect(),
         );
     }
+    programs.push(
+        newer_than_known_enosys(arch)
+            .into_iter()
+            .map(encode)
+            .collect(),
+    );
     Ok(SeccompFilter { programs })
 }
 
@@ -607,6 +652,71 @@ mod tests {
         ] {
             assert!(!ALLOWED.contains(&denied), "{denied}");
             assert!(!ALLOWED_X86_64.contains(&denied), "{denied}");
+        }
+    }
+
+    /// In a child (with no_new_privs, so no privilege is needed): what the
+    /// installed filter answers.
+    #[test]
+    fn the_installed_filter_answers_eperm_enosys_or_lets_through() {
+        let filter = compile(SeccompOptions::default(), native_arch().unwrap()).unwrap();
+        let errno = |rc: libc::c_long| {
+            if rc < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        // SAFETY: the child only makes system calls and exits; glibc's fork
+        // leaves malloc usable in it.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: plain prctl and system calls with null or bad
+                // arguments; nothing is written to this process's memory.
+                let code = unsafe {
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                    if filter.install().is_err() {
+                        libc::_exit(10);
+                    }
+                    let checks = [
+                        (errno(libc::syscall(libc::SYS_getppid)), 0),
+                        (
+                            errno(libc::syscall(libc::SYS_keyctl, 0, 0, 0, 0)),
+                            libc::EPERM,
+                        ),
+                        (
+                            errno(libc::syscall(libc::SYS_bpf, 0xffff, 0, 0)),
+                            libc::EPERM,
+                        ),
+                        (
+                            errno(libc::syscall(libc::SYS_socket, libc::AF_VSOCK, 1, 0)),
+                            libc::EPERM,
+                        ),
+                        (
+                            errno(libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER)),
+                            libc::EPERM,
+                        ),
+                        (errno(libc::syscall(libc::SYS_clone3, 0, 0)), libc::ENOSYS),
+                        (errno(libc::syscall(462, 0, 0, 0)), libc::ENOSYS),
+                        (errno(libc::syscall(1000)), libc::ENOSYS),
+                    ];
+                    let wrong = checks.iter().position(|(got, want)| got != want);
+                    wrong.map_or(0, |i| 20 + i32::try_from(i).unwrap_or(99))
+                };
+                // SAFETY: ends the child without running the parent's atexit.
+                unsafe { libc::_exit(code) }
+            }
+            pid => {
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status), "the child was killed: {status:#x}");
+                assert_eq!(
+                    libc::WEXITSTATUS(status),
+                    0,
+                    "10: install failed, 20+i: check i"
+                );
+            }
         }
     }
 
