@@ -440,10 +440,13 @@ fn the_inner_cannot_reach_root_keys_or_kernel_calls_past_its_boundary() {
     let out = block_on(hull.sh(
         "ls / >/dev/null && dd if=/dev/zero of=/tmp/z bs=4k count=16 2>/dev/null && \
          (nc -l -p 7000 >/tmp/got &) && sleep 0.2 && echo hi | nc 127.0.0.1 7000; sleep 0.2; \
-         cat /tmp/got; grep Seccomp: /proc/self/status",
+         cat /tmp/got; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
     ));
     assert!(out.starts_with("hi\n"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
+    // Loaded without no_new_privs: setuid programs (su, sudo) and file
+    // capabilities (ping) still raise privileges as the image expects.
+    assert!(out.contains("NoNewPrivs:\t0"), "{out}");
     assert_responsive(&hull);
 }
 
