@@ -29,10 +29,13 @@ use serde_json::{json, Value};
 pub struct SeccompOptions {
     /// io_uring_setup, io_uring_enter and io_uring_register.
     pub io_uring: bool,
-    /// clone, clone3 and unshare with namespace flags, setns, and the mount
-    /// calls a nested user namespace needs (`unshare -r`, rootless
-    /// containers). Off, CLONE_NEWUSER fails with EPERM: a user namespace
-    /// hands a full capability set over the kernel's namespaced code.
+    /// clone, clone3 and unshare with namespace flags, setns, and what a
+    /// container in a nested user namespace does with its capabilities
+    /// there (`unshare -r`, rootless containers): the mount calls, old and
+    /// new, and sethostname. The kernel still checks each against the
+    /// namespace's owner, so none reaches the inner's own mounts or name.
+    /// Off, CLONE_NEWUSER fails with EPERM: a user namespace hands a full
+    /// capability set over the kernel's namespaced code.
     pub nested_user_namespaces: bool,
 }
 
@@ -422,6 +425,15 @@ fn allowlist(options: SeccompOptions, arch: TargetArch) -> Value {
             "mount",
             "umount2",
             "pivot_root",
+            "open_tree",
+            "move_mount",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "mount_setattr",
+            "sethostname",
+            "setdomainname",
         ] {
             rules.push(rule(name));
         }

@@ -554,6 +554,17 @@ fn the_inner_table_opens_io_uring_and_nested_user_namespaces() {
     // root of a user namespace of its own, as a rootless container is.
     let exec = block_on(hull.sh("unshare -r id -u 2>&1 || true"));
     assert_eq!(exec.trim(), "0", "unshare -r");
+    // ... and mounts in a mount namespace of its own, as a container does.
+    let exec = block_on(
+        hull.sh("unshare -rm sh -c 'mount -t tmpfs none /tmp && echo mounted' 2>&1 || true"),
+    );
+    assert_eq!(exec.trim(), "mounted", "a mount in a nested namespace");
+    let exec =
+        block_on(hull.sh("unshare -ru sh -c 'hostname nested && hostname' 2>&1 || true; hostname"));
+    assert_eq!(
+        exec, "nested\nhull-test\n",
+        "a hostname in a nested namespace"
+    );
 }
 
 /// `[inner] seccomp = false` turns the filter off.
