@@ -1,10 +1,13 @@
-//! What keeps the inner's root from reaching the root namespace: a reduced
-//! capability set, a non-dumpable init, no stray file descriptors.
+//! What keeps the inner's root from reaching the root namespace: a seccomp
+//! filter, a reduced capability set, a non-dumpable init, no stray file
+//! descriptors.
 
 use std::collections::HashSet;
 use std::io;
 
 use caps::{CapSet, Capability};
+
+use crate::seccomp::SeccompFilter;
 
 /// Docker's default set without CAP_MKNOD: there is no device cgroup in
 /// front of the inner, so a new device node would reach the VM's disks.
@@ -44,7 +47,15 @@ fn step_failed<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
-pub fn drop_privileges() -> Result<(), PrivilegeError> {
+/// Installs the seccomp filter, if any, then reduces the capabilities.
+/// The filter goes first: without PR_SET_NO_NEW_PRIVS the kernel takes it
+/// only from a holder of CAP_SYS_ADMIN, which the init is about to drop.
+pub fn drop_privileges(seccomp: Option<&SeccompFilter>) -> Result<(), PrivilegeError> {
+    if let Some(filter) = seccomp {
+        filter
+            .install()
+            .map_err(step_failed(|| "installing the seccomp filter".to_string()))?;
+    }
     let kept: HashSet<Capability> = KEPT.into_iter().collect();
     for cap in caps::all() {
         if !kept.contains(&cap) {

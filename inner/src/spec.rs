@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::seccomp::SeccompFilter;
+
 /// The init link (a stream socketpair end) is fd 3 in the helper and init.
 pub const INIT_LINK_FD: i32 = 3;
 /// The fd channel (a seqpacket socketpair end) is fd 4.
@@ -41,6 +43,11 @@ pub struct InnerSpec {
     /// their own limits. `None`: /sys/fs/cgroup stays as sysfs has it.
     #[serde(default)]
     pub cgroup_view: Option<CgroupView>,
+    /// The seccomp filter the init installs on itself before it drops its
+    /// capabilities, so every process of the inner inherits it. `None`:
+    /// no filter (`[inner] seccomp = false`).
+    #[serde(default)]
+    pub seccomp: Option<SeccompFilter>,
 }
 
 /// The cgroup hierarchies to mount at the inner's /sys/fs/cgroup.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use hull_image::ImageKind;
 use hull_ingress::forward::PortFilter;
 use hull_ingress::link::VethPlan;
+use hull_inner::SeccompOptions;
 use hull_logs::LogLimits;
 use serde::{Deserialize, Serialize};
 
@@ -209,6 +210,39 @@ pub struct Config {
     pub auto_checkpoints_keep: usize,
     pub network: NetworkConfig,
     pub logs: LogsConfig,
+    pub inner: InnerTable,
+}
+
+/// The `[inner]` table: what the inner's processes may ask of the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InnerTable {
+    /// Run every process of the inner under hull's seccomp filter.
+    pub seccomp: bool,
+    /// Let the filter through io_uring (its setup, enter and register).
+    pub io_uring: bool,
+    /// Let the filter through namespace flags to clone and unshare, setns
+    /// and mount: `unshare -r` and rootless containers inside the inner.
+    pub nested_user_namespaces: bool,
+}
+
+impl Default for InnerTable {
+    fn default() -> Self {
+        InnerTable {
+            seccomp: true,
+            io_uring: false,
+            nested_user_namespaces: false,
+        }
+    }
+}
+
+impl InnerTable {
+    fn seccomp(&self) -> Option<SeccompOptions> {
+        self.seccomp.then_some(SeccompOptions {
+            io_uring: self.io_uring,
+            nested_user_namespaces: self.nested_user_namespaces,
+        })
+    }
 }
 
 /// The `[logs]` table: how much of each source's log is kept on disk.
@@ -272,6 +306,7 @@ impl Default for Config {
             auto_checkpoints_keep: 10,
             network: NetworkConfig::default(),
             logs: LogsConfig::default(),
+            inner: InnerTable::default(),
         }
     }
 }
@@ -328,6 +363,7 @@ impl Config {
                 hostname: self.hostname.clone(),
                 memory_max,
                 pids_max: self.pids_max,
+                seccomp: self.inner.seccomp(),
             },
             logs: LogsSettings {
                 dir: self.state_dir.join("logs"),
@@ -399,6 +435,8 @@ pub struct InnerSettings {
     /// Bytes.
     pub memory_max: u64,
     pub pids_max: Option<u64>,
+    /// What the inner's seccomp filter lets through; `None`: no filter.
+    pub seccomp: Option<SeccompOptions>,
 }
 
 /// The log store.
@@ -544,6 +582,26 @@ mod tests {
             format!("hv{:08x}", fnv1a("t") & 0xffff_ffff)
         );
         assert_eq!(s.network.token_file, Path::new("/s/ingress.token"));
+    }
+
+    #[test]
+    fn seccomp_is_on_by_default_and_the_inner_table_shapes_it() {
+        let default = from_toml("").resolve().unwrap();
+        assert_eq!(default.inner.seccomp, Some(SeccompOptions::default()));
+        let open = from_toml("[inner]\nio_uring = true\nnested_user_namespaces = true\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            open.inner.seccomp,
+            Some(SeccompOptions {
+                io_uring: true,
+                nested_user_namespaces: true
+            })
+        );
+        let off = from_toml("[inner]\nseccomp = false\n").resolve().unwrap();
+        assert_eq!(off.inner.seccomp, None);
+        let typo = toml::from_str::<Config>("[inner]\nio_urings = true\n");
+        assert!(typo.is_err());
     }
 
     #[test]

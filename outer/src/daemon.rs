@@ -55,6 +55,8 @@ pub enum DaemonError {
     Network(#[from] crate::network::NetworkError),
     #[error(transparent)]
     InnerApi(#[from] crate::inner_api::InnerApiError),
+    #[error(transparent)]
+    Seccomp(#[from] hull_inner::SeccompError),
     #[error("hulld's {task} task {how}; hulld exits so that the next start recovers from the persisted state")]
     TaskFailed { task: &'static str, how: String },
 }
@@ -167,6 +169,25 @@ fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// The inner's seccomp filter, compiled once for every inner this hulld
+/// starts.
+fn compile_seccomp(
+    options: Option<hull_inner::SeccompOptions>,
+) -> Result<Option<hull_inner::SeccompFilter>, DaemonError> {
+    let Some(options) = options else {
+        tracing::warn!("seccomp is off ([inner] seccomp = false): the inner's processes may make any system call their capabilities allow");
+        return Ok(None);
+    };
+    let filter = hull_inner::seccomp::compile(options, hull_inner::seccomp::native_arch()?)?;
+    tracing::debug!(
+        instructions = filter.instructions(),
+        io_uring = options.io_uring,
+        nested_user_namespaces = options.nested_user_namespaces,
+        "seccomp filter for the inner compiled"
+    );
+    Ok(Some(filter))
+}
+
 /// Runs hulld until `hull down` or SIGTERM.
 pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let Settings {
@@ -236,6 +257,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         None => None,
     };
 
+    let seccomp = compile_seccomp(inner_settings.seccomp)?;
     let limits = Limits {
         memory_max_bytes: Some(inner_settings.memory_max),
         pids_max: inner_settings.pids_max,
@@ -262,6 +284,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             netns: Some(network.netns.clone()),
             resolv_conf: network.resolv_conf.clone(),
             api_dir: Some(inner_api.dir.clone()),
+            seccomp,
             cgroup_view: Some(match cgroups.inner.v1_hierarchies()? {
                 None => hull_inner::CgroupView::Unified,
                 Some(hierarchies) => hull_inner::CgroupView::V1(hierarchies),

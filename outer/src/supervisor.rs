@@ -49,6 +49,8 @@ pub struct InnerConfig {
     pub api_dir: Option<PathBuf>,
     /// The inner's own cgroup, mounted read-only at its /sys/fs/cgroup.
     pub cgroup_view: Option<hull_inner::CgroupView>,
+    /// Compiled at hulld's start; every init installs it.
+    pub seccomp: Option<hull_inner::SeccompFilter>,
 }
 
 /// Counters and state for `hull status`.
@@ -511,6 +513,7 @@ impl Task {
             resolv_conf: self.config.resolv_conf.clone(),
             api_dir: self.config.api_dir.clone(),
             cgroup_view: self.config.cgroup_view.clone(),
+            seccomp: self.config.seccomp.clone(),
         })
     }
 

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use hull_tests::{block_on, require_root, Limits, TestHull};
+use hull_tests::{block_on, inner_pids_running, require_root, wait_until, Limits, TestHull};
 
 /// `status` must keep answering within this while an attack runs.
 const RESPONSIVE: Duration = Duration::from_secs(1);
@@ -622,4 +622,319 @@ fn a_mount_point_leading_into_proc_or_to_the_root_is_refused_by_name() {
     }
     hull.wait_running(Duration::from_secs(10));
     assert_responsive(&hull);
+}
+
+/// Where the test's own probe (`hull-probe`) goes in the inner's layer.
+const PROBE: &str = "/tmp/hull-probe";
+
+/// Copies `hull-probe` into the inner. It runs through the ELF interpreter
+/// and C library hulld mounts at /run/hull for its own client, so it runs
+/// on the busybox image, which has neither.
+fn install_probe(hull: &TestHull) {
+    let probe = std::fs::read(hull_tests::bin_dir().join("hull-probe"))
+        .expect("hull-probe next to hulld: cargo build --workspace --bins");
+    block_on(async {
+        let out = hull
+            .exec_with_stdin(
+                &["sh", "-c", &format!("cat > {PROBE} && chmod 755 {PROBE}")],
+                &probe,
+            )
+            .await;
+        assert_eq!(
+            out.end,
+            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            "copy the probe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// Runs the probe in the inner on `calls`; the answer for each, `ok` or
+/// `errno N`, by call.
+fn probe(hull: &TestHull, calls: &[&str]) -> std::collections::HashMap<String, String> {
+    let script = format!(
+        "for l in /run/hull/lib/ld-*; do exec \"$l\" --library-path /run/hull/lib {PROBE} \"$@\"; done"
+    );
+    let mut argv = vec!["sh", "-c", &script, "probe"];
+    argv.extend_from_slice(calls);
+    let out = block_on(hull.exec(&argv));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let answers: std::collections::HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        answers.len(),
+        calls.len(),
+        "the probe answered {text:?} for {calls:?}; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answers
+}
+
+/// A key root added to its user keyring in the root namespace, invalidated
+/// when the test ends, however it ends.
+struct RootKey(i64);
+
+impl RootKey {
+    fn add() -> RootKey {
+        let description = format!("hull-test-{}", std::process::id());
+        let description = std::ffi::CString::new(description).unwrap();
+        let payload = b"root's secret";
+        // SAFETY: add_key reads the two strings and the payload, all alive
+        // for the call.
+        let id = unsafe {
+            libc::syscall(
+                libc::SYS_add_key,
+                c"user".as_ptr(),
+                description.as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                libc::KEY_SPEC_USER_KEYRING,
+            )
+        };
+        assert!(id > 0, "add_key: {}", std::io::Error::last_os_error());
+        let key = RootKey(id);
+        // Readable and writable by uid 0 without possessing it, as a key
+        // that root's processes share; any of them, the inner's included
+        // until now, could read and update it.
+        const POS_ALL: u32 = 0x3f00_0000;
+        const USR_VIEW_READ_WRITE: u32 = 0x0007_0000;
+        // SAFETY: KEYCTL_SETPERM takes the key's id and a mask.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_SETPERM,
+                id,
+                POS_ALL | USR_VIEW_READ_WRITE,
+            )
+        };
+        assert_eq!(rc, 0, "keyctl setperm: {}", std::io::Error::last_os_error());
+        key
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        // SAFETY: KEYCTL_READ writes at most buf.len() bytes into buf.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_READ,
+                self.0,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n >= 0, "keyctl read: {}", std::io::Error::last_os_error());
+        buf[..usize::try_from(n).unwrap().min(buf.len())].to_vec()
+    }
+}
+
+impl Drop for RootKey {
+    fn drop(&mut self) {
+        // SAFETY: KEYCTL_INVALIDATE takes the key's id and nothing else.
+        unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, self.0) };
+    }
+}
+
+const EPERM: &str = "errno 1";
+
+/// Calls no workload needs that reach past the inner: the keyrings (not
+/// namespaced), BPF, perf, io_uring, userfaultfd, kexec, file handles, the
+/// VM's vsock ports and a user namespace with every capability in it.
+const DENIED: [&str; 13] = [
+    "add_key",
+    "request_key",
+    "bpf",
+    "perf_event_open",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "userfaultfd",
+    "kexec_load",
+    "kexec_file_load",
+    "open_by_handle_at",
+    "vsock",
+    "unshare-user",
+];
+
+/// The inner's root read and overwrote a key root added to its user
+/// keyring in the root namespace; nor did anything stop the rest of
+/// DENIED. Each must now fail with EPERM (never a kill), while threads
+/// (glibc's clone3, answered ENOSYS so it falls back to clone) and the
+/// ordinary tools still work.
+#[test]
+fn the_inner_cannot_reach_root_keys_or_kernel_calls_past_its_boundary() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let key = RootKey::add();
+    install_probe(&hull);
+    let read = format!("keyctl-read:{}", key.0);
+    let update = format!("keyctl-update:{}", key.0);
+    let mut calls: Vec<&str> = DENIED.to_vec();
+    calls.extend([read.as_str(), update.as_str(), "thread", "mseal"]);
+    let answers = probe(&hull, &calls);
+    let wrong: Vec<String> = calls
+        .iter()
+        .filter(|c| !["thread", "mseal"].contains(c))
+        .filter(|c| answers[**c] != EPERM)
+        .map(|c| format!("{c}: {}", answers[*c]))
+        .collect();
+    assert!(wrong.is_empty(), "not refused with EPERM: {wrong:?}");
+    assert_eq!(answers["thread"], "ok", "threads must still start");
+    // A call newer than the list: ENOSYS, as on an older kernel, so
+    // programs fall back.
+    assert_eq!(answers["mseal"], "errno 38", "a call newer than the list");
+    assert_eq!(
+        key.payload(),
+        b"root's secret",
+        "the inner changed root's key"
+    );
+    // The ordinary tools run as before.
+    let out = block_on(hull.sh(
+        "ls / >/dev/null && dd if=/dev/zero of=/tmp/z bs=4k count=16 2>/dev/null && \
+         (nc -l -p 7000 >/tmp/got &) && sleep 0.2 && echo hi | nc 127.0.0.1 7000; sleep 0.2; \
+         cat /tmp/got; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+    ));
+    assert!(out.starts_with("hi\n"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    // Loaded without no_new_privs: setuid programs (su, sudo) and file
+    // capabilities (ping) still raise privileges as the image expects.
+    assert!(out.contains("NoNewPrivs:\t0"), "{out}");
+    assert_responsive(&hull);
+}
+
+/// The seccomp mode of every process in the inner's cgroup, init included,
+/// from the root namespace.
+fn seccomp_modes(hull: &TestHull) -> Vec<(i32, String)> {
+    hull.cgroups()
+        .inner
+        .pids()
+        .unwrap()
+        .into_iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))?
+                .trim()
+                .to_string();
+            Some((pid, mode))
+        })
+        .collect()
+}
+
+fn assert_all_filtered(hull: &TestHull, when: &str) {
+    let modes = seccomp_modes(hull);
+    assert!(
+        modes.len() >= 2,
+        "{when}: the init and the service at least: {modes:?}"
+    );
+    assert!(
+        modes.iter().all(|(_, mode)| mode == "2"),
+        "{when}: processes outside the filter (pid, mode): {modes:?}"
+    );
+}
+
+/// The filter is the init's, so it holds for services, execs and consoles
+/// alike, on every inner: after a bounce and a restore too.
+#[test]
+fn every_process_of_every_inner_runs_under_the_filter() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    hull.add_service(
+        "sleeper",
+        "sleep 1000",
+        &[],
+        None,
+        hull_proto::RestartPolicy::Always,
+    );
+    let has_sleeper = |hull: &TestHull| !inner_pids_running(hull, &["sleep", "1000"]).is_empty();
+    wait_until(Duration::from_secs(10), "the service runs", || {
+        has_sleeper(&hull)
+    });
+    assert_all_filtered(&hull, "first start");
+    let out = hull.hull(&["checkpoint", "create"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = hull.hull(&["bounce"]);
+    assert!(out.status.success(), "{out:?}");
+    hull.wait_running(Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "the service runs again", || {
+        has_sleeper(&hull)
+    });
+    assert_all_filtered(&hull, "after a bounce");
+    let out = hull.hull(&["checkpoint", "restore", "v1"]);
+    assert!(out.status.success(), "{out:?}");
+    hull.wait_running(Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        "the service runs after the restore",
+        || has_sleeper(&hull),
+    );
+    assert_all_filtered(&hull, "after a restore");
+    let exec = block_on(hull.sh("grep Seccomp: /proc/self/status"));
+    assert_eq!(exec.trim(), "Seccomp:\t2");
+}
+
+fn hull_with_inner_table(table: &str) -> TestHull {
+    TestHull::start_with(Limits {
+        tables: format!("[inner]\n{table}\n"),
+        ..Limits::default()
+    })
+}
+
+/// `[inner] io_uring = true` lets io_uring through, and
+/// `nested_user_namespaces = true` a user namespace (rootless containers
+/// in the inner); the rest stays refused.
+#[test]
+fn the_inner_table_opens_io_uring_and_nested_user_namespaces() {
+    if !require_root() {
+        return;
+    }
+    let hull = hull_with_inner_table("io_uring = true\nnested_user_namespaces = true");
+    install_probe(&hull);
+    let answers = probe(
+        &hull,
+        &["io_uring_setup", "unshare-user", "thread", "bpf", "add_key"],
+    );
+    // A null params pointer: the kernel's own EFAULT, past the filter.
+    assert_eq!(answers["io_uring_setup"], "errno 14", "{answers:?}");
+    assert_eq!(answers["unshare-user"], "ok", "{answers:?}");
+    assert_eq!(answers["thread"], "ok", "{answers:?}");
+    assert_eq!(answers["bpf"], EPERM, "{answers:?}");
+    assert_eq!(answers["add_key"], EPERM, "{answers:?}");
+    // root of a user namespace of its own, as a rootless container is.
+    let exec = block_on(hull.sh("unshare -r id -u 2>&1 || true"));
+    assert_eq!(exec.trim(), "0", "unshare -r");
+    // ... and mounts in a mount namespace of its own, as a container does.
+    let exec = block_on(
+        hull.sh("unshare -rm sh -c 'mount -t tmpfs none /tmp && echo mounted' 2>&1 || true"),
+    );
+    assert_eq!(exec.trim(), "mounted", "a mount in a nested namespace");
+    let exec =
+        block_on(hull.sh("unshare -ru sh -c 'hostname nested && hostname' 2>&1 || true; hostname"));
+    assert_eq!(
+        exec, "nested\nhull-test\n",
+        "a hostname in a nested namespace"
+    );
+}
+
+/// `[inner] seccomp = false` turns the filter off.
+#[test]
+fn seccomp_can_be_turned_off() {
+    if !require_root() {
+        return;
+    }
+    let hull = hull_with_inner_table("seccomp = false");
+    let exec = block_on(hull.sh("grep Seccomp: /proc/self/status"));
+    assert_eq!(exec.trim(), "Seccomp:\t0");
+    install_probe(&hull);
+    let answers = probe(&hull, &["unshare-user", "add_key"]);
+    assert_eq!(answers["unshare-user"], "ok", "{answers:?}");
+    assert_eq!(answers["add_key"], "ok", "{answers:?}");
 }

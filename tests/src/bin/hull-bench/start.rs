@@ -1,28 +1,74 @@
 //! Inner cold start, exec round-trip, bounce and hulld's idle memory,
-//! against `runc run` of the same busybox root filesystem in the same run.
+//! against `runc run` of the same busybox root filesystem in the same run,
+//! and the same with the inner's seccomp filter off, for what it costs.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hull_tests::{block_on, spec, TestHull};
+use hull_tests::{block_on, spec, Limits, TestHull};
 
 use crate::report::{ms, print_single, print_table, proc_status_kib, Row};
 
 const COLD_START: &str = "cold start, client-observed (bounce + exec `true`)";
+const BOUNCE: &str = "bounce, no services (request to ready)";
+
+/// The names of one hull's rows.
+struct Labels {
+    cold: &'static str,
+    start: &'static str,
+    bounce: &'static str,
+    exec_conn: &'static str,
+    exec_new: &'static str,
+}
+
+/// The default inner: seccomp on.
+const SECCOMP_ON: Labels = Labels {
+    cold: COLD_START,
+    start: "  internal: inner start (spawn to init ready)",
+    bounce: BOUNCE,
+    exec_conn: "exec `true`, open connection",
+    exec_new: "exec `true`, new connection",
+};
+
+/// `[inner] seccomp = false`.
+const SECCOMP_OFF: Labels = Labels {
+    cold: "seccomp off: cold start, client-observed",
+    start: "seccomp off: internal inner start",
+    bounce: "seccomp off: bounce",
+    exec_conn: "seccomp off: exec `true`, open connection",
+    exec_new: "seccomp off: exec `true`, new connection",
+};
+
+/// The two hulls take turns this many times, so a shared machine's drift
+/// in speed falls on both alike.
+const TURNS: usize = 5;
 
 pub fn run(rounds: usize, execs: usize) -> Result<()> {
     let hull = TestHull::start();
-    let rows = bench_hull(&hull, rounds, execs)?;
+    let unfiltered = TestHull::start_with(Limits {
+        tables: "[inner]\nseccomp = false\n".into(),
+        ..Limits::default()
+    });
+    let (mut on, mut off) = (Samples::default(), Samples::default());
+    let (turn_rounds, turn_execs) = (rounds.div_ceil(TURNS), execs.div_ceil(TURNS));
+    for _ in 0..TURNS {
+        measure(&hull, turn_rounds, turn_execs, &mut on)?;
+        measure(&unfiltered, turn_rounds, turn_execs, &mut off)?;
+    }
+    drop(unfiltered);
+    let rows = on.rows(&SECCOMP_ON);
+    let off = off.rows(&SECCOMP_OFF);
     std::thread::sleep(Duration::from_secs(1));
     let rss = proc_status_kib(hull.hulld_pid(), "VmRSS").unwrap_or(f64::NAN) / 1024.0;
     let rootfs = hull_tests::image_dir().join("busybox/rootfs");
     let runc = bench_runc(&rootfs, rounds)?;
 
-    let all: Vec<&Row> = rows.iter().chain(runc.iter()).collect();
+    let all: Vec<&Row> = rows.iter().chain(off.iter()).chain(runc.iter()).collect();
     print_table(&all);
     print_single("hulld idle RSS", rss, "MiB", "<= 20 MiB");
+    print_seccomp_cost(&rows, &off);
     if let Some(runc) = &runc {
         let p50 = |name: &str| crate::report::p50_of(&rows, name);
         let (cold, bounce) = (p50(COLD_START), p50(BOUNCE));
@@ -42,7 +88,33 @@ pub fn run(rounds: usize, execs: usize) -> Result<()> {
     Ok(())
 }
 
-const BOUNCE: &str = "bounce, no services (request to ready)";
+/// What the filter adds, p50 with it minus p50 without, row by row.
+fn print_seccomp_cost(on: &[Row], off: &[Row]) {
+    let p50 = |rows: &[Row], name: &str| crate::report::p50_of(rows, name);
+    println!();
+    for (what, with, without, target) in [
+        (
+            "inner start",
+            SECCOMP_ON.start,
+            SECCOMP_OFF.start,
+            "<= 1 ms",
+        ),
+        ("cold start", SECCOMP_ON.cold, SECCOMP_OFF.cold, "<= 1 ms"),
+        ("bounce", SECCOMP_ON.bounce, SECCOMP_OFF.bounce, ""),
+        (
+            "exec, open connection",
+            SECCOMP_ON.exec_conn,
+            SECCOMP_OFF.exec_conn,
+            "nothing measurable",
+        ),
+    ] {
+        let (a, b) = (p50(on, with), p50(off, without));
+        println!(
+            "seccomp cost, {what} (p50 on - off): {:+.3} ms  ({a:.3} vs {b:.3} ms; target {target})",
+            a - b
+        );
+    }
+}
 
 fn exited_zero(out: &hull_outer::client::ExecOutput) -> Result<()> {
     if !matches!(
@@ -54,9 +126,30 @@ fn exited_zero(out: &hull_outer::client::ExecOutput) -> Result<()> {
     Ok(())
 }
 
-fn bench_hull(hull: &TestHull, rounds: usize, execs: usize) -> Result<Vec<Row>> {
-    let (mut start, mut bounce, mut cold) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut exec_conn, mut exec_new) = (Vec::new(), Vec::new());
+/// One hull's samples, row by row.
+#[derive(Default)]
+struct Samples {
+    start: Vec<f64>,
+    bounce: Vec<f64>,
+    cold: Vec<f64>,
+    exec_conn: Vec<f64>,
+    exec_new: Vec<f64>,
+}
+
+impl Samples {
+    fn rows(self, labels: &Labels) -> Vec<Row> {
+        vec![
+            Row::new(labels.cold, self.cold, "ms").target("<= runc run"),
+            Row::new(labels.start, self.start, "ms").target("<= 15 ms"),
+            Row::new(labels.bounce, self.bounce, "ms").target("<= 30 ms"),
+            Row::new(labels.exec_conn, self.exec_conn, "ms").target("<= 3 ms"),
+            Row::new(labels.exec_new, self.exec_new, "ms"),
+        ]
+    }
+}
+
+/// Adds `rounds` bounces and cold starts and `execs` of each exec to `to`.
+fn measure(hull: &TestHull, rounds: usize, execs: usize, to: &mut Samples) -> Result<()> {
     block_on(async {
         let mut c = hull.client().await;
         for _ in 0..3 {
@@ -65,8 +158,8 @@ fn bench_hull(hull: &TestHull, rounds: usize, execs: usize) -> Result<Vec<Row>> 
         for _ in 0..rounds {
             let t = Instant::now();
             let report = c.bounce(0).await?;
-            bounce.push(ms(t.elapsed()));
-            start.push(report.start_ms);
+            to.bounce.push(ms(t.elapsed()));
+            to.start.push(report.start_ms);
         }
         // What a client waits for before a fresh inner has run something,
         // the way `runc run` is timed below.
@@ -74,7 +167,7 @@ fn bench_hull(hull: &TestHull, rounds: usize, execs: usize) -> Result<Vec<Row>> 
             let t = Instant::now();
             c.bounce(0).await?;
             let out = c.exec_collect(spec(&["true"]), b"").await?;
-            cold.push(ms(t.elapsed()));
+            to.cold.push(ms(t.elapsed()));
             exited_zero(&out)?;
         }
         for _ in 0..10 {
@@ -83,24 +176,17 @@ fn bench_hull(hull: &TestHull, rounds: usize, execs: usize) -> Result<Vec<Row>> 
         for _ in 0..execs {
             let t = Instant::now();
             let out = c.exec_collect(spec(&["true"]), b"").await?;
-            exec_conn.push(ms(t.elapsed()));
+            to.exec_conn.push(ms(t.elapsed()));
             exited_zero(&out)?;
         }
         for _ in 0..execs {
             let t = Instant::now();
             let mut fresh = hull_outer::client::Client::connect(&hull.socket).await?;
             fresh.exec_collect(spec(&["true"]), b"").await?;
-            exec_new.push(ms(t.elapsed()));
+            to.exec_new.push(ms(t.elapsed()));
         }
         Ok::<(), anyhow::Error>(())
-    })?;
-    Ok(vec![
-        Row::new(COLD_START, cold, "ms").target("<= runc run"),
-        Row::new("  internal: inner start (spawn to init ready)", start, "ms").target("<= 15 ms"),
-        Row::new(BOUNCE, bounce, "ms").target("<= 30 ms"),
-        Row::new("exec `true`, open connection", exec_conn, "ms").target("<= 3 ms"),
-        Row::new("exec `true`, new connection", exec_new, "ms"),
-    ])
+    })
 }
 
 /// `runc run` of /bin/true in the same busybox root filesystem.
