@@ -192,7 +192,21 @@ impl Client {
     /// returns the pid inside the inner.
     pub async fn exec_start(&mut self, request: impl Into<ExecRequest>) -> Result<i32> {
         match self.request(ClientMsg::Exec(request.into())).await? {
-            DaemonMsg::ExecStarted { pid } => Ok(pid),
+            DaemonMsg::ExecStarted { pid, .. } => Ok(pid),
+            DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
+                Err(ClientError::InnerStopped(reason))
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a detached exec (`request.detach`): its exec id and pid.
+    pub async fn exec_detach(&mut self, request: ExecRequest) -> Result<(u64, i32)> {
+        match self.request(ClientMsg::Exec(request)).await? {
+            DaemonMsg::ExecStarted {
+                pid,
+                exec_id: Some(id),
+            } => Ok((id, pid)),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))
             }

@@ -181,12 +181,19 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
+    let exec_dir = logs_settings.dir.join(hull_logs::EXEC_SOURCE);
     let logs = hull_logs::LogStore::open(logs_settings.dir.clone(), logs_settings.limits).map_err(
         |source| DaemonError::StateDir {
             path: logs_settings.dir,
             source,
         },
     )?;
+    let exec_log = hull_logs::ExecLog::open(&logs)
+        .map(Arc::new)
+        .map_err(|source| DaemonError::StateDir {
+            path: exec_dir,
+            source,
+        })?;
     match logs.source(hull_logs::DAEMON_SOURCE) {
         Ok(own) => hull_logs::set_daemon_log(own),
         Err(e) => {
@@ -294,6 +301,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         storage,
         services,
         logs,
+        exec_log,
         cgroups,
         supervisor,
         limits,

@@ -128,8 +128,18 @@ where
                     .send(DaemonMsg::Status(hulld.do_status().await))
                     .await?
             }
+            ClientMsg::Exec(request) if request.detach => {
+                writer.send(hulld.do_exec_detached(request).await).await?
+            }
             ClientMsg::Exec(request) => {
-                crate::exec::run(hulld.supervisor(), hulld.logs(), request, reader, writer).await?;
+                crate::exec::run(
+                    hulld.supervisor(),
+                    hulld.exec_log(),
+                    request,
+                    reader,
+                    writer,
+                )
+                .await?;
                 had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {
@@ -183,8 +193,13 @@ where
                 tail,
                 stream,
                 since_ms,
+                exec_id,
             } => {
-                let filter = hull_logs::Filter { stream, since_ms };
+                let filter = hull_logs::Filter {
+                    stream,
+                    since_ms,
+                    exec_id,
+                };
                 hull_logs::serve(hulld.logs(), &source, follow, tail, filter, reader, writer)
                     .await?
             }

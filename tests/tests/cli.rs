@@ -483,7 +483,12 @@ fn json_output_is_plain_objects_with_snake_case_fields() {
     assert_eq!(services[0]["name"], "crasher");
 
     let out = hull.hull(&["--json", "logs", "crasher"]);
-    let line: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    // The first line of output (a marker of its start comes before it).
+    let line: Value = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r.get("type").is_none())
+        .unwrap_or_else(|| panic!("no output line: {out:?}"));
     assert_eq!(line["stream"], "stderr", "{line}");
     assert_eq!(line["line"], "oops");
 }
@@ -709,4 +714,57 @@ fn a_timeout_kills_the_process_group_and_exits_124() {
         Some(0),
         "a timeout that does not pass changes nothing"
     );
+}
+
+#[test]
+fn exec_detach_prints_an_id_whose_output_logs_exec_id_reads() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "echo detached-start; sleep 3; echo detached-end",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let id: u64 = text(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("stdout is not an id ({e}): {out:?}"));
+    // The output lines of exec:ID (its start record quotes the command).
+    let source = format!("exec:{id}");
+    let lines = || -> Vec<String> {
+        text(&hull.hull(&["logs", &source]).stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        !lines().contains(&"detached-end".to_string()),
+        "hull exec --detach waited for the command"
+    );
+    assert!(hull
+        .hull(&["exec", "--", "echo", "another-exec"])
+        .status
+        .success());
+    wait_until(Duration::from_secs(15), "the detached exec's end", || {
+        lines().contains(&"detached-end".to_string())
+    });
+    let own = lines().join("\n");
+    assert!(own.contains("detached-start"), "{own}");
+    assert!(
+        !own.contains("another-exec"),
+        "exec:{id} shows another exec: {own}"
+    );
+    let out = hull.hull(&["--json", "exec", "--detach", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["id"].as_u64(), Some(id + 2), "{v}");
+    // A detached command has no terminal and no stdin to read.
+    let out = hull.hull(&["exec", "--detach", "-t", "--", "sh"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
 }

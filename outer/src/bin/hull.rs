@@ -72,6 +72,15 @@ enum Command {
         /// 10m) and exit 124, as timeout(1) does.
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         timeout: Option<std::time::Duration>,
+        /// Keep nothing of this command in the `exec` log (by default a
+        /// command without -t is logged: its argv, exit, duration and
+        /// output, or size and SHA-256 of output that is not text).
+        #[arg(long)]
+        no_log: bool,
+        /// Run the command in the background and print its id at once; its
+        /// output is in `hull logs exec:ID` (add -f to follow it to its end).
+        #[arg(short, long, conflicts_with_all = ["tty", "interactive", "no_log"])]
+        detach: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -376,6 +385,8 @@ async fn run(cli: Cli) -> Result<i32> {
             user,
             linger,
             timeout,
+            no_log,
+            detach,
             command,
         } => {
             let opts = ExecOptions {
@@ -387,6 +398,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 interactive,
                 linger,
                 timeout,
+                no_log,
+                detach,
             };
             cli::exec(&g, opts).await
         }
@@ -400,6 +413,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 interactive: true,
                 linger: None,
                 timeout: None,
+                no_log: false,
+                detach: false,
             };
             cli::exec(&g, opts).await
         }

@@ -70,6 +70,10 @@ pub struct ExecOptions {
     pub linger: Option<Duration>,
     /// Kill the command's process group after this long.
     pub timeout: Option<Duration>,
+    /// Keep nothing of it in the `exec` log.
+    pub no_log: bool,
+    /// Start it in the background and print its exec id.
+    pub detach: bool,
 }
 
 /// Runs one command in the inner, wired to this terminal. Returns the exit
@@ -99,9 +103,17 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         spec,
         linger_ms: opts.linger.map(super::millis),
         timeout_ms: opts.timeout.map(super::millis),
+        no_log: opts.no_log,
+        detach: opts.detach,
     };
-    match c.exec_start(request).await {
-        Ok(_pid) => {}
+    let start = if opts.detach {
+        c.exec_detach(request).await.map(Some)
+    } else {
+        c.exec_start(request).await.map(|_pid| None)
+    };
+    match start {
+        Ok(Some((id, pid))) => return detached(g, id, pid),
+        Ok(None) => {}
         Err(ClientError::Daemon(report)) => {
             let ErrorKind::Spawn(kind) = report.kind else {
                 return Err(ClientError::Daemon(report).into());
@@ -179,6 +191,21 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         OutputSink::Terminal => ended.tell(),
     }
     Ok(ended.code())
+}
+
+/// `hull exec --detach`: the id alone on stdout (`{"id": N, "pid": P}`
+/// with `--json`), where to read its output on stderr.
+fn detached(g: &Global, id: u64, pid: i32) -> Result<i32> {
+    if g.json {
+        print_json(&serde_json::json!({ "id": id, "pid": pid }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{id}")
+            .and_then(|()| out.flush())
+            .map_err(stdout_error)?;
+        errln!("hull: exec {id} runs in the background (pid {pid} in the inner); its output: hull logs exec:{id}");
+    }
+    Ok(0)
 }
 
 /// How an exec that ran ended, as the CLI reports it.

@@ -708,6 +708,8 @@ struct LogLine<'a> {
     ts_ms: i64,
     stream: &'static str,
     line: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec_id: Option<u64>,
 }
 
 impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
@@ -719,6 +721,49 @@ impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
                 Stream::Stderr => "stderr",
             },
             line: &r.line,
+            exec_id: r.exec.as_ref().map(|e| e.id),
+        }
+    }
+}
+
+/// What a marker record of an exec says, for `hull logs --json`: only the
+/// fields it has (docs/json.md).
+fn exec_json(tag: &hull_proto::ExecTag) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), tag.id.into());
+    if let Some(argv) = &tag.argv {
+        obj.insert("argv".into(), argv.clone().into());
+    }
+    match tag.exit {
+        Some(hull_proto::ExitStatus::Code(c)) => obj.insert("exit_code".into(), c.into()),
+        Some(hull_proto::ExitStatus::Signal(s)) => obj.insert("signal".into(), s.into()),
+        None => None,
+    };
+    if let Some(ms) = tag.duration_ms {
+        obj.insert("duration_ms".into(), ms.into());
+    }
+    if let Some(bytes) = tag.bytes {
+        obj.insert("bytes".into(), bytes.into());
+    }
+    if let Some(hash) = &tag.sha256 {
+        obj.insert("sha256".into(), hash.clone().into());
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// `NAME`, or `exec:ID` for the records of one exec (`hull exec --detach`
+/// prints the id).
+fn log_source(name: String) -> Result<(String, Option<u64>)> {
+    let id = name
+        .strip_prefix(hull_logs::EXEC_SOURCE)
+        .and_then(|rest| rest.strip_prefix(':'));
+    let Some(id) = id else {
+        return Ok((name, None));
+    };
+    match id.parse() {
+        Ok(id) => Ok((hull_logs::EXEC_SOURCE.to_string(), Some(id))),
+        Err(_) => {
+            bail!("{name:?}: an exec's log is exec:ID, ID the number hull exec --detach printed")
         }
     }
 }
@@ -734,6 +779,7 @@ pub async fn logs(
     stream: Option<Stream>,
     since: Option<Duration>,
 ) -> Result<()> {
+    let (source, exec_id) = log_source(source)?;
     let mut c = g.connect().await?;
     let since_ms = since.map(|d| {
         let now = std::time::SystemTime::now()
@@ -748,6 +794,7 @@ pub async fn logs(
             tail,
             stream,
             since_ms,
+            exec_id,
         })
         .await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -758,12 +805,15 @@ pub async fn logs(
                     if let Some(marker) = r.marker {
                         // Something that happened to the service, not its output.
                         if g.json {
-                            let record = serde_json::json!({
+                            let mut record = serde_json::json!({
                                 "type": "marker",
                                 "ts_ms": r.ts_ms,
                                 "event": marker.name(),
                                 "text": r.line,
                             });
+                            if let Some(tag) = &r.exec {
+                                record["exec"] = exec_json(tag);
+                            }
                             writeln!(out, "{record}").map_err(stdout_error)?;
                         } else {
                             writeln!(out, "-- {} --", r.line).map_err(stdout_error)?;
