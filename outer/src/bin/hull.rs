@@ -85,8 +85,14 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// An interactive login shell in the inner.
-    Console,
+    /// An interactive login shell in the inner. When a bounce or restore
+    /// stops the inner under it, hull resets the terminal and exits 255.
+    Console {
+        /// Open a new shell by itself after a bounce or restore, instead
+        /// of exiting.
+        #[arg(long)]
+        reconnect: bool,
+    },
     /// Kill everything in the inner and start a fresh one on the same writable layer.
     Bounce {
         /// Seconds between SIGTERM and SIGKILL.
@@ -351,7 +357,7 @@ async fn main() {
     };
     let (json, runs_command) = (
         cli.json,
-        matches!(cli.command, Command::Exec { .. } | Command::Console),
+        matches!(cli.command, Command::Exec { .. } | Command::Console { .. }),
     );
     let code = match run(cli).await {
         Ok(code) => code,
@@ -400,10 +406,11 @@ async fn run(cli: Cli) -> Result<i32> {
                 timeout,
                 no_log,
                 detach,
+                reconnect: false,
             };
             cli::exec(&g, opts).await
         }
-        Command::Console => {
+        Command::Console { reconnect } => {
             let opts = ExecOptions {
                 argv: cli::console_argv(),
                 env: Vec::new(),
@@ -415,6 +422,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 timeout: None,
                 no_log: false,
                 detach: false,
+                reconnect,
             };
             cli::exec(&g, opts).await
         }
