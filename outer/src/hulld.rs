@@ -173,8 +173,13 @@ impl Hulld {
         self.parts.network.report(&pids)
     }
 
-    pub fn do_ingress(&self) -> IngressReport {
-        self.parts.network.ingress_report()
+    /// The ingress report; `token` false leaves the bearer token out.
+    pub fn do_ingress(&self, token: bool) -> IngressReport {
+        let mut report = self.parts.network.ingress_report();
+        if !token {
+            report.token.clear();
+        }
+        report
     }
 
     /// Whether a shutdown has begun: tasks that end now are not failures.

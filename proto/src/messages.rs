@@ -407,6 +407,10 @@ pub struct PortInfo {
     pub detail: Option<String>,
     /// The URL of this port through HTTP ingress, if that is on.
     pub http_url: Option<String>,
+    /// The Host header to send to `http_url` when its host does not name
+    /// the port (the ingress listens on an address `PORT.localhost` does
+    /// not reach).
+    pub http_host: Option<String>,
     /// Whether HTTP ingress needs the bearer token for it.
     pub private: bool,
 }

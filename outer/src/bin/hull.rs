@@ -304,7 +304,7 @@ fn global(
 fn parse() -> Result<Cli, clap::Error> {
     let mut command = Cli::command();
     if cli::in_inner() {
-        let about = "hull inside the inner: register and control services (every other command runs from the VM)";
+        let about = "hull inside the inner: register and control services, and see the inner's ports and the URLs that reach them (every other command runs from the VM)";
         command = command.about(about).long_about(about);
         for name in cli::VM_ONLY_COMMANDS {
             command = command.mut_subcommand(name, |c| c.hide(true));

@@ -322,8 +322,9 @@ pub fn console_argv() -> Vec<String> {
 }
 
 /// Commands for the VM only: inside the inner, hulld's socket there serves
-/// `hull services` and the help does not offer the rest.
-pub const VM_ONLY_COMMANDS: [&str; 11] = [
+/// `hull services`, `hull ports` and `hull ingress`, and the help does not
+/// offer the rest.
+pub const VM_ONLY_COMMANDS: [&str; 9] = [
     "up",
     "status",
     "exec",
@@ -332,8 +333,6 @@ pub const VM_ONLY_COMMANDS: [&str; 11] = [
     "down",
     "checkpoint",
     "logs",
-    "ports",
-    "ingress",
     "image",
 ];
 
@@ -392,10 +391,15 @@ pub async fn ports(g: &Global) -> Result<()> {
             ("taken", Some(outer)) => format!("{outer} taken"),
             (other, _) => other.to_string(),
         };
-        let http = match &p.http_url {
-            Some(url) if p.private => format!("{url} (private)"),
-            Some(url) => url.clone(),
-            None => "-".into(),
+        let http = match (&p.http_url, &p.http_host) {
+            (Some(url), Some(host)) => format!("curl -H 'Host: {host}' {url}"),
+            (Some(url), None) => url.clone(),
+            (None, _) => "-".into(),
+        };
+        let http = if p.private {
+            format!("{http} (private)")
+        } else {
+            http
         };
         outln!(
             "{:<6} {:<16} {:<8} {:<16} {:<22} {}",
@@ -442,10 +446,14 @@ pub async fn ingress(g: &Global) -> Result<()> {
             .join(", ")
     };
     outln!("private        {private}");
-    outln!(
-        "token          {}  (send: Authorization: Bearer TOKEN)",
-        r.token
-    );
+    if r.token.is_empty() {
+        outln!("token          (not given inside the inner)");
+    } else {
+        outln!(
+            "token          {}  (send: Authorization: Bearer TOKEN)",
+            r.token
+        );
+    }
     if let (Some(inner), Some(gw)) = (&r.inner_address, &r.gateway) {
         outln!("inner address  {inner} (gateway {gw})");
     }

@@ -17,7 +17,7 @@ pub enum CliError {
     #[error("hull needs root (the control socket is 0600); run it as root, e.g. with sudo")]
     NeedsRoot,
     /// A command that only makes sense in the VM, asked inside the inner.
-    #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services` works")]
+    #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services`, `hull ports` and `hull ingress` work")]
     NotInInner(&'static str),
     /// The reader of stdout went away (`hull status | head -1`): the end of
     /// the output, not a failure to report.
