@@ -346,21 +346,13 @@ pub fn flush_stdout() {
     let _ = std::io::stdout().flush();
 }
 
-/// Formats an error and its causes, skipping a cause whose text the message
-/// above it already includes (thiserror messages often embed their source).
+/// Formats an error and its causes, joined with ": ". Errors keep their
+/// cause as `source()` and do not repeat it, so each appears once.
 pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// `hull ports`: a table of the inner's listening ports.
@@ -870,6 +862,19 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 mod tests {
     use super::*;
     use hull_proto::{CheckpointInfo, CheckpointListing};
+
+    #[test]
+    fn error_chain_shows_every_cause_once() {
+        // A cause whose text the message happens to contain is still a
+        // cause of its own.
+        let e = anyhow::Error::from(std::io::Error::other("denied")).context("access denied");
+        assert_eq!(error_chain(&e), "access denied: denied");
+        let e = anyhow::Error::from(hull_services::ServiceError::Json(
+            serde_json::from_str::<u8>("x").unwrap_err(),
+        ));
+        let chain = error_chain(&e);
+        assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
+    }
 
     fn listing(parents: &[(&str, Option<&str>)]) -> CheckpointListing {
         CheckpointListing {
