@@ -188,7 +188,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             source,
         },
     )?;
-    let exec_log = hull_logs::ExecLog::open(&logs)
+    // Reads the exec log's newest records for the last id: off the runtime.
+    let store = logs.clone();
+    let exec_log = tokio::task::spawn_blocking(move || hull_logs::ExecLog::open(&store))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map(Arc::new)
         .map_err(|source| DaemonError::StateDir {
             path: exec_dir,
