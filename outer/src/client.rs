@@ -191,8 +191,17 @@ impl Client {
     /// Starts an exec session (an [`ExecSpec`] runs with hulld's defaults);
     /// returns the pid inside the inner.
     pub async fn exec_start(&mut self, request: impl Into<ExecRequest>) -> Result<i32> {
+        self.exec_started(request).await.map(|(pid, _)| pid)
+    }
+
+    /// [`Self::exec_start`], with the exec's id in the `exec` log when it
+    /// is logged.
+    pub async fn exec_started(
+        &mut self,
+        request: impl Into<ExecRequest>,
+    ) -> Result<(i32, Option<u64>)> {
         match self.request(ClientMsg::Exec(request.into())).await? {
-            DaemonMsg::ExecStarted { pid, .. } => Ok(pid),
+            DaemonMsg::ExecStarted { pid, exec_id } => Ok((pid, exec_id)),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))
             }

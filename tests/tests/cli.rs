@@ -209,6 +209,15 @@ fn json_exec_prints_one_object_and_errors_are_objects_with_a_code() {
     assert_eq!(v["stderr"], "err\n");
     assert!(v["duration_ms"].as_f64().is_some(), "{v}");
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    // Its id in the exec log, which has its output.
+    let id = v["exec_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no exec_id: {v}"));
+    let logged = text(&hull.hull(&["logs", &format!("exec:{id}")]).stdout);
+    assert!(logged.contains("\nout\n"), "{logged}");
+    let out = hull.hull(&["--json", "exec", "--no-log", "--", "true"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exec_id"], Value::Null, "{v}");
 
     let out = hull.hull(&["--json", "exec", "--", "sh", "-c", "printf '\\377\\376'"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

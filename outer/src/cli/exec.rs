@@ -170,13 +170,17 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
         detach: opts.detach,
     };
     let start = if opts.detach {
-        c.exec_detach(request).await.map(Some)
+        c.exec_detach(request)
+            .await
+            .map(|(id, pid)| Started::Detached { id, pid })
     } else {
-        c.exec_start(request).await.map(|_pid| None)
+        c.exec_started(request)
+            .await
+            .map(|(_pid, id)| Started::Attached { id })
     };
-    match start {
-        Ok(Some((id, pid))) => return detached(g, id, pid),
-        Ok(None) => {}
+    let exec_id = match start {
+        Ok(Started::Detached { id, pid }) => return detached(g, id, pid),
+        Ok(Started::Attached { id }) => id,
         Err(ClientError::Daemon(report)) => {
             let ErrorKind::Spawn(kind) = report.kind else {
                 return Err(ClientError::Daemon(report).into());
@@ -186,7 +190,7 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
             return Ok(kind.shell_code());
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     let Client {
         mut reader,
         mut writer,
@@ -260,9 +264,13 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
     };
     drop(raw);
     match &sink {
-        OutputSink::Collect(stdout, stderr) => {
-            print_json(&exec_json(&ended, stdout, stderr, started.elapsed()))?
-        }
+        OutputSink::Collect(stdout, stderr) => print_json(&exec_json(
+            &ended,
+            exec_id,
+            stdout,
+            stderr,
+            started.elapsed(),
+        ))?,
         OutputSink::Terminal => ended.tell(),
     }
     Ok(ended.code())
@@ -319,6 +327,14 @@ impl AltScreen {
             .and_then(|()| out.write_all(b"\r\n"))
             .and_then(|()| out.flush());
     }
+}
+
+/// A session hulld started: in the background, or on this connection.
+enum Started {
+    /// Its exec id and pid in the inner.
+    Detached { id: u64, pid: i32 },
+    /// Its exec id, when it is logged.
+    Attached { id: Option<u64> },
 }
 
 /// `hull exec --detach`: the id alone on stdout (`{"id": N, "pid": P}`
@@ -416,10 +432,17 @@ impl OutputSink {
 
 /// `hull --json exec`: the exit and both streams in one object. A stream
 /// that is not UTF-8 comes as `NAME_base64` instead of `NAME`.
-fn exec_json(ended: &Ended, stdout: &[u8], stderr: &[u8], elapsed: Duration) -> serde_json::Value {
+fn exec_json(
+    ended: &Ended,
+    exec_id: Option<u64>,
+    stdout: &[u8],
+    stderr: &[u8],
+    elapsed: Duration,
+) -> serde_json::Value {
     use base64::Engine;
     let mut obj = serde_json::Map::new();
     obj.insert("exit_code".into(), ended.code().into());
+    obj.insert("exec_id".into(), exec_id.into());
     if let Some(ExitStatus::Signal(n)) = ended.status {
         obj.insert("signal".into(), n.into());
     }
