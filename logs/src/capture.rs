@@ -14,11 +14,33 @@ use crate::store::{SourceLog, MAX_LINE};
 pub struct LineSplitter {
     /// Bytes of an unfinished line carried to the next push.
     carry: Vec<u8>,
+    /// The exec whose output this is, tagged on every line.
+    exec: Option<u64>,
 }
 
 impl LineSplitter {
-    /// Appends the complete lines in `carry + bytes` to `log`, one batch.
+    /// A splitter for the output of exec `id`.
+    pub fn for_exec(id: u64) -> Self {
+        LineSplitter {
+            carry: Vec::new(),
+            exec: Some(id),
+        }
+    }
+
+    /// Appends the complete lines in `carry + bytes` to `log`, one batch;
+    /// bytes that are not UTF-8 become U+FFFD.
     pub fn push(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog) {
+        self.split(bytes, stream, log, true);
+    }
+
+    /// [`Self::push`] for text only: when the batch's complete lines are
+    /// not UTF-8 nothing of it is written, and the answer is false.
+    pub fn push_text(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog) -> bool {
+        self.split(bytes, stream, log, false)
+    }
+
+    fn split(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog, lossy: bool) -> bool {
+        let exec = self.exec;
         let carry = &mut self.carry;
         carry.extend_from_slice(bytes);
         let mut bounds: Vec<(usize, usize)> = Vec::new();
@@ -50,27 +72,40 @@ impl LineSplitter {
             match std::str::from_utf8(&carry[..start]) {
                 Ok(text) => {
                     let lines: Vec<&str> = bounds.iter().map(|&(a, b)| &text[a..b]).collect();
-                    log.append_many(stream, &lines);
+                    log.append_lines(stream, &lines, exec);
                 }
+                Err(_) if !lossy => return false,
                 Err(_) => {
                     let owned: Vec<String> = bounds
                         .iter()
                         .map(|&(a, b)| String::from_utf8_lossy(&carry[a..b]).into_owned())
                         .collect();
                     let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
-                    log.append_many(stream, &lines);
+                    log.append_lines(stream, &lines, exec);
                 }
             }
         }
         carry.drain(..start);
+        true
     }
 
     /// Logs a last line that had no newline.
     pub fn finish(&mut self, stream: Stream, log: &SourceLog) {
         if !self.carry.is_empty() {
-            log.append(stream, &String::from_utf8_lossy(&self.carry));
+            let line = String::from_utf8_lossy(&self.carry);
+            log.append_lines(stream, &[&line], self.exec);
             self.carry.clear();
         }
+    }
+
+    /// [`Self::finish`] for text only: false, writing nothing, when the
+    /// last line is not UTF-8.
+    pub fn finish_text(&mut self, stream: Stream, log: &SourceLog) -> bool {
+        if std::str::from_utf8(&self.carry).is_err() {
+            return false;
+        }
+        self.finish(stream, log);
+        true
     }
 }
 

@@ -14,13 +14,27 @@ const RECORDS_PER_FRAME: usize = 1000;
 pub struct Filter {
     pub stream: Option<Stream>,
     pub since_ms: Option<i64>,
+    /// The records of this exec only.
+    pub exec_id: Option<u64>,
 }
 
 impl Filter {
     fn keeps(&self, r: &LogRecord) -> bool {
         // A marker (a start, a bounce) belongs to both streams.
         let stream = r.marker.is_some() || self.stream.is_none_or(|s| s == r.stream);
-        stream && self.since_ms.is_none_or(|t| r.ts_ms >= t)
+        let exec = self
+            .exec_id
+            .is_none_or(|id| r.exec.as_ref().is_some_and(|e| e.id == id));
+        stream && exec && self.since_ms.is_none_or(|t| r.ts_ms >= t)
+    }
+
+    /// Whether `records` (kept by this filter) end what it follows: the
+    /// end record of the one exec it keeps.
+    fn ends(&self, records: &[LogRecord]) -> bool {
+        self.exec_id.is_some()
+            && records
+                .iter()
+                .any(|r| r.marker == Some(hull_proto::LogMarker::ExecEnd))
     }
 }
 
@@ -78,7 +92,7 @@ where
     // --since keeps a suffix of the log; only --stream, which keeps a
     // subsequence, reads from the start.
     let mut cursor = match tail {
-        Some(n) if filter.stream.is_none() => {
+        Some(n) if filter.stream.is_none() && filter.exec_id.is_none() => {
             let store = store.clone();
             let source = source.to_string();
             tokio::task::spawn_blocking(move || store.tail_cursor(&source, n))
@@ -88,11 +102,13 @@ where
         _ => Cursor::default(),
     };
     let mut last: std::collections::VecDeque<LogRecord> = std::collections::VecDeque::new();
+    let mut ended = false;
     loop {
         let (records, next) = read(cursor).await?;
         cursor = next;
         let done = records.len() < RECORDS_PER_FRAME;
         let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
+        ended |= filter.ends(&records);
         match tail {
             Some(n) => {
                 last.extend(records);
@@ -113,7 +129,7 @@ where
             writer.send(DaemonMsg::LogRecords(chunk.to_vec())).await?;
         }
     }
-    if !follow {
+    if !follow || ended {
         return writer.send(DaemonMsg::LogsEnd).await;
     }
     loop {
@@ -127,8 +143,12 @@ where
                     cursor = next;
                     let done = records.len() < RECORDS_PER_FRAME;
                     let records: Vec<LogRecord> = records.into_iter().filter(keep).collect();
+                    let ended = filter.ends(&records);
                     if !records.is_empty() {
                         writer.send(DaemonMsg::LogRecords(records)).await?;
+                    }
+                    if ended {
+                        return writer.send(DaemonMsg::LogsEnd).await;
                     }
                     if done {
                         break;

@@ -39,6 +39,10 @@ pub struct LogLimits {
     pub segment_max: u64,
     /// All of a source's segments; the oldest go first beyond it.
     pub source_max: u64,
+    /// The cap of the `exec` source instead of `source_max`: every exec
+    /// shares it, so its own cap keeps a flood of exec output apart from
+    /// the services' history.
+    pub exec_max: u64,
 }
 
 impl Default for LogLimits {
@@ -46,6 +50,18 @@ impl Default for LogLimits {
         LogLimits {
             segment_max: 8 << 20,
             source_max: 64 << 20,
+            exec_max: 32 << 20,
+        }
+    }
+}
+
+impl LogLimits {
+    /// The cap of `source`, and the config key that sets it.
+    fn cap_of(&self, source: &str) -> (u64, &'static str) {
+        if source == crate::exec::EXEC_SOURCE {
+            (self.exec_max, "logs.max_exec")
+        } else {
+            (self.source_max, "logs.max_per_source")
         }
     }
 }
@@ -77,6 +93,14 @@ struct LogRecordRef<'a> {
     ts_ms: i64,
     stream: Stream,
     line: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec: Option<ExecId>,
+}
+
+/// The [`hull_proto::ExecTag`] of an exec's output line: its id only.
+#[derive(serde::Serialize)]
+struct ExecId {
+    id: u64,
 }
 
 struct Writer {
@@ -101,8 +125,9 @@ impl Writer {
     }
 }
 
-/// Encodes one record as a JSON line into `buf`.
-fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str) -> bool {
+/// Encodes one record (an output line of exec `exec`, if given) as a JSON
+/// line into `buf`.
+fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str, exec: Option<u64>) -> bool {
     buf.clear();
     if !needs_escape(line.as_bytes()) {
         // The common line, written as serde_json would write it: escaping
@@ -116,13 +141,18 @@ fn encode(buf: &mut Vec<u8>, ts_ms: i64, stream: Stream, line: &str) -> bool {
         buf.extend_from_slice(stream.as_bytes());
         buf.extend_from_slice(b"\",\"line\":\"");
         buf.extend_from_slice(line.as_bytes());
-        buf.extend_from_slice(b"\"}\n");
+        buf.push(b'"');
+        if let Some(id) = exec {
+            let _ = write!(buf, ",\"exec\":{{\"id\":{id}}}");
+        }
+        buf.extend_from_slice(b"}\n");
         return true;
     }
     let record = LogRecordRef {
         ts_ms,
         stream,
         line,
+        exec: exec.map(|id| ExecId { id }),
     };
     if serde_json::to_writer(&mut *buf, &record).is_err() {
         return false;
@@ -143,6 +173,9 @@ fn needs_escape(bytes: &[u8]) -> bool {
 pub struct SourceLog {
     dir: PathBuf,
     limits: LogLimits,
+    /// This source's cap (`limits.source_max` or `limits.exec_max`) and
+    /// the config key that sets it, for the note about a drop.
+    cap: (u64, &'static str),
     writer: Mutex<Writer>,
     /// Bumped on every append, for followers.
     appended: watch::Sender<u64>,
@@ -155,9 +188,11 @@ impl SourceLog {
         let path = dir.join(segment_name(segment));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
+        let cap = limits.cap_of(dir.file_name().and_then(|n| n.to_str()).unwrap_or(""));
         Ok(SourceLog {
             dir,
             limits,
+            cap,
             writer: Mutex::new(Writer {
                 file: BufWriter::with_capacity(256 * 1024, file),
                 segment,
@@ -179,6 +214,11 @@ impl SourceLog {
     /// that cannot be written (a full disk) are counted, and the count is
     /// written into the log as soon as writing works again.
     pub fn append_many(&self, stream: Stream, lines: &[&str]) {
+        self.append_lines(stream, lines, None);
+    }
+
+    /// [`Self::append_many`] for the output of exec `exec`, if given.
+    pub fn append_lines(&self, stream: Stream, lines: &[&str], exec: Option<u64>) {
         let ts_ms = now_ms();
         let mut w = lock(&self.writer);
         let mut scratch = std::mem::take(&mut w.scratch);
@@ -188,11 +228,11 @@ impl SourceLog {
                     "hull: {} log lines were lost: the log could not be written",
                     w.dropped
                 );
-                if encode(&mut scratch, ts_ms, Stream::Stderr, &note) && w.write(&scratch) {
+                if encode(&mut scratch, ts_ms, Stream::Stderr, &note, None) && w.write(&scratch) {
                     w.dropped = 0;
                 }
             }
-            if !encode(&mut scratch, ts_ms, stream, line) {
+            if !encode(&mut scratch, ts_ms, stream, line, exec) {
                 continue;
             }
             if !w.write(&scratch) {
@@ -210,12 +250,17 @@ impl SourceLog {
     /// Appends a marker: a record of something that happened to the
     /// source (it started, the inner was bounced), `text` saying what.
     pub fn append_marker(&self, marker: LogMarker, text: &str) {
-        let record = LogRecord {
+        self.append_record(LogRecord {
             ts_ms: now_ms(),
             stream: Stream::Stdout,
             line: text.to_string(),
             marker: Some(marker),
-        };
+            exec: None,
+        });
+    }
+
+    /// Appends a record as it is (markers with more to say than text).
+    pub fn append_record(&self, record: LogRecord) {
         let Ok(mut bytes) = serde_json::to_vec(&record) else {
             return;
         };
@@ -258,7 +303,7 @@ impl SourceLog {
             .sum();
         let mut dropped = 0u64;
         for n in nums {
-            if total <= self.limits.source_max || n == next {
+            if total <= self.cap.0 || n == next {
                 break;
             }
             let path = self.dir.join(segment_name(n));
@@ -270,11 +315,12 @@ impl SourceLog {
         }
         if dropped > 0 {
             let note = format!(
-                "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {}; logs.max_per_source in the config)",
-                human_size(self.limits.source_max)
+                "hull: dropped {dropped} bytes of the oldest log lines (this log is capped at {}; {} in the config)",
+                human_size(self.cap.0),
+                self.cap.1
             );
             let mut record = Vec::new();
-            if encode(&mut record, now_ms(), Stream::Stderr, &note) {
+            if encode(&mut record, now_ms(), Stream::Stderr, &note, None) {
                 w.write(&record);
             }
         }
@@ -512,11 +558,12 @@ mod tests {
         assert!(store.source("web.1").is_ok());
     }
 
-    fn serde_encoded(ts_ms: i64, stream: Stream, line: &str) -> Vec<u8> {
+    fn serde_encoded(ts_ms: i64, stream: Stream, line: &str, exec: Option<u64>) -> Vec<u8> {
         let mut out = serde_json::to_vec(&LogRecordRef {
             ts_ms,
             stream,
             line,
+            exec: exec.map(|id| ExecId { id }),
         })
         .unwrap();
         out.push(b'\n');
@@ -535,19 +582,20 @@ mod tests {
         ];
         let mut buf = Vec::new();
         for line in lines {
-            for (ts, stream) in [
-                (0, Stream::Stdout),
-                (-5, Stream::Stderr),
-                (i64::MAX, Stream::Stdout),
+            for (ts, stream, exec) in [
+                (0, Stream::Stdout, None),
+                (-5, Stream::Stderr, Some(7)),
+                (i64::MAX, Stream::Stdout, Some(u64::MAX)),
             ] {
-                assert!(encode(&mut buf, ts, stream, line));
+                assert!(encode(&mut buf, ts, stream, line, exec));
                 assert_eq!(
                     String::from_utf8_lossy(&buf),
-                    String::from_utf8_lossy(&serde_encoded(ts, stream, line)),
+                    String::from_utf8_lossy(&serde_encoded(ts, stream, line, exec)),
                     "line {line:?}"
                 );
                 let back: LogRecord = serde_json::from_slice(&buf).unwrap();
                 assert_eq!(back.line, line);
+                assert_eq!(back.exec.map(|e| e.id), exec);
             }
         }
     }
@@ -559,6 +607,7 @@ mod tests {
         let limits = LogLimits {
             segment_max: 600,
             source_max: 1 << 20,
+            exec_max: 1 << 20,
         };
         let store = LogStore::open(dir.path().to_path_buf(), limits).unwrap();
         let log = store.source("s").unwrap();

@@ -191,8 +191,31 @@ impl Client {
     /// Starts an exec session (an [`ExecSpec`] runs with hulld's defaults);
     /// returns the pid inside the inner.
     pub async fn exec_start(&mut self, request: impl Into<ExecRequest>) -> Result<i32> {
+        self.exec_started(request).await.map(|(pid, _)| pid)
+    }
+
+    /// [`Self::exec_start`], with the exec's id in the `exec` log when it
+    /// is logged.
+    pub async fn exec_started(
+        &mut self,
+        request: impl Into<ExecRequest>,
+    ) -> Result<(i32, Option<u64>)> {
         match self.request(ClientMsg::Exec(request.into())).await? {
-            DaemonMsg::ExecStarted { pid } => Ok(pid),
+            DaemonMsg::ExecStarted { pid, exec_id } => Ok((pid, exec_id)),
+            DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
+                Err(ClientError::InnerStopped(reason))
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a detached exec (`request.detach`): its exec id and pid.
+    pub async fn exec_detach(&mut self, request: ExecRequest) -> Result<(u64, i32)> {
+        match self.request(ClientMsg::Exec(request)).await? {
+            DaemonMsg::ExecStarted {
+                pid,
+                exec_id: Some(id),
+            } => Ok((id, pid)),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))
             }

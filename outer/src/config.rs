@@ -34,8 +34,12 @@ pub enum ConfigError {
     },
     #[error("{field} = {value:?} is not a size: use bytes or a number with K, M or G (logs sizes: at least 64K)")]
     Size { field: &'static str, value: String },
-    #[error("logs.max_per_source = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
-    LogCap { segment: String, cap: String },
+    #[error("{field} = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
+    LogCap {
+        field: &'static str,
+        segment: String,
+        cap: String,
+    },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
@@ -253,6 +257,9 @@ pub struct LogsConfig {
     pub segment_size: String,
     /// Each source's segments together; the oldest go first beyond it.
     pub max_per_source: String,
+    /// The `exec` source's cap instead (every non-interactive exec's
+    /// output): apart, so a flood of exec output drops only old execs.
+    pub max_exec: String,
 }
 
 impl Default for LogsConfig {
@@ -260,6 +267,7 @@ impl Default for LogsConfig {
         LogsConfig {
             segment_size: "8M".into(),
             max_per_source: "64M".into(),
+            max_exec: "32M".into(),
         }
     }
 }
@@ -275,16 +283,21 @@ impl LogsConfig {
                 })
         };
         let segment = size("logs.segment_size", &self.segment_size)?;
-        let cap = size("logs.max_per_source", &self.max_per_source)?;
-        if cap < segment {
-            return Err(ConfigError::LogCap {
-                segment: self.segment_size.clone(),
-                cap: self.max_per_source.clone(),
-            });
-        }
+        let cap = |field, value: &String| {
+            let cap = size(field, value)?;
+            if cap < segment {
+                return Err(ConfigError::LogCap {
+                    field,
+                    segment: self.segment_size.clone(),
+                    cap: value.clone(),
+                });
+            }
+            Ok(cap)
+        };
         Ok(LogLimits {
             segment_max: segment,
-            source_max: cap,
+            source_max: cap("logs.max_per_source", &self.max_per_source)?,
+            exec_max: cap("logs.max_exec", &self.max_exec)?,
         })
     }
 }
@@ -526,6 +539,10 @@ mod tests {
         assert_eq!((l.segment_max, l.source_max), (8 << 20, 64 << 20));
         let err = limits("[logs]\nsegment_size = \"8M\"\nmax_per_source = \"1M\"\n").unwrap_err();
         assert!(matches!(err, ConfigError::LogCap { .. }), "{err}");
+        let l = limits("[logs]\nmax_exec = \"16M\"\n").unwrap();
+        assert_eq!((l.source_max, l.exec_max), (64 << 20, 16 << 20));
+        let err = limits("[logs]\nsegment_size = \"8M\"\nmax_exec = \"1M\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("logs.max_exec = "), "{err}");
         // Below 64 KiB a segment would rotate on nearly every batch.
         let err = limits("[logs]\nsegment_size = \"1K\"\n").unwrap_err();
         assert!(err.to_string().contains("logs.segment_size"), "{err}");

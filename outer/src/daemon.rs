@@ -202,12 +202,23 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
+    let exec_dir = logs_settings.dir.join(hull_logs::EXEC_SOURCE);
     let logs = hull_logs::LogStore::open(logs_settings.dir.clone(), logs_settings.limits).map_err(
         |source| DaemonError::StateDir {
             path: logs_settings.dir,
             source,
         },
     )?;
+    // Reads the exec log's newest records for the last id: off the runtime.
+    let store = logs.clone();
+    let exec_log = tokio::task::spawn_blocking(move || hull_logs::ExecLog::open(&store))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map(Arc::new)
+        .map_err(|source| DaemonError::StateDir {
+            path: exec_dir,
+            source,
+        })?;
     match logs.source(hull_logs::DAEMON_SOURCE) {
         Ok(own) => hull_logs::set_daemon_log(own),
         Err(e) => {
@@ -317,6 +328,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         storage,
         services,
         logs,
+        exec_log,
         cgroups,
         supervisor,
         limits,

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::launch::{InitEvent, InitProcess, Inner, StartFailure};
 use crate::supervisor::{OomCheck, Supervisor};
-use hull_logs::{LineSplitter, LogStore, SourceLog};
+use hull_logs::{ExecLog, ExecRecorder};
 
 const CHUNK: usize = 64 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
@@ -207,7 +207,7 @@ enum Step {
 /// caller drops the connection.
 pub async fn run<R, W>(
     supervisor: &Supervisor,
-    logs: &LogStore,
+    exec_log: &ExecLog,
     request: ExecRequest,
     reader: &mut R,
     writer: &mut W,
@@ -247,21 +247,59 @@ where
             }
             Err(StartFailure::Lost) => return writer.send(inner_stopped(&inner)).await,
         };
-        // Non-interactive output is also kept in the `exec` log source; a
-        // terminal session is the user's own screen and is not.
-        let log = if spec.tty.is_none() {
-            logs.source(EXEC_LOG).ok()
-        } else {
-            None
-        };
+        // Non-interactive execs are also kept in the `exec` log source,
+        // unless asked not to; a terminal session is the user's own screen
+        // and is not.
+        let record = (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv));
         let terms = SessionTerms {
             tty: spec.tty.is_some(),
             linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
             timeout: request.timeout_ms.map(Duration::from_millis),
             oom: supervisor.oom_check().await,
         };
-        return session(&inner, process, terms, log, reader, writer).await;
+        return session(&inner, process, terms, record, reader, writer).await;
     }
+}
+
+/// Starts `request` with no client attached: answers what a client gets
+/// first (`ExecStarted`, or why it did not start) and runs the rest of the
+/// session in a task of its own, with no input, its output in the `exec`
+/// log only.
+pub async fn detach(
+    supervisor: Supervisor,
+    exec_log: Arc<ExecLog>,
+    request: ExecRequest,
+) -> DaemonMsg {
+    if request.no_log || request.spec.tty.is_some() {
+        return error(
+            ErrorKind::BadRequest,
+            "a detached exec has no terminal, and its log is where its output goes",
+        );
+    }
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    // The first message goes to the client; the rest (output, the end) is
+    // in the log already.
+    let writer = futures::sink::unfold(Some(first_tx), |first, msg: DaemonMsg| async move {
+        let mut first = first;
+        if let Some(tx) = first.take() {
+            let _ = tx.send(msg);
+        }
+        Ok::<_, io::Error>(first)
+    });
+    tokio::spawn(async move {
+        let mut writer = Box::pin(writer);
+        let mut reader =
+            futures::stream::iter([Ok(ClientMsg::StdinEof)]).chain(futures::stream::pending());
+        if let Err(e) = run(&supervisor, &exec_log, request, &mut reader, &mut writer).await {
+            tracing::debug!(error = %e, "a detached exec ended with an error");
+        }
+    });
+    first_rx.await.unwrap_or_else(|_| {
+        error(
+            ErrorKind::Internal,
+            "the detached exec ended before it answered",
+        )
+    })
 }
 
 /// The running inner, other than `stopped` (one a request just missed),
@@ -286,9 +324,6 @@ async fn next_inner(
     }
 }
 
-/// The log source of non-interactive execs (`hull logs exec`).
-pub const EXEC_LOG: &str = "exec";
-
 /// The end of a session whose inner stopped underneath it.
 fn inner_stopped(inner: &Inner) -> DaemonMsg {
     DaemonMsg::ExecEnded(ExecEnd::InnerStopped {
@@ -311,7 +346,7 @@ async fn session<R, W>(
     inner: &Arc<Inner>,
     mut process: InitProcess,
     limits: SessionTerms,
-    log: Option<Arc<SourceLog>>,
+    mut record: Option<ExecRecorder>,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<()>
@@ -333,12 +368,12 @@ where
                 .await;
         }
     };
-    writer.send(DaemonMsg::ExecStarted { pid }).await?;
+    let exec_id = record.as_ref().map(ExecRecorder::id);
+    writer.send(DaemonMsg::ExecStarted { pid, exec_id }).await?;
 
     let mut out_buf = vec![0u8; CHUNK];
     let mut err_buf = vec![0u8; CHUNK];
     let mut pty_buf = vec![0u8; if tty { CHUNK } else { 0 }];
-    let (mut out_lines, mut err_lines) = (LineSplitter::default(), LineSplitter::default());
     let drain = tokio::time::sleep(Duration::from_secs(86400 * 365));
     tokio::pin!(drain);
     if exit.is_some() {
@@ -406,6 +441,9 @@ where
                 // The client went away: hang up on the process, as a
                 // closing terminal does, and stop pumping.
                 inner.link.kill(id, libc::SIGHUP).await;
+                if let Some(record) = record {
+                    record.finish(None, Some("the client went away; sent SIGHUP"));
+                }
                 return Ok(());
             }
             Step::Output(source, Ok(n)) if n > 0 => {
@@ -414,12 +452,8 @@ where
                     Source::Stdout => (Out::Stdout, &out_buf),
                     Source::Pty => (Out::Stdout, &pty_buf),
                 };
-                if let Some(log) = &log {
-                    let lines = match stream {
-                        Out::Stdout => &mut out_lines,
-                        Out::Stderr => &mut err_lines,
-                    };
-                    lines.push(&buf[..n], stream, log);
+                if let Some(record) = &mut record {
+                    record.push(stream, &buf[..n]);
                 }
                 writer
                     .send(DaemonMsg::Output {
@@ -437,6 +471,10 @@ where
             }
             Step::Event(Some(_)) => {}
             Step::Event(None) => {
+                if let Some(record) = record {
+                    let note = format!("the inner stopped: {}", inner.stop_reason());
+                    record.finish(None, Some(&note));
+                }
                 return writer.send(inner_stopped(inner)).await;
             }
             Step::StdinRoom => {}
@@ -449,10 +487,6 @@ where
                 inner.link.kill(id, libc::SIGKILL).await;
             }
         }
-    }
-    if let Some(log) = &log {
-        out_lines.finish(Out::Stdout, log);
-        err_lines.finish(Out::Stderr, log);
     }
     if cut {
         writer
@@ -476,5 +510,13 @@ where
         },
         _ => ExecEnd::Exited(status),
     };
+    if let Some(record) = record {
+        let note = match &end {
+            ExecEnd::TimedOut { timeout_ms } => Some(format!("timed out after {timeout_ms} ms")),
+            _ if cut => Some("output cut after the linger".to_string()),
+            _ => None,
+        };
+        record.finish(Some(status), note.as_deref());
+    }
     writer.send(DaemonMsg::ExecEnded(end)).await
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use hull_cgroups::HullCgroups;
 use hull_checkpoint::{Storage, StorageError};
-use hull_logs::LogStore;
+use hull_logs::{ExecLog, LogStore};
 use hull_proto::{
-    BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, IngressReport, Limits,
-    PortsReport, RestoreReport, ServiceRequest, ServiceStatus, StatusReport,
+    BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ExecRequest,
+    IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest, ServiceStatus, StatusReport,
 };
 use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
@@ -28,6 +28,7 @@ pub(crate) struct Parts {
     pub storage: Arc<Storage>,
     pub services: ServiceManager,
     pub logs: Arc<LogStore>,
+    pub exec_log: Arc<ExecLog>,
     pub cgroups: HullCgroups,
     pub supervisor: Supervisor,
     pub limits: Limits,
@@ -67,6 +68,10 @@ impl Hulld {
         &self.parts.logs
     }
 
+    pub fn exec_log(&self) -> &Arc<ExecLog> {
+        &self.parts.exec_log
+    }
+
     pub async fn do_status(&self) -> StatusReport {
         let p = self.parts.supervisor.published();
         let inner = self.parts.supervisor.current();
@@ -99,6 +104,17 @@ impl Hulld {
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,
         }
+    }
+
+    /// Starts a detached exec: the answer a client gets first (started,
+    /// or why not); the session runs on without one.
+    pub async fn do_exec_detached(&self, request: ExecRequest) -> DaemonMsg {
+        crate::exec::detach(
+            self.parts.supervisor.clone(),
+            self.parts.exec_log.clone(),
+            request,
+        )
+        .await
     }
 
     pub async fn do_bounce(&self, grace: Duration) -> Result<BounceReport, SupervisorError> {
@@ -157,8 +173,13 @@ impl Hulld {
         self.parts.network.report(&pids)
     }
 
-    pub fn do_ingress(&self) -> IngressReport {
-        self.parts.network.ingress_report()
+    /// The ingress report; `token` false leaves the bearer token out.
+    pub fn do_ingress(&self, token: bool) -> IngressReport {
+        let mut report = self.parts.network.ingress_report();
+        if !token {
+            report.token.clear();
+        }
+        report
     }
 
     /// Whether a shutdown has begun: tasks that end now are not failures.

@@ -249,7 +249,8 @@ impl Network {
                     exposure: exposure.to_string(),
                     outer,
                     detail,
-                    http_url: self.http.map(|a| http_url(a, p.port)),
+                    http_url: self.http.map(|a| http_url(a, p.port).0),
+                    http_host: self.http.and_then(|a| http_url(a, p.port).1),
                     private: self.policy.is_private(p.port),
                 }
             })
@@ -287,15 +288,24 @@ impl Network {
     }
 }
 
-/// The URL of an inner port through HTTP ingress: `PORT.localhost` resolves
-/// to loopback everywhere, and the Host header picks the port.
-fn http_url(http: SocketAddr, port: u16) -> String {
-    let host = match http.ip() {
-        ip if ip.is_loopback() || ip.is_unspecified() => "localhost".to_string(),
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-    };
-    format!("http://{port}.{host}:{}/", http.port())
+/// The URL of an inner port through HTTP ingress, and the Host header to
+/// send with it when its own host cannot name the port. The Host's first
+/// label picks the port; `PORT.localhost` is 127.0.0.1 (or ::1) to curl
+/// and browsers without DNS, so that URL works when the ingress listens
+/// there or on every address. Anywhere else (another loopback address, a
+/// LAN address) no name both reaches the ingress and says the port without
+/// DNS hull does not have: the URL is the listen address, and the Host
+/// header `PORT.localhost` goes with it.
+fn http_url(http: SocketAddr, port: u16) -> (String, Option<String>) {
+    let ip = http.ip();
+    let localhost = ip.is_unspecified()
+        || ip == IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+        || ip == IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    if localhost {
+        (format!("http://{port}.localhost:{}/", http.port()), None)
+    } else {
+        (format!("http://{http}/"), Some(format!("{port}.localhost")))
+    }
 }
 
 /// The veth, forwarding, NAT and resolv.conf of the "nat" mode.
@@ -428,10 +438,33 @@ mod tests {
 
     #[test]
     fn urls_name_the_port_in_the_host() {
-        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        assert_eq!(http_url(a, 8000), "http://8000.localhost:8080/");
-        let b: SocketAddr = "10.0.0.5:80".parse().unwrap();
-        assert_eq!(http_url(b, 3000), "http://3000.10.0.0.5:80/");
+        let url = |addr: &str, port| http_url(addr.parse().unwrap(), port);
+        let at_localhost = |u: &str| (u.to_string(), None);
+        let with_host = |u: &str, h: &str| (u.to_string(), Some(h.to_string()));
+        assert_eq!(
+            url("127.0.0.1:8080", 8000),
+            at_localhost("http://8000.localhost:8080/")
+        );
+        assert_eq!(
+            url("0.0.0.0:80", 8000),
+            at_localhost("http://8000.localhost:80/")
+        );
+        assert_eq!(
+            url("[::1]:8080", 3000),
+            at_localhost("http://3000.localhost:8080/")
+        );
+        assert_eq!(
+            url("127.100.1.2:8080", 8000),
+            with_host("http://127.100.1.2:8080/", "8000.localhost")
+        );
+        assert_eq!(
+            url("10.0.0.5:80", 3000),
+            with_host("http://10.0.0.5:80/", "3000.localhost")
+        );
+        assert_eq!(
+            url("[fd00::5]:80", 3000),
+            with_host("http://[fd00::5]:80/", "3000.localhost")
+        );
     }
 
     #[test]

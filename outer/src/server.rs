@@ -30,9 +30,10 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
 pub enum Scope {
     /// The control socket and vsock: everything.
     Control,
-    /// The socket mounted into the inner: the service API only, so the
-    /// user's code can register services but cannot exec, bounce, restore,
-    /// read logs or stop hulld.
+    /// The socket mounted into the inner: the service API and the
+    /// read-only ports and ingress reports (without the ingress token), so
+    /// the user's code can register services and learn its URLs but cannot
+    /// exec, bounce, restore, read logs or stop hulld.
     InnerServices,
 }
 
@@ -40,7 +41,10 @@ impl Scope {
     fn permits(self, msg: &ClientMsg) -> bool {
         match self {
             Scope::Control => true,
-            Scope::InnerServices => matches!(msg, ClientMsg::Services(_)),
+            Scope::InnerServices => matches!(
+                msg,
+                ClientMsg::Services(_) | ClientMsg::Ports | ClientMsg::Ingress
+            ),
         }
     }
 }
@@ -115,7 +119,7 @@ where
                 .send(error(
                     ErrorKind::NotPermitted,
                     format!(
-                        "{} is not available from inside the inner: the socket there serves `hull services` only; run it from the VM",
+                        "{} is not available from inside the inner: the socket there serves `hull services`, `hull ports` and `hull ingress` only; run it from the VM",
                         command_name(&msg)
                     ),
                 ))
@@ -128,8 +132,18 @@ where
                     .send(DaemonMsg::Status(hulld.do_status().await))
                     .await?
             }
+            ClientMsg::Exec(request) if request.detach => {
+                writer.send(hulld.do_exec_detached(request).await).await?
+            }
             ClientMsg::Exec(request) => {
-                crate::exec::run(hulld.supervisor(), hulld.logs(), request, reader, writer).await?;
+                crate::exec::run(
+                    hulld.supervisor(),
+                    hulld.exec_log(),
+                    request,
+                    reader,
+                    writer,
+                )
+                .await?;
                 had_session = true;
             }
             ClientMsg::Bounce { grace_ms } => {
@@ -176,15 +190,25 @@ where
                     .send(DaemonMsg::Ports(hulld.do_ports().await))
                     .await?
             }
-            ClientMsg::Ingress => writer.send(DaemonMsg::Ingress(hulld.do_ingress())).await?,
+            ClientMsg::Ingress => {
+                let token = scope == Scope::Control;
+                writer
+                    .send(DaemonMsg::Ingress(hulld.do_ingress(token)))
+                    .await?
+            }
             ClientMsg::Logs {
                 source,
                 follow,
                 tail,
                 stream,
                 since_ms,
+                exec_id,
             } => {
-                let filter = hull_logs::Filter { stream, since_ms };
+                let filter = hull_logs::Filter {
+                    stream,
+                    since_ms,
+                    exec_id,
+                };
                 hull_logs::serve(hulld.logs(), &source, follow, tail, filter, reader, writer)
                     .await?
             }

@@ -81,6 +81,13 @@ pub struct ExecRequest {
     /// [`ExecEnd::TimedOut`]).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Keep nothing of this exec in the `exec` log.
+    #[serde(default)]
+    pub no_log: bool,
+    /// Run it in the background: hulld answers `ExecStarted` and runs the
+    /// session on its own (no input; the output goes to the `exec` log only).
+    #[serde(default)]
+    pub detach: bool,
 }
 
 /// How long output is kept after the process exits unless the client asks
@@ -93,6 +100,8 @@ impl From<ExecSpec> for ExecRequest {
             spec,
             linger_ms: None,
             timeout_ms: None,
+            no_log: false,
+            detach: false,
         }
     }
 }
@@ -310,6 +319,10 @@ pub enum ClientMsg {
         stream: Option<Stream>,
         /// Only records at or after this Unix time in milliseconds.
         since_ms: Option<i64>,
+        /// Only the records of this exec (source `exec`); a follow ends
+        /// with its end.
+        #[serde(default)]
+        exec_id: Option<u64>,
     },
     /// Stop the inner (SIGKILL after the grace) and hulld (`hull down`).
     Shutdown {
@@ -343,6 +356,8 @@ pub enum DaemonMsg {
     ExecStarted {
         /// The pid inside the inner.
         pid: i32,
+        /// Its id in the `exec` log (`hull logs exec:ID`), when it is logged.
+        exec_id: Option<u64>,
     },
     Output {
         stream: Stream,
@@ -392,6 +407,10 @@ pub struct PortInfo {
     pub detail: Option<String>,
     /// The URL of this port through HTTP ingress, if that is on.
     pub http_url: Option<String>,
+    /// The Host header to send to `http_url` when its host does not name
+    /// the port (the ingress listens on an address `PORT.localhost` does
+    /// not reach).
+    pub http_host: Option<String>,
     /// Whether HTTP ingress needs the bearer token for it.
     pub private: bool,
 }
@@ -557,9 +576,39 @@ pub struct LogRecord {
     pub line: String,
     /// Set on a record hulld wrote about the service (it started, the
     /// inner was bounced), whose `line` then says what happened; absent
-    /// on the service's own output. Last, so a record without it decodes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// on the service's own output. Absent in a segment file when unset;
+    /// always on the wire, where fields are positional.
+    #[serde(default)]
     pub marker: Option<LogMarker>,
+    /// On the records of an exec (`hull logs exec`): which exec wrote the
+    /// line, and on its marker records what it ran and how it ended. Last,
+    /// so a record without it decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecTag>,
+}
+
+/// What an exec's record in the `exec` log says about the exec. Only `id`
+/// is set on its output lines; the marker records fill in the rest.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecTag {
+    /// Numbers the execs of one state dir, from 1.
+    pub id: u64,
+    /// On `exec_start` and `exec_end`.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    /// On `exec_end`: how the process ended; absent when the session ended
+    /// first (the inner stopped, the client went away).
+    #[serde(default)]
+    pub exit: Option<ExitStatus>,
+    /// On `exec_end`: from the spawn to the end of the session.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// On `exec_output`: the size of a stream that was not text, in all.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// On `exec_output`: the SHA-256 of all of that stream, in hex.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// What a marker record in a service's log marks.
@@ -576,6 +625,12 @@ pub enum LogMarker {
     Restore,
     /// The inner's init died and hulld started a new inner.
     InnerRestart,
+    /// An exec started (in the `exec` log, with its [`ExecTag`]).
+    ExecStart,
+    /// A stream of an exec was not text: its size and hash, not its bytes.
+    ExecOutput,
+    /// An exec ended: its exit and duration.
+    ExecEnd,
 }
 
 impl LogMarker {
@@ -586,6 +641,9 @@ impl LogMarker {
             LogMarker::Bounce => "bounce",
             LogMarker::Restore => "restore",
             LogMarker::InnerRestart => "inner_restart",
+            LogMarker::ExecStart => "exec_start",
+            LogMarker::ExecOutput => "exec_output",
+            LogMarker::ExecEnd => "exec_end",
         }
     }
 }

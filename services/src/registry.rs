@@ -27,12 +27,12 @@ pub enum ServiceError {
     ManagerGone,
     #[error("cannot remove {name}: {dependents} must start after it; remove those first")]
     HasDependents { name: String, dependents: String },
-    #[error("service registry {path}: {source}")]
+    #[error("service registry {path}")]
     Db {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("service definitions are not valid JSON: {0}")]
+    #[error("service definitions are not valid JSON")]
     Json(#[from] serde_json::Error),
 }
 
@@ -257,6 +257,22 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_errors_name_each_cause_once() {
+        let json = serde_json::from_str::<Vec<ServiceSpec>>("[{").unwrap_err();
+        let cause = json.to_string();
+        let chain = hull_proto::error_chain(&ServiceError::Json(json));
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the database file should be: SQLite cannot open it.
+        let err = Registry::open(dir.path())
+            .err()
+            .expect("opened a directory");
+        let chain = hull_proto::error_chain(&err);
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+    }
 
     fn spec(name: &str, after: &[&str]) -> ServiceSpec {
         ServiceSpec {

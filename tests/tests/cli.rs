@@ -209,6 +209,15 @@ fn json_exec_prints_one_object_and_errors_are_objects_with_a_code() {
     assert_eq!(v["stderr"], "err\n");
     assert!(v["duration_ms"].as_f64().is_some(), "{v}");
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    // Its id in the exec log, which has its output.
+    let id = v["exec_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no exec_id: {v}"));
+    let logged = text(&hull.hull(&["logs", &format!("exec:{id}")]).stdout);
+    assert!(logged.contains("\nout\n"), "{logged}");
+    let out = hull.hull(&["--json", "exec", "--no-log", "--", "true"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exec_id"], Value::Null, "{v}");
 
     let out = hull.hull(&["--json", "exec", "--", "sh", "-c", "printf '\\377\\376'"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -713,4 +722,57 @@ fn a_timeout_kills_the_process_group_and_exits_124() {
         Some(0),
         "a timeout that does not pass changes nothing"
     );
+}
+
+#[test]
+fn exec_detach_prints_an_id_whose_output_logs_exec_id_reads() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "echo detached-start; sleep 3; echo detached-end",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let id: u64 = text(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("stdout is not an id ({e}): {out:?}"));
+    // The output lines of exec:ID (its start record quotes the command).
+    let source = format!("exec:{id}");
+    let lines = || -> Vec<String> {
+        text(&hull.hull(&["logs", &source]).stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        !lines().contains(&"detached-end".to_string()),
+        "hull exec --detach waited for the command"
+    );
+    assert!(hull
+        .hull(&["exec", "--", "echo", "another-exec"])
+        .status
+        .success());
+    wait_until(Duration::from_secs(15), "the detached exec's end", || {
+        lines().contains(&"detached-end".to_string())
+    });
+    let own = lines().join("\n");
+    assert!(own.contains("detached-start"), "{own}");
+    assert!(
+        !own.contains("another-exec"),
+        "exec:{id} shows another exec: {own}"
+    );
+    let out = hull.hull(&["--json", "exec", "--detach", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["id"].as_u64(), Some(id + 2), "{v}");
+    // A detached command has no terminal and no stdin to read.
+    let out = hull.hull(&["exec", "--detach", "-t", "--", "sh"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
 }

@@ -194,3 +194,91 @@ fn exec_with_a_terminal_returns_the_commands_code() {
     term.expect(0, "got-abc");
     assert_eq!(term.wait(), 4);
 }
+
+impl Terminal {
+    fn seen(&self) -> String {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Escape sequences that undo what a full-screen program (vim, less, top)
+/// turns on, each with the one that turned it on: the alternate screen, a
+/// hidden cursor, bracketed paste and mouse reporting.
+const RESTORES: [(&str, &str); 4] = [
+    ("\x1b[?1049l", "\x1b[?1049h"),
+    ("\x1b[?25h", "\x1b[?25l"),
+    ("\x1b[?2004l", "\x1b[?2004h"),
+    ("\x1b[?1000l", "\x1b[?1000h"),
+];
+
+#[test]
+fn a_console_a_bounce_ends_leaves_the_terminal_restored_and_says_what_next() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut term = Terminal::run(&hull, &["console"]);
+    // What vim does on start: the alternate screen, no cursor, mouse and
+    // bracketed paste on.
+    term.type_keys(b"printf '\\033[?1049h\\033[?25l\\033[?1000h\\033[?2004h'; echo alt-$((1+1))\r");
+    let at = term.expect(0, "alt-2");
+    let out = hull.hull(&["bounce"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        term.wait(),
+        255,
+        "a console the inner stopped under exits 255"
+    );
+    // The reader thread may still be copying the last bytes.
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = term.seen();
+    let after = &seen[at..];
+    let message = after
+        .find("session ended")
+        .unwrap_or_else(|| panic!("no message after the bounce: {after:?}"));
+    for (seq, on) in RESTORES {
+        let pos = after[..message]
+            .rfind(seq)
+            .unwrap_or_else(|| panic!("{seq:?} not written before the message: {after:?}"));
+        // Nothing turns it back on after.
+        assert!(
+            !after[pos..].contains(on),
+            "{on:?} after the restore: {after:?}"
+        );
+    }
+    let end = after[message..].trim_end();
+    assert!(
+        end.contains("hull console"),
+        "the message does not say how to get a new shell: {end:?}"
+    );
+    assert!(
+        !after[message..].contains('\x1b'),
+        "the message is not the last thing written: {after:?}"
+    );
+}
+
+#[test]
+fn console_reconnect_gets_a_new_shell_after_a_bounce() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut term = Terminal::run(&hull, &["console", "--reconnect"]);
+    term.type_keys(b"echo first-$((1+1))\r");
+    let at = term.expect(0, "first-2");
+    let out = hull.hull(&["bounce"]);
+    assert!(out.status.success(), "{out:?}");
+    let at = term.expect(at, "reconnect");
+    // The new shell answers; hull did not exit.
+    let mut answered = None;
+    for _ in 0..20 {
+        term.type_keys(b"echo second-$((2+2))\r");
+        answered = term.wait_for(at, "second-4", Duration::from_millis(500));
+        if answered.is_some() {
+            break;
+        }
+    }
+    answered.unwrap_or_else(|| term.expect(at, "second-4"));
+    term.type_keys(b"exit 3\r");
+    assert_eq!(term.wait(), 3, "the reconnected shell's exit is hull's");
+}

@@ -557,6 +557,7 @@ fn a_logs_request_for_a_path_outside_the_store_is_refused() {
                     tail: None,
                     stream: None,
                     since_ms: None,
+                    exec_id: None,
                 })
                 .await
         });

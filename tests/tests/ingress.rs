@@ -823,3 +823,86 @@ fn hundreds_of_concurrent_forwarded_connections_each_get_their_answer() {
         panic!("{failed} of 500 connections got no answer; hulld said:\n{relay_errors:#?}");
     }
 }
+
+/// Where a client connects for `url` and the Host it sends, as curl or a
+/// browser does: a name under `localhost` is loopback (127.0.0.1).
+fn target_of(url: &str, host_header: Option<&str>) -> (SocketAddr, String) {
+    let rest = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("not an http URL: {url}"));
+    let authority = rest.split('/').next().unwrap();
+    let (host, port) = authority
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("no port in {url}"));
+    let port: u16 = port.parse().unwrap();
+    let ip: std::net::IpAddr = if host == "localhost" || host.ends_with(".localhost") {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        host.trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .unwrap_or_else(|e| panic!("{host} in {url} is neither localhost nor an address: {e}"))
+    };
+    (
+        SocketAddr::new(ip, port),
+        host_header.unwrap_or(authority).to_string(),
+    )
+}
+
+#[test]
+fn ports_prints_urls_that_connect_and_the_inner_may_read_them() {
+    if !require_root() {
+        return;
+    }
+    // The test's ingress listens on its own loopback address, not
+    // 127.0.0.1: where `PORT.localhost` does not reach.
+    let hull = TestHull::start();
+    assert_ne!(hull.outer, std::net::Ipv4Addr::LOCALHOST);
+    web_root(&hull, "/www-url", "hello-url");
+    hull.add_service(
+        "web",
+        "exec httpd -f -p 0.0.0.0:8300 -h /www-url",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
+    let p = wait_listed(&hull, 8300);
+    let url = p["http_url"].as_str().unwrap_or_else(|| panic!("{p}"));
+    let (addr, host) = target_of(url, p["http_host"].as_str());
+    let (status, _, body) = get(addr, &host, "/");
+    assert_eq!((status, body), (200, b"hello-url\n".to_vec()), "{p}");
+    // The table gives a command that works as pasted.
+    let table = String::from_utf8(hull.hull(&["ports"]).stdout).unwrap();
+    assert!(
+        table.contains(&format!(
+            "curl -H 'Host: 8300.localhost' http://{}:{}/",
+            hull.outer, hull.http_port
+        )),
+        "{table}"
+    );
+
+    // From inside the inner: the same report, and where ingress listens.
+    let inside = block_on(hull.sh("hull --json ports"));
+    let inside: serde_json::Value = serde_json::from_str(&inside)
+        .unwrap_or_else(|e| panic!("hull ports in the inner ({e}): {inside:?}"));
+    let mine = inside["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["port"] == 8300)
+        .unwrap_or_else(|| panic!("{inside}"));
+    assert_eq!(mine["http_url"], p["http_url"], "{mine}");
+    let ingress = block_on(hull.sh("hull --json ingress"));
+    let ingress: serde_json::Value = serde_json::from_str(&ingress)
+        .unwrap_or_else(|e| panic!("hull ingress in the inner ({e}): {ingress:?}"));
+    assert_eq!(
+        ingress["http"],
+        format!("{}:{}", hull.outer, hull.http_port),
+        "{ingress}"
+    );
+    assert_eq!(ingress["token"], "", "the inner got the bearer token");
+    let help = block_on(hull.sh("hull --help"));
+    assert!(
+        help.contains("ports") && help.contains("ingress"),
+        "help inside the inner: {help}"
+    );
+}

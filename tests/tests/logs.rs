@@ -299,10 +299,17 @@ fn non_interactive_exec_output_is_kept_and_terminal_sessions_are_not() {
         spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
         c.exec_collect(spec, b"").await.unwrap();
     });
-    let logs = hull.hull(&["logs", "exec", "--stream", "stdout"]);
-    assert_eq!(String::from_utf8_lossy(&logs.stdout), "exec-out\n");
-    let logs = hull.hull(&["logs", "exec", "--stream", "stderr"]);
-    assert_eq!(String::from_utf8_lossy(&logs.stdout), "no-newline\n");
+    // The exec's own lines; its start and end are marker lines.
+    let lines = |stream: &str| {
+        let logs = hull.hull(&["logs", "exec", "--stream", stream]);
+        String::from_utf8_lossy(&logs.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("-- exec "))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
+    assert_eq!(lines("stdout"), "exec-out\n");
+    assert_eq!(lines("stderr"), "no-newline\n");
     let add = hull.hull(&["services", "add", "exec", "--cmd", "true"]);
     assert!(
         !add.status.success(),
@@ -442,4 +449,180 @@ fn a_full_log_disk_never_blocks_the_service_and_the_loss_is_recorded() {
     // Every line is either stored or counted as lost, none silently gone.
     assert!(lost > 0, "nothing was lost to a full disk: {notes}");
     assert_eq!(stored + lost, 100_000, "{stored} stored + {lost} lost");
+}
+
+/// `hull exec -i -- ARGS` with `input` as its stdin.
+fn exec_with_input(
+    hull: &TestHull,
+    args: &[&str],
+    input: &std::path::Path,
+) -> std::process::Output {
+    Command::new(bin_dir().join("hull"))
+        .arg("--config")
+        .arg(&hull.config)
+        .args(["exec", "-i"])
+        .args(args)
+        .stdin(std::fs::File::open(input).unwrap())
+        .output()
+        .expect("run hull exec")
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.map(|e| e.unwrap().metadata().unwrap().len()).sum())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_binary_exec_is_logged_as_its_size_and_hash_not_as_junk() {
+    use sha2::Digest;
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // 3 MB of bytes that are not UTF-8 (an xorshift stream).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..3_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect();
+    assert!(std::str::from_utf8(&data).is_err());
+    let input = hull.dir.path().join("binary-input");
+    std::fs::write(&input, &data).unwrap();
+    let out = exec_with_input(&hull, &["--", "cat"], &input);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout == data, "the exec's own output was changed");
+    let logs = hull.hull(&["logs", "exec"]);
+    let text = String::from_utf8(logs.stdout).expect("hull logs prints UTF-8");
+    let hash = format!("{:x}", sha2::Sha256::digest(&data));
+    assert!(
+        text.contains("3000000 bytes") && text.contains(&hash),
+        "the log does not give the output's size and sha256 {hash}: {text:.2000}"
+    );
+    assert!(
+        !text.contains('\u{FFFD}'),
+        "binary output was stored as replacement characters: {text:.500}"
+    );
+    let stored = dir_size(&hull.state_dir.join("logs/exec"));
+    assert!(
+        stored < 64 * 1024,
+        "3 MB of binary output took {stored} bytes of the exec log"
+    );
+}
+
+#[test]
+fn each_exec_has_a_record_with_its_argv_exit_and_duration() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo hello-exec; sleep 0.2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let logs = hull.hull(&["--json", "logs", "exec"]);
+    assert!(logs.status.success(), "{logs:?}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let end = records
+        .iter()
+        .find(|r| r["event"] == "exec_end")
+        .unwrap_or_else(|| panic!("no exec_end record: {records:?}"));
+    let exec = &end["exec"];
+    assert_eq!(
+        exec["argv"],
+        serde_json::json!(["sh", "-c", "echo hello-exec; sleep 0.2; exit 3"]),
+        "{end}"
+    );
+    assert_eq!(exec["exit_code"], 3, "{end}");
+    let ms = exec["duration_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{end}"));
+    assert!(ms >= 200, "the exec slept 200 ms but lasted {ms} ms: {end}");
+    let id = exec["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no id: {end}"));
+    let line = records
+        .iter()
+        .find(|r| r["line"] == "hello-exec")
+        .unwrap_or_else(|| panic!("the output line is missing: {records:?}"));
+    assert_eq!(line["exec_id"], id, "{line}");
+    // A second exec has another id, and the plain log names both.
+    hull.hull(&["exec", "--", "true"]);
+    let plain = hull.hull(&["logs", "exec"]);
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(
+        plain.contains(&format!("exec {id}")) && plain.contains(&format!("exec {}", id + 1)),
+        "{plain}"
+    );
+}
+
+#[test]
+fn exec_no_log_leaves_nothing_in_the_exec_log() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    assert!(hull.hull(&["exec", "--", "echo", "kept"]).status.success());
+    let out = hull.hull(&["exec", "--no-log", "--", "echo", "secret-output"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "secret-output\n");
+    let logs = hull.hull(&["logs", "exec"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(text.contains("kept"), "{text}");
+    assert!(
+        !text.contains("secret"),
+        "--no-log left the exec in the log: {text}"
+    );
+}
+
+#[test]
+fn a_big_exec_is_capped_apart_and_leaves_service_logs_alone() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        tables: "[logs]\nsegment_size = \"64K\"\nmax_per_source = \"64M\"\nmax_exec = \"256K\"\n"
+            .into(),
+        ..Limits::default()
+    });
+    add(
+        &hull,
+        "keeper",
+        "echo first-service-line; exec sleep 1000",
+        RestartPolicy::Never,
+    );
+    wait_until(Duration::from_secs(10), "the service's first line", || {
+        String::from_utf8_lossy(&hull.hull(&["logs", "keeper"]).stdout)
+            .contains("first-service-line")
+    });
+    // About 4 MB of text, sixteen times the exec cap.
+    let out = hull.hull(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789012345678901234567890123456789 | head -n 100000",
+    ]);
+    assert!(out.status.success());
+    let exec = dir_size(&hull.state_dir.join("logs/exec"));
+    assert!(
+        exec <= (256 + 64 + 16) * 1024,
+        "the exec log grew past its own cap: {exec} bytes"
+    );
+    let service = String::from_utf8_lossy(&hull.hull(&["logs", "keeper"]).stdout).into_owned();
+    assert!(service.contains("first-service-line"), "{service}");
+    let notes = String::from_utf8_lossy(&hull.hull(&["logs", "exec", "--stream", "stderr"]).stdout)
+        .into_owned();
+    assert!(notes.contains("logs.max_exec"), "{notes}");
 }

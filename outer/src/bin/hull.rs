@@ -72,12 +72,27 @@ enum Command {
         /// 10m) and exit 124, as timeout(1) does.
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         timeout: Option<std::time::Duration>,
+        /// Keep nothing of this command in the `exec` log (by default a
+        /// command without -t is logged: its argv, exit, duration and
+        /// output, or size and SHA-256 of output that is not text).
+        #[arg(long)]
+        no_log: bool,
+        /// Run the command in the background and print its id at once; its
+        /// output is in `hull logs exec:ID` (add -f to follow it to its end).
+        #[arg(short, long, conflicts_with_all = ["tty", "interactive", "no_log"])]
+        detach: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// An interactive login shell in the inner.
-    Console,
+    /// An interactive login shell in the inner. When a bounce or restore
+    /// stops the inner under it, hull resets the terminal and exits 255.
+    Console {
+        /// Open a new shell by itself after a bounce or restore, instead
+        /// of exiting.
+        #[arg(long)]
+        reconnect: bool,
+    },
     /// Kill everything in the inner and start a fresh one on the same writable layer.
     Bounce {
         /// Seconds between SIGTERM and SIGKILL.
@@ -289,7 +304,7 @@ fn global(
 fn parse() -> Result<Cli, clap::Error> {
     let mut command = Cli::command();
     if cli::in_inner() {
-        let about = "hull inside the inner: register and control services (every other command runs from the VM)";
+        let about = "hull inside the inner: register and control services, and see the inner's ports and the URLs that reach them (every other command runs from the VM)";
         command = command.about(about).long_about(about);
         for name in cli::VM_ONLY_COMMANDS {
             command = command.mut_subcommand(name, |c| c.hide(true));
@@ -342,7 +357,7 @@ async fn main() {
     };
     let (json, runs_command) = (
         cli.json,
-        matches!(cli.command, Command::Exec { .. } | Command::Console),
+        matches!(cli.command, Command::Exec { .. } | Command::Console { .. }),
     );
     let code = match run(cli).await {
         Ok(code) => code,
@@ -376,6 +391,8 @@ async fn run(cli: Cli) -> Result<i32> {
             user,
             linger,
             timeout,
+            no_log,
+            detach,
             command,
         } => {
             let opts = ExecOptions {
@@ -387,10 +404,13 @@ async fn run(cli: Cli) -> Result<i32> {
                 interactive,
                 linger,
                 timeout,
+                no_log,
+                detach,
+                reconnect: false,
             };
             cli::exec(&g, opts).await
         }
-        Command::Console => {
+        Command::Console { reconnect } => {
             let opts = ExecOptions {
                 argv: cli::console_argv(),
                 env: Vec::new(),
@@ -400,6 +420,9 @@ async fn run(cli: Cli) -> Result<i32> {
                 interactive: true,
                 linger: None,
                 timeout: None,
+                no_log: false,
+                detach: false,
+                reconnect,
             };
             cli::exec(&g, opts).await
         }

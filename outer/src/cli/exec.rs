@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -70,6 +71,14 @@ pub struct ExecOptions {
     pub linger: Option<Duration>,
     /// Kill the command's process group after this long.
     pub timeout: Option<Duration>,
+    /// Keep nothing of it in the `exec` log.
+    pub no_log: bool,
+    /// Start it in the background and print its exec id.
+    pub detach: bool,
+    /// With a terminal: after the inner stopped under the session (a
+    /// bounce, a restore), start the command again (`hull console
+    /// --reconnect`).
+    pub reconnect: bool,
 }
 
 /// Runs one command in the inner, wired to this terminal. Returns the exit
@@ -85,23 +94,93 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
     }
     // --json collects the output into one object: no terminal to draw on.
     opts.tty &= !g.json;
+    let input = Input::default();
+    let mut wired = false;
+    loop {
+        match session(g, &opts, &input, &mut wired).await {
+            Err(e) if opts.reconnect => match e.downcast_ref::<CliError>() {
+                Some(CliError::TerminalEnded(reason)) => {
+                    errln!("hull: session ended: {reason}; reconnecting\r");
+                }
+                _ => return Err(e),
+            },
+            other => return other,
+        }
+    }
+}
+
+/// Where this terminal's input and signals go: the current session, and
+/// after a reconnect the next one. The stdin thread outlives a session,
+/// so keys typed while the inner comes back reach the new shell.
+#[derive(Clone, Default)]
+struct Input(Arc<Mutex<Option<mpsc::Sender<ClientMsg>>>>);
+
+impl Input {
+    fn set(&self, tx: mpsc::Sender<ClientMsg>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    }
+
+    fn current(&self) -> Option<mpsc::Sender<ClientMsg>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// From a blocking thread: waits for a session that takes `msg`.
+    fn blocking_send(&self, mut msg: ClientMsg) {
+        loop {
+            if let Some(tx) = self.current() {
+                match tx.blocking_send(msg) {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(back)) => msg = back,
+                }
+            }
+            // Between sessions (a reconnect): the next one is on its way.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn send(&self, msg: ClientMsg) -> bool {
+        match self.current() {
+            Some(tx) => tx.send(msg).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// One session; `wired` says whether stdin and signals are already routed
+/// to `input` (by an earlier session of a reconnecting console).
+async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool) -> Result<i32> {
     let mut c = g.connect().await?;
     let started = Instant::now();
     let tty = opts.tty.then(local_winsize);
     let spec = ExecSpec {
-        argv: opts.argv,
-        env: opts.env,
-        cwd: opts.cwd,
-        user: opts.user,
+        argv: opts.argv.clone(),
+        env: opts.env.clone(),
+        cwd: opts.cwd.clone(),
+        user: opts.user.clone(),
         tty,
     };
     let request = ExecRequest {
         spec,
         linger_ms: opts.linger.map(super::millis),
         timeout_ms: opts.timeout.map(super::millis),
+        no_log: opts.no_log,
+        detach: opts.detach,
     };
-    match c.exec_start(request).await {
-        Ok(_pid) => {}
+    let start = if opts.detach {
+        c.exec_detach(request)
+            .await
+            .map(|(id, pid)| Started::Detached { id, pid })
+    } else {
+        c.exec_started(request)
+            .await
+            .map(|(_pid, id)| Started::Attached { id })
+    };
+    let exec_id = match start {
+        Ok(Started::Detached { id, pid }) => return detached(g, id, pid),
+        Ok(Started::Attached { id }) => id,
         Err(ClientError::Daemon(report)) => {
             let ErrorKind::Spawn(kind) = report.kind else {
                 return Err(ClientError::Daemon(report).into());
@@ -111,7 +190,7 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
             return Ok(kind.shell_code());
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     let Client {
         mut reader,
         mut writer,
@@ -126,34 +205,44 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         }
     });
     let raw = if opts.tty { RawTerminal::enter() } else { None };
-    if opts.interactive {
-        spawn_stdin_reader(tx.clone(), opts.tty);
-    } else {
+    if !opts.interactive {
         tx.send(ClientMsg::StdinEof).await?;
     }
-    spawn_signal_forwarding(tx.clone(), opts.tty)?;
+    input.set(tx);
+    if !*wired {
+        if opts.interactive {
+            spawn_stdin_reader(input.clone(), opts.tty);
+        }
+        spawn_signal_forwarding(input.clone(), opts.tty)?;
+        *wired = true;
+    }
     let mut sink = if g.json {
         OutputSink::Collect(Vec::new(), Vec::new())
     } else {
         OutputSink::Terminal
     };
+    let mut screen = AltScreen::default();
     let mut output_cut = None;
     let end = loop {
         match client::next(&mut reader).await {
-            Ok(DaemonMsg::Output { stream, data }) => sink.write(stream, &data)?,
+            Ok(DaemonMsg::Output { stream, data }) => {
+                if opts.tty {
+                    screen.see(&data);
+                }
+                sink.write(stream, &data)?
+            }
             Ok(DaemonMsg::OutputCut { linger_ms }) => output_cut = Some(linger_ms),
             Ok(DaemonMsg::ExecEnded(end)) => break end,
             Ok(other) => bail!(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => {
-                drop(raw);
                 if opts.tty {
-                    errln!("\r");
+                    screen.restore();
                 }
+                drop(raw);
                 return Err(e.into());
             }
         }
     };
-    drop(raw);
     let ended = match end {
         ExecEnd::Exited(status) => Ended {
             status: Some(status),
@@ -165,20 +254,102 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
             timed_out: Some(timeout_ms),
             output_cut,
         },
-        ExecEnd::InnerStopped { reason } => {
-            if opts.tty {
-                errln!("\r");
-            }
-            return Err(CliError::SessionEnded(reason).into());
+        ExecEnd::InnerStopped { reason } if opts.tty => {
+            // What ran there (vim, less) had no chance to undo its modes.
+            screen.restore();
+            drop(raw);
+            return Err(CliError::TerminalEnded(reason).into());
         }
+        ExecEnd::InnerStopped { reason } => return Err(CliError::SessionEnded(reason).into()),
     };
+    drop(raw);
     match &sink {
-        OutputSink::Collect(stdout, stderr) => {
-            print_json(&exec_json(&ended, stdout, stderr, started.elapsed()))?
-        }
+        OutputSink::Collect(stdout, stderr) => print_json(&exec_json(
+            &ended,
+            exec_id,
+            stdout,
+            stderr,
+            started.elapsed(),
+        ))?,
         OutputSink::Terminal => ended.tell(),
     }
     Ok(ended.code())
+}
+
+/// Sequences that switch the terminal to the alternate screen (xterm's
+/// three ways) and back.
+const ALT_ON: [&[u8]; 3] = [b"\x1b[?1049h", b"\x1b[?1047h", b"\x1b[?47h"];
+const ALT_OFF: [&[u8]; 3] = [b"\x1b[?1049l", b"\x1b[?1047l", b"\x1b[?47l"];
+/// What full-screen programs turn on and a terminal keeps after they are
+/// gone: a hidden cursor, bracketed paste, mouse reporting (four modes),
+/// application cursor keys and keypad, colours. Turned off or reset after a
+/// session the inner's end cut short; harmless when they were never on.
+const MODES_RESET: &[u8] =
+    b"\x1b[?25h\x1b[?2004l\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?1l\x1b>\x1b[0m";
+
+/// Whether the session left this terminal on the alternate screen: the
+/// last switch in its output wins. Leaving it also restores the cursor
+/// saved on entry, so hull does it only when it was entered.
+#[derive(Default)]
+struct AltScreen {
+    on: bool,
+    /// The end of the previous chunk, for a sequence split between two.
+    tail: Vec<u8>,
+}
+
+impl AltScreen {
+    fn see(&mut self, data: &[u8]) {
+        let mut buf = std::mem::take(&mut self.tail);
+        buf.extend_from_slice(data);
+        let last = |seqs: &[&[u8]]| {
+            seqs.iter()
+                .filter_map(|s| memchr::memmem::rfind(&buf, s))
+                .max()
+        };
+        match (last(&ALT_ON), last(&ALT_OFF)) {
+            (Some(on), Some(off)) => self.on = on > off,
+            (Some(_), None) => self.on = true,
+            (None, Some(_)) => self.on = false,
+            (None, None) => {}
+        }
+        let keep = buf.len().saturating_sub(ALT_ON[0].len() - 1);
+        self.tail = buf.split_off(keep);
+    }
+
+    /// Puts the terminal back as a shell prompt expects it.
+    fn restore(&self) {
+        let mut out = std::io::stdout().lock();
+        if self.on {
+            let _ = out.write_all(ALT_OFF[0]);
+        }
+        let _ = out
+            .write_all(MODES_RESET)
+            .and_then(|()| out.write_all(b"\r\n"))
+            .and_then(|()| out.flush());
+    }
+}
+
+/// A session hulld started: in the background, or on this connection.
+enum Started {
+    /// Its exec id and pid in the inner.
+    Detached { id: u64, pid: i32 },
+    /// Its exec id, when it is logged.
+    Attached { id: Option<u64> },
+}
+
+/// `hull exec --detach`: the id alone on stdout (`{"id": N, "pid": P}`
+/// with `--json`), where to read its output on stderr.
+fn detached(g: &Global, id: u64, pid: i32) -> Result<i32> {
+    if g.json {
+        print_json(&serde_json::json!({ "id": id, "pid": pid }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{id}")
+            .and_then(|()| out.flush())
+            .map_err(stdout_error)?;
+        errln!("hull: exec {id} runs in the background (pid {pid} in the inner); its output: hull logs exec:{id}");
+    }
+    Ok(0)
 }
 
 /// How an exec that ran ended, as the CLI reports it.
@@ -261,10 +432,17 @@ impl OutputSink {
 
 /// `hull --json exec`: the exit and both streams in one object. A stream
 /// that is not UTF-8 comes as `NAME_base64` instead of `NAME`.
-fn exec_json(ended: &Ended, stdout: &[u8], stderr: &[u8], elapsed: Duration) -> serde_json::Value {
+fn exec_json(
+    ended: &Ended,
+    exec_id: Option<u64>,
+    stdout: &[u8],
+    stderr: &[u8],
+    elapsed: Duration,
+) -> serde_json::Value {
     use base64::Engine;
     let mut obj = serde_json::Map::new();
     obj.insert("exit_code".into(), ended.code().into());
+    obj.insert("exec_id".into(), exec_id.into());
     if let Some(ExitStatus::Signal(n)) = ended.status {
         obj.insert("signal".into(), n.into());
     }
@@ -290,7 +468,7 @@ fn exec_json(ended: &Ended, stdout: &[u8], stderr: &[u8], elapsed: Duration) -> 
 
 /// Streams this terminal's stdin to the session from a thread (stdin reads
 /// block). On a PTY the end of input is a ^D the user types, not an EOF.
-fn spawn_stdin_reader(tx: mpsc::Sender<ClientMsg>, tty: bool) {
+fn spawn_stdin_reader(input: Input, tty: bool) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 32 * 1024];
@@ -298,18 +476,11 @@ fn spawn_stdin_reader(tx: mpsc::Sender<ClientMsg>, tty: bool) {
             match stdin.read(&mut buf) {
                 Ok(0) | Err(_) => {
                     if !tty {
-                        let _ = tx.blocking_send(ClientMsg::StdinEof);
+                        input.blocking_send(ClientMsg::StdinEof);
                     }
                     return;
                 }
-                Ok(n) => {
-                    if tx
-                        .blocking_send(ClientMsg::Stdin(buf[..n].to_vec()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+                Ok(n) => input.blocking_send(ClientMsg::Stdin(buf[..n].to_vec())),
             }
         }
     });
@@ -317,15 +488,13 @@ fn spawn_stdin_reader(tx: mpsc::Sender<ClientMsg>, tty: bool) {
 
 /// With a PTY, Ctrl-C travels as a byte and only window changes need
 /// forwarding; with pipes, SIGINT/SIGTERM/SIGHUP go to the process.
-fn spawn_signal_forwarding(tx: mpsc::Sender<ClientMsg>, tty: bool) -> Result<()> {
+fn spawn_signal_forwarding(input: Input, tty: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     if tty {
         let mut winch = signal(SignalKind::window_change())?;
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
-                if tx.send(ClientMsg::Resize(local_winsize())).await.is_err() {
-                    return;
-                }
+                input.send(ClientMsg::Resize(local_winsize())).await;
             }
         });
         return Ok(());
@@ -336,14 +505,31 @@ fn spawn_signal_forwarding(tx: mpsc::Sender<ClientMsg>, tty: bool) -> Result<()>
         (SignalKind::hangup(), libc::SIGHUP),
     ] {
         let mut stream = signal(kind)?;
-        let tx = tx.clone();
+        let input = input.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
-                if tx.send(ClientMsg::Signal(number)).await.is_err() {
-                    return;
-                }
+                input.send(ClientMsg::Signal(number)).await;
             }
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alt_screen_follows_the_last_switch_even_split_between_chunks() {
+        let mut screen = AltScreen::default();
+        screen.see(b"plain");
+        assert!(!screen.on);
+        screen.see(b"vim starts \x1b[?10");
+        screen.see(b"49h and draws");
+        assert!(screen.on, "a switch split between chunks");
+        screen.see(b"\x1b[?1049l bye \x1b[?47h");
+        assert!(screen.on, "the last switch wins");
+        screen.see(b"\x1b[?47l");
+        assert!(!screen.on);
+    }
 }

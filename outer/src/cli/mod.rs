@@ -322,8 +322,9 @@ pub fn console_argv() -> Vec<String> {
 }
 
 /// Commands for the VM only: inside the inner, hulld's socket there serves
-/// `hull services` and the help does not offer the rest.
-pub const VM_ONLY_COMMANDS: [&str; 11] = [
+/// `hull services`, `hull ports` and `hull ingress`, and the help does not
+/// offer the rest.
+pub const VM_ONLY_COMMANDS: [&str; 9] = [
     "up",
     "status",
     "exec",
@@ -332,8 +333,6 @@ pub const VM_ONLY_COMMANDS: [&str; 11] = [
     "down",
     "checkpoint",
     "logs",
-    "ports",
-    "ingress",
     "image",
 ];
 
@@ -347,21 +346,13 @@ pub fn flush_stdout() {
     let _ = std::io::stdout().flush();
 }
 
-/// Formats an error and its causes, skipping a cause whose text the message
-/// above it already includes (thiserror messages often embed their source).
+/// Formats an error and its causes, joined with ": ". Errors keep their
+/// cause as `source()` and do not repeat it, so each appears once.
 pub fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// `hull ports`: a table of the inner's listening ports.
@@ -392,10 +383,15 @@ pub async fn ports(g: &Global) -> Result<()> {
             ("taken", Some(outer)) => format!("{outer} taken"),
             (other, _) => other.to_string(),
         };
-        let http = match &p.http_url {
-            Some(url) if p.private => format!("{url} (private)"),
-            Some(url) => url.clone(),
-            None => "-".into(),
+        let http = match (&p.http_url, &p.http_host) {
+            (Some(url), Some(host)) => format!("curl -H 'Host: {host}' {url}"),
+            (Some(url), None) => url.clone(),
+            (None, _) => "-".into(),
+        };
+        let http = if p.private {
+            format!("{http} (private)")
+        } else {
+            http
         };
         outln!(
             "{:<6} {:<16} {:<8} {:<16} {:<22} {}",
@@ -442,10 +438,14 @@ pub async fn ingress(g: &Global) -> Result<()> {
             .join(", ")
     };
     outln!("private        {private}");
-    outln!(
-        "token          {}  (send: Authorization: Bearer TOKEN)",
-        r.token
-    );
+    if r.token.is_empty() {
+        outln!("token          (not given inside the inner)");
+    } else {
+        outln!(
+            "token          {}  (send: Authorization: Bearer TOKEN)",
+            r.token
+        );
+    }
     if let (Some(inner), Some(gw)) = (&r.inner_address, &r.gateway) {
         outln!("inner address  {inner} (gateway {gw})");
     }
@@ -711,6 +711,8 @@ struct LogLine<'a> {
     ts_ms: i64,
     stream: &'static str,
     line: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec_id: Option<u64>,
 }
 
 impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
@@ -723,6 +725,49 @@ impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
                 Stream::Stderr => "stderr",
             },
             line: &r.line,
+            exec_id: r.exec.as_ref().map(|e| e.id),
+        }
+    }
+}
+
+/// What a marker record of an exec says, for `hull logs --json`: only the
+/// fields it has (docs/json.md).
+fn exec_json(tag: &hull_proto::ExecTag) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), tag.id.into());
+    if let Some(argv) = &tag.argv {
+        obj.insert("argv".into(), argv.clone().into());
+    }
+    match tag.exit {
+        Some(hull_proto::ExitStatus::Code(c)) => obj.insert("exit_code".into(), c.into()),
+        Some(hull_proto::ExitStatus::Signal(s)) => obj.insert("signal".into(), s.into()),
+        None => None,
+    };
+    if let Some(ms) = tag.duration_ms {
+        obj.insert("duration_ms".into(), ms.into());
+    }
+    if let Some(bytes) = tag.bytes {
+        obj.insert("bytes".into(), bytes.into());
+    }
+    if let Some(hash) = &tag.sha256 {
+        obj.insert("sha256".into(), hash.clone().into());
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// `NAME`, or `exec:ID` for the records of one exec (`hull exec --detach`
+/// prints the id).
+fn log_source(name: String) -> Result<(String, Option<u64>)> {
+    let id = name
+        .strip_prefix(hull_logs::EXEC_SOURCE)
+        .and_then(|rest| rest.strip_prefix(':'));
+    let Some(id) = id else {
+        return Ok((name, None));
+    };
+    match id.parse() {
+        Ok(id) => Ok((hull_logs::EXEC_SOURCE.to_string(), Some(id))),
+        Err(_) => {
+            bail!("{name:?}: an exec's log is exec:ID, ID the number hull exec --detach printed")
         }
     }
 }
@@ -738,6 +783,7 @@ pub async fn logs(
     stream: Option<Stream>,
     since: Option<Duration>,
 ) -> Result<()> {
+    let (source, exec_id) = log_source(source)?;
     let mut c = g.connect().await?;
     let since_ms = since.map(|d| {
         let now = std::time::SystemTime::now()
@@ -752,6 +798,7 @@ pub async fn logs(
             tail,
             stream,
             since_ms,
+            exec_id,
         })
         .await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -762,12 +809,15 @@ pub async fn logs(
                     if let Some(marker) = r.marker {
                         // Something that happened to the service, not its output.
                         if g.json {
-                            let record = serde_json::json!({
+                            let mut record = serde_json::json!({
                                 "type": "marker",
                                 "ts_ms": r.ts_ms,
                                 "event": marker.name(),
                                 "text": r.line,
                             });
+                            if let Some(tag) = &r.exec {
+                                record["exec"] = exec_json(tag);
+                            }
                             writeln!(out, "{record}").map_err(stdout_error)?;
                         } else {
                             writeln!(out, "-- {} --", r.line).map_err(stdout_error)?;
@@ -816,6 +866,19 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 mod tests {
     use super::*;
     use hull_proto::{CheckpointInfo, CheckpointListing};
+
+    #[test]
+    fn error_chain_shows_every_cause_once() {
+        // A cause whose text the message happens to contain is still a
+        // cause of its own.
+        let e = anyhow::Error::from(std::io::Error::other("denied")).context("access denied");
+        assert_eq!(error_chain(&e), "access denied: denied");
+        let e = anyhow::Error::from(hull_services::ServiceError::Json(
+            serde_json::from_str::<u8>("x").unwrap_err(),
+        ));
+        let chain = error_chain(&e);
+        assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
+    }
 
     fn listing(parents: &[(&str, Option<&str>)]) -> CheckpointListing {
         CheckpointListing {

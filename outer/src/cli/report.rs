@@ -17,7 +17,7 @@ pub enum CliError {
     #[error("hull needs root (the control socket is 0600); run it as root, e.g. with sudo")]
     NeedsRoot,
     /// A command that only makes sense in the VM, asked inside the inner.
-    #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services` works")]
+    #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services`, `hull ports` and `hull ingress` work")]
     NotInInner(&'static str),
     /// The reader of stdout went away (`hull status | head -1`): the end of
     /// the output, not a failure to report.
@@ -28,6 +28,9 @@ pub enum CliError {
     /// The inner stopped while the command ran; hull exits 255.
     #[error("session ended: {0}")]
     SessionEnded(String),
+    /// The same, on a terminal: hull reset it, and says how to go on.
+    #[error("session ended: {0}; the terminal was reset. `hull console` opens a new shell (`hull console --reconnect` opens one by itself after a bounce or restore)")]
+    TerminalEnded(String),
 }
 
 /// The stable, snake_case code of an error, for `--json` (docs/json.md).
@@ -38,7 +41,7 @@ pub fn error_code(e: &anyhow::Error) -> &'static str {
                 CliError::NeedsRoot => "needs_root",
                 CliError::NotInInner(_) => "not_permitted",
                 CliError::StdoutClosed | CliError::Stdout(_) => "stdout",
-                CliError::SessionEnded(_) => "inner_stopped",
+                CliError::SessionEnded(_) | CliError::TerminalEnded(_) => "inner_stopped",
             };
         }
         if let Some(e) = cause.downcast_ref::<ClientError>() {
