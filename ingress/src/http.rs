@@ -161,6 +161,14 @@ impl HttpIngress {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        // Two Hosts give the router one name and the inner's server
+        // another (RFC 9112 §3.2: answer 400).
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "more than one Host header\n".to_owned(),
+            );
+        }
         let host = request_host(&req);
         let port = {
             let routes = self.routes.borrow();
@@ -613,6 +621,7 @@ fn prepare_request(
     peer: IpAddr,
     upgrade: bool,
 ) -> Result<(), Failure> {
+    let absolute = req.uri().authority().is_some();
     // The inner's server expects origin-form, whatever form the client used.
     let target = req
         .uri()
@@ -633,6 +642,14 @@ fn prepare_request(
     // hyper already answered it with its own 100 Continue.
     headers.remove(header::EXPECT);
 
+    // The Host the request was routed by is the one the inner's server
+    // sees: an absolute-form target's authority replaces any Host header
+    // (RFC 9112 §3.2.2), so routing and the server never disagree.
+    if absolute {
+        if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(header::HOST, value);
+        }
+    }
     if !headers.contains_key(header::HOST) {
         let value = host
             .and_then(|h| HeaderValue::from_str(h).ok())
@@ -951,6 +968,28 @@ mod tests {
         let (_, _, body) = fetch(proxy.addr, req).await;
         assert!(body.contains("name=b\n"), "{body}");
         assert!(body.contains("target=/abs?q\n"), "{body}");
+        // ... and is the Host the inner's server sees: one that routed by
+        // the target and told the server another name would let a request
+        // reach a service under a name it was not routed by.
+        assert!(
+            body.contains(&format!("host={b}.localhost:8080\n")),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_more_than_one_host_is_400() {
+        let (a, _) = upstream("a").await;
+        let (b, _) = upstream("b").await;
+        let proxy = start_proxy(config(), table(&[a, b], true), Vec::new()).await;
+        let req = Request::get("/")
+            .header(header::HOST, format!("{a}.localhost"))
+            .header(header::HOST, format!("{b}.localhost"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = fetch(proxy.addr, req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("Host"), "{body}");
     }
 
     #[tokio::test]

@@ -626,3 +626,36 @@ fn a_big_exec_is_capped_apart_and_leaves_service_logs_alone() {
         .into_owned();
     assert!(notes.contains("logs.max_exec"), "{notes}");
 }
+
+/// Output is the inner's to choose: terminal escape sequences in it (a
+/// title change, a screen clear, an OSC 52 clipboard write) must reach the
+/// reader of `hull logs` as visible text, never as commands to their
+/// terminal. `--json` keeps the exact text.
+#[test]
+fn escape_sequences_in_output_are_shown_not_obeyed() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "exec",
+        "--",
+        "printf",
+        "title\\033]0;pwned\\007 clear\\033[2J csi\\302\\233J end\\n",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let logs = hull.hull(&["logs", "exec"]);
+    let text = String::from_utf8(logs.stdout).expect("hull logs prints UTF-8");
+    let line = text
+        .lines()
+        .find(|l| l.contains("title") && !l.starts_with("--"))
+        .unwrap_or_else(|| panic!("no output line in {text}"));
+    assert!(
+        !line.contains(['\u{1b}', '\u{7}', '\u{9b}']),
+        "control characters reached the terminal: {line:?}"
+    );
+    assert!(line.contains("\\x1b]0;pwned\\x07"), "{line:?}");
+    let json = hull.hull(&["--json", "logs", "exec"]);
+    let text = String::from_utf8(json.stdout).unwrap();
+    assert!(text.contains("\\u001b]0;pwned\\u0007"), "{text}");
+}

@@ -685,7 +685,7 @@ fn print_services(
         if !s.last_lines.is_empty() {
             outln!("last output:");
             for line in &s.last_lines {
-                outln!("  | {line}");
+                outln!("  | {}", shown(line));
             }
         }
     }
@@ -700,6 +700,25 @@ pub async fn services(g: &Global, request: hull_proto::ServiceRequest) -> Result
     let mut c = g.connect().await?;
     let list = c.services(request).await?;
     print_services(g, &list, detail, single)
+}
+
+/// A logged line as the reader's terminal gets it: the inner chose its
+/// bytes, so control characters (escape sequences that retitle, clear or
+/// write the clipboard; C1 controls) are shown as `\x1b`, never obeyed.
+/// Tabs stay. `--json` keeps the exact text.
+fn shown(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// One record of `hull logs --json` (docs/json.md).
@@ -820,13 +839,13 @@ pub async fn logs(
                             }
                             writeln!(out, "{record}").map_err(stdout_error)?;
                         } else {
-                            writeln!(out, "-- {} --", r.line).map_err(stdout_error)?;
+                            writeln!(out, "-- {} --", shown(&r.line)).map_err(stdout_error)?;
                         }
                     } else if g.json {
                         let text = serde_json::to_string(&LogLine::from(&r))?;
                         writeln!(out, "{text}").map_err(stdout_error)?;
                     } else {
-                        writeln!(out, "{}", r.line).map_err(stdout_error)?;
+                        writeln!(out, "{}", shown(&r.line)).map_err(stdout_error)?;
                     }
                 }
                 out.flush().map_err(stdout_error)?;
