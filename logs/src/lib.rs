@@ -4,7 +4,8 @@
 //! * [`store`]: segment files per source, rotation, the cap per source.
 //! * [`capture`]: a process's output pipes cut into lines into its source.
 //! * [`serve`]: a client's read of a source: tail, filter, follow.
-//! * [`daemon`]: hulld's own tracing output as the `hulld` source.
+//! * [`daemon`]: hulld's own tracing output as the `hulld` source, and its
+//!   stderr file (`hulld.log`) rotated and capped like one.
 
 pub mod capture;
 pub mod daemon;
@@ -12,6 +13,6 @@ pub mod serve;
 pub mod store;
 
 pub use capture::{capture, LineSplitter};
-pub use daemon::{set_daemon_log, DaemonLogWriter, DAEMON_SOURCE};
+pub use daemon::{cap_stderr, set_daemon_log, EventWriter, DAEMON_SOURCE};
 pub use serve::{serve, Filter};
 pub use store::{now_ms, Cursor, LogLimits, LogStore, SourceLog, FLUSH_EVERY, MAX_LINE};

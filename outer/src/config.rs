@@ -35,6 +35,8 @@ pub enum ConfigError {
     Size { field: &'static str, value: String },
     #[error("logs.max_per_source = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
     LogCap { segment: String, cap: String },
+    #[error("{field} = 0: it must be at least 1")]
+    Zero { field: &'static str },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
@@ -101,6 +103,9 @@ pub struct NetworkConfig {
     pub private_ports: Vec<u16>,
     /// Every port's HTTP ingress needs the bearer token.
     pub private_all: bool,
+    /// Inner ports forwarded at most (one outer listener each); more are
+    /// listed as not forwarded and reached through HTTP ingress.
+    pub max_forwarded_ports: usize,
 }
 
 impl Default for NetworkConfig {
@@ -116,6 +121,7 @@ impl Default for NetworkConfig {
             wait_secs: 10,
             private_ports: Vec::new(),
             private_all: false,
+            max_forwarded_ports: 256,
         }
     }
 }
@@ -163,6 +169,7 @@ impl NetworkConfig {
             wait: Duration::from_secs(self.wait_secs),
             private_ports: self.private_ports.clone(),
             private_all: self.private_all,
+            max_forwarded_ports: self.max_forwarded_ports,
             token_file: state_dir.join("ingress.token"),
             resolv_conf: state_dir.join("resolv.conf"),
         })
@@ -209,6 +216,35 @@ pub struct Config {
     pub auto_checkpoints_keep: usize,
     pub network: NetworkConfig,
     pub logs: LogsConfig,
+    pub daemon: DaemonConfig,
+}
+
+/// The `[daemon]` table: hulld's own bounds, which nothing in the inner
+/// can spend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Connections the control socket (and vsock) serve at once.
+    pub control_connections: usize,
+    /// Connections the inner's service socket serves at once.
+    pub inner_connections: usize,
+    /// File descriptors hulld keeps for itself: the inner's requests
+    /// (its service socket, forwarded ports and connections, HTTP ingress)
+    /// are refused rather than take them.
+    pub fd_reserve: usize,
+    /// Services the registry holds at most.
+    pub max_services: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            control_connections: 256,
+            inner_connections: 16,
+            fd_reserve: 512,
+            max_services: hull_services::MAX_SERVICES,
+        }
+    }
 }
 
 /// The `[logs]` table: how much of each source's log is kept on disk.
@@ -219,6 +255,8 @@ pub struct LogsConfig {
     pub segment_size: String,
     /// Each source's segments together; the oldest go first beyond it.
     pub max_per_source: String,
+    /// Sources (services, `exec`, `hulld`) kept on disk at most.
+    pub max_sources: usize,
 }
 
 impl Default for LogsConfig {
@@ -226,6 +264,7 @@ impl Default for LogsConfig {
         LogsConfig {
             segment_size: "8M".into(),
             max_per_source: "64M".into(),
+            max_sources: hull_logs::store::MAX_SOURCES,
         }
     }
 }
@@ -251,6 +290,7 @@ impl LogsConfig {
         Ok(LogLimits {
             segment_max: segment,
             source_max: cap,
+            max_sources: positive("logs.max_sources", self.max_sources)?,
         })
     }
 }
@@ -272,6 +312,7 @@ impl Default for Config {
             auto_checkpoints_keep: 10,
             network: NetworkConfig::default(),
             logs: LogsConfig::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -316,6 +357,16 @@ impl Config {
                 socket: self.socket.clone(),
                 vsock_port: self.vsock_port,
                 cgroup_name: self.cgroup_name.clone(),
+                control_connections: positive(
+                    "daemon.control_connections",
+                    self.daemon.control_connections,
+                )?,
+                inner_connections: positive(
+                    "daemon.inner_connections",
+                    self.daemon.inner_connections,
+                )?,
+                fd_reserve: self.daemon.fd_reserve,
+                max_services: positive("daemon.max_services", self.daemon.max_services)?,
             },
             storage: StorageSettings {
                 state_dir: self.state_dir.clone(),
@@ -354,6 +405,13 @@ impl Config {
     }
 }
 
+fn positive(field: &'static str, value: usize) -> Result<usize, ConfigError> {
+    match value {
+        0 => Err(ConfigError::Zero { field }),
+        n => Ok(n),
+    }
+}
+
 fn size(field: &'static str, value: &str) -> Result<u64, ConfigError> {
     parse_size(value).ok_or_else(|| ConfigError::Size {
         field,
@@ -379,6 +437,11 @@ pub struct DaemonSettings {
     pub vsock_port: Option<u32>,
     /// The name of hull's cgroup below the one hulld starts in.
     pub cgroup_name: String,
+    pub control_connections: usize,
+    pub inner_connections: usize,
+    /// File descriptors kept from the inner's requests.
+    pub fd_reserve: usize,
+    pub max_services: usize,
 }
 
 /// The btrfs volume and its checkpoints.
@@ -426,6 +489,7 @@ pub struct NetworkSettings {
     pub wait: Duration,
     pub private_ports: Vec<u16>,
     pub private_all: bool,
+    pub max_forwarded_ports: usize,
     /// The bearer token of private URLs.
     pub token_file: PathBuf,
     /// The inner's resolv.conf ("nat" mode).
@@ -507,6 +571,10 @@ mod tests {
                 "network.outer_address",
             ),
             ("[network]\nexpose = \"80-\"\n", "network.expose"),
+            (
+                "[daemon]\ninner_connections = 0\n",
+                "daemon.inner_connections",
+            ),
             ("[network]\nsubnet = \"10.0.0.0/31\"\n", "network.subnet"),
             (
                 "[network]\ndns = [\"1.1.1.1\", \"dns.google\"]\n",

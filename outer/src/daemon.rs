@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use crate::config::Settings;
 use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
-use crate::server::Scope;
+use crate::server::Endpoint;
 use crate::supervisor::{InnerConfig, Supervisor};
+use hull_ingress::FdBudget;
 use hull_services::ServiceManager;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,16 +61,39 @@ pub enum DaemonError {
 }
 
 /// Every forwarded connection costs two fds; the default soft limit of 1024
-/// would cap ingress at a few hundred connections.
-fn raise_fd_limit() {
+/// would cap ingress at a few hundred connections. Returns the limit now in
+/// force.
+fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(error = %e, "cannot raise the open file limit");
-            }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+            return soft;
         }
     }
+    hard
+}
+
+/// The fds the inner's requests may take: the limit less what hulld holds
+/// once started and the reserve. Listing /proc/self/fd once, here, is
+/// cheap; every accept after it asks the counter.
+fn fd_budget(limit: u64, reserve: usize) -> Arc<FdBudget> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count());
+    // A reserve larger than half the limit would leave the inner nothing.
+    let reserve = reserve.min(limit / 2);
+    let budget = FdBudget::new(limit, open, reserve);
+    tracing::info!(
+        limit,
+        open,
+        reserve,
+        for_requests = budget.total(),
+        "file descriptor budget"
+    );
+    budget
 }
 
 fn create_state_dir(path: &Path) -> Result<(), DaemonError> {
@@ -220,7 +244,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
-    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?;
+    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?
+        .with_max(config.max_services);
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
@@ -240,9 +265,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         memory_max_bytes: Some(inner_settings.memory_max),
         pids_max: inner_settings.pids_max,
     };
-    raise_fd_limit();
+    let budget = fd_budget(raise_fd_limit(), config.fd_reserve);
     let (running_tx, running) = tokio::sync::watch::channel(false);
-    let network = crate::network::Network::start(network_settings, running).await?;
+    let network = crate::network::Network::start(network_settings, running, budget.clone()).await?;
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
@@ -300,6 +325,26 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         image,
         network,
     });
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        listener,
+        Endpoint::control("control socket", config.control_connections),
+        budget.clone(),
+    ));
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        inner_api.listener,
+        Endpoint::inner(config.inner_connections),
+        budget.clone(),
+    ));
+    if let Some(vsock) = vsock {
+        tokio::spawn(crate::server::accept_loop(
+            hulld.clone(),
+            vsock,
+            Endpoint::control("vsock", config.control_connections),
+            budget.clone(),
+        ));
+    }
     let mut tasks = Tasks {
         supervisor: Some(supervisor_task),
         services: Some(services_task),
@@ -314,24 +359,6 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     })?;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on the unix socket failed"),
-            },
-            accepted = inner_api.listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::InnerServices));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on the inner's service socket failed"),
-            },
-            accepted = accept_vsock(vsock.as_ref()) => match accepted {
-                Ok(stream) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on vsock failed"),
-            },
             (task, how) = tasks.failed() => {
                 // The guard of a select branch is read when the select
                 // starts, so a task that ends during a shutdown is told
@@ -360,15 +387,6 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     tracing::info!("hulld stopped");
     Ok(())
-}
-
-async fn accept_vsock(
-    listener: Option<&tokio_vsock::VsockListener>,
-) -> io::Result<tokio_vsock::VsockStream> {
-    match listener {
-        Some(l) => l.accept().await.map(|(stream, _)| stream),
-        None => std::future::pending().await,
-    }
 }
 
 /// hulld's core tasks, watched for an end that is not a shutdown.

@@ -16,7 +16,7 @@ use hull_ingress::nat::{self, NatError, NatTable};
 use hull_ingress::netns::NetnsError;
 use hull_ingress::policy::PortPolicy;
 use hull_ingress::ports::{socket_owners, ListenScanner};
-use hull_ingress::{Dialer, InnerNetns, PortTable};
+use hull_ingress::{Dialer, FdBudget, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
 use tokio::sync::{watch, Notify};
 
@@ -90,6 +90,7 @@ impl Network {
     pub async fn start(
         net: NetworkSettings,
         running: watch::Receiver<bool>,
+        budget: Arc<FdBudget>,
     ) -> Result<Network, NetworkError> {
         let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
         link::loopback_up(&netns).await?;
@@ -137,6 +138,8 @@ impl Network {
                     reserved: http.iter().map(|a| a.port()).collect(),
                     refuse_from: refuse_from.clone(),
                     wait,
+                    max_ports: net.max_forwarded_ports,
+                    budget: budget.clone(),
                 },
             )
         };
@@ -154,6 +157,7 @@ impl Network {
                             token: Some(token.clone()),
                             policy: policy.clone(),
                             refuse_from,
+                            budget,
                         },
                     });
                     io.spawn(ingress.serve(listener));
@@ -239,6 +243,9 @@ impl Network {
                     }
                     Some(ForwardState::NotAllowed) => ("not-allowed", None, None),
                     Some(ForwardState::Private) => ("private", None, None),
+                    Some(ForwardState::NotForwarded { reason }) => {
+                        ("not-forwarded", None, Some(reason))
+                    }
                     None => ("pending", None, None),
                 };
                 PortInfo {

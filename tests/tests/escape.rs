@@ -266,3 +266,296 @@ fn root_namespace_services_are_out_of_the_inner_reach() {
     // The way out still works for what the inner starts: replies come back.
     assert_responsive(&hull);
 }
+
+/// hulld's open file descriptors, counted from outside.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// hulld's resident memory in bytes.
+fn vm_rss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS of hulld")
+}
+
+/// The inner's service socket as the inner sees it, reached through the
+/// inner's root: the same endpoint a process inside connects to.
+fn inner_socket(hull: &TestHull) -> std::path::PathBuf {
+    let inner_pid = inner_pid(hull);
+    std::path::PathBuf::from(format!("/proc/{inner_pid}/root/run/hull/hull.sock"))
+}
+
+fn inner_pid(hull: &TestHull) -> i32 {
+    hull.wait_running(Duration::from_secs(10))
+        .inner_pid
+        .expect("the inner's pid")
+}
+
+/// A non-blocking connection to `path`; None when the listener's backlog
+/// is full (EAGAIN) or it refuses.
+fn connect_nonblocking(path: &std::path::Path) -> Option<std::os::unix::net::UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = UnixAddr::new(path).expect("socket path");
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).ok()?;
+    Some(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// 20,000 connections to the inner's service socket took every fd hulld
+/// had: each was accepted and served by a task of its own.
+#[test]
+fn a_connection_flood_on_the_inner_socket_leaves_hulld_its_fds() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let path = inner_socket(&hull);
+    let hulld = hull.hulld_pid();
+    let before = fd_count(hulld);
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..2000 {
+        if Instant::now() > deadline {
+            break;
+        }
+        held.extend(connect_nonblocking(&path));
+    }
+    // Give hulld time to take what it would take.
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fd_count(hulld);
+    assert_responsive(&hull);
+    assert!(
+        during < before + 100,
+        "hulld went from {before} to {during} fds under {} connections to the inner's socket",
+        held.len()
+    );
+    drop(held);
+}
+
+/// 400 connections each holding an almost complete 4 MiB frame took hulld
+/// from 167 MB to 1.67 GB: a declared length was buffered as it came.
+#[test]
+fn half_sent_frames_on_the_inner_socket_do_not_grow_hulld() {
+    use std::io::Write;
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let path = inner_socket(&hull);
+    let hulld = hull.hulld_pid();
+    let rss_before = vm_rss(hulld);
+    // Declares the largest frame the control socket takes and sends all
+    // of it but the end, so nothing ever decodes.
+    let declared: u32 = 4 * 1024 * 1024 - 8;
+    let mut conns: Vec<(std::os::unix::net::UnixStream, usize)> = (0..100)
+        .filter_map(|_| connect_nonblocking(&path))
+        .map(|s| (s, 0))
+        .collect();
+    let total = declared as usize - 64;
+    let chunk = vec![0xc1u8; 256 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (s, _) in &mut conns {
+        let _ = s.write(&declared.to_be_bytes());
+    }
+    let mut open = conns.len();
+    while open > 0 && Instant::now() < deadline {
+        open = 0;
+        for (s, sent) in conns.iter_mut() {
+            if *sent >= total {
+                continue;
+            }
+            let n = (total - *sent).min(chunk.len());
+            match s.write(&chunk[..n]) {
+                Ok(w) => *sent += w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // hulld hung up: done with this one.
+                Err(_) => *sent = total,
+            }
+            if *sent < total {
+                open += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = vm_rss(hulld);
+    assert_responsive(&hull);
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "hulld grew from {} MiB to {} MiB under {} half-sent frames",
+        rss_before >> 20,
+        rss_after >> 20,
+        conns.len()
+    );
+}
+
+/// 20,000 listening ports in the inner made hulld open a listener for each.
+#[test]
+fn a_thousand_listening_ports_leave_hulld_its_fds() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let inner_pid = inner_pid(&hull);
+    let hulld = hull.hulld_pid();
+    let before = fd_count(hulld);
+    // Listeners made in the inner's network namespace: the port table
+    // sees them as the inner's, whoever holds them.
+    let netns = std::fs::File::open(format!("/proc/{inner_pid}/ns/net")).unwrap();
+    let listeners = std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        (0..1000u16)
+            .map(|i| TcpListener::bind(("0.0.0.0", 30000 + i)).expect("listen in the inner"))
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    // Scans run every 250 ms; the forwarder follows within a second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let report = loop {
+        let report = block_on(async { hull.client().await.ports().await.expect("ports") });
+        let settled =
+            report.ports.len() >= 1000 && report.ports.iter().all(|p| p.exposure != "pending");
+        if settled || Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let during = fd_count(hulld);
+    assert_responsive(&hull);
+    assert!(
+        during < before + 300,
+        "hulld went from {before} to {during} fds for {} listening ports",
+        listeners.len()
+    );
+    let capped = report
+        .ports
+        .iter()
+        .filter(|p| p.exposure == "not-forwarded")
+        .count();
+    assert!(
+        capped >= 1000 - 256,
+        "only {capped} of {} ports are listed as not forwarded",
+        report.ports.len()
+    );
+    drop(listeners);
+}
+
+/// The inner registered hundreds of services a second, with no bound.
+#[test]
+fn services_past_the_cap_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        pids_max: 1024,
+        ..Limits::default()
+    });
+    block_on(async {
+        let mut c = hull.client().await;
+        let add = |i: usize| {
+            hull_proto::ServiceRequest::Add(hull_proto::ServiceSpec {
+                name: format!("s{i}"),
+                cmd: "true".into(),
+                env: vec![],
+                cwd: None,
+                user: None,
+                http_port: None,
+                restart: hull_proto::RestartPolicy::Never,
+                after: vec![],
+            })
+        };
+        for i in 0..256 {
+            c.services(add(i))
+                .await
+                .unwrap_or_else(|e| panic!("service {i} of 256: {e}"));
+        }
+        let err = c
+            .services(add(256))
+            .await
+            .expect_err("the 257th service was registered");
+        assert!(err.to_string().contains("256"), "{err}");
+    });
+    assert_responsive(&hull);
+}
+
+/// A removed service's log directory stayed, so names ever used piled up.
+#[test]
+fn removing_a_service_removes_its_logs() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    hull.add_service(
+        "talker",
+        "echo hello; sleep 1000",
+        &[],
+        None,
+        hull_proto::RestartPolicy::Never,
+    );
+    let dir = hull.state_dir.join("logs").join("talker");
+    hull_tests::wait_until(Duration::from_secs(10), "the service's log", || {
+        dir.is_dir()
+    });
+    block_on(async {
+        hull.client()
+            .await
+            .services(hull_proto::ServiceRequest::Remove("talker".into()))
+            .await
+            .expect("remove")
+    });
+    hull_tests::wait_until(Duration::from_secs(5), "its log directory to go", || {
+        !dir.exists()
+    });
+    assert_responsive(&hull);
+}
+
+/// hulld's stderr file (`hulld.log`) had no cap: an accept loop's warnings
+/// filled it by the gigabyte.
+#[test]
+fn hulld_log_stays_under_its_cap() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        tables: "[logs]\nsegment_size = \"64K\"\nmax_per_source = \"256K\"\n".into(),
+        ..Limits::default()
+    });
+    // Every refused request on the inner's socket is a line in hulld's log.
+    let path = inner_socket(&hull);
+    block_on(async {
+        let mut c = hull_outer::client::Client::connect(&path)
+            .await
+            .expect("connect to the inner's socket");
+        for _ in 0..8000 {
+            let _ = c.status().await;
+        }
+    });
+    let logs: u64 = std::fs::read_dir(hull.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("hulld.log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let current = std::fs::metadata(hull.dir.path().join("hulld.log"))
+        .unwrap()
+        .len();
+    assert!(
+        logs <= 320 * 1024 && current <= 96 * 1024,
+        "hulld.log and its rotations hold {logs} bytes (current {current}), capped at 256K"
+    );
+    assert_responsive(&hull);
+}
