@@ -35,6 +35,10 @@ pub enum ConfigError {
     Size { field: &'static str, value: String },
     #[error("logs.max_per_source = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
     LogCap { segment: String, cap: String },
+    #[error("daemon.cpu_weight = {0}: use 1 to 10000 (the inner's is 100)")]
+    CpuWeight(u64),
+    #[error("cpus = {0}: use a number of CPUs such as 1.5 (at least 0.01)")]
+    Cpus(f64),
     #[error("{field} = 0: it must be at least 1")]
     Zero { field: &'static str },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
@@ -207,6 +211,10 @@ pub struct Config {
     /// Memory limit of the inner ("2G", "512M", bytes); 3/4 of RAM when unset.
     pub memory_max: Option<String>,
     pub pids_max: Option<u64>,
+    /// CPUs' worth of time the inner may use (1.5: one and a half); by
+    /// default all but half a CPU (a quarter of one on a single CPU), so
+    /// hulld always has room.
+    pub cpus: Option<f64>,
     /// The name of hull's cgroup below the one hulld starts in.
     pub cgroup_name: String,
     pub log_format: LogFormat,
@@ -234,6 +242,12 @@ pub struct DaemonConfig {
     pub fd_reserve: usize,
     /// Services the registry holds at most.
     pub max_services: usize,
+    /// hulld's own memory limit (its cgroup's), beyond the sealed copy of
+    /// its binary, which is charged to it too.
+    pub memory_max: String,
+    /// hulld's CPU weight against the inner's (100), so a busy inner never
+    /// takes hulld's share of contended CPU.
+    pub cpu_weight: u64,
 }
 
 impl Default for DaemonConfig {
@@ -243,6 +257,8 @@ impl Default for DaemonConfig {
             inner_connections: 16,
             fd_reserve: 512,
             max_services: hull_services::MAX_SERVICES,
+            memory_max: "256M".into(),
+            cpu_weight: 1000,
         }
     }
 }
@@ -306,6 +322,7 @@ impl Default for Config {
             hostname: "hull".to_string(),
             memory_max: None,
             pids_max: Some(4096),
+            cpus: None,
             cgroup_name: "hull".to_string(),
             log_format: LogFormat::Human,
             volume_size: "64G".to_string(),
@@ -367,6 +384,11 @@ impl Config {
                 )?,
                 fd_reserve: self.daemon.fd_reserve,
                 max_services: positive("daemon.max_services", self.daemon.max_services)?,
+                memory_max: size("daemon.memory_max", &self.daemon.memory_max)?,
+                cpu_weight: match self.daemon.cpu_weight {
+                    w @ 1..=10_000 => w,
+                    w => return Err(ConfigError::CpuWeight(w)),
+                },
             },
             storage: StorageSettings {
                 state_dir: self.state_dir.clone(),
@@ -379,6 +401,11 @@ impl Config {
                 hostname: self.hostname.clone(),
                 memory_max,
                 pids_max: self.pids_max,
+                cpus: match self.cpus {
+                    Some(c) if c.is_finite() && c >= 0.01 => c,
+                    Some(c) => return Err(ConfigError::Cpus(c)),
+                    None => default_cpus(online_cpus()),
+                },
             },
             logs: LogsSettings {
                 dir: self.state_dir.join("logs"),
@@ -442,6 +469,9 @@ pub struct DaemonSettings {
     /// File descriptors kept from the inner's requests.
     pub fd_reserve: usize,
     pub max_services: usize,
+    /// Bytes: hulld's cgroup gets this plus the size of its binary.
+    pub memory_max: u64,
+    pub cpu_weight: u64,
 }
 
 /// The btrfs volume and its checkpoints.
@@ -462,6 +492,8 @@ pub struct InnerSettings {
     /// Bytes.
     pub memory_max: u64,
     pub pids_max: Option<u64>,
+    /// CPUs' worth of time per period.
+    pub cpus: f64,
 }
 
 /// The log store.
@@ -512,6 +544,17 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// The inner's default CPU cap: all but half a CPU, or three quarters of
+/// the only one.
+fn default_cpus(online: usize) -> f64 {
+    let n = online.max(1) as f64;
+    (n - 0.5).max(n * 0.75)
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn physical_memory() -> u64 {
@@ -612,6 +655,26 @@ mod tests {
             format!("hv{:08x}", fnv1a("t") & 0xffff_ffff)
         );
         assert_eq!(s.network.token_file, Path::new("/s/ingress.token"));
+    }
+
+    #[test]
+    fn the_inner_leaves_hulld_cpu_by_default() {
+        assert_eq!(default_cpus(1), 0.75);
+        assert_eq!(default_cpus(2), 1.5);
+        assert_eq!(default_cpus(16), 15.5);
+        let s = from_toml("cpus = 0.5\n[daemon]\nmemory_max = \"128M\"\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(s.inner.cpus, 0.5);
+        assert_eq!(s.daemon.memory_max, 128 << 20);
+        assert_eq!(s.daemon.cpu_weight, 1000);
+        for bad in [
+            "cpus = 0.0\n",
+            "cpus = -1.0\n",
+            "[daemon]\ncpu_weight = 0\n",
+        ] {
+            assert!(from_toml(bad).resolve().is_err(), "{bad}");
+        }
     }
 
     #[test]

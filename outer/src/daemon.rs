@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hull_cgroups::{CgroupError, HullCgroups};
+use hull_cgroups::{CgroupError, CpuLimits, CpuMax, HullCgroups};
 use hull_checkpoint::Storage;
 use hull_image::ImageStore;
 use hull_proto::Limits;
@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
-use crate::config::Settings;
+use crate::config::{DaemonSettings, Settings};
 use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
 use crate::server::Endpoint;
@@ -170,6 +170,61 @@ fn clean_up_stale_inner(cgroups: &HullCgroups) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// hulld's group gets its memory limit and a CPU weight over the inner's;
+/// the inner a CPU cap that leaves hulld room. A missing cpu controller
+/// (not delegated to hull's group) costs the CPU bounds, with a warning.
+fn limit_groups(
+    cgroups: &HullCgroups,
+    config: &DaemonSettings,
+    inner_cpus: f64,
+) -> Result<(), DaemonError> {
+    // The sealed copy of hulld's binary is made in its group, and charged
+    // to it: the limit is for everything else.
+    let exe = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map_or(0, |m| m.len());
+    let memory_max = config.memory_max.saturating_add(exe);
+    cgroups.daemon.set_limits(Some(memory_max), None)?;
+    let cpu = [
+        (
+            &cgroups.daemon,
+            CpuLimits {
+                weight: Some(config.cpu_weight),
+                max: None,
+            },
+        ),
+        (
+            &cgroups.inner,
+            CpuLimits {
+                weight: Some(INNER_CPU_WEIGHT),
+                max: Some(CpuMax::cpus(inner_cpus)),
+            },
+        ),
+    ];
+    for (group, limits) in cpu {
+        match group.set_cpu(&limits) {
+            Ok(()) => {}
+            Err(e @ CgroupError::NoController { .. }) => {
+                tracing::warn!(error = %crate::error_chain(&e), "no CPU weight or cap: the cpu controller is not available to hull's cgroups");
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::info!(
+        daemon_memory_max = memory_max,
+        daemon_cpu_weight = config.cpu_weight,
+        inner_cpu_weight = INNER_CPU_WEIGHT,
+        inner_cpus,
+        "hull's cgroups limited"
+    );
+    Ok(())
+}
+
+/// The inner's CPU weight: the kernel's default, against which
+/// `daemon.cpu_weight` is read.
+const INNER_CPU_WEIGHT: u64 = 100;
+
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let err = |source| DaemonError::Socket {
         path: path.to_path_buf(),
@@ -223,6 +278,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     cgroups.daemon.create()?;
     cgroups.inner.create()?;
     cgroups.daemon.join(std::process::id() as i32)?;
+    limit_groups(&cgroups, &config, inner_settings.cpus)?;
     clean_up_stale_inner(&cgroups)?;
 
     let kind = inner_settings.image;

@@ -559,3 +559,116 @@ fn hulld_log_stays_under_its_cap() {
     );
     assert_responsive(&hull);
 }
+
+/// The directory of `group` that holds `file` (v1: one per controller).
+fn cgroup_file(group: &hull_cgroups::Cgroup, file: &str) -> std::path::PathBuf {
+    group
+        .procs_files()
+        .iter()
+        .filter_map(|p| p.parent())
+        .map(|dir| dir.join(file))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no {file} for {}", group.display_path()))
+}
+
+fn read_number(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}: {text:?}", path.display()))
+}
+
+/// CPU time the inner's processes have used, in microseconds, from their
+/// /proc/PID/stat (v1 here has no cpuacct group for the inner).
+fn inner_cpu_usage(hull: &TestHull) -> u64 {
+    // SAFETY: sysconf reads a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let ticks: u64 = hull
+        .cgroups()
+        .inner
+        .pids()
+        .unwrap()
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            // utime and stime: fields 14 and 15, 12 and 13 after the name.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks * 1_000_000 / hz
+}
+
+/// hulld's cgroup had no memory limit and no more CPU weight than the
+/// inner, and the inner no CPU cap: a busy inner took every CPU.
+#[test]
+fn a_busy_inner_leaves_hulld_cpu_and_hulld_has_its_own_limits() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let cgroups = hull.cgroups();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (memory, weights) = match cgroups.daemon.version() {
+        hull_cgroups::Version::V1 => (
+            read_number(&cgroup_file(&cgroups.daemon, "memory.limit_in_bytes")),
+            (
+                read_number(&cgroup_file(&cgroups.daemon, "cpu.shares")),
+                read_number(&cgroup_file(&cgroups.inner, "cpu.shares")),
+            ),
+        ),
+        hull_cgroups::Version::V2 => (
+            read_number(&cgroup_file(&cgroups.daemon, "memory.max")),
+            (
+                read_number(&cgroup_file(&cgroups.daemon, "cpu.weight")),
+                read_number(&cgroup_file(&cgroups.inner, "cpu.weight")),
+            ),
+        ),
+    };
+    let exe = std::fs::metadata(hull_tests::bin_dir().join("hulld"))
+        .unwrap()
+        .len();
+    assert!(
+        memory <= (256 << 20) + exe + (1 << 20),
+        "hulld's group may use {memory} bytes"
+    );
+    assert!(
+        weights.0 >= 10 * weights.1,
+        "hulld's CPU weight {} against the inner's {}",
+        weights.0,
+        weights.1
+    );
+    let cap = (cpus as f64 - 0.5).max(cpus as f64 * 0.75);
+    let (quota, period) = match cgroups.inner.version() {
+        hull_cgroups::Version::V1 => (
+            std::fs::read_to_string(cgroup_file(&cgroups.inner, "cpu.cfs_quota_us")).unwrap(),
+            read_number(&cgroup_file(&cgroups.inner, "cpu.cfs_period_us")),
+        ),
+        hull_cgroups::Version::V2 => {
+            let max = std::fs::read_to_string(cgroup_file(&cgroups.inner, "cpu.max")).unwrap();
+            let (quota, period) = max.trim().split_once(' ').unwrap();
+            (quota.to_string(), period.parse().unwrap())
+        }
+    };
+    let quota: f64 = quota.trim().parse().unwrap_or(f64::INFINITY);
+    assert!(
+        quota > 0.0 && quota / period as f64 <= cap + 0.01,
+        "the inner's CPU cap is {quota}/{period} with {cpus} CPUs"
+    );
+    // More busy loops than CPUs; the inner gets at most all but half a CPU.
+    let loops = (cpus + 2).to_string();
+    block_on(hull.sh(&format!(
+        "i=0; while [ $i -lt {loops} ]; do (while :; do :; done) & i=$((i+1)); done"
+    )));
+    std::thread::sleep(Duration::from_millis(500));
+    let (t0, u0) = (Instant::now(), inner_cpu_usage(&hull));
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, wall) = (inner_cpu_usage(&hull) - u0, t0.elapsed());
+    assert_responsive(&hull);
+    let share = used as f64 / wall.as_micros() as f64;
+    assert!(
+        share <= cap + 0.1,
+        "the inner used {share:.2} CPUs of {cpus}; its cap is {cap}"
+    );
+}
