@@ -4,7 +4,9 @@
 //! A counter, not a listing of /proc/self/fd: it is asked on every accept.
 //! Also [`Throttle`], which turns a storm of one error into a line a second.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,6 +76,83 @@ pub struct FdLease {
 impl Drop for FdLease {
     fn drop(&mut self) {
         self.budget.taken.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// Connections from outside (forwarded ports and the HTTP ingress
+/// together) at once, in all and from one source address, so that one
+/// client cannot take every connection there is.
+#[derive(Debug)]
+pub struct ConnLimits {
+    max: usize,
+    per_source: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `network.max_connections` are open.
+    Total,
+    /// `network.max_connections_per_source` are open from this address.
+    Source,
+}
+
+impl ConnLimits {
+    pub fn new(max: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(ConnLimits {
+            max,
+            per_source,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A place for a connection from `peer`, held until dropped.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admission, Refusal> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.max {
+            return Err(Refusal::Total);
+        }
+        let from = open.1.entry(peer).or_insert(0);
+        if *from >= self.per_source {
+            return Err(Refusal::Source);
+        }
+        *from += 1;
+        open.0 += 1;
+        Ok(Admission {
+            limits: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max: usize::MAX,
+            per_source: usize::MAX,
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+}
+
+/// A connection's place in [`ConnLimits`].
+#[derive(Debug)]
+pub struct Admission {
+    limits: Arc<ConnLimits>,
+    peer: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -150,6 +229,19 @@ mod tests {
         drop(b);
         assert_eq!(budget.taken(), 0);
         assert_eq!(FdBudget::new(10, 5, 80).total(), 0);
+    }
+
+    #[test]
+    fn connections_are_limited_in_all_and_per_source() {
+        let limits = ConnLimits::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let a1 = limits.admit(a).unwrap();
+        let _a2 = limits.admit(a).unwrap();
+        assert_eq!(limits.admit(a).unwrap_err(), Refusal::Source);
+        let _b1 = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(b).unwrap_err(), Refusal::Total);
+        drop(a1);
+        assert!(limits.admit(a).is_ok());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::budget::{out_of_fds, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
+use crate::budget::{out_of_fds, ConnLimits, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
 use crate::policy::PortPolicy;
 use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, PortTable};
@@ -81,6 +81,9 @@ pub struct ForwardConfig {
     pub max_ports: usize,
     /// hulld's fds that listeners and relayed connections may take.
     pub budget: Arc<FdBudget>,
+    /// Relayed connections at once, in all and per source (shared with
+    /// the HTTP ingress).
+    pub conns: Arc<ConnLimits>,
 }
 
 /// The forwarder's repeated warnings, each logged once per interval.
@@ -89,6 +92,7 @@ struct Warnings {
     accept: Throttle,
     no_fds: Throttle,
     capped: Throttle,
+    too_many: Throttle,
 }
 
 /// What became of one inner port on the outer side.
@@ -332,6 +336,15 @@ async fn accept_loop(
             tracing::debug!(port, %peer, "connection from the inner's own network refused");
             continue;
         }
+        let admission = match config.conns.admit(crate::peer::canonical_ip(peer.ip())) {
+            Ok(admission) => admission,
+            Err(why) => {
+                if let Some(suppressed) = warnings.too_many.hit() {
+                    tracing::warn!(port, %peer, ?why, suppressed, "forwarded connection refused: too many open");
+                }
+                continue;
+            }
+        };
         // The client's fd and the one into the inner.
         let Some(lease) = config.budget.take(2) else {
             if let Some(suppressed) = warnings.no_fds.hit() {
@@ -348,7 +361,7 @@ async fn accept_loop(
             if let Err(e) = relay(client, port, &dialer, ports, &config).await {
                 tracing::debug!(port, %peer, error = %e, "forwarded connection ended with an error");
             }
-            drop(lease);
+            drop((lease, admission));
         });
     }
 }

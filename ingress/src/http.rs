@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::budget::{out_of_fds, ACCEPT_BACKOFF};
+use crate::budget::{out_of_fds, ConnLimits, ACCEPT_BACKOFF};
 use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, FdBudget, PortTable, Throttle};
 
@@ -62,6 +62,9 @@ pub struct HttpIngressConfig {
     /// hulld's fds that client connections (and theirs into the inner)
     /// may take; past it connections are closed at accept.
     pub budget: Arc<FdBudget>,
+    /// Client connections at once, in all and per source (shared with
+    /// the forwarder).
+    pub conns: Arc<ConnLimits>,
 }
 
 impl Default for HttpIngressConfig {
@@ -72,6 +75,7 @@ impl Default for HttpIngressConfig {
             policy: PortPolicy::default(),
             refuse_from: Vec::new(),
             budget: FdBudget::unlimited(),
+            conns: Arc::new(ConnLimits::default()),
         }
     }
 }
@@ -113,7 +117,11 @@ type Failure = (StatusCode, String);
 impl HttpIngress {
     /// Accepts connections forever, one task each.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let (failed, no_fds) = (Throttle::default(), Throttle::default());
+        let (failed, no_fds, too_many) = (
+            Throttle::default(),
+            Throttle::default(),
+            Throttle::default(),
+        );
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -131,6 +139,16 @@ impl HttpIngress {
                 drop(stream);
                 continue;
             }
+            let admission = match self.config.conns.admit(peer_ip) {
+                Ok(admission) => admission,
+                Err(why) => {
+                    if let Some(suppressed) = too_many.hit() {
+                        warn!(%peer, ?why, suppressed, "http ingress: connection refused: too many open");
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
             // The client's fd and, at most, one kept into the inner.
             let Some(lease) = self.config.budget.take(2) else {
                 if let Some(suppressed) = no_fds.hit() {
@@ -142,7 +160,7 @@ impl HttpIngress {
             let this = self.clone();
             tokio::spawn(async move {
                 this.serve_connection(stream, peer_ip).await;
-                drop(lease);
+                drop((lease, admission));
             });
         }
     }

@@ -110,6 +110,10 @@ pub struct NetworkConfig {
     /// Inner ports forwarded at most (one outer listener each); more are
     /// listed as not forwarded and reached through HTTP ingress.
     pub max_forwarded_ports: usize,
+    /// Connections through forwarded ports and the HTTP ingress at once.
+    pub max_connections: usize,
+    /// ... of them from one client address.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for NetworkConfig {
@@ -126,6 +130,8 @@ impl Default for NetworkConfig {
             private_ports: Vec::new(),
             private_all: false,
             max_forwarded_ports: 256,
+            max_connections: 4096,
+            max_connections_per_source: 1024,
         }
     }
 }
@@ -174,6 +180,11 @@ impl NetworkConfig {
             private_ports: self.private_ports.clone(),
             private_all: self.private_all,
             max_forwarded_ports: self.max_forwarded_ports,
+            max_connections: positive("network.max_connections", self.max_connections)?,
+            max_connections_per_source: positive(
+                "network.max_connections_per_source",
+                self.max_connections_per_source,
+            )?,
             token_file: state_dir.join("ingress.token"),
             resolv_conf: state_dir.join("resolv.conf"),
         })
@@ -242,6 +253,9 @@ pub struct DaemonConfig {
     pub fd_reserve: usize,
     /// Services the registry holds at most.
     pub max_services: usize,
+    /// Disk space on the state dir's filesystem that a new volume image
+    /// leaves free for hulld's own state (catalog, logs, hulld.log).
+    pub disk_reserve: String,
     /// hulld's own memory limit (its cgroup's), beyond the sealed copy of
     /// its binary, which is charged to it too.
     pub memory_max: String,
@@ -259,6 +273,7 @@ impl Default for DaemonConfig {
             max_services: hull_services::MAX_SERVICES,
             memory_max: "256M".into(),
             cpu_weight: 1000,
+            disk_reserve: "2G".into(),
         }
     }
 }
@@ -393,6 +408,7 @@ impl Config {
             storage: StorageSettings {
                 state_dir: self.state_dir.clone(),
                 volume_size: size("volume_size", &self.volume_size)?,
+                disk_reserve: size("daemon.disk_reserve", &self.daemon.disk_reserve)?,
                 auto_checkpoints_keep: self.auto_checkpoints_keep,
             },
             inner: InnerSettings {
@@ -480,6 +496,8 @@ pub struct StorageSettings {
     pub state_dir: PathBuf,
     /// Bytes of the sparse image when the state dir is not on btrfs.
     pub volume_size: u64,
+    /// Bytes a new image leaves free on the state dir's filesystem.
+    pub disk_reserve: u64,
     pub auto_checkpoints_keep: usize,
 }
 
@@ -522,6 +540,8 @@ pub struct NetworkSettings {
     pub private_ports: Vec<u16>,
     pub private_all: bool,
     pub max_forwarded_ports: usize,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
     /// The bearer token of private URLs.
     pub token_file: PathBuf,
     /// The inner's resolv.conf ("nat" mode).

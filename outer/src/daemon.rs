@@ -291,7 +291,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         });
     }
     let (storage, recovery) = tokio::task::block_in_place(|| {
-        Storage::open(&storage_settings.state_dir, storage_settings.volume_size)
+        Storage::open(
+            &storage_settings.state_dir,
+            storage_settings.volume_size,
+            storage_settings.disk_reserve,
+        )
     })?;
     if !recovery.actions.is_empty() {
         tracing::warn!(

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hull_ingress::budget::ConnLimits;
 use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder};
 use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
 use hull_ingress::link::{self, LinkError, VethPlan};
@@ -125,6 +126,7 @@ impl Network {
             private_ports: net.private_ports.clone(),
             private_all: net.private_all,
         };
+        let conns = ConnLimits::new(net.max_connections, net.max_connections_per_source);
         let io = start_ingress_runtime()?;
         let forwarder = {
             // Its tasks and listeners live on the ingress runtime.
@@ -140,6 +142,7 @@ impl Network {
                     wait,
                     max_ports: net.max_forwarded_ports,
                     budget: budget.clone(),
+                    conns: conns.clone(),
                 },
             )
         };
@@ -158,6 +161,7 @@ impl Network {
                             policy: policy.clone(),
                             refuse_from,
                             budget,
+                            conns,
                         },
                     });
                     io.spawn(ingress.serve(listener));

@@ -323,6 +323,20 @@ fn a_connection_flood_on_the_inner_socket_leaves_hulld_its_fds() {
     }
     let hull = TestHull::start();
     let path = inner_socket(&hull);
+    flood_and_count_fds(&hull, "connections to the inner's socket", 100, || {
+        connect_nonblocking(&path)
+    });
+}
+
+/// Opens up to 2,000 connections with `connect` (20 s at most), holds
+/// them while hulld takes what it would, and asserts that hulld gained
+/// fewer than `bound` fds and still answers.
+fn flood_and_count_fds<T>(
+    hull: &TestHull,
+    what: &str,
+    bound: usize,
+    mut connect: impl FnMut() -> Option<T>,
+) {
     let hulld = hull.hulld_pid();
     let before = fd_count(hulld);
     let mut held = Vec::new();
@@ -331,18 +345,16 @@ fn a_connection_flood_on_the_inner_socket_leaves_hulld_its_fds() {
         if Instant::now() > deadline {
             break;
         }
-        held.extend(connect_nonblocking(&path));
+        held.extend(connect());
     }
-    // Give hulld time to take what it would take.
     std::thread::sleep(Duration::from_millis(500));
     let during = fd_count(hulld);
-    assert_responsive(&hull);
+    assert_responsive(hull);
     assert!(
-        during < before + 100,
-        "hulld went from {before} to {during} fds under {} connections to the inner's socket",
+        during < before + bound,
+        "hulld went from {before} to {during} fds under {} {what}",
         held.len()
     );
-    drop(held);
 }
 
 /// 400 connections each holding an almost complete 4 MiB frame took hulld
@@ -671,4 +683,53 @@ fn a_busy_inner_leaves_hulld_cpu_and_hulld_has_its_own_limits() {
         share <= cap + 0.1,
         "the inner used {share:.2} CPUs of {cpus}; its cap is {cap}"
     );
+}
+
+/// A local user held 20,000 half-sent requests open on the HTTP ingress
+/// and took every fd hulld had: status, exec and checkpoint timed out.
+#[test]
+fn half_sent_requests_on_the_ingress_leave_hulld_its_fds() {
+    use std::io::Write;
+    if !require_root() {
+        return;
+    }
+    // Below the default (1024), so that a flood of 2,000 shows the cap.
+    let hull = TestHull::start_with(Limits {
+        network_extra: "max_connections_per_source = 128\n".into(),
+        ..Limits::default()
+    });
+    flood_and_count_fds(&hull, "half-sent requests", 300, || {
+        let mut s = std::net::TcpStream::connect((hull.outer, hull.http_port)).ok()?;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: 8000.localhost\r\n");
+        Some(s)
+    });
+}
+
+/// The sparse volume's default size (64G) exceeded the host's free space:
+/// the inner could fill the disk that hulld's own state lives on.
+#[test]
+fn the_volume_leaves_hulld_disk_space_of_its_own() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        volume_size: "10000G",
+        ..Limits::default()
+    });
+    let image = std::fs::metadata(hull.state_dir.join("volume.img"))
+        .expect("the volume image")
+        .len();
+    let stat = nix::sys::statvfs::statvfs(&hull.state_dir).unwrap();
+    let free = stat.blocks_available() * stat.fragment_size();
+    // The image is sparse: what it may still grow by must leave the
+    // default reserve (2G) free.
+    let used = std::fs::metadata(hull.state_dir.join("volume.img"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    // Others share this disk: its free space moves by the minute.
+    assert!(
+        image - used + (2 << 30) <= free + (1 << 30),
+        "a {image}-byte volume image with {free} bytes free on its disk"
+    );
+    assert_responsive(&hull);
 }
