@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use hull_tests::{block_on, require_root, Limits, TestHull};
+use hull_tests::{block_on, connect_nonblocking, listen_in_inner, require_root, Limits, TestHull};
 
 /// `status` must keep answering within this while an attack runs.
 const RESPONSIVE: Duration = Duration::from_secs(1);
@@ -298,22 +298,6 @@ fn inner_pid(hull: &TestHull) -> i32 {
         .expect("the inner's pid")
 }
 
-/// A non-blocking connection to `path`; None when the listener's backlog
-/// is full (EAGAIN) or it refuses.
-fn connect_nonblocking(path: &std::path::Path) -> Option<std::os::unix::net::UnixStream> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    let addr = UnixAddr::new(path).expect("socket path");
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).ok()?;
-    Some(std::os::unix::net::UnixStream::from(fd))
-}
-
 /// 20,000 connections to the inner's service socket took every fd hulld
 /// had: each was accepted and served by a task of its own.
 #[test]
@@ -361,7 +345,6 @@ fn flood_and_count_fds<T>(
 /// from 167 MB to 1.67 GB: a declared length was buffered as it came.
 #[test]
 fn half_sent_frames_on_the_inner_socket_do_not_grow_hulld() {
-    use std::io::Write;
     if !require_root() {
         return;
     }
@@ -369,39 +352,7 @@ fn half_sent_frames_on_the_inner_socket_do_not_grow_hulld() {
     let path = inner_socket(&hull);
     let hulld = hull.hulld_pid();
     let rss_before = vm_rss(hulld);
-    // Declares the largest frame the control socket takes and sends all
-    // of it but the end, so nothing ever decodes.
-    let declared: u32 = 4 * 1024 * 1024 - 8;
-    let mut conns: Vec<(std::os::unix::net::UnixStream, usize)> = (0..100)
-        .filter_map(|_| connect_nonblocking(&path))
-        .map(|s| (s, 0))
-        .collect();
-    let total = declared as usize - 64;
-    let chunk = vec![0xc1u8; 256 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for (s, _) in &mut conns {
-        let _ = s.write(&declared.to_be_bytes());
-    }
-    let mut open = conns.len();
-    while open > 0 && Instant::now() < deadline {
-        open = 0;
-        for (s, sent) in conns.iter_mut() {
-            if *sent >= total {
-                continue;
-            }
-            let n = (total - *sent).min(chunk.len());
-            match s.write(&chunk[..n]) {
-                Ok(w) => *sent += w,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // hulld hung up: done with this one.
-                Err(_) => *sent = total,
-            }
-            if *sent < total {
-                open += 1;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let conns = hull_tests::hold_half_sent_frames(&path, 100);
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = vm_rss(hulld);
     assert_responsive(&hull);
@@ -424,17 +375,7 @@ fn a_thousand_listening_ports_leave_hulld_its_fds() {
     let inner_pid = inner_pid(&hull);
     let hulld = hull.hulld_pid();
     let before = fd_count(hulld);
-    // Listeners made in the inner's network namespace: the port table
-    // sees them as the inner's, whoever holds them.
-    let netns = std::fs::File::open(format!("/proc/{inner_pid}/ns/net")).unwrap();
-    let listeners = std::thread::spawn(move || {
-        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        (0..1000u16)
-            .map(|i| TcpListener::bind(("0.0.0.0", 30000 + i)).expect("listen in the inner"))
-            .collect::<Vec<_>>()
-    })
-    .join()
-    .unwrap();
+    let listeners = listen_in_inner(inner_pid, 30000..31000);
     // Scans run every 250 ms; the forwarder follows within a second.
     let deadline = Instant::now() + Duration::from_secs(15);
     let report = loop {
