@@ -114,9 +114,10 @@ const HEAD: &str = "head";
 
 impl Storage {
     /// Opens (creating if needed) the volume and catalog, then finishes or
-    /// rolls back whatever a crash left half done.
-    pub fn open(state_dir: &Path, image_size: u64) -> Result<(Self, Recovery)> {
-        let volume = Volume::open(state_dir, image_size)?;
+    /// rolls back whatever a crash left half done. A new loop image leaves
+    /// `disk_reserve` bytes free on the state dir's filesystem.
+    pub fn open(state_dir: &Path, image_size: u64, disk_reserve: u64) -> Result<(Self, Recovery)> {
+        let volume = Volume::open(state_dir, image_size, disk_reserve)?;
         for dir in ["layers", "checkpoints"] {
             let path = volume.root.join(dir);
             fs::create_dir_all(&path).map_err(|source| StorageError::Subvolume {

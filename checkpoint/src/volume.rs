@@ -195,6 +195,15 @@ pub enum VolumeError {
         path: PathBuf,
         detail: String,
     },
+    #[error("{path} has {free} bytes free; hull keeps {reserve} of them for its own state (daemon.disk_reserve), which leaves less than the {min} bytes the volume needs: free some space or lower the reserve")]
+    NoRoom {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
+        min: u64,
+    },
+    #[error("cannot read the free space of {path}")]
+    FreeSpace { path: PathBuf, source: nix::Error },
     #[error("cannot unmount {path}")]
     Unmount { path: PathBuf, source: nix::Error },
 }
@@ -229,9 +238,44 @@ fn run(program: &'static str, cmd: &mut Command, path: &Path) -> Result<(), Volu
     Ok(())
 }
 
+/// The smallest loop image hull makes: mkfs.btrfs's mixed profile and a
+/// layer worth having.
+pub const MIN_IMAGE: u64 = 256 << 20;
+
+/// The size of a new sparse image: `wanted`, or less so that the state
+/// dir's filesystem keeps `reserve` free when the image has filled up (the
+/// inner could otherwise fill the disk hulld's catalog and logs live on).
+fn image_size(state_dir: &Path, wanted: u64, reserve: u64) -> Result<u64, VolumeError> {
+    let stat = nix::sys::statvfs::statvfs(state_dir).map_err(|source| VolumeError::FreeSpace {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    let room = free.saturating_sub(reserve);
+    if room < MIN_IMAGE.min(wanted) {
+        return Err(VolumeError::NoRoom {
+            path: state_dir.to_path_buf(),
+            free,
+            reserve,
+            min: MIN_IMAGE.min(wanted),
+        });
+    }
+    if room < wanted {
+        tracing::warn!(
+            wanted,
+            size = room,
+            free,
+            reserve,
+            "the volume image is sized to the free space less hull's reserve, not to volume_size"
+        );
+    }
+    Ok(wanted.min(room))
+}
+
 impl Volume {
-    /// Finds or creates the volume; `image_size` is the sparse image's size.
-    pub fn open(state_dir: &Path, image_size: u64) -> Result<Self, VolumeError> {
+    /// Finds or creates the volume; a new sparse image is `image_size`
+    /// bytes, or less so that `reserve` bytes stay free beside it.
+    pub fn open(state_dir: &Path, image_size: u64, reserve: u64) -> Result<Self, VolumeError> {
         let create = |path: &Path| {
             fs::create_dir_all(path).map_err(|source| VolumeError::Create {
                 path: path.to_path_buf(),
@@ -256,6 +300,7 @@ impl Volume {
             });
         }
         if !image.exists() {
+            let image_size = self::image_size(state_dir, image_size, reserve)?;
             tracing::warn!(
                 state_dir = %state_dir.display(),
                 image = %image.display(),

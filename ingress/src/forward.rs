@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::budget::{out_of_fds, ConnLimits, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
 use crate::policy::PortPolicy;
 use crate::ports::{listener_went_away, wait_listening};
 use crate::{Dialer, PortTable};
@@ -75,6 +76,23 @@ pub struct ForwardConfig {
     /// How long a connection waits for the inner's port, and how long an
     /// outer listener outlives its inner port.
     pub wait: Duration,
+    /// Outer listeners at most: the inner may listen on any number of
+    /// ports, and each would cost hulld an fd.
+    pub max_ports: usize,
+    /// hulld's fds that listeners and relayed connections may take.
+    pub budget: Arc<FdBudget>,
+    /// Relayed connections at once, in all and per source (shared with
+    /// the HTTP ingress).
+    pub conns: Arc<ConnLimits>,
+}
+
+/// The forwarder's repeated warnings, each logged once per interval.
+#[derive(Debug, Default)]
+struct Warnings {
+    accept: Throttle,
+    no_fds: Throttle,
+    capped: Throttle,
+    too_many: Throttle,
 }
 
 /// What became of one inner port on the outer side.
@@ -89,11 +107,16 @@ pub enum ForwardState {
     NotAllowed,
     /// It needs the bearer token, which only HTTP ingress checks.
     Private,
+    /// hulld's cap on forwarded ports is reached, or its fd budget spent:
+    /// tried again as ports go away. Reach it through HTTP ingress.
+    NotForwarded { reason: String },
 }
 
 struct Exposed {
     state: ForwardState,
     task: Option<JoinHandle<()>>,
+    /// The listener's fd, from hulld's budget.
+    _lease: Option<FdLease>,
     /// Since when the inner no longer listens on it.
     gone_since: Option<Instant>,
 }
@@ -138,6 +161,7 @@ async fn follow(
     mut ports: watch::Receiver<PortTable>,
     config: Arc<ForwardConfig>,
 ) {
+    let warnings = Arc::new(Warnings::default());
     loop {
         let listening: Vec<u16> = {
             let table = ports.borrow_and_update();
@@ -145,7 +169,7 @@ async fn follow(
             v.dedup();
             v
         };
-        sync(&forwarder, &dialer, &ports, &config, &listening).await;
+        sync(&forwarder, &dialer, &ports, &config, &warnings, &listening).await;
         // Wake up for changes, and now and then to close lingering listeners.
         match tokio::time::timeout(Duration::from_secs(1), ports.changed()).await {
             Ok(Err(_)) => break,
@@ -160,12 +184,17 @@ async fn sync(
     dialer: &Dialer,
     ports: &watch::Receiver<PortTable>,
     config: &Arc<ForwardConfig>,
+    warnings: &Arc<Warnings>,
     listening: &[u16],
 ) {
-    let fresh: Vec<u16> = {
+    let (fresh, mut forwarded) = {
         let mut exposed = forwarder.exposed.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         exposed.retain(|port, e| {
+            // Refused for want of room: asked again, a slot may be free.
+            if matches!(e.state, ForwardState::NotForwarded { .. }) {
+                return false;
+            }
             if listening.contains(port) {
                 e.gone_since = None;
                 return true;
@@ -180,19 +209,47 @@ async fn sync(
             }
             keep
         });
-        listening
+        let forwarded = exposed.values().filter(|e| e.task.is_some()).count();
+        let fresh: Vec<u16> = listening
             .iter()
             .copied()
             .filter(|p| !exposed.contains_key(p))
-            .collect()
+            .collect();
+        (fresh, forwarded)
     };
+    let mut capped = 0usize;
     for port in fresh {
-        let exposed = expose(port, dialer, ports, config).await;
+        let exposed = if forwarded >= config.max_ports {
+            capped += 1;
+            Exposed {
+                state: ForwardState::NotForwarded {
+                    reason: format!(
+                        "cap reached: hulld forwards at most {} ports (network.max_forwarded_ports)",
+                        config.max_ports
+                    ),
+                },
+                task: None,
+                _lease: None,
+                gone_since: None,
+            }
+        } else {
+            expose(port, dialer, ports, config, warnings).await
+        };
+        if exposed.task.is_some() {
+            forwarded += 1;
+        }
         forwarder
             .exposed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(port, exposed);
+    }
+    if capped > 0 && warnings.capped.hit().is_some() {
+        tracing::warn!(
+            capped,
+            cap = config.max_ports,
+            "inner ports not forwarded: the cap on forwarded ports is reached"
+        );
     }
 }
 
@@ -201,11 +258,13 @@ async fn expose(
     dialer: &Dialer,
     ports: &watch::Receiver<PortTable>,
     config: &Arc<ForwardConfig>,
+    warnings: &Arc<Warnings>,
 ) -> Exposed {
     let outer = SocketAddr::new(config.outer_addr, port);
     let state_only = |state| Exposed {
         state,
         task: None,
+        _lease: None,
         gone_since: None,
     };
     if !config.policy.exposes(port) {
@@ -220,6 +279,11 @@ async fn expose(
             error: "hulld's HTTP ingress listens there".into(),
         });
     }
+    let Some(lease) = config.budget.take(1) else {
+        return state_only(ForwardState::NotForwarded {
+            reason: "hulld has no file descriptors to spare".into(),
+        });
+    };
     match TcpListener::bind(outer).await {
         Ok(listener) => {
             tracing::info!(port, %outer, "forwarding an inner port");
@@ -229,10 +293,12 @@ async fn expose(
                 dialer.clone(),
                 ports.clone(),
                 config.clone(),
+                warnings.clone(),
             ));
             Exposed {
                 state: ForwardState::Forwarded { outer },
                 task: Some(task),
+                _lease: Some(lease),
                 gone_since: None,
             }
         }
@@ -252,14 +318,17 @@ async fn accept_loop(
     dialer: Dialer,
     ports: watch::Receiver<PortTable>,
     config: Arc<ForwardConfig>,
+    warnings: Arc<Warnings>,
 ) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(port, error = %e, "accept on a forwarded port failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(suppressed) = warnings.accept.hit() {
+                    tracing::warn!(port, error = %e, out_of_fds = out_of_fds(&e), suppressed, "accept on a forwarded port failed; backing off");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -267,11 +336,32 @@ async fn accept_loop(
             tracing::debug!(port, %peer, "connection from the inner's own network refused");
             continue;
         }
+        let admission = match config.conns.admit(crate::peer::canonical_ip(peer.ip())) {
+            Ok(admission) => admission,
+            Err(why) => {
+                if let Some(suppressed) = warnings.too_many.hit() {
+                    tracing::warn!(port, %peer, ?why, suppressed, "forwarded connection refused: too many open");
+                }
+                continue;
+            }
+        };
+        // The client's fd and the one into the inner.
+        let Some(lease) = config.budget.take(2) else {
+            if let Some(suppressed) = warnings.no_fds.hit() {
+                tracing::warn!(
+                    port,
+                    suppressed,
+                    "forwarded connection refused: the fds hulld gives to requests are all in use"
+                );
+            }
+            continue;
+        };
         let (dialer, ports, config) = (dialer.clone(), ports.clone(), config.clone());
         tokio::spawn(async move {
             if let Err(e) = relay(client, port, &dialer, ports, &config).await {
                 tracing::debug!(port, %peer, error = %e, "forwarded connection ended with an error");
             }
+            drop((lease, admission));
         });
     }
 }

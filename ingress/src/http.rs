@@ -30,8 +30,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::budget::{out_of_fds, ConnLimits, ACCEPT_BACKOFF};
 use crate::ports::{listener_went_away, wait_listening};
-use crate::{Dialer, PortTable};
+use crate::{Dialer, FdBudget, PortTable, Throttle};
 
 /// The body of every response the ingress returns: a proxied one streams
 /// the inner's body, an error carries a short text.
@@ -58,6 +59,12 @@ pub struct HttpIngressConfig {
     /// Peer networks whose connections are dropped at accept: the inner's
     /// own subnet, so the inner cannot reach hulld's listeners through it.
     pub refuse_from: Vec<(IpAddr, u8)>,
+    /// hulld's fds that client connections (and theirs into the inner)
+    /// may take; past it connections are closed at accept.
+    pub budget: Arc<FdBudget>,
+    /// Client connections at once, in all and per source (shared with
+    /// the forwarder).
+    pub conns: Arc<ConnLimits>,
 }
 
 impl Default for HttpIngressConfig {
@@ -67,6 +74,8 @@ impl Default for HttpIngressConfig {
             token: None,
             policy: PortPolicy::default(),
             refuse_from: Vec::new(),
+            budget: FdBudget::unlimited(),
+            conns: Arc::new(ConnLimits::default()),
         }
     }
 }
@@ -85,8 +94,6 @@ pub struct HttpIngress {
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Without a timer hyper never times out a client that trickles its header.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// An accept error is mostly EMFILE/ENFILE; retrying at once would spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The shortest time a connect to the inner is given.
 const CONNECT_MIN: Duration = Duration::from_secs(1);
 /// The largest answer to an idempotent request that is read whole before
@@ -110,11 +117,18 @@ type Failure = (StatusCode, String);
 impl HttpIngress {
     /// Accepts connections forever, one task each.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let (failed, no_fds, too_many) = (
+            Throttle::default(),
+            Throttle::default(),
+            Throttle::default(),
+        );
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    warn!(error = %e, "http ingress: accept failed");
+                    if let Some(suppressed) = failed.hit() {
+                        warn!(error = %e, out_of_fds = out_of_fds(&e), suppressed, "http ingress: accept failed; backing off");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -125,8 +139,29 @@ impl HttpIngress {
                 drop(stream);
                 continue;
             }
+            let admission = match self.config.conns.admit(peer_ip) {
+                Ok(admission) => admission,
+                Err(why) => {
+                    if let Some(suppressed) = too_many.hit() {
+                        warn!(%peer, ?why, suppressed, "http ingress: connection refused: too many open");
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
+            // The client's fd and, at most, one kept into the inner.
+            let Some(lease) = self.config.budget.take(2) else {
+                if let Some(suppressed) = no_fds.hit() {
+                    warn!(suppressed, "http ingress: connection refused: the fds hulld gives to requests are all in use");
+                }
+                drop(stream);
+                continue;
+            };
             let this = self.clone();
-            tokio::spawn(async move { this.serve_connection(stream, peer_ip).await });
+            tokio::spawn(async move {
+                this.serve_connection(stream, peer_ip).await;
+                drop((lease, admission));
+            });
         }
     }
 

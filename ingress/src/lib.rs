@@ -9,11 +9,13 @@
 //! * [`link`]: the veth pair, addresses and routes (rtnetlink).
 //! * [`nat`]: masquerade and forwarding rules (nftables).
 //! * [`ports`]: which TCP ports the inner listens on (sock_diag), and by whom.
+//! * [`budget`]: the fds the inner's requests may take, and warnings throttled.
 //! * [`forward`]: one outer listener per inner port, relaying connections.
 //! * [`peer`]: whether a connection comes from the inner's own network.
 //! * [`policy`]: which inner ports the outside reaches, and on what terms.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
 
+pub mod budget;
 pub mod forward;
 pub mod http;
 pub mod link;
@@ -24,5 +26,6 @@ pub mod policy;
 pub mod ports;
 pub mod portwatch;
 
+pub use budget::{FdBudget, FdLease, Throttle};
 pub use netns::{Dialer, InnerNetns};
 pub use ports::{ListeningPort, PortTable};

@@ -4,7 +4,7 @@
 //! segments go first, and the drop is itself recorded). Lives in the root
 //! namespace, so logs survive every bounce, restore and crash of the inner.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -43,13 +43,21 @@ pub struct LogLimits {
     /// shares it, so its own cap keeps a flood of exec output apart from
     /// the services' history.
     pub exec_max: u64,
+    /// Sources kept on disk at most: each costs up to `source_max` and an
+    /// fd while written, and a source is made by every service added.
+    pub max_sources: usize,
 }
+
+/// Sources by default: the services hulld keeps at most, `exec`, `hulld`,
+/// and room for the logs of services a restore brings back.
+pub const MAX_SOURCES: usize = 512;
 
 impl Default for LogLimits {
     fn default() -> Self {
         LogLimits {
             segment_max: 8 << 20,
             source_max: 64 << 20,
+            max_sources: MAX_SOURCES,
             exec_max: 32 << 20,
         }
     }
@@ -366,16 +374,31 @@ pub struct Cursor {
 pub struct LogStore {
     root: PathBuf,
     limits: LogLimits,
-    sources: Mutex<HashMap<String, Arc<SourceLog>>>,
+    sources: Mutex<Sources>,
+}
+
+/// The sources open for writing, and every source with a directory.
+#[derive(Default)]
+struct Sources {
+    open: HashMap<String, Arc<SourceLog>>,
+    on_disk: HashSet<String>,
 }
 
 impl LogStore {
     pub fn open(root: PathBuf, limits: LogLimits) -> io::Result<Arc<Self>> {
         fs::create_dir_all(&root)?;
+        let on_disk = fs::read_dir(&root)?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
         let store = Arc::new(LogStore {
             root,
             limits,
-            sources: Mutex::new(HashMap::new()),
+            sources: Mutex::new(Sources {
+                open: HashMap::new(),
+                on_disk,
+            }),
         });
         // Flushing writes files: a thread of its own, never a runtime worker.
         let weak = Arc::downgrade(&store);
@@ -398,16 +421,37 @@ impl LogStore {
         Ok(self.root.join(source))
     }
 
-    /// The log of `source`, created on first use.
+    /// The log of `source`, created on first use; refused when it would
+    /// be one source more than the cap.
     pub fn source(&self, source: &str) -> io::Result<Arc<SourceLog>> {
         let dir = self.dir(source)?;
         let mut sources = lock(&self.sources);
-        if let Some(s) = sources.get(source) {
+        if let Some(s) = sources.open.get(source) {
             return Ok(s.clone());
         }
+        if !sources.on_disk.contains(source) && sources.on_disk.len() >= self.limits.max_sources {
+            return Err(io::Error::other(format!(
+                "the log store keeps at most {} sources (logs.max_sources); {source} gets no log",
+                self.limits.max_sources
+            )));
+        }
         let log = Arc::new(SourceLog::open(dir, self.limits)?);
-        sources.insert(source.to_string(), log.clone());
+        sources.open.insert(source.to_string(), log.clone());
+        sources.on_disk.insert(source.to_string());
         Ok(log)
+    }
+
+    /// Deletes `source`'s log (a removed service's). A writer still holding
+    /// it writes into unlinked files; the next [`LogStore::source`] of the
+    /// name starts afresh. Walks files: call it off the runtime.
+    pub fn remove(&self, source: &str) -> io::Result<()> {
+        let mut sources = lock(&self.sources);
+        sources.open.remove(source);
+        sources.on_disk.remove(source);
+        match fs::remove_dir_all(self.dir(source)?) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// A cursor at the start of the newest segment: where a short tail
@@ -476,13 +520,13 @@ impl LogStore {
 
     /// Readers see what a source's writer still buffers.
     fn flush_source(&self, source: &str) {
-        if let Some(s) = lock(&self.sources).get(source) {
+        if let Some(s) = lock(&self.sources).open.get(source) {
             s.flush();
         }
     }
 
     pub fn flush(&self) {
-        for s in lock(&self.sources).values() {
+        for s in lock(&self.sources).open.values() {
             s.flush();
         }
     }
@@ -608,6 +652,7 @@ mod tests {
             segment_max: 600,
             source_max: 1 << 20,
             exec_max: 1 << 20,
+            ..LogLimits::default()
         };
         let store = LogStore::open(dir.path().to_path_buf(), limits).unwrap();
         let log = store.source("s").unwrap();
@@ -649,6 +694,28 @@ mod tests {
                 (None, "after")
             ]
         );
+    }
+
+    #[test]
+    fn logs_sources_are_capped_and_a_removed_one_frees_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("old")).unwrap();
+        let limits = LogLimits {
+            max_sources: 3,
+            ..LogLimits::default()
+        };
+        let store = LogStore::open(dir.path().to_path_buf(), limits).unwrap();
+        store.source("a").unwrap().append(Stream::Stdout, "x");
+        store.source("b").unwrap();
+        let err = store.source("c").err().expect("a fourth source");
+        assert!(err.to_string().contains("logs.max_sources"), "{err}");
+        // One that exists on disk is never refused.
+        store.source("old").unwrap();
+        store.remove("a").unwrap();
+        assert!(!dir.path().join("a").exists());
+        store.source("c").unwrap();
+        assert!(store.source("a").is_err());
+        store.remove("nothing-there").unwrap();
     }
 
     #[test]

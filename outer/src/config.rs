@@ -40,6 +40,12 @@ pub enum ConfigError {
         segment: String,
         cap: String,
     },
+    #[error("daemon.cpu_weight = {0}: use 1 to 10000 (the inner's is 100)")]
+    CpuWeight(u64),
+    #[error("cpus = {0}: use a number of CPUs such as 1.5 (at least 0.01)")]
+    Cpus(f64),
+    #[error("{field} = 0: it must be at least 1")]
+    Zero { field: &'static str },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
@@ -106,6 +112,13 @@ pub struct NetworkConfig {
     pub private_ports: Vec<u16>,
     /// Every port's HTTP ingress needs the bearer token.
     pub private_all: bool,
+    /// Inner ports forwarded at most (one outer listener each); more are
+    /// listed as not forwarded and reached through HTTP ingress.
+    pub max_forwarded_ports: usize,
+    /// Connections through forwarded ports and the HTTP ingress at once.
+    pub max_connections: usize,
+    /// ... of them from one client address.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for NetworkConfig {
@@ -121,6 +134,9 @@ impl Default for NetworkConfig {
             wait_secs: 10,
             private_ports: Vec::new(),
             private_all: false,
+            max_forwarded_ports: 256,
+            max_connections: 4096,
+            max_connections_per_source: 1024,
         }
     }
 }
@@ -168,6 +184,12 @@ impl NetworkConfig {
             wait: Duration::from_secs(self.wait_secs),
             private_ports: self.private_ports.clone(),
             private_all: self.private_all,
+            max_forwarded_ports: self.max_forwarded_ports,
+            max_connections: positive("network.max_connections", self.max_connections)?,
+            max_connections_per_source: positive(
+                "network.max_connections_per_source",
+                self.max_connections_per_source,
+            )?,
             token_file: state_dir.join("ingress.token"),
             resolv_conf: state_dir.join("resolv.conf"),
         })
@@ -205,6 +227,10 @@ pub struct Config {
     /// Memory limit of the inner ("2G", "512M", bytes); 3/4 of RAM when unset.
     pub memory_max: Option<String>,
     pub pids_max: Option<u64>,
+    /// CPUs' worth of time the inner may use (1.5: one and a half); by
+    /// default all but half a CPU (a quarter of one on a single CPU), so
+    /// hulld always has room.
+    pub cpus: Option<f64>,
     /// The name of hull's cgroup below the one hulld starts in.
     pub cgroup_name: String,
     pub log_format: LogFormat,
@@ -215,6 +241,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub logs: LogsConfig,
     pub inner: InnerTable,
+    pub daemon: DaemonConfig,
 }
 
 /// The `[inner]` table: what the inner's processes may ask of the kernel.
@@ -249,6 +276,46 @@ impl InnerTable {
     }
 }
 
+/// The `[daemon]` table: hulld's own bounds, which nothing in the inner
+/// can spend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Connections the control socket (and vsock) serve at once.
+    pub control_connections: usize,
+    /// Connections the inner's service socket serves at once.
+    pub inner_connections: usize,
+    /// File descriptors hulld keeps for itself: the inner's requests
+    /// (its service socket, forwarded ports and connections, HTTP ingress)
+    /// are refused rather than take them.
+    pub fd_reserve: usize,
+    /// Services the registry holds at most.
+    pub max_services: usize,
+    /// Disk space on the state dir's filesystem that a new volume image
+    /// leaves free for hulld's own state (catalog, logs, hulld.log).
+    pub disk_reserve: String,
+    /// hulld's own memory limit (its cgroup's), beyond the sealed copy of
+    /// its binary, which is charged to it too.
+    pub memory_max: String,
+    /// hulld's CPU weight against the inner's (100), so a busy inner never
+    /// takes hulld's share of contended CPU.
+    pub cpu_weight: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            control_connections: 256,
+            inner_connections: 16,
+            fd_reserve: 512,
+            max_services: hull_services::MAX_SERVICES,
+            memory_max: "256M".into(),
+            cpu_weight: 1000,
+            disk_reserve: "2G".into(),
+        }
+    }
+}
+
 /// The `[logs]` table: how much of each source's log is kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -260,6 +327,8 @@ pub struct LogsConfig {
     /// The `exec` source's cap instead (every non-interactive exec's
     /// output): apart, so a flood of exec output drops only old execs.
     pub max_exec: String,
+    /// Sources (services, `exec`, `hulld`) kept on disk at most.
+    pub max_sources: usize,
 }
 
 impl Default for LogsConfig {
@@ -268,6 +337,7 @@ impl Default for LogsConfig {
             segment_size: "8M".into(),
             max_per_source: "64M".into(),
             max_exec: "32M".into(),
+            max_sources: hull_logs::store::MAX_SOURCES,
         }
     }
 }
@@ -298,6 +368,7 @@ impl LogsConfig {
             segment_max: segment,
             source_max: cap("logs.max_per_source", &self.max_per_source)?,
             exec_max: cap("logs.max_exec", &self.max_exec)?,
+            max_sources: positive("logs.max_sources", self.max_sources)?,
         })
     }
 }
@@ -313,6 +384,7 @@ impl Default for Config {
             hostname: "hull".to_string(),
             memory_max: None,
             pids_max: Some(4096),
+            cpus: None,
             cgroup_name: "hull".to_string(),
             log_format: LogFormat::Human,
             volume_size: "64G".to_string(),
@@ -320,6 +392,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             logs: LogsConfig::default(),
             inner: InnerTable::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -364,10 +437,26 @@ impl Config {
                 socket: self.socket.clone(),
                 vsock_port: self.vsock_port,
                 cgroup_name: self.cgroup_name.clone(),
+                control_connections: positive(
+                    "daemon.control_connections",
+                    self.daemon.control_connections,
+                )?,
+                inner_connections: positive(
+                    "daemon.inner_connections",
+                    self.daemon.inner_connections,
+                )?,
+                fd_reserve: self.daemon.fd_reserve,
+                max_services: positive("daemon.max_services", self.daemon.max_services)?,
+                memory_max: size("daemon.memory_max", &self.daemon.memory_max)?,
+                cpu_weight: match self.daemon.cpu_weight {
+                    w @ 1..=10_000 => w,
+                    w => return Err(ConfigError::CpuWeight(w)),
+                },
             },
             storage: StorageSettings {
                 state_dir: self.state_dir.clone(),
                 volume_size: size("volume_size", &self.volume_size)?,
+                disk_reserve: size("daemon.disk_reserve", &self.daemon.disk_reserve)?,
                 auto_checkpoints_keep: self.auto_checkpoints_keep,
             },
             inner: InnerSettings {
@@ -377,6 +466,11 @@ impl Config {
                 memory_max,
                 pids_max: self.pids_max,
                 seccomp: self.inner.seccomp(),
+                cpus: match self.cpus {
+                    Some(c) if c.is_finite() && c >= 0.01 => c,
+                    Some(c) => return Err(ConfigError::Cpus(c)),
+                    None => default_cpus(online_cpus()),
+                },
             },
             logs: LogsSettings {
                 dir: self.state_dir.join("logs"),
@@ -400,6 +494,13 @@ impl Config {
 
     pub fn log_file(&self) -> PathBuf {
         self.state_dir.join("hulld.log")
+    }
+}
+
+fn positive(field: &'static str, value: usize) -> Result<usize, ConfigError> {
+    match value {
+        0 => Err(ConfigError::Zero { field }),
+        n => Ok(n),
     }
 }
 
@@ -428,6 +529,14 @@ pub struct DaemonSettings {
     pub vsock_port: Option<u32>,
     /// The name of hull's cgroup below the one hulld starts in.
     pub cgroup_name: String,
+    pub control_connections: usize,
+    pub inner_connections: usize,
+    /// File descriptors kept from the inner's requests.
+    pub fd_reserve: usize,
+    pub max_services: usize,
+    /// Bytes: hulld's cgroup gets this plus the size of its binary.
+    pub memory_max: u64,
+    pub cpu_weight: u64,
 }
 
 /// The btrfs volume and its checkpoints.
@@ -436,6 +545,8 @@ pub struct StorageSettings {
     pub state_dir: PathBuf,
     /// Bytes of the sparse image when the state dir is not on btrfs.
     pub volume_size: u64,
+    /// Bytes a new image leaves free on the state dir's filesystem.
+    pub disk_reserve: u64,
     pub auto_checkpoints_keep: usize,
 }
 
@@ -450,6 +561,8 @@ pub struct InnerSettings {
     pub pids_max: Option<u64>,
     /// What the inner's seccomp filter lets through; `None`: no filter.
     pub seccomp: Option<SeccompOptions>,
+    /// CPUs' worth of time per period.
+    pub cpus: f64,
 }
 
 /// The log store.
@@ -477,6 +590,9 @@ pub struct NetworkSettings {
     pub wait: Duration,
     pub private_ports: Vec<u16>,
     pub private_all: bool,
+    pub max_forwarded_ports: usize,
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
     /// The bearer token of private URLs.
     pub token_file: PathBuf,
     /// The inner's resolv.conf ("nat" mode).
@@ -499,6 +615,17 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// The inner's default CPU cap: all but half a CPU, or three quarters of
+/// the only one.
+fn default_cpus(online: usize) -> f64 {
+    let n = online.max(1) as f64;
+    (n - 0.5).max(n * 0.75)
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn physical_memory() -> u64 {
@@ -562,6 +689,10 @@ mod tests {
                 "network.outer_address",
             ),
             ("[network]\nexpose = \"80-\"\n", "network.expose"),
+            (
+                "[daemon]\ninner_connections = 0\n",
+                "daemon.inner_connections",
+            ),
             ("[network]\nsubnet = \"10.0.0.0/31\"\n", "network.subnet"),
             (
                 "[network]\ndns = [\"1.1.1.1\", \"dns.google\"]\n",
@@ -619,6 +750,26 @@ mod tests {
         assert_eq!(off.inner.seccomp, None);
         let typo = toml::from_str::<Config>("[inner]\nio_urings = true\n");
         assert!(typo.is_err());
+    }
+
+    #[test]
+    fn the_inner_leaves_hulld_cpu_by_default() {
+        assert_eq!(default_cpus(1), 0.75);
+        assert_eq!(default_cpus(2), 1.5);
+        assert_eq!(default_cpus(16), 15.5);
+        let s = from_toml("cpus = 0.5\n[daemon]\nmemory_max = \"128M\"\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(s.inner.cpus, 0.5);
+        assert_eq!(s.daemon.memory_max, 128 << 20);
+        assert_eq!(s.daemon.cpu_weight, 1000);
+        for bad in [
+            "cpus = 0.0\n",
+            "cpus = -1.0\n",
+            "[daemon]\ncpu_weight = 0\n",
+        ] {
+            assert!(from_toml(bad).resolve().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hull_cgroups::{CgroupError, HullCgroups};
+use hull_cgroups::{CgroupError, CpuLimits, CpuMax, HullCgroups};
 use hull_checkpoint::Storage;
 use hull_image::ImageStore;
 use hull_proto::Limits;
@@ -15,11 +15,12 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 
-use crate::config::Settings;
+use crate::config::{DaemonSettings, Settings};
 use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
-use crate::server::Scope;
+use crate::server::Endpoint;
 use crate::supervisor::{InnerConfig, Supervisor};
+use hull_ingress::FdBudget;
 use hull_services::ServiceManager;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,16 +63,39 @@ pub enum DaemonError {
 }
 
 /// Every forwarded connection costs two fds; the default soft limit of 1024
-/// would cap ingress at a few hundred connections.
-fn raise_fd_limit() {
+/// would cap ingress at a few hundred connections. Returns the limit now in
+/// force.
+fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(error = %e, "cannot raise the open file limit");
-            }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+            return soft;
         }
     }
+    hard
+}
+
+/// The fds the inner's requests may take: the limit less what hulld holds
+/// once started and the reserve. Listing /proc/self/fd once, here, is
+/// cheap; every accept after it asks the counter.
+fn fd_budget(limit: u64, reserve: usize) -> Arc<FdBudget> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count());
+    // A reserve larger than half the limit would leave the inner nothing.
+    let reserve = reserve.min(limit / 2);
+    let budget = FdBudget::new(limit, open, reserve);
+    tracing::info!(
+        limit,
+        open,
+        reserve,
+        for_requests = budget.total(),
+        "file descriptor budget"
+    );
+    budget
 }
 
 fn create_state_dir(path: &Path) -> Result<(), DaemonError> {
@@ -147,6 +171,61 @@ fn clean_up_stale_inner(cgroups: &HullCgroups) -> Result<(), DaemonError> {
     }
     Ok(())
 }
+
+/// hulld's group gets its memory limit and a CPU weight over the inner's;
+/// the inner a CPU cap that leaves hulld room. A missing cpu controller
+/// (not delegated to hull's group) costs the CPU bounds, with a warning.
+fn limit_groups(
+    cgroups: &HullCgroups,
+    config: &DaemonSettings,
+    inner_cpus: f64,
+) -> Result<(), DaemonError> {
+    // The sealed copy of hulld's binary is made in its group, and charged
+    // to it: the limit is for everything else.
+    let exe = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map_or(0, |m| m.len());
+    let memory_max = config.memory_max.saturating_add(exe);
+    cgroups.daemon.set_limits(Some(memory_max), None)?;
+    let cpu = [
+        (
+            &cgroups.daemon,
+            CpuLimits {
+                weight: Some(config.cpu_weight),
+                max: None,
+            },
+        ),
+        (
+            &cgroups.inner,
+            CpuLimits {
+                weight: Some(INNER_CPU_WEIGHT),
+                max: Some(CpuMax::cpus(inner_cpus)),
+            },
+        ),
+    ];
+    for (group, limits) in cpu {
+        match group.set_cpu(&limits) {
+            Ok(()) => {}
+            Err(e @ CgroupError::NoController { .. }) => {
+                tracing::warn!(error = %crate::error_chain(&e), "no CPU weight or cap: the cpu controller is not available to hull's cgroups");
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::info!(
+        daemon_memory_max = memory_max,
+        daemon_cpu_weight = config.cpu_weight,
+        inner_cpu_weight = INNER_CPU_WEIGHT,
+        inner_cpus,
+        "hull's cgroups limited"
+    );
+    Ok(())
+}
+
+/// The inner's CPU weight: the kernel's default, against which
+/// `daemon.cpu_weight` is read.
+const INNER_CPU_WEIGHT: u64 = 100;
 
 fn bind_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     let err = |source| DaemonError::Socket {
@@ -231,6 +310,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     cgroups.daemon.create()?;
     cgroups.inner.create()?;
     cgroups.daemon.join(std::process::id() as i32)?;
+    limit_groups(&cgroups, &config, inner_settings.cpus)?;
     clean_up_stale_inner(&cgroups)?;
 
     let kind = inner_settings.image;
@@ -243,7 +323,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         });
     }
     let (storage, recovery) = tokio::task::block_in_place(|| {
-        Storage::open(&storage_settings.state_dir, storage_settings.volume_size)
+        Storage::open(
+            &storage_settings.state_dir,
+            storage_settings.volume_size,
+            storage_settings.disk_reserve,
+        )
     })?;
     if !recovery.actions.is_empty() {
         tracing::warn!(
@@ -252,7 +336,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
-    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?;
+    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?
+        .with_max(config.max_services);
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
@@ -273,9 +358,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         memory_max_bytes: Some(inner_settings.memory_max),
         pids_max: inner_settings.pids_max,
     };
-    raise_fd_limit();
+    let budget = fd_budget(raise_fd_limit(), config.fd_reserve);
     let (running_tx, running) = tokio::sync::watch::channel(false);
-    let network = crate::network::Network::start(network_settings, running).await?;
+    let network = crate::network::Network::start(network_settings, running, budget.clone()).await?;
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
@@ -335,6 +420,26 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         image,
         network,
     });
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        listener,
+        Endpoint::control("control socket", config.control_connections),
+        budget.clone(),
+    ));
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        inner_api.listener,
+        Endpoint::inner(config.inner_connections),
+        budget.clone(),
+    ));
+    if let Some(vsock) = vsock {
+        tokio::spawn(crate::server::accept_loop(
+            hulld.clone(),
+            vsock,
+            Endpoint::control("vsock", config.control_connections),
+            budget.clone(),
+        ));
+    }
     let mut tasks = Tasks {
         supervisor: Some(supervisor_task),
         services: Some(services_task),
@@ -349,24 +454,6 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     })?;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on the unix socket failed"),
-            },
-            accepted = inner_api.listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::InnerServices));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on the inner's service socket failed"),
-            },
-            accepted = accept_vsock(vsock.as_ref()) => match accepted {
-                Ok(stream) => {
-                    tokio::spawn(crate::server::serve_connection(hulld.clone(), stream, Scope::Control));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept on vsock failed"),
-            },
             (task, how) = tasks.failed() => {
                 // The guard of a select branch is read when the select
                 // starts, so a task that ends during a shutdown is told
@@ -395,15 +482,6 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     tracing::info!("hulld stopped");
     Ok(())
-}
-
-async fn accept_vsock(
-    listener: Option<&tokio_vsock::VsockListener>,
-) -> io::Result<tokio_vsock::VsockStream> {
-    match listener {
-        Some(l) => l.accept().await.map(|(stream, _)| stream),
-        None => std::future::pending().await,
-    }
 }
 
 /// hulld's core tasks, watched for an end that is not a shutdown.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hull_ingress::budget::ConnLimits;
 use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder};
 use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
 use hull_ingress::link::{self, LinkError, VethPlan};
@@ -16,7 +17,7 @@ use hull_ingress::nat::{self, NatError, NatTable};
 use hull_ingress::netns::NetnsError;
 use hull_ingress::policy::PortPolicy;
 use hull_ingress::ports::{socket_owners, ListenScanner};
-use hull_ingress::{Dialer, InnerNetns, PortTable};
+use hull_ingress::{Dialer, FdBudget, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
 use tokio::sync::{watch, Notify};
 
@@ -90,6 +91,7 @@ impl Network {
     pub async fn start(
         net: NetworkSettings,
         running: watch::Receiver<bool>,
+        budget: Arc<FdBudget>,
     ) -> Result<Network, NetworkError> {
         let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
         link::loopback_up(&netns).await?;
@@ -124,6 +126,7 @@ impl Network {
             private_ports: net.private_ports.clone(),
             private_all: net.private_all,
         };
+        let conns = ConnLimits::new(net.max_connections, net.max_connections_per_source);
         let io = start_ingress_runtime()?;
         let forwarder = {
             // Its tasks and listeners live on the ingress runtime.
@@ -137,6 +140,9 @@ impl Network {
                     reserved: http.iter().map(|a| a.port()).collect(),
                     refuse_from: refuse_from.clone(),
                     wait,
+                    max_ports: net.max_forwarded_ports,
+                    budget: budget.clone(),
+                    conns: conns.clone(),
                 },
             )
         };
@@ -154,6 +160,8 @@ impl Network {
                             token: Some(token.clone()),
                             policy: policy.clone(),
                             refuse_from,
+                            budget,
+                            conns,
                         },
                     });
                     io.spawn(ingress.serve(listener));
@@ -239,6 +247,9 @@ impl Network {
                     }
                     Some(ForwardState::NotAllowed) => ("not-allowed", None, None),
                     Some(ForwardState::Private) => ("private", None, None),
+                    Some(ForwardState::NotForwarded { reason }) => {
+                        ("not-forwarded", None, Some(reason))
+                    }
                     None => ("pending", None, None),
                 };
                 PortInfo {

@@ -1,18 +1,25 @@
 //! The control API: one task per connection, the same protocol on the unix
-//! socket and on vsock. A bad frame costs only its own connection.
+//! socket and on vsock. A bad frame costs only its own connection; each
+//! endpoint has a cap on its connections, on the size of a frame and on
+//! the time a begun frame may take, so no client holds more of hulld than
+//! that.
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hull_checkpoint::StorageError;
+use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
+use hull_ingress::{FdBudget, Throttle};
 use hull_proto::{
-    frame_reader, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, Hello,
-    PROTOCOL_VERSION,
+    frame_reader_max, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameReader,
+    Hello, PROTOCOL_VERSION,
 };
 use hull_services::ServiceError;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
+use tokio::sync::Semaphore;
 
 use crate::error_chain;
 use crate::hulld::Hulld;
@@ -49,30 +56,213 @@ impl Scope {
     }
 }
 
+/// The largest frame the inner's service socket reads. Its biggest
+/// legitimate message is a service definition: a name, a command line, an
+/// environment, a few names to wait for.
+pub const INNER_MAX_FRAME: usize = 64 * 1024;
+
+/// How long a frame may take to arrive once its first byte has.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection to the inner's socket may sit without a request.
+pub const INNER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One listening endpoint and what it gives each client.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// For the log: "control socket", "vsock", "inner's service socket".
+    pub name: &'static str,
+    pub scope: Scope,
+    /// Connections served at once; more are told so and closed.
+    pub connections: usize,
+    /// The largest frame read from a client.
+    pub max_frame: usize,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// Whether its connections take from hulld's fd budget (the inner's
+    /// endpoint does; the control socket lives on hulld's reserve).
+    pub budgeted: bool,
+}
+
+impl Endpoint {
+    pub fn control(name: &'static str, connections: usize) -> Endpoint {
+        Endpoint {
+            name,
+            scope: Scope::Control,
+            connections,
+            max_frame: hull_proto::MAX_FRAME_LEN,
+            idle_timeout: None,
+            budgeted: false,
+        }
+    }
+
+    pub fn inner(connections: usize) -> Endpoint {
+        Endpoint {
+            name: "inner's service socket",
+            scope: Scope::InnerServices,
+            connections,
+            max_frame: INNER_MAX_FRAME,
+            idle_timeout: Some(INNER_IDLE_TIMEOUT),
+            budgeted: true,
+        }
+    }
+}
+
+/// A listener an endpoint accepts on (unix socket, vsock).
+pub trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    fn accept_stream(&mut self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&mut self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for tokio_vsock::VsockListener {
+    type Stream = tokio_vsock::VsockStream;
+    async fn accept_stream(&mut self) -> io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts on `listener` for as long as hulld runs: a task per connection
+/// up to the endpoint's cap. Past the cap, or with hulld's fd budget spent,
+/// a client gets an error frame and a closed connection; accept errors
+/// (out of fds) back off, and each kind of trouble is logged once per
+/// interval, not once per connection.
+pub async fn accept_loop<L: Listener>(
+    hulld: Arc<Hulld>,
+    mut listener: L,
+    endpoint: Endpoint,
+    budget: Arc<FdBudget>,
+) {
+    let endpoint = Arc::new(endpoint);
+    let slots = Arc::new(Semaphore::new(endpoint.connections));
+    let (failed, full, no_fds) = (
+        Throttle::default(),
+        Throttle::default(),
+        Throttle::default(),
+    );
+    loop {
+        let stream = match listener.accept_stream().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                if let Some(suppressed) = failed.hit() {
+                    tracing::warn!(endpoint = endpoint.name, error = %e, out_of_fds = out_of_fds(&e), suppressed, "accept failed; backing off");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let lease = match endpoint.budgeted {
+            true => {
+                match budget.take(1) {
+                    Some(lease) => Some(lease),
+                    None => {
+                        if let Some(suppressed) = no_fds.hit() {
+                            tracing::warn!(endpoint = endpoint.name, suppressed, "connection refused: the fds hulld gives to requests are all in use");
+                        }
+                        refuse(stream, &endpoint, "hulld has no file descriptors to spare").await;
+                        continue;
+                    }
+                }
+            }
+            false => None,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = full.hit() {
+                tracing::warn!(
+                    endpoint = endpoint.name,
+                    cap = endpoint.connections,
+                    suppressed,
+                    "connection refused: the endpoint's connection cap is reached"
+                );
+            }
+            let why = format!(
+                "the {} serves at most {} connections at once",
+                endpoint.name, endpoint.connections
+            );
+            refuse(stream, &endpoint, &why).await;
+            continue;
+        };
+        let (hulld, endpoint) = (hulld.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            serve_connection(hulld, stream, &endpoint).await;
+            drop((slot, lease));
+        });
+    }
+}
+
+/// Tells a client it was turned away, without letting it hold the accept
+/// loop: a fresh socket takes a small frame at once.
+async fn refuse<S: AsyncWrite + Send + Unpin>(stream: S, endpoint: &Endpoint, why: &str) {
+    let mut writer = frame_writer::<_, DaemonMsg>(stream);
+    let msg = error(ErrorKind::Busy, format!("{why}; try again shortly"));
+    let _ = tokio::time::timeout(Duration::from_millis(50), writer.send(msg)).await;
+    tracing::trace!(endpoint = endpoint.name, "refused a connection");
+}
+
+type Reader<S> = FrameReader<ReadHalf<S>, ClientMsg>;
+
 /// Serves one client until it hangs up or sends something unusable.
-pub async fn serve_connection<S>(hulld: Arc<Hulld>, stream: S, scope: Scope)
+pub async fn serve_connection<S>(hulld: Arc<Hulld>, stream: S, endpoint: &Endpoint)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader = frame_reader::<_, ClientMsg>(read_half);
+    let mut reader = frame_reader_max::<_, ClientMsg>(read_half, endpoint.max_frame);
     let mut writer = frame_writer::<_, DaemonMsg>(write_half);
-    if let Err(e) = serve(&hulld, scope, &mut reader, &mut writer).await {
+    if let Err(e) = serve(&hulld, endpoint, &mut reader, &mut writer).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
-async fn serve<R, W>(
+/// The next request, or None at the end. A frame that has begun and does
+/// not finish within [`FRAME_TIMEOUT`] is an error; a connection idle for
+/// longer than its endpoint allows ends.
+async fn next_request<S: AsyncRead>(
+    reader: &mut Reader<S>,
+    endpoint: &Endpoint,
+) -> Option<io::Result<ClientMsg>> {
+    let mut idle = Duration::ZERO;
+    loop {
+        match tokio::time::timeout(FRAME_TIMEOUT, reader.next()).await {
+            Ok(next) => return next,
+            Err(_) if !reader.get_ref().read_buffer().is_empty() => {
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "a frame began and was not complete within {} s",
+                        FRAME_TIMEOUT.as_secs()
+                    ),
+                )))
+            }
+            Err(_) => {
+                idle += FRAME_TIMEOUT;
+                if endpoint.idle_timeout.is_some_and(|limit| idle >= limit) {
+                    tracing::debug!(endpoint = endpoint.name, "closing an idle connection");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn serve<S, W>(
     hulld: &Arc<Hulld>,
-    scope: Scope,
-    reader: &mut R,
+    endpoint: &Endpoint,
+    reader: &mut Reader<S>,
     writer: &mut W,
 ) -> io::Result<()>
 where
-    R: futures::Stream<Item = io::Result<ClientMsg>> + Unpin,
+    S: AsyncRead + Send + 'static,
     W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
-    match reader.next().await {
+    let scope = endpoint.scope;
+    match next_request(reader, endpoint).await {
         Some(Ok(ClientMsg::Hello(hello))) if hello.version == PROTOCOL_VERSION => {
             writer
                 .send(DaemonMsg::Hello(Hello::new(concat!(
@@ -105,7 +295,7 @@ where
     }
     let mut had_session = false;
     loop {
-        let msg = match reader.next().await {
+        let msg = match next_request(reader, endpoint).await {
             Some(Ok(msg)) => msg,
             Some(Err(e)) => return bad_frame(writer, e).await,
             None => return Ok(()),

@@ -16,7 +16,10 @@ pub mod fdpass;
 mod frames;
 mod messages;
 
-pub use frames::{frame_reader, frame_writer, FrameReader, FrameWriter, MAX_FRAME_LEN};
+pub use frames::{
+    frame_reader, frame_reader_max, frame_writer, FrameDecoder, FrameReader, FrameWriter,
+    MAX_FRAME_LEN,
+};
 pub use messages::*;
 
 /// Bumped on every incompatible change of the messages below.

@@ -276,6 +276,9 @@ pub enum ErrorKind {
     /// socket answers service requests only).
     NotPermitted,
     Internal,
+    /// The endpoint is at its connection cap, or hulld has no fds to spare
+    /// for it: try again later.
+    Busy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

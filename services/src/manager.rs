@@ -602,6 +602,19 @@ impl<H: InnerHost> Task<H> {
                 }
                 self.stop(&name, AfterStop::Remove, reply).await;
                 self.publish();
+                // Its logs go with it, so names ever used do not pile up;
+                // awaited, so a new service of the name starts a new log.
+                let logs = self.logs.clone();
+                let source = name.clone();
+                match tokio::task::spawn_blocking(move || logs.remove(&source)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(service = %name, error = %e, "cannot delete a removed service's logs")
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %name, error = %e, "deleting a removed service's logs failed")
+                    }
+                }
             }
             ServiceRequest::Stop(name) => self.stop(&name, AfterStop::Stop, reply).await,
             ServiceRequest::Restart(name) => self.stop(&name, AfterStop::Restart, reply).await,

@@ -25,6 +25,8 @@ pub enum ServiceError {
     NotFound(String),
     #[error("the service manager is not running (hulld is shutting down)")]
     ManagerGone,
+    #[error("service {name}: {max} services are registered, the most hulld keeps (daemon.max_services); remove one first")]
+    TooMany { name: String, max: usize },
     #[error("cannot remove {name}: {dependents} must start after it; remove those first")]
     HasDependents { name: String, dependents: String },
     #[error("service registry {path}")]
@@ -115,10 +117,15 @@ pub fn start_order(specs: &[ServiceSpec]) -> Result<Vec<String>> {
     Ok(order)
 }
 
+/// Services a registry holds by default: each is a process in the inner
+/// and a log source and a task in hulld, so their count is bounded.
+pub const MAX_SERVICES: usize = 256;
+
 /// The registry in SQLite (its own file beside the checkpoint catalog).
 pub struct Registry {
     path: PathBuf,
     conn: Connection,
+    max: usize,
 }
 
 impl Registry {
@@ -145,7 +152,13 @@ impl Registry {
         Ok(Registry {
             path: path.to_path_buf(),
             conn,
+            max: MAX_SERVICES,
         })
+    }
+
+    /// At most `max` services; an add past it is refused.
+    pub fn with_max(self, max: usize) -> Self {
+        Registry { max, ..self }
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> ServiceError + '_ {
@@ -188,7 +201,14 @@ impl Registry {
 
     /// Validates and stores `spec`; nothing is stored when it is refused.
     pub fn add(&self, spec: &ServiceSpec) -> Result<()> {
-        validate(&self.list()?, spec)?;
+        let existing = self.list()?;
+        validate(&existing, spec)?;
+        if existing.len() >= self.max {
+            return Err(ServiceError::TooMany {
+                name: spec.name.clone(),
+                max: self.max,
+            });
+        }
         let seq: i64 = self
             .conn
             .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM services", [], |r| {
@@ -319,6 +339,22 @@ mod tests {
             reg.remove("db"),
             Err(ServiceError::HasDependents { .. })
         ));
+        assert_eq!(reg.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn adds_past_the_cap_are_refused_and_a_removal_makes_room() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&tmp.path().join("services.db"))
+            .unwrap()
+            .with_max(2);
+        reg.add(&spec("a", &[])).unwrap();
+        reg.add(&spec("b", &[])).unwrap();
+        let err = reg.add(&spec("c", &[])).unwrap_err();
+        assert!(matches!(err, ServiceError::TooMany { max: 2, .. }), "{err}");
+        assert!(err.to_string().contains("daemon.max_services"), "{err}");
+        reg.remove("a").unwrap();
+        reg.add(&spec("c", &[])).unwrap();
         assert_eq!(reg.list().unwrap().len(), 2);
     }
 

@@ -512,3 +512,75 @@ pub fn host_mounts_containing(needle: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A non-blocking connection to the unix socket `path`; None when the
+/// listener's backlog is full (EAGAIN) or it refuses. For floods that must
+/// never block the test.
+pub fn connect_nonblocking(path: &Path) -> Option<std::os::unix::net::UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = UnixAddr::new(path).expect("socket path");
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).ok()?;
+    Some(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// TCP listeners on `ports` made in the network namespace of the inner
+/// whose init is `inner_pid`: the port table sees them as the inner's,
+/// whoever holds them.
+pub fn listen_in_inner(inner_pid: i32, ports: std::ops::Range<u16>) -> Vec<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let netns = std::fs::File::open(format!("/proc/{inner_pid}/ns/net")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        ports
+            .map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).expect("listen in the inner"))
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `n` connections to the unix socket `path`, each sending a frame that
+/// declares the largest length the control socket takes and all of it but
+/// the last 64 bytes (30 s at most), so that nothing ever decodes; the
+/// connections are returned held open. A peer that hangs up is done with.
+pub fn hold_half_sent_frames(path: &Path, n: usize) -> Vec<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let declared: u32 = 4 * 1024 * 1024 - 8;
+    let mut conns: Vec<(std::os::unix::net::UnixStream, usize)> = (0..n)
+        .filter_map(|_| connect_nonblocking(path))
+        .map(|s| (s, 0))
+        .collect();
+    let total = declared as usize - 64;
+    let chunk = vec![0xc1u8; 256 * 1024];
+    for (s, _) in &mut conns {
+        let _ = s.write(&declared.to_be_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut open = conns.len();
+    while open > 0 && Instant::now() < deadline {
+        open = 0;
+        for (s, sent) in conns.iter_mut() {
+            if *sent >= total {
+                continue;
+            }
+            let n = (total - *sent).min(chunk.len());
+            match s.write(&chunk[..n]) {
+                Ok(w) => *sent += w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => *sent = total,
+            }
+            if *sent < total {
+                open += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    conns.into_iter().map(|(s, _)| s).collect()
+}

@@ -7,7 +7,10 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use hull_tests::{block_on, inner_pids_running, require_root, wait_until, Limits, TestHull};
+use hull_tests::{
+    block_on, connect_nonblocking, inner_pids_running, listen_in_inner, require_root, wait_until,
+    Limits, TestHull,
+};
 
 /// `status` must keep answering within this while an attack runs.
 const RESPONSIVE: Duration = Duration::from_secs(1);
@@ -940,4 +943,412 @@ fn seccomp_can_be_turned_off() {
     let answers = probe(&hull, &["unshare-user", "add_key"]);
     assert_eq!(answers["unshare-user"], "ok", "{answers:?}");
     assert_eq!(answers["add_key"], "ok", "{answers:?}");
+}
+
+/// hulld's open file descriptors, counted from outside.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// hulld's resident memory in bytes.
+fn vm_rss(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS of hulld")
+}
+
+/// The inner's service socket as the inner sees it, reached through the
+/// inner's root: the same endpoint a process inside connects to.
+fn inner_socket(hull: &TestHull) -> std::path::PathBuf {
+    let inner_pid = inner_pid(hull);
+    std::path::PathBuf::from(format!("/proc/{inner_pid}/root/run/hull/hull.sock"))
+}
+
+fn inner_pid(hull: &TestHull) -> i32 {
+    hull.wait_running(Duration::from_secs(10))
+        .inner_pid
+        .expect("the inner's pid")
+}
+
+/// 20,000 connections to the inner's service socket took every fd hulld
+/// had: each was accepted and served by a task of its own.
+#[test]
+fn a_connection_flood_on_the_inner_socket_leaves_hulld_its_fds() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let path = inner_socket(&hull);
+    flood_and_count_fds(&hull, "connections to the inner's socket", 100, || {
+        connect_nonblocking(&path)
+    });
+}
+
+/// Opens up to 2,000 connections with `connect` (20 s at most), holds
+/// them while hulld takes what it would, and asserts that hulld gained
+/// fewer than `bound` fds and still answers.
+fn flood_and_count_fds<T>(
+    hull: &TestHull,
+    what: &str,
+    bound: usize,
+    mut connect: impl FnMut() -> Option<T>,
+) {
+    let hulld = hull.hulld_pid();
+    let before = fd_count(hulld);
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..2000 {
+        if Instant::now() > deadline {
+            break;
+        }
+        held.extend(connect());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fd_count(hulld);
+    assert_responsive(hull);
+    assert!(
+        during < before + bound,
+        "hulld went from {before} to {during} fds under {} {what}",
+        held.len()
+    );
+}
+
+/// 400 connections each holding an almost complete 4 MiB frame took hulld
+/// from 167 MB to 1.67 GB: a declared length was buffered as it came.
+#[test]
+fn half_sent_frames_on_the_inner_socket_do_not_grow_hulld() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let path = inner_socket(&hull);
+    let hulld = hull.hulld_pid();
+    let rss_before = vm_rss(hulld);
+    let conns = hull_tests::hold_half_sent_frames(&path, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = vm_rss(hulld);
+    assert_responsive(&hull);
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "hulld grew from {} MiB to {} MiB under {} half-sent frames",
+        rss_before >> 20,
+        rss_after >> 20,
+        conns.len()
+    );
+}
+
+/// 20,000 listening ports in the inner made hulld open a listener for each.
+#[test]
+fn a_thousand_listening_ports_leave_hulld_its_fds() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let inner_pid = inner_pid(&hull);
+    let hulld = hull.hulld_pid();
+    let before = fd_count(hulld);
+    let listeners = listen_in_inner(inner_pid, 30000..31000);
+    // Scans run every 250 ms; the forwarder follows within a second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let report = loop {
+        let report = block_on(async { hull.client().await.ports().await.expect("ports") });
+        let settled =
+            report.ports.len() >= 1000 && report.ports.iter().all(|p| p.exposure != "pending");
+        if settled || Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let during = fd_count(hulld);
+    assert_responsive(&hull);
+    assert!(
+        during < before + 300,
+        "hulld went from {before} to {during} fds for {} listening ports",
+        listeners.len()
+    );
+    let capped = report
+        .ports
+        .iter()
+        .filter(|p| p.exposure == "not-forwarded")
+        .count();
+    assert!(
+        capped >= 1000 - 256,
+        "only {capped} of {} ports are listed as not forwarded",
+        report.ports.len()
+    );
+    drop(listeners);
+}
+
+/// The inner registered hundreds of services a second, with no bound.
+#[test]
+fn services_past_the_cap_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        pids_max: 1024,
+        ..Limits::default()
+    });
+    block_on(async {
+        let mut c = hull.client().await;
+        let add = |i: usize| {
+            hull_proto::ServiceRequest::Add(hull_proto::ServiceSpec {
+                name: format!("s{i}"),
+                cmd: "true".into(),
+                env: vec![],
+                cwd: None,
+                user: None,
+                http_port: None,
+                restart: hull_proto::RestartPolicy::Never,
+                after: vec![],
+            })
+        };
+        for i in 0..256 {
+            c.services(add(i))
+                .await
+                .unwrap_or_else(|e| panic!("service {i} of 256: {e}"));
+        }
+        let err = c
+            .services(add(256))
+            .await
+            .expect_err("the 257th service was registered");
+        assert!(err.to_string().contains("256"), "{err}");
+    });
+    assert_responsive(&hull);
+}
+
+/// A removed service's log directory stayed, so names ever used piled up.
+#[test]
+fn removing_a_service_removes_its_logs() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    hull.add_service(
+        "talker",
+        "echo hello; sleep 1000",
+        &[],
+        None,
+        hull_proto::RestartPolicy::Never,
+    );
+    let dir = hull.state_dir.join("logs").join("talker");
+    hull_tests::wait_until(Duration::from_secs(10), "the service's log", || {
+        dir.is_dir()
+    });
+    block_on(async {
+        hull.client()
+            .await
+            .services(hull_proto::ServiceRequest::Remove("talker".into()))
+            .await
+            .expect("remove")
+    });
+    hull_tests::wait_until(Duration::from_secs(5), "its log directory to go", || {
+        !dir.exists()
+    });
+    assert_responsive(&hull);
+}
+
+/// hulld's stderr file (`hulld.log`) had no cap: an accept loop's warnings
+/// filled it by the gigabyte.
+#[test]
+fn hulld_log_stays_under_its_cap() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        tables: "[logs]\nsegment_size = \"64K\"\nmax_per_source = \"256K\"\n".into(),
+        ..Limits::default()
+    });
+    // Every refused request on the inner's socket is a line in hulld's log.
+    let path = inner_socket(&hull);
+    block_on(async {
+        let mut c = hull_outer::client::Client::connect(&path)
+            .await
+            .expect("connect to the inner's socket");
+        for _ in 0..8000 {
+            let _ = c.status().await;
+        }
+    });
+    let logs: u64 = std::fs::read_dir(hull.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("hulld.log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let current = std::fs::metadata(hull.dir.path().join("hulld.log"))
+        .unwrap()
+        .len();
+    assert!(
+        logs <= 320 * 1024 && current <= 96 * 1024,
+        "hulld.log and its rotations hold {logs} bytes (current {current}), capped at 256K"
+    );
+    assert_responsive(&hull);
+}
+
+/// The directory of `group` that holds `file` (v1: one per controller).
+fn cgroup_file(group: &hull_cgroups::Cgroup, file: &str) -> std::path::PathBuf {
+    group
+        .procs_files()
+        .iter()
+        .filter_map(|p| p.parent())
+        .map(|dir| dir.join(file))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no {file} for {}", group.display_path()))
+}
+
+fn read_number(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}: {text:?}", path.display()))
+}
+
+/// CPU time the inner's processes have used, in microseconds, from their
+/// /proc/PID/stat (v1 here has no cpuacct group for the inner).
+fn inner_cpu_usage(hull: &TestHull) -> u64 {
+    // SAFETY: sysconf reads a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let ticks: u64 = hull
+        .cgroups()
+        .inner
+        .pids()
+        .unwrap()
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            // utime and stime: fields 14 and 15, 12 and 13 after the name.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks * 1_000_000 / hz
+}
+
+/// hulld's cgroup had no memory limit and no more CPU weight than the
+/// inner, and the inner no CPU cap: a busy inner took every CPU.
+#[test]
+fn a_busy_inner_leaves_hulld_cpu_and_hulld_has_its_own_limits() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let cgroups = hull.cgroups();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (memory, weights) = match cgroups.daemon.version() {
+        hull_cgroups::Version::V1 => (
+            read_number(&cgroup_file(&cgroups.daemon, "memory.limit_in_bytes")),
+            (
+                read_number(&cgroup_file(&cgroups.daemon, "cpu.shares")),
+                read_number(&cgroup_file(&cgroups.inner, "cpu.shares")),
+            ),
+        ),
+        hull_cgroups::Version::V2 => (
+            read_number(&cgroup_file(&cgroups.daemon, "memory.max")),
+            (
+                read_number(&cgroup_file(&cgroups.daemon, "cpu.weight")),
+                read_number(&cgroup_file(&cgroups.inner, "cpu.weight")),
+            ),
+        ),
+    };
+    let exe = std::fs::metadata(hull_tests::bin_dir().join("hulld"))
+        .unwrap()
+        .len();
+    assert!(
+        memory <= (256 << 20) + exe + (1 << 20),
+        "hulld's group may use {memory} bytes"
+    );
+    assert!(
+        weights.0 >= 10 * weights.1,
+        "hulld's CPU weight {} against the inner's {}",
+        weights.0,
+        weights.1
+    );
+    let cap = (cpus as f64 - 0.5).max(cpus as f64 * 0.75);
+    let (quota, period) = match cgroups.inner.version() {
+        hull_cgroups::Version::V1 => (
+            std::fs::read_to_string(cgroup_file(&cgroups.inner, "cpu.cfs_quota_us")).unwrap(),
+            read_number(&cgroup_file(&cgroups.inner, "cpu.cfs_period_us")),
+        ),
+        hull_cgroups::Version::V2 => {
+            let max = std::fs::read_to_string(cgroup_file(&cgroups.inner, "cpu.max")).unwrap();
+            let (quota, period) = max.trim().split_once(' ').unwrap();
+            (quota.to_string(), period.parse().unwrap())
+        }
+    };
+    let quota: f64 = quota.trim().parse().unwrap_or(f64::INFINITY);
+    assert!(
+        quota > 0.0 && quota / period as f64 <= cap + 0.01,
+        "the inner's CPU cap is {quota}/{period} with {cpus} CPUs"
+    );
+    // More busy loops than CPUs; the inner gets at most all but half a CPU.
+    let loops = (cpus + 2).to_string();
+    block_on(hull.sh(&format!(
+        "i=0; while [ $i -lt {loops} ]; do (while :; do :; done) & i=$((i+1)); done"
+    )));
+    std::thread::sleep(Duration::from_millis(500));
+    let (t0, u0) = (Instant::now(), inner_cpu_usage(&hull));
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, wall) = (inner_cpu_usage(&hull) - u0, t0.elapsed());
+    assert_responsive(&hull);
+    let share = used as f64 / wall.as_micros() as f64;
+    assert!(
+        share <= cap + 0.1,
+        "the inner used {share:.2} CPUs of {cpus}; its cap is {cap}"
+    );
+}
+
+/// A local user held 20,000 half-sent requests open on the HTTP ingress
+/// and took every fd hulld had: status, exec and checkpoint timed out.
+#[test]
+fn half_sent_requests_on_the_ingress_leave_hulld_its_fds() {
+    use std::io::Write;
+    if !require_root() {
+        return;
+    }
+    // Below the default (1024), so that a flood of 2,000 shows the cap.
+    let hull = TestHull::start_with(Limits {
+        network_extra: "max_connections_per_source = 128\n".into(),
+        ..Limits::default()
+    });
+    flood_and_count_fds(&hull, "half-sent requests", 300, || {
+        let mut s = std::net::TcpStream::connect((hull.outer, hull.http_port)).ok()?;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: 8000.localhost\r\n");
+        Some(s)
+    });
+}
+
+/// The sparse volume's default size (64G) exceeded the host's free space:
+/// the inner could fill the disk that hulld's own state lives on.
+#[test]
+fn the_volume_leaves_hulld_disk_space_of_its_own() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        volume_size: "10000G",
+        ..Limits::default()
+    });
+    let image = std::fs::metadata(hull.state_dir.join("volume.img"))
+        .expect("the volume image")
+        .len();
+    let stat = nix::sys::statvfs::statvfs(&hull.state_dir).unwrap();
+    let free = stat.blocks_available() * stat.fragment_size();
+    // The image is sparse: what it may still grow by must leave the
+    // default reserve (2G) free.
+    let used = std::fs::metadata(hull.state_dir.join("volume.img"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    // Others share this disk: its free space moves by the minute.
+    assert!(
+        image - used + (2 << 30) <= free + (1 << 30),
+        "a {image}-byte volume image with {free} bytes free on its disk"
+    );
+    assert_responsive(&hull);
 }

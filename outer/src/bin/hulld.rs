@@ -68,12 +68,17 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{fmt, EnvFilter, Layer};
     let filter = EnvFilter::try_from_env("HULL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = match format {
-        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
-        LogFormat::Human => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(hull_logs::EventWriter::stderr)
+            .boxed(),
+        LogFormat::Human => fmt::layer()
+            .with_writer(hull_logs::EventWriter::stderr)
+            .boxed(),
     };
     let store = fmt::layer()
         .with_ansi(false)
-        .with_writer(hull_logs::DaemonLogWriter::new);
+        .with_writer(hull_logs::EventWriter::daemon_log);
     tracing_subscriber::registry()
         .with(filter)
         .with(stderr)
@@ -109,6 +114,8 @@ fn daemon_main() -> Result<()> {
     init_tracing(config.log_format);
     // Every bad value is reported here, before anything starts.
     let settings = config.resolve()?;
+    // `hull up` sends stderr to hulld.log: rotated and capped like a source.
+    hull_logs::cap_stderr(settings.logs.limits);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -80,6 +80,7 @@ pub(super) fn daemon_code(kind: ErrorKind) -> &'static str {
         ErrorKind::Storage => "storage",
         ErrorKind::NotPermitted => "not_permitted",
         ErrorKind::Internal => "internal",
+        ErrorKind::Busy => "busy",
     }
 }
 

@@ -8,9 +8,11 @@
 //!     sudo ./target/release/hull-bench logs          # log capture throughput
 //!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
 //!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
+//!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
+mod bounds;
 mod checkpoints;
 mod ingress;
 mod logs;
@@ -54,6 +56,10 @@ enum Suite {
     /// writes and a bounce of a 4,000-process inner run, against the same
     /// call on an idle hulld.
     Responsiveness(Rounds),
+    /// hulld's RSS and `hull status` latency while the inner floods its
+    /// service socket (2,000 connections, 100 half-sent 4 MiB frames) and
+    /// listens on 1,000 ports, against the same call on an idle hulld.
+    Bounds(Rounds),
 }
 
 #[derive(Args)]
@@ -113,6 +119,7 @@ fn reject_old_flags() {
                 "logs",
                 "ingress",
                 "responsiveness",
+                "bounds",
             ]
             .contains(s)
         }) {
@@ -140,6 +147,7 @@ fn main() -> Result<()> {
         Some(Suite::Checkpoints(a)) => checkpoints::run(a.rounds.rounds, a.dirty_rounds),
         Some(Suite::Services(a)) => services::run(a.rounds),
         Some(Suite::Responsiveness(a)) => responsiveness::run(a.rounds),
+        Some(Suite::Bounds(a)) => bounds::run(a.rounds),
         Some(Suite::Logs(a)) => logs::run(a.lines),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
