@@ -44,8 +44,11 @@ impl ExecLog {
         })
     }
 
-    /// Records the start of an exec of `argv` and returns its recorder.
-    pub fn start(&self, argv: &[String]) -> ExecRecorder {
+    /// Records the start of an exec of `argv`, asked for at `requested`,
+    /// and returns its recorder. The duration runs from `requested`: the
+    /// process is already running by the time the start is known, so
+    /// timing from then would report less than the process took.
+    pub fn start(&self, argv: &[String], requested: Instant) -> ExecRecorder {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let command = shlex::try_join(argv.iter().map(String::as_str))
             .unwrap_or_else(|_| format!("{argv:?}"));
@@ -64,7 +67,7 @@ impl ExecLog {
             log: self.log.clone(),
             id,
             argv: argv.to_vec(),
-            started: Instant::now(),
+            started: requested,
             streams: [StreamLog::new(id), StreamLog::new(id)],
             ended: false,
         }
@@ -197,6 +200,7 @@ impl Drop for ExecRecorder {
 mod tests {
     use super::*;
     use crate::store::{Cursor, LogLimits};
+    use std::time::Duration;
 
     #[test]
     fn logs_exec_text_is_lines_and_binary_is_size_and_hash() {
@@ -204,7 +208,10 @@ mod tests {
         let store = LogStore::open(dir.path().to_path_buf(), LogLimits::default()).unwrap();
         let execs = ExecLog::open(&store).unwrap();
         let argv = vec!["sh".to_string(), "-c".to_string(), "x y".to_string()];
-        let mut rec = execs.start(&argv);
+        // The request went out 300 ms before the start was known; the
+        // duration covers it.
+        let requested = Instant::now() - Duration::from_millis(300);
+        let mut rec = execs.start(&argv, requested);
         rec.push(Stream::Stdout, b"text line\nsecond");
         rec.push(Stream::Stderr, b"\xff\xfe\x00binary\n");
         rec.finish(Some(ExitStatus::Code(3)), None);
@@ -224,10 +231,11 @@ mod tests {
         let end = records[4].exec.as_ref().unwrap();
         assert_eq!(end.exit, Some(ExitStatus::Code(3)));
         assert_eq!(end.argv.as_deref(), Some(&argv[..]));
+        assert!(end.duration_ms.unwrap() >= 300, "{end:?}");
         // Ids go on after those already in the log, and an unfinished
         // recorder still ends its exec.
         let execs = ExecLog::open(&store).unwrap();
-        drop(execs.start(&argv));
+        drop(execs.start(&argv, Instant::now()));
         let (records, _) = store
             .read_from(EXEC_SOURCE, Cursor::default(), 100)
             .unwrap();

@@ -232,6 +232,7 @@ where
         };
         // A request the init never got ran nowhere: it goes to the next
         // inner. One it may have acted on is not repeated.
+        let requested = std::time::Instant::now();
         let process = match inner.link.start(spec.clone()).await {
             Ok(p) => p,
             Err(StartFailure::NotSent) => {
@@ -250,7 +251,7 @@ where
         // Non-interactive execs are also kept in the `exec` log source,
         // unless asked not to; a terminal session is the user's own screen
         // and is not.
-        let record = (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv));
+        let record = (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv, requested));
         let terms = SessionTerms {
             tty: spec.tty.is_some(),
             linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
