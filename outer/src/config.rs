@@ -50,6 +50,10 @@ pub enum ConfigError {
     Image(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
     Hostname(String),
+    #[error("api.listen = {0:?}: use an address and port such as \"127.0.0.1:7700\", or \"off\"")]
+    ApiListen(String),
+    #[error("api.name = {0:?}: use letters, digits, '.', '_' and '-'")]
+    ApiName(String),
     #[error("network.{field} = {value:?}: {why}")]
     Network {
         field: &'static str,
@@ -242,6 +246,59 @@ pub struct Config {
     pub logs: LogsConfig,
     pub inner: InnerTable,
     pub daemon: DaemonConfig,
+    pub api: ApiConfig,
+}
+
+/// The `[api]` table: the HTTP API (the Sprites v1 API) for clients
+/// outside the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The TCP address to serve on ("127.0.0.1:7700"); "off": no HTTP API.
+    pub listen: String,
+    /// The sandbox's name in `/v1/sprites/{name}`; the machine's hostname
+    /// when unset.
+    pub name: Option<String>,
+    /// HTTP connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:7700".into(),
+            name: None,
+            max_connections: 256,
+        }
+    }
+}
+
+impl ApiConfig {
+    fn resolve(&self) -> Result<hull_api::ApiSettings, ConfigError> {
+        let listen = match self.listen.as_str() {
+            "off" | "" => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|_| ConfigError::ApiListen(self.listen.clone()))?,
+            ),
+        };
+        let sandbox_name = match &self.name {
+            Some(name) => name.clone(),
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "hull".to_string()),
+        };
+        if !hull_proto::valid_name(&sandbox_name) {
+            return Err(ConfigError::ApiName(sandbox_name));
+        }
+        Ok(hull_api::ApiSettings {
+            listen,
+            sandbox_name,
+            max_connections: positive("api.max_connections", self.max_connections)?,
+        })
+    }
 }
 
 /// The `[inner]` table: what the inner's processes may ask of the kernel.
@@ -393,6 +450,7 @@ impl Default for Config {
             logs: LogsConfig::default(),
             inner: InnerTable::default(),
             daemon: DaemonConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -477,6 +535,7 @@ impl Config {
                 limits: self.logs.resolve()?,
             },
             network: self.network.resolve(&self.cgroup_name, &self.state_dir)?,
+            api: self.api.resolve()?,
         })
     }
 
@@ -519,6 +578,7 @@ pub struct Settings {
     pub inner: InnerSettings,
     pub logs: LogsSettings,
     pub network: NetworkSettings,
+    pub api: hull_api::ApiSettings,
 }
 
 /// hulld's own: where it keeps state, listens, and its cgroup.

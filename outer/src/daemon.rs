@@ -58,6 +58,10 @@ pub enum DaemonError {
     InnerApi(#[from] crate::inner_api::InnerApiError),
     #[error(transparent)]
     Seccomp(#[from] hull_inner::SeccompError),
+    #[error("{0}; set [api] listen in the config (\"off\" for no HTTP API)")]
+    Api(#[source] hull_api::StartError),
+    #[error(transparent)]
+    Tokens(hull_api::TokenError),
     #[error("hulld's {task} task {how}; hulld exits so that the next start recovers from the persisted state")]
     TaskFailed { task: &'static str, how: String },
 }
@@ -275,6 +279,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         inner: inner_settings,
         logs: logs_settings,
         network: network_settings,
+        api: api_settings,
     } = settings;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     create_state_dir(&config.state_dir)?;
@@ -407,6 +412,14 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
+    let tokens_path = config.state_dir.join("tokens.db");
+    let tokens = tokio::task::spawn_blocking(move || hull_api::TokenStore::open(&tokens_path))
+        .await
+        .map_err(|e| DaemonError::TaskFailed {
+            task: "token store",
+            how: e.to_string(),
+        })?
+        .map_err(DaemonError::Tokens)?;
     let hulld = Hulld::new(Parts {
         state_dir: config.state_dir.clone(),
         socket: config.socket.clone(),
@@ -419,6 +432,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         limits,
         image,
         network,
+        tokens: tokens.clone(),
     });
     tokio::spawn(crate::server::accept_loop(
         hulld.clone(),
@@ -432,6 +446,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         Endpoint::inner(config.inner_connections),
         budget.clone(),
     ));
+    let api = hull_api::Api::start(api_settings, crate::api_link::ApiLink::new(&hulld), tokens)
+        .await
+        .map_err(DaemonError::Api)?;
+    if let Some(addr) = api.local_addr() {
+        tracing::info!(%addr, "HTTP API listening");
+        hulld.set_api_addr(addr);
+    }
     if let Some(vsock) = vsock {
         tokio::spawn(crate::server::accept_loop(
             hulld.clone(),

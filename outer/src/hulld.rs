@@ -12,8 +12,9 @@ use hull_cgroups::HullCgroups;
 use hull_checkpoint::{Storage, StorageError};
 use hull_logs::{ExecLog, LogStore};
 use hull_proto::{
-    BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ExecRequest,
-    IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest, ServiceStatus, StatusReport,
+    BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ErrorKind,
+    ErrorReport, ExecRequest, IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest,
+    ServiceStatus, StatusReport, TokenRequest,
 };
 use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
@@ -34,10 +35,13 @@ pub(crate) struct Parts {
     pub limits: Limits,
     pub image: PathBuf,
     pub network: Network,
+    pub tokens: hull_api::TokenStore,
 }
 
 pub struct Hulld {
     parts: Parts,
+    /// Where the HTTP API listens, once it does.
+    api_addr: std::sync::OnceLock<std::net::SocketAddr>,
     stopped: Notify,
     shutdown_lock: tokio::sync::Mutex<bool>,
     shutting_down: AtomicBool,
@@ -54,10 +58,15 @@ impl Hulld {
     pub(crate) fn new(parts: Parts) -> Arc<Self> {
         Arc::new(Hulld {
             parts,
+            api_addr: std::sync::OnceLock::new(),
             stopped: Notify::new(),
             shutdown_lock: tokio::sync::Mutex::new(false),
             shutting_down: AtomicBool::new(false),
         })
+    }
+
+    pub(crate) fn set_api_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.api_addr.set(addr);
     }
 
     pub fn supervisor(&self) -> &Supervisor {
@@ -103,7 +112,37 @@ impl Hulld {
             last_error: p.last_error,
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,
+            api: self.api_addr.get().map(|addr| format!("http://{addr}")),
         }
+    }
+
+    /// Makes, lists or revokes an HTTP API token.
+    pub async fn do_tokens(&self, request: TokenRequest) -> DaemonMsg {
+        let tokens = self.parts.tokens.clone();
+        let reply = blocking(move || match request {
+            TokenRequest::Create {
+                scope,
+                ttl_ms,
+                name,
+            } => tokens
+                .create(scope, ttl_ms, name)
+                .map(|(token, info)| DaemonMsg::TokenCreated { token, info }),
+            TokenRequest::List => tokens.list().map(DaemonMsg::Tokens),
+            TokenRequest::Revoke { id } => {
+                tokens.revoke(&id).map(|()| DaemonMsg::TokenRevoked { id })
+            }
+        })
+        .await;
+        reply.unwrap_or_else(|e| {
+            let kind = match e {
+                hull_api::TokenError::NotFound(_) => ErrorKind::NotFound,
+                _ => ErrorKind::Internal,
+            };
+            DaemonMsg::Error(ErrorReport {
+                kind,
+                message: hull_proto::error_chain(&e),
+            })
+        })
     }
 
     /// Starts a detached exec: the answer a client gets first (started,

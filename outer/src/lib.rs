@@ -1,8 +1,8 @@
 //! hulld, the root-namespace daemon, and the client side of its protocol
 //! used by the `hull` command-line tool.
 
+mod api_link;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod daemon;
 mod exec;
@@ -13,6 +13,7 @@ pub mod network;
 mod server;
 mod supervisor;
 
+pub use hull_client as client;
 pub use hull_proto::error_chain;
 
 /// Locks a mutex whose every write is one assignment, insert or take (the

@@ -42,12 +42,17 @@ pub enum Scope {
     /// the user's code can register services and learn its URLs but cannot
     /// exec, bounce, restore, read logs or stop hulld.
     InnerServices,
+    /// The HTTP API's in-process connections: what its routes send, which
+    /// never includes making tokens (a token cannot mint a better one) or
+    /// stopping hulld.
+    Api,
 }
 
 impl Scope {
     fn permits(self, msg: &ClientMsg) -> bool {
         match self {
             Scope::Control => true,
+            Scope::Api => !matches!(msg, ClientMsg::Tokens(_) | ClientMsg::Shutdown { .. }),
             Scope::InnerServices => matches!(
                 msg,
                 ClientMsg::Services(_) | ClientMsg::Ports | ClientMsg::Ingress
@@ -90,6 +95,19 @@ impl Endpoint {
             name,
             scope: Scope::Control,
             connections,
+            max_frame: hull_proto::MAX_FRAME_LEN,
+            idle_timeout: None,
+            budgeted: false,
+        }
+    }
+
+    /// The HTTP API's in-process connections: the API caps its own
+    /// connections before any reaches here.
+    pub fn api() -> Endpoint {
+        Endpoint {
+            name: "HTTP API",
+            scope: Scope::Api,
+            connections: usize::MAX,
             max_frame: hull_proto::MAX_FRAME_LEN,
             idle_timeout: None,
             budgeted: false,
@@ -375,6 +393,7 @@ where
                     .send(reply.map_or_else(|e| service_error(&e), DaemonMsg::Services))
                     .await?;
             }
+            ClientMsg::Tokens(request) => writer.send(hulld.do_tokens(request).await).await?,
             ClientMsg::Ports => {
                 writer
                     .send(DaemonMsg::Ports(hulld.do_ports().await))
@@ -450,6 +469,7 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Logs { .. } => "Logs",
         ClientMsg::Ports => "Ports",
         ClientMsg::Ingress => "Ingress",
+        ClientMsg::Tokens(_) => "Tokens",
     }
 }
 
@@ -467,6 +487,7 @@ fn command_name(msg: &ClientMsg) -> &'static str {
         ClientMsg::Logs { .. } => "hull logs",
         ClientMsg::Ports => "hull ports",
         ClientMsg::Ingress => "hull ingress",
+        ClientMsg::Tokens(_) => "hull token",
         other => variant(other),
     }
 }

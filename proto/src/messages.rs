@@ -192,6 +192,9 @@ pub struct StatusReport {
     /// When hulld saw the last of them, Unix time in milliseconds.
     #[serde(default)]
     pub last_oom_kill_ms: Option<i64>,
+    /// The HTTP API's base URL, when it listens.
+    #[serde(default)]
+    pub api: Option<String>,
 }
 
 /// A finished bounce.
@@ -335,6 +338,73 @@ pub enum ClientMsg {
     Ports,
     /// Where the HTTP ingress listens and the bearer token of private URLs.
     Ingress,
+    /// The HTTP API's tokens.
+    Tokens(TokenRequest),
+}
+
+/// What a token lets its bearer do on the HTTP API; each scope includes
+/// the ones before it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenScope {
+    /// Status, listings, logs, reading files.
+    Read,
+    /// Also exec, sessions and writing files.
+    Exec,
+    /// Also checkpoints, restores, services, policy.
+    Admin,
+}
+
+impl TokenScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Read => "read",
+            TokenScope::Exec => "exec",
+            TokenScope::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TokenScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(TokenScope::Read),
+            "exec" => Ok(TokenScope::Exec),
+            "admin" => Ok(TokenScope::Admin),
+            other => Err(format!("unknown scope {other:?}: use read, exec or admin")),
+        }
+    }
+}
+
+/// A token as listed: never its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub scope: TokenScope,
+    pub name: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum TokenRequest {
+    Create {
+        scope: TokenScope,
+        ttl_ms: Option<u64>,
+        name: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
 }
 
 /// How an exec session ended.
@@ -389,6 +459,15 @@ pub enum DaemonMsg {
     ShuttingDown,
     Ports(PortsReport),
     Ingress(IngressReport),
+    /// A new token: the whole token, shown this once, and its listing.
+    TokenCreated {
+        token: String,
+        info: TokenInfo,
+    },
+    Tokens(Vec<TokenInfo>),
+    TokenRevoked {
+        id: String,
+    },
     Error(ErrorReport),
 }
 

@@ -13,6 +13,8 @@ use hull_image::{ImageKind, ImageStore};
 use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
+pub mod http;
+
 /// Returns false (after saying why) when the test cannot run here; under
 /// CI=true it panics instead, so a CI run never passes by skipping.
 pub fn require_root() -> bool {
@@ -87,6 +89,9 @@ pub struct Limits {
     pub tables: String,
     /// Put `state_dir/logs` on a tmpfs of this size, to fill it up.
     pub logs_tmpfs: Option<&'static str>,
+    /// The HTTP API's `[api] listen`: a port of the kernel's choosing on
+    /// loopback unless a test says otherwise.
+    pub api_listen: &'static str,
 }
 
 impl Default for Limits {
@@ -100,6 +105,7 @@ impl Default for Limits {
             network_extra: String::new(),
             tables: String::new(),
             logs_tmpfs: None,
+            api_listen: "127.0.0.1:0",
         }
     }
 }
@@ -192,7 +198,7 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n{tables}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n[api]\nlisten = {api:?}\n{tables}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -205,6 +211,7 @@ impl TestHull {
                 subnet = subnet,
                 outer = outer,
                 extra = limits.network_extra,
+                api = limits.api_listen,
                 tables = limits.tables,
             ),
         )
@@ -322,6 +329,23 @@ impl TestHull {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The HTTP API's address, as hulld reports it.
+    pub async fn api_addr(&self) -> std::net::SocketAddr {
+        let status = self.client().await.status().await.unwrap();
+        let url = status
+            .api
+            .unwrap_or_else(|| panic!("hulld reports no HTTP API; log:\n{}", self.log()));
+        url.trim_start_matches("http://").parse().unwrap()
+    }
+
+    /// Makes an HTTP API token of `scope` with `hull token create`.
+    pub fn api_token(&self, scope: &str) -> String {
+        let out = self.hull(&["--json", "token", "create", "--scope", scope]);
+        assert!(out.status.success(), "token create: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_string()
     }
 
     pub async fn client(&self) -> Client {

@@ -143,11 +143,45 @@ enum Command {
     Ports,
     /// The HTTP ingress: where it listens, which ports are private, and the bearer token they need.
     Ingress,
+    /// Tokens for the HTTP API (the Sprites v1 API): make, list, revoke.
+    /// The API serves no request until a token exists.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Base images for the inner.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it (the only time it is shown: hulld keeps a
+    /// hash of it). Send it as `Authorization: Bearer TOKEN`, or give it to
+    /// a Sprites SDK as its token.
+    Create {
+        /// What it lets its bearer do: read (status, lists, logs, reading
+        /// files), exec (also commands, sessions, writing files) or admin
+        /// (also checkpoints, restores, services, policy).
+        #[arg(long, value_parser = parse_scope)]
+        scope: hull_proto::TokenScope,
+        /// It expires after DURATION (30m, 24h, 7d); never when absent.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// A name to recognise it by in `hull token list`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// The tokens: id, scope, name, when made and when they expire.
+    List,
+    /// Revoke token ID (see `hull token list`): requests with it are refused at once.
+    Revoke { id: String },
+}
+
+fn parse_scope(text: &str) -> Result<hull_proto::TokenScope, String> {
+    text.parse()
 }
 
 #[derive(Subcommand)]
@@ -430,6 +464,14 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
         Command::Down { grace } => cli::down(&g, grace).await.map(|()| 0),
+        Command::Token { command } => match command {
+            TokenCommand::Create { scope, ttl, name } => {
+                cli::token_create(&g, scope, ttl, name).await
+            }
+            TokenCommand::List => cli::token_list(&g).await,
+            TokenCommand::Revoke { id } => cli::token_revoke(&g, &id).await,
+        }
+        .map(|()| 0),
         Command::Checkpoint { command } => match command {
             CheckpointCommand::Create { message } => cli::checkpoint_create(&g, message).await,
             CheckpointCommand::Restore { id } => cli::checkpoint_restore(&g, &id).await,

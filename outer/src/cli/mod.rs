@@ -452,6 +452,96 @@ pub async fn ingress(g: &Global) -> Result<()> {
     Ok(())
 }
 
+async fn tokens(g: &Global, request: hull_proto::TokenRequest) -> Result<DaemonMsg> {
+    let mut c = g.connect().await?;
+    Ok(c.request(ClientMsg::Tokens(request)).await?)
+}
+
+fn unexpected(reply: DaemonMsg) -> anyhow::Error {
+    ClientError::Unexpected(format!("{reply:?}")).into()
+}
+
+fn time_ms(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    httpdate::fmt_http_date(at)
+}
+
+pub async fn token_create(
+    g: &Global,
+    scope: hull_proto::TokenScope,
+    ttl: Option<Duration>,
+    name: Option<String>,
+) -> Result<()> {
+    let ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+    let request = hull_proto::TokenRequest::Create {
+        scope,
+        ttl_ms,
+        name,
+    };
+    let (token, info) = match tokens(g, request).await? {
+        DaemonMsg::TokenCreated { token, info } => (token, info),
+        other => return Err(unexpected(other)),
+    };
+    if g.json {
+        return print_json(&serde_json::json!({ "token": token, "info": info }));
+    }
+    outln!("{token}");
+    errln!(
+        "hull: token {} ({scope}{}) made; it is not shown again",
+        info.id,
+        info.expires_ms
+            .map(|at| format!(", expires {}", time_ms(at)))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+pub async fn token_list(g: &Global) -> Result<()> {
+    let list = match tokens(g, hull_proto::TokenRequest::List).await? {
+        DaemonMsg::Tokens(list) => list,
+        other => return Err(unexpected(other)),
+    };
+    if g.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        outln!("no tokens: the HTTP API refuses every request (make one with `hull token create --scope exec`)");
+        return Ok(());
+    }
+    outln!(
+        "{:<10} {:<6} {:<30} {:<30} NAME",
+        "ID",
+        "SCOPE",
+        "CREATED",
+        "EXPIRES"
+    );
+    for t in list {
+        outln!(
+            "{:<10} {:<6} {:<30} {:<30} {}",
+            t.id,
+            t.scope.as_str(),
+            time_ms(t.created_ms),
+            t.expires_ms.map(time_ms).unwrap_or_else(|| "never".into()),
+            t.name.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub async fn token_revoke(g: &Global, id: &str) -> Result<()> {
+    let request = hull_proto::TokenRequest::Revoke { id: id.to_string() };
+    match tokens(g, request).await? {
+        DaemonMsg::TokenRevoked { id } if g.json => {
+            print_json(&serde_json::json!({ "revoked": id }))
+        }
+        DaemonMsg::TokenRevoked { id } => {
+            outln!("token {id} revoked");
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 pub async fn checkpoint_create(g: &Global, comment: Option<String>) -> Result<()> {
     let mut c = g.connect().await?;
     let r = c.checkpoint_create(comment).await?;

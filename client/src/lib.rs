@@ -1,5 +1,5 @@
 //! The client side of the control protocol, used by the `hull` CLI, the
-//! tests and the benchmarks.
+//! HTTP API (over an in-process connection), the tests and the benchmarks.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use hull_proto::{
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, StatusReport, Stream,
 };
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +56,12 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
-pub type Reader = FrameReader<OwnedReadHalf, DaemonMsg>;
-pub type Writer = FrameWriter<OwnedWriteHalf, ClientMsg>;
+/// The halves of a connection, boxed so that one `Client` type serves a
+/// unix socket, vsock and an in-process pipe alike.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+pub type Reader = FrameReader<ReadHalf, DaemonMsg>;
+pub type Writer = FrameWriter<WriteHalf, ClientMsg>;
 
 /// A connection to hulld that has completed the hello.
 pub struct Client {
@@ -79,11 +83,25 @@ pub struct ExecOutput {
 }
 
 impl Client {
+    /// Connects to hulld's control socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| ClientError::connect(path, source))?;
         let (r, w) = stream.into_split();
+        Self::hello(Box::new(r), Box::new(w)).await
+    }
+
+    /// Says hello over any byte stream that reaches hulld's protocol.
+    pub async fn over<S>(stream: S) -> Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        Self::hello(Box::new(r), Box::new(w)).await
+    }
+
+    async fn hello(r: ReadHalf, w: WriteHalf) -> Result<Self> {
         let mut reader = frame_reader(r);
         let mut writer = frame_writer(w);
         writer

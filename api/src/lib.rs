@@ -1,0 +1,54 @@
+//! hulld's HTTP API: the Sprites v1 API for the one sandbox a hulld serves,
+//! so the Sprites SDKs drive hull by pointing their base URL at it.
+//!
+//! The API owns no sandbox state. Each request becomes messages of hulld's
+//! own control protocol over an in-process connection that a [`Connector`]
+//! opens, so the API and the unix socket answer from the same code, with
+//! the same errors.
+
+mod body;
+mod error;
+mod router;
+mod server;
+mod sprites;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use error::ApiError;
+pub use server::{Api, StartError};
+pub use tokens::{TokenError, TokenStore};
+
+/// Opens a connection to hulld's control protocol, the hello done.
+pub trait Connector: Send + Sync + 'static {
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>>;
+}
+
+/// The header every response carries: the version of the Sprites API
+/// these routes follow.
+pub const SPRITE_VERSION: &str = "v1";
+
+/// What the API serves and where, resolved from hulld's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// The TCP address to listen on; `None`: no network API.
+    pub listen: Option<SocketAddr>,
+    /// The sandbox's name in `/v1/sprites/{name}`.
+    pub sandbox_name: String,
+    /// HTTP connections served at once; more are refused.
+    pub max_connections: usize,
+}
+
+pub(crate) type Shared = Arc<State>;
+
+/// What every request handler reads.
+pub(crate) struct State {
+    pub settings: ApiSettings,
+    pub connector: Arc<dyn Connector>,
+    pub tokens: tokens::TokenStore,
+}
