@@ -28,6 +28,35 @@ pub fn require_root() -> bool {
     false
 }
 
+/// The Python of `target/sdk-venv` (made by tests/sdk/setup-venv.sh),
+/// which has the pinned Sprites SDK; `None` (after saying why) when it is
+/// not made, and under CI=true a panic instead.
+pub fn sdk_python() -> Option<PathBuf> {
+    let python = std::env::var_os("HULL_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target/sdk-venv/bin/python"));
+    if python.exists() {
+        return Some(python);
+    }
+    let why = format!(
+        "{} does not exist: run tests/sdk/setup-venv.sh",
+        python.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("the Sprites SDK tests cannot run and CI=true forbids skipping: {why}");
+    }
+    eprintln!("skipping: {why}");
+    None
+}
+
+/// The workspace's root (this crate is one folder below it).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// Where cargo put hull's binaries: next to the test binary's deps/ folder.
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("HULL_BIN_DIR") {
