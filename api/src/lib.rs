@@ -11,6 +11,7 @@ mod error;
 mod router;
 mod server;
 mod sprites;
+pub mod tls;
 pub mod tokens;
 
 use std::future::Future;
@@ -42,6 +43,11 @@ pub struct ApiSettings {
     pub sandbox_name: String,
     /// HTTP connections served at once; more are refused.
     pub max_connections: usize,
+    /// Also serve on this vsock port (in a VM with vsock): clients
+    /// outside the VM reach the API without a network.
+    pub vsock_port: Option<u32>,
+    /// Serve HTTPS with this certificate; plain HTTP when `None`.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 pub(crate) type Shared = Arc<State>;

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::{ApiSettings, Connector, State, TokenStore};
 
@@ -35,12 +36,20 @@ pub enum StartError {
     },
     #[error("cannot read the address the HTTP API listens on")]
     LocalAddr(#[source] io::Error),
+    #[error("cannot listen for the HTTP API on vsock port {port}")]
+    Vsock {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The running API: its address, and its accept loop, stopped on drop.
 pub struct Api {
     local_addr: Option<SocketAddr>,
-    accept: Option<JoinHandle<()>>,
+    accept: Vec<JoinHandle<()>>,
 }
 
 impl Api {
@@ -54,9 +63,14 @@ impl Api {
         let Some(addr) = settings.listen else {
             return Ok(Api {
                 local_addr: None,
-                accept: None,
+                accept: Vec::new(),
             });
         };
+        let tls = settings
+            .tls
+            .as_ref()
+            .map(crate::tls::acceptor)
+            .transpose()?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -66,10 +80,25 @@ impl Api {
             connector,
             tokens,
         });
-        let accept = tokio::spawn(accept_loop(listener, state));
+        // TCP and vsock share one cap: it bounds hulld, not a listener.
+        let slots = Arc::new(Semaphore::new(state.settings.max_connections));
+        let mut accept = vec![tokio::spawn(accept_loop(
+            listener,
+            tls.clone(),
+            slots.clone(),
+            state.clone(),
+        ))];
+        if let Some(port) = state.settings.vsock_port {
+            let vsock = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                tokio_vsock::VMADDR_CID_ANY,
+                port,
+            ))
+            .map_err(|source| StartError::Vsock { port, source })?;
+            accept.push(tokio::spawn(accept_loop(vsock, tls, slots, state)));
+        }
         Ok(Api {
             local_addr: Some(local_addr),
-            accept: Some(accept),
+            accept,
         })
     }
 
@@ -81,16 +110,47 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        if let Some(accept) = &self.accept {
+        for accept in &self.accept {
             accept.abort();
         }
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let slots = Arc::new(Semaphore::new(state.settings.max_connections));
+/// A listener the API accepts on: TCP, or vsock in a VM.
+trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
+    /// A connection and its peer's address, for the log.
+    fn accept_one(
+        &mut self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
+        self.accept()
+            .await
+            .map(|(stream, peer)| (stream, peer.to_string()))
+    }
+}
+
+impl Listener for tokio_vsock::VsockListener {
+    type Stream = tokio_vsock::VsockStream;
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
+        self.accept()
+            .await
+            .map(|(stream, peer)| (stream, format!("vsock:{}:{}", peer.cid(), peer.port())))
+    }
+}
+
+async fn accept_loop<L: Listener>(
+    mut listener: L,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    state: Arc<State>,
+) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept_one().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "HTTP API accept failed; backing off");
@@ -103,24 +163,45 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             drop(stream);
             continue;
         };
-        let state = state.clone();
+        let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(crate::router::handle(state, req).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES);
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "HTTP API connection ended with an error");
+            match tls {
+                None => serve(stream, peer, state).await,
+                // The handshake has the headers' deadline: a client that
+                // opens a connection and says nothing holds a slot no longer.
+                Some(tls) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve(stream, peer, state).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "HTTP API TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "HTTP API TLS handshake timed out"),
+                    }
+                }
             }
             drop(slot);
         });
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it closes.
+async fn serve<S>(stream: S, peer: String, state: Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(crate::router::handle(state, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "HTTP API connection ended with an error");
     }
 }

@@ -54,6 +54,8 @@ pub enum ConfigError {
     ApiListen(String),
     #[error("api.name = {0:?}: use letters, digits, '.', '_' and '-'")]
     ApiName(String),
+    #[error("api.tls_cert and api.tls_key go together: set both for HTTPS, or neither")]
+    ApiTls,
     #[error("network.{field} = {value:?}: {why}")]
     Network {
         field: &'static str,
@@ -261,6 +263,12 @@ pub struct ApiConfig {
     pub name: Option<String>,
     /// HTTP connections served at once.
     pub max_connections: usize,
+    /// Also serve the API on this vsock port.
+    pub vsock_port: Option<u32>,
+    /// Serve HTTPS: the certificate chain (PEM) ...
+    pub tls_cert: Option<PathBuf>,
+    /// ... and its private key (PEM). Both or neither.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -269,6 +277,9 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:7700".into(),
             name: None,
             max_connections: 256,
+            vsock_port: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -293,10 +304,20 @@ impl ApiConfig {
         if !hull_proto::valid_name(&sandbox_name) {
             return Err(ConfigError::ApiName(sandbox_name));
         }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(hull_api::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err(ConfigError::ApiTls),
+        };
         Ok(hull_api::ApiSettings {
             listen,
             sandbox_name,
             max_connections: positive("api.max_connections", self.max_connections)?,
+            vsock_port: self.vsock_port,
+            tls,
         })
     }
 }

@@ -446,12 +446,17 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         Endpoint::inner(config.inner_connections),
         budget.clone(),
     ));
+    let scheme = match api_settings.tls {
+        Some(_) => "https",
+        None => "http",
+    };
     let api = hull_api::Api::start(api_settings, crate::api_link::ApiLink::new(&hulld), tokens)
         .await
         .map_err(DaemonError::Api)?;
     if let Some(addr) = api.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
-        hulld.set_api_addr(addr);
+        let url = format!("{scheme}://{addr}");
+        tracing::info!(%url, "HTTP API listening");
+        hulld.set_api_url(url);
     }
     if let Some(vsock) = vsock {
         tokio::spawn(crate::server::accept_loop(

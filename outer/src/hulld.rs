@@ -40,8 +40,8 @@ pub(crate) struct Parts {
 
 pub struct Hulld {
     parts: Parts,
-    /// Where the HTTP API listens, once it does.
-    api_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The HTTP API's base URL, once it listens.
+    api_url: std::sync::OnceLock<String>,
     stopped: Notify,
     shutdown_lock: tokio::sync::Mutex<bool>,
     shutting_down: AtomicBool,
@@ -58,15 +58,15 @@ impl Hulld {
     pub(crate) fn new(parts: Parts) -> Arc<Self> {
         Arc::new(Hulld {
             parts,
-            api_addr: std::sync::OnceLock::new(),
+            api_url: std::sync::OnceLock::new(),
             stopped: Notify::new(),
             shutdown_lock: tokio::sync::Mutex::new(false),
             shutting_down: AtomicBool::new(false),
         })
     }
 
-    pub(crate) fn set_api_addr(&self, addr: std::net::SocketAddr) {
-        let _ = self.api_addr.set(addr);
+    pub(crate) fn set_api_url(&self, url: String) {
+        let _ = self.api_url.set(url);
     }
 
     pub fn supervisor(&self) -> &Supervisor {
@@ -112,7 +112,7 @@ impl Hulld {
             last_error: p.last_error,
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,
-            api: self.api_addr.get().map(|addr| format!("http://{addr}")),
+            api: self.api_url.get().cloned(),
         }
     }
 

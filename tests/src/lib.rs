@@ -121,6 +121,8 @@ pub struct Limits {
     /// The HTTP API's `[api] listen`: a port of the kernel's choosing on
     /// loopback unless a test says otherwise.
     pub api_listen: &'static str,
+    /// More lines for the `[api]` table (tls_cert = ..., ...).
+    pub api_extra: String,
 }
 
 impl Default for Limits {
@@ -135,6 +137,7 @@ impl Default for Limits {
             tables: String::new(),
             logs_tmpfs: None,
             api_listen: "127.0.0.1:0",
+            api_extra: String::new(),
         }
     }
 }
@@ -227,7 +230,7 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n[api]\nlisten = {api:?}\n{tables}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n[api]\nlisten = {api:?}\n{api_extra}\n{tables}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
@@ -241,6 +244,7 @@ impl TestHull {
                 outer = outer,
                 extra = limits.network_extra,
                 api = limits.api_listen,
+                api_extra = limits.api_extra,
                 tables = limits.tables,
             ),
         )
@@ -366,7 +370,10 @@ impl TestHull {
         let url = status
             .api
             .unwrap_or_else(|| panic!("hulld reports no HTTP API; log:\n{}", self.log()));
-        url.trim_start_matches("http://").parse().unwrap()
+        url.trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap()
     }
 
     /// Makes an HTTP API token of `scope` with `hull token create`.

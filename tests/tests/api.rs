@@ -89,3 +89,61 @@ fn the_api_refuses_everything_until_a_token_exists_then_checks_each_one() {
         (401, "invalid_token".into())
     );
 }
+
+#[test]
+fn the_api_serves_https_with_the_configured_certificate() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    if !require_root() {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let hull = TestHull::start_with(hull_tests::Limits {
+        api_extra: format!("tls_cert = {cert:?}\ntls_key = {key:?}\n"),
+        ..Default::default()
+    });
+    let status = block_on(async { hull.client().await.status().await.unwrap() });
+    assert!(
+        status.api.as_deref().unwrap().starts_with("https://"),
+        "{status:?}"
+    );
+    let addr = block_on(hull.api_addr());
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(made.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let answer = block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET /v1/sprites HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).to_string()
+    });
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"no_tokens\""), "{answer}");
+
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = std::panic::catch_unwind(|| {
+        hull_tests::http::request(addr, "GET", "/v1/sprites", None, None)
+    });
+    assert!(
+        plain.is_err() || plain.as_ref().is_ok_and(|r| r.status != 401),
+        "plain HTTP was served on the HTTPS port"
+    );
+}
