@@ -13,6 +13,8 @@ mod server;
 mod sprites;
 pub mod tls;
 pub mod tokens;
+mod tunnel;
+mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,14 +22,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use error::ApiError;
+pub use hull_proto::TokenScope;
 pub use server::{Api, StartError};
 pub use tokens::{TokenError, TokenStore};
 
-/// Opens a connection to hulld's control protocol, the hello done.
+/// Opens connections to hulld's control protocol.
 pub trait Connector: Send + Sync + 'static {
+    /// A byte stream to hulld's control protocol, served with what a token
+    /// of `scope` may ask.
+    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream>;
+
+    /// A client on a new connection, the hello done, for a route that has
+    /// checked its own scope.
     fn connect(
         &self,
-    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>> {
+        let stream = self.open(TokenScope::Admin);
+        Box::pin(async move { hull_client::Client::over(stream?).await })
+    }
 }
 
 /// The header every response carries: the version of the Sprites API

@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
-use crate::{sprites, Shared, SPRITE_VERSION};
+use crate::{sprites, tunnel, Shared, SPRITE_VERSION};
 
 pub type Body = Full<Bytes>;
 
@@ -54,13 +54,16 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         Method::GET | Method::HEAD => TokenScope::Read,
         _ => TokenScope::Admin,
     };
-    authorize(state, &req, needed).await?;
+    let granted = authorize(state, &req, needed).await?;
     match (&method, rest) {
         (&Method::GET, []) => sprites::list(state).await,
         (&Method::POST, []) => sprites::create(state, req).await,
         (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
         (_, [_, ..]) => match (&method, sandbox_path(state, rest)?) {
             (&Method::GET, []) => sprites::get(state).await,
+            // Each request through the tunnel is checked by hulld against
+            // the token's scope, so reading is enough to open it.
+            (&Method::GET, ["hull"]) => tunnel::serve(state, req, granted).await,
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
             _ => Err(ApiError::not_found(format!("no route {path}"))),
         },

@@ -10,6 +10,9 @@ use hull_proto::{
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, StatusReport, Stream,
 };
+pub mod remote;
+
+pub use remote::Remote;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
@@ -30,6 +33,25 @@ pub enum ClientError {
     },
     #[error("connection to hulld failed")]
     Io(#[from] io::Error),
+    #[error("bad API URL {0}")]
+    Url(String),
+    #[error("cannot reach the HTTP API at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+    /// The API refused: its status, stable error code and message.
+    #[error("the HTTP API answered {status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("hulld closed the connection")]
     Closed,
     #[error("unexpected reply from hulld: {0}")]

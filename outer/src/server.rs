@@ -15,7 +15,7 @@ use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
 use hull_ingress::{FdBudget, Throttle};
 use hull_proto::{
     frame_reader_max, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameReader,
-    Hello, PROTOCOL_VERSION,
+    Hello, TokenScope, PROTOCOL_VERSION,
 };
 use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
@@ -42,22 +42,48 @@ pub enum Scope {
     /// the user's code can register services and learn its URLs but cannot
     /// exec, bounce, restore, read logs or stop hulld.
     InnerServices,
-    /// The HTTP API's in-process connections: what its routes send, which
-    /// never includes making tokens (a token cannot mint a better one) or
-    /// stopping hulld.
-    Api,
+    /// The HTTP API's in-process connections, with the scope of the
+    /// token they came with: never making tokens (a token cannot mint a
+    /// better one) or stopping hulld.
+    Api(TokenScope),
 }
 
 impl Scope {
     fn permits(self, msg: &ClientMsg) -> bool {
         match self {
             Scope::Control => true,
-            Scope::Api => !matches!(msg, ClientMsg::Tokens(_) | ClientMsg::Shutdown { .. }),
+            Scope::Api(granted) => needed_scope(msg).is_some_and(|needed| granted >= needed),
             Scope::InnerServices => matches!(
                 msg,
                 ClientMsg::Services(_) | ClientMsg::Ports | ClientMsg::Ingress
             ),
         }
+    }
+}
+
+/// The token scope a request needs over the HTTP API; `None`: never
+/// served there.
+fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
+    use hull_proto::ServiceRequest as S;
+    match msg {
+        ClientMsg::Tokens(_) | ClientMsg::Shutdown { .. } => None,
+        ClientMsg::Hello(_)
+        | ClientMsg::Status
+        | ClientMsg::Ports
+        | ClientMsg::Ingress
+        | ClientMsg::CheckpointList
+        | ClientMsg::Logs { .. }
+        | ClientMsg::Services(S::List | S::Show(_)) => Some(TokenScope::Read),
+        ClientMsg::Exec(_)
+        | ClientMsg::Stdin(_)
+        | ClientMsg::StdinEof
+        | ClientMsg::Resize(_)
+        | ClientMsg::Signal(_) => Some(TokenScope::Exec),
+        ClientMsg::Bounce { .. }
+        | ClientMsg::CheckpointCreate { .. }
+        | ClientMsg::CheckpointRestore { .. }
+        | ClientMsg::CheckpointDelete { .. }
+        | ClientMsg::Services(_) => Some(TokenScope::Admin),
     }
 }
 
@@ -101,12 +127,12 @@ impl Endpoint {
         }
     }
 
-    /// The HTTP API's in-process connections: the API caps its own
-    /// connections before any reaches here.
-    pub fn api() -> Endpoint {
+    /// The HTTP API's in-process connections for a token of `scope`: the
+    /// API caps its own connections before any reaches here.
+    pub fn api(scope: TokenScope) -> Endpoint {
         Endpoint {
             name: "HTTP API",
-            scope: Scope::Api,
+            scope: Scope::Api(scope),
             connections: usize::MAX,
             max_frame: hull_proto::MAX_FRAME_LEN,
             idle_timeout: None,
@@ -321,16 +347,11 @@ where
         if !scope.permits(&msg) {
             tracing::info!(
                 request = variant(&msg),
-                "refused a request on the inner's service socket"
+                endpoint = endpoint.name,
+                "refused a request"
             );
             writer
-                .send(error(
-                    ErrorKind::NotPermitted,
-                    format!(
-                        "{} is not available from inside the inner: the socket there serves `hull services`, `hull ports` and `hull ingress` only; run it from the VM",
-                        command_name(&msg)
-                    ),
-                ))
+                .send(error(ErrorKind::NotPermitted, refusal(scope, &msg)))
                 .await?;
             continue;
         }
@@ -400,7 +421,7 @@ where
                     .await?
             }
             ClientMsg::Ingress => {
-                let token = scope == Scope::Control;
+                let token = matches!(scope, Scope::Control | Scope::Api(TokenScope::Admin));
                 writer
                     .send(DaemonMsg::Ingress(hulld.do_ingress(token)))
                     .await?
@@ -470,6 +491,22 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Ports => "Ports",
         ClientMsg::Ingress => "Ingress",
         ClientMsg::Tokens(_) => "Tokens",
+    }
+}
+
+/// Why `scope` does not serve `msg`, as its user reads it.
+fn refusal(scope: Scope, msg: &ClientMsg) -> String {
+    let command = command_name(msg);
+    match (scope, needed_scope(msg)) {
+        (Scope::Api(granted), Some(needed)) => format!(
+            "{command} needs an API token with scope {needed}; this one has {granted}"
+        ),
+        (Scope::Api(_), None) => {
+            format!("{command} is not available over the HTTP API; run it in the VM")
+        }
+        _ => format!(
+            "{command} is not available from inside the inner: the socket there serves `hull services`, `hull ports` and `hull ingress` only; run it from the VM"
+        ),
     }
 }
 

@@ -27,6 +27,19 @@ struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// Drive a hulld elsewhere through its HTTP API (http://HOST:PORT or
+    /// https://HOST:PORT) instead of the local control socket: status,
+    /// exec, console, bounce, checkpoint, services, logs, ports and ingress
+    /// work the same, with the same output and exit codes.
+    #[arg(long, global = true, env = "HULL_URL", value_name = "URL")]
+    url: Option<String>,
+    /// The API token for --url (see `hull token create` on the VM).
+    #[arg(long, global = true, env = "HULL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A PEM file of certificates to trust for an https:// --url besides
+    /// the system's (a self-signed certificate of the API).
+    #[arg(long, global = true, env = "HULL_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -325,10 +338,20 @@ fn global(
         hulld_args.extend(["--network".to_string(), mode.name().to_string()]);
     }
     config.validate()?;
+    let remote = match (&cli.url, &cli.token) {
+        (Some(url), Some(token)) => Some(hull_outer::client::Remote {
+            url: url.clone(),
+            token: token.clone(),
+            ca_file: cli.cacert.clone(),
+        }),
+        (Some(_), None) => anyhow::bail!(cli::CliError::NoToken),
+        (None, _) => None,
+    };
     let g = Global {
         config_path: cli.config.clone(),
         config,
         json: cli.json,
+        remote,
     };
     Ok((g, hulld_args))
 }
@@ -353,7 +376,7 @@ fn subcommand_named() -> Option<String> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--config" | "--socket" | "--state-dir" => {
+            "--config" | "--socket" | "--state-dir" | "--url" | "--token" | "--cacert" => {
                 args.next();
             }
             a if a.starts_with('-') => {}
@@ -407,6 +430,18 @@ async fn run(cli: Cli) -> Result<i32> {
         _ => (None, None),
     };
     let (g, hulld_args) = global(&cli, image, network)?;
+    if g.remote.is_some() {
+        let local_only = match &cli.command {
+            Command::Up { .. } => Some("up"),
+            Command::Down { .. } => Some("down"),
+            Command::Image { .. } => Some("image"),
+            Command::Token { .. } => Some("token"),
+            _ => None,
+        };
+        if let Some(command) = local_only {
+            anyhow::bail!(cli::CliError::LocalOnly(command));
+        }
+    }
     if cli::in_inner() {
         match &cli.command {
             Command::Up { .. } => anyhow::bail!(cli::CliError::NotInInner("up")),

@@ -43,11 +43,16 @@ pub struct Global {
     pub config_path: Option<PathBuf>,
     pub config: Config,
     pub json: bool,
+    /// Set by --url: hulld is reached through its HTTP API.
+    pub remote: Option<client::Remote>,
 }
 
 impl Global {
     pub async fn connect(&self) -> Result<Client> {
-        Ok(Client::connect(&self.config.socket).await?)
+        match &self.remote {
+            Some(remote) => Ok(Client::connect_remote(remote).await?),
+            None => Ok(Client::connect(&self.config.socket).await?),
+        }
     }
 }
 

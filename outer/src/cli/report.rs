@@ -19,6 +19,12 @@ pub enum CliError {
     /// A command that only makes sense in the VM, asked inside the inner.
     #[error("`hull {0}` runs in the VM, not inside the inner; from here, `hull services`, `hull ports` and `hull ingress` work")]
     NotInInner(&'static str),
+    /// A command that runs only where hulld is, asked with --url.
+    #[error("`hull {0}` runs on the VM itself, not through --url")]
+    LocalOnly(&'static str),
+    /// --url without a token.
+    #[error("--url needs a token: give --token or set HULL_TOKEN (make one on the VM with `hull token create --scope exec`)")]
+    NoToken,
     /// The reader of stdout went away (`hull status | head -1`): the end of
     /// the output, not a failure to report.
     #[error("stdout is closed")]
@@ -39,7 +45,8 @@ pub fn error_code(e: &anyhow::Error) -> &'static str {
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return match e {
                 CliError::NeedsRoot => "needs_root",
-                CliError::NotInInner(_) => "not_permitted",
+                CliError::NotInInner(_) | CliError::LocalOnly(_) => "not_permitted",
+                CliError::NoToken => "unauthorized",
                 CliError::StdoutClosed | CliError::Stdout(_) => "stdout",
                 CliError::SessionEnded(_) | CliError::TerminalEnded(_) => "inner_stopped",
             };
@@ -52,6 +59,13 @@ pub fn error_code(e: &anyhow::Error) -> &'static str {
                 ClientError::Unexpected(_) => "protocol",
                 ClientError::InnerStopped(_) => "inner_stopped",
                 ClientError::Daemon(report) => daemon_code(report.kind),
+                ClientError::Url(_) => "bad_url",
+                ClientError::Unreachable { .. } => "not_running",
+                ClientError::Tls(_) => "tls",
+                ClientError::Http(_) => "protocol",
+                ClientError::Api { status: 401, .. } => "unauthorized",
+                ClientError::Api { status: 403, .. } => "not_permitted",
+                ClientError::Api { .. } => "api",
             };
         }
         if cause.is::<ConfigError>() {
