@@ -394,6 +394,9 @@ where
                     .await?;
             }
             ClientMsg::Tokens(request) => writer.send(hulld.do_tokens(request).await).await?,
+            ClientMsg::NetworkPolicy(set) => {
+                writer.send(hulld.do_network_policy(set).await).await?
+            }
             ClientMsg::Ports => {
                 writer
                     .send(DaemonMsg::Ports(hulld.do_ports().await))
@@ -470,6 +473,7 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Ports => "Ports",
         ClientMsg::Ingress => "Ingress",
         ClientMsg::Tokens(_) => "Tokens",
+        ClientMsg::NetworkPolicy(_) => "NetworkPolicy",
     }
 }
 
@@ -528,6 +532,7 @@ fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
 fn service_error(e: &ServiceError) -> DaemonMsg {
     let kind = match e {
         ServiceError::NotFound(_) => ErrorKind::NotFound,
+        ServiceError::NotRunning(_) => ErrorKind::NotRunning,
         ServiceError::ManagerGone => ErrorKind::Internal,
         _ => ErrorKind::Service,
     };
