@@ -319,3 +319,99 @@ fn the_sdk_checkpoints_breaks_files_restores_and_the_service_comes_back() {
     let policy = sdk(&python, &hull, &admin, &["policy"]);
     assert_eq!(policy, serde_json::json!({"before": 0, "after": 3}));
 }
+
+#[test]
+fn services_stop_start_and_signal_over_the_api() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let admin = hull.api_token("admin");
+    let base = format!("/v1/sprites/{}/services", sprite_name(addr, &admin));
+    // A service that says which signal reached it.
+    let body = r#"{"cmd":"sh","args":["-c","trap 'echo got-hup' HUP; echo up; while :; do sleep 0.1; done"]}"#;
+    let r = request(
+        addr,
+        "PUT",
+        &format!("{base}/talker?duration=1s"),
+        Some(&admin),
+        Some(body),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let events = String::from_utf8_lossy(&r.body).to_string();
+    assert!(events.contains(r#""type":"started""#), "{events}");
+    assert!(events.contains(r#""data":"up\n""#), "{events}");
+    assert!(
+        events.trim_end().ends_with('}') && events.lines().last().unwrap().contains("complete"),
+        "{events}"
+    );
+
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/signal"),
+        Some(&admin),
+        Some(r#"{"name":"talker","signal":"HUP"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    hull_tests::wait_until(Duration::from_secs(10), "the HUP in talker's log", || {
+        String::from_utf8_lossy(&hull.hull(&["logs", "talker"]).stdout).contains("got-hup")
+    });
+
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/talker/stop"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let kinds: Vec<String> = String::from_utf8_lossy(&r.body)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["stopping", "stopped", "complete"]);
+    let r = request(addr, "GET", &format!("{base}/talker"), Some(&admin), None);
+    assert_eq!(r.json()["state"]["status"], "stopped", "{r:?}");
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/signal"),
+        Some(&admin),
+        Some(r#"{"name":"talker","signal":"SIGTERM"}"#),
+    );
+    assert_eq!(code(&r), (409, "not_running".into()), "{r:?}");
+
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/talker/start"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    hull_tests::wait_until(Duration::from_secs(10), "talker to run again", || {
+        request(addr, "GET", &format!("{base}/talker"), Some(&admin), None).json()["state"]
+            ["status"]
+            == "running"
+    });
+    let r = request(addr, "GET", &base, Some(&admin), None);
+    let listed = r.json();
+    assert_eq!(listed[0]["cmd"], "sh", "{listed}");
+    assert_eq!(listed[0]["args"][0], "-c", "{listed}");
+    let r = request(
+        addr,
+        "DELETE",
+        &format!("{base}/talker"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert!(service_names(&hull).is_empty());
+}
