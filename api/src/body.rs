@@ -39,3 +39,15 @@ pub async fn read_json(
         ))),
     }
 }
+
+/// The body as `T`, whose serde attributes refuse unknown fields (an empty
+/// body is `{}`).
+pub async fn read_as<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<T, ApiError> {
+    let bytes = read(req, max).await?;
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid: {e}")))
+}

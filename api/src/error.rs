@@ -1,8 +1,6 @@
 //! API errors as JSON bodies with stable codes: `{"error": CODE,
 //! "message": TEXT}`, the shape the Sprites SDKs parse.
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Response, StatusCode};
 
 /// An error answered to a client.
@@ -58,6 +56,7 @@ impl ApiError {
                         (StatusCode::SERVICE_UNAVAILABLE, "sandbox_unavailable")
                     }
                     ErrorKind::Service => (StatusCode::UNPROCESSABLE_ENTITY, "service_refused"),
+                    ErrorKind::NotRunning => (StatusCode::CONFLICT, "not_running"),
                     ErrorKind::Spawn(_) => (StatusCode::UNPROCESSABLE_ENTITY, "spawn_failed"),
                     ErrorKind::Storage => (StatusCode::INSUFFICIENT_STORAGE, "storage"),
                     _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -72,7 +71,7 @@ impl ApiError {
         }
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<crate::router::Body> {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
         crate::router::json_response(self.status, &body)
     }

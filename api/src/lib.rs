@@ -7,9 +7,14 @@
 //! the same errors.
 
 mod body;
+mod checkpoints;
 mod error;
+mod ndjson;
+mod openapi;
+mod policy;
 mod router;
 mod server;
+mod services;
 mod sprites;
 pub mod tls;
 pub mod tokens;

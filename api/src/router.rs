@@ -3,16 +3,87 @@
 //! Handlers are a few lines over the control protocol.
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
-use crate::{sprites, tunnel, Shared, SPRITE_VERSION};
+use crate::{checkpoints, openapi, policy, services, sprites, tunnel, Shared, SPRITE_VERSION};
 
-pub type Body = Full<Bytes>;
+/// A response body: whole, or streamed (NDJSON progress).
+pub type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+/// One route: its method, its path (`{x}` stands for one segment) and the
+/// token scope it needs (`None`: served without a token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub scope: Option<TokenScope>,
+}
+
+const fn r(method: &'static str, path: &'static str, scope: Option<TokenScope>) -> Route {
+    Route {
+        method,
+        path,
+        scope,
+    }
+}
+
+const READ: Option<TokenScope> = Some(TokenScope::Read);
+const ADMIN: Option<TokenScope> = Some(TokenScope::Admin);
+
+/// Every route served. The scope checked on a request comes from here,
+/// and a test holds it and api/openapi.json to the same paths and methods.
+pub const ROUTES: &[Route] = &[
+    r("GET", "/v1/openapi.json", None),
+    r("GET", "/v1/sprites", READ),
+    r("POST", "/v1/sprites", ADMIN),
+    r("GET", "/v1/sprites/{name}", READ),
+    r("GET", "/v1/sprites/{name}/hull", READ),
+    r("POST", "/v1/sprites/{name}/checkpoint", ADMIN),
+    r("GET", "/v1/sprites/{name}/checkpoints", READ),
+    r("GET", "/v1/sprites/{name}/checkpoints/{id}", READ),
+    r("DELETE", "/v1/sprites/{name}/checkpoints/{id}", ADMIN),
+    r("POST", "/v1/sprites/{name}/checkpoints/{id}/restore", ADMIN),
+    r("GET", "/v1/sprites/{name}/services", READ),
+    r("POST", "/v1/sprites/{name}/services/signal", ADMIN),
+    r("GET", "/v1/sprites/{name}/services/{service}", READ),
+    r("PUT", "/v1/sprites/{name}/services/{service}", ADMIN),
+    r("DELETE", "/v1/sprites/{name}/services/{service}", ADMIN),
+    r("POST", "/v1/sprites/{name}/services/{service}/start", ADMIN),
+    r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
+    r("GET", "/v1/sprites/{name}/policy/network", READ),
+    r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
+];
+
+/// The route `method` and `segments` reach: `Err(true)` when the path is
+/// served with other methods only, `Err(false)` when it is not served.
+fn find_route(method: &Method, segments: &[&str]) -> Result<&'static Route, bool> {
+    let mut path_known = false;
+    // A literal segment beats `{x}`: `services/signal` is not a service.
+    let mut best: Option<(&'static Route, usize)> = None;
+    for route in ROUTES {
+        let template: Vec<&str> = route.path.split('/').filter(|s| !s.is_empty()).collect();
+        let fits = template.len() == segments.len()
+            && template
+                .iter()
+                .zip(segments)
+                .all(|(t, s)| t.starts_with('{') || t == s);
+        if !fits {
+            continue;
+        }
+        path_known = true;
+        let literals = template.iter().filter(|t| !t.starts_with('{')).count();
+        if route.method == method.as_str() && best.is_none_or(|(_, l)| literals > l) {
+            best = Some((route, literals));
+        }
+    }
+    best.map(|(route, _)| route).ok_or(path_known)
+}
 
 /// Answers one request; every response carries `Sprite-Version`.
 pub async fn handle(state: Shared, req: Request<Incoming>) -> Response<Body> {
@@ -47,14 +118,18 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         .filter(|s| !s.is_empty())
         .collect();
     let method = req.method().clone();
+    let route = match find_route(&method, &segments) {
+        Ok(route) => route,
+        Err(true) => return Err(ApiError::method_not_allowed(&method, &path)),
+        Err(false) => return Err(ApiError::not_found(format!("no route {path}"))),
+    };
+    let granted = match route.scope {
+        Some(needed) => Some(authorize(state, &req, needed).await?),
+        None => None,
+    };
     let ["v1", "sprites", rest @ ..] = segments.as_slice() else {
-        return Err(ApiError::not_found(format!("no route {path}")));
+        return openapi::serve();
     };
-    let needed = match method {
-        Method::GET | Method::HEAD => TokenScope::Read,
-        _ => TokenScope::Admin,
-    };
-    let granted = authorize(state, &req, needed).await?;
     match (&method, rest) {
         (&Method::GET, []) => sprites::list(state).await,
         (&Method::POST, []) => sprites::create(state, req).await,
@@ -63,8 +138,26 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, []) => sprites::get(state).await,
             // Each request through the tunnel is checked by hulld against
             // the token's scope, so reading is enough to open it.
-            (&Method::GET, ["hull"]) => tunnel::serve(state, req, granted).await,
+            (&Method::GET, ["hull"]) => {
+                tunnel::serve(state, req, granted.unwrap_or(TokenScope::Read)).await
+            }
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
+            (&Method::POST, ["checkpoint"]) => checkpoints::create(state, req).await,
+            (&Method::GET, ["checkpoints"]) => checkpoints::list(state, &req).await,
+            (&Method::GET, ["checkpoints", id]) => checkpoints::get(state, id).await,
+            (&Method::DELETE, ["checkpoints", id]) => checkpoints::delete(state, id).await,
+            (&Method::POST, ["checkpoints", id, "restore"]) => {
+                checkpoints::restore(state, id).await
+            }
+            (&Method::GET, ["services"]) => services::list(state).await,
+            (&Method::POST, ["services", "signal"]) => services::signal(state, req).await,
+            (&Method::GET, ["services", svc]) => services::get(state, svc).await,
+            (&Method::PUT, ["services", svc]) => services::put(state, svc, req).await,
+            (&Method::DELETE, ["services", svc]) => services::delete(state, svc).await,
+            (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
+            (&Method::POST, ["services", svc, "stop"]) => services::stop(state, svc, &req).await,
+            (&Method::GET, ["policy", "network"]) => policy::get(state).await,
+            (&Method::POST, ["policy", "network"]) => policy::set(state, req).await,
             _ => Err(ApiError::not_found(format!("no route {path}"))),
         },
     }
@@ -109,8 +202,15 @@ async fn authorize(
     Ok(granted)
 }
 
+/// A response without a body (204).
+pub fn empty_response(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = status;
+    response
+}
+
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -2,8 +2,6 @@
 //! answered here, and the upgraded connection speaks WebSocket through
 //! tungstenite, with bounded frames and a bounded write buffer.
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -65,8 +63,7 @@ pub fn handshake(req: &mut Request<Incoming>) -> Result<Handshake, ApiError> {
     let accept = HeaderValue::from_str(&accept)
         .map_err(|e| ApiError::internal(format!("the WebSocket accept key: {e}")))?;
     let upgrade = hyper::upgrade::on(req);
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut response = crate::router::empty_response(StatusCode::SWITCHING_PROTOCOLS);
     let h = response.headers_mut();
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -207,6 +207,14 @@ impl Client {
         }
     }
 
+    /// The network policy; `set` replaces it first.
+    pub async fn network_policy(&mut self, set: Option<String>) -> Result<(Option<String>, bool)> {
+        match self.request(ClientMsg::NetworkPolicy(set)).await? {
+            DaemonMsg::NetworkPolicy { policy, enforced } => Ok((policy, enforced)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn ports(&mut self) -> Result<hull_proto::PortsReport> {
         match self.request(ClientMsg::Ports).await? {
             DaemonMsg::Ports(r) => Ok(r),

@@ -206,6 +206,31 @@ impl Hulld {
         self.parts.services.request(request).await
     }
 
+    /// The network policy, replaced first by `set`; not enforced yet.
+    pub async fn do_network_policy(&self, set: Option<String>) -> DaemonMsg {
+        let dir = self.parts.state_dir.clone();
+        let reply = blocking(move || {
+            if let Some(text) = set {
+                crate::net_policy::save(&dir, &text)?;
+            }
+            crate::net_policy::load(&dir)
+        })
+        .await;
+        match reply {
+            Ok(policy) => DaemonMsg::NetworkPolicy {
+                policy,
+                enforced: false,
+            },
+            Err(e) => DaemonMsg::Error(ErrorReport {
+                kind: match e {
+                    crate::net_policy::PolicyError::NotJson(_) => ErrorKind::BadRequest,
+                    _ => ErrorKind::Storage,
+                },
+                message: hull_proto::error_chain(&e),
+            }),
+        }
+    }
+
     pub async fn do_ports(&self) -> PortsReport {
         let cgroup = self.parts.cgroups.inner.clone();
         let pids = blocking(move || cgroup.pids().unwrap_or_default()).await;

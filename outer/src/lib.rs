@@ -9,6 +9,7 @@ mod exec;
 pub mod hulld;
 pub mod inner_api;
 pub mod launch;
+mod net_policy;
 pub mod network;
 mod server;
 mod supervisor;

@@ -73,6 +73,7 @@ fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
         | ClientMsg::Ingress
         | ClientMsg::CheckpointList
         | ClientMsg::Logs { .. }
+        | ClientMsg::NetworkPolicy(None)
         | ClientMsg::Services(S::List | S::Show(_)) => Some(TokenScope::Read),
         ClientMsg::Exec(_)
         | ClientMsg::Stdin(_)
@@ -83,6 +84,7 @@ fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
         | ClientMsg::CheckpointCreate { .. }
         | ClientMsg::CheckpointRestore { .. }
         | ClientMsg::CheckpointDelete { .. }
+        | ClientMsg::NetworkPolicy(Some(_))
         | ClientMsg::Services(_) => Some(TokenScope::Admin),
     }
 }
@@ -415,6 +417,9 @@ where
                     .await?;
             }
             ClientMsg::Tokens(request) => writer.send(hulld.do_tokens(request).await).await?,
+            ClientMsg::NetworkPolicy(set) => {
+                writer.send(hulld.do_network_policy(set).await).await?
+            }
             ClientMsg::Ports => {
                 writer
                     .send(DaemonMsg::Ports(hulld.do_ports().await))
@@ -491,6 +496,7 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Ports => "Ports",
         ClientMsg::Ingress => "Ingress",
         ClientMsg::Tokens(_) => "Tokens",
+        ClientMsg::NetworkPolicy(_) => "NetworkPolicy",
     }
 }
 
@@ -565,6 +571,7 @@ fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
 fn service_error(e: &ServiceError) -> DaemonMsg {
     let kind = match e {
         ServiceError::NotFound(_) => ErrorKind::NotFound,
+        ServiceError::NotRunning(_) => ErrorKind::NotRunning,
         ServiceError::ManagerGone => ErrorKind::Internal,
         _ => ErrorKind::Service,
     };

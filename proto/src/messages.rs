@@ -282,6 +282,8 @@ pub enum ErrorKind {
     /// The endpoint is at its connection cap, or hulld has no fds to spare
     /// for it: try again later.
     Busy,
+    /// The service is not running, so the request (a signal) has no target.
+    NotRunning,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -340,6 +342,9 @@ pub enum ClientMsg {
     Ingress,
     /// The HTTP API's tokens.
     Tokens(TokenRequest),
+    /// The sandbox's network policy: `None` reads it, `Some` replaces it
+    /// with this JSON text, kept as sent.
+    NetworkPolicy(Option<String>),
 }
 
 /// What a token lets its bearer do on the HTTP API; each scope includes
@@ -467,6 +472,12 @@ pub enum DaemonMsg {
     Tokens(Vec<TokenInfo>),
     TokenRevoked {
         id: String,
+    },
+    /// The stored network policy (JSON text as it was set; `None`: never
+    /// set) and whether hulld enforces it.
+    NetworkPolicy {
+        policy: Option<String>,
+        enforced: bool,
     },
     Error(ErrorReport),
 }
@@ -647,6 +658,11 @@ pub enum ServiceRequest {
     Restart(String),
     List,
     Show(String),
+    /// Deliver a signal to the service's process group.
+    Signal {
+        name: String,
+        signal: i32,
+    },
 }
 
 /// One line of a log, as stored and as sent.

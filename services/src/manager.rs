@@ -616,6 +616,10 @@ impl<H: InnerHost> Task<H> {
                     }
                 }
             }
+            ServiceRequest::Signal { name, signal } => {
+                let result = self.signal(&name, signal).await;
+                answer(reply, result)
+            }
             ServiceRequest::Stop(name) => self.stop(&name, AfterStop::Stop, reply).await,
             ServiceRequest::Restart(name) => self.stop(&name, AfterStop::Restart, reply).await,
             ServiceRequest::Start(name) => {
@@ -657,6 +661,25 @@ impl<H: InnerHost> Task<H> {
         self.services
             .get_mut(name)
             .ok_or_else(|| ServiceError::NotFound(name.to_string()))
+    }
+
+    /// `signal` to the process group of a running service; what it does to
+    /// the service shows in its state later, as any exit would.
+    async fn signal(
+        &mut self,
+        name: &str,
+        signal: i32,
+    ) -> Result<Vec<ServiceStatus>, ServiceError> {
+        let svc = self.get(name)?;
+        let running = matches!(svc.state, State::Running | State::Starting);
+        match (self.inner.clone(), svc.process, running) {
+            (Some(inner), Some((id, _, _)), true) => {
+                let status = self.status(svc);
+                inner.kill(id, signal).await;
+                Ok(vec![status])
+            }
+            _ => Err(ServiceError::NotRunning(name.to_string())),
+        }
     }
 
     /// SIGTERM to the process group, and SIGKILL after the timeout. The

@@ -23,6 +23,8 @@ pub enum ServiceError {
     Cycle { name: String, cycle: String },
     #[error("no service named {0}")]
     NotFound(String),
+    #[error("service {0} is not running, so it cannot be signalled")]
+    NotRunning(String),
     #[error("the service manager is not running (hulld is shutting down)")]
     ManagerGone,
     #[error("service {name}: {max} services are registered, the most hulld keeps (daemon.max_services); remove one first")]

@@ -95,6 +95,7 @@ pub(super) fn daemon_code(kind: ErrorKind) -> &'static str {
         ErrorKind::NotPermitted => "not_permitted",
         ErrorKind::Internal => "internal",
         ErrorKind::Busy => "busy",
+        ErrorKind::NotRunning => "not_running",
     }
 }
 
