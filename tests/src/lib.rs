@@ -644,3 +644,13 @@ pub fn hold_half_sent_frames(path: &Path, n: usize) -> Vec<std::os::unix::net::U
     }
     conns.into_iter().map(|(s, _)| s).collect()
 }
+
+/// The resident memory of `pid` in KiB, from /proc/PID/status.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}

@@ -147,3 +147,45 @@ fn the_api_serves_https_with_the_configured_certificate() {
         "plain HTTP was served on the HTTPS port"
     );
 }
+
+/// A client that sends headers without end: hulld reads a bounded head,
+/// answers 431 and closes, and goes on serving everyone else.
+#[test]
+fn an_endless_header_is_cut_off_and_hulld_serves_on() {
+    use std::io::{Read, Write};
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let rss_before = hull_tests::rss_kib(hull.hulld_pid());
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"GET /v1/sprites HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        .unwrap();
+    // Up to 1 GiB of one header; the server stops reading long before.
+    let chunk = vec![b'a'; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 1 << 30 {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < 1 << 30, "hulld read a whole 1 GiB header");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    let r = request(addr, "GET", "/v1/sprites", None, None);
+    assert_eq!(r.status, 401, "{r:?}");
+    let rss_after = hull_tests::rss_kib(hull.hulld_pid());
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "hulld grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
