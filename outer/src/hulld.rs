@@ -33,6 +33,7 @@ pub(crate) struct Parts {
     pub supervisor: Supervisor,
     pub limits: Limits,
     pub image: PathBuf,
+    pub user_namespace: Option<hull_proto::IdMapping>,
     pub network: Network,
 }
 
@@ -103,6 +104,7 @@ impl Hulld {
             last_error: p.last_error,
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,
+            user_namespace: self.parts.user_namespace,
         }
     }
 

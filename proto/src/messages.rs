@@ -192,6 +192,29 @@ pub struct StatusReport {
     /// When hulld saw the last of them, Unix time in milliseconds.
     #[serde(default)]
     pub last_oom_kill_ms: Option<i64>,
+    /// The inner's user namespace; `None`: the inner's root is the VM's.
+    #[serde(default)]
+    pub user_namespace: Option<IdMapping>,
+}
+
+/// How the inner's user namespace maps its ids: inner id `n` (user and
+/// group alike) is the VM's `base + n`, for `n` below `count`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdMapping {
+    pub base: u32,
+    pub count: u32,
+}
+
+impl IdMapping {
+    /// The VM's id for the inner's `id`, if the mapping covers it.
+    pub fn outside(&self, id: u32) -> Option<u32> {
+        (id < self.count).then(|| self.base + id)
+    }
+
+    /// One line of /proc/PID/uid_map (or gid_map).
+    pub fn map_line(&self) -> String {
+        format!("0 {} {}\n", self.base, self.count)
+    }
 }
 
 /// A finished bounce.
