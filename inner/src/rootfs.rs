@@ -73,7 +73,7 @@ pub enum SetupError {
     DetachOldRoot(#[source] nix::Error),
     #[error("cannot set {path} in the inner's network namespace")]
     Sysctl { path: PathBuf, source: io::Error },
-    #[error("cannot make an idmapped mount of {path} for the inner's user namespace")]
+    #[error("cannot make an idmapped mount of {path} for the inner's user namespace (its filesystem may not support them; [inner] user_namespace = false runs the inner without one)")]
     Idmap { path: PathBuf, source: io::Error },
     #[error("cannot keep the capabilities with the inner root's filesystem ids")]
     FsIds(#[source] caps::errors::CapsError),
@@ -743,4 +743,31 @@ fn enter_root(root: &Path) -> Result<()> {
     umount2(".", MntFlags::MNT_DETACH).map_err(SetupError::DetachOldRoot)?;
     chdir("/").map_err(pivot_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_and_work_share_a_mount_only_under_one_parent() {
+        let (upper, work) = (
+            Path::new("/v/layers/l1/upper"),
+            Path::new("/v/layers/l1/work"),
+        );
+        let (parent, u, w) = shared_parent(upper, work).unwrap();
+        assert_eq!(parent, Path::new("/v/layers/l1"));
+        assert_eq!((u, w), (OsStr::new("upper"), OsStr::new("work")));
+        assert!(shared_parent(upper, Path::new("/v/layers/l2/work")).is_none());
+    }
+
+    #[test]
+    fn hull_s_mounts_belong_to_the_inner_s_root() {
+        let mapped = Owner(Some(100_000));
+        assert_eq!(mapped.tmpfs("mode=755"), "mode=755,uid=100000,gid=100000");
+        assert_eq!(mapped.gid(5), 100_005);
+        let unmapped = Owner(None);
+        assert_eq!(unmapped.tmpfs("mode=755"), "mode=755");
+        assert_eq!(unmapped.gid(5), 5);
+    }
 }

@@ -206,11 +206,6 @@ pub struct IdMapping {
 }
 
 impl IdMapping {
-    /// The VM's id for the inner's `id`, if the mapping covers it.
-    pub fn outside(&self, id: u32) -> Option<u32> {
-        (id < self.count).then(|| self.base + id)
-    }
-
     /// One line of /proc/PID/uid_map (or gid_map).
     pub fn map_line(&self) -> String {
         format!("0 {} {}\n", self.base, self.count)

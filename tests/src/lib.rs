@@ -53,6 +53,12 @@ pub fn bin_dir() -> PathBuf {
 /// The busybox base image, built once and shared by every test process
 /// (an flock serialises the first build).
 pub fn image_dir() -> PathBuf {
+    image_store(ImageKind::Busybox)
+}
+
+/// The store holding `kind`, built there first if missing: busybox in
+/// well under a second, Debian (debootstrap, from the network) in minutes.
+pub fn image_store(kind: ImageKind) -> PathBuf {
     let dir = bin_dir().join("hull-test-images");
     std::fs::create_dir_all(&dir).unwrap();
     let lock_file = std::fs::File::create(dir.join(".lock")).unwrap();
@@ -60,10 +66,13 @@ pub fn image_dir() -> PathBuf {
         .map_err(|(_, e)| e)
         .expect("lock the test image dir");
     ImageStore::new(&dir)
-        .ensure(ImageKind::Busybox, false, &mut |line| {
-            eprintln!("image: {line}")
-        })
-        .expect("build the busybox test image (apt-get install busybox-static)");
+        .ensure(kind, false, &mut |line| eprintln!("image: {line}"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "build the {} test image (apt-get install busybox-static debootstrap): {e}",
+                kind.name()
+            )
+        });
     dir
 }
 
@@ -87,6 +96,8 @@ pub struct Limits {
     pub tables: String,
     /// Put `state_dir/logs` on a tmpfs of this size, to fill it up.
     pub logs_tmpfs: Option<&'static str>,
+    /// The inner's base image.
+    pub image: ImageKind,
 }
 
 impl Default for Limits {
@@ -100,6 +111,7 @@ impl Default for Limits {
             network_extra: String::new(),
             tables: String::new(),
             logs_tmpfs: None,
+            image: ImageKind::Busybox,
         }
     }
 }
@@ -161,7 +173,7 @@ impl TestHull {
     }
 
     pub fn start_with(limits: Limits) -> TestHull {
-        let images = image_dir();
+        let images = image_store(limits.image);
         let dir = tempfile::Builder::new()
             .prefix("hull-test-")
             .tempdir()
@@ -192,10 +204,11 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n{tables}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = {image:?}\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n{tables}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
+                image = limits.image.name(),
                 mem = limits.memory_max,
                 pids = limits.pids_max,
                 cg = cgroup_name,

@@ -77,6 +77,11 @@ fn the_inner_root_is_an_unprivileged_id_in_the_vm() {
         json["user_namespace"],
         serde_json::json!({ "base": BASE, "count": 65536 })
     );
+    let human = String::from_utf8(hull.hull(&["status"]).stdout).unwrap();
+    assert!(
+        human.contains("user ns    inner ids 0-65535 are the VM's 100000-165535"),
+        "{human}"
+    );
 }
 
 /// `[inner] user_namespace = false` keeps the inner's root the VM's root.
@@ -277,4 +282,84 @@ fn a_console_is_root_s_on_a_tty_of_the_tty_group() {
         let terminal = std::fs::metadata(format!("/proc/{pid}/fd/0")).unwrap();
         assert_eq!((terminal.uid(), terminal.gid()), (BASE, BASE + 5));
     });
+}
+
+/// A .deb made here with dpkg-deb: one file, and a postinst that adds a
+/// system user and gives it the file, as packages of daemons do.
+fn local_package(dir: &std::path::Path) -> Vec<u8> {
+    let root = dir.join("pkg");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/hull-userns-test")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: hull-userns-test\nVersion: 1.0\nArchitecture: all\n\
+         Maintainer: hull <hull@localhost>\nDescription: hull's user namespace test\n",
+    )
+    .unwrap();
+    let postinst = root.join("DEBIAN/postinst");
+    std::fs::write(
+        &postinst,
+        "#!/bin/sh\nset -e\nuseradd --system --uid 990 hulltest\n\
+         chown hulltest:hulltest /usr/share/hull-userns-test/hello\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &postinst,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("usr/share/hull-userns-test/hello"), "hello\n").unwrap();
+    let deb = dir.join("hull-userns-test.deb");
+    let built = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb (Debian's dpkg)");
+    assert!(built.status.success(), "dpkg-deb: {built:?}");
+    std::fs::read(deb).unwrap()
+}
+
+/// `apt-get install` of a local package as root inside, on the Debian
+/// image, without the network: dpkg writes /etc, the postinst adds a user
+/// and chowns to it. On disk the file is the user's own id, 990; the VM
+/// sees 100990 through the inner's mount.
+#[test]
+fn apt_get_installs_a_package_as_root_inside() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        image: hull_image::ImageKind::Debian,
+        memory_max: "1G",
+        ..Limits::default()
+    });
+    let deb = local_package(hull.dir.path());
+    let out = block_on(hull.exec_with_stdin(
+        &[
+            "sh",
+            "-c",
+            "cat >/tmp/hull-userns-test.deb && \
+             apt-get install -y /tmp/hull-userns-test.deb >/dev/null 2>/tmp/apt.err \
+             || { cat /tmp/apt.err; exit 1; }; \
+             dpkg-query -W -f '${Status}\\n' hull-userns-test; \
+             stat -c %U:%G:%u /usr/share/hull-userns-test/hello; id -u hulltest",
+        ],
+        &deb,
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "install ok installed\nhulltest:hulltest:990\n990\n",
+        "stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on_disk =
+        std::fs::metadata(current_upper(&hull).join("usr/share/hull-userns-test/hello")).unwrap();
+    assert_eq!((on_disk.uid(), on_disk.gid()), (990, 990));
+    let init = hull.wait_running(Duration::from_secs(5)).inner_pid.unwrap();
+    let seen = std::fs::metadata(format!(
+        "/proc/{init}/root/usr/share/hull-userns-test/hello"
+    ))
+    .unwrap();
+    assert_eq!(seen.uid(), BASE + 990);
 }
