@@ -88,7 +88,8 @@ impl SetupError {
     pub fn step(&self) -> &'static str {
         match self {
             SetupError::PrivateMounts(_) => "private-mounts",
-            SetupError::OverlayLayer { .. } | SetupError::Overlay { .. } => "overlay",
+            SetupError::OverlayLayer { .. } => "layers",
+            SetupError::Overlay { .. } => "overlay",
             SetupError::OpenRoot { .. } => "open-root",
             SetupError::Mount { .. } => "mount",
             SetupError::Create { .. } => "create",
@@ -101,7 +102,7 @@ impl SetupError {
             SetupError::Loopback(_) => "loopback",
             SetupError::PivotRoot { .. } | SetupError::DetachOldRoot(_) => "pivot-root",
             SetupError::Sysctl { .. } => "sysctl",
-            SetupError::Idmap { .. } => "idmap",
+            SetupError::Idmap { .. } => "layers",
             SetupError::FsIds(_) => "fs-ids",
             SetupError::UserNamespace(_) => "user-namespace",
             SetupError::Privileges(_) => "privileges",
@@ -143,7 +144,9 @@ pub fn prepare(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<Vec<(String
         t.step("sysctl", unprivileged_network(map))?;
         t.step("fs-ids", act_as_mapped_root(map.base))?;
     }
-    t.step("overlay", mount_overlay(spec, userns))?;
+    let layers = t.step("layers", open_layers(spec, userns))?;
+    t.step("overlay", mount_overlay(spec, &layers))?;
+    drop(layers);
     let layer = t.step("open-root", open_root(root))?;
     t.step(
         "proc",
@@ -202,18 +205,48 @@ fn unprivileged_network(map: &IdMapping) -> Result<()> {
     Ok(())
 }
 
-/// The layers are hulld's paths, opened here and handed to overlayfs as
-/// /proc/self/fd/N: overlayfs shows its options as given in the inner's
+/// The layers go to overlayfs as /proc/self/fd/N (see [`open_layers`]):
+/// overlayfs shows its options as given in the inner's
 /// /proc/self/mountinfo, so host paths there would tell the inner where
 /// hulld keeps its images and volumes (and a ',' or ':' in them would
 /// split the options).
-///
-/// With a user namespace each layer is an idmapped copy of its mount
-/// (upper and work share one, as overlayfs requires): on disk the inner's
-/// root stays uid 0, so a layer or checkpoint reads the same with the
-/// namespace on or off, and what the inner writes as its user 1000 is
-/// 1000 on disk.
-fn mount_overlay(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<()> {
+fn mount_overlay(spec: &InnerSpec, layers: &Layers) -> Result<()> {
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        layers.lower.display(),
+        layers.upper.display(),
+        layers.work.display()
+    );
+    mount(
+        Some("overlay"),
+        &spec.rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|source| SetupError::Overlay {
+        lower: spec.lower.clone(),
+        upper: spec.upper.clone(),
+        target: spec.rootfs.clone(),
+        source,
+    })
+}
+
+/// The overlay's layers as the paths it is given, and the fds that keep
+/// those paths valid until it is mounted.
+struct Layers {
+    lower: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    _held: Vec<OwnedFd>,
+}
+
+/// Opens hulld's paths of the layers. With a user namespace each is an
+/// idmapped copy of its mount instead (upper and work share one, as
+/// overlayfs requires): on disk the inner's root stays uid 0, so a layer
+/// or checkpoint reads the same with the namespace on or off, and what the
+/// inner writes as its user 1000 is 1000 on disk.
+fn open_layers(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<Layers> {
     let open = |path: &Path| {
         let opened = match userns {
             Some(userns) => {
@@ -238,8 +271,8 @@ fn mount_overlay(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<()> {
             (fd, PathBuf::from(shown))
         })
     };
-    let (_lower_fd, lower) = open(&spec.lower)?;
-    let (_held, upper, work) = match (userns, shared_parent(&spec.upper, &spec.work)) {
+    let (lower_fd, lower) = open(&spec.lower)?;
+    let (mut held, upper, work) = match (userns, shared_parent(&spec.upper, &spec.work)) {
         (Some(_), Some((parent, upper_name, work_name))) => {
             let (fd, at) = open(parent)?;
             (vec![fd], at.join(upper_name), at.join(work_name))
@@ -250,24 +283,12 @@ fn mount_overlay(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<()> {
             (vec![upper_fd, work_fd], upper, work)
         }
     };
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    mount(
-        Some("overlay"),
-        &spec.rootfs,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(|source| SetupError::Overlay {
-        lower: spec.lower.clone(),
-        upper: spec.upper.clone(),
-        target: spec.rootfs.clone(),
-        source,
+    held.push(lower_fd);
+    Ok(Layers {
+        lower,
+        upper,
+        work,
+        _held: held,
     })
 }
 
