@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -85,11 +86,14 @@ pub(crate) fn sigkill(pids: &[i32]) {
     }
 }
 
-/// Creates `dir` and its missing parents; an existing one is fine.
+/// Creates `dir` and its missing parents; an existing one is fine. `dir`
+/// is 0755 whatever hulld's umask (077): the inner reads its own group
+/// read-only at /sys/fs/cgroup, and in a user namespace of its own its
+/// root is "other" to a group the VM's root owns.
 pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
     match fs::create_dir_all(dir) {
         Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
+        _ => fs::set_permissions(dir, fs::Permissions::from_mode(0o755)),
     }
 }
 

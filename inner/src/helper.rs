@@ -3,12 +3,12 @@
 
 use std::io::Write;
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::unistd::{fork, ForkResult};
 
-use crate::spec::{InnerSpec, NETNS_FD};
+use crate::spec::{InnerSpec, NETNS_FD, USERNS_FD};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
@@ -23,14 +23,19 @@ pub enum HelperError {
     },
     #[error("cannot join the inner's network namespace (fd {NETNS_FD})")]
     JoinNetns(#[source] nix::Error),
+    #[error("cannot create the inner's user namespace")]
+    UserNamespace(#[source] crate::userns::UsernsError),
+    #[error("cannot move the user namespace's fd to {USERNS_FD}")]
+    PlaceUserns(#[source] nix::Error),
     #[error("unshare of the inner's namespaces failed")]
     Unshare(#[source] nix::Error),
     #[error("fork of the inner init failed")]
     Fork(#[source] nix::Error),
 }
 
-/// The namespaces of the inner. No user namespace: the inner's root is the
-/// VM's root, confined by capabilities, masked paths and cgroups instead.
+/// The namespaces of the inner. Its user namespace, when it has one, is
+/// made apart ([`crate::userns`]) and entered by the init last, so these
+/// stay owned by the VM's.
 pub fn namespaces() -> CloneFlags {
     CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
@@ -52,6 +57,10 @@ pub fn run(spec_json: &str) -> Result<(), HelperError> {
             path: path.clone(),
             source,
         })?;
+    }
+    if let Some(map) = &spec.user_namespace {
+        let userns = crate::userns::create(map).map_err(HelperError::UserNamespace)?;
+        place_userns(userns)?;
     }
     let mut flags = namespaces();
     if spec.join_netns {
@@ -78,4 +87,19 @@ pub fn run(spec_json: &str) -> Result<(), HelperError> {
             Ok(())
         }
     }
+}
+
+/// Puts the user namespace's fd where the init looks for it.
+fn place_userns(userns: OwnedFd) -> Result<(), HelperError> {
+    if userns.as_raw_fd() == USERNS_FD {
+        // Already in place: the init takes it over from here.
+        let _ = userns.into_raw_fd();
+        return Ok(());
+    }
+    // SAFETY: dup2 onto USERNS_FD, which nothing in the helper owns; the
+    // init takes ownership of it. `userns` is closed on drop.
+    if unsafe { libc::dup2(userns.as_raw_fd(), USERNS_FD) } < 0 {
+        return Err(HelperError::PlaceUserns(nix::Error::last()));
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::rootfs::{self, SetupError};
 use crate::security;
-use crate::spec::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD};
+use crate::spec::{InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, USERNS_FD};
 
 /// The environment every process in the inner starts from.
 /// The image's usual directories, then the `hull` client hulld mounts.
@@ -37,8 +37,19 @@ pub fn run(spec: &InnerSpec) -> i32 {
     redirect_stdio_to_null();
     // hulld runs with umask 077; the inner's files follow the usual 022.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    security::close_fds_above(FD_CHANNEL_FD);
-    let setup = rootfs::prepare(spec).and_then(|mut steps| {
+    // SAFETY: the helper placed the user namespace's fd at USERNS_FD when
+    // the spec asks for one; nothing else in this process owns it.
+    let userns = spec
+        .user_namespace
+        .map(|_| unsafe { OwnedFd::from_raw_fd(USERNS_FD) });
+    security::close_fds_above(FD_CHANNEL_FD, userns.as_ref().map(|_| USERNS_FD));
+    let setup = rootfs::prepare(spec, userns.as_ref()).and_then(|mut steps| {
+        let started = std::time::Instant::now();
+        if let Some(userns) = userns {
+            crate::userns::enter(&userns).map_err(SetupError::UserNamespace)?;
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            steps.push(("user-namespace".to_string(), micros));
+        }
         // Timed apart: the kernel checks and JIT-compiles the filter here,
         // once per inner.
         let started = std::time::Instant::now();

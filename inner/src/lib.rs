@@ -16,9 +16,11 @@ mod rootfs;
 pub mod seccomp;
 mod security;
 mod spec;
+mod userns;
 
 pub use rootfs::SetupError;
 pub use seccomp::{SeccompError, SeccompFilter, SeccompOptions};
 pub use spec::{
     CgroupView, InnerSpec, FD_CHANNEL_FD, INIT_LINK_FD, INNER_API_BIN, INNER_API_DIR, NETNS_FD,
+    USERNS_FD,
 };

@@ -70,19 +70,42 @@ pub fn attach(mount: &impl AsFd, target: &impl AsFd) -> io::Result<()> {
 }
 
 /// Adds `attrs` to the mount `mount` (and every mount below it when
-/// `recursive`). rustix has no mount_setattr(2), hence the raw call.
+/// `recursive`).
 pub fn set_attrs(mount: &impl AsFd, attrs: MountAttrFlags, recursive: bool) -> io::Result<()> {
+    mount_setattr(mount, attrs, None, recursive)
+}
+
+/// A detached copy of hulld's `path` whose ids read through the user
+/// namespace `userns`: its id 0 is the namespace's root.
+pub fn clone_idmapped(path: &Path, userns: &impl AsFd) -> io::Result<OwnedFd> {
+    let copy = clone_path(path)?;
+    mount_setattr(
+        &copy,
+        MountAttrFlags::MOUNT_ATTR_IDMAP,
+        Some(userns.as_fd()),
+        false,
+    )?;
+    Ok(copy)
+}
+
+/// rustix has no mount_setattr(2), hence the raw call.
+fn mount_setattr(
+    mount: &impl AsFd,
+    attrs: MountAttrFlags,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+    recursive: bool,
+) -> io::Result<()> {
     let attr = libc::mount_attr {
         attr_set: u64::from(attrs.bits()),
         attr_clr: 0,
         propagation: 0,
-        userns_fd: 0,
+        userns_fd: userns.map_or(0, |fd| u64::from(fd.as_raw_fd().unsigned_abs())),
     };
     let mut flags = libc::AT_EMPTY_PATH;
     if recursive {
         flags |= libc::AT_RECURSIVE;
     }
-    // SAFETY: the fd is open for the call's duration, the path is a
+    // SAFETY: the fds are open for the call's duration, the path is a
     // NUL-terminated empty string, and `attr` is a valid mount_attr whose
     // size is passed with it; the kernel only reads both.
     let rc = unsafe {

@@ -8,10 +8,12 @@
 //! it returns ([`mounts`]), and files are made relative to those fds. A
 //! symlink in the layer therefore resolves as it would inside the inner.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use hull_proto::IdMapping;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, pivot_root, sethostname};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -69,6 +71,14 @@ pub enum SetupError {
     PivotRoot { path: PathBuf, source: nix::Error },
     #[error("cannot detach the old root")]
     DetachOldRoot(#[source] nix::Error),
+    #[error("cannot set {path} in the inner's network namespace")]
+    Sysctl { path: PathBuf, source: io::Error },
+    #[error("cannot make an idmapped mount of {path} for the inner's user namespace (its filesystem may not support them; [inner] user_namespace = false runs the inner without one)")]
+    Idmap { path: PathBuf, source: io::Error },
+    #[error("cannot keep the capabilities with the inner root's filesystem ids")]
+    FsIds(#[source] caps::errors::CapsError),
+    #[error(transparent)]
+    UserNamespace(crate::userns::UsernsError),
     #[error(transparent)]
     Privileges(#[from] crate::security::PrivilegeError),
 }
@@ -78,7 +88,8 @@ impl SetupError {
     pub fn step(&self) -> &'static str {
         match self {
             SetupError::PrivateMounts(_) => "private-mounts",
-            SetupError::OverlayLayer { .. } | SetupError::Overlay { .. } => "overlay",
+            SetupError::OverlayLayer { .. } => "layers",
+            SetupError::Overlay { .. } => "overlay",
             SetupError::OpenRoot { .. } => "open-root",
             SetupError::Mount { .. } => "mount",
             SetupError::Create { .. } => "create",
@@ -90,6 +101,10 @@ impl SetupError {
             SetupError::Hostname { .. } => "hostname",
             SetupError::Loopback(_) => "loopback",
             SetupError::PivotRoot { .. } | SetupError::DetachOldRoot(_) => "pivot-root",
+            SetupError::Sysctl { .. } => "sysctl",
+            SetupError::Idmap { .. } => "layers",
+            SetupError::FsIds(_) => "fs-ids",
+            SetupError::UserNamespace(_) => "user-namespace",
             SetupError::Privileges(_) => "privileges",
         }
     }
@@ -114,15 +129,24 @@ impl Timings {
 
 /// Builds the root filesystem and pivots into it. Runs as PID 1 of the new
 /// pid namespace, in the new mount namespace, before any thread exists.
-/// Returns how long each step took, in microseconds.
-pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
+/// Returns how long each step took, in microseconds. With `userns` (the
+/// inner's user namespace) the layers are idmapped through it and hull's
+/// own mounts are owned by its root; the init enters it afterwards.
+pub fn prepare(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<Vec<(String, u64)>> {
     let root = spec.rootfs.as_path();
     let mut t = Timings {
         steps: Vec::new(),
         clock: std::time::Instant::now(),
     };
+    let owner = Owner(spec.user_namespace.map(|m| m.base));
     t.step("private-mounts", make_mounts_private())?;
-    t.step("overlay", mount_overlay(spec))?;
+    if let Some(map) = &spec.user_namespace {
+        t.step("sysctl", unprivileged_network(map))?;
+        t.step("fs-ids", act_as_mapped_root(map.base))?;
+    }
+    let layers = t.step("layers", open_layers(spec, userns))?;
+    t.step("overlay", mount_overlay(spec, &layers))?;
+    drop(layers);
     let layer = t.step("open-root", open_root(root))?;
     t.step(
         "proc",
@@ -135,13 +159,13 @@ pub fn prepare(spec: &InnerSpec) -> Result<Vec<(String, u64)>> {
     if let Some(view) = &spec.cgroup_view {
         t.step("cgroup", mount_cgroup(&layer, view))?;
     }
-    let dev = t.step("dev", mount_dev(&layer))?;
+    let dev = t.step("dev", mount_dev(&layer, owner))?;
     t.step("mask", mask_kernel_interfaces(&layer, &dev))?;
     t.step("hostname", set_hostname(&spec.hostname))?;
     if let Some(resolv) = &spec.resolv_conf {
         t.step("resolv-conf", bind_resolv_conf(&layer, resolv))?;
     }
-    let run = t.step("run", mount_run(&layer))?;
+    let run = t.step("run", mount_run(&layer, owner))?;
     if let Some(api) = &spec.api_dir {
         t.step("api", bind_api(&layer, &run, api))?;
     }
@@ -164,33 +188,34 @@ fn make_mounts_private() -> Result<()> {
     .map_err(SetupError::PrivateMounts)
 }
 
-/// The layers are hulld's paths, opened here and handed to overlayfs as
-/// /proc/self/fd/N: overlayfs shows its options as given in the inner's
+/// The inner's user namespace is not the owner of its network namespace,
+/// so its capabilities do not bind ports below 1024 or open raw sockets
+/// there: the namespace lets every port and the inner's groups' ICMP
+/// sockets (ping) go without them. The files are the init's network
+/// namespace's, whichever /proc they are opened through.
+fn unprivileged_network(map: &IdMapping) -> Result<()> {
+    let last = map.base + map.count.saturating_sub(1);
+    for (file, value) in [
+        ("ip_unprivileged_port_start", "0".to_string()),
+        ("ping_group_range", format!("{} {last}", map.base)),
+    ] {
+        let path = Path::new("/proc/sys/net/ipv4").join(file);
+        std::fs::write(&path, value).map_err(|source| SetupError::Sysctl { path, source })?;
+    }
+    Ok(())
+}
+
+/// The layers go to overlayfs as /proc/self/fd/N (see [`open_layers`]):
+/// overlayfs shows its options as given in the inner's
 /// /proc/self/mountinfo, so host paths there would tell the inner where
 /// hulld keeps its images and volumes (and a ',' or ':' in them would
 /// split the options).
-fn mount_overlay(spec: &InnerSpec) -> Result<()> {
-    let open = |path: &PathBuf| {
-        rustix::fs::open(
-            path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| SetupError::OverlayLayer {
-            path: path.clone(),
-            source: e.into(),
-        })
-    };
-    let fd_path = |fd: &OwnedFd| {
-        use std::os::fd::AsRawFd;
-        format!("/proc/self/fd/{}", fd.as_raw_fd())
-    };
-    let (lower, upper, work) = (open(&spec.lower)?, open(&spec.upper)?, open(&spec.work)?);
+fn mount_overlay(spec: &InnerSpec, layers: &Layers) -> Result<()> {
     let options = format!(
         "lowerdir={},upperdir={},workdir={}",
-        fd_path(&lower),
-        fd_path(&upper),
-        fd_path(&work)
+        layers.lower.display(),
+        layers.upper.display(),
+        layers.work.display()
     );
     mount(
         Some("overlay"),
@@ -205,6 +230,111 @@ fn mount_overlay(spec: &InnerSpec) -> Result<()> {
         target: spec.rootfs.clone(),
         source,
     })
+}
+
+/// The overlay's layers as the paths it is given, and the fds that keep
+/// those paths valid until it is mounted.
+struct Layers {
+    lower: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    _held: Vec<OwnedFd>,
+}
+
+/// Opens hulld's paths of the layers. With a user namespace each is an
+/// idmapped copy of its mount instead (upper and work share one, as
+/// overlayfs requires): on disk the inner's root stays uid 0, so a layer
+/// or checkpoint reads the same with the namespace on or off, and what the
+/// inner writes as its user 1000 is 1000 on disk.
+fn open_layers(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<Layers> {
+    let open = |path: &Path| {
+        let opened = match userns {
+            Some(userns) => {
+                mounts::clone_idmapped(path, userns).map_err(|source| SetupError::Idmap {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+            None => rustix::fs::open(
+                path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| SetupError::OverlayLayer {
+                path: path.to_path_buf(),
+                source: e.into(),
+            }),
+        };
+        opened.map(|fd| {
+            use std::os::fd::AsRawFd;
+            let shown = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            (fd, PathBuf::from(shown))
+        })
+    };
+    let (lower_fd, lower) = open(&spec.lower)?;
+    let (mut held, upper, work) = match (userns, shared_parent(&spec.upper, &spec.work)) {
+        (Some(_), Some((parent, upper_name, work_name))) => {
+            let (fd, at) = open(parent)?;
+            (vec![fd], at.join(upper_name), at.join(work_name))
+        }
+        _ => {
+            let (upper_fd, upper) = open(&spec.upper)?;
+            let (work_fd, work) = open(&spec.work)?;
+            (vec![upper_fd, work_fd], upper, work)
+        }
+    };
+    held.push(lower_fd);
+    Ok(Layers {
+        lower,
+        upper,
+        work,
+        _held: held,
+    })
+}
+
+/// From here on the init makes files with the filesystem ids of the
+/// inner's root (the VM's `id`), every capability still effective.
+/// Through idmapped layers only an id the map covers can own a file, and
+/// the VM's root is not one of them: overlayfs keeps its mounter's ids for
+/// its own work in the layers (the work directory, copy-up), and a mount
+/// point or link the init makes in the layer is then the inner's root's,
+/// uid 0 on disk.
+fn act_as_mapped_root(id: u32) -> Result<()> {
+    use nix::unistd::{setfsgid, setfsuid, Gid, Uid};
+    setfsgid(Gid::from_raw(id));
+    setfsuid(Uid::from_raw(id));
+    // Leaving fsuid 0 cleared the filesystem capabilities from the
+    // effective set; the init still needs them for hulld's files.
+    caps::read(None, caps::CapSet::Permitted)
+        .and_then(|all| caps::set(None, caps::CapSet::Effective, &all))
+        .map_err(SetupError::FsIds)
+}
+
+/// The directory holding both `upper` and `work`, and their names in it.
+fn shared_parent<'a>(upper: &'a Path, work: &'a Path) -> Option<(&'a Path, &'a OsStr, &'a OsStr)> {
+    let parent = upper.parent()?;
+    (work.parent()? == parent).then_some((parent, upper.file_name()?, work.file_name()?))
+}
+
+/// The VM's id of the inner's root, when it has a user namespace of its
+/// own: hull's tmpfs mounts must belong to it, or the inner's root could
+/// not write its own /run or /dev/shm.
+#[derive(Debug, Clone, Copy)]
+struct Owner(Option<u32>);
+
+impl Owner {
+    /// tmpfs `options` with the owner's uid and gid added.
+    fn tmpfs(self, options: &str) -> String {
+        match self.0 {
+            Some(id) => format!("{options},uid={id},gid={id}"),
+            None => options.to_string(),
+        }
+    }
+
+    /// The VM's id of the inner's group `gid`.
+    fn gid(self, gid: u32) -> u32 {
+        self.0.map_or(gid, |base| base + gid)
+    }
 }
 
 fn open_root(root: &Path) -> Result<Layer> {
@@ -344,12 +474,12 @@ const DEVICES: [(&str, u32, u32); 6] = [
 ];
 
 /// A fresh /dev. Returns its mount, where the masks find /dev/null.
-fn mount_dev(layer: &Layer) -> Result<OwnedFd> {
+fn mount_dev(layer: &Layer, owner: Owner) -> Result<OwnedFd> {
     let dev = mount_new(
         layer,
         "tmpfs",
         "dev",
-        "mode=755,size=65536k",
+        &owner.tmpfs("mode=755,size=65536k"),
         NOSUID | NOEXEC,
     )?;
     for (name, major, minor) in DEVICES {
@@ -370,15 +500,13 @@ fn mount_dev(layer: &Layer) -> Result<OwnedFd> {
         rustix::fs::chmodat(&dev, name, mode, AtFlags::empty()).map_err(node_err)?;
     }
     let pts = subdir(&dev, "pts", 0o755, "dev/pts")?;
-    mount_on(
-        "devpts",
-        &pts,
-        "dev/pts",
-        "newinstance,ptmxmode=0666,mode=0620,gid=5",
-        NOSUID | NOEXEC,
-    )?;
+    // The tty group, 5 in the inner: devpts reads ids in the mounter's
+    // namespace.
+    let pts_options = format!("newinstance,ptmxmode=0666,mode=0620,gid={}", owner.gid(5));
+    mount_on("devpts", &pts, "dev/pts", &pts_options, NOSUID | NOEXEC)?;
     let shm = subdir(&dev, "shm", 0o1777, "dev/shm")?;
-    mount_on("tmpfs", &shm, "dev/shm", "mode=1777,size=65536k", HARDENED)?;
+    let shm_options = owner.tmpfs("mode=1777,size=65536k");
+    mount_on("tmpfs", &shm, "dev/shm", &shm_options, HARDENED)?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -569,12 +697,12 @@ fn private_copy(source: &Path) -> io::Result<OwnedFd> {
 /// /run is volatile, as on a booted system: whatever the image or an
 /// earlier inner left there is gone, and hull's own mount point under it
 /// is made without touching the user's layer. Returns its mount.
-fn mount_run(layer: &Layer) -> Result<OwnedFd> {
+fn mount_run(layer: &Layer, owner: Owner) -> Result<OwnedFd> {
     let run = mount_new(
         layer,
         "tmpfs",
         "run",
-        "mode=755,size=65536k",
+        &owner.tmpfs("mode=755,size=65536k"),
         NOSUID | mounts::NODEV,
     )?;
     // Debian's tools expect it, as systemd-tmpfiles would make it.
@@ -636,4 +764,31 @@ fn enter_root(root: &Path) -> Result<()> {
     umount2(".", MntFlags::MNT_DETACH).map_err(SetupError::DetachOldRoot)?;
     chdir("/").map_err(pivot_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_and_work_share_a_mount_only_under_one_parent() {
+        let (upper, work) = (
+            Path::new("/v/layers/l1/upper"),
+            Path::new("/v/layers/l1/work"),
+        );
+        let (parent, u, w) = shared_parent(upper, work).unwrap();
+        assert_eq!(parent, Path::new("/v/layers/l1"));
+        assert_eq!((u, w), (OsStr::new("upper"), OsStr::new("work")));
+        assert!(shared_parent(upper, Path::new("/v/layers/l2/work")).is_none());
+    }
+
+    #[test]
+    fn hull_s_mounts_belong_to_the_inner_s_root() {
+        let mapped = Owner(Some(100_000));
+        assert_eq!(mapped.tmpfs("mode=755"), "mode=755,uid=100000,gid=100000");
+        assert_eq!(mapped.gid(5), 100_005);
+        let unmapped = Owner(None);
+        assert_eq!(unmapped.tmpfs("mode=755"), "mode=755");
+        assert_eq!(unmapped.gid(5), 5);
+    }
 }

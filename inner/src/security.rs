@@ -78,15 +78,30 @@ pub fn drop_privileges(seccomp: Option<&SeccompFilter>) -> Result<(), PrivilegeE
     Ok(())
 }
 
-/// Closes every fd above `keep_upto`: nothing of hulld's may leak in.
-pub fn close_fds_above(keep_upto: i32) {
-    // SAFETY: close_range only closes descriptors; ours above keep_upto are
+/// Closes every fd above `keep_upto` but `also_keep`: nothing of hulld's
+/// may leak in.
+pub fn close_fds_above(keep_upto: i32, also_keep: Option<i32>) {
+    let first = keep_upto + 1;
+    match also_keep {
+        Some(kept) if kept >= first => {
+            close_range(first, kept - 1);
+            close_range(kept + 1, libc::c_int::MAX);
+        }
+        _ => close_range(first, libc::c_int::MAX),
+    }
+}
+
+fn close_range(first: i32, last: i32) {
+    if last < first {
+        return;
+    }
+    // SAFETY: close_range only closes descriptors; ours in the range are
     // not referenced by any Rust object at this point of the init's start.
     unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            (keep_upto + 1) as libc::c_uint,
-            libc::c_uint::MAX,
+            first as libc::c_uint,
+            last as libc::c_uint,
             0 as libc::c_uint,
         );
     }

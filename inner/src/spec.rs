@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use hull_proto::IdMapping;
+
 use crate::seccomp::SeccompFilter;
 
 /// The init link (a stream socketpair end) is fd 3 in the helper and init.
@@ -11,6 +13,9 @@ pub const FD_CHANNEL_FD: i32 = 4;
 /// The network namespace to join, when [`InnerSpec::join_netns`] is set, is
 /// fd 5 in the helper; the helper closes it after setns(2).
 pub const NETNS_FD: i32 = 5;
+/// The inner's user namespace, when [`InnerSpec::user_namespace`] is set,
+/// is fd 6 in the init, which enters it once the root filesystem is built.
+pub const USERNS_FD: i32 = 6;
 
 /// Everything the helper needs to create one inner container. hulld passes
 /// it as JSON in the helper's argv.
@@ -48,6 +53,10 @@ pub struct InnerSpec {
     /// no filter (`[inner] seccomp = false`).
     #[serde(default)]
     pub seccomp: Option<SeccompFilter>,
+    /// The inner's own user namespace and how it maps ids; `None`: the
+    /// inner's root is the VM's root (`[inner] user_namespace = false`).
+    #[serde(default)]
+    pub user_namespace: Option<IdMapping>,
 }
 
 /// The cgroup hierarchies to mount at the inner's /sys/fs/cgroup.

@@ -14,6 +14,7 @@ use hull_ingress::forward::PortFilter;
 use hull_ingress::link::VethPlan;
 use hull_inner::SeccompOptions;
 use hull_logs::LogLimits;
+use hull_proto::IdMapping;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hull/hull.toml";
@@ -48,6 +49,8 @@ pub enum ConfigError {
     Zero { field: &'static str },
     #[error("image = {0:?}: expected \"busybox\" or \"debian\"")]
     Image(String),
+    #[error("inner.uid_base = {base}, inner.id_count = {count}: use a base above 0 and a count of at least 1 whose range ends below 2^32 - 1 (e.g. 100000 and 65536)")]
+    IdRange { base: u32, count: u32 },
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
     Hostname(String),
     #[error("api.listen = {0:?}: use an address and port such as \"127.0.0.1:7700\", or \"off\"")]
@@ -332,7 +335,16 @@ pub struct InnerTable {
     pub io_uring: bool,
     /// Let the filter through namespace flags to clone and unshare, setns
     /// and mount: `unshare -r` and rootless containers inside the inner.
-    pub nested_user_namespaces: bool,
+    /// Unset: on when the inner has a user namespace of its own, where a
+    /// nested one gives nothing beyond it.
+    pub nested_user_namespaces: Option<bool>,
+    /// Give the inner a user namespace: its root is `uid_base` in the VM,
+    /// root only over the inner's own files.
+    pub user_namespace: bool,
+    /// The VM's id of the inner's root (user and group alike).
+    pub uid_base: u32,
+    /// How many ids the inner has: its 0 to `id_count - 1`.
+    pub id_count: u32,
 }
 
 impl Default for InnerTable {
@@ -340,7 +352,10 @@ impl Default for InnerTable {
         InnerTable {
             seccomp: true,
             io_uring: false,
-            nested_user_namespaces: false,
+            nested_user_namespaces: None,
+            user_namespace: true,
+            uid_base: 100_000,
+            id_count: 65_536,
         }
     }
 }
@@ -349,8 +364,21 @@ impl InnerTable {
     fn seccomp(&self) -> Option<SeccompOptions> {
         self.seccomp.then_some(SeccompOptions {
             io_uring: self.io_uring,
-            nested_user_namespaces: self.nested_user_namespaces,
+            nested_user_namespaces: self.nested_user_namespaces.unwrap_or(self.user_namespace),
         })
+    }
+
+    fn user_namespace(&self) -> Result<Option<IdMapping>, ConfigError> {
+        if !self.user_namespace {
+            return Ok(None);
+        }
+        let (base, count) = (self.uid_base, self.id_count);
+        match base.checked_add(count) {
+            Some(end) if base > 0 && count > 0 && end < u32::MAX => {
+                Ok(Some(IdMapping { base, count }))
+            }
+            _ => Err(ConfigError::IdRange { base, count }),
+        }
     }
 }
 
@@ -545,6 +573,7 @@ impl Config {
                 memory_max,
                 pids_max: self.pids_max,
                 seccomp: self.inner.seccomp(),
+                user_namespace: self.inner.user_namespace()?,
                 cpus: match self.cpus {
                     Some(c) if c.is_finite() && c >= 0.01 => c,
                     Some(c) => return Err(ConfigError::Cpus(c)),
@@ -642,6 +671,8 @@ pub struct InnerSettings {
     pub pids_max: Option<u64>,
     /// What the inner's seccomp filter lets through; `None`: no filter.
     pub seccomp: Option<SeccompOptions>,
+    /// The inner's user namespace; `None`: its root is the VM's.
+    pub user_namespace: Option<IdMapping>,
     /// CPUs' worth of time per period.
     pub cpus: f64,
 }
@@ -815,7 +846,9 @@ mod tests {
 
     #[test]
     fn seccomp_is_on_by_default_and_the_inner_table_shapes_it() {
-        let default = from_toml("").resolve().unwrap();
+        let default = from_toml("[inner]\nuser_namespace = false\n")
+            .resolve()
+            .unwrap();
         assert_eq!(default.inner.seccomp, Some(SeccompOptions::default()));
         let open = from_toml("[inner]\nio_uring = true\nnested_user_namespaces = true\n")
             .resolve()
@@ -831,6 +864,53 @@ mod tests {
         assert_eq!(off.inner.seccomp, None);
         let typo = toml::from_str::<Config>("[inner]\nio_urings = true\n");
         assert!(typo.is_err());
+    }
+
+    #[test]
+    fn the_inner_has_a_user_namespace_by_default_which_opens_nested_ones() {
+        let default = from_toml("").resolve().unwrap();
+        assert_eq!(
+            default.inner.user_namespace,
+            Some(IdMapping {
+                base: 100_000,
+                count: 65_536
+            })
+        );
+        assert_eq!(
+            default.inner.seccomp.map(|s| s.nested_user_namespaces),
+            Some(true)
+        );
+        let closed = from_toml("[inner]\nnested_user_namespaces = false\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            closed.inner.seccomp.map(|s| s.nested_user_namespaces),
+            Some(false)
+        );
+        let off = from_toml("[inner]\nuser_namespace = false\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(off.inner.user_namespace, None);
+        let moved = from_toml("[inner]\nuid_base = 200000\nid_count = 1000\n")
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            moved.inner.user_namespace,
+            Some(IdMapping {
+                base: 200_000,
+                count: 1000
+            })
+        );
+        for bad in [
+            "uid_base = 0",
+            "id_count = 0",
+            "uid_base = 4294967000\nid_count = 65536",
+        ] {
+            let err = from_toml(&format!("[inner]\n{bad}\n"))
+                .resolve()
+                .unwrap_err();
+            assert!(matches!(err, ConfigError::IdRange { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -346,7 +346,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let rootfs = config.state_dir.join("rootfs");
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
-    let inner_api = crate::inner_api::InnerApi::open(&config.state_dir)?;
+    let inner_api = crate::inner_api::InnerApi::open(
+        &config.state_dir,
+        inner_settings.user_namespace.map(|m| m.base),
+    )?;
     let vsock = match config.vsock_port {
         Some(port) => Some(
             tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
@@ -386,6 +389,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             resolv_conf: network.resolv_conf.clone(),
             api_dir: Some(inner_api.dir.clone()),
             seccomp,
+            user_namespace: inner_settings.user_namespace,
             cgroup_view: Some(match cgroups.inner.v1_hierarchies()? {
                 None => hull_inner::CgroupView::Unified,
                 Some(hierarchies) => hull_inner::CgroupView::V1(hierarchies),
@@ -431,6 +435,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         supervisor,
         limits,
         image,
+        user_namespace: inner_settings.user_namespace,
         network,
         tokens: tokens.clone(),
     });

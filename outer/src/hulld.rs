@@ -34,6 +34,7 @@ pub(crate) struct Parts {
     pub supervisor: Supervisor,
     pub limits: Limits,
     pub image: PathBuf,
+    pub user_namespace: Option<hull_proto::IdMapping>,
     pub network: Network,
     pub tokens: hull_api::TokenStore,
 }
@@ -113,6 +114,7 @@ impl Hulld {
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,
             api: self.api_url.get().cloned(),
+            user_namespace: self.parts.user_namespace,
         }
     }
 

@@ -50,7 +50,9 @@ impl InnerApi {
     /// Makes `state_dir/inner-api` with the service socket and, if it can,
     /// the client; an old socket there is hulld's own from a previous run
     /// (the state dir lock keeps a second hulld out).
-    pub fn open(state_dir: &Path) -> Result<InnerApi, InnerApiError> {
+    /// `owner`: the VM's id of the inner's root, when the inner has a user
+    /// namespace, which must own the socket to connect to it.
+    pub fn open(state_dir: &Path, owner: Option<u32>) -> Result<InnerApi, InnerApiError> {
         let dir = state_dir.join("inner-api");
         make_dir(&dir)?;
         let socket = dir.join("hull.sock");
@@ -68,6 +70,9 @@ impl InnerApi {
         // an unprivileged user of the inner register one would hand it root.
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
             .map_err(listen)?;
+        if let Some(id) = owner {
+            std::os::unix::fs::chown(&socket, Some(id), Some(id)).map_err(listen)?;
+        }
         match install_client(&dir) {
             Ok(()) => tracing::debug!(dir = %dir.display(), "hull client ready for the inner"),
             Err(e) => tracing::warn!(

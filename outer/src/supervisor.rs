@@ -51,6 +51,8 @@ pub struct InnerConfig {
     pub cgroup_view: Option<hull_inner::CgroupView>,
     /// Compiled at hulld's start; every init installs it.
     pub seccomp: Option<hull_inner::SeccompFilter>,
+    /// The inner's user namespace; `None`: its root is the VM's.
+    pub user_namespace: Option<hull_proto::IdMapping>,
 }
 
 /// Counters and state for `hull status`.
@@ -514,6 +516,7 @@ impl Task {
             api_dir: self.config.api_dir.clone(),
             cgroup_view: self.config.cgroup_view.clone(),
             seccomp: self.config.seccomp.clone(),
+            user_namespace: self.config.user_namespace,
         })
     }
 

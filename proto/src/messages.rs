@@ -195,6 +195,24 @@ pub struct StatusReport {
     /// The HTTP API's base URL, when it listens.
     #[serde(default)]
     pub api: Option<String>,
+    /// The inner's user namespace; `None`: the inner's root is the VM's.
+    #[serde(default)]
+    pub user_namespace: Option<IdMapping>,
+}
+
+/// How the inner's user namespace maps its ids: inner id `n` (user and
+/// group alike) is the VM's `base + n`, for `n` below `count`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdMapping {
+    pub base: u32,
+    pub count: u32,
+}
+
+impl IdMapping {
+    /// One line of /proc/PID/uid_map (or gid_map).
+    pub fn map_line(&self) -> String {
+        format!("0 {} {}\n", self.base, self.count)
+    }
 }
 
 /// A finished bounce.

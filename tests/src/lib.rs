@@ -84,6 +84,12 @@ pub fn bin_dir() -> PathBuf {
 /// The busybox base image, built once and shared by every test process
 /// (an flock serialises the first build).
 pub fn image_dir() -> PathBuf {
+    image_store(ImageKind::Busybox)
+}
+
+/// The store holding `kind`, built there first if missing: busybox in
+/// well under a second, Debian (debootstrap, from the network) in minutes.
+pub fn image_store(kind: ImageKind) -> PathBuf {
     let dir = bin_dir().join("hull-test-images");
     std::fs::create_dir_all(&dir).unwrap();
     let lock_file = std::fs::File::create(dir.join(".lock")).unwrap();
@@ -91,10 +97,13 @@ pub fn image_dir() -> PathBuf {
         .map_err(|(_, e)| e)
         .expect("lock the test image dir");
     ImageStore::new(&dir)
-        .ensure(ImageKind::Busybox, false, &mut |line| {
-            eprintln!("image: {line}")
-        })
-        .expect("build the busybox test image (apt-get install busybox-static)");
+        .ensure(kind, false, &mut |line| eprintln!("image: {line}"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "build the {} test image (apt-get install busybox-static debootstrap): {e}",
+                kind.name()
+            )
+        });
     dir
 }
 
@@ -123,6 +132,8 @@ pub struct Limits {
     pub api_listen: &'static str,
     /// More lines for the `[api]` table (tls_cert = ..., ...).
     pub api_extra: String,
+    /// The inner's base image.
+    pub image: ImageKind,
 }
 
 impl Default for Limits {
@@ -138,6 +149,7 @@ impl Default for Limits {
             logs_tmpfs: None,
             api_listen: "127.0.0.1:0",
             api_extra: String::new(),
+            image: ImageKind::Busybox,
         }
     }
 }
@@ -199,7 +211,7 @@ impl TestHull {
     }
 
     pub fn start_with(limits: Limits) -> TestHull {
-        let images = image_dir();
+        let images = image_store(limits.image);
         let dir = tempfile::Builder::new()
             .prefix("hull-test-")
             .tempdir()
@@ -230,10 +242,11 @@ impl TestHull {
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = \"busybox\"\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n[api]\nlisten = {api:?}\n{api_extra}\n{tables}\n",
+                "state_dir = {state:?}\nsocket = {socket:?}\nimage_dir = {images:?}\nimage = {image:?}\nhostname = \"hull-test\"\nmemory_max = {mem:?}\npids_max = {pids}\ncgroup_name = {cg:?}\nvolume_size = {vol:?}\nauto_checkpoints_keep = {keep}\n[network]\nmode = {mode:?}\nsubnet = {subnet:?}\nouter_address = \"{outer}\"\nhttp_port = {TEST_HTTP_PORT}\n{extra}\n[api]\nlisten = {api:?}\n{api_extra}\n{tables}\n",
                 state = state_dir,
                 socket = socket,
                 images = images,
+                image = limits.image.name(),
                 mem = limits.memory_max,
                 pids = limits.pids_max,
                 cg = cgroup_name,
@@ -653,4 +666,147 @@ pub fn rss_kib(pid: i32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// The host path of the inner's current writable layer (its overlay
+/// upper directory), found by a marker file the inner writes.
+pub fn current_upper(hull: &TestHull) -> std::path::PathBuf {
+    // A name of its own each time, removed after: checkpoints taken since
+    // an earlier call hold that call's marker in their own upper dirs.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let marker = format!(".upper-marker-{}-{call}", std::process::id());
+    block_on(hull.sh(&format!("touch /{marker}")));
+    let mut todo = vec![(hull.state_dir.clone(), 0)];
+    while let Some((dir, depth)) = todo.pop() {
+        if dir.file_name().is_some_and(|n| n == "upper") && dir.join(&marker).exists() {
+            block_on(hull.sh(&format!("rm /{marker}")));
+            return dir;
+        }
+        if depth < 5 {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push((entry.path(), depth + 1));
+                }
+            }
+        }
+    }
+    panic!(
+        "no layer upper dir under {} holds {marker}",
+        hull.state_dir.display()
+    );
+}
+
+/// Where the test's own probe (`hull-probe`) goes in the inner's layer.
+const PROBE: &str = "/tmp/hull-probe";
+
+/// Copies `hull-probe` into the inner. It runs through the ELF interpreter
+/// and C library hulld mounts at /run/hull for its own client, so it runs
+/// on the busybox image, which has neither.
+pub fn install_probe(hull: &TestHull) {
+    let probe = std::fs::read(bin_dir().join("hull-probe"))
+        .expect("hull-probe next to hulld: cargo build --workspace --bins");
+    block_on(async {
+        let out = hull
+            .exec_with_stdin(
+                &["sh", "-c", &format!("cat > {PROBE} && chmod 755 {PROBE}")],
+                &probe,
+            )
+            .await;
+        assert_eq!(
+            out.end,
+            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
+            "copy the probe: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// Runs the probe in the inner on `calls`; the answer for each, `ok` or
+/// `errno N`, by call.
+pub fn probe(hull: &TestHull, calls: &[&str]) -> std::collections::HashMap<String, String> {
+    let script = format!(
+        "for l in /run/hull/lib/ld-*; do exec \"$l\" --library-path /run/hull/lib {PROBE} \"$@\"; done"
+    );
+    let mut argv = vec!["sh", "-c", &script, "probe"];
+    argv.extend_from_slice(calls);
+    let out = block_on(hull.exec(&argv));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let answers: std::collections::HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        answers.len(),
+        calls.len(),
+        "the probe answered {text:?} for {calls:?}; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answers
+}
+
+/// A key root added to its user keyring in the root namespace, invalidated
+/// when the test ends, however it ends.
+pub struct RootKey(pub i64);
+
+impl RootKey {
+    pub fn add() -> RootKey {
+        let description = format!("hull-test-{}", std::process::id());
+        let description = std::ffi::CString::new(description).unwrap();
+        let payload = b"root's secret";
+        // SAFETY: add_key reads the two strings and the payload, all alive
+        // for the call.
+        let id = unsafe {
+            libc::syscall(
+                libc::SYS_add_key,
+                c"user".as_ptr(),
+                description.as_ptr(),
+                payload.as_ptr(),
+                payload.len(),
+                libc::KEY_SPEC_USER_KEYRING,
+            )
+        };
+        assert!(id > 0, "add_key: {}", std::io::Error::last_os_error());
+        let key = RootKey(id);
+        // Readable and writable by uid 0 without possessing it, as a key
+        // that root's processes share; any of them, the inner's included
+        // until now, could read and update it.
+        const POS_ALL: u32 = 0x3f00_0000;
+        const USR_VIEW_READ_WRITE: u32 = 0x0007_0000;
+        // SAFETY: KEYCTL_SETPERM takes the key's id and a mask.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_SETPERM,
+                id,
+                POS_ALL | USR_VIEW_READ_WRITE,
+            )
+        };
+        assert_eq!(rc, 0, "keyctl setperm: {}", std::io::Error::last_os_error());
+        key
+    }
+
+    pub fn payload(&self) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        // SAFETY: KEYCTL_READ writes at most buf.len() bytes into buf.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_READ,
+                self.0,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        assert!(n >= 0, "keyctl read: {}", std::io::Error::last_os_error());
+        buf[..usize::try_from(n).unwrap().min(buf.len())].to_vec()
+    }
+}
+
+impl Drop for RootKey {
+    fn drop(&mut self) {
+        // SAFETY: KEYCTL_INVALIDATE takes the key's id and nothing else.
+        unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, self.0) };
+    }
 }

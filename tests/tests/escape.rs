@@ -8,8 +8,8 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use hull_tests::{
-    block_on, connect_nonblocking, inner_pids_running, listen_in_inner, require_root, wait_until,
-    Limits, TestHull,
+    block_on, connect_nonblocking, current_upper, inner_pids_running, install_probe,
+    listen_in_inner, probe, require_root, wait_until, Limits, RootKey, TestHull,
 };
 
 /// `status` must keep answering within this while an attack runs.
@@ -324,28 +324,6 @@ fn tree(dir: &std::path::Path) -> Vec<String> {
 
 /// The upper directory of the layer the inner runs on: the one that holds
 /// a file the inner just made at its root.
-fn current_upper(hull: &TestHull) -> std::path::PathBuf {
-    let marker = format!(".escape-marker-{}", std::process::id());
-    block_on(hull.sh(&format!("touch /{marker}")));
-    let mut todo = vec![(hull.state_dir.clone(), 0)];
-    while let Some((dir, depth)) = todo.pop() {
-        if dir.file_name().is_some_and(|n| n == "upper") && dir.join(&marker).exists() {
-            return dir;
-        }
-        if depth < 5 {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    todo.push((entry.path(), depth + 1));
-                }
-            }
-        }
-    }
-    panic!(
-        "no layer upper dir under {} holds {marker}",
-        hull.state_dir.display()
-    );
-}
-
 /// Start-up resolved the layer's paths (usr/local/bin, etc, proc, sys,
 /// dev, run) as the root namespace sees them: a symlink planted in the layer
 /// made hulld create directories and root-owned files at host paths of the
@@ -628,126 +606,14 @@ fn a_mount_point_leading_into_proc_or_to_the_root_is_refused_by_name() {
     assert_responsive(&hull);
 }
 
-/// Where the test's own probe (`hull-probe`) goes in the inner's layer.
-const PROBE: &str = "/tmp/hull-probe";
-
-/// Copies `hull-probe` into the inner. It runs through the ELF interpreter
-/// and C library hulld mounts at /run/hull for its own client, so it runs
-/// on the busybox image, which has neither.
-fn install_probe(hull: &TestHull) {
-    let probe = std::fs::read(hull_tests::bin_dir().join("hull-probe"))
-        .expect("hull-probe next to hulld: cargo build --workspace --bins");
-    block_on(async {
-        let out = hull
-            .exec_with_stdin(
-                &["sh", "-c", &format!("cat > {PROBE} && chmod 755 {PROBE}")],
-                &probe,
-            )
-            .await;
-        assert_eq!(
-            out.end,
-            hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0)),
-            "copy the probe: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
-
-/// Runs the probe in the inner on `calls`; the answer for each, `ok` or
-/// `errno N`, by call.
-fn probe(hull: &TestHull, calls: &[&str]) -> std::collections::HashMap<String, String> {
-    let script = format!(
-        "for l in /run/hull/lib/ld-*; do exec \"$l\" --library-path /run/hull/lib {PROBE} \"$@\"; done"
-    );
-    let mut argv = vec!["sh", "-c", &script, "probe"];
-    argv.extend_from_slice(calls);
-    let out = block_on(hull.exec(&argv));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let answers: std::collections::HashMap<String, String> = text
-        .lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    assert_eq!(
-        answers.len(),
-        calls.len(),
-        "the probe answered {text:?} for {calls:?}; stderr {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    answers
-}
-
-/// A key root added to its user keyring in the root namespace, invalidated
-/// when the test ends, however it ends.
-struct RootKey(i64);
-
-impl RootKey {
-    fn add() -> RootKey {
-        let description = format!("hull-test-{}", std::process::id());
-        let description = std::ffi::CString::new(description).unwrap();
-        let payload = b"root's secret";
-        // SAFETY: add_key reads the two strings and the payload, all alive
-        // for the call.
-        let id = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                c"user".as_ptr(),
-                description.as_ptr(),
-                payload.as_ptr(),
-                payload.len(),
-                libc::KEY_SPEC_USER_KEYRING,
-            )
-        };
-        assert!(id > 0, "add_key: {}", std::io::Error::last_os_error());
-        let key = RootKey(id);
-        // Readable and writable by uid 0 without possessing it, as a key
-        // that root's processes share; any of them, the inner's included
-        // until now, could read and update it.
-        const POS_ALL: u32 = 0x3f00_0000;
-        const USR_VIEW_READ_WRITE: u32 = 0x0007_0000;
-        // SAFETY: KEYCTL_SETPERM takes the key's id and a mask.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_keyctl,
-                libc::KEYCTL_SETPERM,
-                id,
-                POS_ALL | USR_VIEW_READ_WRITE,
-            )
-        };
-        assert_eq!(rc, 0, "keyctl setperm: {}", std::io::Error::last_os_error());
-        key
-    }
-
-    fn payload(&self) -> Vec<u8> {
-        let mut buf = [0u8; 64];
-        // SAFETY: KEYCTL_READ writes at most buf.len() bytes into buf.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_keyctl,
-                libc::KEYCTL_READ,
-                self.0,
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        assert!(n >= 0, "keyctl read: {}", std::io::Error::last_os_error());
-        buf[..usize::try_from(n).unwrap().min(buf.len())].to_vec()
-    }
-}
-
-impl Drop for RootKey {
-    fn drop(&mut self) {
-        // SAFETY: KEYCTL_INVALIDATE takes the key's id and nothing else.
-        unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, self.0) };
-    }
-}
-
 const EPERM: &str = "errno 1";
 
-/// Calls no workload needs that reach past the inner: the keyrings (not
-/// namespaced), BPF, perf, io_uring, userfaultfd, kexec, file handles, the
-/// VM's vsock ports and a user namespace with every capability in it.
-const DENIED: [&str; 13] = [
+/// Calls no workload needs that reach past the inner: the keyrings (the
+/// filter keeps the inner from even its own namespace's), BPF, perf,
+/// io_uring, userfaultfd, kexec, file handles and the VM's vsock ports.
+/// A nested user namespace is not among them while the inner has one of
+/// its own: it gives nothing beyond it (tests/userns.rs).
+const DENIED: [&str; 12] = [
     "add_key",
     "request_key",
     "bpf",
@@ -760,7 +626,6 @@ const DENIED: [&str; 13] = [
     "kexec_file_load",
     "open_by_handle_at",
     "vsock",
-    "unshare-user",
 ];
 
 /// The inner's root read and overwrote a key root added to its user
@@ -952,17 +817,6 @@ fn fd_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-/// hulld's resident memory in bytes.
-fn vm_rss(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("VmRSS of hulld")
-}
-
 /// The inner's service socket as the inner sees it, reached through the
 /// inner's root: the same endpoint a process inside connects to.
 fn inner_socket(hull: &TestHull) -> std::path::PathBuf {
@@ -1029,10 +883,10 @@ fn half_sent_frames_on_the_inner_socket_do_not_grow_hulld() {
     let hull = TestHull::start();
     let path = inner_socket(&hull);
     let hulld = hull.hulld_pid();
-    let rss_before = vm_rss(hulld);
+    let rss_before = hull_tests::rss_kib(hulld) * 1024;
     let conns = hull_tests::hold_half_sent_frames(&path, 100);
     std::thread::sleep(Duration::from_millis(500));
-    let rss_after = vm_rss(hulld);
+    let rss_after = hull_tests::rss_kib(hulld) * 1024;
     assert_responsive(&hull);
     assert!(
         rss_after < rss_before + (64 << 20),

@@ -106,6 +106,15 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         }
         None => outln!("oom kills  0"),
     }
+    match &s.user_namespace {
+        Some(m) => outln!(
+            "user ns    inner ids 0-{} are the VM's {}-{}",
+            m.count - 1,
+            m.base,
+            m.base + (m.count - 1)
+        ),
+        None => outln!("user ns    none: the inner's root is the VM's root"),
+    }
     outln!("image      {}", s.image);
     outln!("state      {}", s.state_dir);
     outln!("cgroup     {}", s.cgroup);

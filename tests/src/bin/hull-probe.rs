@@ -100,6 +100,7 @@ fn call(name: &str) -> String {
                 libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
                 0,
             ),
+            "ping" => ping_loopback(),
             "unshare-user" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
             // mseal (Linux 6.10) of nothing: newer than hull's allowlist.
             "mseal" => libc::syscall(462, 0, 0, 0),
@@ -113,6 +114,32 @@ fn call(name: &str) -> String {
         }
     };
     result(rc)
+}
+
+/// An ICMP echo to 127.0.0.1 over a datagram ICMP socket (what ping does
+/// without CAP_NET_RAW): 0 when the reply came, -1 with errno set when not.
+fn ping_loopback() -> libc::c_long {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let echo = || -> std::io::Result<()> {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        // Echo request, code 0; the kernel fills in the id and the checksum.
+        let to = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        socket.send_to(&[8, 0, 0, 0, 0, 0, 0, 1], &to.into())?;
+        let mut reply = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        match socket.recv(&mut reply)? {
+            // SAFETY: recv initialised the first byte of a non-empty reply.
+            n if n > 0 && unsafe { reply[0].assume_init() } == 0 => Ok(()),
+            _ => Err(Error::from_raw_os_error(libc::EBADMSG)),
+        }
+    };
+    match echo() {
+        Ok(()) => 0,
+        Err(e) => {
+            nix::errno::Errno::set_raw(e.raw_os_error().unwrap_or(libc::EIO));
+            -1
+        }
+    }
 }
 
 fn main() {

@@ -2,7 +2,7 @@
 //! the same run. Run as root, release build:
 //!
 //!     cargo build --release --workspace --bins
-//!     sudo ./target/release/hull-bench start         # cold start, exec, bounce, RSS; runc as the anchor
+//!     sudo ./target/release/hull-bench start         # cold start, exec, bounce, RSS, each isolation's cost; runc as the anchor
 //!     sudo ./target/release/hull-bench checkpoints   # the storage stack
 //!     sudo ./target/release/hull-bench services      # service replay
 //!     sudo ./target/release/hull-bench logs          # log capture throughput
@@ -39,7 +39,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Suite {
     /// Inner cold start, exec round-trip, bounce and hulld's idle memory,
-    /// against `runc run` (apt-get install runc).
+    /// against `runc run` (apt-get install runc), with the user namespace
+    /// and the seccomp filter on, then without the namespace, then
+    /// without both: what each costs.
     Start(StartArgs),
     /// Checkpoint create (empty, right after an unsynced 1 GiB write,
     /// 1 GiB, 100k files) and restore, against `cp -a`.

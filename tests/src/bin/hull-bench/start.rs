@@ -1,6 +1,7 @@
 //! Inner cold start, exec round-trip, bounce and hulld's idle memory,
 //! against `runc run` of the same busybox root filesystem in the same run,
-//! and the same with the inner's seccomp filter off, for what it costs.
+//! and the same with the inner's user namespace off, then with the seccomp
+//! filter off as well, for what each costs.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,52 +24,93 @@ struct Labels {
     exec_new: &'static str,
 }
 
-/// The default inner: seccomp on.
-const SECCOMP_ON: Labels = Labels {
-    cold: COLD_START,
-    start: "  internal: inner start (spawn to init ready)",
-    bounce: BOUNCE,
-    exec_conn: "exec `true`, open connection",
-    exec_new: "exec `true`, new connection",
-};
+/// One way to isolate the inner, as its `[inner]` table says.
+struct Isolation {
+    table: &'static str,
+    labels: Labels,
+}
 
-/// `[inner] seccomp = false`.
-const SECCOMP_OFF: Labels = Labels {
-    cold: "seccomp off: cold start, client-observed",
-    start: "seccomp off: internal inner start",
-    bounce: "seccomp off: bounce",
-    exec_conn: "seccomp off: exec `true`, open connection",
-    exec_new: "seccomp off: exec `true`, new connection",
-};
+/// The default inner (seccomp and user namespace on), the same without
+/// the user namespace, and without both.
+const ISOLATIONS: [Isolation; 3] = [
+    Isolation {
+        table: "",
+        labels: Labels {
+            cold: COLD_START,
+            start: "  internal: inner start (spawn to init ready)",
+            bounce: BOUNCE,
+            exec_conn: "exec `true`, open connection",
+            exec_new: "exec `true`, new connection",
+        },
+    },
+    Isolation {
+        table: "user_namespace = false",
+        labels: Labels {
+            cold: "no userns: cold start, client-observed",
+            start: "no userns: internal inner start",
+            bounce: "no userns: bounce",
+            exec_conn: "no userns: exec `true`, open connection",
+            exec_new: "no userns: exec `true`, new connection",
+        },
+    },
+    Isolation {
+        table: "user_namespace = false\nseccomp = false",
+        labels: Labels {
+            cold: "no userns, no seccomp: cold start, client-observed",
+            start: "no userns, no seccomp: internal inner start",
+            bounce: "no userns, no seccomp: bounce",
+            exec_conn: "no userns, no seccomp: exec `true`, open connection",
+            exec_new: "no userns, no seccomp: exec `true`, new connection",
+        },
+    },
+];
 
-/// The two hulls take turns this many times, so a shared machine's drift
-/// in speed falls on both alike.
+/// The hulls take turns this many times, so a shared machine's drift in
+/// speed falls on all alike.
 const TURNS: usize = 5;
 
 pub fn run(rounds: usize, execs: usize) -> Result<()> {
-    let hull = TestHull::start();
-    let unfiltered = TestHull::start_with(Limits {
-        tables: "[inner]\nseccomp = false\n".into(),
-        ..Limits::default()
-    });
-    let (mut on, mut off) = (Samples::default(), Samples::default());
+    let hulls: Vec<TestHull> = ISOLATIONS
+        .iter()
+        .map(|isolation| {
+            TestHull::start_with(Limits {
+                tables: format!("[inner]\n{}\n", isolation.table),
+                ..Limits::default()
+            })
+        })
+        .collect();
+    let mut samples: Vec<Samples> = ISOLATIONS.iter().map(|_| Samples::default()).collect();
     let (turn_rounds, turn_execs) = (rounds.div_ceil(TURNS), execs.div_ceil(TURNS));
     for _ in 0..TURNS {
-        measure(&hull, turn_rounds, turn_execs, &mut on)?;
-        measure(&unfiltered, turn_rounds, turn_execs, &mut off)?;
+        for (hull, to) in hulls.iter().zip(samples.iter_mut()) {
+            measure(hull, turn_rounds, turn_execs, to)?;
+        }
     }
-    drop(unfiltered);
-    let rows = on.rows(&SECCOMP_ON);
-    let off = off.rows(&SECCOMP_OFF);
+    let mut hulls = hulls.into_iter();
+    let hull = hulls.next().context("the default hull")?;
+    drop(hulls);
+    let rows: Vec<Row> = samples
+        .into_iter()
+        .zip(&ISOLATIONS)
+        .flat_map(|(s, isolation)| s.rows(&isolation.labels))
+        .collect();
     std::thread::sleep(Duration::from_secs(1));
     let rss = proc_status_kib(hull.hulld_pid(), "VmRSS").unwrap_or(f64::NAN) / 1024.0;
     let rootfs = hull_tests::image_dir().join("busybox/rootfs");
     let runc = bench_runc(&rootfs, rounds)?;
 
-    let all: Vec<&Row> = rows.iter().chain(off.iter()).chain(runc.iter()).collect();
+    let all: Vec<&Row> = rows.iter().chain(runc.iter()).collect();
     print_table(&all);
     print_single("hulld idle RSS", rss, "MiB", "<= 20 MiB");
-    print_seccomp_cost(&rows, &off);
+    let [both, seccomp_only, neither] = &ISOLATIONS;
+    print_cost("user namespace", &rows, &both.labels, &seccomp_only.labels);
+    print_cost("seccomp", &rows, &seccomp_only.labels, &neither.labels);
+    print_cost(
+        "seccomp + user namespace",
+        &rows,
+        &both.labels,
+        &neither.labels,
+    );
     if let Some(runc) = &runc {
         let p50 = |name: &str| crate::report::p50_of(&rows, name);
         let (cold, bounce) = (p50(COLD_START), p50(BOUNCE));
@@ -88,29 +130,24 @@ pub fn run(rounds: usize, execs: usize) -> Result<()> {
     Ok(())
 }
 
-/// What the filter adds, p50 with it minus p50 without, row by row.
-fn print_seccomp_cost(on: &[Row], off: &[Row]) {
-    let p50 = |rows: &[Row], name: &str| crate::report::p50_of(rows, name);
+/// What `what` adds, p50 with it minus p50 without, row by row.
+fn print_cost(what: &str, rows: &[Row], with: &Labels, without: &Labels) {
+    let p50 = |name: &str| crate::report::p50_of(rows, name);
     println!();
-    for (what, with, without, target) in [
-        (
-            "inner start",
-            SECCOMP_ON.start,
-            SECCOMP_OFF.start,
-            "<= 1 ms",
-        ),
-        ("cold start", SECCOMP_ON.cold, SECCOMP_OFF.cold, "<= 1 ms"),
-        ("bounce", SECCOMP_ON.bounce, SECCOMP_OFF.bounce, ""),
+    for (row, on, off, target) in [
+        ("inner start", with.start, without.start, "<= 1 ms"),
+        ("cold start", with.cold, without.cold, "<= 1 ms"),
+        ("bounce", with.bounce, without.bounce, ""),
         (
             "exec, open connection",
-            SECCOMP_ON.exec_conn,
-            SECCOMP_OFF.exec_conn,
+            with.exec_conn,
+            without.exec_conn,
             "nothing measurable",
         ),
     ] {
-        let (a, b) = (p50(on, with), p50(off, without));
+        let (a, b) = (p50(on), p50(off));
         println!(
-            "seccomp cost, {what} (p50 on - off): {:+.3} ms  ({a:.3} vs {b:.3} ms; target {target})",
+            "{what} cost, {row} (p50 on - off): {:+.3} ms  ({a:.3} vs {b:.3} ms; target {target})",
             a - b
         );
     }
