@@ -251,7 +251,8 @@ where
         // Non-interactive execs are also kept in the `exec` log source,
         // unless asked not to; a terminal session is the user's own screen
         // and is not.
-        let record = (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv, requested));
+        let record =
+            (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv, requested));
         let terms = SessionTerms {
             tty: spec.tty.is_some(),
             linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
