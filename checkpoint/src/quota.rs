@@ -145,6 +145,18 @@ impl Quotas {
         })
     }
 
+    /// Takes the limit off the layer at `dir` for a moment (nothing when
+    /// there is none).
+    pub(crate) fn lift(&self, dir: &Path) -> Result<(), QuotaError> {
+        if self.qgroups.is_none() || self.limit.is_none() {
+            return Ok(());
+        }
+        btrfs::limit_referenced(dir, None).map_err(|source| QuotaError::Limit {
+            path: dir.to_path_buf(),
+            source,
+        })
+    }
+
     /// The sysfs directory of the qgroup of the layer at `dir`, read by
     /// [`read_usage`] without touching the volume.
     pub(crate) fn usage_dir(&self, dir: &Path) -> Option<PathBuf> {

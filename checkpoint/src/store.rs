@@ -230,6 +230,20 @@ impl Storage {
         *self.usage_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
     }
 
+    /// Lifts the quota of `layer` while an inner mounts it: overlayfs
+    /// makes its work directory at every mount and falls back to a
+    /// read-only mount when it cannot, which a full layer would cause (and
+    /// the user could not then remove a file to make room).
+    /// [`Storage::limit_layer`] puts the quota back once the inner is up.
+    pub fn lift_layer_quota(&self, layer: &WritableLayer) -> Result<()> {
+        Ok(self.quotas.lift(&self.layer_dir(&layer.id))?)
+    }
+
+    /// Gives `layer` the configured quota.
+    pub fn limit_layer(&self, layer: &WritableLayer) -> Result<()> {
+        Ok(self.quotas.apply(&self.layer_dir(&layer.id))?)
+    }
+
     /// What the current layer holds and its quota; `None` when quotas are
     /// off on the volume. Reads two sysfs files, never the volume.
     pub fn layer_usage(&self) -> Option<LayerUsage> {
