@@ -628,6 +628,14 @@ impl Storage {
             }
             self.set_head_cache(ancestor);
         }
+        drop(catalog);
+        // A checkpoint is deleted to make room (the volume or a layer's
+        // quota is full): btrfs's cleaner, which frees the extents, would
+        // otherwise wait for the next periodic commit. Outside the catalog
+        // lock: the commit flushes the layer's dirty data.
+        if let Err(e) = btrfs::sync_and_clean(&self.volume.root) {
+            tracing::warn!(volume = %self.volume.root.display(), "cannot wake btrfs's cleaner; the deleted checkpoint's space comes back within 30 s: {e}");
+        }
         Ok(())
     }
 
