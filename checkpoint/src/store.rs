@@ -245,7 +245,7 @@ impl Storage {
     }
 
     /// What the current layer holds and its quota; `None` when quotas are
-    /// off on the volume. Reads two sysfs files, never the volume.
+    /// off on the volume. Reads the qgroup's sysfs files, never the volume.
     pub fn layer_usage(&self) -> Option<LayerUsage> {
         let dir = self
             .usage_dir
@@ -565,8 +565,9 @@ impl Storage {
             catalog.delete_layer(&layer_id).map_err(&db)?;
             return Err(Self::subvolume_error("snapshot", &dest, e));
         }
-        // The snapshot inherited the checkpoint's limit, which was the
-        // limit of the layer it was taken of.
+        // Under full accounting the snapshot carries the checkpoint's limit
+        // (its layer's when it was taken), under simple quotas none: the
+        // new layer gets the one configured now.
         if let Err(e) = self.quotas.apply(&dest) {
             self.destroy(&dest)?;
             catalog.delete_layer(&layer_id).map_err(&db)?;
