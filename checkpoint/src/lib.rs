@@ -12,10 +12,13 @@
 
 pub mod btrfs;
 pub mod catalog;
+pub mod quota;
 mod store;
 pub mod volume;
 
+pub use btrfs::QuotaMode;
 pub use catalog::{CheckpointRow, CheckpointState, LayerState};
+pub use quota::{LayerQuota, LayerUsage, QuotaError, QuotaSettings};
 pub use store::{
     failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,
     StorageError, WritableLayer,

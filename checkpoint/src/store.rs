@@ -5,12 +5,15 @@ use std::time::{Duration, Instant};
 
 use crate::btrfs;
 use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
+use crate::quota::{LayerUsage, QuotaError, QuotaSettings, Quotas};
 use crate::volume::{Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
     #[error("the catalog {path} failed")]
     Catalog {
         path: PathBuf,
@@ -107,6 +110,10 @@ pub struct Storage {
     /// it, so readers (`hull status` on every call) never wait behind the
     /// catalog lock while a checkpoint or restore holds it.
     head: Mutex<Option<String>>,
+    quotas: Quotas,
+    /// The sysfs directory of the current layer's qgroup, kept like
+    /// `head`, so `status` reads the layer's usage without the catalog.
+    usage_dir: Mutex<Option<PathBuf>>,
 }
 
 const CURRENT_LAYER: &str = "current_layer";
@@ -115,9 +122,16 @@ const HEAD: &str = "head";
 impl Storage {
     /// Opens (creating if needed) the volume and catalog, then finishes or
     /// rolls back whatever a crash left half done. A new loop image leaves
-    /// `disk_reserve` bytes free on the state dir's filesystem.
-    pub fn open(state_dir: &Path, image_size: u64, disk_reserve: u64) -> Result<(Self, Recovery)> {
+    /// `disk_reserve` bytes free on the state dir's filesystem. Quotas are
+    /// turned on when `quota` asks for a limit, and every layer gets it.
+    pub fn open(
+        state_dir: &Path,
+        image_size: u64,
+        disk_reserve: u64,
+        quota: QuotaSettings,
+    ) -> Result<(Self, Recovery)> {
         let volume = Volume::open(state_dir, image_size, disk_reserve)?;
+        let quotas = Quotas::open(&volume, quota, disk_reserve)?;
         for dir in ["layers", "checkpoints"] {
             let path = volume.root.join(dir);
             fs::create_dir_all(&path).map_err(|source| StorageError::Subvolume {
@@ -136,10 +150,18 @@ impl Storage {
             catalog_path,
             catalog: Mutex::new(catalog),
             head: Mutex::new(None),
+            quotas,
+            usage_dir: Mutex::new(None),
         };
         let recovery = storage.recover()?;
         let head = storage.catalog().meta(HEAD).map_err(storage.db_err())?;
         storage.set_head_cache(head);
+        // The limit may have changed since the layer was made, or quotas
+        // may be new on this volume.
+        let current = storage.current_layer()?;
+        let dir = storage.layer_dir(&current.id);
+        storage.quotas.apply(&dir)?;
+        storage.set_usage_dir(&dir);
         Ok((storage, recovery))
     }
 
@@ -203,6 +225,40 @@ impl Storage {
         *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
     }
 
+    fn set_usage_dir(&self, layer_dir: &Path) {
+        let dir = self.quotas.usage_dir(layer_dir);
+        *self.usage_dir.lock().unwrap_or_else(|p| p.into_inner()) = dir;
+    }
+
+    /// Lifts the quota of `layer` while an inner mounts it: overlayfs
+    /// makes its work directory at every mount and falls back to a
+    /// read-only mount when it cannot, which a full layer would cause (and
+    /// the user could not then remove a file to make room).
+    /// [`Storage::limit_layer`] puts the quota back once the inner is up.
+    pub fn lift_layer_quota(&self, layer: &WritableLayer) -> Result<()> {
+        Ok(self.quotas.lift(&self.layer_dir(&layer.id))?)
+    }
+
+    /// Gives `layer` the configured quota.
+    pub fn limit_layer(&self, layer: &WritableLayer) -> Result<()> {
+        Ok(self.quotas.apply(&self.layer_dir(&layer.id))?)
+    }
+
+    /// What the current layer holds and its quota; `None` when quotas are
+    /// off on the volume. Reads the qgroup's sysfs files, never the volume.
+    pub fn layer_usage(&self) -> Option<LayerUsage> {
+        let dir = self
+            .usage_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        crate::quota::read_usage(&dir)
+            .map_err(
+                |e| tracing::warn!(qgroup = %dir.display(), "cannot read the layer's usage: {e}"),
+            )
+            .ok()
+    }
+
     pub fn list(&self) -> Result<Vec<CheckpointRow>> {
         self.catalog().checkpoints().map_err(self.db_err())
     }
@@ -237,6 +293,7 @@ impl Storage {
         let dir = self.layer_dir(id);
         btrfs::create_subvolume(&dir)
             .map_err(|e| Self::subvolume_error("create subvolume", &dir, e))?;
+        self.quotas.apply(&dir)?;
         let layer = self.layer(id);
         for d in [&layer.upper, &layer.work] {
             fs::create_dir(d).map_err(|e| Self::subvolume_error("create", d, e))?;
@@ -318,8 +375,11 @@ impl Storage {
                 .map_err(&db)?;
             let dest = self.layer_dir(&id);
             match &head {
-                Some(h) => btrfs::snapshot(&self.checkpoint_dir(h), &dest, false)
-                    .map_err(|e| Self::subvolume_error("snapshot", &dest, e))?,
+                Some(h) => {
+                    btrfs::snapshot(&self.checkpoint_dir(h), &dest, false)
+                        .map_err(|e| Self::subvolume_error("snapshot", &dest, e))?;
+                    self.quotas.apply(&dest)?;
+                }
                 None => {
                     self.make_empty_layer(&id)?;
                 }
@@ -505,6 +565,14 @@ impl Storage {
             catalog.delete_layer(&layer_id).map_err(&db)?;
             return Err(Self::subvolume_error("snapshot", &dest, e));
         }
+        // Under full accounting the snapshot carries the checkpoint's limit
+        // (its layer's when it was taken), under simple quotas none: the
+        // new layer gets the one configured now.
+        if let Err(e) = self.quotas.apply(&dest) {
+            self.destroy(&dest)?;
+            catalog.delete_layer(&layer_id).map_err(&db)?;
+            return Err(e.into());
+        }
         failpoint("restore:after-layer-snapshot");
         Ok(PendingLayer {
             layer: self.layer(&layer_id),
@@ -524,6 +592,8 @@ impl Storage {
             .swap_layer(&old, &pending.layer.id, &pending.checkpoint)
             .map_err(self.db_err())?;
         self.set_head_cache(Some(pending.checkpoint.clone()));
+        drop(catalog);
+        self.set_usage_dir(&self.layer_dir(&pending.layer.id));
         Ok(pending.layer)
     }
 
@@ -558,6 +628,14 @@ impl Storage {
                 None => catalog.delete_meta(HEAD).map_err(&db)?,
             }
             self.set_head_cache(ancestor);
+        }
+        drop(catalog);
+        // A checkpoint is deleted to make room (the volume or a layer's
+        // quota is full): btrfs's cleaner, which frees the extents, would
+        // otherwise wait for the next periodic commit. Outside the catalog
+        // lock: the commit flushes the layer's dirty data.
+        if let Err(e) = btrfs::sync_and_clean(&self.volume.root) {
+            tracing::warn!(volume = %self.volume.root.display(), "cannot wake btrfs's cleaner; the deleted checkpoint's space comes back within 30 s: {e}");
         }
         Ok(())
     }

@@ -151,7 +151,7 @@ impl Client {
 
     pub async fn status(&mut self) -> Result<StatusReport> {
         match self.request(ClientMsg::Status).await? {
-            DaemonMsg::Status(s) => Ok(s),
+            DaemonMsg::Status(s) => Ok(*s),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

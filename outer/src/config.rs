@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hull_checkpoint::{LayerQuota, QuotaMode, QuotaSettings};
 use hull_image::ImageKind;
 use hull_ingress::forward::PortFilter;
 use hull_ingress::link::VethPlan;
@@ -51,6 +52,8 @@ pub enum ConfigError {
     Image(String),
     #[error("inner.uid_base = {base}, inner.id_count = {count}: use a base above 0 and a count of at least 1 whose range ends below 2^32 - 1 (e.g. 100000 and 65536)")]
     IdRange { base: u32, count: u32 },
+    #[error("storage.layer_quota = {0:?}: use a size (\"8G\"), \"auto\" (the volume less a margin) or \"none\"")]
+    LayerQuota(String),
     #[error("hostname = {0:?}: use 1 to 63 letters, digits and '-'")]
     Hostname(String),
     #[error("api.listen = {0:?}: use an address and port such as \"127.0.0.1:7700\", or \"off\"")]
@@ -252,6 +255,7 @@ pub struct Config {
     pub inner: InnerTable,
     pub daemon: DaemonConfig,
     pub api: ApiConfig,
+    pub storage: StorageTable,
 }
 
 /// The `[api]` table: the HTTP API (the Sprites v1 API) for clients
@@ -283,6 +287,29 @@ impl Default for ApiConfig {
             vsock_port: None,
             tls_cert: None,
             tls_key: None,
+        }
+    }
+}
+
+/// The `[storage]` table: the quota on the inner's writable layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageTable {
+    /// Bytes the writable layer may reference ("8G"); "auto": the volume
+    /// less a tenth (at least 128 MiB), and less `daemon.disk_reserve`
+    /// when the state dir is the volume; "none" or "0": no limit.
+    pub layer_quota: String,
+    /// How btrfs counts the layer's bytes: "simple" (simple quotas: what
+    /// the layer wrote itself; nearly free) or "full" (qgroups: all it
+    /// references, shared with checkpoints or not; slower checkpoints).
+    pub quota_mode: QuotaModeName,
+}
+
+impl Default for StorageTable {
+    fn default() -> Self {
+        StorageTable {
+            layer_quota: "auto".into(),
+            quota_mode: QuotaModeName::Simple,
         }
     }
 }
@@ -321,6 +348,36 @@ impl ApiConfig {
             max_connections: positive("api.max_connections", self.max_connections)?,
             vsock_port: self.vsock_port,
             tls,
+        })
+    }
+}
+
+/// `storage.quota_mode` as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaModeName {
+    #[default]
+    Simple,
+    Full,
+}
+
+impl StorageTable {
+    fn resolve(&self) -> Result<QuotaSettings, ConfigError> {
+        let size = match self.layer_quota.trim() {
+            "auto" => LayerQuota::Auto,
+            "none" | "off" => LayerQuota::Off,
+            text => match parse_size(text) {
+                Some(0) => LayerQuota::Off,
+                Some(n) => LayerQuota::Bytes(n),
+                None => return Err(ConfigError::LayerQuota(self.layer_quota.clone())),
+            },
+        };
+        Ok(QuotaSettings {
+            size,
+            mode: match self.quota_mode {
+                QuotaModeName::Simple => QuotaMode::Simple,
+                QuotaModeName::Full => QuotaMode::Full,
+            },
         })
     }
 }
@@ -500,6 +557,7 @@ impl Default for Config {
             inner: InnerTable::default(),
             daemon: DaemonConfig::default(),
             api: ApiConfig::default(),
+            storage: StorageTable::default(),
         }
     }
 }
@@ -565,6 +623,7 @@ impl Config {
                 volume_size: size("volume_size", &self.volume_size)?,
                 disk_reserve: size("daemon.disk_reserve", &self.daemon.disk_reserve)?,
                 auto_checkpoints_keep: self.auto_checkpoints_keep,
+                quota: self.storage.resolve()?,
             },
             inner: InnerSettings {
                 image: self.image_kind()?,
@@ -658,6 +717,8 @@ pub struct StorageSettings {
     /// Bytes a new image leaves free on the state dir's filesystem.
     pub disk_reserve: u64,
     pub auto_checkpoints_keep: usize,
+    /// The quota on the writable layer.
+    pub quota: QuotaSettings,
 }
 
 /// What every inner is made of and limited to.
@@ -788,6 +849,20 @@ mod tests {
     }
 
     #[test]
+    fn the_layer_quota_is_a_size_auto_or_none() {
+        let quota = |text: &str| from_toml(text).resolve().unwrap().storage.quota;
+        assert_eq!(quota("").size, LayerQuota::Auto);
+        assert_eq!(quota("").mode, QuotaMode::Simple);
+        let q = quota("[storage]\nlayer_quota = \"8G\"\nquota_mode = \"full\"\n");
+        assert_eq!(q.size, LayerQuota::Bytes(8 << 30));
+        assert_eq!(q.mode, QuotaMode::Full);
+        for off in ["none", "0", "off"] {
+            let text = format!("[storage]\nlayer_quota = \"{off}\"\n");
+            assert_eq!(quota(&text).size, LayerQuota::Off, "{off}");
+        }
+    }
+
+    #[test]
     fn a_bad_value_in_each_group_is_reported_by_resolve_with_its_key() {
         for (text, key) in [
             ("volume_size = \"big\"\n", "volume_size"),
@@ -801,6 +876,7 @@ mod tests {
                 "network.outer_address",
             ),
             ("[network]\nexpose = \"80-\"\n", "network.expose"),
+            ("[storage]\nlayer_quota = \"most\"\n", "storage.layer_quota"),
             (
                 "[daemon]\ninner_connections = 0\n",
                 "daemon.inner_connections",

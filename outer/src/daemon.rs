@@ -332,6 +332,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             &storage_settings.state_dir,
             storage_settings.volume_size,
             storage_settings.disk_reserve,
+            storage_settings.quota,
         )
     })?;
     if !recovery.actions.is_empty() {

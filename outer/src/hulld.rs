@@ -87,6 +87,11 @@ impl Hulld {
         let inner = self.parts.supervisor.current();
         let head = self.parts.storage.head();
         let volume = self.parts.storage.volume();
+        let storage = self.parts.storage.clone();
+        let usage = tokio::task::spawn_blocking(move || storage.layer_usage())
+            .await
+            .ok()
+            .flatten();
         StatusReport {
             daemon_pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -110,6 +115,8 @@ impl Hulld {
                 None => format!("btrfs at {}", volume.root.display()),
             },
             head,
+            layer_used: usage.map(|u| u.used),
+            layer_quota: usage.and_then(|u| u.limit),
             last_error: p.last_error,
             oom_kills: p.oom_kills,
             last_oom_kill_ms: p.last_oom_kill_ms,

@@ -360,7 +360,7 @@ where
         match msg {
             ClientMsg::Status => {
                 writer
-                    .send(DaemonMsg::Status(hulld.do_status().await))
+                    .send(DaemonMsg::Status(Box::new(hulld.do_status().await)))
                     .await?
             }
             ClientMsg::Exec(request) if request.detach => {

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_cgroups::{Cgroup, CgroupError};
-use hull_checkpoint::{failpoint, CheckpointMade, Quiesce, QuiesceError, Storage, StorageError};
+use hull_checkpoint::{
+    failpoint, CheckpointMade, Quiesce, QuiesceError, Storage, StorageError, WritableLayer,
+};
 use hull_inner::InnerSpec;
 use hull_proto::{BounceReport, ExitStatus, InnerState, RestoreReport};
 use hull_services::{InnerCause, Replaced, ServiceError, ServiceManager};
@@ -502,9 +504,8 @@ impl Task {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
-    fn spec(&self) -> Result<InnerSpec, StorageError> {
-        let layer = self.config.storage.current_layer()?;
-        Ok(InnerSpec {
+    fn spec(&self, layer: WritableLayer) -> InnerSpec {
+        InnerSpec {
             lower: self.config.lower.clone(),
             upper: layer.upper,
             work: layer.work,
@@ -517,7 +518,7 @@ impl Task {
             cgroup_view: self.config.cgroup_view.clone(),
             seccomp: self.config.seccomp.clone(),
             user_namespace: self.config.user_namespace,
-        })
+        }
     }
 
     /// Starts an inner; on failure schedules a retry with backoff.
@@ -534,19 +535,35 @@ impl Task {
                     .set_limits(self.config.memory_max, self.config.pids_max)
             })
             .map_err(StartError::Cgroup);
-        let spec = prepared.and_then(|()| self.spec().map_err(StartError::Layer));
-        let result = match spec {
+        let layer = prepared.and_then(|()| {
+            self.config
+                .storage
+                .current_layer()
+                .map_err(StartError::Layer)
+        });
+        let result = match layer {
             Err(e) => Err(e),
-            Ok(spec) => launch(
-                &self.config.exe,
-                &spec,
-                self.generation,
-                self.cause.clone(),
-                self.config.netns.as_ref().map(|ns| ns.fd()),
-                exit_tx.clone(),
-            )
-            .await
-            .map_err(StartError::Launch),
+            Ok(layer) => {
+                let storage = &self.config.storage;
+                let lifted = layer.clone();
+                if let Err(e) = blocking(storage, move |s| s.lift_layer_quota(&lifted)).await {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot lift the layer's quota while the inner mounts it; a full layer mounts read-only");
+                }
+                let launched = launch(
+                    &self.config.exe,
+                    &self.spec(layer.clone()),
+                    self.generation,
+                    self.cause.clone(),
+                    self.config.netns.as_ref().map(|ns| ns.fd()),
+                    exit_tx.clone(),
+                )
+                .await
+                .map_err(StartError::Launch);
+                if let Err(e) = blocking(storage, move |s| s.limit_layer(&layer)).await {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot put the layer's quota back; it has none until hulld starts again");
+                }
+                launched
+            }
         };
         match result {
             Ok(inner) => {

@@ -184,6 +184,14 @@ pub struct StatusReport {
     pub volume: String,
     /// The checkpoint the current state came from.
     pub head: Option<String>,
+    /// Bytes the writable layer references now, when the volume has
+    /// quotas on (btrfs's count: see `layer_quota`).
+    #[serde(default)]
+    pub layer_used: Option<u64>,
+    /// The writable layer's quota in bytes; writes past it fail with
+    /// EDQUOT. `None`: no limit.
+    #[serde(default)]
+    pub layer_quota: Option<u64>,
     pub last_error: Option<String>,
     /// Processes the out-of-memory killer killed in the inner since hulld
     /// started (the kernel's count for the inner's cgroup).
@@ -448,7 +456,8 @@ pub enum ExecEnd {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum DaemonMsg {
     Hello(Hello),
-    Status(StatusReport),
+    /// Boxed: the largest answer, and rare, so every other frame stays small.
+    Status(Box<StatusReport>),
     ExecStarted {
         /// The pid inside the inner.
         pid: i32,

@@ -442,8 +442,10 @@ fn a_full_volume_gives_a_clear_error_and_a_consistent_catalog() {
     if !require_root() {
         return;
     }
+    // Without a quota on the layer: the volume itself fills up.
     let hull = TestHull::start_with(hull_tests::Limits {
         volume_size: "300M",
+        tables: "[storage]\nlayer_quota = \"none\"\n".into(),
         ..Default::default()
     });
     block_on(async {

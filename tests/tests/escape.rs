@@ -1206,3 +1206,35 @@ fn the_volume_leaves_hulld_disk_space_of_its_own() {
     );
     assert_responsive(&hull);
 }
+
+/// The inner could fill the volume: then no checkpoint could be taken
+/// (a snapshot needs metadata space) until the user deleted data. The
+/// default layer quota keeps a margin of the volume out of its reach.
+#[test]
+fn the_inner_filling_its_layer_leaves_the_volume_room_to_checkpoint() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start_with(Limits {
+        volume_size: "300M",
+        ..Limits::default()
+    });
+    block_on(async {
+        let fill = hull
+            .exec(&["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", "count=400"])
+            .await;
+        let stderr = String::from_utf8_lossy(&fill.stderr);
+        assert!(
+            stderr.contains("Disk quota exceeded"),
+            "filling the layer did not stop at its quota: {stderr}"
+        );
+        let mut c = hull.client().await;
+        c.checkpoint_create(None)
+            .await
+            .expect("checkpoint the full layer");
+        c.checkpoint_restore("v1")
+            .await
+            .expect("restore the full layer's checkpoint");
+    });
+    assert_responsive(&hull);
+}

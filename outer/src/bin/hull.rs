@@ -55,7 +55,8 @@ enum Command {
         #[arg(long, value_parser = hull_outer::config::parse_network_mode)]
         network: Option<hull_outer::config::NetworkMode>,
     },
-    /// Show the inner's state, pid, uptime, limits and bounce count.
+    /// Show the inner's state, pid, uptime, limits and bounce count, and
+    /// how much of its quota the writable layer uses.
     Status,
     /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N, 124: --timeout passed, 125: hull failed, 255: the inner stopped under it).
     Exec {

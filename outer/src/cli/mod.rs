@@ -119,6 +119,16 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
     outln!("state      {}", s.state_dir);
     outln!("cgroup     {}", s.cgroup);
     outln!("volume     {}", s.volume);
+    match (s.layer_used, s.layer_quota) {
+        (Some(used), Some(quota)) => outln!(
+            "layer      {} MiB used of a {} MiB quota ({:.0}%)",
+            used >> 20,
+            quota >> 20,
+            used as f64 * 100.0 / quota.max(1) as f64
+        ),
+        (Some(used), None) => outln!("layer      {} MiB used, no quota", used >> 20),
+        _ => outln!("layer      no quota"),
+    }
     if let Some(head) = &s.head {
         outln!("from       checkpoint {head}");
     }

@@ -24,7 +24,11 @@ const COPY: &str = "anchor: cp -a of that layer";
 const FROZEN: &str = "  inner frozen during it";
 
 pub fn run(rounds: usize, dirty_rounds: usize) -> Result<()> {
-    let rows = bench_checkpoints(rounds, dirty_rounds)?;
+    let mut rows = bench_checkpoints(rounds, dirty_rounds)?;
+    for mode in &QUOTA_MODES {
+        eprintln!("checkpoints with the layer quota {}...", mode.name);
+        rows.extend(bench_quota(mode, rounds)?);
+    }
     print_rows(&rows);
     let p50 = |name: &str| p50_of(&rows, name);
     let empty = p50(CREATE_EMPTY);
@@ -56,7 +60,87 @@ pub fn run(rounds: usize, dirty_rounds: usize) -> Result<()> {
         "ratio cp -a / create full (p50): {:.0}x slower than a checkpoint",
         p50(COPY) / p50(CREATE_FULL)
     );
+    let off = &QUOTA_MODES[0];
+    for mode in &QUOTA_MODES[1..] {
+        println!(
+            "ratio quota {} / {} (p50): create after an overwrite {:.2}, restore {:.2}  (target <= 1.2)",
+            mode.name,
+            off.name,
+            p50(mode.create) / p50(off.create),
+            p50(mode.restore) / p50(off.restore),
+        );
+    }
     Ok(())
+}
+
+/// A `[storage] quota_mode` compared and its rows.
+struct QuotaBench {
+    name: &'static str,
+    create: &'static str,
+    restore: &'static str,
+}
+
+/// The quota off first: the others are compared with it.
+const QUOTA_MODES: [QuotaBench; 3] = [
+    QuotaBench {
+        name: "off",
+        create: "create after an 8 MiB overwrite, no quota",
+        restore: "restore, no quota",
+    },
+    QuotaBench {
+        name: "simple",
+        create: "create after an 8 MiB overwrite, simple quota",
+        restore: "restore, simple quota",
+    },
+    QuotaBench {
+        name: "full",
+        create: "create after an 8 MiB overwrite, full qgroups",
+        restore: "restore, full qgroups",
+    },
+];
+
+/// Checkpoints of a 256 MiB + 10k files layer, each after an overwrite
+/// of 8 MiB of it (the extents a commit must account for, shared with
+/// the checkpoints before), and restores, on a volume whose layer quota
+/// is `mode`: what the quota's accounting costs them.
+fn bench_quota(mode: &QuotaBench, rounds: usize) -> Result<Vec<Row>> {
+    let table = match mode.name {
+        "off" => "[storage]\nlayer_quota = \"none\"\n".to_string(),
+        mode => format!("[storage]\nlayer_quota = \"2G\"\nquota_mode = \"{mode}\"\n"),
+    };
+    let hull = TestHull::start_with(Limits {
+        memory_max: "1G",
+        pids_max: 1024,
+        volume_size: "4G",
+        tables: table,
+        ..Limits::default()
+    });
+    block_on(async {
+        hull.sh("dd if=/dev/urandom of=/root/data bs=1M count=256 2>/dev/null && mkdir /root/many && cd /root/many && seq 1 10000 | xargs touch && sync")
+            .await;
+        let mut c = hull.client().await;
+        let mut creates = Vec::new();
+        for i in 0..rounds {
+            let seek = (i * 8) % 248;
+            hull.sh(&format!(
+                "dd if=/dev/urandom of=/root/data bs=1M count=8 seek={seek} conv=notrunc 2>/dev/null && touch /root/many/{i}"
+            ))
+            .await;
+            let t = Instant::now();
+            c.checkpoint_create(None).await?;
+            creates.push(ms(t.elapsed()));
+        }
+        let mut restores = Vec::new();
+        for _ in 0..rounds.min(20) {
+            let t = Instant::now();
+            c.checkpoint_restore("v1").await?;
+            restores.push(ms(t.elapsed()));
+        }
+        Ok(vec![
+            Row::new(mode.create, creates, "ms").target("<= 1.2x no quota"),
+            Row::new(mode.restore, restores, "ms").target("<= 1.2x no quota"),
+        ])
+    })
 }
 
 /// Creates `n` checkpoints; returns (total ms, frozen ms) samples.
