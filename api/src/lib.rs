@@ -7,11 +7,14 @@
 //! the same errors.
 
 mod body;
+mod control;
 mod error;
+mod exec;
 mod router;
 mod server;
 mod sprites;
 pub mod tokens;
+mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
-use crate::{sprites, Shared, SPRITE_VERSION};
+use crate::{control, exec, sprites, Shared, SPRITE_VERSION};
 
 pub type Body = Full<Bytes>;
 
@@ -54,6 +54,10 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         Method::GET | Method::HEAD => TokenScope::Read,
         _ => TokenScope::Admin,
     };
+    let needed = match rest {
+        [_, "exec" | "control", ..] => TokenScope::Exec,
+        _ => needed,
+    };
     authorize(state, &req, needed).await?;
     match (&method, rest) {
         (&Method::GET, []) => sprites::list(state).await,
@@ -61,6 +65,8 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
         (_, [_, ..]) => match (&method, sandbox_path(state, rest)?) {
             (&Method::GET, []) => sprites::get(state).await,
+            (&Method::GET, ["exec"]) => exec::serve(state, req).await,
+            (&Method::GET, ["control"]) => control::serve(state, req).await,
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
             _ => Err(ApiError::not_found(format!("no route {path}"))),
         },

@@ -11,7 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::{ApiSettings, Connector, State, TokenStore};
@@ -87,6 +87,20 @@ impl Drop for Api {
     }
 }
 
+/// A connection's place under the cap. A WebSocket keeps it after its
+/// HTTP connection is handed over, so upgraded connections count too.
+#[derive(Clone)]
+pub(crate) struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl ConnectionSlot {
+    /// The slot of the connection `req` came on.
+    pub fn of<B>(req: &hyper::Request<B>) -> Option<ConnectionSlot> {
+        req.extensions().get::<ConnectionSlot>().cloned()
+    }
+}
+
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let slots = Arc::new(Semaphore::new(state.settings.max_connections));
     loop {
@@ -104,9 +118,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         let state = state.clone();
+        let slot = ConnectionSlot {
+            _permit: Arc::new(slot),
+        };
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let held = slot.clone();
+            let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let state = state.clone();
+                req.extensions_mut().insert(held.clone());
                 async move { Ok::<_, std::convert::Infallible>(crate::router::handle(state, req).await) }
             });
             let mut builder = http1::Builder::new();
