@@ -582,8 +582,8 @@ pub fn exit_code(end: &ExecEnd) -> Result<i32, String> {
 /// `GET /v1/sprites/{name}/exec`: starts the command, then answers the
 /// WebSocket handshake; a request hulld refuses is an HTTP error.
 pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let params = ExecParams::from_query(req.uri().query())?;
     let handshake = ws::handshake(&mut req)?;
+    let params = ExecParams::from_query(req.uri().query())?;
     let started = start(state, &params).await?;
     let slot = crate::server::ConnectionSlot::of(&req);
     tokio::spawn(async move {

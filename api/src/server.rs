@@ -112,6 +112,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        // Exec frames are small and answer one another (an exit frame,
+        // then the control connection's op.complete): Nagle's algorithm
+        // would hold the second for the peer's delayed ACK, some 40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "HTTP API connection refused: at its connection cap");
             drop(stream);

@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hull_tests::http::request;
+use hull_tests::ws::{collect, connect, Ws};
 use hull_tests::{
     block_on, inner_pids_running, require_root, sdk_python, wait_until, workspace_dir, TestHull,
 };
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 fn sprite_name(addr: SocketAddr, token: &str) -> String {
     let r = request(addr, "GET", "/v1/sprites", Some(token), None);
@@ -150,39 +148,6 @@ fn sdk_streams_50_mb_while_hulld_rss_stays_bounded() {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
-
-async fn ws_connect(
-    addr: SocketAddr,
-    path_and_query: &str,
-    token: &str,
-) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let mut req = format!("ws://{addr}{path_and_query}")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let stream = TcpStream::connect(addr).await.unwrap();
-    tokio_tungstenite::client_async(req, stream)
-        .await
-        .map(|(ws, _)| ws)
-}
-
-/// The frames of a non-TTY exec until its exit frame: stdout and the code.
-async fn collect(ws: &mut Ws) -> (Vec<u8>, u8) {
-    let mut stdout = Vec::new();
-    while let Some(frame) = ws.next().await {
-        if let Message::Binary(data) = frame.unwrap() {
-            match data[0] {
-                1 => stdout.extend_from_slice(&data[1..]),
-                3 => return (stdout, data[1]),
-                _ => {}
-            }
-        }
-    }
-    panic!("the exec's WebSocket closed without an exit frame");
-}
-
 /// The close frame the server ends with, skipping what comes before it.
 async fn close_frame(ws: &mut Ws) -> CloseFrame {
     loop {
@@ -214,7 +179,7 @@ fn exec_needs_an_exec_token_and_a_read_token_runs_nothing() {
     let read = hull.api_token("read");
     let path = format!("/v1/sprites/{name}/exec?cmd=touch&cmd=/tmp/ran-it");
     block_on(async {
-        let refused = ws_connect(addr, &path, &read).await.unwrap_err();
+        let refused = connect(addr, &path, &read).await.unwrap_err();
         let tokio_tungstenite::tungstenite::Error::Http(response) = refused else {
             panic!("expected an HTTP refusal, got {refused:?}");
         };
@@ -223,19 +188,26 @@ fn exec_needs_an_exec_token_and_a_read_token_runs_nothing() {
             serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
         assert_eq!(body["error"], "insufficient_scope", "{body}");
         for route in ["control"] {
-            let refused = ws_connect(addr, &format!("/v1/sprites/{name}/{route}"), &read).await;
+            let refused = connect(addr, &format!("/v1/sprites/{name}/{route}"), &read).await;
             assert!(
                 matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403)
             );
         }
     });
+    // An exec token on a request that is not a WebSocket: told so.
+    let r = request(addr, "GET", &path, Some(&exec), None);
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (426, "websocket_required".into()),
+        "{r:?}"
+    );
     let out = block_on(hull.exec(&["ls", "/tmp/ran-it"]));
     assert!(!out.stderr.is_empty(), "the read token's exec ran: {out:?}");
 
     // The same request with an exec token runs, as a check on the above.
     block_on(async {
-        let mut ws = ws_connect(addr, &path, &exec).await.unwrap();
-        assert_eq!(collect(&mut ws).await.1, 0);
+        let mut ws = connect(addr, &path, &exec).await.unwrap();
+        assert_eq!(collect(&mut ws).await.unwrap().1, 0);
     });
     assert_eq!(block_on(hull.sh("ls /tmp/ran-it")), "/tmp/ran-it\n");
 }
@@ -247,7 +219,7 @@ fn a_frame_of_the_wrong_kind_closes_clearly_and_kills_the_command() {
     };
     let argv = ["sleep", "4243"];
     block_on(async {
-        let mut ws = ws_connect(
+        let mut ws = connect(
             addr,
             &format!("/v1/sprites/{name}/exec?cmd=sleep&cmd=4243"),
             &token,
@@ -271,7 +243,7 @@ fn a_frame_of_the_wrong_kind_closes_clearly_and_kills_the_command() {
     });
     // A text frame that is not JSON on a TTY exec: the same.
     block_on(async {
-        let mut ws = ws_connect(
+        let mut ws = connect(
             addr,
             &format!("/v1/sprites/{name}/exec?cmd=sleep&cmd=4243&tty=true"),
             &token,
@@ -310,7 +282,7 @@ fn a_client_that_vanishes_leaves_its_command_running_only_as_long_as_it_asked() 
             path.push_str(&format!("&max_run_after_disconnect={grace}"));
         }
         block_on(async {
-            let mut ws = ws_connect(addr, &path, &token).await.unwrap();
+            let mut ws = connect(addr, &path, &token).await.unwrap();
             let info = ws.next().await.unwrap().unwrap();
             assert!(info.to_text().unwrap().contains("session_info"));
             // Gone without a close frame, as a crashed client goes.
