@@ -324,3 +324,135 @@ fn a_client_that_vanishes_leaves_its_command_running_only_as_long_as_it_asked() 
     // hulld is fine.
     assert_eq!(block_on(hull.sh("echo fine")), "fine\n");
 }
+
+#[test]
+fn a_client_that_does_not_read_stalls_the_command_not_hulld() {
+    let Some((hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    let pid = hull.hulld_pid();
+    let argv = ["head", "-c", "1073741824", "/dev/zero"];
+    let before = vm_rss_kib(pid);
+    block_on(async {
+        let path = format!(
+            "/v1/sprites/{name}/exec?cmd=head&cmd=-c&cmd=1073741824&cmd=/dev/zero&max_run_after_disconnect=0"
+        );
+        let ws = connect(addr, &path, &token).await.unwrap();
+        // Not a frame read for two seconds: 1 GiB would pass in that time.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            inner_pids_running(&hull, &argv).len(),
+            1,
+            "the command did not wait for its reader"
+        );
+        let grew_mib = vm_rss_kib(pid).saturating_sub(before) / 1024;
+        eprintln!("hulld RSS grew {grew_mib} MiB under a client that does not read");
+        assert!(
+            grew_mib < 24,
+            "hulld's RSS grew {grew_mib} MiB holding output for a client that does not read"
+        );
+        drop(ws);
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled head to be killed",
+        || inner_pids_running(&hull, &argv).is_empty(),
+    );
+}
+
+/// The next control message on `control`, skipping data frames.
+async fn control_message(control: &mut Ws) -> serde_json::Value {
+    while let Some(frame) = control.next().await {
+        if let Message::Text(text) = frame.unwrap() {
+            if let Some(msg) = text.as_str().strip_prefix("control:") {
+                return serde_json::from_str(msg).unwrap();
+            }
+        }
+    }
+    panic!("the control connection closed");
+}
+
+#[test]
+fn the_control_connection_runs_execs_in_turn_and_refuses_what_it_does_not_serve() {
+    let Some((hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    block_on(async {
+        let mut control = connect(addr, &format!("/v1/sprites/{name}/control"), &token)
+            .await
+            .unwrap();
+        let start = |args: serde_json::Value, op: &str| {
+            Message::text(format!(
+                "control:{}",
+                serde_json::json!({"type": "op.start", "op": op, "args": args})
+            ))
+        };
+        control
+            .send(start(serde_json::json!({"path": "/tmp"}), "fs.read"))
+            .await
+            .unwrap();
+        let refused = control_message(&mut control).await;
+        assert_eq!(refused["type"], "op.error", "{refused}");
+        assert!(
+            refused["args"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("not served"),
+            "{refused}"
+        );
+
+        for code in [0, 3] {
+            let script = format!("cat; exit {code}");
+            control
+                .send(start(
+                    serde_json::json!({"cmd": ["sh", "-c", script]}),
+                    "exec",
+                ))
+                .await
+                .unwrap();
+            control
+                .send(Message::Binary(b"\0hello".to_vec().into()))
+                .await
+                .unwrap();
+            control.send(Message::Binary(vec![4].into())).await.unwrap();
+            let mut stdout = Vec::new();
+            let done = loop {
+                match control.next().await.unwrap().unwrap() {
+                    Message::Binary(data) if data[0] == 1 => stdout.extend_from_slice(&data[1..]),
+                    Message::Text(text) if text.as_str().starts_with("control:") => {
+                        break serde_json::from_str::<serde_json::Value>(&text.as_str()[8..])
+                            .unwrap()
+                    }
+                    _ => {}
+                }
+            };
+            assert_eq!(stdout, b"hello");
+            assert_eq!(done["type"], "op.complete", "{done}");
+            assert_eq!(done["args"]["exitCode"], code, "{done}");
+            // A frame after the end (a late stdin EOF) is dropped.
+            control.send(Message::Binary(vec![4].into())).await.unwrap();
+        }
+
+        // A second op.start while one runs: a clear close.
+        control
+            .send(start(serde_json::json!({"cmd": ["sleep", "4401"]}), "exec"))
+            .await
+            .unwrap();
+        control
+            .send(start(serde_json::json!({"cmd": ["true"]}), "exec"))
+            .await
+            .unwrap();
+        let close = close_frame(&mut control).await;
+        assert_eq!(close.code, CloseCode::Unsupported, "{close:?}");
+        assert!(
+            close.reason.contains("one operation at a time"),
+            "{close:?}"
+        );
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the sleep 4401 to be killed",
+        || inner_pids_running(&hull, &["sleep", "4401"]).is_empty(),
+    );
+    assert_eq!(block_on(hull.sh("echo fine")), "fine\n");
+}
