@@ -456,3 +456,22 @@ fn the_control_connection_runs_execs_in_turn_and_refuses_what_it_does_not_serve(
     );
     assert_eq!(block_on(hull.sh("echo fine")), "fine\n");
 }
+
+#[test]
+fn an_inner_that_stops_under_the_command_closes_with_the_reason() {
+    let Some((hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    block_on(async {
+        let path = format!("/v1/sprites/{name}/exec?cmd=sleep&cmd=4501");
+        let mut ws = connect(addr, &path, &token).await.unwrap();
+        let info = ws.next().await.unwrap().unwrap();
+        assert!(info.to_text().unwrap().contains("session_info"));
+        hull.client().await.bounce(0).await.unwrap();
+        let close = close_frame(&mut ws).await;
+        assert_eq!(close.code, CloseCode::Error, "{close:?}");
+        assert!(close.reason.contains("sandbox stopped"), "{close:?}");
+    });
+    hull.wait_running(Duration::from_secs(10));
+    assert_eq!(block_on(hull.sh("echo fine")), "fine\n");
+}
