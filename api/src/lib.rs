@@ -8,7 +8,9 @@
 
 mod body;
 mod checkpoints;
+mod control;
 mod error;
+mod exec;
 mod ndjson;
 mod openapi;
 mod policy;

@@ -11,7 +11,9 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
-use crate::{checkpoints, openapi, policy, services, sprites, tunnel, Shared, SPRITE_VERSION};
+use crate::{
+    checkpoints, control, exec, openapi, policy, services, sprites, tunnel, Shared, SPRITE_VERSION,
+};
 
 /// A response body: whole, or streamed (NDJSON progress).
 pub type Body = BoxBody<Bytes, std::convert::Infallible>;
@@ -34,6 +36,7 @@ const fn r(method: &'static str, path: &'static str, scope: Option<TokenScope>) 
 }
 
 const READ: Option<TokenScope> = Some(TokenScope::Read);
+const EXEC: Option<TokenScope> = Some(TokenScope::Exec);
 const ADMIN: Option<TokenScope> = Some(TokenScope::Admin);
 
 /// Every route served. The scope checked on a request comes from here,
@@ -44,6 +47,8 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/sprites", ADMIN),
     r("GET", "/v1/sprites/{name}", READ),
     r("GET", "/v1/sprites/{name}/hull", READ),
+    r("GET", "/v1/sprites/{name}/exec", EXEC),
+    r("GET", "/v1/sprites/{name}/control", EXEC),
     r("POST", "/v1/sprites/{name}/checkpoint", ADMIN),
     r("GET", "/v1/sprites/{name}/checkpoints", READ),
     r("GET", "/v1/sprites/{name}/checkpoints/{id}", READ),
@@ -141,6 +146,8 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, ["hull"]) => {
                 tunnel::serve(state, req, granted.unwrap_or(TokenScope::Read)).await
             }
+            (&Method::GET, ["exec"]) => exec::serve(state, req).await,
+            (&Method::GET, ["control"]) => control::serve(state, req).await,
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
             (&Method::POST, ["checkpoint"]) => checkpoints::create(state, req).await,
             (&Method::GET, ["checkpoints"]) => checkpoints::list(state, &req).await,

@@ -11,7 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -116,6 +116,20 @@ impl Drop for Api {
     }
 }
 
+/// A connection's place under the cap. A WebSocket keeps it after its
+/// HTTP connection is handed over, so upgraded connections count too.
+#[derive(Clone)]
+pub(crate) struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl ConnectionSlot {
+    /// The slot of the connection `req` came on.
+    pub fn of<B>(req: &hyper::Request<B>) -> Option<ConnectionSlot> {
+        req.extensions().get::<ConnectionSlot>().cloned()
+    }
+}
+
 /// A listener the API accepts on: TCP, or vsock in a VM.
 trait Listener: Send + 'static {
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
@@ -128,9 +142,14 @@ trait Listener: Send + 'static {
 impl Listener for TcpListener {
     type Stream = tokio::net::TcpStream;
     async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
-        self.accept()
-            .await
-            .map(|(stream, peer)| (stream, peer.to_string()))
+        let (stream, peer) = self.accept().await?;
+        // Exec frames are small and answer one another (an exit frame,
+        // then the control connection's op.complete): Nagle's algorithm
+        // would hold the second for the peer's delayed ACK, some 40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+        Ok((stream, peer.to_string()))
     }
 }
 
@@ -163,15 +182,18 @@ async fn accept_loop<L: Listener>(
             drop(stream);
             continue;
         };
+        let slot = ConnectionSlot {
+            _permit: Arc::new(slot),
+        };
         let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve(stream, peer, state).await,
+                None => serve(stream, peer, state, slot).await,
                 // The handshake has the headers' deadline: a client that
                 // opens a connection and says nothing holds a slot no longer.
                 Some(tls) => {
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(stream, peer, state).await,
+                        Ok(Ok(stream)) => serve(stream, peer, state, slot).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "HTTP API TLS handshake failed")
                         }
@@ -179,18 +201,19 @@ async fn accept_loop<L: Listener>(
                     }
                 }
             }
-            drop(slot);
         });
     }
 }
 
-/// Serves HTTP/1.1 on one connection until it closes.
-async fn serve<S>(stream: S, peer: String, state: Arc<State>)
+/// Serves HTTP/1.1 on one connection until it closes. Each request carries
+/// the connection's slot, which a WebSocket it upgrades to keeps.
+async fn serve<S>(stream: S, peer: String, state: Arc<State>, slot: ConnectionSlot)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let state = state.clone();
+        req.extensions_mut().insert(slot.clone());
         async move { Ok::<_, std::convert::Infallible>(crate::router::handle(state, req).await) }
     });
     let mut builder = http1::Builder::new();

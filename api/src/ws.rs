@@ -8,7 +8,9 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::ApiError;
@@ -23,6 +25,10 @@ const MAX_IN_MESSAGE: usize = 1024 * 1024;
 /// Output queued for a client that reads slowly before a write waits for
 /// it to read: past this, the exec's output stalls instead of growing.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
+
+/// The longest close reason a close frame carries (125 bytes of payload
+/// less the two of the code).
+const MAX_CLOSE_REASON: usize = 123;
 
 /// A WebSocket handshake request, checked: the response that switches
 /// protocols, and the connection once the client has it.
@@ -98,4 +104,16 @@ pub async fn accept(upgrade: OnUpgrade) -> Option<Ws> {
             None
         }
     }
+}
+
+/// A close frame with `reason` cut to what a close frame holds.
+pub fn close(code: CloseCode, reason: &str) -> Message {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason[..end].to_string().into(),
+    }))
 }

@@ -14,6 +14,7 @@ use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
 pub mod http;
+pub mod ws;
 
 /// Returns false (after saying why) when the test cannot run here; under
 /// CI=true it panics instead, so a CI run never passes by skipping.

@@ -9,9 +9,11 @@
 //!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
 //!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
 //!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
+//!     sudo ./target/release/hull-bench api           # exec over the HTTP API vs the unix socket, time to first output
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
+mod api;
 mod bounds;
 mod checkpoints;
 mod ingress;
@@ -62,6 +64,10 @@ enum Suite {
     /// service socket (2,000 connections, 100 half-sent 4 MiB frames) and
     /// listens on 1,000 ports, against the same call on an idle hulld.
     Bounds(Rounds),
+    /// Exec `true` over the HTTP API (a new WebSocket each time, and a
+    /// kept control connection) against a new unix-socket connection, and
+    /// the time from a request to the first output of `echo hi`.
+    Api(Rounds),
 }
 
 #[derive(Args)]
@@ -122,6 +128,7 @@ fn reject_old_flags() {
                 "ingress",
                 "responsiveness",
                 "bounds",
+                "api",
             ]
             .contains(s)
         }) {
@@ -150,6 +157,7 @@ fn main() -> Result<()> {
         Some(Suite::Services(a)) => services::run(a.rounds),
         Some(Suite::Responsiveness(a)) => responsiveness::run(a.rounds),
         Some(Suite::Bounds(a)) => bounds::run(a.rounds),
+        Some(Suite::Api(a)) => api::run(a.rounds),
         Some(Suite::Logs(a)) => logs::run(a.lines),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
