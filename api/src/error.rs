@@ -11,6 +11,9 @@ pub struct ApiError {
     /// Stable, for scripts: `no_tokens`, `unauthorized`, `not_found`, ...
     pub code: &'static str,
     pub message: String,
+    /// The errno name of a files API error (`ENOENT`, `EISDIR`, ...),
+    /// answered as `"code"`, which the Sprites SDKs map to exceptions.
+    pub errno: Option<&'static str>,
 }
 
 impl ApiError {
@@ -19,6 +22,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            errno: None,
         }
     }
 
@@ -72,7 +76,10 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<crate::router::Body> {
-        let body = serde_json::json!({ "error": self.code, "message": self.message });
+        let mut body = serde_json::json!({ "error": self.code, "message": self.message });
+        if let Some(errno) = self.errno {
+            body["code"] = errno.into();
+        }
         crate::router::json_response(self.status, &body)
     }
 }

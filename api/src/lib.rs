@@ -14,6 +14,7 @@ mod exec;
 mod ndjson;
 mod openapi;
 mod policy;
+mod files;
 mod router;
 mod server;
 mod services;
@@ -47,6 +48,37 @@ pub trait Connector: Send + Sync + 'static {
         let stream = self.open(TokenScope::Admin);
         Box::pin(async move { hull_client::Client::over(stream?).await })
     }
+
+    /// The running inner's root directory, for the files API.
+    fn inner_root(&self)
+        -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>>;
+}
+
+/// The running inner's `/`, as an `O_PATH` directory fd that every path
+/// of the files API is resolved under, and who owns what it creates.
+pub struct InnerRoot {
+    pub dir: std::os::fd::OwnedFd,
+    /// The host ids of the inner's root user, given to new files and
+    /// directories, so they belong to root as the inner sees it.
+    pub owner: Owner,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InnerRootError {
+    #[error("the sandbox is not running")]
+    NotRunning,
+    #[error("cannot open the inner's root directory {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The header every response carries: the version of the Sprites API

@@ -12,7 +12,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
 use crate::{
-    checkpoints, control, exec, openapi, policy, services, sprites, tunnel, Shared, SPRITE_VERSION,
+    checkpoints, control, exec, files, openapi, policy, services, sprites, tunnel, Shared,
+    SPRITE_VERSION,
 };
 
 /// A response body: whole, or streamed (NDJSON progress).
@@ -63,6 +64,14 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
     r("GET", "/v1/sprites/{name}/policy/network", READ),
     r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
+    r("GET", "/v1/sprites/{name}/fs/read", READ),
+    r("PUT", "/v1/sprites/{name}/fs/write", EXEC),
+    r("GET", "/v1/sprites/{name}/fs/list", READ),
+    r("GET", "/v1/sprites/{name}/fs/stat", READ),
+    r("DELETE", "/v1/sprites/{name}/fs/delete", EXEC),
+    r("POST", "/v1/sprites/{name}/fs/rename", EXEC),
+    r("POST", "/v1/sprites/{name}/fs/copy", EXEC),
+    r("POST", "/v1/sprites/{name}/fs/chmod", EXEC),
 ];
 
 /// The route `method` and `segments` reach: `Err(true)` when the path is
@@ -165,6 +174,7 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::POST, ["services", svc, "stop"]) => services::stop(state, svc, &req).await,
             (&Method::GET, ["policy", "network"]) => policy::get(state).await,
             (&Method::POST, ["policy", "network"]) => policy::set(state, req).await,
+            (_, ["fs", op]) => files::route(state, req, op).await,
             _ => Err(ApiError::not_found(format!("no route {path}"))),
         },
     }

@@ -36,6 +36,17 @@ impl Layer {
         Ok(Layer { root })
     }
 
+    /// A root already open (the running inner's, through /proc).
+    pub fn from_fd(root: OwnedFd) -> Layer {
+        Layer { root }
+    }
+
+    /// `rel` opened with `flags` (O_CLOEXEC added), as the inner would
+    /// after pivot_root, refused if it leads into another mount.
+    pub fn open_in_layer(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        self.resolve(rel, flags, RESOLVE | ResolveFlags::NO_XDEV)
+    }
+
     /// `rel` opened with `flags` (O_CLOEXEC added), as the inner would
     /// after pivot_root.
     pub fn open_at(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
@@ -68,7 +79,18 @@ impl Layer {
     /// the layer itself: a path that leads into another mount (a symlink
     /// to /proc/sys ...) is refused.
     pub fn make_dir(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
-        self.make_dir_in_layer(rel, mode)
+        self.make_dir_owned(rel, mode, None)
+    }
+
+    /// [`Layer::make_dir`], the directories it makes given to `owner`
+    /// (a uid and gid).
+    pub fn make_dir_owned(
+        &self,
+        rel: &Path,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> io::Result<OwnedFd> {
+        self.make_dir_in_layer(rel, mode, owner)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EXDEV) => io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -84,7 +106,12 @@ impl Layer {
         Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
     }
 
-    fn make_dir_in_layer(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
+    fn make_dir_in_layer(
+        &self,
+        rel: &Path,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> io::Result<OwnedFd> {
         let mut want = normal(rel);
         let mut links = 0;
         'restart: loop {
@@ -106,7 +133,15 @@ impl Layer {
                     Ok(()) => {
                         // The umask narrowed the mode.
                         let made = self.dir(&next)?;
-                        rustix::fs::fchmod(reopen(&made)?, Mode::from_raw_mode(mode))?;
+                        let real = reopen(&made)?;
+                        rustix::fs::fchmod(&real, Mode::from_raw_mode(mode))?;
+                        if let Some((uid, gid)) = owner {
+                            rustix::fs::fchown(
+                                &real,
+                                Some(rustix::fs::Uid::from_raw(uid)),
+                                Some(rustix::fs::Gid::from_raw(gid)),
+                            )?;
+                        }
                         parent = made;
                         done = next;
                     }
@@ -133,11 +168,7 @@ impl Layer {
     }
 
     fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
-        self.resolve(
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY,
-            RESOLVE | ResolveFlags::NO_XDEV,
-        )
+        self.open_in_layer(rel, OFlags::PATH | OFlags::DIRECTORY)
     }
 }
 

@@ -10,7 +10,7 @@
 
 pub mod helper;
 pub mod init;
-mod layer;
+pub mod layer;
 mod mounts;
 mod rootfs;
 pub mod seccomp;

@@ -5,6 +5,10 @@
 use std::io;
 use std::sync::{Arc, Weak};
 
+use std::future::Future;
+use std::pin::Pin;
+
+use hull_api::{InnerRoot, InnerRootError};
 use hull_proto::TokenScope;
 use tokio::io::DuplexStream;
 
@@ -13,6 +17,10 @@ use crate::server::{serve_connection, Endpoint};
 
 /// Bytes in flight each way on one in-process connection.
 const PIPE_BYTES: usize = 256 * 1024;
+
+/// How long a files request waits for an inner that is starting or
+/// bouncing before it answers that the sandbox is not running.
+const ROOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct ApiLink {
     /// Weak: the API lives inside hulld and must not keep it alive.
@@ -36,5 +44,29 @@ impl hull_api::Connector for ApiLink {
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         tokio::spawn(async move { serve_connection(hulld, theirs, &Endpoint::api(scope)).await });
         Ok(ours)
+    }
+
+    fn inner_root(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
+        let hulld = self.hulld.upgrade();
+        Box::pin(async move {
+            let hulld = hulld.ok_or(InnerRootError::NotRunning)?;
+            let inner = hulld
+                .supervisor()
+                .wait_running(ROOT_WAIT)
+                .await
+                .ok_or(InnerRootError::NotRunning)?;
+            let owner = inner.root_owner();
+            let dir =
+                tokio::task::spawn_blocking(move || inner.open_root().map_err(|e| (inner.pid, e)))
+                    .await
+                    .map_err(|_| InnerRootError::NotRunning)?
+                    .map_err(|(pid, source)| InnerRootError::Open {
+                        path: format!("/proc/{pid}/root"),
+                        source,
+                    })?;
+            Ok(InnerRoot { dir, owner })
+        })
     }
 }

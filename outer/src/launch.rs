@@ -244,6 +244,8 @@ pub struct Inner {
     /// frees every cached dentry (a third of a second after 100k files),
     /// and a stop need not wait for that. See [`Inner::take_mount_ns`].
     mount_ns: Mutex<Option<std::fs::File>>,
+    /// The ids its user namespace maps (none: its root is the VM's).
+    user_namespace: Option<hull_proto::IdMapping>,
 }
 
 impl Inner {
@@ -251,6 +253,31 @@ impl Inner {
     /// filesystem (in the dropping thread) once the init is gone.
     pub fn take_mount_ns(&self) -> Option<std::fs::File> {
         lock(&self.mount_ns).take()
+    }
+
+    /// The inner's `/` as an `O_PATH` directory fd, opened through the
+    /// init's /proc entry, so it is the root the inner sees (its mount
+    /// namespace, its mounts).
+    pub fn open_root(&self) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let root = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(format!("/proc/{}/root", self.pid))?;
+        // Alive after the open: the pid was still the init's when opened
+        // (a pid is reused only after hulld reaps it).
+        pidfd_send_signal(&self.pidfd, 0)?;
+        Ok(root.into())
+    }
+
+    /// The host uid and gid of the inner's root user: what a file hulld
+    /// makes in the inner on the user's behalf is owned by.
+    pub fn root_owner(&self) -> hull_api::Owner {
+        let base = self.user_namespace.map_or(0, |ids| ids.base);
+        hull_api::Owner {
+            uid: base,
+            gid: base,
+        }
     }
 
     /// Sends `signal` to the init (ESRCH once it is gone, which is fine).
@@ -368,6 +395,7 @@ pub async fn launch(
         stop_reason: Mutex::new(None),
         cause,
         mount_ns: Mutex::new(mount_ns),
+        user_namespace: spec.user_namespace,
     }))
 }
 

@@ -1,0 +1,374 @@
+//! `/v1/sprites/{name}/fs/...`: the sandbox's files, as the Sprites SDKs'
+//! filesystem handles call them. Every path is resolved under the running
+//! inner's root (see [`ops`]); the work runs on blocking threads, and file
+//! contents stream both ways through a few chunks in flight.
+
+mod ops;
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::router::{json_response, Body};
+use crate::{InnerRootError, Shared};
+use ops::{InnerPath, Root};
+
+/// Bytes read from a file per chunk of a response.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Chunks in flight between the network and the file, each way.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// The largest JSON body of rename, copy or chmod.
+const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// Answers `op` (the segment after `fs/`).
+pub async fn route(
+    state: &Shared,
+    req: Request<Incoming>,
+    op: &str,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    match (&method, op) {
+        (&Method::GET, "read") => read(state, req).await,
+        (&Method::PUT, "write") => write(state, req).await,
+        (&Method::GET, "list") => list(state, req).await,
+        (&Method::GET, "stat") => stat(state, req).await,
+        (&Method::DELETE, "delete") => delete(state, req).await,
+        (&Method::POST, "rename") => rename(state, req).await,
+        (&Method::POST, "copy") => copy(state, req).await,
+        (&Method::POST, "chmod") => chmod(state, req).await,
+        (_, "read" | "write" | "list" | "stat" | "delete" | "rename" | "copy" | "chmod") => {
+            Err(ApiError::method_not_allowed(&method, req.uri().path()))
+        }
+        _ => Err(ApiError::not_found(format!(
+            "no route {}",
+            req.uri().path()
+        ))),
+    }
+}
+
+async fn read(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = query_path(&req, "path")?;
+    let shown = path.shown.clone();
+    let (file, size) = on_root(state, "read", &shown, move |root| root.open_read(&path)).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || pump_out(file, tx));
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let body = StreamBody::new(stream).boxed();
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("content-length", HeaderValue::from(size));
+    Ok(response)
+}
+
+/// Sends `file` in chunks until its end, an error, or a client gone. The
+/// length was announced, so a read error or a file that shrank meanwhile
+/// ends the body short of it, which hyper answers by cutting the
+/// connection: the client sees a failed read, never a short file.
+fn pump_out(
+    mut file: std::fs::File,
+    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
+) {
+    loop {
+        let mut buf = vec![0u8; READ_CHUNK];
+        match file.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a files API read failed midway; its response is cut off");
+                return;
+            }
+        }
+    }
+}
+
+enum Piece {
+    Data(Bytes),
+    End,
+}
+
+async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let query = query(&req);
+    let path = path_param(&query, "path")?;
+    let mode = match query.get("mode") {
+        Some(m) => parse_mode(m)?,
+        None => 0o644,
+    };
+    let make_parents = flag(&query, "mkdirParents")? || flag(&query, "mkdir")?;
+    let root = inner_root(state).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(CHUNKS_IN_FLIGHT);
+    let target = path.clone();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let mut upload = root.upload(&target, make_parents)?;
+        while let Some(piece) = rx.blocking_recv() {
+            match piece {
+                Piece::Data(data) => upload.write(&data)?,
+                Piece::End => return upload.finish(mode),
+            }
+        }
+        // The body stopped short: dropping the upload removes it.
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the upload was cut off",
+        ))
+    });
+    let mut body = req.into_body();
+    let cut = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(Piece::Data(data)).await.is_err() {
+                        break None;
+                    }
+                }
+            }
+            Some(Err(e)) => break Some(e),
+            None => {
+                let _ = tx.send(Piece::End).await;
+                break None;
+            }
+        }
+    };
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ApiError::internal(format!("the write of {} failed: {e}", path.shown)));
+    if let Some(e) = cut {
+        return Err(ApiError::bad_request(format!(
+            "the upload of {} was cut off, so nothing was written: {e}",
+            path.shown
+        )));
+    }
+    let size = written?.map_err(|e| fs_error("write", &path.shown, e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"path": path.shown, "size": size, "mode": format!("{mode:04o}")}),
+    ))
+}
+
+async fn list(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = query_path(&req, "path")?;
+    let (shown, p) = (path.shown.clone(), path.shown.clone());
+    let entries = on_root(state, "list", &shown, move |root| root.list(&path)).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"path": p, "count": entries.len(), "entries": entries}),
+    ))
+}
+
+async fn stat(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = query_path(&req, "path")?;
+    let shown = path.shown.clone();
+    let entry = on_root(state, "stat", &shown, move |root| root.stat(&path)).await?;
+    Ok(json_response(StatusCode::OK, &json!(entry)))
+}
+
+async fn delete(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let query = query(&req);
+    let path = path_param(&query, "path")?;
+    let recursive = flag(&query, "recursive")?;
+    let shown = path.shown.clone();
+    let count = on_root(state, "delete", &shown, move |root| {
+        root.delete(&path, recursive)
+    })
+    .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"deleted": [shown], "count": count}),
+    ))
+}
+
+async fn rename(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
+    let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
+    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
+    on_root(state, "rename", &shown_from, move |root| {
+        root.rename(&from, &to)
+    })
+    .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"source": shown_from, "dest": shown_to}),
+    ))
+}
+
+async fn copy(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
+    let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
+    let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
+    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
+    let count = on_root(state, "copy", &shown_from, move |root| {
+        root.copy(&from, &to, recursive)
+    })
+    .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"source": shown_from, "dest": shown_to, "count": count}),
+    ))
+}
+
+async fn chmod(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
+    let path = body_path(&body, "path")?;
+    let mode = match body.get("mode") {
+        Some(Value::String(m)) => parse_mode(m)?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "the body needs a \"mode\" in octal, as \"0755\"",
+            ))
+        }
+    };
+    let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
+    let shown = path.shown.clone();
+    let count = on_root(state, "chmod", &shown, move |root| {
+        root.chmod(&path, mode, recursive)
+    })
+    .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"path": shown, "mode": format!("{mode:04o}"), "count": count}),
+    ))
+}
+
+async fn inner_root(state: &Shared) -> Result<Root, ApiError> {
+    match state.connector.inner_root().await {
+        Ok(root) => Ok(Root::new(root.dir, root.owner)),
+        Err(e @ InnerRootError::NotRunning) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sandbox_unavailable",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::internal(hull_proto::error_chain(&e))),
+    }
+}
+
+/// Runs `work` on the inner's root on a blocking thread.
+async fn on_root<T: Send + 'static>(
+    state: &Shared,
+    op: &'static str,
+    shown: &str,
+    work: impl FnOnce(&Root) -> io::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let root = inner_root(state).await?;
+    tokio::task::spawn_blocking(move || work(&root))
+        .await
+        .map_err(|e| ApiError::internal(format!("the {op} of {shown} failed: {e}")))?
+        .map_err(|e| fs_error(op, shown, e))
+}
+
+/// An error of the files API: the errno as `"code"` (what the SDKs map
+/// to their exceptions), a stable `"error"` and a message that names the
+/// path.
+fn fs_error(op: &str, path: &str, e: io::Error) -> ApiError {
+    let (status, code, errno, why) = match e.raw_os_error() {
+        Some(libc::ENOENT) => (StatusCode::NOT_FOUND, "not_found", "ENOENT", None),
+        Some(libc::EISDIR) => (StatusCode::BAD_REQUEST, "is_a_directory", "EISDIR", None),
+        Some(libc::ENOTDIR) => (StatusCode::BAD_REQUEST, "not_a_directory", "ENOTDIR", None),
+        Some(libc::EACCES | libc::EPERM) => {
+            (StatusCode::FORBIDDEN, "permission_denied", "EACCES", None)
+        }
+        Some(libc::ENOTEMPTY) => (StatusCode::CONFLICT, "not_empty", "ENOTEMPTY", None),
+        Some(libc::EEXIST) => (StatusCode::CONFLICT, "exists", "EEXIST", None),
+        Some(libc::ELOOP) => (
+            StatusCode::BAD_REQUEST,
+            "symlink_refused",
+            "ELOOP",
+            Some("too many symlinks, or a /proc link, on the way"),
+        ),
+        Some(libc::EXDEV) => (
+            StatusCode::BAD_REQUEST,
+            "outside_layer",
+            "EXDEV",
+            Some("the path leads into another mount (/proc, /sys, /dev or a bind mount); the files API serves the sandbox's own filesystem"),
+        ),
+        Some(libc::ENOSPC | libc::EDQUOT) => {
+            (StatusCode::INSUFFICIENT_STORAGE, "no_space", "ENOSPC", None)
+        }
+        Some(libc::ENAMETOOLONG) => (StatusCode::BAD_REQUEST, "bad_path", "ENAMETOOLONG", None),
+        Some(libc::EBUSY) => (StatusCode::CONFLICT, "busy", "EBUSY", None),
+        Some(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "EIO", None),
+        None => (StatusCode::BAD_REQUEST, "bad_path", "EINVAL", None),
+    };
+    let why = why.map_or_else(|| e.to_string(), str::to_string);
+    let mut error = ApiError::new(status, code, format!("cannot {op} {path}: {why}"));
+    error.errno = Some(errno);
+    error
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn query_path(req: &Request<Incoming>, key: &str) -> Result<InnerPath, ApiError> {
+    path_param(&query(req), key)
+}
+
+fn path_param(query: &HashMap<String, String>, key: &str) -> Result<InnerPath, ApiError> {
+    let path = query
+        .get(key)
+        .ok_or_else(|| ApiError::bad_request(format!("the query needs \"{key}\"")))?;
+    InnerPath::new(path, query.get("workingDir").map(String::as_str))
+        .map_err(|why| ApiError::bad_request(format!("bad \"{key}\" {path:?}: {why}")))
+}
+
+fn body_path(body: &Map<String, Value>, key: &str) -> Result<InnerPath, ApiError> {
+    let path = body
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request(format!("the body needs \"{key}\", a path")))?;
+    let working_dir = body.get("workingDir").and_then(Value::as_str);
+    InnerPath::new(path, working_dir)
+        .map_err(|why| ApiError::bad_request(format!("bad \"{key}\" {path:?}: {why}")))
+}
+
+fn body_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "\"{key}\" must be true or false, not {other}"
+        ))),
+    }
+}
+
+/// A query flag: absent is false; `true`/`false` (and `1`/`0`) as sent.
+fn flag(query: &HashMap<String, String>, key: &str) -> Result<bool, ApiError> {
+    match query.get(key).map(String::as_str) {
+        None | Some("false" | "0" | "") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "\"{key}\" must be true or false, not {other:?}"
+        ))),
+    }
+}
+
+/// Permission bits in octal, `"0644"` or `"644"`.
+fn parse_mode(mode: &str) -> Result<u32, ApiError> {
+    u32::from_str_radix(mode, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "bad mode {mode:?}: permission bits in octal, as \"0644\""
+            ))
+        })
+}

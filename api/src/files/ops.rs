@@ -1,0 +1,497 @@
+//! The files API's work, on blocking threads: every path resolved under
+//! the inner's root by fd, every change made with `*at` calls on
+//! directories found that way, so no symlink, `..` or /proc link the
+//! inner plants reaches the root namespace.
+//!
+//! hulld is root here, outside the inner's seccomp filter and device
+//! cgroup, so the files API is confined to the user's layer (the inner's
+//! `/` filesystem): a path that leads into another mount (/proc, /sys,
+//! /dev, a bind mount) is refused, and only regular files are opened,
+//! never a device node the inner made.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use hull_inner::layer::Layer;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
+
+use crate::Owner;
+
+/// Directory levels a recursive delete, copy or chmod descends; each
+/// holds an fd, so a tree the inner made a million levels deep costs a
+/// clear error, not hulld's fds.
+pub const MAX_DEPTH: usize = 256;
+
+/// One name below a directory already found: never a symlink, never
+/// another mount.
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_XDEV)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// A path in the inner as the client named it (`shown`, absolute) and
+/// relative to the inner's root (`rel`).
+#[derive(Debug, Clone)]
+pub struct InnerPath {
+    pub shown: String,
+    rel: PathBuf,
+}
+
+impl InnerPath {
+    /// `path`, made absolute against `working_dir` (the inner's `/` when
+    /// absent). Lexical only: the kernel resolves `..` and symlinks, under
+    /// the inner's root.
+    pub fn new(path: &str, working_dir: Option<&str>) -> Result<InnerPath, String> {
+        if path.is_empty() {
+            return Err("the path is empty".into());
+        }
+        if path.contains('\0') || working_dir.is_some_and(|w| w.contains('\0')) {
+            return Err("the path has a NUL byte".into());
+        }
+        let shown = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            let base = working_dir.unwrap_or("/").trim_end_matches('/');
+            let base = if base.starts_with('/') {
+                base.to_string()
+            } else {
+                format!("/{base}")
+            };
+            format!("{base}/{path}")
+        };
+        let rel = PathBuf::from(shown.trim_start_matches('/'));
+        Ok(InnerPath { shown, rel })
+    }
+
+    /// The directory the path is in and its last name, for the calls
+    /// that make, remove or rename that name.
+    fn split(&self) -> io::Result<(PathBuf, OsString)> {
+        match self.rel.components().next_back() {
+            Some(Component::Normal(name)) => {
+                let parent = self.rel.parent().unwrap_or(Path::new("")).to_path_buf();
+                Ok((parent, name.to_os_string()))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the path names no entry of a directory (it is / or ends in ..)",
+            )),
+        }
+    }
+
+    fn join(&self, name: &OsStr) -> String {
+        let base = self.shown.trim_end_matches('/');
+        format!("{base}/{}", name.to_string_lossy())
+    }
+}
+
+/// The running inner's root, and who owns what is made in it.
+pub struct Root {
+    layer: Layer,
+    owner: Owner,
+}
+
+/// What a listing says of one entry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    /// Permission bits in octal, `"0644"`.
+    pub mode: String,
+    #[serde(rename = "modTime")]
+    pub mod_time: String,
+    #[serde(rename = "isDir")]
+    pub is_dir: bool,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+impl Root {
+    pub fn new(dir: OwnedFd, owner: Owner) -> Root {
+        Root {
+            layer: Layer::from_fd(dir),
+            owner,
+        }
+    }
+
+    fn open(&self, path: &InnerPath, flags: OFlags) -> io::Result<OwnedFd> {
+        self.layer.open_in_layer(&path.rel, flags)
+    }
+
+    /// The directory `path` is in (made first, as mkdir -p, with `make`)
+    /// and its last name.
+    fn parent(&self, path: &InnerPath, make: bool) -> io::Result<(OwnedFd, OsString)> {
+        let (parent, name) = path.split()?;
+        let dir = if make {
+            let owner = Some((self.owner.uid, self.owner.gid));
+            self.layer.make_dir_owned(&parent, 0o755, owner)?
+        } else {
+            self.layer
+                .open_in_layer(&parent, OFlags::PATH | OFlags::DIRECTORY)?
+        };
+        Ok((dir, name))
+    }
+
+    pub fn stat(&self, path: &InnerPath) -> io::Result<Entry> {
+        let fd = self.open(path, OFlags::PATH)?;
+        let name = match path.rel.file_name() {
+            Some(name) => name.to_string_lossy().into_owned(),
+            None => "/".to_string(),
+        };
+        Ok(entry(name, path.shown.clone(), &rustix::fs::fstat(&fd)?))
+    }
+
+    /// A directory's entries sorted by name, or a file's own entry.
+    pub fn list(&self, path: &InnerPath) -> io::Result<Vec<Entry>> {
+        let fd = self.open(path, OFlags::PATH)?;
+        let st = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Ok(vec![self.stat(path)?]);
+        }
+        let dir = hull_inner::layer::reopen(&fd)?;
+        let mut entries = Vec::new();
+        for name in names(&dir)? {
+            let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+            entries.push(entry(
+                name.to_string_lossy().into_owned(),
+                path.join(&name),
+                &st,
+            ));
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// A regular file opened for reading, and its size.
+    pub fn open_read(&self, path: &InnerPath) -> io::Result<(File, u64)> {
+        let fd = self.open(path, OFlags::PATH)?;
+        let file = reopen_regular(&fd, OFlags::RDONLY)?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    }
+
+    /// Starts a write of `path`: its content goes to a temporary name
+    /// beside it until [`Upload::finish`].
+    pub fn upload(&self, path: &InnerPath, make_parents: bool) -> io::Result<Upload> {
+        let (dir, name) = self.parent(path, make_parents)?;
+        Upload::begin(dir, name, self.owner)
+    }
+
+    /// Removes `path` (a directory and all in it with `recursive`);
+    /// returns the entries removed.
+    pub fn delete(&self, path: &InnerPath, recursive: bool) -> io::Result<u64> {
+        let (dir, name) = self.parent(path, false)?;
+        let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            rustix::fs::unlinkat(&dir, &name, AtFlags::empty())?;
+            return Ok(1);
+        }
+        if !recursive {
+            rustix::fs::unlinkat(&dir, &name, AtFlags::REMOVEDIR)?;
+            return Ok(1);
+        }
+        let mut count = 0;
+        remove_tree(&dir, &name, 0, &mut count)?;
+        Ok(count)
+    }
+
+    /// Renames `from` to `to`, replacing what is at `to` as rename(2) does.
+    pub fn rename(&self, from: &InnerPath, to: &InnerPath) -> io::Result<()> {
+        let (from_dir, from_name) = self.parent(from, false)?;
+        let (to_dir, to_name) = self.parent(to, false)?;
+        Ok(rustix::fs::renameat(
+            &from_dir, &from_name, &to_dir, &to_name,
+        )?)
+    }
+
+    /// Copies `from` to `to` (a directory only with `recursive`, merged
+    /// into `to` when it exists); symlinks are copied as symlinks, other
+    /// special files skipped. Returns the entries copied.
+    pub fn copy(&self, from: &InnerPath, to: &InnerPath, recursive: bool) -> io::Result<u64> {
+        let (from_dir, from_name) = self.parent(from, false)?;
+        let (to_dir, to_name) = self.parent(to, false)?;
+        let mut count = 0;
+        let mut copy = Copy {
+            owner: self.owner,
+            recursive,
+            count: &mut count,
+        };
+        copy.entry(&from_dir, &from_name, &to_dir, &to_name, 0)?;
+        Ok(count)
+    }
+
+    /// Sets `path`'s permission bits (and, with `recursive`, those of all
+    /// below it but symlinks); returns the entries changed.
+    pub fn chmod(&self, path: &InnerPath, mode: u32, recursive: bool) -> io::Result<u64> {
+        let fd = self.open(path, OFlags::PATH)?;
+        chmod_fd(&fd, mode)?;
+        let mut count = 1;
+        let st = rustix::fs::fstat(&fd)?;
+        if recursive && FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            chmod_tree(&fd, mode, 0, &mut count)?;
+        }
+        Ok(count)
+    }
+}
+
+fn entry(name: String, path: String, st: &Stat) -> Entry {
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => "file",
+        FileType::Directory => "dir",
+        FileType::Symlink => "symlink",
+        _ => "other",
+    };
+    Entry {
+        name,
+        path,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mode: format!("{:04o}", st.st_mode & 0o7777),
+        mod_time: crate::ndjson::rfc3339(st.st_mtime.saturating_mul(1000)),
+        is_dir: kind == "dir",
+        kind,
+    }
+}
+
+/// A directory's names but `.` and `..`, read before any is changed.
+fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    Ok(out)
+}
+
+fn open_below(dir: &impl AsFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat2(
+        dir,
+        name,
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        BENEATH,
+    )?)
+}
+
+/// The `O_PATH` fd's own inode, opened for real only if it is a regular
+/// file: a device node or FIFO the inner made is never opened by hulld.
+/// Through /proc/self/fd, so it is the same inode whatever is renamed
+/// meanwhile.
+fn reopen_regular(fd: &OwnedFd, flags: OFlags) -> io::Result<File> {
+    match FileType::from_raw_mode(rustix::fs::fstat(fd)?.st_mode) {
+        FileType::RegularFile => {}
+        FileType::Directory => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (a device, FIFO or socket)",
+            ))
+        }
+    }
+    let own = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(File::from(rustix::fs::open(
+        own,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?))
+}
+
+/// fchmod refuses `O_PATH` fds, and chmod by name could be raced onto a
+/// symlink: the fd's own /proc entry names exactly its inode.
+fn chmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    let own = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::chmod(own, Mode::from_raw_mode(mode & 0o7777))?)
+}
+
+fn too_deep() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("the tree is more than {MAX_DEPTH} directories deep"),
+    )
+}
+
+fn is_dir(st: &Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+}
+
+fn remove_tree(parent: &OwnedFd, name: &OsStr, depth: usize, count: &mut u64) -> io::Result<()> {
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if !is_dir(&st) {
+        rustix::fs::unlinkat(parent, name, AtFlags::empty())?;
+        *count += 1;
+        return Ok(());
+    }
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    let dir = open_below(parent, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    for child in names(&dir)? {
+        remove_tree(&dir, &child, depth + 1, count)?;
+    }
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
+    *count += 1;
+    Ok(())
+}
+
+fn chmod_tree(dir: &OwnedFd, mode: u32, depth: usize, count: &mut u64) -> io::Result<()> {
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    let real = hull_inner::layer::reopen(dir)?;
+    for name in names(&real)? {
+        let st = rustix::fs::statat(&real, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+            continue;
+        }
+        let fd = open_below(&real, &name, OFlags::PATH)?;
+        chmod_fd(&fd, mode)?;
+        *count += 1;
+        if is_dir(&st) {
+            chmod_tree(&fd, mode, depth + 1, count)?;
+        }
+    }
+    Ok(())
+}
+
+struct Copy<'a> {
+    owner: Owner,
+    recursive: bool,
+    count: &'a mut u64,
+}
+
+impl Copy<'_> {
+    fn entry(
+        &mut self,
+        from_dir: &OwnedFd,
+        from: &OsStr,
+        to_dir: &OwnedFd,
+        to: &OsStr,
+        depth: usize,
+    ) -> io::Result<()> {
+        let st = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
+        let perm = st.st_mode & 0o7777;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                if !self.recursive {
+                    return Err(io::Error::from_raw_os_error(libc::EISDIR));
+                }
+                if depth >= MAX_DEPTH {
+                    return Err(too_deep());
+                }
+                let src = open_below(from_dir, from, OFlags::RDONLY | OFlags::DIRECTORY)?;
+                match rustix::fs::mkdirat(to_dir, to, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let dst = open_below(to_dir, to, OFlags::PATH | OFlags::DIRECTORY)?;
+                for name in names(&src)? {
+                    self.entry(&src, &name, &dst, &name, depth + 1)?;
+                }
+                let real = hull_inner::layer::reopen(&dst)?;
+                chown(&real, self.owner)?;
+                rustix::fs::fchmod(&real, Mode::from_raw_mode(perm))?;
+            }
+            FileType::RegularFile => {
+                let fd = open_below(from_dir, from, OFlags::PATH)?;
+                let mut src = reopen_regular(&fd, OFlags::RDONLY)?;
+                let mut upload = Upload::begin(to_dir.try_clone()?, to.to_os_string(), self.owner)?;
+                // std's copy uses copy_file_range: in the kernel, and a
+                // reflink where the filesystem has them.
+                io::copy(&mut src, &mut upload.file)?;
+                upload.finish(perm)?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(from_dir, from, Vec::new())?;
+                rustix::fs::symlinkat(target.as_c_str(), to_dir, to)?;
+                rustix::fs::chownat(
+                    to_dir,
+                    to,
+                    Some(rustix::fs::Uid::from_raw(self.owner.uid)),
+                    Some(rustix::fs::Gid::from_raw(self.owner.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+            _ => return Ok(()),
+        }
+        *self.count += 1;
+        Ok(())
+    }
+}
+
+fn chown(fd: &impl AsFd, owner: Owner) -> io::Result<()> {
+    Ok(rustix::fs::fchown(
+        fd,
+        Some(rustix::fs::Uid::from_raw(owner.uid)),
+        Some(rustix::fs::Gid::from_raw(owner.gid)),
+    )?)
+}
+
+/// A file being written under a temporary name in its directory; renamed
+/// over the target by [`Upload::finish`], removed if dropped before, so a
+/// write cut short leaves nothing behind.
+pub struct Upload {
+    dir: OwnedFd,
+    temp: OsString,
+    name: OsString,
+    file: File,
+    size: u64,
+    done: bool,
+}
+
+impl Upload {
+    fn begin(dir: OwnedFd, name: OsString, owner: Owner) -> io::Result<Upload> {
+        if let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            if is_dir(&st) {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+        }
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(io::Error::other)?;
+        let temp = OsString::from(format!(".hull-upload-{:016x}", u64::from_ne_bytes(random)));
+        let fd = rustix::fs::openat(
+            &dir,
+            &temp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let upload = Upload {
+            dir,
+            temp,
+            name,
+            file: File::from(fd),
+            size: 0,
+            done: false,
+        };
+        chown(&upload.file, owner)?;
+        Ok(upload)
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    /// Gives the file `mode` and puts it at its name; returns its size.
+    pub fn finish(mut self, mode: u32) -> io::Result<u64> {
+        rustix::fs::fchmod(&self.file, Mode::from_raw_mode(mode & 0o7777))?;
+        rustix::fs::renameat(&self.dir, &self.temp, &self.dir, &self.name)?;
+        self.done = true;
+        Ok(self.size)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, &self.temp, AtFlags::empty());
+        }
+    }
+}
