@@ -458,13 +458,19 @@ impl TestHull {
 
     /// Runs the `hull` CLI against this test's hulld.
     pub fn hull(&self, args: &[&str]) -> Output {
-        Command::new(bin_dir().join("hull"))
-            .arg("--config")
-            .arg(&self.config)
+        self.hull_command()
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("run hull")
+    }
+
+    /// The `hull` CLI set up for this test's hulld, to add arguments and
+    /// pipes to.
+    pub fn hull_command(&self) -> Command {
+        let mut command = Command::new(bin_dir().join("hull"));
+        command.arg("--config").arg(&self.config);
+        command
     }
 
     /// SIGKILLs hulld and reaps it, leaving its inner behind.

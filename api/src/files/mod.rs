@@ -8,7 +8,7 @@ mod ops;
 use std::collections::HashMap;
 use std::io::{self, Read};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -21,7 +21,10 @@ use crate::{InnerRootError, Shared};
 use ops::{InnerPath, Root};
 
 /// Bytes read from a file per chunk of a response.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
+
+/// Bytes gathered from the request before a write to the file.
+const WRITE_CHUNK: usize = 1024 * 1024;
 
 /// Chunks in flight between the network and the file, each way.
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -82,11 +85,11 @@ fn pump_out(
     tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
 ) {
     loop {
-        let mut buf = vec![0u8; READ_CHUNK];
-        match file.read(&mut buf) {
+        // read_to_end fills the spare capacity: no zeroing of each buffer.
+        let mut buf = Vec::with_capacity(READ_CHUNK);
+        match (&mut file).take(READ_CHUNK as u64).read_to_end(&mut buf) {
             Ok(0) => return,
-            Ok(n) => {
-                buf.truncate(n);
+            Ok(_) => {
                 if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
                     return;
                 }
@@ -130,17 +133,25 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         ))
     });
     let mut body = req.into_body();
+    // The network's frames are small; the file gets them a MiB at a time.
+    let mut pending = BytesMut::with_capacity(WRITE_CHUNK);
     let cut = loop {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    if tx.send(Piece::Data(data)).await.is_err() {
+                    pending.extend_from_slice(&data);
+                }
+                if pending.len() >= WRITE_CHUNK {
+                    let data =
+                        std::mem::replace(&mut pending, BytesMut::with_capacity(WRITE_CHUNK));
+                    if tx.send(Piece::Data(data.freeze())).await.is_err() {
                         break None;
                     }
                 }
             }
             Some(Err(e)) => break Some(e),
             None => {
+                let _ = tx.send(Piece::Data(pending.freeze())).await;
                 let _ = tx.send(Piece::End).await;
                 break None;
             }

@@ -10,12 +10,14 @@
 //!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
 //!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
 //!     sudo ./target/release/hull-bench api           # exec over the HTTP API vs the unix socket, time to first output
+//!     sudo ./target/release/hull-bench files         # 1 GiB through the files API vs cat through exec
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
 mod api;
 mod bounds;
 mod checkpoints;
+mod files;
 mod ingress;
 mod logs;
 mod report;
@@ -68,6 +70,23 @@ enum Suite {
     /// kept control connection) against a new unix-socket connection, and
     /// the time from a request to the first output of `echo hi`.
     Api(Rounds),
+    /// A file written and read back through the HTTP API's files routes,
+    /// against `cat` through `hull exec` (stdin to the file, the file to
+    /// stdout).
+    Files(FileArgs),
+}
+
+#[derive(Args)]
+struct FileArgs {
+    /// Rounds of writing and reading the file each way.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// The file's size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// A 64 MiB file, one round: a check that it runs, not a figure.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +148,7 @@ fn reject_old_flags() {
                 "responsiveness",
                 "bounds",
                 "api",
+                "files",
             ]
             .contains(s)
         }) {
@@ -159,6 +179,8 @@ fn main() -> Result<()> {
         Some(Suite::Bounds(a)) => bounds::run(a.rounds),
         Some(Suite::Api(a)) => api::run(a.rounds),
         Some(Suite::Logs(a)) => logs::run(a.lines),
+        Some(Suite::Files(a)) if a.quick => files::run(64, 1),
+        Some(Suite::Files(a)) => files::run(a.mib, a.rounds),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
             ingress::WrkOptions {
