@@ -79,18 +79,7 @@ impl Layer {
     /// the layer itself: a path that leads into another mount (a symlink
     /// to /proc/sys ...) is refused.
     pub fn make_dir(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
-        self.make_dir_owned(rel, mode, None)
-    }
-
-    /// [`Layer::make_dir`], the directories it makes given to `owner`
-    /// (a uid and gid).
-    pub fn make_dir_owned(
-        &self,
-        rel: &Path,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> io::Result<OwnedFd> {
-        self.make_dir_in_layer(rel, mode, owner)
+        self.make_dir_in_layer(rel, mode)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EXDEV) => io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -106,12 +95,7 @@ impl Layer {
         Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
     }
 
-    fn make_dir_in_layer(
-        &self,
-        rel: &Path,
-        mode: u32,
-        owner: Option<(u32, u32)>,
-    ) -> io::Result<OwnedFd> {
+    fn make_dir_in_layer(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
         let mut want = normal(rel);
         let mut links = 0;
         'restart: loop {
@@ -133,15 +117,7 @@ impl Layer {
                     Ok(()) => {
                         // The umask narrowed the mode.
                         let made = self.dir(&next)?;
-                        let real = reopen(&made)?;
-                        rustix::fs::fchmod(&real, Mode::from_raw_mode(mode))?;
-                        if let Some((uid, gid)) = owner {
-                            rustix::fs::fchown(
-                                &real,
-                                Some(rustix::fs::Uid::from_raw(uid)),
-                                Some(rustix::fs::Gid::from_raw(gid)),
-                            )?;
-                        }
+                        rustix::fs::fchmod(reopen(&made)?, Mode::from_raw_mode(mode))?;
                         parent = made;
                         done = next;
                     }

@@ -128,8 +128,7 @@ impl Root {
     fn parent(&self, path: &InnerPath, make: bool) -> io::Result<(OwnedFd, OsString)> {
         let (parent, name) = path.split()?;
         let dir = if make {
-            let owner = Some((self.owner.uid, self.owner.gid));
-            self.layer.make_dir_owned(&parent, 0o755, owner)?
+            self.layer.make_dir(&parent, 0o755)?
         } else {
             self.layer
                 .open_in_layer(&parent, OFlags::PATH | OFlags::DIRECTORY)?
@@ -178,8 +177,11 @@ impl Root {
     /// Starts a write of `path`: its content goes to a temporary name
     /// beside it until [`Upload::finish`].
     pub fn upload(&self, path: &InnerPath, make_parents: bool) -> io::Result<Upload> {
+        let acting = ActingAs::owner(self.owner)?;
         let (dir, name) = self.parent(path, make_parents)?;
-        Upload::begin(dir, name, self.owner)
+        let mut upload = Upload::begin(dir, name)?;
+        upload.acting = Some(acting);
+        Ok(upload)
     }
 
     /// Removes `path` (a directory and all in it with `recursive`);
@@ -213,11 +215,11 @@ impl Root {
     /// into `to` when it exists); symlinks are copied as symlinks, other
     /// special files skipped. Returns the entries copied.
     pub fn copy(&self, from: &InnerPath, to: &InnerPath, recursive: bool) -> io::Result<u64> {
+        let _acting = ActingAs::owner(self.owner)?;
         let (from_dir, from_name) = self.parent(from, false)?;
         let (to_dir, to_name) = self.parent(to, false)?;
         let mut count = 0;
         let mut copy = Copy {
-            owner: self.owner,
             recursive,
             count: &mut count,
         };
@@ -361,7 +363,6 @@ fn chmod_tree(dir: &OwnedFd, mode: u32, depth: usize, count: &mut u64) -> io::Re
 }
 
 struct Copy<'a> {
-    owner: Owner,
     recursive: bool,
     count: &'a mut u64,
 }
@@ -395,13 +396,12 @@ impl Copy<'_> {
                     self.entry(&src, &name, &dst, &name, depth + 1)?;
                 }
                 let real = hull_inner::layer::reopen(&dst)?;
-                chown(&real, self.owner)?;
                 rustix::fs::fchmod(&real, Mode::from_raw_mode(perm))?;
             }
             FileType::RegularFile => {
                 let fd = open_below(from_dir, from, OFlags::PATH)?;
                 let mut src = reopen_regular(&fd, OFlags::RDONLY)?;
-                let mut upload = Upload::begin(to_dir.try_clone()?, to.to_os_string(), self.owner)?;
+                let mut upload = Upload::begin(to_dir.try_clone()?, to.to_os_string())?;
                 // std's copy uses copy_file_range: in the kernel, and a
                 // reflink where the filesystem has them.
                 io::copy(&mut src, &mut upload.file)?;
@@ -410,13 +410,6 @@ impl Copy<'_> {
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(from_dir, from, Vec::new())?;
                 rustix::fs::symlinkat(target.as_c_str(), to_dir, to)?;
-                rustix::fs::chownat(
-                    to_dir,
-                    to,
-                    Some(rustix::fs::Uid::from_raw(self.owner.uid)),
-                    Some(rustix::fs::Gid::from_raw(self.owner.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
             }
             _ => return Ok(()),
         }
@@ -425,12 +418,43 @@ impl Copy<'_> {
     }
 }
 
-fn chown(fd: &impl AsFd, owner: Owner) -> io::Result<()> {
-    Ok(rustix::fs::fchown(
-        fd,
-        Some(rustix::fs::Uid::from_raw(owner.uid)),
-        Some(rustix::fs::Gid::from_raw(owner.gid)),
-    )?)
+/// While alive, this thread makes files as the inner's root: its
+/// filesystem ids are the owner's, so what it creates belongs to the
+/// inner's root, and an idmapped layer (which refuses ids outside its
+/// map) accepts it. Taking a non-zero fsuid drops the capabilities that
+/// override permissions; they are raised again, since the inner's root
+/// has them over its own files. Dropping the guard gives the thread its
+/// ids back (and with fsuid 0 the kernel restores those capabilities).
+struct ActingAs {
+    changed: bool,
+}
+
+impl ActingAs {
+    fn owner(owner: Owner) -> io::Result<ActingAs> {
+        if owner.uid == 0 && owner.gid == 0 {
+            return Ok(ActingAs { changed: false });
+        }
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(owner.gid));
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(owner.uid));
+        let acting = ActingAs { changed: true };
+        for cap in [
+            caps::Capability::CAP_DAC_OVERRIDE,
+            caps::Capability::CAP_DAC_READ_SEARCH,
+            caps::Capability::CAP_FOWNER,
+        ] {
+            caps::raise(None, caps::CapSet::Effective, cap).map_err(io::Error::other)?;
+        }
+        Ok(acting)
+    }
+}
+
+impl Drop for ActingAs {
+    fn drop(&mut self) {
+        if self.changed {
+            nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+            nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
+        }
+    }
 }
 
 /// A file being written under a temporary name in its directory; renamed
@@ -443,10 +467,12 @@ pub struct Upload {
     file: File,
     size: u64,
     done: bool,
+    /// The thread's ids while the upload is written, given back after.
+    acting: Option<ActingAs>,
 }
 
 impl Upload {
-    fn begin(dir: OwnedFd, name: OsString, owner: Owner) -> io::Result<Upload> {
+    fn begin(dir: OwnedFd, name: OsString) -> io::Result<Upload> {
         if let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
             if is_dir(&st) {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
@@ -461,16 +487,15 @@ impl Upload {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
-        let upload = Upload {
+        Ok(Upload {
             dir,
             temp,
             name,
             file: File::from(fd),
             size: 0,
             done: false,
-        };
-        chown(&upload.file, owner)?;
-        Ok(upload)
+            acting: None,
+        })
     }
 
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
