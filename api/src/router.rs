@@ -72,6 +72,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/sprites/{name}/fs/rename", EXEC),
     r("POST", "/v1/sprites/{name}/fs/copy", EXEC),
     r("POST", "/v1/sprites/{name}/fs/chmod", EXEC),
+    r("GET", "/v1/sprites/{name}/fs/watch", READ),
 ];
 
 /// The route `method` and `segments` reach: `Err(true)` when the path is

@@ -81,6 +81,36 @@ fn assert_not_escaped(r: &Response, what: &str) {
     );
 }
 
+/// Runs `tests/sdk/{script}` against the API; panics with its output
+/// unless it exits 0 and prints `{ok}`.
+fn run_script(
+    hull: &TestHull,
+    python: &std::path::Path,
+    addr: SocketAddr,
+    token: &str,
+    name: &str,
+    script: &str,
+    ok: &str,
+) {
+    let out = Command::new(python)
+        .arg(workspace_dir().join("tests/sdk").join(script))
+        .env("SPRITES_URL", format!("http://{addr}"))
+        .env("SPRITES_TOKEN", token)
+        .env("SPRITE_NAME", name)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains(ok),
+        "{script}: {:?}\nstdout: {stdout}\nstderr: {stderr}\nhulld log:\n{}",
+        out.status,
+        hull.log()
+    );
+}
+
 #[test]
 fn the_sprites_sdk_writes_reads_lists_renames_copies_chmods_and_deletes() {
     let Some(python) = sdk_python() else {
@@ -89,27 +119,22 @@ fn the_sprites_sdk_writes_reads_lists_renames_copies_chmods_and_deletes() {
     let Some((hull, addr, token, name)) = start("exec") else {
         return;
     };
-    let out = Command::new(python)
-        .arg(workspace_dir().join("tests/sdk/files.py"))
-        .env("SPRITES_URL", format!("http://{addr}"))
-        .env("SPRITES_TOKEN", &token)
-        .env("SPRITE_NAME", &name)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.contains("files ok"),
-        "files.py: {:?}\nstdout: {stdout}\nstderr: {stderr}\nhulld log:\n{}",
-        out.status,
-        hull.log()
-    );
+    run_script(&hull, &python, addr, &token, &name, "files.py", "files ok");
     // What the SDK wrote is in the inner, as the inner sees it, owned by
     // the inner's root.
     let listed = block_on(hull.sh("stat -c '%s %a %u:%g' /work/deep/dir/blob.bin"));
     assert!(listed.ends_with("640 0:0\n"), "{listed}");
+}
+
+#[test]
+fn a_watch_streams_the_changes_under_a_directory() {
+    let Some(python) = sdk_python() else {
+        return;
+    };
+    let Some((hull, addr, token, name)) = start("exec") else {
+        return;
+    };
+    run_script(&hull, &python, addr, &token, &name, "watch.py", "watch ok");
 }
 
 #[test]

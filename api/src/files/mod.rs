@@ -4,6 +4,7 @@
 //! contents stream both ways through a few chunks in flight.
 
 mod ops;
+mod watch;
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -48,6 +49,7 @@ pub async fn route(
         (&Method::POST, "rename") => rename(state, req).await,
         (&Method::POST, "copy") => copy(state, req).await,
         (&Method::POST, "chmod") => chmod(state, req).await,
+        (&Method::GET, "watch") => watch(state, req).await,
         (_, "read" | "write" | "list" | "stat" | "delete" | "rename" | "copy" | "chmod") => {
             Err(ApiError::method_not_allowed(&method, req.uri().path()))
         }
@@ -256,6 +258,33 @@ async fn chmod(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         StatusCode::OK,
         &json!({"path": shown, "mode": format!("{mode:04o}"), "count": count}),
     ))
+}
+
+/// A WebSocket of inotify events under a directory (hull's addition).
+async fn watch(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let query = query(&req);
+    let path = path_param(&query, "path")?;
+    let recursive = flag(&query, "recursive")?;
+    let handshake = crate::ws::handshake(&mut req)?;
+    let shown = path.shown.clone();
+    let root = inner_root(state).await?;
+    let watcher = tokio::task::spawn_blocking(move || watch::begin(root, &path, recursive))
+        .await
+        .map_err(|e| ApiError::internal(format!("the watch of {shown} failed: {e}")))?
+        .map_err(|e| fs_error("watch", &shown, e))?;
+    let (tx, rx) = watch::channel();
+    // A thread of its own: it lives as long as the client, which would
+    // hold one of the runtime's blocking threads for as long.
+    std::thread::Builder::new()
+        .name("hull-fs-watch".into())
+        .spawn(move || watcher.run(tx))
+        .map_err(|e| ApiError::internal(format!("cannot start the watch of {shown}: {e}")))?;
+    tokio::spawn(async move {
+        if let Some(ws) = crate::ws::accept(handshake.upgrade).await {
+            watch::relay(ws, rx).await;
+        }
+    });
+    Ok(handshake.response)
 }
 
 async fn inner_root(state: &Shared) -> Result<Root, ApiError> {

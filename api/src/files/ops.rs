@@ -136,6 +136,11 @@ impl Root {
         Ok((dir, name))
     }
 
+    /// The directory `path`, as an `O_PATH` fd.
+    pub fn open_dir(&self, path: &InnerPath) -> io::Result<OwnedFd> {
+        self.open(path, OFlags::PATH | OFlags::DIRECTORY)
+    }
+
     pub fn stat(&self, path: &InnerPath) -> io::Result<Entry> {
         let fd = self.open(path, OFlags::PATH)?;
         let name = match path.rel.file_name() {
@@ -260,7 +265,7 @@ fn entry(name: String, path: String, st: &Stat) -> Entry {
 }
 
 /// A directory's names but `.` and `..`, read before any is changed.
-fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+pub(super) fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     let mut out = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
@@ -272,7 +277,7 @@ fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     Ok(out)
 }
 
-fn open_below(dir: &impl AsFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
+pub(super) fn open_below(dir: &impl AsFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat2(
         dir,
         name,
