@@ -26,6 +26,9 @@ use crate::Owner;
 /// clear error, not hulld's fds.
 pub const MAX_DEPTH: usize = 256;
 
+/// Bytes of an upload written before their writeback is started.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
 /// One name below a directory already found: never a symlink, never
 /// another mount.
 const BENEATH: ResolveFlags = ResolveFlags::BENEATH
@@ -317,6 +320,19 @@ fn chmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     Ok(rustix::fs::chmod(own, Mode::from_raw_mode(mode & 0o7777))?)
 }
 
+/// sync_file_range(2), which neither rustix nor nix wraps.
+fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    let offset = i64::try_from(offset).map_err(io::Error::other)?;
+    let len = i64::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: sync_file_range takes a valid fd (borrowed from `file` for the
+    // call), plain integers and flags; it touches no memory of ours.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn too_deep() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -504,8 +520,39 @@ impl Upload {
     }
 
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let before = self.size;
         self.file.write_all(data)?;
         self.size += data.len() as u64;
+        if before / WRITEBACK_WINDOW != self.size / WRITEBACK_WINDOW {
+            self.write_back()?;
+        }
+        Ok(())
+    }
+
+    /// Starts writeback of the window just filled and waits for that of
+    /// the one before. The page cache of what hulld writes is charged to
+    /// hulld's own cgroup, whose memory limit is small: a large upload
+    /// must not fill it with dirty pages, which cannot be reclaimed until
+    /// written, so at most two windows of it are dirty at a time.
+    fn write_back(&self) -> io::Result<()> {
+        let end = self.size - self.size % WRITEBACK_WINDOW;
+        let start = end.saturating_sub(WRITEBACK_WINDOW);
+        sync_file_range(
+            &self.file,
+            start,
+            WRITEBACK_WINDOW,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )?;
+        if start >= WRITEBACK_WINDOW {
+            sync_file_range(
+                &self.file,
+                start - WRITEBACK_WINDOW,
+                WRITEBACK_WINDOW,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )?;
+        }
         Ok(())
     }
 
