@@ -23,7 +23,8 @@ client = sprites.SpritesClient(os.environ["SPRITES_TOKEN"], base_url=os.environ[
 fs = client.sprite(os.environ["SPRITE_NAME"]).filesystem("/work")
 
 # Binary, 17 MB (past two of hull's 8 MiB writeback windows), every byte
-# value: written under a directory that does not exist yet (the SDK asks for parents by default), read back exactly.
+# value: written under a directory that does not exist yet (the SDK asks
+# for parents by default), read back exactly.
 blob = bytes(range(256)) * 4096 * 17 + os.urandom(123457)
 (fs / "deep/dir/blob.bin").write_bytes(blob, mode=0o640)
 back = (fs / "deep/dir/blob.bin").read_bytes()
