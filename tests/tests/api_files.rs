@@ -315,6 +315,22 @@ fn a_read_token_reads_files_but_cannot_change_them() {
         (r.status, r.json()["error"].clone()),
         (403, "insufficient_scope".into())
     );
+    let r = request(
+        addr,
+        "GET",
+        &format!("/v1/sprites/{name}/fs/list?path=/"),
+        Some(&reader),
+        None,
+    );
+    let ro = r.json()["entries"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["name"] == "ro").cloned())
+        .unwrap_or_else(|| panic!("no /ro in {r:?}"));
+    assert_eq!(
+        (ro["type"].clone(), ro["isDir"].clone()),
+        ("directory".into(), true.into()),
+        "{ro}"
+    );
     let url = format!("/v1/sprites/{name}/fs/delete?path=/ro/file");
     let r = request(addr, "DELETE", &url, Some(&reader), None);
     assert_eq!(r.status, 403, "{r:?}");

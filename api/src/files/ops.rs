@@ -109,7 +109,7 @@ pub struct Entry {
     pub mod_time: String,
     #[serde(rename = "isDir")]
     pub is_dir: bool,
-    /// `file`, `dir`, `symlink` or `other`.
+    /// `file`, `directory` (the Sprites SDKs' words), `symlink` or `other`.
     #[serde(rename = "type")]
     pub kind: &'static str,
 }
@@ -252,7 +252,7 @@ impl Root {
 fn entry(name: String, path: String, st: &Stat) -> Entry {
     let kind = match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => "file",
-        FileType::Directory => "dir",
+        FileType::Directory => "directory",
         FileType::Symlink => "symlink",
         _ => "other",
     };
@@ -262,7 +262,7 @@ fn entry(name: String, path: String, st: &Stat) -> Entry {
         size: u64::try_from(st.st_size).unwrap_or(0),
         mode: format!("{:04o}", st.st_mode & 0o7777),
         mod_time: crate::ndjson::rfc3339(st.st_mtime.saturating_mul(1000)),
-        is_dir: kind == "dir",
+        is_dir: kind == "directory",
         kind,
     }
 }
