@@ -2,7 +2,8 @@
 
 Run by tests/tests/api_admin.rs, one phase per call, with SPRITES_URL,
 SPRITES_TOKEN and SPRITE_NAME set; what the Rust side checks in between
-(files, through hull exec) is its part. Prints one JSON object on its last
+(breaking files through hull exec) is its part; the restored files are
+read back through the SDK's filesystem API. Prints one JSON object on its last
 line; exits non-zero, with the reason, on anything unexpected.
 """
 
@@ -65,6 +66,17 @@ def restore(checkpoint_id):
                       "port": web.http_port}))
 
 
+def files():
+    """The restored files, read back through the SDK's filesystem API."""
+    fs = sprite.filesystem("/root")
+    print(json.dumps({
+        "a": (fs / "work" / "a").read_text(),
+        "b": (fs / "b").read_text(),
+        "new": (fs / "new").exists(),
+        "root": sorted((fs / ".").listdir()),
+    }))
+
+
 def policy():
     before = sprite.get_network_policy()
     wanted = NetworkPolicy(rules=[
@@ -84,6 +96,8 @@ if phase == "checkpoint":
     checkpoint()
 elif phase == "restore":
     restore(sys.argv[2])
+elif phase == "files":
+    files()
 elif phase == "policy":
     policy()
 else:

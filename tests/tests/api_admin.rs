@@ -303,8 +303,11 @@ fn the_sdk_checkpoints_breaks_files_restores_and_the_service_comes_back() {
     let restored = sdk(&python, &hull, &admin, &["restore", &id]);
     assert_eq!(restored["web"], "running", "{restored}");
     assert_eq!(restored["port"], 8090, "{restored}");
-    let files = block_on(async { hull.sh("cat /root/work/a /root/b; ls /root").await });
-    assert_eq!(files, "precious\nkept\nb\nwork\n");
+    let files = sdk(&python, &hull, &admin, &["files"]);
+    assert_eq!(files["a"], "precious\n", "{files}");
+    assert_eq!(files["b"], "kept\n", "{files}");
+    assert_eq!(files["new"], false, "{files}");
+    assert_eq!(files["root"], serde_json::json!(["b", "work"]), "{files}");
     // The service really serves: hulld sees its port accept connections.
     hull_tests::wait_until(Duration::from_secs(20), "web's port to accept", || {
         block_on(async {
