@@ -433,6 +433,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         image,
         network,
         tokens: tokens.clone(),
+        sessions: crate::sessions::Sessions::default(),
     });
     tokio::spawn(crate::server::accept_loop(
         hulld.clone(),

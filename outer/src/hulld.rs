@@ -14,12 +14,13 @@ use hull_logs::{ExecLog, LogStore};
 use hull_proto::{
     BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ErrorKind,
     ErrorReport, ExecRequest, IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest,
-    ServiceStatus, StatusReport, TokenRequest,
+    ServiceStatus, SessionRequest, StatusReport, TokenRequest,
 };
 use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
 
 use crate::network::Network;
+use crate::sessions::{Attachment, Outcome, SessionError, Sessions};
 use crate::supervisor::{Supervisor, SupervisorError};
 
 /// The parts [`Hulld`] is made of, as start-up built them.
@@ -36,6 +37,7 @@ pub(crate) struct Parts {
     pub image: PathBuf,
     pub network: Network,
     pub tokens: hull_api::TokenStore,
+    pub sessions: Sessions,
 }
 
 pub struct Hulld {
@@ -145,11 +147,69 @@ impl Hulld {
         })
     }
 
+    /// Runs an exec as a session with this connection as its client.
+    pub async fn do_exec<R, W>(
+        &self,
+        request: ExecRequest,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> std::io::Result<Outcome>
+    where
+        R: futures::Stream<Item = std::io::Result<hull_proto::ClientMsg>> + Unpin,
+        W: futures::Sink<DaemonMsg, Error = std::io::Error> + Unpin,
+    {
+        let p = &self.parts;
+        crate::exec::run(
+            &p.supervisor,
+            &p.sessions,
+            &p.exec_log,
+            request,
+            reader,
+            writer,
+        )
+        .await
+    }
+
+    pub async fn do_session_attach(
+        &self,
+        id: u64,
+        writer: bool,
+    ) -> Result<Attachment, SessionError> {
+        self.parts.sessions.attach(id, writer).await
+    }
+
+    /// Lists or kills sessions (attaching is [`Hulld::do_session_attach`]).
+    pub async fn do_sessions(&self, request: SessionRequest) -> DaemonMsg {
+        let sessions = &self.parts.sessions;
+        let reply = match request {
+            SessionRequest::List => Ok(DaemonMsg::Sessions(sessions.list())),
+            SessionRequest::Kill {
+                id,
+                signal,
+                timeout_ms,
+            } => sessions
+                .kill(id, signal, Duration::from_millis(timeout_ms))
+                .await
+                .map(|forced| DaemonMsg::SessionKilled { id, forced }),
+            SessionRequest::Attach { .. } => Ok(DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::Internal,
+                message: "an attach is served by do_session_attach".into(),
+            })),
+        };
+        reply.unwrap_or_else(|e| {
+            DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::NotFound,
+                message: hull_proto::error_chain(&e),
+            })
+        })
+    }
+
     /// Starts a detached exec: the answer a client gets first (started,
     /// or why not); the session runs on without one.
     pub async fn do_exec_detached(&self, request: ExecRequest) -> DaemonMsg {
         crate::exec::detach(
             self.parts.supervisor.clone(),
+            self.parts.sessions.clone(),
             self.parts.exec_log.clone(),
             request,
         )

@@ -168,6 +168,7 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
         timeout_ms: opts.timeout.map(super::millis),
         no_log: opts.no_log,
         detach: opts.detach,
+        max_run_after_disconnect_ms: None,
     };
     let start = if opts.detach {
         c.exec_detach(request)
