@@ -11,7 +11,9 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
-use crate::{checkpoints, openapi, policy, services, sprites, tunnel, Shared, SPRITE_VERSION};
+use crate::{
+    checkpoints, openapi, policy, services, sessions, sprites, tunnel, Shared, SPRITE_VERSION,
+};
 
 /// A response body: whole, or streamed (NDJSON progress).
 pub type Body = BoxBody<Bytes, std::convert::Infallible>;
@@ -34,6 +36,7 @@ const fn r(method: &'static str, path: &'static str, scope: Option<TokenScope>) 
 }
 
 const READ: Option<TokenScope> = Some(TokenScope::Read);
+const EXEC: Option<TokenScope> = Some(TokenScope::Exec);
 const ADMIN: Option<TokenScope> = Some(TokenScope::Admin);
 
 /// Every route served. The scope checked on a request comes from here,
@@ -56,6 +59,8 @@ pub const ROUTES: &[Route] = &[
     r("DELETE", "/v1/sprites/{name}/services/{service}", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/start", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
+    r("GET", "/v1/sprites/{name}/exec", READ),
+    r("POST", "/v1/sprites/{name}/exec/{id}/kill", EXEC),
     r("GET", "/v1/sprites/{name}/policy/network", READ),
     r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
 ];
@@ -156,6 +161,8 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::DELETE, ["services", svc]) => services::delete(state, svc).await,
             (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
             (&Method::POST, ["services", svc, "stop"]) => services::stop(state, svc, &req).await,
+            (&Method::GET, ["exec"]) => sessions::list(state).await,
+            (&Method::POST, ["exec", id, "kill"]) => sessions::kill(state, id, req).await,
             (&Method::GET, ["policy", "network"]) => policy::get(state).await,
             (&Method::POST, ["policy", "network"]) => policy::set(state, req).await,
             _ => Err(ApiError::not_found(format!("no route {path}"))),

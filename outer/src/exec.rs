@@ -295,7 +295,7 @@ where
             return Ok(None);
         }
     };
-    let now = crate::sessions::now_ms();
+    let now = hull_checkpoint::catalog::now_ms();
     let info = SessionInfo {
         id: process.id,
         argv: request.spec.argv.clone(),

@@ -379,6 +379,7 @@ where
             ClientMsg::Sessions(SessionRequest::Attach { id, writer: take }) => {
                 match hulld.do_session_attach(id, take).await {
                     Ok(attachment) => {
+                        writer.send(attachment.attached()).await?;
                         if attachment.pump(reader, writer).await? == Outcome::Gone {
                             return Ok(());
                         }

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use hull_checkpoint::catalog::now_ms;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
@@ -51,12 +53,6 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
         kind,
         message: message.into(),
     })
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The running sessions by id.
@@ -290,6 +286,14 @@ pub enum Outcome {
 }
 
 impl Attachment {
+    /// What an attaching client is told first.
+    pub fn attached(&self) -> DaemonMsg {
+        DaemonMsg::SessionAttached {
+            info: self.info.clone(),
+            writer: self.writer,
+        }
+    }
+
     fn is_writer(&self) -> bool {
         self.link.writer.load(Ordering::Acquire) == self.client
     }
@@ -493,6 +497,16 @@ enum End {
     InnerStopped,
     /// No client came back in time.
     Abandoned,
+}
+
+impl End {
+    fn name(&self) -> &'static str {
+        match self {
+            End::Exited { .. } => "exited",
+            End::InnerStopped => "inner stopped",
+            End::Abandoned => "no client came back",
+        }
+    }
 }
 
 impl Session {
@@ -753,6 +767,7 @@ impl Session {
     /// room for first), and closes the record.
     async fn finish(&mut self, end: End) {
         self.registry.remove(self.id);
+        tracing::info!(session = self.id, end = end.name(), "session ended");
         let mut last = Vec::new();
         let mut note = None;
         let status = match end {
