@@ -9,6 +9,7 @@
 //!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
 //!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
 //!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
+//!     sudo ./target/release/hull-bench sessions      # hulld's RSS with 1,000 idle terminal sessions attached
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
@@ -19,6 +20,7 @@ mod logs;
 mod report;
 mod responsiveness;
 mod services;
+mod sessions;
 mod start;
 
 use anyhow::{bail, Result};
@@ -60,6 +62,16 @@ enum Suite {
     /// service socket (2,000 connections, 100 half-sent 4 MiB frames) and
     /// listens on 1,000 ports, against the same call on an idle hulld.
     Bounds(Rounds),
+    /// hulld's RSS before and with idle terminal sessions, a client
+    /// attached to each, and the cost of one.
+    Sessions(SessionArgs),
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Sessions held open at once.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
 }
 
 #[derive(Args)]
@@ -120,6 +132,7 @@ fn reject_old_flags() {
                 "ingress",
                 "responsiveness",
                 "bounds",
+                "sessions",
             ]
             .contains(s)
         }) {
@@ -149,6 +162,7 @@ fn main() -> Result<()> {
         Some(Suite::Responsiveness(a)) => responsiveness::run(a.rounds),
         Some(Suite::Bounds(a)) => bounds::run(a.rounds),
         Some(Suite::Logs(a)) => logs::run(a.lines),
+        Some(Suite::Sessions(a)) => sessions::run(a.sessions),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
             ingress::WrkOptions {
