@@ -180,3 +180,37 @@ fn the_cli_over_the_api_is_held_to_its_tokens_scope() {
     );
     hull.wait_running(std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn sessions_over_the_api_follow_the_tokens_scope() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let url = format!("http://{}", block_on(hull.api_addr()));
+    let read = hull.api_token("read");
+    let exec = hull.api_token("exec");
+    let id = block_on(async {
+        let mut spec = hull_tests::spec(&["sleep", "1008"]);
+        spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
+        hull.client().await.exec_begin(spec).await.unwrap().session
+    });
+    let out = remote(&url, &read, &["--json", "sessions", "list"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"].as_u64() == Some(id)),
+        "{list}"
+    );
+    let id = id.to_string();
+    let out = remote(&url, &read, &["--json", "sessions", "kill", &id], b"");
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["code"], "not_permitted", "{out:?}");
+    let out = remote(&url, &exec, &["--json", "sessions", "kill", &id], b"");
+    assert!(out.status.success(), "{out:?}");
+    let killed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(killed["forced"], false, "{killed}");
+}

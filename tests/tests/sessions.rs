@@ -348,3 +348,47 @@ fn a_client_that_never_reads_is_cut_and_hulld_stays_bounded() {
         assert!(!forced);
     });
 }
+
+#[test]
+fn the_cli_lists_sessions_and_attaches_to_a_detached_one() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    // A pipe session that writes while nobody is attached: its output
+    // waits in the pipe for whoever attaches within the 10 s.
+    let id = block_on(async {
+        let mut c = hull.client().await;
+        let script = "sleep 1; echo early; sleep 1; echo late; exit 4";
+        let id = c
+            .exec_begin(request(&["sh", "-c", script], false))
+            .await
+            .unwrap()
+            .session;
+        send(&mut c, ClientMsg::Detach).await;
+        assert!(matches!(
+            next(&mut c.reader).await.unwrap(),
+            DaemonMsg::Detached { .. }
+        ));
+        id
+    });
+    let out = hull.hull(&["sessions", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id.to_string()))
+        .unwrap_or_else(|| panic!("session {id} not in {table:?}"));
+    assert!(row.contains("sh -c sleep 1; echo early"), "{row:?}");
+    let out = hull.hull(&["--json", "sessions", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id && s["tty"] == false),
+        "{list}"
+    );
+    let out = hull.hull(&["sessions", "attach", &id.to_string()]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "early\nlate\n");
+}
