@@ -43,6 +43,15 @@ fn local(hull: &TestHull, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A hulld, its API's URL, and a read and an exec token for it.
+fn with_tokens() -> (TestHull, String, String, String) {
+    let hull = TestHull::start();
+    let url = format!("http://{}", block_on(hull.api_addr()));
+    let read = hull.api_token("read");
+    let exec = hull.api_token("exec");
+    (hull, url, read, exec)
+}
+
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
@@ -134,10 +143,7 @@ fn the_cli_over_the_api_is_held_to_its_tokens_scope() {
     if !require_root() {
         return;
     }
-    let hull = TestHull::start();
-    let url = format!("http://{}", block_on(hull.api_addr()));
-    let read = hull.api_token("read");
-    let exec = hull.api_token("exec");
+    let (hull, url, read, exec) = with_tokens();
 
     // A read token sees; it cannot run anything.
     let out = remote(&url, &read, &["--json", "status"], b"");
@@ -186,10 +192,7 @@ fn sessions_over_the_api_follow_the_tokens_scope() {
     if !require_root() {
         return;
     }
-    let hull = TestHull::start();
-    let url = format!("http://{}", block_on(hull.api_addr()));
-    let read = hull.api_token("read");
-    let exec = hull.api_token("exec");
+    let (hull, url, read, exec) = with_tokens();
     let id = block_on(async {
         let mut spec = hull_tests::spec(&["sleep", "1008"]);
         spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
