@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{Sink, SinkExt, Stream};
 use hull_proto::{
     fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, SessionInfo,
     WinSize, DEFAULT_LINGER_MS,
@@ -254,6 +254,7 @@ where
             max_run_after_disconnect: request
                 .max_run_after_disconnect_ms
                 .map(Duration::from_millis),
+            background: request.detach,
             oom: supervisor.oom_check().await,
         };
         let Some(started) = begin(inner, process, terms, record, &request, writer).await? else {
@@ -267,6 +268,10 @@ where
                 exec_id,
             })
             .await?;
+        if request.detach {
+            attachment.leave_in_background().await;
+            return Ok(Outcome::Detached);
+        }
         return attachment.pump(reader, writer).await;
     }
 }
@@ -321,9 +326,9 @@ where
 }
 
 /// Starts `request` with no client attached: answers what a client gets
-/// first (`ExecStarted`, or why it did not start) and runs the rest of the
-/// session in a task of its own, with no input, its output in the `exec`
-/// log only.
+/// first (`ExecStarted`, or why it did not start); the session runs on
+/// with its input ended and its output in the `exec` log (and with
+/// whoever attaches).
 pub async fn detach(
     supervisor: Supervisor,
     sessions: Sessions,
@@ -336,39 +341,29 @@ pub async fn detach(
             "a detached exec has no terminal, and its log is where its output goes",
         );
     }
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    // The first message goes to the client; the rest (output, the end) is
-    // in the log already.
-    let writer = futures::sink::unfold(Some(first_tx), |first, msg: DaemonMsg| async move {
-        let mut first = first;
-        if let Some(tx) = first.take() {
-            let _ = tx.send(msg);
-        }
-        Ok::<_, io::Error>(first)
-    });
-    tokio::spawn(async move {
-        let mut writer = Box::pin(writer);
-        let mut reader =
-            futures::stream::iter([Ok(ClientMsg::StdinEof)]).chain(futures::stream::pending());
-        let ran = run(
-            &supervisor,
-            &sessions,
-            &exec_log,
-            request,
-            &mut reader,
-            &mut writer,
-        )
-        .await;
-        if let Err(e) = ran {
-            tracing::debug!(error = %e, "a detached exec ended with an error");
-        }
-    });
-    first_rx.await.unwrap_or_else(|_| {
-        error(
+    // The session leaves its client as soon as it started: the answer is
+    // the one message written.
+    let mut sent: Vec<DaemonMsg> = Vec::new();
+    let mut writer = (&mut sent).sink_map_err(|never| -> io::Error { match never {} });
+    let mut reader = futures::stream::pending();
+    let ran = run(
+        &supervisor,
+        &sessions,
+        &exec_log,
+        request,
+        &mut reader,
+        &mut writer,
+    )
+    .await;
+    drop(writer);
+    match (ran, sent.into_iter().next()) {
+        (Ok(_), Some(msg)) => msg,
+        (Err(e), _) => error(ErrorKind::Internal, format!("the detached exec: {e}")),
+        (Ok(_), None) => error(
             ErrorKind::Internal,
             "the detached exec ended before it answered",
-        )
-    })
+        ),
+    }
 }
 
 /// The running inner, other than `stopped` (one a request just missed),

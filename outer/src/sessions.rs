@@ -214,6 +214,9 @@ pub(crate) struct SessionTerms {
     pub linger: Duration,
     pub timeout: Option<Duration>,
     pub max_run_after_disconnect: Option<Duration>,
+    /// Started with `detach`: it runs until it exits, reading its output
+    /// (into the `exec` log) with or without a client.
+    pub background: bool,
     pub oom: OomCheck,
 }
 
@@ -222,6 +225,7 @@ impl SessionTerms {
     /// `None`: until its process exits.
     fn run_on(&self, explicit: bool) -> Option<Duration> {
         match (self.max_run_after_disconnect, self.tty, explicit) {
+            _ if self.background => None,
             (Some(d), _, _) => Some(d),
             (None, true, _) => None,
             (None, false, true) => Some(Duration::from_millis(DEFAULT_DETACHED_RUN_MS)),
@@ -388,6 +392,13 @@ impl Attachment {
                 },
             }
         }
+    }
+
+    /// Leaves a session started in the background: its input ends, and it
+    /// runs on with no client.
+    pub async fn leave_in_background(mut self) {
+        let _ = self.link.stdin.send(Input::Eof).await;
+        self.detach(true).await;
     }
 
     async fn detach(&mut self, explicit: bool) {
@@ -619,7 +630,8 @@ impl Session {
             }
             // A session without a terminal and without a client keeps its
             // output in the pipes until one comes (or the deadline).
-            let reading = self.pending.is_none() && (self.terms.tty || !self.clients.is_empty());
+            let reading = self.pending.is_none()
+                && (self.terms.tty || self.terms.background || !self.clients.is_empty());
             let writer_tx = match &self.pending {
                 Some(_) => self
                     .clients

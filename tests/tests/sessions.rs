@@ -392,3 +392,33 @@ fn the_cli_lists_sessions_and_attaches_to_a_detached_one() {
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "early\nlate\n");
 }
+
+#[test]
+fn a_background_exec_is_a_session_nobody_holds_and_attach_follows_it() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let out = hull.hull(&[
+        "--json",
+        "exec",
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo from-the-background; exit 3",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = list(&hull);
+    let job = listed
+        .iter()
+        .find(|s| s.argv[0] == "sh")
+        .unwrap_or_else(|| panic!("the background exec is not a session: {listed:?}"));
+    assert_eq!(job.clients, 0, "{job:?}");
+    let out = hull.hull(&["sessions", "attach", "--watch", &job.id.to_string()]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-the-background\n"
+    );
+}

@@ -202,7 +202,8 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
         // The session's terminal takes this one's size; the program redraws.
         tx.send(ClientMsg::Resize(local_winsize())).await?;
     }
-    if !opts.interactive {
+    // A watcher leaves the input alone: it may be the writer's to end.
+    if !opts.interactive && opts.attach.is_none() {
         tx.send(ClientMsg::StdinEof).await?;
     }
     input.set(tx);
