@@ -422,3 +422,36 @@ fn a_background_exec_is_a_session_nobody_holds_and_attach_follows_it() {
         "from-the-background\n"
     );
 }
+
+#[test]
+fn a_restore_ends_every_session_with_a_reason_that_names_it() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    block_on(async {
+        let id = hull
+            .client()
+            .await
+            .checkpoint_create(None)
+            .await
+            .unwrap()
+            .checkpoint
+            .id;
+        let mut a = hull.client().await;
+        a.exec_begin(request(&["sh"], true)).await.unwrap();
+        hull.client().await.checkpoint_restore(&id).await.unwrap();
+        match wait_end(&mut a).await.0 {
+            ExecEnd::InnerStopped { reason } => {
+                assert!(
+                    reason.contains(&format!("restored to checkpoint {id}")),
+                    "{reason:?}"
+                )
+            }
+            other => panic!("a restore ended a session with {other:?}"),
+        }
+    });
+    wait_until(Duration::from_secs(5), "the sessions to go", || {
+        list(&hull).is_empty()
+    });
+}

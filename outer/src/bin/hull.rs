@@ -29,8 +29,8 @@ struct Cli {
     json: bool,
     /// Drive a hulld elsewhere through its HTTP API (http://HOST:PORT or
     /// https://HOST:PORT) instead of the local control socket: status,
-    /// exec, console, bounce, checkpoint, services, logs, ports and ingress
-    /// work the same, with the same output and exit codes.
+    /// exec, console, sessions, bounce, checkpoint, services, logs, ports
+    /// and ingress work the same, with the same output and exit codes.
     #[arg(long, global = true, env = "HULL_URL", value_name = "URL")]
     url: Option<String>,
     /// The API token for --url (see `hull token create` on the VM).

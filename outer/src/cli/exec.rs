@@ -560,7 +560,7 @@ fn exec_json(
 
 /// Streams this terminal's stdin to the session from a thread (stdin reads
 /// block). On a PTY the end of input is a ^D the user types, not an EOF.
-/// With `detach_key`, Ctrl+\\ asks to detach instead of reaching the
+/// With `detach_key`, Ctrl+\ asks to detach instead of reaching the
 /// program (and ends the reading: the session is left).
 fn spawn_stdin_reader(input: Input, tty: bool, detach_key: bool) {
     std::thread::spawn(move || {
