@@ -853,3 +853,49 @@ impl Session {
         futures::future::join_all(sends).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replayed(s: &Scrollback) -> Vec<u8> {
+        s.replay()
+            .flat_map(|m| match m {
+                DaemonMsg::Output { data, .. } => data,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_scrollback_keeps_the_last_mebibyte_in_order() {
+        let mut s = Scrollback::default();
+        let mut all = Vec::new();
+        for i in 0..8000u32 {
+            let chunk = format!(
+                "line {i:05} {}\n",
+                "x".repeat(usize::try_from(i % 700).unwrap())
+            );
+            s.push(chunk.as_bytes());
+            all.extend_from_slice(chunk.as_bytes());
+        }
+        assert!(all.len() > 2 * SCROLLBACK);
+        assert_eq!(s.0.len(), SCROLLBACK);
+        assert_eq!(replayed(&s), all[all.len() - SCROLLBACK..]);
+        assert!(
+            s.replay().count() <= CLIENT_QUEUE,
+            "a replay fits a client's queue"
+        );
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_scrollback_leaves_its_end() {
+        let mut s = Scrollback::default();
+        s.push(b"old");
+        let big: Vec<u8> = (0..SCROLLBACK + 10)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        s.push(&big);
+        assert_eq!(replayed(&s), big[10..]);
+    }
+}
