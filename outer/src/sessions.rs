@@ -32,8 +32,9 @@ use hull_logs::ExecRecorder;
 
 /// Output messages queued towards one client.
 const CLIENT_QUEUE: usize = 64;
-/// The most a terminal session reads at once.
-const PTY_CHUNK: usize = 16 * 1024;
+/// The most a terminal session reads at once: the line discipline's
+/// buffer (N_TTY_BUF_SIZE) seldom gives more, and an idle session holds it.
+const PTY_CHUNK: usize = 4 * 1024;
 /// Output of a terminal session kept for replay on attach.
 pub const SCROLLBACK: usize = 1 << 20;
 /// How long a terminal session waits for a writer that reads nothing
