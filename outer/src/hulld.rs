@@ -20,7 +20,7 @@ use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
 
 use crate::network::Network;
-use crate::sessions::{Attachment, Outcome, SessionError, Sessions};
+use crate::sessions::{Outcome, Replies, Requests, SessionError, Sessions};
 use crate::supervisor::{Supervisor, SupervisorError};
 
 /// The parts [`Hulld`] is made of, as start-up built them.
@@ -148,16 +148,12 @@ impl Hulld {
     }
 
     /// Runs an exec as a session with this connection as its client.
-    pub async fn do_exec<R, W>(
+    pub async fn do_exec(
         &self,
         request: ExecRequest,
-        reader: &mut R,
-        writer: &mut W,
-    ) -> std::io::Result<Outcome>
-    where
-        R: futures::Stream<Item = std::io::Result<hull_proto::ClientMsg>> + Unpin,
-        W: futures::Sink<DaemonMsg, Error = std::io::Error> + Unpin,
-    {
+        reader: &mut impl Requests,
+        writer: &mut impl Replies,
+    ) -> std::io::Result<Outcome> {
         let p = &self.parts;
         crate::exec::run(
             &p.supervisor,
@@ -170,12 +166,26 @@ impl Hulld {
         .await
     }
 
+    /// Attaches this connection to session `id` and carries it, as
+    /// [`Hulld::do_exec`] does an exec's.
     pub async fn do_session_attach(
         &self,
         id: u64,
-        writer: bool,
-    ) -> Result<Attachment, SessionError> {
-        self.parts.sessions.attach(id, writer).await
+        take_writer: bool,
+        reader: &mut impl Requests,
+        writer: &mut impl Replies,
+    ) -> std::io::Result<Outcome> {
+        use futures::SinkExt;
+        match self.parts.sessions.attach(id, take_writer).await {
+            Ok(attachment) => {
+                writer.send(attachment.attached()).await?;
+                attachment.pump(reader, writer).await
+            }
+            Err(e) => {
+                writer.send(session_error(&e)).await?;
+                Ok(Outcome::Ended)
+            }
+        }
     }
 
     /// Lists or kills sessions (attaching is [`Hulld::do_session_attach`]).
@@ -353,6 +363,16 @@ impl Hulld {
     pub async fn exited(&self) {
         self.stopped.notified().await
     }
+}
+
+fn session_error(e: &SessionError) -> DaemonMsg {
+    let kind = match e {
+        SessionError::NotFound(_) => ErrorKind::NotFound,
+    };
+    DaemonMsg::Error(ErrorReport {
+        kind,
+        message: hull_proto::error_chain(e),
+    })
 }
 
 fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {

@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::error_chain;
 use crate::hulld::Hulld;
-use crate::sessions::{Outcome, SessionError};
+use crate::sessions::Outcome;
 use crate::supervisor::SupervisorError;
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
@@ -377,16 +377,10 @@ where
                 had_session = true;
             }
             ClientMsg::Sessions(SessionRequest::Attach { id, writer: take }) => {
-                match hulld.do_session_attach(id, take).await {
-                    Ok(attachment) => {
-                        writer.send(attachment.attached()).await?;
-                        if attachment.pump(reader, writer).await? == Outcome::Gone {
-                            return Ok(());
-                        }
-                        had_session = true;
-                    }
-                    Err(e) => writer.send(session_error(&e)).await?,
+                if hulld.do_session_attach(id, take, reader, writer).await? == Outcome::Gone {
+                    return Ok(());
                 }
+                had_session = true;
             }
             ClientMsg::Sessions(request) => writer.send(hulld.do_sessions(request).await).await?,
             ClientMsg::Bounce { grace_ms } => {
@@ -581,13 +575,6 @@ fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
             Some(StorageError::UnknownCheckpoint { .. }) => ErrorKind::NotFound,
             _ => ErrorKind::Storage,
         },
-    };
-    error(kind, error_chain(e))
-}
-
-fn session_error(e: &SessionError) -> DaemonMsg {
-    let kind = match e {
-        SessionError::NotFound(_) => ErrorKind::NotFound,
     };
     error(kind, error_chain(e))
 }

@@ -56,6 +56,14 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     })
 }
 
+/// A client's requests, as a connection reads them.
+pub trait Requests: Stream<Item = io::Result<ClientMsg>> + Unpin {}
+impl<T: Stream<Item = io::Result<ClientMsg>> + Unpin> Requests for T {}
+
+/// Where a client's replies go.
+pub trait Replies: Sink<DaemonMsg, Error = io::Error> + Unpin {}
+impl<T: Sink<DaemonMsg, Error = io::Error> + Unpin> Replies for T {}
+
 /// The running sessions by id.
 #[derive(Clone, Default)]
 pub struct Sessions(Arc<Mutex<BTreeMap<u64, Handle>>>);
@@ -309,11 +317,11 @@ impl Attachment {
 
     /// Carries the session over the client's connection until it ends,
     /// the client detaches or goes. Errors are connection errors.
-    pub async fn pump<R, W>(mut self, reader: &mut R, writer: &mut W) -> io::Result<Outcome>
-    where
-        R: Stream<Item = io::Result<ClientMsg>> + Unpin,
-        W: Sink<DaemonMsg, Error = io::Error> + Unpin,
-    {
+    pub async fn pump(
+        mut self,
+        reader: &mut impl Requests,
+        writer: &mut impl Replies,
+    ) -> io::Result<Outcome> {
         // Input waiting for room in the process's queue: the client is not
         // read meanwhile, but output still flows, so a process that writes
         // before it reads never deadlocks the session.
