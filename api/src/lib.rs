@@ -18,6 +18,7 @@ mod policy;
 mod router;
 mod server;
 mod services;
+mod sessions;
 mod sprites;
 pub mod tls;
 pub mod tokens;

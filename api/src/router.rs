@@ -12,8 +12,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
 use crate::{
-    checkpoints, control, exec, files, openapi, policy, services, sprites, tunnel, Shared,
-    SPRITE_VERSION,
+    checkpoints, control, exec, files, openapi, policy, services, sessions, sprites, tunnel,
+    Shared, SPRITE_VERSION,
 };
 
 /// A response body: whole, or streamed (NDJSON progress).
@@ -48,7 +48,9 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/sprites", ADMIN),
     r("GET", "/v1/sprites/{name}", READ),
     r("GET", "/v1/sprites/{name}/hull", READ),
-    r("GET", "/v1/sprites/{name}/exec", EXEC),
+    // Sessions without an upgrade; a command over a WebSocket with one,
+    // which needs an exec token (checked in the match below).
+    r("GET", "/v1/sprites/{name}/exec", READ),
     r("GET", "/v1/sprites/{name}/control", EXEC),
     r("POST", "/v1/sprites/{name}/checkpoint", ADMIN),
     r("GET", "/v1/sprites/{name}/checkpoints", READ),
@@ -62,6 +64,7 @@ pub const ROUTES: &[Route] = &[
     r("DELETE", "/v1/sprites/{name}/services/{service}", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/start", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
+    r("POST", "/v1/sprites/{name}/exec/{id}/kill", EXEC),
     r("GET", "/v1/sprites/{name}/policy/network", READ),
     r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
     r("GET", "/v1/sprites/{name}/fs/read", READ),
@@ -156,7 +159,12 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, ["hull"]) => {
                 tunnel::serve(state, req, granted.unwrap_or(TokenScope::Read)).await
             }
-            (&Method::GET, ["exec"]) => exec::serve(state, req).await,
+            // A command (an upgrade, or a `cmd` asked for without one,
+            // which is then told it needs a WebSocket) needs exec.
+            (&Method::GET, ["exec"]) if crate::ws::is_upgrade(&req) || asks_command(&req) => {
+                require(granted, TokenScope::Exec)?;
+                exec::serve(state, req).await
+            }
             (&Method::GET, ["control"]) => control::serve(state, req).await,
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
             (&Method::POST, ["checkpoint"]) => checkpoints::create(state, req).await,
@@ -173,6 +181,8 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::DELETE, ["services", svc]) => services::delete(state, svc).await,
             (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
             (&Method::POST, ["services", svc, "stop"]) => services::stop(state, svc, &req).await,
+            (&Method::GET, ["exec"]) => sessions::list(state).await,
+            (&Method::POST, ["exec", id, "kill"]) => sessions::kill(state, id, req).await,
             (&Method::GET, ["policy", "network"]) => policy::get(state).await,
             (&Method::POST, ["policy", "network"]) => policy::set(state, req).await,
             (_, ["fs", op]) => files::route(state, req, op).await,
@@ -210,14 +220,31 @@ async fn authorize(
         };
         ApiError::new(StatusCode::UNAUTHORIZED, code, message)
     })?;
-    if granted < needed {
-        return Err(ApiError::new(
+    require(Some(granted), needed)?;
+    Ok(granted)
+}
+
+/// Whether a request names a command to run (`?cmd=`).
+fn asks_command<B>(req: &Request<B>) -> bool {
+    req.uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("cmd=")))
+}
+
+/// Checks a scope already granted covers `needed`: for a route whose need
+/// depends on more than its method and path.
+fn require(granted: Option<TokenScope>, needed: TokenScope) -> Result<(), ApiError> {
+    match granted {
+        Some(granted) if granted >= needed => Ok(()),
+        Some(granted) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "insufficient_scope",
             format!("this request needs a token with scope {needed}; this one has {granted}"),
-        ));
+        )),
+        None => Err(ApiError::internal(
+            "a route that needs a token was served without one",
+        )),
     }
-    Ok(granted)
 }
 
 /// A response without a body (204).

@@ -295,23 +295,12 @@ pub async fn signal(state: &Shared, req: Request<Incoming>) -> Result<Response<B
 }
 
 /// `SIGTERM`, `TERM` or `15` as a signal number.
-fn signal_number(name: &str) -> Result<i32, ApiError> {
-    if let Ok(n) = name.parse::<i32>() {
-        if nix::sys::signal::Signal::try_from(n).is_ok() {
-            return Ok(n);
-        }
-    }
-    let full = match name.starts_with("SIG") {
-        true => name.to_string(),
-        false => format!("SIG{name}"),
-    };
-    full.parse::<nix::sys::signal::Signal>()
-        .map(|s| s as i32)
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "unknown signal {name:?}: use a name like SIGTERM or SIGHUP"
-            ))
-        })
+pub(crate) fn signal_number(name: &str) -> Result<i32, ApiError> {
+    hull_proto::signal_number(name).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unknown signal {name:?}: use a name like SIGTERM or SIGHUP"
+        ))
+    })
 }
 
 /// The stream a put or start answers: the service's log from `since_ms`

@@ -41,15 +41,7 @@ pub struct Handshake {
 /// `101 Switching Protocols` answer.
 pub fn handshake(req: &mut Request<Incoming>) -> Result<Handshake, ApiError> {
     let headers = req.headers();
-    let has_token = |name, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|part| part.trim().eq_ignore_ascii_case(token))
-            })
-        })
-    };
-    if !has_token(UPGRADE, "websocket") || !has_token(CONNECTION, "upgrade") {
+    if !is_upgrade(req) {
         return Err(upgrade_required(
             "this route speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
         ));
@@ -75,6 +67,20 @@ pub fn handshake(req: &mut Request<Incoming>) -> Result<Handshake, ApiError> {
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(SEC_WEBSOCKET_ACCEPT, accept);
     Ok(Handshake { response, upgrade })
+}
+
+/// Whether `req` asks to switch to WebSocket (`Connection: Upgrade` and
+/// `Upgrade: websocket`, each possibly among other tokens).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    let has_token = |name, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    has_token(UPGRADE, "websocket") && has_token(CONNECTION, "upgrade")
 }
 
 fn upgrade_required(message: &str) -> ApiError {

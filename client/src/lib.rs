@@ -8,7 +8,7 @@ use futures::{SinkExt, StreamExt};
 use hull_proto::{
     frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
-    ServiceRequest, ServiceStatus, StatusReport, Stream,
+    ServiceRequest, ServiceStatus, SessionInfo, SessionRequest, StatusReport, Stream,
 };
 pub mod remote;
 
@@ -90,6 +90,17 @@ pub struct Client {
     pub reader: Reader,
     pub writer: Writer,
     pub server: Hello,
+}
+
+/// An exec that hulld started.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecStarted {
+    /// The pid inside the inner.
+    pub pid: i32,
+    /// Its session id.
+    pub session: u64,
+    /// Its id in the `exec` log, when it is logged.
+    pub exec_id: Option<u64>,
 }
 
 /// What a non-interactive exec produced.
@@ -248,11 +259,64 @@ impl Client {
         &mut self,
         request: impl Into<ExecRequest>,
     ) -> Result<(i32, Option<u64>)> {
+        self.exec_begin(request).await.map(|s| (s.pid, s.exec_id))
+    }
+
+    /// Starts an exec session: its pid, session id and `exec` log id.
+    pub async fn exec_begin(&mut self, request: impl Into<ExecRequest>) -> Result<ExecStarted> {
         match self.request(ClientMsg::Exec(request.into())).await? {
-            DaemonMsg::ExecStarted { pid, exec_id } => Ok((pid, exec_id)),
+            DaemonMsg::ExecStarted {
+                pid,
+                session,
+                exec_id,
+            } => Ok(ExecStarted {
+                pid,
+                session,
+                exec_id,
+            }),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))
             }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The running exec sessions.
+    pub async fn sessions_list(&mut self) -> Result<Vec<SessionInfo>> {
+        match self
+            .request(ClientMsg::Sessions(SessionRequest::List))
+            .await?
+        {
+            DaemonMsg::Sessions(list) => Ok(list),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Attaches this connection to session `id` (`writer`: take the
+    /// writer's role); then read it as an exec's frames. Returns the
+    /// session and whether this client is its writer.
+    pub async fn session_attach(&mut self, id: u64, writer: bool) -> Result<(SessionInfo, bool)> {
+        match self
+            .request(ClientMsg::Sessions(SessionRequest::Attach { id, writer }))
+            .await?
+        {
+            DaemonMsg::SessionAttached { info, writer } => Ok((info, writer)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Signals session `id` and waits for its end (SIGKILL after
+    /// `timeout_ms`); true when it took the SIGKILL.
+    pub async fn session_kill(&mut self, id: u64, signal: i32, timeout_ms: u64) -> Result<bool> {
+        match self
+            .request(ClientMsg::Sessions(SessionRequest::Kill {
+                id,
+                signal,
+                timeout_ms,
+            }))
+            .await?
+        {
+            DaemonMsg::SessionKilled { forced, .. } => Ok(forced),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -263,6 +327,7 @@ impl Client {
             DaemonMsg::ExecStarted {
                 pid,
                 exec_id: Some(id),
+                ..
             } => Ok((id, pid)),
             DaemonMsg::ExecEnded(ExecEnd::InnerStopped { reason }) => {
                 Err(ClientError::InnerStopped(reason))

@@ -439,19 +439,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         user_namespace: inner_settings.user_namespace,
         network,
         tokens: tokens.clone(),
+        sessions: crate::sessions::Sessions::default(),
     });
-    tokio::spawn(crate::server::accept_loop(
-        hulld.clone(),
-        listener,
-        Endpoint::control("control socket", config.control_connections),
-        budget.clone(),
-    ));
-    tokio::spawn(crate::server::accept_loop(
-        hulld.clone(),
-        inner_api.listener,
-        Endpoint::inner(config.inner_connections),
-        budget.clone(),
-    ));
+    // The API listens before the control socket answers, so a client
+    // that sees hulld up through `status` also sees where the API is.
     let scheme = match api_settings.tls {
         Some(_) => "https",
         None => "http",
@@ -464,6 +455,18 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         tracing::info!(%url, "HTTP API listening");
         hulld.set_api_url(url);
     }
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        listener,
+        Endpoint::control("control socket", config.control_connections),
+        budget.clone(),
+    ));
+    tokio::spawn(crate::server::accept_loop(
+        hulld.clone(),
+        inner_api.listener,
+        Endpoint::inner(config.inner_connections),
+        budget.clone(),
+    ));
     if let Some(vsock) = vsock {
         tokio::spawn(crate::server::accept_loop(
             hulld.clone(),

@@ -1,27 +1,29 @@
-//! One exec session on a client connection: hulld asks the init to spawn,
-//! receives the process's stdio fds, and pumps bytes between them and the
-//! client until the process has exited and its output is drained.
+//! Starting an exec: hulld asks the init to spawn, receives the process's
+//! stdio fds and hands them to a session ([`crate::sessions`]), which pumps
+//! bytes between them and its clients until the process has exited and its
+//! output is drained.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{Sink, SinkExt, Stream};
 use hull_proto::{
-    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, ExitStatus,
-    Stream as Out, WinSize, DEFAULT_LINGER_MS,
+    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, SessionInfo,
+    WinSize, DEFAULT_LINGER_MS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use crate::launch::{InitEvent, InitProcess, Inner, StartFailure};
-use crate::supervisor::{OomCheck, Supervisor};
+use crate::launch::{InitProcess, Inner, StartFailure};
+use crate::sessions::{Outcome, SessionTerms, Sessions, Started};
+use crate::supervisor::Supervisor;
 use hull_logs::{ExecLog, ExecRecorder};
 
-const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
 const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
 
@@ -37,21 +39,28 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
 /// that writes before it reads can never deadlock the session.
 const STDIN_QUEUE: usize = 16;
 
-/// The process's end of things, as hulld holds it.
-struct ProcessIo {
-    /// Feeds the stdin writer task; dropped on the client's EOF.
-    stdin: Option<mpsc::Sender<Vec<u8>>>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
-    master: Option<Arc<AsyncFd<OwnedFd>>>,
+/// Input for the process, as its clients send it.
+pub(crate) enum Input {
+    Data(Vec<u8>),
+    /// End of input. On a PTY the terminal stays open (the shell's EOF is
+    /// a ^D the user types); on pipes the process sees end of file.
+    Eof,
+}
+
+/// The process's output end of things, as hulld holds it; its input is
+/// the sender [`ProcessIo::from_fds`] returns beside it.
+pub(crate) struct ProcessIo {
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+    pub master: Option<Arc<AsyncFd<OwnedFd>>>,
     /// Kept for resizes after the output side reached end of file.
     tty: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
 impl ProcessIo {
-    fn from_fds(fds: Vec<OwnedFd>, tty: bool) -> io::Result<Self> {
+    fn from_fds(fds: Vec<OwnedFd>, tty: bool) -> io::Result<(Self, mpsc::Sender<Input>)> {
         let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected fds from init");
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(STDIN_QUEUE);
+        let (tx, rx) = mpsc::channel::<Input>(STDIN_QUEUE);
         if tty {
             let [master]: [OwnedFd; 1] = fds.try_into().map_err(|_| bad())?;
             nix::fcntl::fcntl(
@@ -62,44 +71,30 @@ impl ProcessIo {
             )?;
             let master = Arc::new(fdpass::register_async(master)?);
             tokio::spawn(feed_pty(master.clone(), rx));
-            return Ok(ProcessIo {
-                stdin: Some(tx),
+            let io = ProcessIo {
                 stdout: None,
                 stderr: None,
                 master: Some(master.clone()),
                 tty: Some(master),
-            });
+            };
+            return Ok((io, tx));
         }
         let [stdin, stdout, stderr]: [OwnedFd; 3] = fds.try_into().map_err(|_| bad())?;
         tokio::spawn(feed_pipe(pipe::Sender::from_owned_fd(stdin)?, rx));
-        Ok(ProcessIo {
-            stdin: Some(tx),
+        let io = ProcessIo {
             stdout: Some(pipe::Receiver::from_owned_fd(stdout)?),
             stderr: Some(pipe::Receiver::from_owned_fd(stderr)?),
             master: None,
             tty: None,
-        })
+        };
+        Ok((io, tx))
     }
 
-    fn output_open(&self) -> bool {
+    pub fn output_open(&self) -> bool {
         self.stdout.is_some() || self.stderr.is_some() || self.master.is_some()
     }
 
-    fn stdin_full(&self) -> bool {
-        self.stdin.as_ref().is_some_and(|tx| tx.capacity() == 0)
-    }
-
-    /// Queues a chunk; the caller checked there is room.
-    fn write_stdin(&mut self, data: Vec<u8>) {
-        if let Some(tx) = &self.stdin {
-            if tx.try_send(data).is_err() {
-                // The writer task ended: the process closed its stdin.
-                self.stdin = None;
-            }
-        }
-    }
-
-    fn close_output(&mut self, source: Source) {
+    pub fn close_output(&mut self, source: Source) {
         match source {
             Source::Stdout => self.stdout = None,
             Source::Stderr => self.stderr = None,
@@ -107,15 +102,7 @@ impl ProcessIo {
         }
     }
 
-    /// End of input. On a PTY the terminal stays open (the shell's EOF is a
-    /// ^D the user types); on pipes the process sees end of file.
-    fn close_stdin(&mut self) {
-        if self.tty.is_none() {
-            self.stdin = None;
-        }
-    }
-
-    fn resize(&self, size: WinSize) {
+    pub fn resize(&self, size: WinSize) {
         if let Some(m) = &self.tty {
             let ws = libc::winsize {
                 ws_row: size.rows,
@@ -130,18 +117,20 @@ impl ProcessIo {
     }
 }
 
-async fn feed_pipe(mut pipe: pipe::Sender, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(chunk) = rx.recv().await {
+async fn feed_pipe(mut pipe: pipe::Sender, mut rx: mpsc::Receiver<Input>) {
+    while let Some(Input::Data(chunk)) = rx.recv().await {
         if pipe.write_all(&chunk).await.is_err() {
             return;
         }
     }
 }
 
-async fn feed_pty(master: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(chunk) = rx.recv().await {
-        if write_all_fd(&master, &chunk).await.is_err() {
-            return;
+async fn feed_pty(master: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Input>) {
+    while let Some(input) = rx.recv().await {
+        if let Input::Data(chunk) = input {
+            if write_all_fd(&master, &chunk).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -173,14 +162,20 @@ async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> 
     Ok(())
 }
 
-async fn read_opt_pipe(pipe: Option<&mut pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) async fn read_opt_pipe(
+    pipe: Option<&mut pipe::Receiver>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
     match pipe {
         Some(p) => p.read(buf).await,
         None => std::future::pending().await,
     }
 }
 
-async fn read_opt_fd(fd: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) async fn read_opt_fd(
+    fd: Option<&AsyncFd<OwnedFd>>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
     match fd {
         Some(fd) => read_fd(fd, buf).await,
         None => std::future::pending().await,
@@ -188,30 +183,23 @@ async fn read_opt_fd(fd: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8]) -> io::Resul
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Source {
+pub(crate) enum Source {
     Stdout,
     Stderr,
     Pty,
 }
 
-enum Step {
-    Client(Option<io::Result<ClientMsg>>),
-    Output(Source, io::Result<usize>),
-    Event(Option<InitEvent>),
-    StdinRoom,
-    DrainOver,
-    Timeout,
-}
-
-/// Runs one exec session to its end. Errors are connection errors: the
-/// caller drops the connection.
+/// Starts an exec as a session with this connection as its first client
+/// and carries it until it ends or the client detaches or goes. Errors are
+/// connection errors: the caller drops the connection.
 pub async fn run<R, W>(
     supervisor: &Supervisor,
+    sessions: &Sessions,
     exec_log: &ExecLog,
     request: ExecRequest,
     reader: &mut R,
     writer: &mut W,
-) -> io::Result<()>
+) -> io::Result<Outcome>
 where
     R: Stream<Item = io::Result<ClientMsg>> + Unpin,
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
@@ -223,12 +211,13 @@ where
         let Some(inner) = next_inner(supervisor, stopped.as_ref(), deadline).await else {
             let p = supervisor.published();
             let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
-            return writer
+            writer
                 .send(error(
                     ErrorKind::InnerUnavailable,
                     format!("the inner is not running (state {}){detail}", p.state),
                 ))
-                .await;
+                .await?;
+            return Ok(Outcome::Ended);
         };
         // A request the init never got ran nowhere: it goes to the next
         // inner. One it may have acted on is not repeated.
@@ -244,31 +233,105 @@ where
                 continue;
             }
             Err(StartFailure::Refused(kind, message)) => {
-                return writer.send(error(ErrorKind::Spawn(kind), message)).await
+                writer.send(error(ErrorKind::Spawn(kind), message)).await?;
+                return Ok(Outcome::Ended);
             }
-            Err(StartFailure::Lost) => return writer.send(inner_stopped(&inner)).await,
+            Err(StartFailure::Lost) => {
+                writer.send(inner_stopped(&inner)).await?;
+                return Ok(Outcome::Ended);
+            }
         };
         // Non-interactive execs are also kept in the `exec` log source,
         // unless asked not to; a terminal session is the user's own screen
         // and is not.
         let record =
             (spec.tty.is_none() && !request.no_log).then(|| exec_log.start(&spec.argv, requested));
+        let exec_id = record.as_ref().map(ExecRecorder::id);
         let terms = SessionTerms {
             tty: spec.tty.is_some(),
             linger: Duration::from_millis(request.linger_ms.unwrap_or(DEFAULT_LINGER_MS)),
             timeout: request.timeout_ms.map(Duration::from_millis),
+            max_run_after_disconnect: request
+                .max_run_after_disconnect_ms
+                .map(Duration::from_millis),
+            background: request.detach,
             oom: supervisor.oom_check().await,
         };
-        return session(&inner, process, terms, record, reader, writer).await;
+        let Some(started) = begin(inner, process, terms, record, &request, writer).await? else {
+            return Ok(Outcome::Ended);
+        };
+        let attachment = sessions.start(started);
+        writer
+            .send(DaemonMsg::ExecStarted {
+                pid: attachment.info.pid,
+                session: attachment.id,
+                exec_id,
+            })
+            .await?;
+        if request.detach {
+            attachment.leave_in_background().await;
+            return Ok(Outcome::Detached);
+        }
+        return attachment.pump(reader, writer).await;
     }
 }
 
+/// The process's fds made into a session's parts; `None` (and the client
+/// told why) when they are unusable.
+async fn begin<W>(
+    inner: Arc<Inner>,
+    mut process: InitProcess,
+    terms: SessionTerms,
+    record: Option<ExecRecorder>,
+    request: &ExecRequest,
+    writer: &mut W,
+) -> io::Result<Option<Started>>
+where
+    W: Sink<DaemonMsg, Error = io::Error> + Unpin,
+{
+    let fds = std::mem::take(&mut process.fds);
+    let (io, stdin) = match ProcessIo::from_fds(fds, terms.tty) {
+        Ok(io) => io,
+        Err(e) => {
+            inner.link.kill(process.id, libc::SIGKILL).await;
+            writer
+                .send(error(ErrorKind::Internal, format!("exec stdio: {e}")))
+                .await?;
+            return Ok(None);
+        }
+    };
+    let now = hull_checkpoint::catalog::now_ms();
+    let info = SessionInfo {
+        id: process.id,
+        argv: request.spec.argv.clone(),
+        cwd: request.spec.cwd.clone(),
+        tty: terms.tty,
+        pid: process.pid,
+        created_ms: now,
+        last_activity_ms: now,
+        clients: 0,
+        output_bytes: 0,
+        scrollback_bytes: 0,
+        max_run_after_disconnect_ms: request.max_run_after_disconnect_ms,
+    };
+    Ok(Some(Started {
+        inner,
+        process,
+        io,
+        stdin,
+        terms,
+        record,
+        info,
+    }))
+}
+
 /// Starts `request` with no client attached: answers what a client gets
-/// first (`ExecStarted`, or why it did not start) and runs the rest of the
-/// session in a task of its own, with no input, its output in the `exec`
-/// log only.
+/// first (`ExecStarted`, or why it did not start); the session runs on
+/// with its input ended and its output in the `exec` log (and with
+/// whoever attaches).
 pub async fn detach(
     supervisor: Supervisor,
+    sessions: Sessions,
     exec_log: Arc<ExecLog>,
     request: ExecRequest,
 ) -> DaemonMsg {
@@ -278,30 +341,29 @@ pub async fn detach(
             "a detached exec has no terminal, and its log is where its output goes",
         );
     }
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    // The first message goes to the client; the rest (output, the end) is
-    // in the log already.
-    let writer = futures::sink::unfold(Some(first_tx), |first, msg: DaemonMsg| async move {
-        let mut first = first;
-        if let Some(tx) = first.take() {
-            let _ = tx.send(msg);
-        }
-        Ok::<_, io::Error>(first)
-    });
-    tokio::spawn(async move {
-        let mut writer = Box::pin(writer);
-        let mut reader =
-            futures::stream::iter([Ok(ClientMsg::StdinEof)]).chain(futures::stream::pending());
-        if let Err(e) = run(&supervisor, &exec_log, request, &mut reader, &mut writer).await {
-            tracing::debug!(error = %e, "a detached exec ended with an error");
-        }
-    });
-    first_rx.await.unwrap_or_else(|_| {
-        error(
+    // The session leaves its client as soon as it started: the answer is
+    // the one message written.
+    let mut sent: Vec<DaemonMsg> = Vec::new();
+    let mut writer = (&mut sent).sink_map_err(|never| -> io::Error { match never {} });
+    let mut reader = futures::stream::pending();
+    let ran = run(
+        &supervisor,
+        &sessions,
+        &exec_log,
+        request,
+        &mut reader,
+        &mut writer,
+    )
+    .await;
+    drop(writer);
+    match (ran, sent.into_iter().next()) {
+        (Ok(_), Some(msg)) => msg,
+        (Err(e), _) => error(ErrorKind::Internal, format!("the detached exec: {e}")),
+        (Ok(_), None) => error(
             ErrorKind::Internal,
             "the detached exec ended before it answered",
-        )
-    })
+        ),
+    }
 }
 
 /// The running inner, other than `stopped` (one a request just missed),
@@ -331,194 +393,4 @@ fn inner_stopped(inner: &Inner) -> DaemonMsg {
     DaemonMsg::ExecEnded(ExecEnd::InnerStopped {
         reason: inner.stop_reason(),
     })
-}
-
-/// The terms of one session: whether it has a terminal, how long it may
-/// run, how long it passes on output after the process exited (processes
-/// it left behind may hold its stdout/stderr, and must not keep the
-/// session alive for ever), and how an out-of-memory kill is told.
-struct SessionTerms {
-    tty: bool,
-    linger: Duration,
-    timeout: Option<Duration>,
-    oom: OomCheck,
-}
-
-async fn session<R, W>(
-    inner: &Arc<Inner>,
-    mut process: InitProcess,
-    limits: SessionTerms,
-    mut record: Option<ExecRecorder>,
-    reader: &mut R,
-    writer: &mut W,
-) -> io::Result<()>
-where
-    R: Stream<Item = io::Result<ClientMsg>> + Unpin,
-    W: Sink<DaemonMsg, Error = io::Error> + Unpin,
-{
-    let fds = std::mem::take(&mut process.fds);
-    let (id, pid) = (process.id, process.pid);
-    let mut exit: Option<ExitStatus> = process.exited;
-    let events = &mut process.events;
-    let tty = limits.tty;
-    let mut io = match ProcessIo::from_fds(fds, tty) {
-        Ok(io) => io,
-        Err(e) => {
-            inner.link.kill(id, libc::SIGKILL).await;
-            return writer
-                .send(error(ErrorKind::Internal, format!("exec stdio: {e}")))
-                .await;
-        }
-    };
-    let exec_id = record.as_ref().map(ExecRecorder::id);
-    writer.send(DaemonMsg::ExecStarted { pid, exec_id }).await?;
-
-    let mut out_buf = vec![0u8; CHUNK];
-    let mut err_buf = vec![0u8; CHUNK];
-    let mut pty_buf = vec![0u8; if tty { CHUNK } else { 0 }];
-    let drain = tokio::time::sleep(Duration::from_secs(86400 * 365));
-    tokio::pin!(drain);
-    if exit.is_some() {
-        drain
-            .as_mut()
-            .reset(tokio::time::Instant::now() + limits.linger);
-    }
-    let timeout = tokio::time::sleep(limits.timeout.unwrap_or(Duration::from_secs(86400 * 365)));
-    tokio::pin!(timeout);
-    let mut timed_out = false;
-    let mut cut = false;
-    loop {
-        if exit.is_some() && !io.output_open() {
-            break;
-        }
-        let stdin_full = io.stdin_full();
-        let step = {
-            let (has_out, has_err, has_pty) = (
-                io.stdout.is_some(),
-                io.stderr.is_some(),
-                io.master.is_some(),
-            );
-            let stdin_room = async {
-                match &io.stdin {
-                    Some(tx) => drop(tx.reserve().await),
-                    None => std::future::pending().await,
-                }
-            };
-            let (stdout, stderr, master) =
-                (io.stdout.as_mut(), io.stderr.as_mut(), io.master.as_deref());
-            tokio::select! {
-                msg = reader.next(), if !stdin_full => Step::Client(msg),
-                _ = stdin_room, if stdin_full => Step::StdinRoom,
-                n = read_opt_pipe(stdout, &mut out_buf), if has_out => Step::Output(Source::Stdout, n),
-                n = read_opt_pipe(stderr, &mut err_buf), if has_err => Step::Output(Source::Stderr, n),
-                n = read_opt_fd(master, &mut pty_buf), if has_pty => Step::Output(Source::Pty, n),
-                ev = events.recv(), if exit.is_none() => Step::Event(ev),
-                _ = &mut drain, if exit.is_some() => Step::DrainOver,
-                _ = &mut timeout, if limits.timeout.is_some() && exit.is_none() && !timed_out => Step::Timeout,
-            }
-        };
-        match step {
-            Step::Client(Some(Ok(msg))) => match msg {
-                ClientMsg::Stdin(data) => io.write_stdin(data),
-                ClientMsg::StdinEof => io.close_stdin(),
-                ClientMsg::Resize(size) => io.resize(size),
-                ClientMsg::Signal(signal) => {
-                    inner.link.kill(id, signal).await;
-                }
-                other => {
-                    writer
-                        .send(error(
-                            ErrorKind::BadRequest,
-                            format!("{other:?} is not allowed during an exec session"),
-                        ))
-                        .await?;
-                }
-            },
-            Step::Client(Some(Err(e))) => {
-                inner.link.kill(id, libc::SIGHUP).await;
-                let _ = writer.send(error(ErrorKind::BadFrame, e.to_string())).await;
-                return Err(e);
-            }
-            Step::Client(None) => {
-                // The client went away: hang up on the process, as a
-                // closing terminal does, and stop pumping.
-                inner.link.kill(id, libc::SIGHUP).await;
-                if let Some(record) = record {
-                    record.finish(None, Some("the client went away; sent SIGHUP"));
-                }
-                return Ok(());
-            }
-            Step::Output(source, Ok(n)) if n > 0 => {
-                let (stream, buf) = match source {
-                    Source::Stderr => (Out::Stderr, &err_buf),
-                    Source::Stdout => (Out::Stdout, &out_buf),
-                    Source::Pty => (Out::Stdout, &pty_buf),
-                };
-                if let Some(record) = &mut record {
-                    record.push(stream, &buf[..n]);
-                }
-                writer
-                    .send(DaemonMsg::Output {
-                        stream,
-                        data: buf[..n].to_vec(),
-                    })
-                    .await?;
-            }
-            Step::Output(source, _) => io.close_output(source),
-            Step::Event(Some(InitEvent::Exited(status))) => {
-                exit = Some(status);
-                drain
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + limits.linger);
-            }
-            Step::Event(Some(_)) => {}
-            Step::Event(None) => {
-                if let Some(record) = record {
-                    let note = format!("the inner stopped: {}", inner.stop_reason());
-                    record.finish(None, Some(&note));
-                }
-                return writer.send(inner_stopped(inner)).await;
-            }
-            Step::StdinRoom => {}
-            Step::DrainOver => {
-                cut = io.output_open();
-                break;
-            }
-            Step::Timeout => {
-                timed_out = true;
-                inner.link.kill(id, libc::SIGKILL).await;
-            }
-        }
-    }
-    if cut {
-        writer
-            .send(DaemonMsg::OutputCut {
-                linger_ms: u64::try_from(limits.linger.as_millis()).unwrap_or(u64::MAX),
-            })
-            .await?;
-    }
-    let status = exit.expect("loop ends after exit");
-    if let Some(note) = limits.oom.victim_note(status).await {
-        writer
-            .send(DaemonMsg::Output {
-                stream: Out::Stderr,
-                data: note.into_bytes(),
-            })
-            .await?;
-    }
-    let end = match limits.timeout {
-        Some(t) if timed_out => ExecEnd::TimedOut {
-            timeout_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
-        },
-        _ => ExecEnd::Exited(status),
-    };
-    if let Some(record) = record {
-        let note = match &end {
-            ExecEnd::TimedOut { timeout_ms } => Some(format!("timed out after {timeout_ms} ms")),
-            _ if cut => Some("output cut after the linger".to_string()),
-            _ => None,
-        };
-        record.finish(Some(status), note.as_deref());
-    }
-    writer.send(DaemonMsg::ExecEnded(end)).await
 }

@@ -14,12 +14,13 @@ use hull_logs::{ExecLog, LogStore};
 use hull_proto::{
     BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ErrorKind,
     ErrorReport, ExecRequest, IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest,
-    ServiceStatus, StatusReport, TokenRequest,
+    ServiceStatus, SessionRequest, StatusReport, TokenRequest,
 };
 use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
 
 use crate::network::Network;
+use crate::sessions::{Outcome, Replies, Requests, SessionError, Sessions};
 use crate::supervisor::{Supervisor, SupervisorError};
 
 /// The parts [`Hulld`] is made of, as start-up built them.
@@ -37,6 +38,7 @@ pub(crate) struct Parts {
     pub user_namespace: Option<hull_proto::IdMapping>,
     pub network: Network,
     pub tokens: hull_api::TokenStore,
+    pub sessions: Sessions,
 }
 
 pub struct Hulld {
@@ -154,11 +156,79 @@ impl Hulld {
         })
     }
 
+    /// Runs an exec as a session with this connection as its client.
+    pub async fn do_exec(
+        &self,
+        request: ExecRequest,
+        reader: &mut impl Requests,
+        writer: &mut impl Replies,
+    ) -> std::io::Result<Outcome> {
+        let p = &self.parts;
+        crate::exec::run(
+            &p.supervisor,
+            &p.sessions,
+            &p.exec_log,
+            request,
+            reader,
+            writer,
+        )
+        .await
+    }
+
+    /// Attaches this connection to session `id` and carries it, as
+    /// [`Hulld::do_exec`] does an exec's.
+    pub async fn do_session_attach(
+        &self,
+        id: u64,
+        take_writer: bool,
+        reader: &mut impl Requests,
+        writer: &mut impl Replies,
+    ) -> std::io::Result<Outcome> {
+        use futures::SinkExt;
+        match self.parts.sessions.attach(id, take_writer).await {
+            Ok(attachment) => {
+                writer.send(attachment.attached()).await?;
+                attachment.pump(reader, writer).await
+            }
+            Err(e) => {
+                writer.send(session_error(&e)).await?;
+                Ok(Outcome::Ended)
+            }
+        }
+    }
+
+    /// Lists or kills sessions (attaching is [`Hulld::do_session_attach`]).
+    pub async fn do_sessions(&self, request: SessionRequest) -> DaemonMsg {
+        let sessions = &self.parts.sessions;
+        let reply = match request {
+            SessionRequest::List => Ok(DaemonMsg::Sessions(sessions.list())),
+            SessionRequest::Kill {
+                id,
+                signal,
+                timeout_ms,
+            } => sessions
+                .kill(id, signal, Duration::from_millis(timeout_ms))
+                .await
+                .map(|forced| DaemonMsg::SessionKilled { id, forced }),
+            SessionRequest::Attach { .. } => Ok(DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::Internal,
+                message: "an attach is served by do_session_attach".into(),
+            })),
+        };
+        reply.unwrap_or_else(|e| {
+            DaemonMsg::Error(ErrorReport {
+                kind: ErrorKind::NotFound,
+                message: hull_proto::error_chain(&e),
+            })
+        })
+    }
+
     /// Starts a detached exec: the answer a client gets first (started,
     /// or why not); the session runs on without one.
     pub async fn do_exec_detached(&self, request: ExecRequest) -> DaemonMsg {
         crate::exec::detach(
             self.parts.supervisor.clone(),
+            self.parts.sessions.clone(),
             self.parts.exec_log.clone(),
             request,
         )
@@ -302,6 +372,16 @@ impl Hulld {
     pub async fn exited(&self) {
         self.stopped.notified().await
     }
+}
+
+fn session_error(e: &SessionError) -> DaemonMsg {
+    let kind = match e {
+        SessionError::NotFound(_) => ErrorKind::NotFound,
+    };
+    DaemonMsg::Error(ErrorReport {
+        kind,
+        message: hull_proto::error_chain(e),
+    })
 }
 
 fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {

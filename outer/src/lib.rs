@@ -12,6 +12,7 @@ pub mod launch;
 mod net_policy;
 pub mod network;
 mod server;
+mod sessions;
 mod supervisor;
 
 pub use hull_client as client;

@@ -15,7 +15,7 @@ use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
 use hull_ingress::{FdBudget, Throttle};
 use hull_proto::{
     frame_reader_max, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameReader,
-    Hello, TokenScope, PROTOCOL_VERSION,
+    Hello, SessionRequest, TokenScope, PROTOCOL_VERSION,
 };
 use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::error_chain;
 use crate::hulld::Hulld;
+use crate::sessions::Outcome;
 use crate::supervisor::SupervisorError;
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
@@ -74,8 +75,11 @@ fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
         | ClientMsg::CheckpointList
         | ClientMsg::Logs { .. }
         | ClientMsg::NetworkPolicy(None)
+        | ClientMsg::Sessions(SessionRequest::List)
         | ClientMsg::Services(S::List | S::Show(_)) => Some(TokenScope::Read),
         ClientMsg::Exec(_)
+        | ClientMsg::Sessions(SessionRequest::Attach { .. } | SessionRequest::Kill { .. })
+        | ClientMsg::Detach
         | ClientMsg::Stdin(_)
         | ClientMsg::StdinEof
         | ClientMsg::Resize(_)
@@ -367,16 +371,18 @@ where
                 writer.send(hulld.do_exec_detached(request).await).await?
             }
             ClientMsg::Exec(request) => {
-                crate::exec::run(
-                    hulld.supervisor(),
-                    hulld.exec_log(),
-                    request,
-                    reader,
-                    writer,
-                )
-                .await?;
+                if hulld.do_exec(request, reader, writer).await? == Outcome::Gone {
+                    return Ok(());
+                }
                 had_session = true;
             }
+            ClientMsg::Sessions(SessionRequest::Attach { id, writer: take }) => {
+                if hulld.do_session_attach(id, take, reader, writer).await? == Outcome::Gone {
+                    return Ok(());
+                }
+                had_session = true;
+            }
+            ClientMsg::Sessions(request) => writer.send(hulld.do_sessions(request).await).await?,
             ClientMsg::Bounce { grace_ms } => {
                 let reply = hulld.do_bounce(Duration::from_millis(grace_ms)).await;
                 writer
@@ -459,12 +465,14 @@ where
             | ClientMsg::StdinEof
             | ClientMsg::Resize(_)
             | ClientMsg::Signal(_)
+            | ClientMsg::Detach
                 if had_session => {}
             other @ (ClientMsg::Hello(_)
             | ClientMsg::Stdin(_)
             | ClientMsg::StdinEof
             | ClientMsg::Resize(_)
-            | ClientMsg::Signal(_)) => {
+            | ClientMsg::Signal(_)
+            | ClientMsg::Detach) => {
                 writer
                     .send(error(
                         ErrorKind::BadRequest,
@@ -497,6 +505,8 @@ fn variant(msg: &ClientMsg) -> &'static str {
         ClientMsg::Ingress => "Ingress",
         ClientMsg::Tokens(_) => "Tokens",
         ClientMsg::NetworkPolicy(_) => "NetworkPolicy",
+        ClientMsg::Sessions(_) => "Sessions",
+        ClientMsg::Detach => "Detach",
     }
 }
 
@@ -531,6 +541,7 @@ fn command_name(msg: &ClientMsg) -> &'static str {
         ClientMsg::Ports => "hull ports",
         ClientMsg::Ingress => "hull ingress",
         ClientMsg::Tokens(_) => "hull token",
+        ClientMsg::Sessions(_) => "hull sessions",
         other => variant(other),
     }
 }

@@ -42,6 +42,20 @@ pub fn valid_name(name: &str) -> bool {
 pub const NAME_RULE: &str =
     "1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit";
 
+/// `SIGTERM`, `TERM` or `15` as a signal number.
+pub fn signal_number(name: &str) -> Option<i32> {
+    if let Ok(n) = name.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).is_ok().then_some(n);
+    }
+    let full = match name.to_ascii_uppercase() {
+        n if n.starts_with("SIG") => n,
+        n => format!("SIG{n}"),
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
 /// An error and its sources, joined with ": ", for a one-line message.
 /// Errors name what failed and keep the cause as their `source()`, so
 /// each cause appears once.

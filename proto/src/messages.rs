@@ -88,7 +88,18 @@ pub struct ExecRequest {
     /// session on its own (no input; the output goes to the `exec` log only).
     #[serde(default)]
     pub detach: bool,
+    /// How long the session runs on once its last client has gone: 0 ends
+    /// it with the client. When absent, a session with a terminal runs on
+    /// until its process exits, and one without runs on 10 s after its
+    /// client detached ([`ClientMsg::Detach`]) and ends when the client
+    /// just hung up.
+    #[serde(default)]
+    pub max_run_after_disconnect_ms: Option<u64>,
 }
+
+/// How long a session without a terminal runs on after an explicit detach
+/// unless the request says otherwise.
+pub const DEFAULT_DETACHED_RUN_MS: u64 = 10_000;
 
 /// How long output is kept after the process exits unless the client asks
 /// otherwise.
@@ -102,6 +113,7 @@ impl From<ExecSpec> for ExecRequest {
             timeout_ms: None,
             no_log: false,
             detach: false,
+            max_run_after_disconnect_ms: None,
         }
     }
 }
@@ -371,6 +383,56 @@ pub enum ClientMsg {
     /// The sandbox's network policy: `None` reads it, `Some` replaces it
     /// with this JSON text, kept as sent.
     NetworkPolicy(Option<String>),
+    /// Exec sessions: list, attach to one, kill one.
+    Sessions(SessionRequest),
+    /// Leave the current exec session without ending it; it runs on as its
+    /// `max_run_after_disconnect_ms` says. The connection gets no more of
+    /// it (no `ExecEnded`) and serves requests again.
+    Detach,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SessionRequest {
+    List,
+    /// Attach this connection to a running session: `SessionAttached`, the
+    /// scrollback of a terminal session as `Output`, then the session as an
+    /// exec's (`Output`, `ExecEnded`). The first client attached is the
+    /// writer (its stdin, resizes and signals reach the process; others'
+    /// are dropped); `writer` takes that role from the current one.
+    Attach {
+        id: u64,
+        writer: bool,
+    },
+    /// Send `signal` to the session's process; if the session has not
+    /// ended `timeout_ms` later, SIGKILL. The reply comes once it ended.
+    Kill {
+        id: u64,
+        signal: i32,
+        timeout_ms: u64,
+    },
+}
+
+/// One running exec session, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub argv: Vec<String>,
+    pub cwd: Option<String>,
+    pub tty: bool,
+    /// The pid inside the inner.
+    pub pid: i32,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+    /// The last output or input, Unix time in milliseconds.
+    pub last_activity_ms: i64,
+    /// Clients attached now.
+    pub clients: u32,
+    /// Output bytes since it started.
+    pub output_bytes: u64,
+    /// Bytes of output kept for replay on attach (terminal sessions).
+    pub scrollback_bytes: u64,
+    /// How long it runs on with no client; `None`: until it exits.
+    pub max_run_after_disconnect_ms: Option<u64>,
 }
 
 /// What a token lets its bearer do on the HTTP API; each scope includes
@@ -461,6 +523,9 @@ pub enum DaemonMsg {
     ExecStarted {
         /// The pid inside the inner.
         pid: i32,
+        /// Its session id (`hull sessions attach ID`).
+        #[serde(default)]
+        session: u64,
         /// Its id in the `exec` log (`hull logs exec:ID`), when it is logged.
         exec_id: Option<u64>,
     },
@@ -505,6 +570,23 @@ pub enum DaemonMsg {
     NetworkPolicy {
         policy: Option<String>,
         enforced: bool,
+    },
+    Sessions(Vec<SessionInfo>),
+    /// This connection is attached to the session; `writer`: its input
+    /// reaches the process.
+    SessionAttached {
+        info: SessionInfo,
+        writer: bool,
+    },
+    /// The session a `Kill` named has ended; `forced`: it took a SIGKILL
+    /// after the timeout.
+    SessionKilled {
+        id: u64,
+        forced: bool,
+    },
+    /// The answer to `Detach`: the session runs on without this client.
+    Detached {
+        id: u64,
     },
     Error(ErrorReport),
 }

@@ -1,4 +1,4 @@
-"""Checkpoints, services and network policy through the Sprites SDK.
+"""Checkpoints, services, network policy and sessions through the Sprites SDK.
 
 Run by tests/tests/api_admin.rs, one phase per call, with SPRITES_URL,
 SPRITES_TOKEN and SPRITE_NAME set; what the Rust side checks in between
@@ -91,6 +91,21 @@ def policy():
     print(json.dumps({"before": len(before.rules), "after": len(after.rules)}))
 
 
+def sessions(session_id):
+    """The session the Rust side left running: listed, then killed."""
+    from sprites.session import kill_session
+
+    listed = {s.id: s for s in sprite.list_sessions()}
+    if session_id not in listed:
+        fail(f"session {session_id} is not listed: {listed}")
+    s = listed[session_id]
+    if not s.tty or s.is_active or "sleep" not in s.command:
+        fail(f"the session reads back otherwise: {s}")
+    got = events(kill_session(sprite, session_id, signal="SIGTERM", timeout=5))
+    left = [s.id for s in sprite.list_sessions()]
+    print(json.dumps({"command": s.command, "events": [t for t, _, _ in got], "left": left}))
+
+
 phase = sys.argv[1]
 if phase == "checkpoint":
     checkpoint()
@@ -100,5 +115,7 @@ elif phase == "files":
     files()
 elif phase == "policy":
     policy()
+elif phase == "sessions":
+    sessions(sys.argv[2])
 else:
     fail(f"unknown phase {phase}")

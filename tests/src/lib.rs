@@ -817,3 +817,22 @@ impl Drop for RootKey {
         unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, self.0) };
     }
 }
+
+/// Reads an exec's output on `c` until it contains `needle`; returns all
+/// of it. Panics on anything else, or after 10 s.
+pub async fn read_until(c: &mut Client, needle: &str) -> String {
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            match hull_outer::client::next(&mut c.reader).await.unwrap() {
+                hull_proto::DaemonMsg::Output { data, .. } => {
+                    seen.push_str(&String::from_utf8_lossy(&data))
+                }
+                other => panic!("unexpected {other:?} while waiting for {needle:?}; seen {seen:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no {needle:?} in {seen:?}");
+    seen
+}

@@ -1,16 +1,29 @@
-//! Checkpoints, services, network policy and the OpenAPI document over the
-//! HTTP API: scopes, bad input, and the Sprites SDK driving them.
+//! Checkpoints, services, network policy, sessions and the OpenAPI document
+//! over the HTTP API: scopes, bad input, and the Sprites SDK driving them.
 
 use std::process::Command;
 use std::time::Duration;
 
 use hull_tests::http::request;
-use hull_tests::{block_on, require_root, sdk_python, workspace_dir, TestHull};
+use hull_tests::{block_on, inner_pids_running, require_root, sdk_python, workspace_dir, TestHull};
 
 fn sprite_name(addr: std::net::SocketAddr, token: &str) -> String {
     let r = request(addr, "GET", "/v1/sprites", Some(token), None);
     assert_eq!(r.status, 200, "{r:?}");
     r.json()["sprites"][0]["name"].as_str().unwrap().to_string()
+}
+
+/// The `type` of each event of an NDJSON response.
+fn event_types(r: &hull_tests::http::Response) -> Vec<String> {
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
 }
 
 fn checkpoint_ids(hull: &TestHull) -> Vec<String> {
@@ -370,16 +383,7 @@ fn services_stop_start_and_signal_over_the_api() {
         None,
     );
     assert_eq!(r.status, 200, "{r:?}");
-    let kinds: Vec<String> = String::from_utf8_lossy(&r.body)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["type"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(kinds, ["stopping", "stopped", "complete"]);
+    assert_eq!(event_types(&r), ["stopping", "stopped", "complete"]);
     let r = request(addr, "GET", &format!("{base}/talker"), Some(&admin), None);
     assert_eq!(r.json()["state"]["status"], "stopped", "{r:?}");
     let r = request(
@@ -417,4 +421,88 @@ fn services_stop_start_and_signal_over_the_api() {
     );
     assert_eq!(r.status, 204, "{r:?}");
     assert!(service_names(&hull).is_empty());
+}
+
+#[test]
+fn sessions_are_listed_and_killed_over_the_api_and_through_the_sdk() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let (read, exec) = (hull.api_token("read"), hull.api_token("exec"));
+    let base = format!("/v1/sprites/{}/exec", sprite_name(addr, &read));
+    // A terminal session whose client went: it runs on.
+    let start = |argv: &[&str]| {
+        block_on(async {
+            let mut spec = hull_tests::spec(argv);
+            spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
+            hull.client().await.exec_begin(spec).await.unwrap().session
+        })
+    };
+    let id = start(&["sleep", "1006"]);
+    let r = request(addr, "GET", &base, Some(&read), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    let listed = r.json()["sessions"].as_array().unwrap().clone();
+    let s = listed
+        .iter()
+        .find(|s| s["id"].as_str() == Some(id.to_string().as_str()))
+        .unwrap_or_else(|| panic!("session {id} not in {listed:?}"));
+    assert_eq!(s["command"], "sleep 1006", "{s}");
+    assert_eq!(s["tty"], true, "{s}");
+    assert!(s["created"].as_str().unwrap().ends_with('Z'), "{s}");
+
+    let kill = format!("{base}/{id}/kill");
+    let r = request(addr, "POST", &kill, Some(&read), Some("{}"));
+    assert_eq!(r.status, 403, "a read token cannot kill: {r:?}");
+    let r = request(
+        addr,
+        "POST",
+        &kill,
+        Some(&exec),
+        Some(r#"{"signal":"NOPE"}"#),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/999999/kill"),
+        Some(&exec),
+        Some("{}"),
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = request(
+        addr,
+        "POST",
+        &kill,
+        Some(&exec),
+        Some(r#"{"signal":"SIGTERM","timeout":5}"#),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(event_types(&r), ["signal", "exited", "complete"], "{r:?}");
+    assert!(inner_pids_running(&hull, &["sleep", "1006"]).is_empty());
+
+    let Some(python) = sdk_python() else {
+        return;
+    };
+    let id = start(&["sleep", "1007"]);
+    hull_tests::wait_until(Duration::from_secs(5), "the client to be gone", || {
+        block_on(async { hull.client().await.sessions_list().await.unwrap() })
+            .iter()
+            .any(|s| s.id == id && s.clients == 0)
+    });
+    let got = sdk(&python, &hull, &exec, &["sessions", &id.to_string()]);
+    assert_eq!(got["command"], "sleep 1007", "{got}");
+    assert_eq!(
+        got["events"].as_array().unwrap().last().unwrap(),
+        "complete",
+        "{got}"
+    );
+    assert!(
+        !got["left"]
+            .as_array()
+            .unwrap()
+            .contains(&id.to_string().into()),
+        "{got}"
+    );
 }

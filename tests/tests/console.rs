@@ -217,7 +217,7 @@ fn a_console_a_bounce_ends_leaves_the_terminal_restored_and_says_what_next() {
         return;
     }
     let hull = TestHull::start();
-    let mut term = Terminal::run(&hull, &["console"]);
+    let mut term = Terminal::run(&hull, &["console", "--once"]);
     // What vim does on start: the alternate screen, no cursor, mouse and
     // bracketed paste on.
     term.type_keys(b"printf '\\033[?1049h\\033[?25l\\033[?1000h\\033[?2004h'; echo alt-$((1+1))\r");
@@ -258,27 +258,65 @@ fn a_console_a_bounce_ends_leaves_the_terminal_restored_and_says_what_next() {
 }
 
 #[test]
-fn console_reconnect_gets_a_new_shell_after_a_bounce() {
+fn console_gets_a_new_shell_after_a_bounce_with_the_terminal_reset() {
     if !require_root() {
         return;
     }
     let hull = TestHull::start();
-    let mut term = Terminal::run(&hull, &["console", "--reconnect"]);
-    term.type_keys(b"echo first-$((1+1))\r");
+    let mut term = Terminal::run(&hull, &["console"]);
+    term.type_keys(b"printf '\\033[?1049h\\033[?25l'; echo first-$((1+1))\r");
     let at = term.expect(0, "first-2");
     let out = hull.hull(&["bounce"]);
     assert!(out.status.success(), "{out:?}");
-    let at = term.expect(at, "reconnect");
+    let notice = term.expect(at, "new shell");
+    let seen = term.seen();
+    for (seq, _) in &RESTORES[..2] {
+        assert!(
+            seen[at..notice].contains(seq),
+            "{seq:?} not written before the notice: {:?}",
+            &seen[at..notice]
+        );
+    }
     // The new shell answers; hull did not exit.
     let mut answered = None;
     for _ in 0..20 {
         term.type_keys(b"echo second-$((2+2))\r");
-        answered = term.wait_for(at, "second-4", Duration::from_millis(500));
+        answered = term.wait_for(notice, "second-4", Duration::from_millis(500));
         if answered.is_some() {
             break;
         }
     }
-    answered.unwrap_or_else(|| term.expect(at, "second-4"));
+    answered.unwrap_or_else(|| term.expect(notice, "second-4"));
     term.type_keys(b"exit 3\r");
-    assert_eq!(term.wait(), 3, "the reconnected shell's exit is hull's");
+    assert_eq!(term.wait(), 3, "the new shell's exit is hull's");
+}
+
+#[test]
+fn ctrl_backslash_detaches_the_console_and_attach_brings_its_screen_back() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let mut term = Terminal::run(&hull, &["console"]);
+    term.type_keys(b"echo before-$((20+1))\r");
+    let at = term.expect(0, "before-21");
+    term.type_keys(b"\x1c");
+    assert_eq!(term.wait(), 0, "a detach is not a failure");
+    term.expect(at, "hull console --attach");
+    // The shell runs on with nobody attached.
+    hull_tests::wait_until(Duration::from_secs(5), "a detached console", || {
+        let out = hull.hull(&["--json", "sessions", "list"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["tty"] == true && s["clients"] == 0)
+    });
+    let mut back = Terminal::run(&hull, &["console", "--attach"]);
+    // The screen as it was: the scrollback is replayed.
+    back.expect(0, "before-21");
+    back.type_keys(b"echo after-$((30+2))\r");
+    back.expect(0, "after-32");
+    back.type_keys(b"exit 6\r");
+    assert_eq!(back.wait(), 6, "the attached shell's exit is hull's");
 }

@@ -5,23 +5,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use hull_outer::client::{next, Client};
 use hull_proto::{ClientMsg, DaemonMsg, ExecEnd, ExecSpec, ExitStatus, WinSize};
-use hull_tests::{block_on, require_root, TestHull};
-
-/// Reads output until it contains `needle`; returns all of it.
-async fn read_until(c: &mut Client, needle: &str) -> String {
-    let mut seen = String::new();
-    let found = tokio::time::timeout(Duration::from_secs(10), async {
-        while !seen.contains(needle) {
-            match next(&mut c.reader).await.unwrap() {
-                DaemonMsg::Output { data, .. } => seen.push_str(&String::from_utf8_lossy(&data)),
-                other => panic!("unexpected {other:?} while waiting for {needle:?}; seen {seen:?}"),
-            }
-        }
-    })
-    .await;
-    assert!(found.is_ok(), "no {needle:?} in {seen:?}");
-    seen
-}
+use hull_tests::{block_on, read_until, require_root, TestHull};
 
 async fn wait_end(c: &mut Client) -> ExecEnd {
     tokio::time::timeout(Duration::from_secs(10), async {

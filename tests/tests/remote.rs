@@ -43,6 +43,15 @@ fn local(hull: &TestHull, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A hulld, its API's URL, and a read and an exec token for it.
+fn with_tokens() -> (TestHull, String, String, String) {
+    let hull = TestHull::start();
+    let url = format!("http://{}", block_on(hull.api_addr()));
+    let read = hull.api_token("read");
+    let exec = hull.api_token("exec");
+    (hull, url, read, exec)
+}
+
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
 }
@@ -134,10 +143,7 @@ fn the_cli_over_the_api_is_held_to_its_tokens_scope() {
     if !require_root() {
         return;
     }
-    let hull = TestHull::start();
-    let url = format!("http://{}", block_on(hull.api_addr()));
-    let read = hull.api_token("read");
-    let exec = hull.api_token("exec");
+    let (hull, url, read, exec) = with_tokens();
 
     // A read token sees; it cannot run anything.
     let out = remote(&url, &read, &["--json", "status"], b"");
@@ -179,4 +185,35 @@ fn the_cli_over_the_api_is_held_to_its_tokens_scope() {
         "{err}"
     );
     hull.wait_running(std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn sessions_over_the_api_follow_the_tokens_scope() {
+    if !require_root() {
+        return;
+    }
+    let (hull, url, read, exec) = with_tokens();
+    let id = block_on(async {
+        let mut spec = hull_tests::spec(&["sleep", "1008"]);
+        spec.tty = Some(hull_proto::WinSize { rows: 24, cols: 80 });
+        hull.client().await.exec_begin(spec).await.unwrap().session
+    });
+    let out = remote(&url, &read, &["--json", "sessions", "list"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"].as_u64() == Some(id)),
+        "{list}"
+    );
+    let id = id.to_string();
+    let out = remote(&url, &read, &["--json", "sessions", "kill", &id], b"");
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["code"], "not_permitted", "{out:?}");
+    let out = remote(&url, &exec, &["--json", "sessions", "kill", &id], b"");
+    assert!(out.status.success(), "{out:?}");
+    let killed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(killed["forced"], false, "{killed}");
 }

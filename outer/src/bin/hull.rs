@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use hull_outer::cli::{self, ExecOptions, Global};
+use hull_outer::cli::{self, AttachTo, ExecOptions, Global};
 use hull_outer::config::Config;
 
 #[derive(Parser)]
@@ -29,8 +29,8 @@ struct Cli {
     json: bool,
     /// Drive a hulld elsewhere through its HTTP API (http://HOST:PORT or
     /// https://HOST:PORT) instead of the local control socket: status,
-    /// exec, console, bounce, checkpoint, services, logs, ports and ingress
-    /// work the same, with the same output and exit codes.
+    /// exec, console, sessions, bounce, checkpoint, services, logs, ports
+    /// and ingress work the same, with the same output and exit codes.
     #[arg(long, global = true, env = "HULL_URL", value_name = "URL")]
     url: Option<String>,
     /// The API token for --url (see `hull token create` on the VM).
@@ -99,13 +99,31 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// An interactive login shell in the inner. When a bounce or restore
-    /// stops the inner under it, hull resets the terminal and exits 255.
+    /// An interactive login shell in the inner, as a session that outlives
+    /// this terminal: Ctrl+\ detaches (the shell runs on) and `hull
+    /// console --attach` comes back to it, with the screen as it was. When
+    /// a bounce or restore stops the inner under it, hull resets the
+    /// terminal and opens a new shell with a one-line notice.
     Console {
-        /// Open a new shell by itself after a bounce or restore, instead
-        /// of exiting.
-        #[arg(long)]
+        /// Attach to a running console session instead of starting one:
+        /// session ID, or without one the newest console session.
+        #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "latest", value_parser = parse_attach)]
+        attach: Option<AttachTo>,
+        /// After a bounce or restore, reset the terminal and exit 255
+        /// instead of opening a new shell.
+        #[arg(long, conflicts_with = "reconnect")]
+        once: bool,
+        /// Open a new shell after a bounce or restore (the default; kept
+        /// for scripts that pass it).
+        #[arg(long, hide = true)]
         reconnect: bool,
+    },
+    /// Exec sessions: every exec is one, and one with a terminal runs on
+    /// after its client goes, keeping its last 1 MiB of output for whoever
+    /// attaches next.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
     },
     /// Kill everything in the inner and start a fresh one on the same writable layer.
     Bounce {
@@ -168,6 +186,49 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// The running sessions: id, pid, terminal or not, clients attached,
+    /// age, idle time and command.
+    List,
+    /// Attach this terminal to session ID: its scrollback first, then the
+    /// session live; hull exits with its exit code. Ctrl+\ detaches from a
+    /// terminal session.
+    Attach {
+        id: u64,
+        /// Only watch: leave the writer's role (stdin, resizes) to the
+        /// client that has it.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Signal session ID's process and wait for the session to end;
+    /// SIGKILL if it has not ended after --timeout.
+    Kill {
+        id: u64,
+        /// The signal: a name (SIGTERM, TERM, HUP) or a number.
+        #[arg(long, short, default_value = "SIGTERM", value_parser = parse_signal)]
+        signal: i32,
+        /// How long to wait before SIGKILL (500ms, 10s).
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = cli::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+fn parse_attach(s: &str) -> Result<AttachTo, String> {
+    match s {
+        "latest" => Ok(AttachTo::LatestConsole),
+        id => id
+            .parse()
+            .map(AttachTo::Id)
+            .map_err(|_| format!("--attach takes a session id (a number), not {id:?}")),
+    }
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    hull_proto::signal_number(s)
+        .ok_or_else(|| format!("unknown signal {s:?}: use a name like SIGTERM or HUP, or a number"))
 }
 
 #[derive(Subcommand)]
@@ -415,7 +476,14 @@ async fn main() {
     };
     let (json, runs_command) = (
         cli.json,
-        matches!(cli.command, Command::Exec { .. } | Command::Console { .. }),
+        matches!(
+            cli.command,
+            Command::Exec { .. }
+                | Command::Console { .. }
+                | Command::Sessions {
+                    command: SessionsCommand::Attach { .. }
+                }
+        ),
     );
     let code = match run(cli).await {
         Ok(code) => code,
@@ -477,25 +545,28 @@ async fn run(cli: Cli) -> Result<i32> {
                 no_log,
                 detach,
                 reconnect: false,
+                attach: None,
+                writer: true,
+                detach_key: false,
             };
             cli::exec(&g, opts).await
         }
-        Command::Console { reconnect } => {
-            let opts = ExecOptions {
-                argv: cli::console_argv(),
-                env: Vec::new(),
-                cwd: Some("/root".into()),
-                user: None,
-                tty: true,
-                interactive: true,
-                linger: None,
-                timeout: None,
-                no_log: false,
-                detach: false,
-                reconnect,
-            };
-            cli::exec(&g, opts).await
-        }
+        Command::Console {
+            attach,
+            once,
+            reconnect: _,
+        } => cli::exec(&g, cli::console_options(attach, !once)).await,
+        Command::Sessions { command } => match command {
+            SessionsCommand::List => cli::sessions_list(&g).await.map(|()| 0),
+            SessionsCommand::Attach { id, watch } => cli::sessions_attach(&g, id, !watch).await,
+            SessionsCommand::Kill {
+                id,
+                signal,
+                timeout,
+            } => cli::sessions_kill(&g, id, signal, timeout)
+                .await
+                .map(|()| 0),
+        },
         Command::Ports => cli::ports(&g).await.map(|()| 0),
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),

@@ -76,10 +76,28 @@ pub struct ExecOptions {
     /// Start it in the background and print its exec id.
     pub detach: bool,
     /// With a terminal: after the inner stopped under the session (a
-    /// bounce, a restore), start the command again (`hull console
-    /// --reconnect`).
+    /// bounce, a restore), start the command again (`hull console`).
     pub reconnect: bool,
+    /// Attach to a running session instead of starting the command
+    /// (the first session only: a reconnect starts the command).
+    pub attach: Option<AttachTo>,
+    /// Ask to be the session's writer when attaching (else a watcher,
+    /// unless nobody else is attached).
+    pub writer: bool,
+    /// With a terminal: Ctrl+\ detaches from the session, which runs on.
+    pub detach_key: bool,
 }
+
+/// The session an attach is for.
+#[derive(Debug, Clone, Copy)]
+pub enum AttachTo {
+    Id(u64),
+    /// The newest running `hull console` session.
+    LatestConsole,
+}
+
+/// Ctrl+\ on a raw terminal.
+const DETACH_KEY: u8 = 0x1c;
 
 /// Runs one command in the inner, wired to this terminal. Returns the exit
 /// code hull should exit with.
@@ -100,7 +118,8 @@ pub async fn exec(g: &Global, mut opts: ExecOptions) -> Result<i32> {
         match session(g, &opts, &input, &mut wired).await {
             Err(e) if opts.reconnect => match e.downcast_ref::<CliError>() {
                 Some(CliError::TerminalEnded(reason)) => {
-                    errln!("hull: session ended: {reason}; reconnecting\r");
+                    errln!("hull: session ended: {reason}; here is a new shell\r");
+                    opts.attach = None;
                 }
                 _ => return Err(e),
             },
@@ -154,42 +173,16 @@ impl Input {
 async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool) -> Result<i32> {
     let mut c = g.connect().await?;
     let started = Instant::now();
-    let tty = opts.tty.then(local_winsize);
-    let spec = ExecSpec {
-        argv: opts.argv.clone(),
-        env: opts.env.clone(),
-        cwd: opts.cwd.clone(),
-        user: opts.user.clone(),
-        tty,
-    };
-    let request = ExecRequest {
-        spec,
-        linger_ms: opts.linger.map(super::millis),
-        timeout_ms: opts.timeout.map(super::millis),
-        no_log: opts.no_log,
-        detach: opts.detach,
-    };
-    let start = if opts.detach {
-        c.exec_detach(request)
-            .await
-            .map(|(id, pid)| Started::Detached { id, pid })
-    } else {
-        c.exec_started(request)
-            .await
-            .map(|(_pid, id)| Started::Attached { id })
-    };
-    let exec_id = match start {
-        Ok(Started::Detached { id, pid }) => return detached(g, id, pid),
-        Ok(Started::Attached { id }) => id,
-        Err(ClientError::Daemon(report)) => {
-            let ErrorKind::Spawn(kind) = report.kind else {
-                return Err(ClientError::Daemon(report).into());
-            };
-            // The command's failure, with the code a shell gives it.
-            report_error(g.json, daemon_code(report.kind), &report.message);
-            return Ok(kind.shell_code());
+    let (exec_id, session_id, tty) = match opts.attach {
+        // --json collects the output: no terminal to draw on.
+        Some(to) => {
+            let (exec_id, session, tty) = attach(&mut c, to, opts.writer).await?;
+            (exec_id, session, tty && !g.json)
         }
-        Err(e) => return Err(e.into()),
+        None => match start(g, &mut c, opts).await? {
+            Begun::Running { exec_id, session } => (exec_id, session, opts.tty),
+            Begun::Done(code) => return Ok(code),
+        },
     };
     let Client {
         mut reader,
@@ -204,16 +197,21 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
             }
         }
     });
-    let raw = if opts.tty { RawTerminal::enter() } else { None };
-    if !opts.interactive {
+    let raw = if tty { RawTerminal::enter() } else { None };
+    if opts.attach.is_some() && tty {
+        // The session's terminal takes this one's size; the program redraws.
+        tx.send(ClientMsg::Resize(local_winsize())).await?;
+    }
+    // A watcher leaves the input alone: it may be the writer's to end.
+    if !opts.interactive && opts.attach.is_none() {
         tx.send(ClientMsg::StdinEof).await?;
     }
     input.set(tx);
     if !*wired {
         if opts.interactive {
-            spawn_stdin_reader(input.clone(), opts.tty);
+            spawn_stdin_reader(input.clone(), tty, opts.detach_key && tty);
         }
-        spawn_signal_forwarding(input.clone(), opts.tty)?;
+        spawn_signal_forwarding(input.clone(), tty)?;
         *wired = true;
     }
     let mut sink = if g.json {
@@ -226,16 +224,23 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
     let end = loop {
         match client::next(&mut reader).await {
             Ok(DaemonMsg::Output { stream, data }) => {
-                if opts.tty {
+                if tty {
                     screen.see(&data);
                 }
                 sink.write(stream, &data)?
             }
             Ok(DaemonMsg::OutputCut { linger_ms }) => output_cut = Some(linger_ms),
             Ok(DaemonMsg::ExecEnded(end)) => break end,
+            Ok(DaemonMsg::Detached { id }) => {
+                if tty {
+                    screen.restore();
+                }
+                drop(raw);
+                return detached_from(g, id);
+            }
             Ok(other) => bail!(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => {
-                if opts.tty {
+                if tty {
                     screen.restore();
                 }
                 drop(raw);
@@ -254,7 +259,7 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
             timed_out: Some(timeout_ms),
             output_cut,
         },
-        ExecEnd::InnerStopped { reason } if opts.tty => {
+        ExecEnd::InnerStopped { reason } if tty => {
             // What ran there (vim, less) had no chance to undo its modes.
             screen.restore();
             drop(raw);
@@ -267,6 +272,7 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
         OutputSink::Collect(stdout, stderr) => print_json(&exec_json(
             &ended,
             exec_id,
+            session_id,
             stdout,
             stderr,
             started.elapsed(),
@@ -274,6 +280,90 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
         OutputSink::Terminal => ended.tell(),
     }
     Ok(ended.code())
+}
+
+/// How a start went: running on this connection, or over already (in
+/// the background, or it could not start) with the code hull exits with.
+enum Begun {
+    Running { exec_id: Option<u64>, session: u64 },
+    Done(i32),
+}
+
+/// Attaches `c` to a session: its exec id (none), session id and whether
+/// it has a terminal.
+async fn attach(c: &mut Client, to: AttachTo, writer: bool) -> Result<(Option<u64>, u64, bool)> {
+    let id = match to {
+        AttachTo::Id(id) => id,
+        AttachTo::LatestConsole => {
+            let console = super::console_argv();
+            let list = c.sessions_list().await?;
+            let newest = list
+                .iter()
+                .filter(|s| s.tty && s.argv == console)
+                .map(|s| s.id)
+                .max();
+            match newest {
+                Some(id) => id,
+                None => bail!(CliError::NoConsole),
+            }
+        }
+    };
+    let (info, _writer) = c.session_attach(id, writer).await?;
+    Ok((None, info.id, info.tty))
+}
+
+/// `hull console --attach`, `hull sessions attach`: said when the user
+/// detached, with how to come back.
+fn detached_from(g: &Global, id: u64) -> Result<i32> {
+    if g.json {
+        print_json(&serde_json::json!({ "detached": id }))?;
+    } else {
+        errln!("hull: detached from session {id}; it runs on. Back to it: hull console --attach {id} (or hull sessions attach {id})");
+    }
+    Ok(0)
+}
+
+/// Starts the command on `c`.
+async fn start(g: &Global, c: &mut Client, opts: &ExecOptions) -> Result<Begun> {
+    let tty = opts.tty.then(local_winsize);
+    let spec = ExecSpec {
+        argv: opts.argv.clone(),
+        env: opts.env.clone(),
+        cwd: opts.cwd.clone(),
+        user: opts.user.clone(),
+        tty,
+    };
+    let request = ExecRequest {
+        spec,
+        linger_ms: opts.linger.map(super::millis),
+        timeout_ms: opts.timeout.map(super::millis),
+        no_log: opts.no_log,
+        detach: opts.detach,
+        max_run_after_disconnect_ms: None,
+    };
+    let start = if opts.detach {
+        c.exec_detach(request)
+            .await
+            .map(|(id, pid)| Started::Detached { id, pid })
+    } else {
+        c.exec_begin(request).await.map(Started::Attached)
+    };
+    match start {
+        Ok(Started::Detached { id, pid }) => detached(g, id, pid).map(Begun::Done),
+        Ok(Started::Attached(s)) => Ok(Begun::Running {
+            exec_id: s.exec_id,
+            session: s.session,
+        }),
+        Err(ClientError::Daemon(report)) => {
+            let ErrorKind::Spawn(kind) = report.kind else {
+                return Err(ClientError::Daemon(report).into());
+            };
+            // The command's failure, with the code a shell gives it.
+            report_error(g.json, daemon_code(report.kind), &report.message);
+            Ok(Begun::Done(kind.shell_code()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sequences that switch the terminal to the alternate screen (xterm's
@@ -333,8 +423,8 @@ impl AltScreen {
 enum Started {
     /// Its exec id and pid in the inner.
     Detached { id: u64, pid: i32 },
-    /// Its exec id, when it is logged.
-    Attached { id: Option<u64> },
+    /// Running on this connection.
+    Attached(client::ExecStarted),
 }
 
 /// `hull exec --detach`: the id alone on stdout (`{"id": N, "pid": P}`
@@ -435,6 +525,7 @@ impl OutputSink {
 fn exec_json(
     ended: &Ended,
     exec_id: Option<u64>,
+    session: u64,
     stdout: &[u8],
     stderr: &[u8],
     elapsed: Duration,
@@ -443,6 +534,7 @@ fn exec_json(
     let mut obj = serde_json::Map::new();
     obj.insert("exit_code".into(), ended.code().into());
     obj.insert("exec_id".into(), exec_id.into());
+    obj.insert("session".into(), session.into());
     if let Some(ExitStatus::Signal(n)) = ended.status {
         obj.insert("signal".into(), n.into());
     }
@@ -468,7 +560,9 @@ fn exec_json(
 
 /// Streams this terminal's stdin to the session from a thread (stdin reads
 /// block). On a PTY the end of input is a ^D the user types, not an EOF.
-fn spawn_stdin_reader(input: Input, tty: bool) {
+/// With `detach_key`, Ctrl+\ asks to detach instead of reaching the
+/// program (and ends the reading: the session is left).
+fn spawn_stdin_reader(input: Input, tty: bool, detach_key: bool) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 32 * 1024];
@@ -480,7 +574,20 @@ fn spawn_stdin_reader(input: Input, tty: bool) {
                     }
                     return;
                 }
-                Ok(n) => input.blocking_send(ClientMsg::Stdin(buf[..n].to_vec())),
+                Ok(n) => {
+                    let data = &buf[..n];
+                    let key = detach_key
+                        .then(|| memchr::memchr(DETACH_KEY, data))
+                        .flatten();
+                    let before = &data[..key.unwrap_or(n)];
+                    if !before.is_empty() {
+                        input.blocking_send(ClientMsg::Stdin(before.to_vec()));
+                    }
+                    if key.is_some() {
+                        input.blocking_send(ClientMsg::Detach);
+                        return;
+                    }
+                }
             }
         }
     });

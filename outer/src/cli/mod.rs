@@ -33,7 +33,7 @@ macro_rules! errln {
 mod exec;
 mod report;
 
-pub use exec::{exec, ExecOptions};
+pub use exec::{exec, AttachTo, ExecOptions};
 use report::stdout_error;
 pub use report::*;
 
@@ -343,6 +343,100 @@ pub fn console_argv() -> Vec<String> {
         "-c".into(),
         "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
     ]
+}
+
+/// `hull console`: the login shell as a detachable session, or an attach
+/// to one; `reconnect`: a new shell after a bounce or restore.
+pub fn console_options(attach: Option<AttachTo>, reconnect: bool) -> ExecOptions {
+    ExecOptions {
+        argv: console_argv(),
+        env: Vec::new(),
+        cwd: Some("/root".into()),
+        user: None,
+        tty: true,
+        interactive: true,
+        linger: None,
+        timeout: None,
+        no_log: false,
+        detach: false,
+        reconnect,
+        attach,
+        writer: true,
+        detach_key: true,
+    }
+}
+
+/// `hull sessions list`.
+pub async fn sessions_list(g: &Global) -> Result<()> {
+    let mut c = g.connect().await?;
+    let list = c.sessions_list().await?;
+    if g.json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        outln!("no sessions are running");
+        return Ok(());
+    }
+    outln!(
+        "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} COMMAND",
+        "ID",
+        "PID",
+        "TTY",
+        "CLIENTS",
+        "AGE",
+        "IDLE"
+    );
+    let now = hull_checkpoint::catalog::now_ms();
+    let ago = |ms: i64| short_duration(Duration::from_millis(u64::try_from(now - ms).unwrap_or(0)));
+    for s in list {
+        outln!(
+            "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} {}",
+            s.id,
+            s.pid,
+            if s.tty { "yes" } else { "no" },
+            s.clients,
+            ago(s.created_ms),
+            ago(s.last_activity_ms),
+            s.argv.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// "3s", "4m", "2h", "5d".
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// `hull sessions attach`: this terminal on session `id`.
+pub async fn sessions_attach(g: &Global, id: u64, writer: bool) -> Result<i32> {
+    let mut opts = console_options(Some(AttachTo::Id(id)), false);
+    opts.writer = writer;
+    opts.interactive = writer;
+    exec(g, opts).await
+}
+
+/// `hull sessions kill`.
+pub async fn sessions_kill(g: &Global, id: u64, signal: i32, timeout: Duration) -> Result<()> {
+    let mut c = g.connect().await?;
+    let forced = c.session_kill(id, signal, millis(timeout)).await?;
+    if g.json {
+        return print_json(&serde_json::json!({ "id": id, "forced": forced }));
+    }
+    match forced {
+        true => outln!(
+            "session {id} ended (it took a SIGKILL after {} s)",
+            timeout.as_secs_f64()
+        ),
+        false => outln!("session {id} ended"),
+    }
+    Ok(())
 }
 
 /// Commands for the VM only: inside the inner, hulld's socket there serves

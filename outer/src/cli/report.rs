@@ -35,8 +35,11 @@ pub enum CliError {
     #[error("session ended: {0}")]
     SessionEnded(String),
     /// The same, on a terminal: hull reset it, and says how to go on.
-    #[error("session ended: {0}; the terminal was reset. `hull console` opens a new shell (`hull console --reconnect` opens one by itself after a bounce or restore)")]
+    #[error("session ended: {0}; the terminal was reset. `hull console` opens a new shell (and opens one by itself after a bounce or restore)")]
     TerminalEnded(String),
+    /// `hull console --attach` with no console session running.
+    #[error("no console session is running to attach to (`hull sessions list` shows the sessions; `hull console` starts one)")]
+    NoConsole,
 }
 
 /// The stable, snake_case code of an error, for `--json` (docs/json.md).
@@ -49,6 +52,7 @@ pub fn error_code(e: &anyhow::Error) -> &'static str {
                 CliError::NoToken => "unauthorized",
                 CliError::StdoutClosed | CliError::Stdout(_) => "stdout",
                 CliError::SessionEnded(_) | CliError::TerminalEnded(_) => "inner_stopped",
+                CliError::NoConsole => "not_found",
             };
         }
         if let Some(e) = cause.downcast_ref::<ClientError>() {

@@ -11,6 +11,7 @@
 //!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
 //!     sudo ./target/release/hull-bench api           # exec over the HTTP API vs the unix socket, time to first output
 //!     sudo ./target/release/hull-bench files         # 1 GiB through the files API vs cat through exec
+//!     sudo ./target/release/hull-bench sessions      # hulld's RSS with 1,000 idle terminal sessions attached
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
@@ -23,6 +24,7 @@ mod logs;
 mod report;
 mod responsiveness;
 mod services;
+mod sessions;
 mod start;
 
 use anyhow::{bail, Result};
@@ -74,6 +76,9 @@ enum Suite {
     /// against `cat` through `hull exec` (stdin to the file, the file to
     /// stdout).
     Files(FileArgs),
+    /// hulld's RSS before and with idle terminal sessions, a client
+    /// attached to each, and the cost of one.
+    Sessions(SessionArgs),
 }
 
 #[derive(Args)]
@@ -87,6 +92,13 @@ struct FileArgs {
     /// A 64 MiB file, one round: a check that it runs, not a figure.
     #[arg(long)]
     quick: bool,
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Sessions held open at once.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
 }
 
 #[derive(Args)]
@@ -149,6 +161,7 @@ fn reject_old_flags() {
                 "bounds",
                 "api",
                 "files",
+                "sessions",
             ]
             .contains(s)
         }) {
@@ -181,6 +194,7 @@ fn main() -> Result<()> {
         Some(Suite::Logs(a)) => logs::run(a.lines),
         Some(Suite::Files(a)) if a.quick => files::run(64, 1),
         Some(Suite::Files(a)) => files::run(a.mib, a.rounds),
+        Some(Suite::Sessions(a)) => sessions::run(a.sessions),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,
             ingress::WrkOptions {
