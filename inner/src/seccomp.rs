@@ -1,7 +1,5 @@
 //! The inner's seccomp filter: Docker's default allowlist, compiled once
-//! by hulld with `seccompiler` (rust-vmm's, the compiler firecracker
-//! uses: it resolves syscall names per architecture and emits the BPF
-//! with its architecture check), passed to every init in the
+//! by hulld, passed to every init in the
 //! [`InnerSpec`](crate::InnerSpec) and installed by the init before it
 //! drops its capabilities, so the init and everything it starts (execs,
 //! services, consoles, on every start of the inner) run under it.
@@ -17,6 +15,18 @@
 //! answer ENOSYS instead: clone3, whose flags are out of a filter's reach
 //! (ENOSYS makes glibc fall back to clone), and any call newer than the
 //! list, so programs fall back as on an older kernel.
+//!
+//! The filter is one program: the architecture check, then a binary
+//! search on the call number (sorted ranges of numbers with one answer
+//! each), then, for the few calls whose arguments matter (clone, unshare,
+//! personality, socket), a program `seccompiler` (rust-vmm's, the compiler
+//! firecracker uses) builds from rules by name. seccompiler's own output
+//! for the whole list is a chain with one comparison per call, some 1,600
+//! instructions the kernel walks up to once per call number as it installs
+//! the filter (to find the calls always allowed, which it then lets through
+//! without running the filter): 0.6 ms of the inner's start, against
+//! 0.05 ms for the search's 200 instructions. seccompiler still resolves
+//! each name to its number on the architecture.
 
 use std::collections::HashMap;
 
@@ -57,6 +67,8 @@ pub enum SeccompError {
         #[source]
         source: seccompiler::Error,
     },
+    #[error("seccompiler gave no number for the system call {0}")]
+    Number(&'static str),
     #[error("the inner's seccomp filter {0} has more instructions than the kernel takes")]
     TooLong(usize),
     #[error("seccomp(SECCOMP_SET_MODE_FILTER) refused filter {index}")]
@@ -407,65 +419,61 @@ fn rule_if(name: &str, index: u8, op: Value, val: u64) -> Value {
     })
 }
 
-/// The allowlist as seccompiler's JSON: `mismatch_action` EPERM.
-fn allowlist(options: SeccompOptions, arch: TargetArch) -> Value {
-    let mut rules: Vec<Value> = ALLOWED.iter().map(|n| rule(n)).collect();
+/// What a container in a nested user namespace needs (see
+/// [`SeccompOptions::nested_user_namespaces`]).
+const NESTED_USER_NAMESPACES: &[&str] = &[
+    "clone",
+    "clone3",
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "sethostname",
+    "setdomainname",
+];
+
+/// The calls allowed whatever their arguments.
+fn unconditional(options: SeccompOptions, arch: TargetArch) -> Vec<&'static str> {
+    let mut names = ALLOWED.to_vec();
     if arch == TargetArch::x86_64 {
-        rules.extend(ALLOWED_X86_64.iter().map(|n| rule(n)));
+        names.extend(ALLOWED_X86_64);
     }
     if options.io_uring {
-        rules.extend(IO_URING.iter().map(|n| rule(n)));
+        names.extend(IO_URING);
     }
     if options.nested_user_namespaces {
-        for name in [
-            "clone",
-            "clone3",
-            "unshare",
-            "setns",
-            "mount",
-            "umount2",
-            "pivot_root",
-            "open_tree",
-            "move_mount",
-            "fsopen",
-            "fsconfig",
-            "fsmount",
-            "fspick",
-            "mount_setattr",
-            "sethostname",
-            "setdomainname",
-        ] {
-            rules.push(rule(name));
-        }
-    } else {
+        names.extend(NESTED_USER_NAMESPACES);
+    }
+    names
+}
+
+/// The calls allowed for some arguments only, as seccompiler rules.
+fn conditional(options: SeccompOptions) -> Vec<(&'static str, Value)> {
+    let mut rules = Vec::new();
+    if !options.nested_user_namespaces {
         // The flags are clone's first argument on both architectures
         // (x86_64's CLONE_BACKWARDS order puts the stack second).
         for name in ["clone", "unshare"] {
-            rules.push(rule_if(name, 0, json!({ "masked_eq": NAMESPACE_FLAGS }), 0));
+            rules.push((
+                name,
+                rule_if(name, 0, json!({ "masked_eq": NAMESPACE_FLAGS }), 0),
+            ));
         }
     }
     for value in PERSONALITIES {
-        rules.push(rule_if("personality", 0, json!("eq"), value));
+        rules.push(("personality", rule_if("personality", 0, json!("eq"), value)));
     }
     // Every family but AF_VSOCK: the VM's vsock ports are not namespaced.
-    rules.push(rule_if("socket", 0, json!("ne"), AF_VSOCK));
-    json!({
-        "mismatch_action": { "errno": libc::EPERM },
-        "match_action": "allow",
-        "filter": rules,
-    })
-}
-
-/// clone3's flags sit in a struct a filter cannot read: ENOSYS, so that
-/// glibc falls back to clone, whose flags the allowlist checks. Installed
-/// after the allowlist: of two errno answers the kernel keeps the newer
-/// filter's.
-fn clone3_enosys() -> Value {
-    json!({
-        "mismatch_action": "allow",
-        "match_action": { "errno": libc::ENOSYS },
-        "filter": [rule("clone3")],
-    })
+    rules.push(("socket", rule_if("socket", 0, json!("ne"), AF_VSOCK)));
+    rules
 }
 
 /// The newest call the allowlist knows of: futex_requeue (Linux 6.7).
@@ -481,74 +489,216 @@ fn audit_arch(arch: TargetArch) -> u32 {
     }
 }
 
-/// Calls newer than the allowlist answer ENOSYS, as on an older kernel, so
-/// that a program (or a newer libc) that tries one falls back to what it
-/// used before, where EPERM would be an error. A range seccompiler's rules
-/// (one per call) cannot say, hence these six instructions by hand.
-fn newer_than_known_enosys(arch: TargetArch) -> Vec<sock_filter> {
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const JGT_K: u16 = 0x25;
-    const RET_K: u16 = 0x06;
-    // struct seccomp_data: nr at 0, arch at 4.
-    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
-    vec![
-        insn(LD_W_ABS, 0, 0, 4),
-        // Another architecture's numbers mean other calls: the allowlist
-        // refuses them.
-        insn(JEQ_K, 0, 3, audit_arch(arch)),
-        insn(LD_W_ABS, 0, 0, 0),
-        insn(JGT_K, 0, 1, NEWEST_KNOWN),
-        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-        insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ]
-}
-
 /// The architecture hulld runs on, as seccompiler names it.
 pub fn native_arch() -> Result<TargetArch, SeccompError> {
     TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH.to_string()))
 }
 
-/// Compiles the inner's filter for `arch`.
-pub fn compile(options: SeccompOptions, arch: TargetArch) -> Result<SeccompFilter, SeccompError> {
-    let mut named = vec![("allowlist", allowlist(options, arch))];
-    if !options.nested_user_namespaces {
-        named.push(("clone3", clone3_enosys()));
-    }
-    let mut programs = Vec::with_capacity(named.len());
-    for (name, filter) in named {
-        let text = json!({ name: filter }).to_string();
-        let mut map: HashMap<String, BpfProgram> =
-            seccompiler::compile_from_json(text.as_bytes(), arch)
-                .map_err(|source| SeccompError::Compile { name, source })?;
-        let program = map.remove(name).unwrap_or_default();
-        if program.len() > usize::from(u16::MAX) {
-            return Err(SeccompError::TooLong(program.len()));
-        }
-        programs.push(
-            program
-                .into_iter()
-                .map(|i| encode(without_kill(i)))
-                .collect(),
-        );
-    }
-    programs.push(
-        newer_than_known_enosys(arch)
-            .into_iter()
-            .map(encode)
-            .collect(),
-    );
-    Ok(SeccompFilter { programs })
+const LD_W_ABS: u16 = 0x20;
+const JA: u16 = 0x05;
+const JEQ_K: u16 = 0x15;
+const JGE_K: u16 = 0x35;
+const RET_K: u16 = 0x06;
+// struct seccomp_data: nr at 0, arch at 4.
+const NR: u32 = 0;
+const ARCH: u32 = 4;
+const RET_EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+const RET_ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+    sock_filter { code, jt, jf, k }
 }
 
-/// seccompiler kills a process whose call comes from another architecture
-/// (x86_64's 32-bit entry points, for one); hull's calls never kill, so
-/// they get EPERM like any call not in the list.
+fn compile_one(
+    name: &'static str,
+    filter: Value,
+    arch: TargetArch,
+) -> Result<Vec<sock_filter>, SeccompError> {
+    let text = json!({ name: filter }).to_string();
+    let mut map: HashMap<String, BpfProgram> =
+        seccompiler::compile_from_json(text.as_bytes(), arch)
+            .map_err(|source| SeccompError::Compile { name, source })?;
+    Ok(map
+        .remove(name)
+        .unwrap_or_default()
+        .into_iter()
+        .map(without_kill)
+        .collect())
+}
+
+/// Each call's number on `arch`. seccompiler keeps its tables to itself,
+/// so a one-rule filter per call (all compiled at once) gives it away: its
+/// first comparison after loading the number is against the call's.
+fn numbers(names: &[&'static str], arch: TargetArch) -> Result<Vec<u32>, SeccompError> {
+    let filters: serde_json::Map<String, Value> = names
+        .iter()
+        .map(|name| {
+            let filter = json!({
+                "mismatch_action": "allow",
+                "match_action": { "errno": libc::EPERM },
+                "filter": [rule(name)],
+            });
+            ((*name).to_string(), filter)
+        })
+        .collect();
+    let text = Value::Object(filters).to_string();
+    let map: HashMap<String, BpfProgram> = seccompiler::compile_from_json(text.as_bytes(), arch)
+        .map_err(|source| SeccompError::Compile {
+            name: "syscall numbers",
+            source,
+        })?;
+    names
+        .iter()
+        .map(|name| {
+            let program = map.get(*name).ok_or(SeccompError::Number(name))?;
+            let load = program
+                .iter()
+                .position(|i| i.code == LD_W_ABS && i.k == NR)
+                .ok_or(SeccompError::Number(name))?;
+            program
+                .get(load + 1)
+                .filter(|i| i.code == JEQ_K)
+                .map(|i| i.k)
+                .ok_or(SeccompError::Number(name))
+        })
+        .collect()
+}
+
+/// What the filter answers for a range of call numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaf {
+    Ret(u32),
+    /// The call is allowed for some arguments only: the program that
+    /// checks them decides.
+    Arguments,
+}
+
+enum Insn {
+    Bpf(sock_filter),
+    ToArguments,
+}
+
+/// A binary search over the ranges (each from its first number up to the
+/// next's), so that the kernel walks a dozen instructions per call, when
+/// it runs the filter and when, as it installs it, it runs the filter for
+/// every call number to find those always allowed. A chain with one
+/// comparison per call walked hundreds each time: installing it took
+/// longer than the rest of the inner's start.
+fn search(ranges: &[(u32, Leaf)]) -> Vec<Insn> {
+    if let [(_, leaf)] = ranges {
+        return vec![match leaf {
+            Leaf::Ret(k) => Insn::Bpf(insn(RET_K, 0, 0, *k)),
+            Leaf::Arguments => Insn::ToArguments,
+        }];
+    }
+    let mid = ranges.len() / 2;
+    let below = search(&ranges[..mid]);
+    let above = search(&ranges[mid..]);
+    let first_above = ranges[mid].0;
+    let mut out = Vec::with_capacity(below.len() + above.len() + 2);
+    match u8::try_from(below.len()) {
+        Ok(jt) => out.push(Insn::Bpf(insn(JGE_K, jt, 0, first_above))),
+        // A conditional jump reaches 255 instructions; JA reaches any.
+        Err(_) => {
+            out.push(Insn::Bpf(insn(JGE_K, 0, 1, first_above)));
+            let skip = u32::try_from(below.len()).unwrap_or(u32::MAX);
+            out.push(Insn::Bpf(insn(JA, 0, 0, skip)));
+        }
+    }
+    out.extend(below);
+    out.extend(above);
+    out
+}
+
+/// Builds the one program of the inner's filter for `arch`: the
+/// architecture check, the binary search on the call number, and
+/// seccompiler's program for the calls whose arguments matter.
+fn program(options: SeccompOptions, arch: TargetArch) -> Result<Vec<sock_filter>, SeccompError> {
+    let last = usize::try_from(NEWEST_KNOWN).unwrap_or(usize::MAX);
+    let mut leaves = vec![Leaf::Ret(RET_EPERM); last + 1];
+    // A number past NEWEST_KNOWN stays out of `leaves`: ENOSYS, newer
+    // than the list, whatever the list says.
+    let mut set = |nr: u32, leaf| {
+        if let Some(l) = usize::try_from(nr).ok().and_then(|n| leaves.get_mut(n)) {
+            *l = leaf;
+        }
+    };
+    for nr in numbers(&unconditional(options, arch), arch)? {
+        set(nr, Leaf::Ret(libc::SECCOMP_RET_ALLOW));
+    }
+    let conditional = conditional(options);
+    let names: Vec<&'static str> = conditional.iter().map(|(name, _)| *name).collect();
+    for nr in numbers(&names, arch)? {
+        set(nr, Leaf::Arguments);
+    }
+    if !options.nested_user_namespaces {
+        // clone3's flags sit in a struct a filter cannot read: ENOSYS, so
+        // that glibc falls back to clone, whose flags are checked.
+        for nr in numbers(&["clone3"], arch)? {
+            set(nr, Leaf::Ret(RET_ENOSYS));
+        }
+    }
+    // Calls newer than the list answer ENOSYS, as on an older kernel, so
+    // that a program (or a newer libc) that tries one falls back to what
+    // it used before, where EPERM would be an error.
+    let mut ranges: Vec<(u32, Leaf)> = Vec::new();
+    let newer = std::iter::once((NEWEST_KNOWN + 1, Leaf::Ret(RET_ENOSYS)));
+    for (nr, leaf) in (0..=NEWEST_KNOWN).zip(leaves).chain(newer) {
+        if ranges.last().map(|(_, l)| *l) != Some(leaf) {
+            ranges.push((nr, leaf));
+        }
+    }
+    let arguments = compile_one(
+        "arguments",
+        json!({
+            "mismatch_action": { "errno": libc::EPERM },
+            "match_action": "allow",
+            "filter": conditional.into_iter().map(|(_, rule)| rule).collect::<Vec<_>>(),
+        }),
+        arch,
+    )?;
+
+    let mut out = vec![
+        insn(LD_W_ABS, 0, 0, ARCH),
+        // Another architecture's numbers (x86_64's 32-bit entry points,
+        // for one) mean other calls: EPERM like any call not in the list.
+        insn(JEQ_K, 1, 0, audit_arch(arch)),
+        insn(RET_K, 0, 0, RET_EPERM),
+        insn(LD_W_ABS, 0, 0, NR),
+    ];
+    let search = search(&ranges);
+    let arguments_at = out.len() + search.len();
+    for step in search {
+        out.push(match step {
+            Insn::Bpf(bpf) => bpf,
+            Insn::ToArguments => {
+                let skip = arguments_at - (out.len() + 1);
+                insn(JA, 0, 0, u32::try_from(skip).unwrap_or(u32::MAX))
+            }
+        });
+    }
+    out.extend(arguments);
+    Ok(out)
+}
+
+/// Compiles the inner's filter for `arch`.
+pub fn compile(options: SeccompOptions, arch: TargetArch) -> Result<SeccompFilter, SeccompError> {
+    let program = program(options, arch)?;
+    if program.len() > usize::from(u16::MAX) {
+        return Err(SeccompError::TooLong(program.len()));
+    }
+    Ok(SeccompFilter {
+        programs: vec![program.into_iter().map(encode).collect()],
+    })
+}
+
+/// seccompiler kills a process whose call comes from another architecture;
+/// hull's calls never kill, so they get EPERM like any call not in the
+/// list.
 fn without_kill(mut insn: sock_filter) -> sock_filter {
-    const BPF_RET_K: u16 = 0x06;
-    if insn.code == BPF_RET_K && insn.k == libc::SECCOMP_RET_KILL_PROCESS {
-        insn.k = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    if insn.code == RET_K && insn.k == libc::SECCOMP_RET_KILL_PROCESS {
+        insn.k = RET_EPERM;
     }
     insn
 }
@@ -626,7 +776,11 @@ mod tests {
                     };
                     let filter = compile(options, arch)
                         .unwrap_or_else(|e| panic!("{arch:?} {options:?}: {e:?}"));
-                    assert!(filter.instructions() > ALLOWED.len());
+                    let programs = programs(&filter);
+                    let calls = numbers(&["getpid", "keyctl"], arch).unwrap();
+                    let answer = |nr| verdict(&programs, nr, audit_arch(arch), &[0; 6]);
+                    assert_eq!(answer(calls[0]), libc::SECCOMP_RET_ALLOW);
+                    assert_eq!(answer(calls[1]), RET_EPERM);
                 }
             }
         }
@@ -729,6 +883,187 @@ mod tests {
                     "10: install failed, 20+i: check i"
                 );
             }
+        }
+    }
+
+    /// The filter as it was compiled before the binary search: seccompiler's
+    /// chain with one comparison per call, then clone3's ENOSYS, then the
+    /// ENOSYS for calls newer than the list, three programs.
+    fn linear(options: SeccompOptions, arch: TargetArch) -> Vec<Vec<sock_filter>> {
+        let mut rules: Vec<Value> = unconditional(options, arch)
+            .iter()
+            .map(|n| rule(n))
+            .collect();
+        rules.extend(conditional(options).into_iter().map(|(_, r)| r));
+        let allowlist = json!({
+            "mismatch_action": { "errno": libc::EPERM },
+            "match_action": "allow",
+            "filter": rules,
+        });
+        let mut programs = vec![compile_one("allowlist", allowlist, arch).unwrap()];
+        if !options.nested_user_namespaces {
+            let clone3 = json!({
+                "mismatch_action": "allow",
+                "match_action": { "errno": libc::ENOSYS },
+                "filter": [rule("clone3")],
+            });
+            programs.push(compile_one("clone3", clone3, arch).unwrap());
+        }
+        const JGT_K: u16 = 0x25;
+        programs.push(vec![
+            insn(LD_W_ABS, 0, 0, ARCH),
+            insn(JEQ_K, 0, 3, audit_arch(arch)),
+            insn(LD_W_ABS, 0, 0, NR),
+            insn(JGT_K, 0, 1, NEWEST_KNOWN),
+            insn(RET_K, 0, 0, RET_ENOSYS),
+            insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        ]);
+        programs
+    }
+
+    /// A classic BPF interpreter for what seccomp programs use, over
+    /// struct seccomp_data (little-endian, as on both architectures).
+    fn run(program: &[sock_filter], nr: u32, arch: u32, args: &[u64; 6]) -> u32 {
+        let word = |k: u32| -> u32 {
+            match k {
+                NR => nr,
+                ARCH => arch,
+                16..=63 if k.is_multiple_of(4) => {
+                    let arg = args[usize::try_from((k - 16) / 8).unwrap()];
+                    let half = if k.is_multiple_of(8) {
+                        arg & 0xffff_ffff
+                    } else {
+                        arg >> 32
+                    };
+                    u32::try_from(half).unwrap()
+                }
+                _ => panic!("load of seccomp_data offset {k}"),
+            }
+        };
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &program[pc];
+            pc += 1;
+            let jump = |taken: bool| usize::from(if taken { i.jt } else { i.jf });
+            match i.code {
+                LD_W_ABS => a = word(i.k),
+                0x54 => a &= i.k,
+                JA => pc += usize::try_from(i.k).unwrap(),
+                JEQ_K => pc += jump(a == i.k),
+                0x25 => pc += jump(a > i.k),
+                JGE_K => pc += jump(a >= i.k),
+                0x45 => pc += jump(a & i.k != 0),
+                RET_K => return i.k,
+                code => panic!("instruction {code:#x} at {}", pc - 1),
+            }
+        }
+    }
+
+    /// As the kernel combines the programs on a thread: the newest first,
+    /// and a later one's answer only if its action comes first in order.
+    fn verdict(programs: &[Vec<sock_filter>], nr: u32, arch: u32, args: &[u64; 6]) -> u32 {
+        let action = |ret: u32| (ret & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        let mut ret = libc::SECCOMP_RET_ALLOW;
+        for program in programs.iter().rev() {
+            let got = run(program, nr, arch, args);
+            if action(got) < action(ret) {
+                ret = got;
+            }
+        }
+        ret
+    }
+
+    fn programs(filter: &SeccompFilter) -> Vec<Vec<sock_filter>> {
+        filter
+            .programs
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .map(|w| {
+                        let i = decode(*w);
+                        insn(i.code, i.jt, i.jf, i.k)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_search_answers_every_call_as_the_chain_did() {
+        let values: Vec<u64> = vec![
+            0,
+            1,
+            libc::SIGCHLD as u64,
+            libc::AF_INET as u64,
+            AF_VSOCK,
+            AF_VSOCK | 1 << 32,
+            (libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND) as u64
+                | (libc::CLONE_THREAD | libc::CLONE_SETTLS) as u64,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64,
+            libc::CLONE_NEWNS as u64,
+            (libc::CLONE_NEWNET | libc::CLONE_VM) as u64,
+            0x80,
+            NAMESPACE_FLAGS,
+            0x8,
+            0x2_0000,
+            0x2_0008,
+            0x2_0001,
+            0xffff_ffff,
+            1 << 32,
+            0x1_0000_0008,
+            u64::MAX,
+        ];
+        let mut patterns = vec![[0; 6]];
+        for v in &values {
+            patterns.push([*v, 0, 0, 0, 0, 0]);
+            patterns.push([0, *v, 0, 0, 0, 0]);
+            patterns.push([*v; 6]);
+        }
+        let mut numbers: Vec<u32> = (0..=512).collect();
+        numbers.extend([0x4000_0000, 0x4000_0000 + 56, 0x4000_0000 + 435, u32::MAX]);
+        let mut answers = std::collections::HashSet::new();
+        let options = [false, true].into_iter().flat_map(|io_uring| {
+            [false, true].map(|nested_user_namespaces| SeccompOptions {
+                io_uring,
+                nested_user_namespaces,
+            })
+        });
+        let builds = options.flat_map(|o| [(TargetArch::x86_64, o), (TargetArch::aarch64, o)]);
+        for (arch, options) in builds {
+            let old = linear(options, arch);
+            let new = programs(&compile(options, arch).unwrap());
+            assert_eq!(new.len(), 1);
+            let archs = [
+                audit_arch(arch),
+                audit_arch(TargetArch::riscv64),
+                0x4000_0003,
+            ];
+            for audit in archs {
+                for &nr in &numbers {
+                    for args in &patterns {
+                        let want = verdict(&old, nr, audit, args);
+                        let got = verdict(&new, nr, audit, args);
+                        assert_eq!(
+                            got, want,
+                            "{arch:?} {options:?} arch {audit:#x} call {nr} args {args:x?}"
+                        );
+                        answers.insert(got);
+                    }
+                }
+            }
+        }
+        // Every kind of answer was compared, not only one.
+        let kinds = [libc::SECCOMP_RET_ALLOW, RET_EPERM, RET_ENOSYS];
+        assert!(kinds.iter().all(|k| answers.contains(k)), "{answers:x?}");
+    }
+
+    #[test]
+    fn the_search_is_a_fraction_of_the_chain() {
+        for arch in [TargetArch::x86_64, TargetArch::aarch64] {
+            let options = SeccompOptions::default();
+            let chain: usize = linear(options, arch).iter().map(Vec::len).sum();
+            let search = compile(options, arch).unwrap().instructions();
+            assert!(search * 3 < chain, "{arch:?}: {search} against {chain}");
         }
     }
 
