@@ -42,6 +42,10 @@ const STDIN_QUEUE: usize = 16;
 /// Input for the process, as its clients send it.
 pub(crate) enum Input {
     Data(Vec<u8>),
+    /// A new terminal size, in the same queue as the input so that a
+    /// process reads its input with the size the client had set before
+    /// sending it (`stty size` after a resize and a newline).
+    Resize(WinSize),
     /// End of input. On a PTY the terminal stays open (the shell's EOF is
     /// a ^D the user types); on pipes the process sees end of file.
     Eof,
@@ -53,8 +57,6 @@ pub(crate) struct ProcessIo {
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
     pub master: Option<Arc<AsyncFd<OwnedFd>>>,
-    /// Kept for resizes after the output side reached end of file.
-    tty: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
 impl ProcessIo {
@@ -74,8 +76,7 @@ impl ProcessIo {
             let io = ProcessIo {
                 stdout: None,
                 stderr: None,
-                master: Some(master.clone()),
-                tty: Some(master),
+                master: Some(master),
             };
             return Ok((io, tx));
         }
@@ -85,7 +86,6 @@ impl ProcessIo {
             stdout: Some(pipe::Receiver::from_owned_fd(stdout)?),
             stderr: Some(pipe::Receiver::from_owned_fd(stderr)?),
             master: None,
-            tty: None,
         };
         Ok((io, tx))
     }
@@ -101,36 +101,46 @@ impl ProcessIo {
             Source::Pty => self.master = None,
         }
     }
+}
 
-    pub fn resize(&self, size: WinSize) {
-        if let Some(m) = &self.tty {
-            let ws = libc::winsize {
-                ws_row: size.rows,
-                ws_col: size.cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer; the
-            // kernel signals SIGWINCH to the terminal's foreground group.
-            unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        }
-    }
+/// Sets the terminal size on a PTY's master; the kernel signals SIGWINCH
+/// to the terminal's foreground group.
+fn set_winsize(master: &AsyncFd<OwnedFd>, size: WinSize) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
 async fn feed_pipe(mut pipe: pipe::Sender, mut rx: mpsc::Receiver<Input>) {
-    while let Some(Input::Data(chunk)) = rx.recv().await {
-        if pipe.write_all(&chunk).await.is_err() {
-            return;
+    while let Some(input) = rx.recv().await {
+        match input {
+            Input::Data(chunk) => {
+                if pipe.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            // Dropping the pipe is the process's end of file.
+            Input::Eof => return,
+            Input::Resize(_) => {}
         }
     }
 }
 
 async fn feed_pty(master: Arc<AsyncFd<OwnedFd>>, mut rx: mpsc::Receiver<Input>) {
     while let Some(input) = rx.recv().await {
-        if let Input::Data(chunk) = input {
-            if write_all_fd(&master, &chunk).await.is_err() {
-                return;
+        match input {
+            Input::Data(chunk) => {
+                if write_all_fd(&master, &chunk).await.is_err() {
+                    return;
+                }
             }
+            Input::Resize(size) => set_winsize(&master, size),
+            Input::Eof => {}
         }
     }
 }

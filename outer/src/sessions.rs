@@ -21,7 +21,7 @@ use hull_checkpoint::catalog::now_ms;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
     ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, SessionInfo, Stream as Out,
-    WinSize, DEFAULT_DETACHED_RUN_MS,
+    DEFAULT_DETACHED_RUN_MS,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -249,10 +249,6 @@ enum Command {
         writer: bool,
         reply: oneshot::Sender<Attachment>,
     },
-    Resize {
-        client: u64,
-        size: WinSize,
-    },
     /// `client: None`: a kill, honoured whoever asks.
     Signal {
         client: Option<u64>,
@@ -341,7 +337,9 @@ impl Attachment {
                         }
                     }
                     Some(Ok(ClientMsg::Resize(size))) => {
-                        self.command(Command::Resize { client: self.client, size }).await
+                        if self.is_writer() {
+                            pending = Some(Input::Resize(size));
+                        }
                     }
                     Some(Ok(ClientMsg::Signal(signal))) => {
                         self.command(Command::Signal { client: Some(self.client), signal }).await
@@ -766,11 +764,6 @@ impl Session {
                 // A client that gave up waiting drops its attachment,
                 // which detaches it again.
                 let _ = reply.send(attachment);
-            }
-            Command::Resize { client, size } => {
-                if client == self.writer_id() {
-                    self.io.resize(size);
-                }
             }
             Command::Signal { client, signal } => {
                 if client.is_none_or(|c| c == self.writer_id()) {
