@@ -149,7 +149,7 @@ where
         }
         Outcome::BadFrame(why) => {
             let _ = sink.send(ws::close(CloseCode::Unsupported, &why)).await;
-            exec.abandon(std::time::Duration::ZERO).await;
+            exec.abandon(Some(std::time::Duration::ZERO)).await;
             Next::Close
         }
         Outcome::Failed(e) => {

@@ -57,8 +57,10 @@ pub struct ExecParams {
     pub tty: Option<WinSize>,
     /// The client will send input; without it, stdin is closed at once.
     pub stdin: bool,
-    /// How long the command runs on after its client vanished.
-    pub run_after_disconnect: Duration,
+    /// How long the command runs on after its client vanished, then
+    /// killed; `None`: it runs on as a detached session, which
+    /// `GET .../exec/ID` attaches to again.
+    pub run_after_disconnect: Option<Duration>,
 }
 
 impl ExecParams {
@@ -139,13 +141,11 @@ impl ExecParams {
             ));
         }
         let tty = tty.then_some(WinSize { rows, cols });
-        // A terminal's session is cut when its client goes, as a closed
-        // terminal hangs up on its shell, until sessions can be attached
-        // again.
-        let default_grace = if tty.is_some() {
-            Duration::ZERO
-        } else {
-            DEFAULT_RUN_AFTER_DISCONNECT
+        // A terminal's session outlives its client, to be attached again;
+        // a command without one runs on for a while, then is killed.
+        let default_grace = match tty {
+            Some(_) => None,
+            None => Some(DEFAULT_RUN_AFTER_DISCONNECT),
         };
         Ok(ExecParams {
             argv,
@@ -153,7 +153,7 @@ impl ExecParams {
             dir,
             tty,
             stdin,
-            run_after_disconnect: run_after_disconnect.unwrap_or(default_grace),
+            run_after_disconnect: run_after_disconnect.or(default_grace),
         })
     }
 
@@ -336,7 +336,9 @@ fn parse_signal(value: &Value) -> Result<i32, String> {
 pub struct Exec {
     client: Client,
     pub pid: i32,
-    /// Its id in hulld's `exec` log (`hull logs exec:ID`).
+    /// Its session's id (`GET .../exec`, `hull sessions attach ID`).
+    pub session: u64,
+    /// Its id in hulld's `exec` log (`hull logs exec:ID`), when logged.
     pub exec_id: Option<u64>,
 }
 
@@ -355,8 +357,8 @@ pub enum Started {
 /// the request's.
 pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiError> {
     let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
-    let (pid, exec_id) = match client.exec_started(params.request()).await {
-        Ok(started) => started,
+    let begun = match client.exec_begin(params.request()).await {
+        Ok(begun) => begun,
         Err(ClientError::Daemon(report)) => {
             if let ErrorKind::Spawn(kind) = report.kind {
                 return Ok(Started::SpawnFailed {
@@ -384,8 +386,9 @@ pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiEr
     }
     Ok(Started::Running(Box::new(Exec {
         client,
-        pid,
-        exec_id,
+        pid: begun.pid,
+        session: begun.session,
+        exec_id: begun.exec_id,
     })))
 }
 
@@ -421,7 +424,8 @@ impl Exec {
         Message::text(
             json!({
                 "type": "session_info",
-                "session_id": self.exec_id.map(|id| id.to_string()),
+                "session_id": self.session.to_string(),
+                "exec_id": self.exec_id,
                 "pid": self.pid,
                 "command": params.argv.join(" "),
                 "tty": params.tty.is_some(),
@@ -465,8 +469,14 @@ impl Exec {
     }
 
     /// The client is gone: the command runs on for `grace`, its output
-    /// dropped, and is then killed.
-    pub async fn abandon(mut self, grace: Duration) {
+    /// dropped, and is then killed; with no grace it is detached and runs
+    /// on as a session.
+    pub async fn abandon(mut self, grace: Option<Duration>) {
+        let Some(grace) = grace else {
+            // hulld keeps a detached session; the reply is not waited for.
+            let _ = self.client.writer.send(ClientMsg::Detach).await;
+            return;
+        };
         if drain_until(&mut self.client, Instant::now() + grace).await {
             return;
         }
@@ -593,6 +603,55 @@ pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Respons
     Ok(handshake.response)
 }
 
+/// `GET .../exec/ID` with an upgrade: attaches to session ID as its
+/// writer, in the framing of its terminal (or pipes): a terminal's
+/// scrollback first, then the session as if it had been started here.
+pub async fn attach(
+    state: &Shared,
+    mut req: Request<Incoming>,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let handshake = ws::handshake(&mut req)?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no session {id:?}")))?;
+    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let request = ClientMsg::Sessions(hull_proto::SessionRequest::Attach { id, writer: true });
+    let info = match client.request(request).await {
+        Ok(DaemonMsg::SessionAttached { info, .. }) => info,
+        Ok(other) => {
+            return Err(ApiError::internal(format!(
+                "hulld answered an attach with {other:?}"
+            )))
+        }
+        Err(e) => return Err(ApiError::daemon(e)),
+    };
+    let params = ExecParams {
+        argv: info.argv,
+        env: Vec::new(),
+        dir: info.cwd,
+        // The size is the terminal's own; a client that wants another
+        // sends a resize.
+        tty: info.tty.then_some(WinSize { rows: 0, cols: 0 }),
+        stdin: true,
+        // Leaving detaches again: a session attached to outlives this
+        // client as it outlived the last.
+        run_after_disconnect: None,
+    };
+    let exec = Exec {
+        client,
+        pid: info.pid,
+        session: info.id,
+        exec_id: None,
+    };
+    let slot = crate::server::ConnectionSlot::of(&req);
+    tokio::spawn(async move {
+        run(handshake.upgrade, Started::Running(Box::new(exec)), params).await;
+        drop(slot);
+    });
+    Ok(handshake.response)
+}
+
 async fn run(upgrade: hyper::upgrade::OnUpgrade, started: Started, params: ExecParams) {
     let Some(socket) = ws::accept(upgrade).await else {
         if let Started::Running(exec) = started {
@@ -622,7 +681,7 @@ async fn run(upgrade: hyper::upgrade::OnUpgrade, started: Started, params: ExecP
         Outcome::BadFrame(why) => {
             tracing::debug!(%why, "closing an exec's WebSocket on a bad frame");
             let _ = sink.send(ws::close(CloseCode::Unsupported, &why)).await;
-            exec.abandon(Duration::ZERO).await;
+            exec.abandon(Some(Duration::ZERO)).await;
         }
         Outcome::Failed(e) => {
             let why = format!("hulld: {}", hull_proto::error_chain(&e));
@@ -678,11 +737,11 @@ mod tests {
             })
         );
         assert!(!p.stdin);
-        assert_eq!(p.run_after_disconnect, Duration::from_secs(90));
+        assert_eq!(p.run_after_disconnect, Some(Duration::from_secs(90)));
 
         let p = ExecParams::from_query(Some("path=/bin/true")).unwrap();
         assert_eq!(p.argv, ["/bin/true"]);
-        assert_eq!(p.run_after_disconnect, DEFAULT_RUN_AFTER_DISCONNECT);
+        assert_eq!(p.run_after_disconnect, Some(DEFAULT_RUN_AFTER_DISCONNECT));
         assert!(p.stdin && p.tty.is_none());
 
         for bad in [
@@ -705,7 +764,8 @@ mod tests {
         assert_eq!(p.env, [("A".to_string(), "1".to_string())]);
         assert_eq!(p.tty, Some(WinSize { rows: 30, cols: 90 }));
         assert!(!p.stdin);
-        assert_eq!(p.run_after_disconnect, Duration::ZERO);
+        // A terminal outlives its client unless asked otherwise.
+        assert_eq!(p.run_after_disconnect, None);
     }
 
     #[test]

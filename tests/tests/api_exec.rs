@@ -475,3 +475,91 @@ fn an_inner_that_stops_under_the_command_closes_with_the_reason() {
     hull.wait_running(Duration::from_secs(10));
     assert_eq!(block_on(hull.sh("echo fine")), "fine\n");
 }
+
+/// Reads a terminal's bytes from `ws` until they hold `needle`.
+async fn read_tty_until(ws: &mut Ws, needle: &str) -> String {
+    let mut seen = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            match ws.next().await {
+                Some(Ok(Message::Binary(data))) => seen.push_str(&String::from_utf8_lossy(&data)),
+                Some(Ok(_)) => {}
+                other => panic!("the socket ended ({other:?}) before {needle:?}; seen {seen:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no {needle:?} in {seen:?}");
+    seen
+}
+
+#[test]
+fn a_terminal_session_outlives_its_websocket_and_is_attached_again_with_its_screen() {
+    let Some((hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    let path = format!("/v1/sprites/{name}/exec?cmd=cat&tty=true&rows=24&cols=80");
+    let session = block_on(async {
+        let mut ws = connect(addr, &path, &token).await.unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        ws.send(Message::binary(b"before-the-break\n".to_vec()))
+            .await
+            .unwrap();
+        read_tty_until(&mut ws, "before-the-break").await;
+        // Gone without a close frame, as a crashed client goes.
+        drop(ws);
+        info["session_id"].as_str().unwrap().to_string()
+    });
+    // The session is listed and its process lives on.
+    let listed = request(
+        addr,
+        "GET",
+        &format!("/v1/sprites/{name}/exec"),
+        Some(&token),
+        None,
+    );
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let ids: Vec<String> = listed.json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].to_string().trim_matches('"').to_string())
+        .collect();
+    assert!(ids.contains(&session), "{session} not in {ids:?}");
+    assert_eq!(inner_pids_running(&hull, &["cat"]).len(), 1);
+
+    // Attached again: the earlier screen first, then input reaches it.
+    block_on(async {
+        let attach = format!("/v1/sprites/{name}/exec/{session}");
+        let mut ws = connect(addr, &attach, &token).await.unwrap();
+        read_tty_until(&mut ws, "before-the-break").await;
+        ws.send(Message::binary(b"after-the-attach\n".to_vec()))
+            .await
+            .unwrap();
+        read_tty_until(&mut ws, "after-the-attach").await;
+        // ^D ends cat, and with it the session: the exit comes as on a
+        // session started here.
+        ws.send(Message::binary(b"\x04".to_vec())).await.unwrap();
+        let mut exit = None;
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Text(text) = &frame {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+                if v["type"] == "exit" {
+                    exit = Some(v["exit_code"].clone());
+                }
+            }
+        }
+        assert_eq!(exit, Some(serde_json::json!(0)));
+    });
+    // An unknown session is a refusal before the upgrade.
+    let refused = block_on(connect(
+        addr,
+        &format!("/v1/sprites/{name}/exec/999999"),
+        &token,
+    ));
+    assert!(
+        matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 404),
+        "attach to an unknown session"
+    );
+}
