@@ -82,15 +82,6 @@ fn sdk_signal_reaches_the_command() {
     sdk_both_modes("exec_signal.py", "exec_signal ok");
 }
 
-fn vm_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn sdk_streams_50_mb_while_hulld_rss_stays_bounded() {
     if !require_root() {
@@ -101,13 +92,13 @@ fn sdk_streams_50_mb_while_hulld_rss_stays_bounded() {
     let pid = hull.hulld_pid();
     let bytes = 50 * 1024 * 1024;
     for control in [false, true] {
-        let before = vm_rss_kib(pid);
+        let before = hull_tests::rss_kib(pid);
         let done = std::sync::atomic::AtomicBool::new(false);
         let peak = std::thread::scope(|s| {
             let sampler = s.spawn(|| {
                 let mut peak = 0;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(vm_rss_kib(pid));
+                    peak = peak.max(hull_tests::rss_kib(pid));
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 peak
@@ -332,7 +323,7 @@ fn a_client_that_does_not_read_stalls_the_command_not_hulld() {
     };
     let pid = hull.hulld_pid();
     let argv = ["head", "-c", "1073741824", "/dev/zero"];
-    let before = vm_rss_kib(pid);
+    let before = hull_tests::rss_kib(pid);
     block_on(async {
         let path = format!(
             "/v1/sprites/{name}/exec?cmd=head&cmd=-c&cmd=1073741824&cmd=/dev/zero&max_run_after_disconnect=0"
@@ -345,7 +336,7 @@ fn a_client_that_does_not_read_stalls_the_command_not_hulld() {
             1,
             "the command did not wait for its reader"
         );
-        let grew_mib = vm_rss_kib(pid).saturating_sub(before) / 1024;
+        let grew_mib = hull_tests::rss_kib(pid).saturating_sub(before) / 1024;
         eprintln!("hulld RSS grew {grew_mib} MiB under a client that does not read");
         assert!(
             grew_mib < 24,

@@ -7,19 +7,9 @@ use std::process::{Command, Output, Stdio};
 
 use hull_tests::{bin_dir, block_on, require_root, TestHull};
 
-/// Runs `hull ARGS` through the API at `url` with `token`, `stdin` as its
-/// input. The config file is another hulld's, so nothing local is used.
-fn remote(url: &str, token: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin_dir().join("hull"))
-        .args([
-            "--socket",
-            "/nonexistent/hull.sock",
-            "--url",
-            url,
-            "--token",
-            token,
-        ])
-        .args(args)
+/// Runs `hull` as `command` has it, `stdin` as its whole input.
+fn run(mut command: Command, stdin: &[u8]) -> Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -29,18 +19,27 @@ fn remote(url: &str, token: &str, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs `hull ARGS` through the API at `url` with `token`, `stdin` as its
+/// input. The socket is one that does not exist, so nothing local is used.
+fn remote(url: &str, token: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut command = Command::new(bin_dir().join("hull"));
+    command
+        .args([
+            "--socket",
+            "/nonexistent/hull.sock",
+            "--url",
+            url,
+            "--token",
+            token,
+        ])
+        .args(args);
+    run(command, stdin)
+}
+
 fn local(hull: &TestHull, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin_dir().join("hull"))
-        .arg("--config")
-        .arg(&hull.config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
+    let mut command = Command::new(bin_dir().join("hull"));
+    command.arg("--config").arg(&hull.config).args(args);
+    run(command, stdin)
 }
 
 /// A hulld, its API's URL, and a read and an exec token for it.
