@@ -25,16 +25,11 @@ pub const PREFIX: &str = "control:";
 
 /// `GET /v1/sprites/{name}/control`.
 pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let handshake = ws::handshake(&mut req)?;
-    let slot = crate::server::ConnectionSlot::of(&req);
     let state = state.clone();
-    tokio::spawn(async move {
-        if let Some(socket) = ws::accept(handshake.upgrade).await {
-            run(&state, socket).await;
-        }
-        drop(slot);
-    });
-    Ok(handshake.response)
+    ws::serve_upgraded(
+        &mut req,
+        move |socket| async move { run(&state, socket).await },
+    )
 }
 
 fn control(kind: &str, args: Value) -> Message {

@@ -158,14 +158,17 @@ impl ExecParams {
     }
 
     fn request(&self) -> ExecRequest {
-        ExecSpec {
-            argv: self.argv.clone(),
-            env: self.env.clone(),
-            cwd: self.dir.clone(),
-            user: None,
-            tty: self.tty,
+        ExecRequest {
+            port_events: true,
+            ..ExecSpec {
+                argv: self.argv.clone(),
+                env: self.env.clone(),
+                cwd: self.dir.clone(),
+                user: None,
+                tty: self.tty,
+            }
+            .into()
         }
-        .into()
     }
 
     fn framing(&self) -> Framing {
@@ -173,6 +176,24 @@ impl ExecParams {
             tty: self.tty.is_some(),
         }
     }
+}
+
+/// The SDKs' `port_opened` / `port_closed` text frame.
+fn port_frame(notice: &hull_proto::PortNotice) -> Message {
+    let kind = if notice.opened {
+        "port_opened"
+    } else {
+        "port_closed"
+    };
+    Message::text(
+        json!({
+            "type": kind,
+            "port": notice.port,
+            "address": notice.address,
+            "pid": notice.pid,
+        })
+        .to_string(),
+    )
 }
 
 fn bad_param(key: &str, value: &str, expected: &str) -> ApiError {
@@ -530,6 +551,11 @@ where
             // Output of processes the command left behind is cut after
             // hulld's linger; the client has what came before.
             Ok(DaemonMsg::OutputCut { .. }) => {}
+            Ok(DaemonMsg::Port(notice)) => {
+                if sink.send(port_frame(&notice)).await.is_err() {
+                    return Down::SinkFailed;
+                }
+            }
             Ok(other) => return Down::Failed(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => return Down::Failed(e),
         }

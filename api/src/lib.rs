@@ -15,6 +15,7 @@ mod files;
 mod ndjson;
 mod openapi;
 mod policy;
+mod proxy;
 mod router;
 mod server;
 mod services;
@@ -49,6 +50,13 @@ pub trait Connector: Send + Sync + 'static {
         let stream = self.open(TokenScope::Admin);
         Box::pin(async move { hull_client::Client::over(stream?).await })
     }
+
+    /// A TCP connection to `target` made inside the inner's network
+    /// namespace, for the port proxy.
+    fn dial(
+        &self,
+        target: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
 
     /// The running inner's root directory, for the files API.
     fn inner_root(&self)

@@ -12,7 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::error::ApiError;
 use crate::tokens::{Refusal, TokenScope};
 use crate::{
-    checkpoints, control, exec, files, openapi, policy, services, sessions, sprites, tunnel,
+    checkpoints, control, exec, files, openapi, policy, proxy, services, sessions, sprites, tunnel,
     Shared, SPRITE_VERSION,
 };
 
@@ -52,6 +52,7 @@ pub const ROUTES: &[Route] = &[
     // which needs an exec token (checked in the match below).
     r("GET", "/v1/sprites/{name}/exec", READ),
     r("GET", "/v1/sprites/{name}/control", EXEC),
+    r("GET", "/v1/sprites/{name}/proxy", EXEC),
     r("POST", "/v1/sprites/{name}/checkpoint", ADMIN),
     r("GET", "/v1/sprites/{name}/checkpoints", READ),
     r("GET", "/v1/sprites/{name}/checkpoints/{id}", READ),
@@ -167,6 +168,7 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
                 exec::serve(state, req).await
             }
             (&Method::GET, ["control"]) => control::serve(state, req).await,
+            (&Method::GET, ["proxy"]) => proxy::serve(state, req).await,
             (_, []) => Err(ApiError::method_not_allowed(&method, &path)),
             (&Method::POST, ["checkpoint"]) => checkpoints::create(state, req).await,
             (&Method::GET, ["checkpoints"]) => checkpoints::list(state, &req).await,

@@ -112,6 +112,28 @@ pub async fn accept(upgrade: OnUpgrade) -> Option<Ws> {
     }
 }
 
+/// Answers the handshake of `req` and runs `session` on the WebSocket once
+/// the client has the answer. The connection keeps its slot under the
+/// API's cap for as long as `session` runs.
+pub fn serve_upgraded<F, Fut>(
+    req: &mut Request<Incoming>,
+    session: F,
+) -> Result<Response<Body>, ApiError>
+where
+    F: FnOnce(Ws) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handshake = handshake(req)?;
+    let slot = crate::server::ConnectionSlot::of(req);
+    tokio::spawn(async move {
+        if let Some(socket) = accept(handshake.upgrade).await {
+            session(socket).await;
+        }
+        drop(slot);
+    });
+    Ok(handshake.response)
+}
+
 /// A close frame with `reason` cut to what a close frame holds.
 pub fn close(code: CloseCode, reason: &str) -> Message {
     let mut end = reason.len().min(MAX_CLOSE_REASON);

@@ -370,6 +370,7 @@ impl Client {
                         Stream::Stderr => out.stderr.extend_from_slice(&data),
                     },
                     DaemonMsg::OutputCut { .. } => out.output_cut = true,
+                    DaemonMsg::Port(_) => {}
                     DaemonMsg::ExecEnded(end) => {
                         out.end = end;
                         return Ok(out);

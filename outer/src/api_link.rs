@@ -46,6 +46,18 @@ impl hull_api::Connector for ApiLink {
         Ok(ours)
     }
 
+    fn dial(
+        &self,
+        target: std::net::SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<tokio::net::TcpStream>> + Send>> {
+        let hulld = self.hulld.upgrade();
+        Box::pin(async move {
+            let hulld = hulld
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "hulld is stopping"))?;
+            hulld.dial_inner(target).await
+        })
+    }
+
     fn inner_root(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {

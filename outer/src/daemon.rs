@@ -370,6 +370,12 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let budget = fd_budget(raise_fd_limit(), config.fd_reserve);
     let (running_tx, running) = tokio::sync::watch::channel(false);
     let network = crate::network::Network::start(network_settings, running, budget.clone()).await?;
+    let port_events = {
+        let inner = cgroups.inner.clone();
+        crate::port_events::PortEvents::start(network.ports.clone(), move || {
+            inner.pids().unwrap_or_default()
+        })
+    };
     let (current_tx, current) = tokio::sync::watch::channel(None);
     let (services, services_task) =
         ServiceManager::start(registry, logs.clone(), current, network.port_probe())?;
@@ -439,7 +445,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         user_namespace: inner_settings.user_namespace,
         network,
         tokens: tokens.clone(),
-        sessions: crate::sessions::Sessions::default(),
+        sessions: crate::sessions::Sessions::new(port_events),
     });
     // The API listens before the control socket answers, so a client
     // that sees hulld up through `status` also sees where the API is.

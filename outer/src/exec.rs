@@ -266,6 +266,7 @@ where
                 .map(Duration::from_millis),
             background: request.detach,
             oom: supervisor.oom_check().await,
+            port_events: request.port_events,
         };
         let Some(started) = begin(inner, process, terms, record, &request, writer).await? else {
             return Ok(Outcome::Ended);

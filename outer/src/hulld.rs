@@ -72,6 +72,14 @@ impl Hulld {
         let _ = self.api_url.set(url);
     }
 
+    /// A TCP connection into the inner's network, for the API's port proxy.
+    pub async fn dial_inner(
+        &self,
+        target: std::net::SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        self.parts.network.dial(target).await
+    }
+
     pub fn supervisor(&self) -> &Supervisor {
         &self.parts.supervisor
     }

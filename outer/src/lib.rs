@@ -11,6 +11,7 @@ pub mod inner_api;
 pub mod launch;
 mod net_policy;
 pub mod network;
+mod port_events;
 mod server;
 mod sessions;
 mod supervisor;

@@ -65,6 +65,8 @@ pub struct Network {
     routes: Arc<watch::Sender<Vec<HttpRoute>>>,
     /// Asks the port scanner for a scan now.
     rescan: Arc<Notify>,
+    /// Connects from inside the inner's network namespace.
+    dialer: Dialer,
 }
 
 /// Service readiness reads the same port table as the ingress.
@@ -152,7 +154,7 @@ impl Network {
             Some(addr) => match bind_on(&io, addr) {
                 Ok(listener) => {
                     let ingress = Arc::new(HttpIngress {
-                        dialer,
+                        dialer: dialer.clone(),
                         ports: ports.clone(),
                         routes: routes_rx,
                         config: HttpIngressConfig {
@@ -194,7 +196,14 @@ impl Network {
             resolv_conf,
             routes: Arc::new(routes),
             rescan,
+            dialer,
         })
+    }
+
+    /// A connection to `target` as the inner's own processes would make
+    /// it (its loopback is the inner's), for the API's port proxy.
+    pub async fn dial(&self, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        self.dialer.connect(target.port(), Some(target.ip())).await
     }
 
     /// Service readiness from the port table.

@@ -10,7 +10,7 @@
 //! [`WRITER_STALL`] before it is cut too, so nothing grows without bound
 //! and a detached terminal never stalls its process.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,13 +20,14 @@ use hull_checkpoint::catalog::now_ms;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, SessionInfo, Stream as Out,
-    DEFAULT_DETACHED_RUN_MS,
+    ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, PortNotice, SessionInfo,
+    Stream as Out, DEFAULT_DETACHED_RUN_MS,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::exec::{Input, ProcessIo, Source, CHUNK};
 use crate::launch::{InitEvent, InitProcess, Inner};
+use crate::port_events::{PortChange, PortEvents};
 use crate::supervisor::OomCheck;
 use hull_logs::ExecRecorder;
 
@@ -66,7 +67,11 @@ impl<T: Sink<DaemonMsg, Error = io::Error> + Unpin> Replies for T {}
 
 /// The running sessions by id.
 #[derive(Clone, Default)]
-pub struct Sessions(Arc<Mutex<BTreeMap<u64, Handle>>>);
+pub struct Sessions {
+    map: Arc<Mutex<BTreeMap<u64, Handle>>>,
+    /// New and closed listening ports, for sessions that pass them on.
+    ports: Option<Arc<PortEvents>>,
+}
 
 #[derive(Clone)]
 struct Handle {
@@ -82,22 +87,29 @@ pub enum SessionError {
 }
 
 impl Sessions {
+    pub fn new(ports: Arc<PortEvents>) -> Self {
+        Sessions {
+            map: Arc::default(),
+            ports: Some(ports),
+        }
+    }
+
     pub fn list(&self) -> Vec<SessionInfo> {
-        crate::lock(&self.0)
+        crate::lock(&self.map)
             .values()
             .map(|h| h.info.borrow().clone())
             .collect()
     }
 
     fn get(&self, id: u64) -> Result<Handle, SessionError> {
-        crate::lock(&self.0)
+        crate::lock(&self.map)
             .get(&id)
             .cloned()
             .ok_or(SessionError::NotFound(id))
     }
 
     fn remove(&self, id: u64) {
-        crate::lock(&self.0).remove(&id);
+        crate::lock(&self.map).remove(&id);
     }
 
     /// Attaches a new client to session `id`.
@@ -186,9 +198,16 @@ impl Sessions {
             info: info_tx,
             pending: None,
             orphaned_for: None,
+            ports: None,
+            ports_reported: BTreeSet::new(),
         };
+        session.ports = self
+            .ports
+            .as_ref()
+            .filter(|_| session.terms.port_events)
+            .map(|p| p.subscribe());
         let first = session.add_client(true);
-        crate::lock(&self.0).insert(
+        crate::lock(&self.map).insert(
             id,
             Handle {
                 commands,
@@ -227,6 +246,8 @@ pub(crate) struct SessionTerms {
     /// (into the `exec` log) with or without a client.
     pub background: bool,
     pub oom: OomCheck,
+    /// Tell clients when the command's processes open or close a port.
+    pub port_events: bool,
 }
 
 impl SessionTerms {
@@ -463,6 +484,22 @@ impl Scrollback {
     }
 }
 
+/// The next port change; a session that fell behind skips what it missed.
+async fn next_port_change(
+    ports: &mut Option<broadcast::Receiver<Arc<PortChange>>>,
+) -> Option<Arc<PortChange>> {
+    let Some(rx) = ports else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(change) => return Some(change),
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
 struct Client {
     id: u64,
     tx: mpsc::Sender<DaemonMsg>,
@@ -493,10 +530,17 @@ struct Session {
     pending: Option<DaemonMsg>,
     /// With no client: how long it may run on (`None`: no deadline).
     orphaned_for: Option<Duration>,
+    /// Listening ports opened and closed in the inner, when the session
+    /// tells its clients of its command's.
+    ports: Option<broadcast::Receiver<Arc<PortChange>>>,
+    /// The ports it told of as opened, to tell of their closing.
+    ports_reported: BTreeSet<(u16, std::net::IpAddr)>,
 }
 
 enum Step {
     Command(Option<Command>),
+    /// `None`: the port events ended (hulld stopping).
+    Port(Option<Arc<PortChange>>),
     WriterRoom,
     WriterStalled,
     Output(Source, io::Result<usize>),
@@ -683,6 +727,7 @@ impl Session {
                     _ = &mut drain, if self.exit.is_some() => Step::DrainOver,
                     _ = &mut timeout, if self.terms.timeout.is_some() && self.exit.is_none() && !timed_out => Step::Timeout,
                     _ = &mut orphan, if orphan_armed => Step::Orphaned,
+                    change = next_port_change(&mut self.ports), if self.ports.is_some() => Step::Port(change),
                 }
             };
             match step {
@@ -752,9 +797,33 @@ impl Session {
                     self.inner.link.kill(self.process_id, libc::SIGKILL).await;
                 }
                 Step::Orphaned => break End::Abandoned,
+                Step::Port(change) => self.port_changed(change),
             }
         };
         self.finish(end).await;
+    }
+
+    /// Passes on a port change when the port is the command's: opened by
+    /// its process or a descendant, or closed after being told of.
+    fn port_changed(&mut self, change: Option<Arc<PortChange>>) {
+        let Some(change) = change else {
+            self.ports = None;
+            return;
+        };
+        let key = (change.port, change.address);
+        let ours = if change.opened {
+            change.lineage.contains(&self.info.borrow().pid) && self.ports_reported.insert(key)
+        } else {
+            self.ports_reported.remove(&key)
+        };
+        if ours {
+            self.deliver(DaemonMsg::Port(PortNotice {
+                opened: change.opened,
+                port: change.port,
+                address: change.address.to_string(),
+                pid: change.pid(),
+            }));
+        }
     }
 
     async fn command(&mut self, cmd: Command) {

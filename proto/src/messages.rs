@@ -95,6 +95,11 @@ pub struct ExecRequest {
     /// just hung up.
     #[serde(default)]
     pub max_run_after_disconnect_ms: Option<u64>,
+    /// Tell this session's clients when a process of the command (it or a
+    /// descendant) starts or stops listening on a TCP port
+    /// ([`DaemonMsg::Port`]).
+    #[serde(default)]
+    pub port_events: bool,
 }
 
 /// How long a session without a terminal runs on after an explicit detach
@@ -114,6 +119,7 @@ impl From<ExecSpec> for ExecRequest {
             no_log: false,
             detach: false,
             max_run_after_disconnect_ms: None,
+            port_events: false,
         }
     }
 }
@@ -541,6 +547,9 @@ pub enum DaemonMsg {
         linger_ms: u64,
     },
     ExecEnded(ExecEnd),
+    /// During a session that asked for `port_events`: a process of its
+    /// command opened or closed a listening TCP port. A client may ignore it.
+    Port(PortNotice),
     Bounced(BounceReport),
     CheckpointCreated(CheckpointReport),
     Restored(RestoreReport),
@@ -589,6 +598,17 @@ pub enum DaemonMsg {
         id: u64,
     },
     Error(ErrorReport),
+}
+
+/// A listening port a session's command opened or closed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortNotice {
+    pub opened: bool,
+    pub port: u16,
+    /// The address it is bound to, as the inner sees it.
+    pub address: String,
+    /// The owning process, pid inside the inner (0 when unknown).
+    pub pid: i32,
 }
 
 /// One TCP port the inner listens on.

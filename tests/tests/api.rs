@@ -189,3 +189,120 @@ fn an_endless_header_is_cut_off_and_hulld_serves_on() {
         "hulld grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+/// The port proxy the SDKs open (`/v1/sprites/{name}/proxy`) reaches a
+/// listener on the inner's own loopback, carries bytes both ways in order,
+/// and refuses what it cannot reach with an error message, not a hang.
+#[test]
+fn the_port_proxy_reaches_the_inners_loopback() {
+    use futures::{SinkExt, StreamExt};
+    use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::Message;
+
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let exec = hull.api_token("exec");
+    let read = hull.api_token("read");
+    let name = request(addr, "GET", "/v1/sprites", Some(&read), None).json()["sprites"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/v1/sprites/{name}/proxy");
+    let inner_pid = hull
+        .wait_running(std::time::Duration::from_secs(10))
+        .inner_pid
+        .unwrap();
+    let listener = hull_tests::listen_in_inner(inner_pid, 9300..9301).remove(0);
+    // Echoes each connection's bytes back, and says where they came from.
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            conn.write_all(&buf[..n]).unwrap();
+            if got.len() >= 4 << 20 {
+                break;
+            }
+        }
+        (peer, got.len())
+    });
+
+    let refused = block_on(hull_tests::ws::connect(addr, &path, &read));
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403),
+        "a read token opened the proxy: {refused:?}"
+    );
+
+    let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let echoed = block_on(async {
+        let mut ws = hull_tests::ws::connect(addr, &path, &exec).await.unwrap();
+        ws.send(Message::text(r#"{"host":"localhost","port":9300}"#))
+            .await
+            .unwrap();
+        let Some(Ok(Message::Text(answer))) = ws.next().await else {
+            panic!("no answer to the proxy's first message");
+        };
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["status"], "connected", "{answer}");
+        assert_eq!(answer["target"], "127.0.0.1:9300", "{answer}");
+        let (mut sink, mut stream) = ws.split();
+        let writer = async {
+            for chunk in sent.chunks(100_000) {
+                sink.send(Message::binary(chunk.to_vec())).await.unwrap();
+            }
+            sink
+        };
+        let reader = async {
+            let mut echoed = Vec::new();
+            while echoed.len() < sent.len() {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(data))) => echoed.extend_from_slice(&data),
+                    other => panic!("after {} bytes: {other:?}", echoed.len()),
+                }
+            }
+            // The server hung up: the proxy closes the WebSocket.
+            let end = stream.next().await;
+            assert!(
+                matches!(end, Some(Ok(Message::Close(_))) | None),
+                "after the target closed: {end:?}"
+            );
+            echoed
+        };
+        let (_sink, echoed) = tokio::join!(writer, reader);
+        echoed
+    });
+    assert!(echoed == sent, "the echoed bytes differ from those sent");
+    let (peer, received) = server.join().unwrap();
+    assert_eq!(received, sent.len());
+    assert!(peer.ip().is_loopback(), "the proxy came from {peer}");
+
+    for (init, expect) in [
+        (r#"{"host":"localhost","port":9301}"#, "cannot connect"),
+        (r#"{"host":"example.com","port":80}"#, "not resolved"),
+        (r#"{"port":"x"}"#, "first message"),
+    ] {
+        let answer = block_on(async {
+            let mut ws = hull_tests::ws::connect(addr, &path, &exec).await.unwrap();
+            ws.send(Message::text(init)).await.unwrap();
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    serde_json::from_str::<serde_json::Value>(&t).unwrap()
+                }
+                other => panic!("{init}: {other:?}"),
+            }
+        });
+        assert_eq!(answer["status"], "error", "{init}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(expect),
+            "{init}: {answer}"
+        );
+    }
+}

@@ -554,3 +554,78 @@ fn a_terminal_session_outlives_its_websocket_and_is_attached_again_with_its_scre
         "attach to an unknown session"
     );
 }
+
+/// An exec tells its client when its command starts or stops listening on
+/// a port (`port_opened` / `port_closed` with the owner's pid), as the
+/// SDKs' port proxies expect, and says nothing of a port another process
+/// opens meanwhile.
+#[test]
+fn an_exec_tells_of_the_ports_its_command_opens_and_closes() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let token = hull.api_token("exec");
+    let name = sprite_name(addr, &token);
+    let script = "httpd -f -p 127.0.0.1:9410 -h / & read x; kill $!; wait; read y; echo done";
+    let encoded: String = script
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let path = format!("/v1/sprites/{name}/exec?cmd=sh&cmd=-c&cmd={encoded}&stdin=true");
+    let inner_pid = hull
+        .wait_running(Duration::from_secs(10))
+        .inner_pid
+        .unwrap();
+
+    block_on(async {
+        let mut ws = connect(addr, &path, &token).await.unwrap();
+        let opened = next_port_frame(&mut ws).await;
+        assert_eq!(opened["type"], "port_opened", "{opened}");
+        assert_eq!(opened["port"], 9410, "{opened}");
+        assert_eq!(opened["address"], "127.0.0.1", "{opened}");
+        let pid = opened["pid"].as_i64().unwrap();
+        assert!(pid > 1, "the owner's pid: {opened}");
+
+        // A port of a process outside the command's tree, seen by hulld
+        // before the command's port closes.
+        let _other = hull_tests::listen_in_inner(inner_pid, 9411..9412);
+        wait_until(Duration::from_secs(10), "hull ports lists 9411", || {
+            String::from_utf8_lossy(&hull.hull(&["ports", "--json"]).stdout).contains("9411")
+        });
+        ws.send(Message::binary(b"\0go\n".to_vec())).await.unwrap();
+        let closed = next_port_frame(&mut ws).await;
+        assert_eq!(
+            (closed["type"].as_str(), closed["port"].as_i64()),
+            (Some("port_closed"), Some(9410)),
+            "{closed}"
+        );
+        ws.send(Message::binary(b"\0go\n".to_vec())).await.unwrap();
+        ws.send(Message::binary(vec![4])).await.unwrap();
+        let (stdout, code) = collect(&mut ws).await.expect("the exit frame");
+        assert_eq!((String::from_utf8_lossy(&stdout).trim(), code), ("done", 0));
+    });
+}
+
+/// The next `port_*` text frame, skipping others.
+async fn next_port_frame(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if value["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("port_"))
+                {
+                    return value;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no port frame: {other:?}"),
+        }
+    }
+}

@@ -230,6 +230,8 @@ async fn session(g: &Global, opts: &ExecOptions, input: &Input, wired: &mut bool
                 sink.write(stream, &data)?
             }
             Ok(DaemonMsg::OutputCut { linger_ms }) => output_cut = Some(linger_ms),
+            // A session started over the API may tell of its ports.
+            Ok(DaemonMsg::Port(_)) => {}
             Ok(DaemonMsg::ExecEnded(end)) => break end,
             Ok(DaemonMsg::Detached { id }) => {
                 if tty {
@@ -340,6 +342,7 @@ async fn start(g: &Global, c: &mut Client, opts: &ExecOptions) -> Result<Begun> 
         no_log: opts.no_log,
         detach: opts.detach,
         max_run_after_disconnect_ms: None,
+        port_events: false,
     };
     let start = if opts.detach {
         c.exec_detach(request)
