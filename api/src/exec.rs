@@ -629,20 +629,39 @@ pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Respons
     Ok(handshake.response)
 }
 
-/// `GET .../exec/ID` with an upgrade: attaches to session ID as its
-/// writer, in the framing of its terminal (or pipes): a terminal's
-/// scrollback first, then the session as if it had been started here.
+/// Whether `GET .../exec/ID` asks to watch (`?watch=true`) rather than
+/// take the writer's role.
+pub fn watch_only<B>(req: &Request<B>) -> Result<bool, ApiError> {
+    let query = req.uri().query().unwrap_or("");
+    let mut watch = false;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == "watch" {
+            watch = parse_bool("watch", &value)?;
+        }
+    }
+    Ok(watch)
+}
+
+/// `GET .../exec/ID` with an upgrade: attaches to session ID, as its
+/// writer or (`watch`) a viewer whose input is dropped, in the framing of
+/// its terminal (or pipes): a terminal's scrollback first, then the
+/// session as if it had been started here.
 pub async fn attach(
     state: &Shared,
     mut req: Request<Incoming>,
     id: &str,
+    watch: bool,
 ) -> Result<Response<Body>, ApiError> {
     let handshake = ws::handshake(&mut req)?;
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::not_found(format!("no session {id:?}")))?;
     let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
-    let request = ClientMsg::Sessions(hull_proto::SessionRequest::Attach { id, writer: true });
+    let request = ClientMsg::Sessions(hull_proto::SessionRequest::Attach {
+        id,
+        writer: !watch,
+        watch,
+    });
     let info = match client.request(request).await {
         Ok(DaemonMsg::SessionAttached { info, .. }) => info,
         Ok(other) => {

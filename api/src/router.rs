@@ -65,7 +65,9 @@ pub const ROUTES: &[Route] = &[
     r("DELETE", "/v1/sprites/{name}/services/{service}", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/start", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
-    r("GET", "/v1/sprites/{name}/exec/{id}", EXEC),
+    // Attaching as the writer needs exec (checked in the match below);
+    // watching (`?watch=true`) only reads.
+    r("GET", "/v1/sprites/{name}/exec/{id}", READ),
     r("POST", "/v1/sprites/{name}/exec/{id}/kill", EXEC),
     r("GET", "/v1/sprites/{name}/policy/network", READ),
     r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
@@ -185,7 +187,13 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
             (&Method::POST, ["services", svc, "stop"]) => services::stop(state, svc, &req).await,
             (&Method::GET, ["exec"]) => sessions::list(state).await,
-            (&Method::GET, ["exec", id]) => exec::attach(state, req, id).await,
+            (&Method::GET, ["exec", id]) => {
+                let watch = exec::watch_only(&req)?;
+                if !watch {
+                    require(granted, TokenScope::Exec)?;
+                }
+                exec::attach(state, req, id, watch).await
+            }
             (&Method::POST, ["exec", id, "kill"]) => sessions::kill(state, id, req).await,
             (&Method::GET, ["policy", "network"]) => policy::get(state).await,
             (&Method::POST, ["policy", "network"]) => policy::set(state, req).await,

@@ -296,10 +296,23 @@ impl Client {
     /// writer's role); then read it as an exec's frames. Returns the
     /// session and whether this client is its writer.
     pub async fn session_attach(&mut self, id: u64, writer: bool) -> Result<(SessionInfo, bool)> {
-        match self
-            .request(ClientMsg::Sessions(SessionRequest::Attach { id, writer }))
-            .await?
-        {
+        self.attach_as(id, writer, false).await
+    }
+
+    /// Attaches this connection to session `id` as a watcher only: never
+    /// its writer (a read-only token may do this).
+    pub async fn session_watch(&mut self, id: u64) -> Result<SessionInfo> {
+        self.attach_as(id, false, true).await.map(|(info, _)| info)
+    }
+
+    async fn attach_as(
+        &mut self,
+        id: u64,
+        writer: bool,
+        watch: bool,
+    ) -> Result<(SessionInfo, bool)> {
+        let request = SessionRequest::Attach { id, writer, watch };
+        match self.request(ClientMsg::Sessions(request)).await? {
             DaemonMsg::SessionAttached { info, writer } => Ok((info, writer)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

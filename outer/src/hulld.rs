@@ -189,11 +189,12 @@ impl Hulld {
         &self,
         id: u64,
         take_writer: bool,
+        watch: bool,
         reader: &mut impl Requests,
         writer: &mut impl Replies,
     ) -> std::io::Result<Outcome> {
         use futures::SinkExt;
-        match self.parts.sessions.attach(id, take_writer).await {
+        match self.parts.sessions.attach(id, take_writer, watch).await {
             Ok(attachment) => {
                 writer.send(attachment.attached()).await?;
                 attachment.pump(reader, writer).await

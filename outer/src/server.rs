@@ -75,10 +75,12 @@ fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
         | ClientMsg::CheckpointList
         | ClientMsg::Logs { .. }
         | ClientMsg::NetworkPolicy(None)
-        | ClientMsg::Sessions(SessionRequest::List)
+        | ClientMsg::Sessions(SessionRequest::List | SessionRequest::Attach { watch: true, .. })
         | ClientMsg::Services(S::List | S::Show(_)) => Some(TokenScope::Read),
         ClientMsg::Exec(_)
-        | ClientMsg::Sessions(SessionRequest::Attach { .. } | SessionRequest::Kill { .. })
+        | ClientMsg::Sessions(
+            SessionRequest::Attach { watch: false, .. } | SessionRequest::Kill { .. },
+        )
         | ClientMsg::Detach
         | ClientMsg::Stdin(_)
         | ClientMsg::StdinEof
@@ -376,8 +378,16 @@ where
                 }
                 had_session = true;
             }
-            ClientMsg::Sessions(SessionRequest::Attach { id, writer: take }) => {
-                if hulld.do_session_attach(id, take, reader, writer).await? == Outcome::Gone {
+            ClientMsg::Sessions(SessionRequest::Attach {
+                id,
+                writer: take,
+                watch,
+            }) => {
+                if hulld
+                    .do_session_attach(id, take, watch, reader, writer)
+                    .await?
+                    == Outcome::Gone
+                {
                     return Ok(());
                 }
                 had_session = true;

@@ -113,12 +113,21 @@ impl Sessions {
     }
 
     /// Attaches a new client to session `id`.
-    pub async fn attach(&self, id: u64, writer: bool) -> Result<Attachment, SessionError> {
+    pub async fn attach(
+        &self,
+        id: u64,
+        writer: bool,
+        watch: bool,
+    ) -> Result<Attachment, SessionError> {
         let handle = self.get(id)?;
         let (reply, answer) = oneshot::channel();
         handle
             .commands
-            .send(Command::Attach { writer, reply })
+            .send(Command::Attach {
+                writer,
+                watch,
+                reply,
+            })
             .await
             .map_err(|_| SessionError::NotFound(id))?;
         answer.await.map_err(|_| SessionError::NotFound(id))
@@ -206,7 +215,7 @@ impl Sessions {
             .as_ref()
             .filter(|_| session.terms.port_events)
             .map(|p| p.subscribe());
-        let first = session.add_client(true);
+        let first = session.add_client(true, false);
         crate::lock(&self.map).insert(
             id,
             Handle {
@@ -268,6 +277,7 @@ impl SessionTerms {
 enum Command {
     Attach {
         writer: bool,
+        watch: bool,
         reply: oneshot::Sender<Attachment>,
     },
     /// `client: None`: a kill, honoured whoever asks.
@@ -503,6 +513,8 @@ async fn next_port_change(
 struct Client {
     id: u64,
     tx: mpsc::Sender<DaemonMsg>,
+    /// Never the writer.
+    watch: bool,
 }
 
 /// One session's state, owned by its task.
@@ -576,7 +588,9 @@ impl Session {
         self.link.writer.load(Ordering::Acquire)
     }
 
-    fn add_client(&mut self, want_writer: bool) -> Attachment {
+    /// A new client: the writer when it asks to be or there is none,
+    /// unless it only watches.
+    fn add_client(&mut self, want_writer: bool, watch: bool) -> Attachment {
         let (tx, queue) = mpsc::channel(CLIENT_QUEUE);
         let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         if let Some(scrollback) = &self.scrollback {
@@ -585,11 +599,15 @@ impl Session {
                 let _ = tx.try_send(msg);
             }
         }
-        let writer = want_writer || self.clients.is_empty();
+        let writer = !watch && (want_writer || self.writer_id() == 0);
         if writer {
             self.link.writer.store(client, Ordering::Release);
         }
-        self.clients.push(Client { id: client, tx });
+        self.clients.push(Client {
+            id: client,
+            tx,
+            watch,
+        });
         self.orphaned_for = None;
         self.publish_clients();
         Attachment {
@@ -618,7 +636,7 @@ impl Session {
         }
         if self.writer_id() == client {
             self.pending = None;
-            let next = self.clients.first().map_or(0, |c| c.id);
+            let next = self.clients.iter().find(|c| !c.watch).map_or(0, |c| c.id);
             self.link.writer.store(next, Ordering::Release);
         }
         self.publish_clients();
@@ -828,8 +846,12 @@ impl Session {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Attach { writer, reply } => {
-                let attachment = self.add_client(writer);
+            Command::Attach {
+                writer,
+                watch,
+                reply,
+            } => {
+                let attachment = self.add_client(writer, watch);
                 // A client that gave up waiting drops its attachment,
                 // which detaches it again.
                 let _ = reply.send(attachment);

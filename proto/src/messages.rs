@@ -408,6 +408,10 @@ pub enum SessionRequest {
     Attach {
         id: u64,
         writer: bool,
+        /// Only watch: never the writer, not even of a session with no
+        /// other client (so a read-only token may ask for it).
+        #[serde(default)]
+        watch: bool,
     },
     /// Send `signal` to the session's process; if the session has not
     /// ended `timeout_ms` later, SIGKILL. The reply comes once it ended.

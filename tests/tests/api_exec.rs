@@ -629,3 +629,53 @@ async fn next_port_frame(ws: &mut Ws) -> serde_json::Value {
         }
     }
 }
+
+/// `GET .../exec/ID?watch=true` attaches a viewer: a read token is enough,
+/// it sees the screen and what follows, and its input reaches nothing
+/// while the writer's does.
+#[test]
+fn a_watcher_sees_a_session_with_a_read_token_and_cannot_type_into_it() {
+    let Some((hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    let read = hull.api_token("read");
+    let path = format!("/v1/sprites/{name}/exec?cmd=cat&tty=true&rows=24&cols=80");
+    block_on(async {
+        let mut writer = connect(addr, &path, &token).await.unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(writer.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        let session = info["session_id"].as_str().unwrap().to_string();
+        writer
+            .send(Message::binary(b"before-the-watcher\n".to_vec()))
+            .await
+            .unwrap();
+        read_tty_until(&mut writer, "before-the-watcher").await;
+
+        let attach = format!("/v1/sprites/{name}/exec/{session}");
+        let refused = connect(addr, &attach, &read).await;
+        assert!(
+            matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403),
+            "a read token attached as the writer: {refused:?}"
+        );
+        let mut watcher = connect(addr, &format!("{attach}?watch=true"), &read)
+            .await
+            .unwrap();
+        read_tty_until(&mut watcher, "before-the-watcher").await;
+        watcher
+            .send(Message::binary(b"typed-by-the-watcher\n".to_vec()))
+            .await
+            .unwrap();
+        writer
+            .send(Message::binary(b"typed-by-the-writer\n".to_vec()))
+            .await
+            .unwrap();
+        let seen = read_tty_until(&mut watcher, "typed-by-the-writer").await;
+        assert!(!seen.contains("typed-by-the-watcher"), "{seen:?}");
+        let seen = read_tty_until(&mut writer, "typed-by-the-writer").await;
+        assert!(!seen.contains("typed-by-the-watcher"), "{seen:?}");
+        writer
+            .send(Message::binary(b"\x04".to_vec()))
+            .await
+            .unwrap();
+    });
+}

@@ -310,7 +310,12 @@ async fn attach(c: &mut Client, to: AttachTo, writer: bool) -> Result<(Option<u6
             }
         }
     };
-    let (info, _writer) = c.session_attach(id, writer).await?;
+    // A watcher asks never to be the writer, which a read token allows.
+    let info = if writer {
+        c.session_attach(id, true).await?.0
+    } else {
+        c.session_watch(id).await?
+    };
     Ok((None, info.id, info.tty))
 }
 
