@@ -7,6 +7,10 @@
 //! `control:{"type":"op.error","args":{"error":"..."}}`.
 //!
 //! Only `exec` is served; file operations are answered with `op.error`.
+//! The Go SDK's port proxy also runs here: a bare
+//! `{"type": "start", "operation": "proxy", "params": {"host", "port"}}`
+//! text, answered and carried as on the proxy route until the client's
+//! `{"type": "release"}`.
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hyper::body::Incoming;
@@ -18,7 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::error::ApiError;
 use crate::exec::{self, ExecParams, Outcome, Started};
 use crate::router::Body;
-use crate::{ws, Shared};
+use crate::{proxy, ws, Shared};
 
 /// What starts every control message.
 pub const PREFIX: &str = "control:";
@@ -57,6 +61,13 @@ async fn run(state: &Shared, socket: ws::Ws) {
             Ok(_) => continue,
         };
         let Some(envelope) = text.as_str().strip_prefix(PREFIX) else {
+            // The Go SDK's proxy starts with a bare JSON message.
+            if let Some(params) = proxy_start(&text) {
+                match proxy::on_control(state, &params, &mut sink, &mut stream).await {
+                    proxy::RelayEnd::Released => continue,
+                    proxy::RelayEnd::Closed => return,
+                }
+            }
             continue;
         };
         let next = match serde_json::from_str::<Value>(envelope) {
@@ -87,6 +98,12 @@ async fn run(state: &Shared, socket: ws::Ws) {
     }
 }
 
+/// The params of `{"type": "start", "operation": "proxy", "params": {...}}`.
+fn proxy_start(text: &str) -> Option<Value> {
+    let msg: Value = serde_json::from_str(text).ok()?;
+    (msg["type"] == "start" && msg["operation"] == "proxy").then(|| msg["params"].clone())
+}
+
 async fn send<Si>(sink: &mut Si, msg: Message) -> Next
 where
     Si: Sink<Message, Error = WsError> + Unpin,
@@ -111,14 +128,28 @@ where
     }
     let empty = serde_json::Map::new();
     let args = msg["args"].as_object().unwrap_or(&empty);
-    let params = match ExecParams::from_args(args) {
-        Ok(params) => params,
+    // With an `id`, the Go SDK's attach to a running session.
+    let session = match session_id(args) {
+        Ok(id) => id,
+        Err(why) => return send(sink, op_error(&why)).await,
+    };
+    let started = match session {
+        Some(id) => exec::attach_session(state, id, false)
+            .await
+            .map(|(exec, params)| (Ok(Started::Running(Box::new(exec))), params)),
+        None => match ExecParams::from_args(args) {
+            Ok(params) => Ok((exec::start(state, &params).await, params)),
+            Err(e) => Err(e),
+        },
+    };
+    let (started, params) = match started {
+        Ok(started) => started,
         Err(e) => return send(sink, op_error(&e.message)).await,
     };
     let framing = exec::Framing {
         tty: params.tty.is_some(),
     };
-    let mut exec = match exec::start(state, &params).await {
+    let mut exec = match started {
         Ok(Started::Running(exec)) => exec,
         Ok(Started::SpawnFailed { code, message }) => {
             let stderr = framing.output(hull_proto::Stream::Stderr, message.into_bytes());
@@ -152,6 +183,18 @@ where
             send(sink, op_error(&why)).await
         }
     }
+}
+
+/// The session an exec operation attaches to, if it names one.
+fn session_id(args: &serde_json::Map<String, Value>) -> Result<Option<u64>, String> {
+    let id = match args.get("id") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.parse().ok(),
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(_) => None,
+    };
+    id.map(Some)
+        .ok_or_else(|| format!("id {} is not a session id", args["id"]))
 }
 
 /// The exit frame where the framing has one, then `op.complete`.

@@ -656,6 +656,23 @@ pub async fn attach(
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::not_found(format!("no session {id:?}")))?;
+    let (exec, params) = attach_session(state, id, watch).await?;
+    let slot = crate::server::ConnectionSlot::of(&req);
+    tokio::spawn(async move {
+        run(handshake.upgrade, Started::Running(Box::new(exec)), params).await;
+        drop(slot);
+    });
+    Ok(handshake.response)
+}
+
+/// Attaches a new connection to hulld to session `id`, as its writer or
+/// (`watch`) a viewer: the session as an exec, and the parameters that
+/// frame it.
+pub async fn attach_session(
+    state: &Shared,
+    id: u64,
+    watch: bool,
+) -> Result<(Exec, ExecParams), ApiError> {
     let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
     let request = ClientMsg::Sessions(hull_proto::SessionRequest::Attach {
         id,
@@ -689,12 +706,7 @@ pub async fn attach(
         session: info.id,
         exec_id: None,
     };
-    let slot = crate::server::ConnectionSlot::of(&req);
-    tokio::spawn(async move {
-        run(handshake.upgrade, Started::Running(Box::new(exec)), params).await;
-        drop(slot);
-    });
-    Ok(handshake.response)
+    Ok((exec, params))
 }
 
 async fn run(upgrade: hyper::upgrade::OnUpgrade, started: Started, params: ExecParams) {

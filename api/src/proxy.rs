@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde::Deserialize;
@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::ApiError;
 use crate::router::Body;
@@ -48,48 +48,36 @@ pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Respons
     )
 }
 
-async fn run(state: &Shared, mut socket: ws::Ws) {
-    let init = match tokio::time::timeout(INIT_TIMEOUT, first_text(&mut socket)).await {
+async fn run(state: &Shared, socket: ws::Ws) {
+    let (mut sink, mut stream) = socket.split();
+    let init = match tokio::time::timeout(INIT_TIMEOUT, first_text(&mut stream)).await {
         Ok(Some(text)) => text,
         Ok(None) => return,
         Err(_) => {
-            refuse(&mut socket, "no {\"host\", \"port\"} message within 10 s").await;
+            let why = "no {\"host\", \"port\"} message within 10 s";
+            refuse(&mut sink, why, Dialect::Plain).await;
             return;
         }
     };
     let target = match parse_target(&init) {
         Ok(target) => target,
         Err(why) => {
-            refuse(&mut socket, &why).await;
+            refuse(&mut sink, &why, Dialect::Plain).await;
             return;
         }
     };
-    let stream = match state.connector.dial(target).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            refuse(
-                &mut socket,
-                &format!("cannot connect to {target} in the sandbox: {e}"),
-            )
-            .await;
-            return;
-        }
-    };
-    let connected = json!({"status": "connected", "target": target.to_string()});
-    if socket
-        .send(Message::text(connected.to_string()))
-        .await
-        .is_err()
-    {
-        return;
+    if let Some(target) = connect(state, target, &mut sink, Dialect::Plain).await {
+        relay(&mut sink, &mut stream, target, Dialect::Plain).await;
     }
-    relay(socket, stream).await;
 }
 
 /// The first text message; `None` when the client closed or sent
 /// something else first.
-async fn first_text(socket: &mut ws::Ws) -> Option<String> {
-    match socket.next().await? {
+async fn first_text<St>(stream: &mut St) -> Option<String>
+where
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    match stream.next().await? {
         Ok(Message::Text(text)) => Some(text.to_string()),
         _ => None,
     }
@@ -102,6 +90,10 @@ fn parse_target(text: &str) -> Result<SocketAddr, String> {
     let init: ProxyInit = serde_json::from_str(text).map_err(|e| {
         format!("the first message must be {{\"host\": \"localhost\", \"port\": 8080}}: {e}")
     })?;
+    target_of(init)
+}
+
+fn target_of(init: ProxyInit) -> Result<SocketAddr, String> {
     if init.port == 0 {
         return Err("port 0 is not a port to connect to".into());
     }
@@ -122,27 +114,95 @@ fn parse_target(text: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::new(ip, init.port))
 }
 
-async fn refuse(socket: &mut ws::Ws, error: &str) {
+/// Dials `target` in the inner and answers the client; `None` when the
+/// dial failed (the client was told) or the client is gone.
+async fn connect<Si>(
+    state: &Shared,
+    target: SocketAddr,
+    sink: &mut Si,
+    dialect: Dialect,
+) -> Option<TcpStream>
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+{
+    let stream = match state.connector.dial(target).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let why = format!("cannot connect to {target} in the sandbox: {e}");
+            refuse(sink, &why, dialect).await;
+            return None;
+        }
+    };
+    let connected = json!({"status": "connected", "target": target.to_string()});
+    sink.send(Message::text(connected.to_string())).await.ok()?;
+    Some(stream)
+}
+
+/// Says why there is no connection; a proxy's own WebSocket is closed,
+/// a control connection stays for the next operation.
+async fn refuse<Si>(sink: &mut Si, error: &str, dialect: Dialect)
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+{
     let answer = json!({"status": "error", "error": error});
-    let _ = socket.send(Message::text(answer.to_string())).await;
-    let _ = socket.send(ws::close(CloseCode::Error, error)).await;
+    let _ = sink.send(Message::text(answer.to_string())).await;
+    if dialect == Dialect::Plain {
+        let _ = sink.send(ws::close(CloseCode::Error, error)).await;
+    }
+}
+
+/// How a proxied connection is framed on its WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// The WebSocket is the connection's own: text has no meaning.
+    Plain,
+    /// A kept control connection: the client's `{"type": "release"}`
+    /// ends the proxy and the connection serves operations again.
+    Control,
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// The client released a control connection (or the proxy was
+    /// refused on one): it goes on.
+    Released,
+    /// Either side ended; the WebSocket was closed or is gone.
+    Closed,
 }
 
 /// Bytes both ways until either side ends: a WebSocket has no half-close,
-/// so the end of one direction ends the connection.
-async fn relay(socket: ws::Ws, stream: TcpStream) {
-    let (mut sink, mut incoming) = socket.split();
-    let (mut from_target, mut to_target) = stream.into_split();
+/// so the end of one direction ends the connection (and a target that
+/// closes ends even a control connection, as a proxy client reads the
+/// end of its stream only from a close).
+async fn relay<Si, St>(
+    sink: &mut Si,
+    stream: &mut St,
+    target: TcpStream,
+    dialect: Dialect,
+) -> RelayEnd
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let (mut from_target, mut to_target) = target.into_split();
     let inbound = async {
-        while let Some(Ok(message)) = incoming.next().await {
+        let mut end = RelayEnd::Closed;
+        while let Some(Ok(message)) = stream.next().await {
             match message {
                 Message::Binary(data) if to_target.write_all(&data).await.is_err() => break,
+                Message::Text(text) if dialect == Dialect::Control && is_release(&text) => {
+                    end = RelayEnd::Released;
+                    break;
+                }
                 Message::Close(_) => break,
-                // Pings are answered by tungstenite; text has no meaning here.
+                // Pings are answered by tungstenite; other text has no
+                // meaning here.
                 _ => {}
             }
         }
         let _ = to_target.shutdown().await;
+        end
     };
     let outbound = async {
         let mut buf = vec![0u8; READ_CHUNK];
@@ -160,8 +220,42 @@ async fn relay(socket: ws::Ws, stream: TcpStream) {
         let _ = sink.send(ws::close(CloseCode::Normal, "")).await;
     };
     tokio::select! {
-        _ = inbound => {}
-        _ = outbound => {}
+        end = inbound => end,
+        _ = outbound => RelayEnd::Closed,
+    }
+}
+
+fn is_release(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v["type"] == "release")
+}
+
+/// The Go SDK's proxy on a control connection: the un-prefixed text
+/// `{"type": "start", "operation": "proxy", "params": {"host", "port"}}`,
+/// answered as on the proxy route; its `{"type": "release"}` hands the
+/// connection back.
+pub async fn on_control<Si, St>(
+    state: &Shared,
+    params: &serde_json::Value,
+    sink: &mut Si,
+    stream: &mut St,
+) -> RelayEnd
+where
+    Si: Sink<Message, Error = WsError> + Unpin,
+    St: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let target = serde_json::from_value::<ProxyInit>(params.clone())
+        .map_err(|e| format!("the proxy's params must be {{\"host\", \"port\"}}: {e}"))
+        .and_then(target_of);
+    let target = match target {
+        Ok(target) => target,
+        Err(why) => {
+            refuse(sink, &why, Dialect::Control).await;
+            return RelayEnd::Released;
+        }
+    };
+    match connect(state, target, sink, Dialect::Control).await {
+        Some(target) => relay(sink, stream, target, Dialect::Control).await,
+        None => RelayEnd::Released,
     }
 }
 

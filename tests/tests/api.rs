@@ -190,6 +190,21 @@ fn an_endless_header_is_cut_off_and_hulld_serves_on() {
     );
 }
 
+/// A hulld for the proxy tests: its API address, an exec token, the
+/// sandbox's name and the inner's init pid.
+fn proxy_hull() -> Option<(TestHull, std::net::SocketAddr, String, String, i32)> {
+    if !require_root() {
+        return None;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let exec = hull.api_token("exec");
+    let sprites = request(addr, "GET", "/v1/sprites", Some(&exec), None).json();
+    let name = sprites["sprites"][0]["name"].as_str().unwrap().to_string();
+    let status = hull.wait_running(std::time::Duration::from_secs(10));
+    Some((hull, addr, exec, name, status.inner_pid.unwrap()))
+}
+
 /// The port proxy the SDKs open (`/v1/sprites/{name}/proxy`) reaches a
 /// listener on the inner's own loopback, carries bytes both ways in order,
 /// and refuses what it cannot reach with an error message, not a hang.
@@ -199,22 +214,11 @@ fn the_port_proxy_reaches_the_inners_loopback() {
     use std::io::{Read, Write};
     use tokio_tungstenite::tungstenite::Message;
 
-    if !require_root() {
+    let Some((hull, addr, exec, name, inner_pid)) = proxy_hull() else {
         return;
-    }
-    let hull = TestHull::start();
-    let addr = block_on(hull.api_addr());
-    let exec = hull.api_token("exec");
+    };
     let read = hull.api_token("read");
-    let name = request(addr, "GET", "/v1/sprites", Some(&read), None).json()["sprites"][0]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let path = format!("/v1/sprites/{name}/proxy");
-    let inner_pid = hull
-        .wait_running(std::time::Duration::from_secs(10))
-        .inner_pid
-        .unwrap();
     let listener = hull_tests::listen_in_inner(inner_pid, 9300..9301).remove(0);
     // Echoes each connection's bytes back, and says where they came from.
     let server = std::thread::spawn(move || {
@@ -305,4 +309,96 @@ fn the_port_proxy_reaches_the_inners_loopback() {
             "{init}: {answer}"
         );
     }
+}
+
+/// The Go SDK runs its port proxy on a kept control connection: a bare
+/// `{"type": "start", "operation": "proxy"}` message, the bytes, then
+/// `{"type": "release"}`, after which the connection serves the next
+/// operation. A proxy that cannot connect leaves the connection usable.
+#[test]
+fn the_port_proxy_runs_on_a_control_connection_and_hands_it_back() {
+    use futures::{SinkExt, StreamExt};
+    use std::io::{Read, Write};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let Some((_hull, addr, exec, name, inner_pid)) = proxy_hull() else {
+        return;
+    };
+    let listener = hull_tests::listen_in_inner(inner_pid, 9302..9303).remove(0);
+    // Answers each line in upper case until the client hangs up.
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let mut got = 0;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    got += n;
+                    conn.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
+                }
+            }
+        }
+        got
+    });
+    let start = |port: u16| {
+        Message::text(
+            serde_json::json!({
+                "type": "start",
+                "operation": "proxy",
+                "params": {"host": "localhost", "port": port, "keep_alive": true},
+            })
+            .to_string(),
+        )
+    };
+    block_on(async {
+        let path = format!("/v1/sprites/{name}/control");
+        let mut ws = hull_tests::ws::connect(addr, &path, &exec).await.unwrap();
+        let answer = async |ws: &mut hull_tests::ws::Ws| {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next()).await;
+            match next {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    serde_json::from_str::<serde_json::Value>(&t).unwrap()
+                }
+                other => panic!("no answer to the proxy's start: {other:?}"),
+            }
+        };
+
+        ws.send(start(9303)).await.unwrap();
+        let refused = answer(&mut ws).await;
+        assert_eq!(refused["status"], "error", "{refused}");
+
+        ws.send(start(9302)).await.unwrap();
+        let connected = answer(&mut ws).await;
+        assert_eq!(connected["status"], "connected", "{connected}");
+        ws.send(Message::binary(b"hello proxy\n".to_vec()))
+            .await
+            .unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Binary(data))) => assert_eq!(&data[..], b"HELLO PROXY\n"),
+            other => panic!("no echo: {other:?}"),
+        }
+        ws.send(Message::text(r#"{"type":"release"}"#))
+            .await
+            .unwrap();
+
+        // The same connection runs a command next.
+        let op = r#"control:{"type":"op.start","op":"exec","args":{"cmd":["echo","after-the-proxy"],"stdin":"false"}}"#;
+        ws.send(Message::text(op)).await.unwrap();
+        let mut stdout = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(data))) if data.first() == Some(&1) => {
+                    stdout.extend_from_slice(&data[1..])
+                }
+                Some(Ok(Message::Text(t))) if t.contains("op.complete") => break,
+                Some(Ok(Message::Text(t))) if t.contains("op.error") => panic!("{t}"),
+                Some(Ok(_)) => {}
+                other => panic!("the control connection ended: {other:?}"),
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&stdout), "after-the-proxy\n");
+    });
+    // The release closed the proxied connection.
+    assert_eq!(server.join().unwrap(), b"hello proxy\n".len());
 }

@@ -679,3 +679,46 @@ fn a_watcher_sees_a_session_with_a_read_token_and_cannot_type_into_it() {
             .unwrap();
     });
 }
+
+/// The Go SDK attaches to a session on its control connection: an exec
+/// operation with the session's `id` instead of a command.
+#[test]
+fn a_control_connection_attaches_to_a_session_by_id() {
+    let Some((_hull, addr, token, name)) = api_hull() else {
+        return;
+    };
+    let path = format!("/v1/sprites/{name}/exec?cmd=cat&tty=true&rows=24&cols=80");
+    block_on(async {
+        let mut ws = connect(addr, &path, &token).await.unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(ws.next().await.unwrap().unwrap().to_text().unwrap()).unwrap();
+        let session = info["session_id"].as_str().unwrap().to_string();
+        ws.send(Message::binary(b"before-the-attach\n".to_vec()))
+            .await
+            .unwrap();
+        read_tty_until(&mut ws, "before-the-attach").await;
+        drop(ws);
+
+        let mut control = connect(addr, &format!("/v1/sprites/{name}/control"), &token)
+            .await
+            .unwrap();
+        let op = serde_json::json!({"type": "op.start", "op": "exec", "args": {"id": session}});
+        control
+            .send(Message::text(format!("control:{op}")))
+            .await
+            .unwrap();
+        read_tty_until(&mut control, "before-the-attach").await;
+        control
+            .send(Message::binary(b"typed-over-control\n".to_vec()))
+            .await
+            .unwrap();
+        read_tty_until(&mut control, "typed-over-control").await;
+        control
+            .send(Message::binary(b"\x04".to_vec()))
+            .await
+            .unwrap();
+        let complete = control_message(&mut control).await;
+        assert_eq!(complete["type"], "op.complete", "{complete}");
+        assert_eq!(complete["args"]["exitCode"], 0, "{complete}");
+    });
+}
