@@ -250,11 +250,7 @@ pub async fn stop(
     name: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    if query_duration(req, "timeout")?.is_some() {
-        return Err(ApiError::bad_request(
-            "hull stops a service with SIGTERM and SIGKILL 5 s later; it takes no timeout of its own",
-        ));
-    }
+    let timeout = query_duration(req, "timeout")?;
     let mut client = connect(state).await?;
     // Known before the stream begins, so an unknown service is a 404.
     client
@@ -265,7 +261,14 @@ pub async fn stop(
     events.send(json!({"type": "stopping", "timestamp": now_ms()}));
     let name = name.to_string();
     tokio::spawn(async move {
-        match client.services(ServiceRequest::Stop(name)).await {
+        let stop = match timeout {
+            Some(t) => ServiceRequest::StopWithin {
+                name,
+                timeout_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            },
+            None => ServiceRequest::Stop(name),
+        };
+        match client.services(stop).await {
             Ok(stopped) => {
                 let exit_code = stopped
                     .first()

@@ -788,6 +788,12 @@ pub enum ServiceRequest {
     Remove(String),
     Start(String),
     Stop(String),
+    /// Stop it with this long between SIGTERM and SIGKILL instead of
+    /// the manager's default.
+    StopWithin {
+        name: String,
+        timeout_ms: u64,
+    },
     Restart(String),
     List,
     Show(String),

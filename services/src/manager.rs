@@ -600,7 +600,8 @@ impl<H: InnerHost> Task<H> {
                 if let Err(e) = self.registry(move |r| r.remove(&removed)).await {
                     return answer(reply, Err(e));
                 }
-                self.stop(&name, AfterStop::Remove, reply).await;
+                self.stop(&name, AfterStop::Remove, STOP_TIMEOUT, reply)
+                    .await;
                 self.publish();
                 // Its logs go with it, so names ever used do not pile up;
                 // awaited, so a new service of the name starts a new log.
@@ -620,8 +621,17 @@ impl<H: InnerHost> Task<H> {
                 let result = self.signal(&name, signal).await;
                 answer(reply, result)
             }
-            ServiceRequest::Stop(name) => self.stop(&name, AfterStop::Stop, reply).await,
-            ServiceRequest::Restart(name) => self.stop(&name, AfterStop::Restart, reply).await,
+            ServiceRequest::Stop(name) => {
+                self.stop(&name, AfterStop::Stop, STOP_TIMEOUT, reply).await
+            }
+            ServiceRequest::StopWithin { name, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                self.stop(&name, AfterStop::Stop, timeout, reply).await
+            }
+            ServiceRequest::Restart(name) => {
+                self.stop(&name, AfterStop::Restart, STOP_TIMEOUT, reply)
+                    .await
+            }
             ServiceRequest::Start(name) => {
                 let result = self.get_mut(&name).map(|svc| {
                     svc.stop_requested = false;
@@ -682,9 +692,9 @@ impl<H: InnerHost> Task<H> {
         }
     }
 
-    /// SIGTERM to the process group, and SIGKILL after the timeout. The
+    /// SIGTERM to the process group, and SIGKILL after `timeout`. The
     /// reply waits in `pending` until the process has exited.
-    async fn stop(&mut self, name: &str, then: AfterStop, reply: Reply) {
+    async fn stop(&mut self, name: &str, then: AfterStop, timeout: Duration, reply: Reply) {
         let Some(svc) = self.services.get_mut(name) else {
             let _ = reply.send(Err(ServiceError::NotFound(name.to_string())));
             return;
@@ -696,7 +706,7 @@ impl<H: InnerHost> Task<H> {
                 svc.pending.push((then, reply));
                 inner.kill(id, libc::SIGTERM).await;
                 tokio::spawn(async move {
-                    tokio::time::sleep(STOP_TIMEOUT).await;
+                    tokio::time::sleep(timeout).await;
                     // The init ignores ids whose process is gone.
                     inner.kill(id, libc::SIGKILL).await;
                 });

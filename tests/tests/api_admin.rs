@@ -506,3 +506,57 @@ fn sessions_are_listed_and_killed_over_the_api_and_through_the_sdk() {
         "{got}"
     );
 }
+
+/// `POST .../services/NAME/stop?timeout=D` is how long the service has
+/// between SIGTERM and SIGKILL: a service that takes a second to leave
+/// exits on its own with the default, and is killed with `timeout=0s`.
+#[test]
+fn a_service_stop_takes_the_time_it_is_given() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let admin = hull.api_token("admin");
+    let base = format!("/v1/sprites/{}/services", sprite_name(addr, &admin));
+    let body = r#"{"cmd":"sh","args":["-c","trap 'sleep 1; exit 7' TERM; echo up; while :; do sleep 0.1; done"]}"#;
+    let stop = |query: &str| {
+        let r = request(
+            addr,
+            "PUT",
+            &format!("{base}/slow?duration=1s"),
+            Some(&admin),
+            Some(body),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = request(
+            addr,
+            "POST",
+            &format!("{base}/slow/stop{query}"),
+            Some(&admin),
+            None,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&r.body)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let stopped = events.iter().find(|e| e["type"] == "stopped").cloned();
+        stopped.unwrap_or_else(|| panic!("no stopped event: {events:?}"))["exit_code"].clone()
+    };
+    assert_eq!(
+        stop(""),
+        7,
+        "the service's own exit, within the default 5 s"
+    );
+    assert_eq!(stop("?timeout=0s"), 137, "SIGKILL at once");
+    assert_eq!(stop("?timeout=10"), 7, "seconds without a unit");
+    let r = request(
+        addr,
+        "POST",
+        &format!("{base}/slow/stop?timeout=soon"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(code(&r), (400, "bad_request".into()), "{r:?}");
+}

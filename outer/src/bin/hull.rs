@@ -327,11 +327,14 @@ enum ServicesCommand {
         /// The service.
         name: String,
     },
-    /// SIGTERM to its process group, SIGKILL after 5 s; it stays stopped,
-    /// across bounces too, until `start`.
+    /// SIGTERM to its process group, SIGKILL after 5 s (or --timeout); it
+    /// stays stopped, across bounces too, until `start`.
     Stop {
         /// The service.
         name: String,
+        /// Time between SIGTERM and SIGKILL (0 kills at once), e.g. 30s.
+        #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// Stop it (as `stop` does), then start it again.
     Restart {
@@ -611,7 +614,17 @@ async fn run(cli: Cli) -> Result<i32> {
                 ServicesCommand::List => R::List,
                 ServicesCommand::Show { name } => R::Show(name),
                 ServicesCommand::Start { name } => R::Start(name),
-                ServicesCommand::Stop { name } => R::Stop(name),
+                ServicesCommand::Stop {
+                    name,
+                    timeout: None,
+                } => R::Stop(name),
+                ServicesCommand::Stop {
+                    name,
+                    timeout: Some(t),
+                } => R::StopWithin {
+                    name,
+                    timeout_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+                },
                 ServicesCommand::Restart { name } => R::Restart(name),
                 ServicesCommand::Remove { name } => R::Remove(name),
             };
