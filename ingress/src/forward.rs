@@ -85,6 +85,9 @@ pub struct ForwardConfig {
     /// Relayed connections at once, in all and per source (shared with
     /// the HTTP ingress).
     pub conns: Arc<ConnLimits>,
+    /// Relay in the kernel with a sockmap redirect where the kernel allows
+    /// it, instead of copying.
+    pub in_kernel: bool,
 }
 
 /// The forwarder's repeated warnings, each logged once per interval.
@@ -136,7 +139,7 @@ impl Forwarder {
         let forwarder = Arc::new(Forwarder {
             exposed: Mutex::new(HashMap::new()),
         });
-        let redirector = load_redirector(&config);
+        let redirector = config.in_kernel.then(|| load_redirector(&config)).flatten();
         tokio::spawn(follow(
             forwarder.clone(),
             dialer,

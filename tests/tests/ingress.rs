@@ -932,7 +932,8 @@ fn cpu_ticks(pid: i32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// TCP forwarding moves the bytes in the kernel (a sockmap redirect):
+/// With `forward_in_kernel`, TCP forwarding moves the bytes in the kernel
+/// (a sockmap redirect):
 /// hulld spends a small part of the CPU on a big download that HTTP
 /// ingress, which copies, spends on the same one (copying, forwarding
 /// took as much: 32 ticks to 34); and the bytes and the end of the
@@ -944,6 +945,7 @@ fn forwarded_bytes_are_moved_by_the_kernel_not_copied_by_hulld() {
     }
     let hull = TestHull::start_with(Limits {
         memory_max: "512M",
+        network_extra: "forward_in_kernel = true".into(),
         ..Limits::default()
     });
     let want = blob_server(&hull, "fwd", 128, 8130);

@@ -24,6 +24,8 @@ use wrk::{median_run, wrk, WrkRun};
 pub struct WrkOptions {
     pub secs: usize,
     pub runs: usize,
+    /// hulld relays forwarded connections in the kernel (sockmap).
+    pub forward_in_kernel: bool,
 }
 
 /// One GET on a new connection; returns the time to the last byte and the
@@ -59,6 +61,7 @@ pub fn run(rounds: usize, wrk_options: WrkOptions) -> Result<()> {
     let hull = TestHull::start_with(Limits {
         network: "nat",
         memory_max: "1G",
+        network_extra: format!("forward_in_kernel = {}", wrk_options.forward_in_kernel),
         ..Limits::default()
     });
     block_on(hull.sh(
