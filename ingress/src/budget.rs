@@ -108,6 +108,11 @@ impl ConnLimits {
     }
 
     /// A place for a connection from `peer`, held until dropped.
+    /// Connections open at once, at most.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admission, Refusal> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.0 >= self.max {

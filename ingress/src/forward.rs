@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::budget::{out_of_fds, ConnLimits, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
 use crate::policy::PortPolicy;
 use crate::ports::{listener_went_away, wait_listening};
+use crate::sockmap::{Redirector, Relayed};
 use crate::{Dialer, PortTable};
 
 /// Per-direction relay buffer of a forwarded connection.
@@ -84,6 +85,9 @@ pub struct ForwardConfig {
     /// Relayed connections at once, in all and per source (shared with
     /// the HTTP ingress).
     pub conns: Arc<ConnLimits>,
+    /// Relay in the kernel with a sockmap redirect where the kernel allows
+    /// it, instead of copying.
+    pub in_kernel: bool,
 }
 
 /// The forwarder's repeated warnings, each logged once per interval.
@@ -135,7 +139,14 @@ impl Forwarder {
         let forwarder = Arc::new(Forwarder {
             exposed: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(follow(forwarder.clone(), dialer, ports, Arc::new(config)));
+        let redirector = config.in_kernel.then(|| load_redirector(&config)).flatten();
+        tokio::spawn(follow(
+            forwarder.clone(),
+            dialer,
+            ports,
+            Arc::new(config),
+            redirector,
+        ));
         forwarder
     }
 
@@ -155,11 +166,33 @@ impl Forwarder {
     }
 }
 
+/// The sockmap redirect, or None (logged once) where the kernel has no
+/// BPF or refuses it: forwarding then copies.
+fn load_redirector(config: &ForwardConfig) -> Option<Arc<Redirector>> {
+    // Beyond what a map should hold, connections are copied.
+    const MAX_PAIRS: usize = 65_536;
+    let pairs = u32::try_from(config.conns.max().min(MAX_PAIRS)).unwrap_or(u32::MAX);
+    match Redirector::load(pairs) {
+        Ok(r) => {
+            tracing::info!(
+                pairs,
+                "TCP forwarding relays in the kernel (sockmap redirect)"
+            );
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "TCP forwarding copies through hulld: the sockmap redirect is not available");
+            None
+        }
+    }
+}
+
 async fn follow(
     forwarder: Arc<Forwarder>,
     dialer: Dialer,
     mut ports: watch::Receiver<PortTable>,
     config: Arc<ForwardConfig>,
+    redirector: Option<Arc<Redirector>>,
 ) {
     let warnings = Arc::new(Warnings::default());
     loop {
@@ -169,7 +202,14 @@ async fn follow(
             v.dedup();
             v
         };
-        sync(&forwarder, &dialer, &ports, &config, &warnings, &listening).await;
+        let shared = Shared {
+            dialer: &dialer,
+            ports: &ports,
+            config: &config,
+            warnings: &warnings,
+            redirector: &redirector,
+        };
+        sync(&forwarder, &shared, &listening).await;
         // Wake up for changes, and now and then to close lingering listeners.
         match tokio::time::timeout(Duration::from_secs(1), ports.changed()).await {
             Ok(Err(_)) => break,
@@ -179,14 +219,17 @@ async fn follow(
     forwarder.close_all();
 }
 
-async fn sync(
-    forwarder: &Arc<Forwarder>,
-    dialer: &Dialer,
-    ports: &watch::Receiver<PortTable>,
-    config: &Arc<ForwardConfig>,
-    warnings: &Arc<Warnings>,
-    listening: &[u16],
-) {
+/// What every outer listener of a forwarder uses.
+struct Shared<'a> {
+    dialer: &'a Dialer,
+    ports: &'a watch::Receiver<PortTable>,
+    config: &'a Arc<ForwardConfig>,
+    warnings: &'a Arc<Warnings>,
+    redirector: &'a Option<Arc<Redirector>>,
+}
+
+async fn sync(forwarder: &Arc<Forwarder>, shared: &Shared<'_>, listening: &[u16]) {
+    let config = shared.config;
     let (fresh, mut forwarded) = {
         let mut exposed = forwarder.exposed.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -233,7 +276,7 @@ async fn sync(
                 gone_since: None,
             }
         } else {
-            expose(port, dialer, ports, config, warnings).await
+            expose(port, shared).await
         };
         if exposed.task.is_some() {
             forwarded += 1;
@@ -244,7 +287,7 @@ async fn sync(
             .unwrap_or_else(|e| e.into_inner())
             .insert(port, exposed);
     }
-    if capped > 0 && warnings.capped.hit().is_some() {
+    if capped > 0 && shared.warnings.capped.hit().is_some() {
         tracing::warn!(
             capped,
             cap = config.max_ports,
@@ -253,13 +296,8 @@ async fn sync(
     }
 }
 
-async fn expose(
-    port: u16,
-    dialer: &Dialer,
-    ports: &watch::Receiver<PortTable>,
-    config: &Arc<ForwardConfig>,
-    warnings: &Arc<Warnings>,
-) -> Exposed {
+async fn expose(port: u16, shared: &Shared<'_>) -> Exposed {
+    let config = shared.config;
     let outer = SocketAddr::new(config.outer_addr, port);
     let state_only = |state| Exposed {
         state,
@@ -290,10 +328,13 @@ async fn expose(
             let task = tokio::spawn(accept_loop(
                 listener,
                 port,
-                dialer.clone(),
-                ports.clone(),
-                config.clone(),
-                warnings.clone(),
+                Relay {
+                    dialer: shared.dialer.clone(),
+                    ports: shared.ports.clone(),
+                    config: config.clone(),
+                    redirector: shared.redirector.clone(),
+                },
+                shared.warnings.clone(),
             ));
             Exposed {
                 state: ForwardState::Forwarded { outer },
@@ -312,14 +353,17 @@ async fn expose(
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    port: u16,
+/// What a relayed connection needs, cloned per connection.
+#[derive(Clone)]
+struct Relay {
     dialer: Dialer,
     ports: watch::Receiver<PortTable>,
     config: Arc<ForwardConfig>,
-    warnings: Arc<Warnings>,
-) {
+    redirector: Option<Arc<Redirector>>,
+}
+
+async fn accept_loop(listener: TcpListener, port: u16, relay_with: Relay, warnings: Arc<Warnings>) {
+    let config = &relay_with.config;
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -356,9 +400,9 @@ async fn accept_loop(
             }
             continue;
         };
-        let (dialer, ports, config) = (dialer.clone(), ports.clone(), config.clone());
+        let with = relay_with.clone();
         tokio::spawn(async move {
-            if let Err(e) = relay(client, port, &dialer, ports, &config).await {
+            if let Err(e) = relay(client, port, with).await {
                 tracing::debug!(port, %peer, error = %e, "forwarded connection ended with an error");
             }
             drop((lease, admission));
@@ -366,15 +410,26 @@ async fn accept_loop(
     }
 }
 
-async fn relay(
-    mut client: TcpStream,
-    port: u16,
-    dialer: &Dialer,
-    mut ports: watch::Receiver<PortTable>,
-    config: &ForwardConfig,
-) -> io::Result<()> {
+async fn relay(mut client: TcpStream, port: u16, mut with: Relay) -> io::Result<()> {
     client.set_nodelay(true)?;
-    let mut upstream = connect(port, dialer, &mut ports, config.wait).await?;
+    let mut upstream = connect(port, &with.dialer, &mut with.ports, with.config.wait).await?;
+    if let Some(redirector) = &with.redirector {
+        // The kernel sends what it redirects as it comes: small segments
+        // must not wait for an ACK.
+        upstream.set_nodelay(true)?;
+        // Out of tokio's reactor: it would wake hulld for every segment
+        // the verdict takes.
+        let (a, b) = (client.into_std()?, upstream.into_std()?);
+        match redirector.relay(a, b).await {
+            Relayed::Done(result) => return result,
+            Relayed::Refused { a, b, why } => {
+                // Mostly a side that closed before it could join.
+                tracing::debug!(port, error = %why, "forwarded connection copied instead");
+                client = TcpStream::from_std(a)?;
+                upstream = TcpStream::from_std(b)?;
+            }
+        }
+    }
     // copy_bidirectional passes a half-close on: EOF from one side becomes
     // shutdown(SHUT_WR) towards the other. Its default 8 KiB buffers cost a
     // third of the throughput of a direct connection on big transfers.

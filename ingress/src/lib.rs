@@ -11,6 +11,7 @@
 //! * [`ports`]: which TCP ports the inner listens on (sock_diag), and by whom.
 //! * [`budget`]: the fds the inner's requests may take, and warnings throttled.
 //! * [`forward`]: one outer listener per inner port, relaying connections.
+//! * [`sockmap`]: the relay in the kernel, a BPF sockmap redirect.
 //! * [`peer`]: whether a connection comes from the inner's own network.
 //! * [`policy`]: which inner ports the outside reaches, and on what terms.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
@@ -25,6 +26,7 @@ pub mod peer;
 pub mod policy;
 pub mod ports;
 pub mod portwatch;
+pub mod sockmap;
 
 pub use budget::{FdBudget, FdLease, Throttle};
 pub use netns::{Dialer, InnerNetns};

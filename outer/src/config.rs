@@ -131,6 +131,9 @@ pub struct NetworkConfig {
     pub max_connections: usize,
     /// ... of them from one client address.
     pub max_connections_per_source: usize,
+    /// Relay forwarded connections in the kernel (a BPF sockmap redirect)
+    /// instead of copying through hulld.
+    pub forward_in_kernel: bool,
 }
 
 impl Default for NetworkConfig {
@@ -149,6 +152,10 @@ impl Default for NetworkConfig {
             max_forwarded_ports: 256,
             max_connections: 4096,
             max_connections_per_source: 1024,
+            // Measured on 6.18: no less CPU per request than copying, and
+            // half the throughput with the proxy on a CPU of its own (the
+            // kworker that sends redirected bytes runs on the client's).
+            forward_in_kernel: false,
         }
     }
 }
@@ -202,6 +209,7 @@ impl NetworkConfig {
                 "network.max_connections_per_source",
                 self.max_connections_per_source,
             )?,
+            forward_in_kernel: self.forward_in_kernel,
             token_file: state_dir.join("ingress.token"),
             resolv_conf: state_dir.join("resolv.conf"),
         })
@@ -766,6 +774,7 @@ pub struct NetworkSettings {
     pub max_forwarded_ports: usize,
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    pub forward_in_kernel: bool,
     /// The bearer token of private URLs.
     pub token_file: PathBuf,
     /// The inner's resolv.conf ("nat" mode).

@@ -143,6 +143,7 @@ impl Network {
                     refuse_from: refuse_from.clone(),
                     wait,
                     max_ports: net.max_forwarded_ports,
+                    in_kernel: net.forward_in_kernel,
                     budget: budget.clone(),
                     conns: conns.clone(),
                 },

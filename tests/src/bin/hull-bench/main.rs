@@ -144,6 +144,9 @@ struct IngressArgs {
     /// wrk runs per path; each row is the median run.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     wrk_runs: u64,
+    /// Run hulld with `network.forward_in_kernel` (the sockmap relay).
+    #[arg(long)]
+    forward_in_kernel: bool,
 }
 
 /// The suites were flags before they were subcommands; a script that
@@ -200,6 +203,7 @@ fn main() -> Result<()> {
             ingress::WrkOptions {
                 secs: a.wrk_secs,
                 runs: usize::try_from(a.wrk_runs)?,
+                forward_in_kernel: a.forward_in_kernel,
             },
         ),
     }

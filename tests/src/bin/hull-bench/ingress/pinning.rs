@@ -141,6 +141,29 @@ pub fn cpu_ticks(pids: &[i32]) -> Result<u64> {
     Ok(sum)
 }
 
+/// Busy time of the whole machine, all CPUs, in clock ticks: from the
+/// first line of /proc/stat, everything but idle and iowait. Work the
+/// kernel does for a path in softirqs and kworkers shows here and in no
+/// process's own times.
+pub fn machine_busy_ticks() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("malformed /proc/stat")?;
+    // user nice system idle iowait irq softirq steal; guest and
+    // guest_nice are already counted in user and nice.
+    let (idle, iowait) = (fields.get(3).copied(), fields.get(4).copied());
+    let (Some(idle), Some(iowait)) = (idle, iowait) else {
+        bail!("/proc/stat has no idle and iowait");
+    };
+    let total: u64 = fields.iter().take(8).sum();
+    Ok(total - idle - iowait)
+}
+
 pub fn clock_ticks() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
