@@ -72,6 +72,29 @@ impl Hulld {
         let _ = self.api_url.set(url);
     }
 
+    /// An upload's writer process, moved into the inner's cgroup before
+    /// it is given a byte; `None` (and hulld writes the upload itself)
+    /// when it cannot be started or moved.
+    pub fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
+        let mut child = match crate::files_writer::spawn(file) {
+            Ok(child) => child,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start an upload's writer; hulld writes it");
+                return None;
+            }
+        };
+        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        match self.parts.cgroups.inner.join(pid) {
+            Ok(()) => Some(child),
+            Err(e) => {
+                tracing::debug!(error = %e, "an upload's writer cannot join the inner's cgroup; hulld writes it");
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
     /// A TCP connection into the inner's network, for the API's port proxy.
     pub async fn dial_inner(
         &self,

@@ -341,3 +341,52 @@ fn a_read_token_reads_files_but_cannot_change_them() {
     assert_eq!(block_on(hull.sh("ls -A /ro")), "file\n");
     assert_eq!(block_on(hull.sh("cat /ro/file")), "kept\n");
 }
+
+/// A cgroup's page cache, from its memory.stat: `file` on cgroup v2,
+/// `total_cache` (itself and its descendants) on v1.
+fn page_cache(group: &hull_cgroups::Cgroup) -> u64 {
+    let paths = group.display_path();
+    for dir in paths.split(',') {
+        let Ok(stat) = std::fs::read_to_string(format!("{dir}/memory.stat")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if let Some(bytes) = field("file ").or_else(|| field("total_cache ")) {
+            return bytes;
+        }
+    }
+    panic!("no page cache figure in the memory.stat of {paths}");
+}
+
+/// An upload is the sandbox's data: its page cache is charged to the
+/// inner's cgroup, not to hulld's, whose small memory limit would push it
+/// out (and make hulld reclaim) as it is written.
+#[test]
+fn an_uploads_page_cache_is_charged_to_the_inner() {
+    let Some((hull, addr, token, name)) = start("exec") else {
+        return;
+    };
+    let groups = hull.cgroups();
+    let size = 96 << 20;
+    let (inner_before, daemon_before) = (page_cache(&groups.inner), page_cache(&groups.daemon));
+    let r = put(addr, &name, &token, "/charged.bin", &vec![7u8; size]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let (inner_after, daemon_after) = (page_cache(&groups.inner), page_cache(&groups.daemon));
+    let inner_grew = inner_after.saturating_sub(inner_before);
+    let daemon_grew = daemon_after.saturating_sub(daemon_before);
+    assert!(
+        inner_grew >= (size as u64) * 3 / 4,
+        "the inner's page cache grew by {inner_grew} bytes for a {size}-byte upload (hulld's by {daemon_grew})"
+    );
+    assert!(
+        daemon_grew < (size as u64) / 4,
+        "hulld's page cache grew by {daemon_grew} bytes for a {size}-byte upload"
+    );
+    let back = read(addr, &name, &token, "/charged.bin");
+    assert_eq!(back.body.len(), size);
+    assert!(back.body.iter().all(|&b| b == 7));
+}

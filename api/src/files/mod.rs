@@ -120,12 +120,17 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
     let root = inner_root(state).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(CHUNKS_IN_FLIGHT);
     let target = path.clone();
+    let connector = state.connector.clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
         let mut upload = root.upload(&target, make_parents)?;
+        let mut sink = UploadSink::start(&*connector, &upload);
         while let Some(piece) = rx.blocking_recv() {
             match piece {
-                Piece::Data(data) => upload.write(&data)?,
-                Piece::End => return upload.finish(mode),
+                Piece::Data(data) => sink.write(&mut upload, &data)?,
+                Piece::End => {
+                    sink.finish()?;
+                    return upload.finish(mode);
+                }
             }
         }
         // The body stopped short: dropping the upload removes it.
@@ -174,6 +179,81 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         StatusCode::OK,
         &json!({"path": path.shown, "size": size, "mode": format!("{mode:04o}")}),
     ))
+}
+
+/// Where an upload's bytes go: through a writer process in the inner's
+/// cgroup (so their page cache is the inner's), or, when there is none,
+/// into the file from hulld.
+enum UploadSink {
+    Charged(ChargedWriter),
+    Direct,
+}
+
+/// A writer process and the pipe to its stdin; killed and reaped if the
+/// upload ends without [`UploadSink::finish`].
+struct ChargedWriter {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl UploadSink {
+    fn start(connector: &dyn crate::Connector, upload: &ops::Upload) -> UploadSink {
+        let Some(mut child) = connector.charged_writer(upload.file()) else {
+            return UploadSink::Direct;
+        };
+        let stdin = child.stdin.take();
+        UploadSink::Charged(ChargedWriter { child, stdin })
+    }
+
+    fn write(&mut self, upload: &mut ops::Upload, data: &[u8]) -> io::Result<()> {
+        match self {
+            UploadSink::Direct => upload.write(data),
+            UploadSink::Charged(w) => {
+                let written = match w.stdin.as_mut() {
+                    Some(stdin) => io::Write::write_all(stdin, data),
+                    None => Err(io::Error::from_raw_os_error(libc::EPIPE)),
+                };
+                match written {
+                    Ok(()) => upload.wrote(data.len() as u64),
+                    // The writer stopped: its exit says why.
+                    Err(e) => Err(w.end().err().unwrap_or(e)),
+                }
+            }
+        }
+    }
+
+    /// Waits for the writer to have written everything.
+    fn finish(&mut self) -> io::Result<()> {
+        match self {
+            UploadSink::Direct => Ok(()),
+            UploadSink::Charged(w) => w.end(),
+        }
+    }
+}
+
+impl ChargedWriter {
+    /// Closes its stdin and waits for it: its exit code is 0 or the errno
+    /// of its failure.
+    fn end(&mut self) -> io::Result<()> {
+        drop(self.stdin.take());
+        let status = self.child.wait()?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Err(io::Error::other(
+                "the upload's writer was killed (the sandbox stopped?)",
+            )),
+        }
+    }
+}
+
+impl Drop for ChargedWriter {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 async fn list(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -519,21 +519,34 @@ impl Upload {
         })
     }
 
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+    /// The file being written, for a writer of another process.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Counts bytes written to [`Upload::file`] (by another process, at
+    /// most a pipe's worth behind), starting their writeback as
+    /// [`Upload::write`] does.
+    pub fn wrote(&mut self, bytes: u64) -> io::Result<()> {
         let before = self.size;
-        self.file.write_all(data)?;
-        self.size += data.len() as u64;
+        self.size += bytes;
         if before / WRITEBACK_WINDOW != self.size / WRITEBACK_WINDOW {
             self.write_back()?;
         }
         Ok(())
     }
 
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.wrote(data.len() as u64)
+    }
+
     /// Starts writeback of the window just filled and waits for that of
-    /// the one before. The page cache of what hulld writes is charged to
-    /// hulld's own cgroup, whose memory limit is small: a large upload
-    /// must not fill it with dirty pages, which cannot be reclaimed until
-    /// written, so at most two windows of it are dirty at a time.
+    /// the one before, so at most two windows of an upload are dirty at a
+    /// time: written by hulld, its page cache is charged to hulld's own
+    /// cgroup, whose memory limit is small and whose dirty pages cannot be
+    /// reclaimed until written; and either way the disk gets a steady
+    /// stream instead of a burst at the kernel's dirty threshold.
     fn write_back(&self) -> io::Result<()> {
         let end = self.size - self.size % WRITEBACK_WINDOW;
         let start = end.saturating_sub(WRITEBACK_WINDOW);

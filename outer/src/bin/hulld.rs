@@ -40,7 +40,14 @@ fn main() {
     // The helper must stay single-threaded: branch off before anything
     // (tokio, tracing) can start a thread.
     let mut argv = std::env::args_os();
-    if argv.nth(1).is_some_and(|a| a == HELPER_ARG) {
+    let role = argv.nth(1);
+    if role
+        .as_ref()
+        .is_some_and(|a| a == hull_outer::files_writer::FILES_WRITER_ARG)
+    {
+        std::process::exit(hull_outer::files_writer::run());
+    }
+    if role.is_some_and(|a| a == HELPER_ARG) {
         let mut spec = String::new();
         if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut spec) {
             eprintln!("hull-inner-helper: cannot read the inner spec from stdin: {e}");
