@@ -336,15 +336,24 @@ fn the_sdk_checkpoints_breaks_files_restores_and_the_service_comes_back() {
     assert_eq!(policy, serde_json::json!({"before": 0, "after": 3}));
 }
 
-#[test]
-fn services_stop_start_and_signal_over_the_api() {
+/// A hulld for the services tests: its API address, an admin token and
+/// the services routes' base path.
+fn services_hull() -> Option<(TestHull, std::net::SocketAddr, String, String)> {
     if !require_root() {
-        return;
+        return None;
     }
     let hull = TestHull::start();
     let addr = block_on(hull.api_addr());
     let admin = hull.api_token("admin");
     let base = format!("/v1/sprites/{}/services", sprite_name(addr, &admin));
+    Some((hull, addr, admin, base))
+}
+
+#[test]
+fn services_stop_start_and_signal_over_the_api() {
+    let Some((hull, addr, admin, base)) = services_hull() else {
+        return;
+    };
     // A service that says which signal reached it.
     let body = r#"{"cmd":"sh","args":["-c","trap 'echo got-hup' HUP; echo up; while :; do sleep 0.1; done"]}"#;
     let r = request(
@@ -512,13 +521,9 @@ fn sessions_are_listed_and_killed_over_the_api_and_through_the_sdk() {
 /// exits on its own with the default, and is killed with `timeout=0s`.
 #[test]
 fn a_service_stop_takes_the_time_it_is_given() {
-    if !require_root() {
+    let Some((_hull, addr, admin, base)) = services_hull() else {
         return;
-    }
-    let hull = TestHull::start();
-    let addr = block_on(hull.api_addr());
-    let admin = hull.api_token("admin");
-    let base = format!("/v1/sprites/{}/services", sprite_name(addr, &admin));
+    };
     let body = r#"{"cmd":"sh","args":["-c","trap 'sleep 1; exit 7' TERM; echo up; while :; do sleep 0.1; done"]}"#;
     let stop = |query: &str| {
         let r = request(
