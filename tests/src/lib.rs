@@ -14,6 +14,7 @@ use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
 pub mod http;
+pub mod siege;
 pub mod ws;
 
 /// Returns false (after saying why) when the test cannot run here; under
