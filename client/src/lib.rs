@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use futures::{SinkExt, StreamExt};
 use hull_proto::{
-    frame_reader, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
+    frame_reader_max, frame_writer, BounceReport, CheckpointListing, CheckpointReport, ClientMsg,
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, SessionInfo, SessionRequest, StatusReport, Stream,
 };
@@ -135,7 +135,7 @@ impl Client {
     }
 
     async fn hello(r: ReadHalf, w: WriteHalf) -> Result<Self> {
-        let mut reader = frame_reader(r);
+        let mut reader = frame_reader_max(r, hull_proto::MAX_REPLY_LEN);
         let mut writer = frame_writer(w);
         writer
             .send(ClientMsg::Hello(Hello::new(concat!(

@@ -23,6 +23,11 @@ use crate::supervisor::{InnerConfig, Supervisor};
 use hull_ingress::FdBudget;
 use hull_services::ServiceManager;
 
+/// The bytes of request frames over 64 KiB that hulld reads at once, over
+/// every connection: a few large execs or stdin chunks at a time, while
+/// 256 connections each half way through a 4 MiB frame would be 1 GiB.
+const LARGE_FRAMES_IN_FLIGHT: usize = 8 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot create state directory {path} (hulld needs a writable state dir: set state_dir in the config or pass --state-dir)")]
@@ -446,6 +451,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         network,
         tokens: tokens.clone(),
         sessions: crate::sessions::Sessions::new(port_events),
+        frame_budget: hull_proto::FrameBudget::new(LARGE_FRAMES_IN_FLIGHT),
     });
     // The API listens before the control socket answers, so a client
     // that sees hulld up through `status` also sees where the API is.

@@ -13,9 +13,10 @@ use futures::{SinkExt, StreamExt};
 use hull_checkpoint::StorageError;
 use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
 use hull_ingress::{FdBudget, Throttle};
+pub use hull_proto::Scope;
 use hull_proto::{
-    frame_reader_max, frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameReader,
-    Hello, SessionRequest, TokenScope, PROTOCOL_VERSION,
+    frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameBusy, FrameDecoder, Hello,
+    RequestError, RequestReader, SessionRequest, TokenScope, PROTOCOL_VERSION,
 };
 use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
@@ -33,72 +34,14 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
     })
 }
 
-/// What a connection may ask for, by the endpoint it came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The control socket and vsock: everything.
-    Control,
-    /// The socket mounted into the inner: the service API and the
-    /// read-only ports and ingress reports (without the ingress token), so
-    /// the user's code can register services and learn its URLs but cannot
-    /// exec, bounce, restore, read logs or stop hulld.
-    InnerServices,
-    /// The HTTP API's in-process connections, with the scope of the
-    /// token they came with: never making tokens (a token cannot mint a
-    /// better one) or stopping hulld.
-    Api(TokenScope),
-}
-
-impl Scope {
-    fn permits(self, msg: &ClientMsg) -> bool {
-        match self {
-            Scope::Control => true,
-            Scope::Api(granted) => needed_scope(msg).is_some_and(|needed| granted >= needed),
-            Scope::InnerServices => matches!(
-                msg,
-                ClientMsg::Services(_) | ClientMsg::Ports | ClientMsg::Ingress
-            ),
-        }
-    }
-}
-
-/// The token scope a request needs over the HTTP API; `None`: never
-/// served there.
-fn needed_scope(msg: &ClientMsg) -> Option<TokenScope> {
-    use hull_proto::ServiceRequest as S;
-    match msg {
-        ClientMsg::Tokens(_) | ClientMsg::Shutdown { .. } => None,
-        ClientMsg::Hello(_)
-        | ClientMsg::Status
-        | ClientMsg::Ports
-        | ClientMsg::Ingress
-        | ClientMsg::CheckpointList
-        | ClientMsg::Logs { .. }
-        | ClientMsg::NetworkPolicy(None)
-        | ClientMsg::Sessions(SessionRequest::List | SessionRequest::Attach { watch: true, .. })
-        | ClientMsg::Services(S::List | S::Show(_)) => Some(TokenScope::Read),
-        ClientMsg::Exec(_)
-        | ClientMsg::Sessions(
-            SessionRequest::Attach { watch: false, .. } | SessionRequest::Kill { .. },
-        )
-        | ClientMsg::Detach
-        | ClientMsg::Stdin(_)
-        | ClientMsg::StdinEof
-        | ClientMsg::Resize(_)
-        | ClientMsg::Signal(_) => Some(TokenScope::Exec),
-        ClientMsg::Bounce { .. }
-        | ClientMsg::CheckpointCreate { .. }
-        | ClientMsg::CheckpointRestore { .. }
-        | ClientMsg::CheckpointDelete { .. }
-        | ClientMsg::NetworkPolicy(Some(_))
-        | ClientMsg::Services(_) => Some(TokenScope::Admin),
-    }
-}
-
 /// The largest frame the inner's service socket reads. Its biggest
 /// legitimate message is a service definition: a name, a command line, an
 /// environment, a few names to wait for.
 pub const INNER_MAX_FRAME: usize = 64 * 1024;
+
+/// What a request read from the inner's socket may take once decoded: a
+/// service definition with a thousand variables of a hundred bytes fits.
+pub const INNER_MAX_DECODED: usize = 512 * 1024;
 
 /// How long a frame may take to arrive once its first byte has.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +59,9 @@ pub struct Endpoint {
     pub connections: usize,
     /// The largest frame read from a client.
     pub max_frame: usize,
+    /// What a request may take once decoded, estimated before decoding
+    /// (`hull_proto::check_shape`).
+    pub max_decoded: usize,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Option<Duration>,
     /// Whether its connections take from hulld's fd budget (the inner's
@@ -130,6 +76,7 @@ impl Endpoint {
             scope: Scope::Control,
             connections,
             max_frame: hull_proto::MAX_FRAME_LEN,
+            max_decoded: hull_proto::MAX_DECODED,
             idle_timeout: None,
             budgeted: false,
         }
@@ -143,6 +90,7 @@ impl Endpoint {
             scope: Scope::Api(scope),
             connections: usize::MAX,
             max_frame: hull_proto::MAX_FRAME_LEN,
+            max_decoded: hull_proto::MAX_DECODED,
             idle_timeout: None,
             budgeted: false,
         }
@@ -154,6 +102,7 @@ impl Endpoint {
             scope: Scope::InnerServices,
             connections,
             max_frame: INNER_MAX_FRAME,
+            max_decoded: INNER_MAX_DECODED,
             idle_timeout: Some(INNER_IDLE_TIMEOUT),
             budgeted: true,
         }
@@ -257,7 +206,7 @@ async fn refuse<S: AsyncWrite + Send + Unpin>(stream: S, endpoint: &Endpoint, wh
     tracing::trace!(endpoint = endpoint.name, "refused a connection");
 }
 
-type Reader<S> = FrameReader<ReadHalf<S>, ClientMsg>;
+type Reader<S> = RequestReader<ReadHalf<S>>;
 
 /// Serves one client until it hangs up or sends something unusable.
 pub async fn serve_connection<S>(hulld: Arc<Hulld>, stream: S, endpoint: &Endpoint)
@@ -265,7 +214,8 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader = frame_reader_max::<_, ClientMsg>(read_half, endpoint.max_frame);
+    let decoder = FrameDecoder::with_budget(endpoint.max_frame, hulld.frame_budget());
+    let mut reader = RequestReader::new(read_half, decoder, endpoint.scope, endpoint.max_decoded);
     let mut writer = frame_writer::<_, DaemonMsg>(write_half);
     if let Err(e) = serve(&hulld, endpoint, &mut reader, &mut writer).await {
         tracing::debug!(error = %e, "client connection ended with an error");
@@ -283,7 +233,7 @@ async fn next_request<S: AsyncRead>(
     loop {
         match tokio::time::timeout(FRAME_TIMEOUT, reader.next()).await {
             Ok(next) => return next,
-            Err(_) if !reader.get_ref().read_buffer().is_empty() => {
+            Err(_) if reader.mid_frame() => {
                 return Some(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -338,7 +288,7 @@ where
             return writer
                 .send(error(
                     ErrorKind::BadRequest,
-                    format!("the first frame must be Hello, got {}", variant(&other)),
+                    format!("the first frame must be Hello, got {}", other.kind().name()),
                 ))
                 .await;
         }
@@ -349,20 +299,15 @@ where
     loop {
         let msg = match next_request(reader, endpoint).await {
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => return bad_frame(writer, e).await,
+            Some(Err(e)) => match refused(endpoint, &e) {
+                Some(refusal) => {
+                    writer.send(refusal).await?;
+                    continue;
+                }
+                None => return bad_frame(writer, e).await,
+            },
             None => return Ok(()),
         };
-        if !scope.permits(&msg) {
-            tracing::info!(
-                request = variant(&msg),
-                endpoint = endpoint.name,
-                "refused a request"
-            );
-            writer
-                .send(error(ErrorKind::NotPermitted, refusal(scope, &msg)))
-                .await?;
-            continue;
-        }
         match msg {
             ClientMsg::Status => {
                 writer
@@ -427,7 +372,7 @@ where
                     .await?;
             }
             ClientMsg::Services(request) => {
-                let reply = hulld.do_services(request).await;
+                let reply = hulld.do_services(request, scope.sees_secrets()).await;
                 writer
                     .send(reply.map_or_else(|e| service_error(&e), DaemonMsg::Services))
                     .await?;
@@ -486,7 +431,10 @@ where
                 writer
                     .send(error(
                         ErrorKind::BadRequest,
-                        format!("{} is only valid inside an exec session", variant(&other)),
+                        format!(
+                            "{} is only valid inside an exec session",
+                            other.kind().name()
+                        ),
                     ))
                     .await?
             }
@@ -494,66 +442,18 @@ where
     }
 }
 
-fn variant(msg: &ClientMsg) -> &'static str {
-    match msg {
-        ClientMsg::Hello(_) => "Hello",
-        ClientMsg::Status => "Status",
-        ClientMsg::Exec(_) => "Exec",
-        ClientMsg::Stdin(_) => "Stdin",
-        ClientMsg::StdinEof => "StdinEof",
-        ClientMsg::Resize(_) => "Resize",
-        ClientMsg::Signal(_) => "Signal",
-        ClientMsg::Bounce { .. } => "Bounce",
-        ClientMsg::Shutdown { .. } => "Shutdown",
-        ClientMsg::CheckpointCreate { .. } => "CheckpointCreate",
-        ClientMsg::CheckpointRestore { .. } => "CheckpointRestore",
-        ClientMsg::CheckpointList => "CheckpointList",
-        ClientMsg::CheckpointDelete { .. } => "CheckpointDelete",
-        ClientMsg::Services(_) => "Services",
-        ClientMsg::Logs { .. } => "Logs",
-        ClientMsg::Ports => "Ports",
-        ClientMsg::Ingress => "Ingress",
-        ClientMsg::Tokens(_) => "Tokens",
-        ClientMsg::NetworkPolicy(_) => "NetworkPolicy",
-        ClientMsg::Sessions(_) => "Sessions",
-        ClientMsg::Detach => "Detach",
-    }
-}
-
-/// Why `scope` does not serve `msg`, as its user reads it.
-fn refusal(scope: Scope, msg: &ClientMsg) -> String {
-    let command = command_name(msg);
-    match (scope, needed_scope(msg)) {
-        (Scope::Api(granted), Some(needed)) => format!(
-            "{command} needs an API token with scope {needed}; this one has {granted}"
-        ),
-        (Scope::Api(_), None) => {
-            format!("{command} is not available over the HTTP API; run it in the VM")
-        }
-        _ => format!(
-            "{command} is not available from inside the inner: the socket there serves `hull services`, `hull ports` and `hull ingress` only; run it from the VM"
-        ),
-    }
-}
-
-/// The command a user typed to send `msg`, for refusals.
-fn command_name(msg: &ClientMsg) -> &'static str {
-    match msg {
-        ClientMsg::Status => "hull status",
-        ClientMsg::Exec(_) => "hull exec",
-        ClientMsg::Bounce { .. } => "hull bounce",
-        ClientMsg::Shutdown { .. } => "hull down",
-        ClientMsg::CheckpointCreate { .. }
-        | ClientMsg::CheckpointRestore { .. }
-        | ClientMsg::CheckpointList
-        | ClientMsg::CheckpointDelete { .. } => "hull checkpoint",
-        ClientMsg::Logs { .. } => "hull logs",
-        ClientMsg::Ports => "hull ports",
-        ClientMsg::Ingress => "hull ingress",
-        ClientMsg::Tokens(_) => "hull token",
-        ClientMsg::Sessions(_) => "hull sessions",
-        other => variant(other),
-    }
+/// The answer to a request its caller may not make, or `None` when the
+/// error is not a refusal. The connection goes on after a refusal.
+pub fn refused(endpoint: &Endpoint, e: &io::Error) -> Option<DaemonMsg> {
+    let Some(RequestError::NotPermitted { kind, .. }) = RequestError::of(e) else {
+        return None;
+    };
+    tracing::info!(
+        request = kind.name(),
+        endpoint = endpoint.name,
+        "refused a request"
+    );
+    Some(error(ErrorKind::NotPermitted, e.to_string()))
 }
 
 /// Tells the client why its frame was refused, then ends the connection.
@@ -561,6 +461,12 @@ async fn bad_frame<W>(writer: &mut W, e: io::Error) -> io::Result<()>
 where
     W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
+    if FrameBusy::of(&e).is_some() {
+        tracing::warn!(error = %e, "refusing a large frame: the budget for large frames is spent");
+        return writer
+            .send(error(ErrorKind::Busy, format!("{e}; try again shortly")))
+            .await;
+    }
     tracing::warn!(error = %e, "refusing a bad frame from a client");
     writer
         .send(error(ErrorKind::BadFrame, format!("bad frame: {e}")))

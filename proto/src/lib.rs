@@ -15,12 +15,17 @@
 pub mod fdpass;
 mod frames;
 mod messages;
+mod requests;
 
 pub use frames::{
-    frame_reader, frame_reader_max, frame_writer, FrameDecoder, FrameReader, FrameWriter,
-    MAX_FRAME_LEN,
+    frame_reader, frame_reader_max, frame_writer, FrameBudget, FrameBusy, FrameDecoder,
+    FrameReader, FrameWriter, MAX_FRAME_LEN, MAX_REPLY_LEN, SMALL_FRAME,
 };
 pub use messages::*;
+pub use requests::{
+    check_shape, needed_scope, peek_kind, refusal, RequestError, RequestKind, RequestReader, Scope,
+    MAX_DECODED, MAX_DEPTH, MAX_ITEMS,
+};
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -757,6 +757,53 @@ pub struct ServiceSpec {
     pub after: Vec<String>,
 }
 
+/// Most environment variables one service definition sets.
+pub const MAX_SERVICE_ENV: usize = 1024;
+
+/// Most services one definition waits for (`--after`).
+pub const MAX_SERVICE_AFTER: usize = 64;
+
+/// Most bytes of text in one definition: its command, variables,
+/// directory, user and names together.
+pub const MAX_SERVICE_TEXT: usize = 64 * 1024;
+
+impl ServiceSpec {
+    /// The bytes of text the definition holds.
+    pub fn text_len(&self) -> usize {
+        let env: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let after: usize = self.after.iter().map(String::len).sum();
+        self.name.len()
+            + self.cmd.len()
+            + env
+            + after
+            + self.cwd.as_ref().map_or(0, String::len)
+            + self.user.as_ref().map_or(0, String::len)
+    }
+
+    /// Which bound the definition breaks, as its user reads it; `None`
+    /// when it keeps them all.
+    pub fn broken_bound(&self) -> Option<String> {
+        if self.env.len() > MAX_SERVICE_ENV {
+            return Some(format!(
+                "{} environment variables; a service sets at most {MAX_SERVICE_ENV}",
+                self.env.len()
+            ));
+        }
+        if self.after.len() > MAX_SERVICE_AFTER {
+            return Some(format!(
+                "{} --after names; a service waits for at most {MAX_SERVICE_AFTER}",
+                self.after.len()
+            ));
+        }
+        let text = self.text_len();
+        (text > MAX_SERVICE_TEXT).then(|| {
+            format!(
+                "{text} bytes of command, variables and names; a definition holds at most {MAX_SERVICE_TEXT}"
+            )
+        })
+    }
+}
+
 /// What the service manager says about one service.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceStatus {
@@ -779,6 +826,21 @@ pub struct ServiceStatus {
     pub reason: Option<String>,
     /// The last lines it printed (stdout and stderr).
     pub last_lines: Vec<String>,
+}
+
+/// What a redacted value reads as.
+pub const REDACTED: &str = "[redacted]";
+
+impl ServiceStatus {
+    /// For a caller who may see the service but not its secrets: every
+    /// variable's value and the lines it printed go.
+    pub fn redact(&mut self) {
+        for (_, value) in &mut self.spec.env {
+            value.clear();
+            value.push_str(REDACTED);
+        }
+        self.last_lines.clear();
+    }
 }
 
 /// A request to the service manager.
