@@ -77,6 +77,11 @@ impl LogLimits {
 /// so a kill -9 of hulld loses at most this much.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// Each source's write buffer. Lines reach it a batch at a time and the
+/// flusher empties it every [`FLUSH_EVERY`]; 512 sources of a larger one
+/// would be a large part of hulld's memory.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 pub(crate) fn segment_name(n: u64) -> String {
     format!("{n:08}.log")
 }
@@ -202,7 +207,7 @@ impl SourceLog {
             limits,
             cap,
             writer: Mutex::new(Writer {
-                file: BufWriter::with_capacity(256 * 1024, file),
+                file: BufWriter::with_capacity(WRITE_BUFFER, file),
                 segment,
                 size,
                 scratch: Vec::new(),
@@ -299,7 +304,7 @@ impl SourceLog {
         else {
             return;
         };
-        w.file = BufWriter::with_capacity(256 * 1024, file);
+        w.file = BufWriter::with_capacity(WRITE_BUFFER, file);
         w.segment = next;
         w.size = 0;
         // Enforce the cap, oldest first, and say so in the log itself.

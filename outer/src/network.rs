@@ -219,7 +219,7 @@ impl Network {
     /// the service manager publishes them, and on which of them failed.
     pub fn follow_services(
         &self,
-        mut definitions: watch::Receiver<Vec<hull_proto::ServiceSpec>>,
+        mut definitions: watch::Receiver<hull_services::Definitions>,
         mut failed: watch::Receiver<hull_services::Failed>,
     ) {
         let routes = self.routes.clone();
@@ -432,7 +432,7 @@ fn bind_on(
 /// The services that declared an HTTP port, for HTTP ingress routing.
 fn set_routes(
     routes: &watch::Sender<Vec<HttpRoute>>,
-    specs: &[hull_proto::ServiceSpec],
+    specs: &[std::sync::Arc<hull_proto::ServiceSpec>],
     failed: &hull_services::Failed,
 ) {
     let mut new: Vec<HttpRoute> = specs

@@ -14,5 +14,7 @@ pub mod registry;
 
 pub use host::{HostProcess, InnerCause, InnerHost, PortProbe, SpawnFailure};
 pub use hull_proto::{RestartPolicy, ServiceSpec};
-pub use manager::{Failed, Replaced, ServiceManager};
-pub use registry::{start_order, validate, Registry, ServiceError, MAX_SERVICES, RESERVED_NAMES};
+pub use manager::{Definitions, Failed, Replaced, ServiceManager};
+pub use registry::{
+    start_order, validate, Deps, Registry, ServiceError, SetAside, MAX_SERVICES, RESERVED_NAMES,
+};

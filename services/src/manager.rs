@@ -61,7 +61,7 @@ impl State {
 }
 
 struct Service {
-    spec: ServiceSpec,
+    spec: Arc<ServiceSpec>,
     state: State,
     /// Exec id, pid inside the inner, and start time of the live process.
     process: Option<(u64, i32, Instant)>,
@@ -86,7 +86,7 @@ struct Service {
 }
 
 impl Service {
-    fn new(spec: ServiceSpec) -> Self {
+    fn new(spec: Arc<ServiceSpec>) -> Self {
         Service {
             spec,
             state: State::Waiting,
@@ -108,7 +108,7 @@ impl Service {
 
     fn status(&self) -> ServiceStatus {
         ServiceStatus {
-            spec: self.spec.clone(),
+            spec: ServiceSpec::clone(&self.spec),
             state: self.state.name().to_string(),
             pid: self.process.map(|(_, pid, _)| pid),
             uptime_ms: self.process.map(|(_, _, since)| {
@@ -161,9 +161,13 @@ enum Command {
 #[derive(Clone)]
 pub struct ServiceManager {
     commands: mpsc::UnboundedSender<Command>,
-    definitions: watch::Receiver<Vec<ServiceSpec>>,
+    definitions: watch::Receiver<Definitions>,
     failed: watch::Receiver<Failed>,
 }
+
+/// The registered definitions, each kept once: the manager's table, the
+/// routing that follows it and every answer share these.
+pub type Definitions = Vec<Arc<ServiceSpec>>;
 
 /// The services in state `failed` on the current inner, with why.
 pub type Failed = BTreeMap<String, String>;
@@ -179,7 +183,10 @@ impl ServiceManager {
         current: watch::Receiver<Option<Arc<H>>>,
         ports: Arc<dyn PortProbe>,
     ) -> Result<(Self, JoinHandle<()>), ServiceError> {
-        let specs = registry.list()?;
+        for one in registry.set_aside() {
+            tracing::warn!(service = %one.name, why = %one.why, "a stored service definition was set aside: it stays in services.db's set_aside table and is not started");
+        }
+        let specs: Definitions = registry.list()?.into_iter().map(Arc::new).collect();
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let services = specs
@@ -240,7 +247,7 @@ impl ServiceManager {
     }
 
     /// Follows the registered definitions (for HTTP routing).
-    pub fn definitions(&self) -> watch::Receiver<Vec<ServiceSpec>> {
+    pub fn definitions(&self) -> watch::Receiver<Definitions> {
         self.definitions.clone()
     }
 
@@ -259,7 +266,7 @@ struct Task<H> {
     services: BTreeMap<String, Service>,
     inner: Option<Arc<H>>,
     events_tx: mpsc::UnboundedSender<Event>,
-    definitions: watch::Sender<Vec<ServiceSpec>>,
+    definitions: watch::Sender<Definitions>,
     failed: watch::Sender<Failed>,
 }
 
@@ -348,7 +355,7 @@ impl<H: InnerHost> Task<H> {
 
     /// The registered definitions: the table less services being removed
     /// (they stay in it until their process has exited).
-    fn defined(&self) -> Vec<ServiceSpec> {
+    fn defined(&self) -> Definitions {
         self.services
             .values()
             .filter(|s| {
@@ -386,7 +393,7 @@ impl<H: InnerHost> Task<H> {
             removed: old.difference(&new).cloned().collect(),
             added: new.difference(&old).cloned().collect(),
         };
-        self.reload(after);
+        self.reload(after.into_iter().map(Arc::new).collect());
         Ok(replaced)
     }
 
@@ -408,7 +415,7 @@ impl<H: InnerHost> Task<H> {
 
     /// Rebuilds the service table from `specs` with every process gone,
     /// keeping counters and stops the user asked for.
-    fn reload(&mut self, specs: Vec<ServiceSpec>) {
+    fn reload(&mut self, specs: Definitions) {
         let mut old = std::mem::take(&mut self.services);
         for (name, svc) in old.iter_mut() {
             // Processes died with the old inner: stops are complete.
@@ -584,6 +591,7 @@ impl<H: InnerHost> Task<H> {
                 Err(e) => answer(reply, Err(e)),
             },
             ServiceRequest::Add(spec) => {
+                let spec = Arc::new(spec);
                 let stored = spec.clone();
                 if let Err(e) = self.registry(move |r| r.add(&stored)).await {
                     return answer(reply, Err(e));
@@ -591,7 +599,7 @@ impl<H: InnerHost> Task<H> {
                 tracing::info!(service = %spec.name, "service registered");
                 let svc = Service::new(spec.clone());
                 let status = svc.status();
-                self.services.insert(spec.name, svc);
+                self.services.insert(spec.name.clone(), svc);
                 self.publish();
                 answer(reply, Ok(vec![status]))
             }

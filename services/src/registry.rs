@@ -19,6 +19,8 @@ pub enum ServiceError {
     Duplicate(String),
     #[error("service {name}: --after {after}: no such service")]
     UnknownAfter { name: String, after: String },
+    #[error("service {name}: {why}")]
+    TooBig { name: String, why: String },
     #[error("service {name}: --after makes a cycle: {cycle}")]
     Cycle { name: String, cycle: String },
     #[error("no service named {0}")]
@@ -53,10 +55,34 @@ fn valid_name(name: &str) -> bool {
     hull_proto::valid_name(name)
 }
 
+/// What validation and start order need of a definition: its name and
+/// what it waits for. The registry keeps these of every definition, so an
+/// add is checked without reading the others back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deps {
+    pub name: String,
+    pub after: Vec<String>,
+}
+
+impl From<&ServiceSpec> for Deps {
+    fn from(spec: &ServiceSpec) -> Deps {
+        Deps {
+            name: spec.name.clone(),
+            after: spec.after.clone(),
+        }
+    }
+}
+
 /// Checks `new` against the services already registered.
-pub fn validate(existing: &[ServiceSpec], new: &ServiceSpec) -> Result<()> {
+pub fn validate(existing: &[Deps], new: &ServiceSpec) -> Result<()> {
     if !valid_name(&new.name) {
         return Err(ServiceError::Name(new.name.clone()));
+    }
+    if let Some(why) = new.broken_bound() {
+        return Err(ServiceError::TooBig {
+            name: new.name.clone(),
+            why,
+        });
     }
     if new.cmd.trim().is_empty() {
         return Err(ServiceError::EmptyCommand(new.name.clone()));
@@ -81,15 +107,14 @@ pub fn validate(existing: &[ServiceSpec], new: &ServiceSpec) -> Result<()> {
     // Every --after names an existing service, and existing ones only name
     // each other, so a new service cannot close a cycle; check anyway, for
     // sets that arrive whole (a restore).
-    let mut all = existing.to_vec();
-    all.push(new.clone());
-    start_order(&all).map(|_| ())
+    let new = Deps::from(new);
+    start_order(existing.iter().chain([&new])).map(|_| ())
 }
 
 /// The services in an order where each comes after everything it waits for.
-pub fn start_order(specs: &[ServiceSpec]) -> Result<Vec<String>> {
+pub fn start_order<'a>(specs: impl IntoIterator<Item = &'a Deps>) -> Result<Vec<String>> {
     let mut waiting: BTreeMap<&str, BTreeSet<&str>> = specs
-        .iter()
+        .into_iter()
         .map(|s| {
             (
                 s.name.as_str(),
@@ -123,11 +148,24 @@ pub fn start_order(specs: &[ServiceSpec]) -> Result<Vec<String>> {
 /// and a log source and a task in hulld, so their count is bounded.
 pub const MAX_SERVICES: usize = 256;
 
+/// A stored definition hulld does not load: unreadable, or past a bound
+/// of this hulld's (one an older hulld stored, or a checkpoint brought
+/// back). Kept in the table `set_aside`, never deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAside {
+    pub name: String,
+    pub why: String,
+}
+
 /// The registry in SQLite (its own file beside the checkpoint catalog).
 pub struct Registry {
     path: PathBuf,
     conn: Connection,
     max: usize,
+    /// Names and `--after` of every stored definition, in their order.
+    index: Vec<Deps>,
+    /// What the last load (open or replace) set aside.
+    set_aside: Vec<SetAside>,
 }
 
 impl Registry {
@@ -151,11 +189,80 @@ impl Registry {
             )
             .map_err(db)?;
         }
-        Ok(Registry {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS set_aside (name TEXT NOT NULL, spec TEXT NOT NULL, why TEXT NOT NULL, at_ms INTEGER NOT NULL);",
+        )
+        .map_err(db)?;
+        let mut registry = Registry {
             path: path.to_path_buf(),
             conn,
             max: MAX_SERVICES,
-        })
+            index: Vec::new(),
+            set_aside: Vec::new(),
+        };
+        registry.load()?;
+        Ok(registry)
+    }
+
+    /// Reads every stored definition once: those this hulld can run go
+    /// in the index, the others move to `set_aside` with the reason.
+    fn load(&mut self) -> Result<()> {
+        let rows: Vec<(String, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name, spec FROM services ORDER BY seq")
+                .map_err(self.db())?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(self.db())?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(self.db())?;
+            rows
+        };
+        let mut index = Vec::with_capacity(rows.len());
+        let mut set_aside = Vec::new();
+        for (name, text) in rows {
+            let why = match serde_json::from_str::<ServiceSpec>(&text) {
+                Ok(spec) => match spec.broken_bound() {
+                    None => {
+                        index.push(Deps::from(&spec));
+                        continue;
+                    }
+                    Some(why) => why,
+                },
+                Err(e) => format!("not a definition this hulld reads: {e}"),
+            };
+            set_aside.push(SetAside { name, why });
+        }
+        if !set_aside.is_empty() {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let path = self.path.clone();
+            let db = |source| ServiceError::Db {
+                path: path.clone(),
+                source,
+            };
+            let tx = self.conn.transaction().map_err(db)?;
+            for one in &set_aside {
+                tx.execute(
+                    "INSERT INTO set_aside (name, spec, why, at_ms) SELECT name, spec, ?2, ?3 FROM services WHERE name = ?1",
+                    params![one.name, one.why, now_ms],
+                )
+                .map_err(db)?;
+                tx.execute("DELETE FROM services WHERE name = ?1", [&one.name])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+        }
+        self.index = index;
+        self.set_aside = set_aside;
+        Ok(())
+    }
+
+    /// What the last load set aside (moved to the table `set_aside`).
+    pub fn set_aside(&self) -> &[SetAside] {
+        &self.set_aside
     }
 
     /// At most `max` services; an add past it is refused.
@@ -202,10 +309,9 @@ impl Registry {
     }
 
     /// Validates and stores `spec`; nothing is stored when it is refused.
-    pub fn add(&self, spec: &ServiceSpec) -> Result<()> {
-        let existing = self.list()?;
-        validate(&existing, spec)?;
-        if existing.len() >= self.max {
+    pub fn add(&mut self, spec: &ServiceSpec) -> Result<()> {
+        validate(&self.index, spec)?;
+        if self.index.len() >= self.max {
             return Err(ServiceError::TooMany {
                 name: spec.name.clone(),
                 max: self.max,
@@ -223,15 +329,16 @@ impl Registry {
                 params![spec.name, seq, serde_json::to_string(spec)?],
             )
             .map_err(self.db())?;
+        self.index.push(Deps::from(spec));
         Ok(())
     }
 
-    pub fn remove(&self, name: &str) -> Result<()> {
-        let all = self.list()?;
-        if !all.iter().any(|s| s.name == name) {
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        if !self.index.iter().any(|s| s.name == name) {
             return Err(ServiceError::NotFound(name.to_string()));
         }
-        let dependents: Vec<&str> = all
+        let dependents: Vec<&str> = self
+            .index
             .iter()
             .filter(|s| s.after.iter().any(|a| a == name))
             .map(|s| s.name.as_str())
@@ -245,6 +352,7 @@ impl Registry {
         self.conn
             .execute("DELETE FROM services WHERE name = ?1", [name])
             .map_err(self.db())?;
+        self.index.retain(|s| s.name != name);
         Ok(())
     }
 
@@ -253,10 +361,11 @@ impl Registry {
         Ok(serde_json::to_string(&self.list()?)?)
     }
 
-    /// Replaces every definition with those recorded in `json` (a restore).
+    /// Replaces every definition with those recorded in `json` (a
+    /// restore); those past this hulld's bounds are set aside as at open.
     pub fn replace_all(&mut self, json: &str) -> Result<()> {
         let specs: Vec<ServiceSpec> = serde_json::from_str(json)?;
-        start_order(&specs)?;
+        start_order(specs.iter().map(Deps::from).collect::<Vec<_>>().iter())?;
         let path = self.path.clone();
         let db = |source| ServiceError::Db {
             path: path.clone(),
@@ -272,7 +381,7 @@ impl Registry {
             .map_err(db)?;
         }
         tx.commit().map_err(db)?;
-        Ok(())
+        self.load()
     }
 }
 
@@ -312,7 +421,7 @@ mod tests {
     #[test]
     fn bad_definitions_are_refused_and_nothing_is_stored() {
         let tmp = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&tmp.path().join("services.db")).unwrap();
+        let mut reg = Registry::open(&tmp.path().join("services.db")).unwrap();
         reg.add(&spec("db", &[])).unwrap();
         reg.add(&spec("api", &["db"])).unwrap();
         assert!(matches!(
@@ -347,7 +456,7 @@ mod tests {
     #[test]
     fn adds_past_the_cap_are_refused_and_a_removal_makes_room() {
         let tmp = tempfile::tempdir().unwrap();
-        let reg = Registry::open(&tmp.path().join("services.db"))
+        let mut reg = Registry::open(&tmp.path().join("services.db"))
             .unwrap()
             .with_max(2);
         reg.add(&spec("a", &[])).unwrap();
@@ -362,9 +471,71 @@ mod tests {
 
     #[test]
     fn order_follows_after_and_cycles_are_found() {
-        let order = start_order(&[spec("c", &["b"]), spec("a", &[]), spec("b", &["a"])]).unwrap();
+        let deps = |specs: &[ServiceSpec]| specs.iter().map(Deps::from).collect::<Vec<_>>();
+        let order = start_order(&deps(&[
+            spec("c", &["b"]),
+            spec("a", &[]),
+            spec("b", &["a"]),
+        ]))
+        .unwrap();
         assert_eq!(order, ["a", "b", "c"]);
-        assert!(start_order(&[spec("x", &["y"]), spec("y", &["x"])]).is_err());
+        assert!(start_order(&deps(&[spec("x", &["y"]), spec("y", &["x"])])).is_err());
+    }
+
+    #[test]
+    fn definitions_past_the_bounds_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("services.db")).unwrap();
+        let mut many = spec("many", &[]);
+        many.env = vec![(String::new(), String::new()); hull_proto::MAX_SERVICE_ENV + 1];
+        let mut long = spec("long", &[]);
+        long.cmd = "x".repeat(hull_proto::MAX_SERVICE_TEXT);
+        for bad in [many, long] {
+            let err = reg.add(&bad).unwrap_err();
+            assert!(matches!(err, ServiceError::TooBig { .. }), "{err}");
+            assert!(err.to_string().contains("at most"), "{err}");
+        }
+        assert!(reg.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn stored_definitions_past_the_bounds_are_set_aside_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("services.db");
+        {
+            let mut reg = Registry::open(&path).unwrap();
+            reg.add(&spec("db", &[])).unwrap();
+            // As an older hulld without bounds stored them.
+            let mut big = spec("big", &[]);
+            big.env = vec![(String::new(), String::new()); 21_500];
+            reg.conn
+                .execute(
+                    "INSERT INTO services (name, seq, spec) VALUES ('big', 2, ?1)",
+                    [serde_json::to_string(&big).unwrap()],
+                )
+                .unwrap();
+            reg.conn
+                .execute(
+                    "INSERT INTO services (name, seq, spec) VALUES ('junk', 3, '{')",
+                    [],
+                )
+                .unwrap();
+        }
+        let reg = Registry::open(&path).unwrap();
+        let names: Vec<_> = reg.set_aside().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["big", "junk"]);
+        assert!(reg.set_aside()[0]
+            .why
+            .contains("21500 environment variables"));
+        assert_eq!(reg.list().unwrap(), vec![spec("db", &[])]);
+        let kept: i64 = reg
+            .conn
+            .query_row("SELECT COUNT(*) FROM set_aside", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 2);
+        // Set aside once: the next open finds nothing more.
+        drop(reg);
+        assert!(Registry::open(&path).unwrap().set_aside().is_empty());
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn spec(name: &str, cmd: &str) -> ServiceSpec {
 impl Fixture {
     fn new(specs: &[ServiceSpec], behaviour: &[(&str, Behaviour)]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&dir.path().join("services.db")).unwrap();
+        let mut registry = Registry::open(&dir.path().join("services.db")).unwrap();
         for s in specs {
             registry.add(s).unwrap();
         }
@@ -300,7 +300,7 @@ async fn a_restore_replaces_the_definitions_and_says_what_changed() {
         .await
         .unwrap();
     let mut definitions = f.manager.definitions();
-    let names = |d: &watch::Receiver<Vec<ServiceSpec>>| -> Vec<String> {
+    let names = |d: &watch::Receiver<hull_services::Definitions>| -> Vec<String> {
         d.borrow().iter().map(|s| s.name.clone()).collect()
     };
     assert_eq!(names(&definitions), ["b", "c"]);
