@@ -47,7 +47,16 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(
         &self,
     ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>> {
-        let stream = self.open(TokenScope::Admin);
+        self.connect_as(TokenScope::Admin)
+    }
+
+    /// A client on a new connection served with what a token of `scope`
+    /// may ask and see (a read token gets services without their secrets).
+    fn connect_as(
+        &self,
+        scope: TokenScope,
+    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>> {
+        let stream = self.open(scope);
         Box::pin(async move { hull_client::Client::over(stream?).await })
     }
 

@@ -65,13 +65,13 @@ pub const ROUTES: &[Route] = &[
     r("DELETE", "/v1/sprites/{name}/services/{service}", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/start", ADMIN),
     r("POST", "/v1/sprites/{name}/services/{service}/stop", ADMIN),
-    // Attaching as the writer needs exec (checked in the match below);
-    // watching (`?watch=true`) only reads.
-    r("GET", "/v1/sprites/{name}/exec/{id}", READ),
+    // Attaching, even only to watch, shows what the program printed.
+    r("GET", "/v1/sprites/{name}/exec/{id}", EXEC),
     r("POST", "/v1/sprites/{name}/exec/{id}/kill", EXEC),
     r("GET", "/v1/sprites/{name}/policy/network", READ),
     r("POST", "/v1/sprites/{name}/policy/network", ADMIN),
-    r("GET", "/v1/sprites/{name}/fs/read", READ),
+    // A file's contents need exec; its name, size and mode are a list.
+    r("GET", "/v1/sprites/{name}/fs/read", EXEC),
     r("PUT", "/v1/sprites/{name}/fs/write", EXEC),
     r("GET", "/v1/sprites/{name}/fs/list", READ),
     r("GET", "/v1/sprites/{name}/fs/stat", READ),
@@ -179,9 +179,13 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::POST, ["checkpoints", id, "restore"]) => {
                 checkpoints::restore(state, id).await
             }
-            (&Method::GET, ["services"]) => services::list(state).await,
+            (&Method::GET, ["services"]) => {
+                services::list(state, granted.unwrap_or(TokenScope::Read)).await
+            }
             (&Method::POST, ["services", "signal"]) => services::signal(state, req).await,
-            (&Method::GET, ["services", svc]) => services::get(state, svc).await,
+            (&Method::GET, ["services", svc]) => {
+                services::get(state, granted.unwrap_or(TokenScope::Read), svc).await
+            }
             (&Method::PUT, ["services", svc]) => services::put(state, svc, req).await,
             (&Method::DELETE, ["services", svc]) => services::delete(state, svc).await,
             (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
@@ -189,9 +193,6 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, ["exec"]) => sessions::list(state).await,
             (&Method::GET, ["exec", id]) => {
                 let watch = exec::watch_only(&req)?;
-                if !watch {
-                    require(granted, TokenScope::Exec)?;
-                }
                 exec::attach(state, req, id, watch).await
             }
             (&Method::POST, ["exec", id, "kill"]) => sessions::kill(state, id, req).await,

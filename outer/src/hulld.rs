@@ -39,6 +39,9 @@ pub(crate) struct Parts {
     pub network: Network,
     pub tokens: hull_api::TokenStore,
     pub sessions: Sessions,
+    /// The bytes of large request frames read at once, over every
+    /// connection of every endpoint.
+    pub frame_budget: Arc<hull_proto::FrameBudget>,
 }
 
 pub struct Hulld {
@@ -101,6 +104,10 @@ impl Hulld {
         target: std::net::SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
         self.parts.network.dial(target).await
+    }
+
+    pub fn frame_budget(&self) -> Arc<hull_proto::FrameBudget> {
+        self.parts.frame_budget.clone()
     }
 
     pub fn supervisor(&self) -> &Supervisor {
@@ -310,11 +317,19 @@ impl Hulld {
         blocking(move || storage.delete_checkpoint(&id)).await
     }
 
+    /// A service request; without `secrets` (a read token) the answer
+    /// keeps each variable's name but not its value, and none of what the
+    /// service printed.
     pub async fn do_services(
         &self,
         request: ServiceRequest,
+        secrets: bool,
     ) -> Result<Vec<ServiceStatus>, ServiceError> {
-        self.parts.services.request(request).await
+        let mut statuses = self.parts.services.request(request).await?;
+        if !secrets {
+            statuses.iter_mut().for_each(ServiceStatus::redact);
+        }
+        Ok(statuses)
     }
 
     /// The network policy, replaced first by `set`; not enforced yet.

@@ -630,15 +630,17 @@ async fn next_port_frame(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
-/// `GET .../exec/ID?watch=true` attaches a viewer: a read token is enough,
-/// it sees the screen and what follows, and its input reaches nothing
-/// while the writer's does.
+/// `GET .../exec/ID?watch=true` attaches a viewer: it sees the screen and
+/// what follows, and its input reaches nothing while the writer's does.
+/// A session's output may hold secrets, so even watching needs an exec
+/// token; a read token is refused either way.
 #[test]
-fn a_watcher_sees_a_session_with_a_read_token_and_cannot_type_into_it() {
+fn a_watcher_needs_an_exec_token_and_cannot_type_into_the_session() {
     let Some((hull, addr, token, name)) = api_hull() else {
         return;
     };
     let read = hull.api_token("read");
+    let other = hull.api_token("exec");
     let path = format!("/v1/sprites/{name}/exec?cmd=cat&tty=true&rows=24&cols=80");
     block_on(async {
         let mut writer = connect(addr, &path, &token).await.unwrap();
@@ -652,12 +654,14 @@ fn a_watcher_sees_a_session_with_a_read_token_and_cannot_type_into_it() {
         read_tty_until(&mut writer, "before-the-watcher").await;
 
         let attach = format!("/v1/sprites/{name}/exec/{session}");
-        let refused = connect(addr, &attach, &read).await;
-        assert!(
-            matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403),
-            "a read token attached as the writer: {refused:?}"
-        );
-        let mut watcher = connect(addr, &format!("{attach}?watch=true"), &read)
+        for path in [attach.clone(), format!("{attach}?watch=true")] {
+            let refused = connect(addr, &path, &read).await;
+            assert!(
+                matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 403),
+                "a read token attached to {path}: {refused:?}"
+            );
+        }
+        let mut watcher = connect(addr, &format!("{attach}?watch=true"), &other)
             .await
             .unwrap();
         read_tty_until(&mut watcher, "before-the-watcher").await;

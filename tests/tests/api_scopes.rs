@@ -1,0 +1,136 @@
+//! What each token scope means: read is status and lists, and never what
+//! a program holds or printed (service environments, logs, session
+//! output, file contents); those need exec.
+
+use std::process::{Command, Output, Stdio};
+
+use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec};
+use hull_tests::attacks::requests::sprite_name;
+use hull_tests::http::request;
+use hull_tests::{bin_dir, block_on, require_root, TestHull};
+
+fn remote(url: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(bin_dir().join("hull"))
+        .args([
+            "--socket",
+            "/nonexistent/hull.sock",
+            "--url",
+            url,
+            "--token",
+            token,
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hull")
+}
+
+#[test]
+fn a_read_token_sees_status_and_lists_and_no_secrets() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let url = format!("http://{addr}");
+    let (read, exec) = (hull.api_token("read"), hull.api_token("exec"));
+    let spec = ServiceSpec {
+        name: "web".into(),
+        cmd: "echo \"password is $DB_PASSWORD\"; sleep 1000".into(),
+        env: vec![("DB_PASSWORD".into(), "hunter2".into())],
+        cwd: None,
+        user: None,
+        http_port: None,
+        restart: RestartPolicy::Never,
+        after: vec![],
+    };
+    block_on(async {
+        let mut c = hull.client().await;
+        c.services(ServiceRequest::Add(spec)).await.unwrap();
+        let mut c = hull.client().await;
+        c.exec_collect(
+            hull_tests::spec(&["sh", "-c", "echo SECRET-FILE > /secret"]),
+            b"",
+        )
+        .await
+        .unwrap();
+    });
+    let base = format!("/v1/sprites/{}", sprite_name(addr, &read));
+
+    // The service: its variable's name, never its value, for read.
+    for path in [format!("{base}/services"), format!("{base}/services/web")] {
+        let seen = request(addr, "GET", &path, Some(&read), None);
+        assert_eq!(seen.status, 200, "{seen:?}");
+        let text = seen.json().to_string();
+        assert!(
+            !text.contains("hunter2"),
+            "{path} with a read token: {text}"
+        );
+        assert!(text.contains("DB_PASSWORD"), "{path}: {text}");
+        let full = request(addr, "GET", &path, Some(&exec), None)
+            .json()
+            .to_string();
+        assert!(
+            full.contains("hunter2"),
+            "{path} with an exec token: {full}"
+        );
+    }
+    let out = remote(&url, &read, &["--json", "services", "show", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !text.contains("hunter2"),
+        "services show with a read token: {text}"
+    );
+
+    // Logs and file contents need exec; listing does not.
+    let out = remote(&url, &read, &["logs", "web"]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
+    assert!(err.contains("needs an API token with scope exec"), "{err}");
+    let out = remote(&url, &read, &["logs", "exec"]);
+    assert!(!out.status.success(), "{out:?}");
+    let out = remote(&url, &exec, &["logs", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = request(
+        addr,
+        "GET",
+        &format!("{base}/fs/read?path=/secret"),
+        Some(&read),
+        None,
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = request(
+        addr,
+        "GET",
+        &format!("{base}/fs/read?path=/secret"),
+        Some(&exec),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"SECRET-FILE\n"[..]),
+        "{r:?}"
+    );
+    let r = request(
+        addr,
+        "GET",
+        &format!("{base}/fs/list?path=/"),
+        Some(&read),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Status and every list still answer a read token.
+    for args in [
+        &["--json", "status"][..],
+        &["--json", "services", "list"],
+        &["--json", "checkpoint", "list"],
+        &["--json", "sessions", "list"],
+        &["--json", "ports"],
+    ] {
+        let out = remote(&url, &read, args);
+        assert!(out.status.success(), "{args:?} with a read token: {out:?}");
+    }
+}
