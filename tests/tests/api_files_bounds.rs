@@ -127,6 +127,10 @@ fn deleting_the_inners_mount_points_is_refused_and_unmounts_nothing() {
             ));
         }
     }
+    // A tree with a mount point in it stops there (what came before it in
+    // the walk is gone, as with rm -r inside), and the mount stays.
+    let r = delete(addr, &name, &token, "/etc", true);
+    wrong.extend(refused_outside("delete /etc recursive=true", &r));
     siege.assert_held(&hull, "deleting mount points through the files API");
     let after = inner_mount_points(&hull);
     let lost: Vec<&String> = before.iter().filter(|m| !after.contains(m)).collect();
