@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 pub use error::ApiError;
 pub use hull_proto::TokenScope;
-pub use server::{Api, StartError};
+pub use server::{Api, BoundApi, StartError};
 pub use tokens::{TokenError, TokenStore};
 
 /// Opens connections to hulld's control protocol.

@@ -60,10 +60,18 @@ impl Api {
         connector: Arc<dyn Connector>,
         tokens: TokenStore,
     ) -> Result<Api, StartError> {
+        Api::bind(settings).await?.serve(connector, tokens)
+    }
+
+    /// Binds the configured address without serving it yet: hulld binds
+    /// its own ports before the inner starts, so the inner's listeners
+    /// never get them forwarded first.
+    pub async fn bind(settings: ApiSettings) -> Result<BoundApi, StartError> {
         let Some(addr) = settings.listen else {
-            return Ok(Api {
-                local_addr: None,
-                accept: Vec::new(),
+            return Ok(BoundApi {
+                settings,
+                listener: None,
+                tls: None,
             });
         };
         let tls = settings
@@ -75,6 +83,58 @@ impl Api {
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(StartError::LocalAddr)?;
+        Ok(BoundApi {
+            settings,
+            listener: Some((listener, local_addr)),
+            tls,
+        })
+    }
+
+    /// Where the API listens (the port the kernel chose for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        for accept in &self.accept {
+            accept.abort();
+        }
+    }
+}
+
+/// The API's listener, bound and not yet served.
+pub struct BoundApi {
+    settings: ApiSettings,
+    listener: Option<(TcpListener, SocketAddr)>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl BoundApi {
+    /// Where the API listens (the port the kernel chose for port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// Serves the bound listener (and the vsock port, when set) until the
+    /// [`Api`] is dropped.
+    pub fn serve(
+        self,
+        connector: Arc<dyn Connector>,
+        tokens: TokenStore,
+    ) -> Result<Api, StartError> {
+        let BoundApi {
+            settings,
+            listener,
+            tls,
+        } = self;
+        let Some((listener, local_addr)) = listener else {
+            return Ok(Api {
+                local_addr: None,
+                accept: Vec::new(),
+            });
+        };
         let state = Arc::new(State {
             settings,
             connector,
@@ -100,19 +160,6 @@ impl Api {
             local_addr: Some(local_addr),
             accept,
         })
-    }
-
-    /// Where the API listens (the port the kernel chose for port 0).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.local_addr
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        for accept in &self.accept {
-            accept.abort();
-        }
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::budget::{out_of_fds, ConnLimits, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
-use crate::policy::PortPolicy;
+use crate::policy::{PortPolicy, FIRST_UNPRIVILEGED_PORT};
 use crate::ports::{listener_went_away, wait_listening};
 use crate::sockmap::{Redirector, Relayed};
 use crate::{Dialer, PortTable};
@@ -69,9 +69,10 @@ impl PortFilter {
 pub struct ForwardConfig {
     pub outer_addr: IpAddr,
     pub policy: PortPolicy,
-    /// Ports hulld itself uses on the outer address (the HTTP listener):
-    /// never bound for forwarding, reached through HTTP ingress instead.
-    pub reserved: Vec<u16>,
+    /// hulld's own listeners (the HTTP API, the HTTP ingress), bound
+    /// before any inner starts: their ports are never forwarded where they
+    /// would clash, so the inner cannot take them, even by winning a race.
+    pub own: Vec<OwnListener>,
     /// Peer networks refused at accept (the inner's own subnet).
     pub refuse_from: Vec<(IpAddr, u8)>,
     /// How long a connection waits for the inner's port, and how long an
@@ -88,6 +89,24 @@ pub struct ForwardConfig {
     /// Relay in the kernel with a sockmap redirect where the kernel allows
     /// it, instead of copying.
     pub in_kernel: bool,
+}
+
+/// A listener of hulld's own, by what it is (`"HTTP API"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnListener {
+    pub what: &'static str,
+    pub addr: SocketAddr,
+}
+
+impl OwnListener {
+    /// Whether a listener on `outer` would take this one's port: the same
+    /// port on the same address, or where either is every address.
+    pub fn clashes(&self, outer: SocketAddr) -> bool {
+        self.addr.port() == outer.port()
+            && (self.addr.ip() == outer.ip()
+                || self.addr.ip().is_unspecified()
+                || outer.ip().is_unspecified())
+    }
 }
 
 /// The forwarder's repeated warnings, each logged once per interval.
@@ -111,8 +130,10 @@ pub enum ForwardState {
     NotAllowed,
     /// It needs the bearer token, which only HTTP ingress checks.
     Private,
-    /// hulld's cap on forwarded ports is reached, or its fd budget spent:
-    /// tried again as ports go away. Reach it through HTTP ingress.
+    /// hulld's cap on forwarded ports is reached, or its fd budget spent
+    /// (tried again as ports go away); or the port is one of hulld's own,
+    /// or below 1024 and not named in `expose`. Reach it through HTTP
+    /// ingress.
     NotForwarded { reason: String },
 }
 
@@ -311,10 +332,19 @@ async fn expose(port: u16, shared: &Shared<'_>) -> Exposed {
     if config.policy.is_private(port) {
         return state_only(ForwardState::Private);
     }
-    if config.reserved.contains(&port) {
-        return state_only(ForwardState::Taken {
-            outer,
-            error: "hulld's HTTP ingress listens there".into(),
+    if let Some(own) = config.own.iter().find(|own| own.clashes(outer)) {
+        return state_only(ForwardState::NotForwarded {
+            reason: format!(
+                "hulld's {} listens on {}; reach the inner's port through HTTP ingress",
+                own.what, own.addr
+            ),
+        });
+    }
+    if !config.policy.forwards(port) {
+        return state_only(ForwardState::NotForwarded {
+            reason: format!(
+                "ports below {FIRST_UNPRIVILEGED_PORT} are forwarded only when network.expose names them; reach it through HTTP ingress"
+            ),
         });
     }
     let Some(lease) = config.budget.take(1) else {
@@ -469,6 +499,21 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_listeners_clash_on_the_same_port_of_an_overlapping_address() {
+        let own = |addr: &str| OwnListener {
+            what: "HTTP API",
+            addr: addr.parse().unwrap(),
+        };
+        let at = |addr: &str| addr.parse::<SocketAddr>().unwrap();
+        assert!(own("10.0.0.5:7700").clashes(at("10.0.0.5:7700")));
+        assert!(own("0.0.0.0:7700").clashes(at("10.0.0.5:7700")));
+        assert!(own("10.0.0.5:7700").clashes(at("0.0.0.0:7700")));
+        assert!(own("[::]:7700").clashes(at("10.0.0.5:7700")));
+        assert!(!own("10.0.0.5:7700").clashes(at("10.0.0.5:7701")));
+        assert!(!own("127.0.0.1:7700").clashes(at("10.0.0.5:7700")));
+    }
 
     #[test]
     fn filter_parses_ranges_and_lists() {

@@ -5,13 +5,13 @@
 //! after pivot_root (inside the layer, never on the host), and a missing
 //! directory is made with mkdirat(2) in a directory found that way.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxAttributes, StatxFlags};
 
 /// Symlinks followed while making one directory, as the kernel's limit
 /// on nested links: a loop of links ends in ELOOP.
@@ -95,7 +95,9 @@ impl Layer {
         Ok(a.st_dev == b.st_dev && a.st_ino == b.st_ino)
     }
 
-    fn make_dir_in_layer(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
+    /// As [`Layer::make_dir`], with a path into another mount failing
+    /// with EXDEV itself, for callers that report errnos.
+    pub fn make_dir_in_layer(&self, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
         let mut want = normal(rel);
         let mut links = 0;
         'restart: loop {
@@ -163,6 +165,46 @@ fn normal(rel: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Whether `name`, an entry of the directory `dir`, has something mounted
+/// on it: its mount is not the directory's. RESOLVE_NO_XDEV keeps a walk
+/// from crossing into another mount, but calls that act on a name in a
+/// directory (unlink, rmdir, rename) never cross it: from a mount namespace
+/// where the name is not a mount point, the kernel lets them remove or
+/// replace it and detaches whatever other namespaces (the inner's) had
+/// mounted there. A missing name is no mount point.
+pub fn is_mount_point(dir: &impl AsFd, name: &OsStr) -> io::Result<bool> {
+    // The path walk of the last name steps onto what is mounted there;
+    // NO_AUTOMOUNT, so looking does not mount anything.
+    let at = AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT;
+    let entry = match rustix::fs::statx(dir, name, at, StatxFlags::MNT_ID) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let here = rustix::fs::statx(dir, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?;
+    let mnt_id = StatxFlags::MNT_ID.bits();
+    if entry.stx_mask & here.stx_mask & mnt_id != 0 {
+        return Ok(entry.stx_mnt_id != here.stx_mnt_id);
+    }
+    // Kernels before 5.8 have no mount ids; some say whether an inode is
+    // a mount's root, and a mount of another filesystem has another device.
+    if entry
+        .stx_attributes_mask
+        .contains(StatxAttributes::MOUNT_ROOT)
+    {
+        return Ok(entry.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+    }
+    Ok((entry.stx_dev_major, entry.stx_dev_minor) != (here.stx_dev_major, here.stx_dev_minor))
+}
+
+/// EXDEV when `name` in `dir` is a mount point (see [`is_mount_point`]).
+pub fn refuse_mount_point(dir: &impl AsFd, name: &OsStr) -> io::Result<()> {
+    if is_mount_point(dir, name)? {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    Ok(())
 }
 
 /// A real fd of the directory an O_PATH fd names (fchmod refuses O_PATH).
@@ -239,6 +281,53 @@ mod tests {
         assert!(!mnt.join("inside").exists());
         let top = layer.make_dir(Path::new("."), 0o755).unwrap();
         assert!(layer.is_root(&top).unwrap());
+    }
+
+    #[test]
+    fn mount_points_are_told_apart_from_plain_entries() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root to mount");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let (dir, file) = (root.path().join("dir"), root.path().join("file"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(&file, "under").unwrap();
+        std::fs::write(root.path().join("plain"), "x").unwrap();
+        symlink("dir", root.path().join("link")).unwrap();
+        struct Unmount(Vec<PathBuf>);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                for p in &self.0 {
+                    let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+        // A tmpfs on a directory, and a file of the same filesystem bound
+        // on another (as the inner's resolv.conf is).
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .unwrap();
+        let _unmount = Unmount(vec![dir.clone(), file.clone()]);
+        nix::mount::mount(
+            Some(&root.path().join("plain")),
+            &file,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let top = Layer::open(root.path()).unwrap();
+        let is = |name: &str| is_mount_point(&top.root, OsStr::new(name)).unwrap();
+        assert!(is("dir") && is("file"));
+        assert!(!is("plain") && !is("link") && !is("missing"));
+        let err = refuse_mount_point(&top.root, OsStr::new("file")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
     }
 
     #[test]

@@ -373,8 +373,19 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         pids_max: inner_settings.pids_max,
     };
     let budget = fd_budget(raise_fd_limit(), config.fd_reserve);
+    // hulld's own listeners are bound before any inner starts, and their
+    // ports are never forwarded: the inner cannot take them.
+    let scheme = match api_settings.tls {
+        Some(_) => "https",
+        None => "http",
+    };
+    let api = hull_api::Api::bind(api_settings)
+        .await
+        .map_err(DaemonError::Api)?;
     let (running_tx, running) = tokio::sync::watch::channel(false);
-    let network = crate::network::Network::start(network_settings, running, budget.clone()).await?;
+    let network =
+        crate::network::Network::start(network_settings, running, budget.clone(), api.local_addr())
+            .await?;
     let port_events = {
         let inner = cgroups.inner.clone();
         crate::port_events::PortEvents::start(network.ports.clone(), move || {
@@ -453,14 +464,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         sessions: crate::sessions::Sessions::new(port_events),
         frame_budget: hull_proto::FrameBudget::new(LARGE_FRAMES_IN_FLIGHT),
     });
-    // The API listens before the control socket answers, so a client
+    // The API is served before the control socket answers, so a client
     // that sees hulld up through `status` also sees where the API is.
-    let scheme = match api_settings.tls {
-        Some(_) => "https",
-        None => "http",
-    };
-    let api = hull_api::Api::start(api_settings, crate::api_link::ApiLink::new(&hulld), tokens)
-        .await
+    let api = api
+        .serve(crate::api_link::ApiLink::new(&hulld), tokens)
         .map_err(DaemonError::Api)?;
     if let Some(addr) = api.local_addr() {
         let url = format!("{scheme}://{addr}");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hull_ingress::budget::ConnLimits;
-use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder};
+use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder, OwnListener};
 use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
 use hull_ingress::link::{self, LinkError, VethPlan};
 use hull_ingress::nat::{self, NatError, NatTable};
@@ -89,11 +89,14 @@ impl hull_services::PortProbe for PortTableProbe {
 }
 
 impl Network {
-    /// Sets everything up; `running` says whether an inner is up.
+    /// Sets everything up; `running` says whether an inner is up, `api`
+    /// is where hulld's HTTP API listens (bound already: its port, like the
+    /// HTTP ingress's, is never forwarded).
     pub async fn start(
         net: NetworkSettings,
         running: watch::Receiver<bool>,
         budget: Arc<FdBudget>,
+        api: Option<SocketAddr>,
     ) -> Result<Network, NetworkError> {
         let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
         link::loopback_up(&netns).await?;
@@ -129,26 +132,21 @@ impl Network {
             private_all: net.private_all,
         };
         let conns = ConnLimits::new(net.max_connections, net.max_connections_per_source);
+        // hulld's own listeners: the HTTP ingress's port counts even when
+        // another program holds it.
+        let own = api
+            .map(|addr| OwnListener {
+                what: "HTTP API",
+                addr,
+            })
+            .into_iter()
+            .chain(http.map(|addr| OwnListener {
+                what: "HTTP ingress",
+                addr,
+            }))
+            .collect();
+        // Bound before the forwarder starts (and so before any inner).
         let io = start_ingress_runtime()?;
-        let forwarder = {
-            // Its tasks and listeners live on the ingress runtime.
-            let _on = io.enter();
-            Forwarder::start(
-                dialer.clone(),
-                ports.clone(),
-                ForwardConfig {
-                    outer_addr: outer,
-                    policy: policy.clone(),
-                    reserved: http.iter().map(|a| a.port()).collect(),
-                    refuse_from: refuse_from.clone(),
-                    wait,
-                    max_ports: net.max_forwarded_ports,
-                    in_kernel: net.forward_in_kernel,
-                    budget: budget.clone(),
-                    conns: conns.clone(),
-                },
-            )
-        };
         let (routes, routes_rx) = watch::channel(Vec::new());
         let http = match http {
             None => None,
@@ -162,9 +160,9 @@ impl Network {
                             wait,
                             token: Some(token.clone()),
                             policy: policy.clone(),
-                            refuse_from,
-                            budget,
-                            conns,
+                            refuse_from: refuse_from.clone(),
+                            budget: budget.clone(),
+                            conns: conns.clone(),
                         },
                     });
                     io.spawn(ingress.serve(listener));
@@ -177,6 +175,25 @@ impl Network {
                     None
                 }
             },
+        };
+        let forwarder = {
+            // Its tasks and listeners live on the ingress runtime.
+            let _on = io.enter();
+            Forwarder::start(
+                dialer.clone(),
+                ports.clone(),
+                ForwardConfig {
+                    outer_addr: outer,
+                    policy: policy.clone(),
+                    own,
+                    refuse_from: refuse_from.clone(),
+                    wait,
+                    max_ports: net.max_forwarded_ports,
+                    in_kernel: net.forward_in_kernel,
+                    budget: budget.clone(),
+                    conns: conns.clone(),
+                },
+            )
         };
         tracing::info!(
             mode = net.mode.name(),

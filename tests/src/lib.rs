@@ -131,7 +131,8 @@ pub struct Limits {
     /// Put `state_dir/logs` on a tmpfs of this size, to fill it up.
     pub logs_tmpfs: Option<&'static str>,
     /// The HTTP API's `[api] listen`: a port of the kernel's choosing on
-    /// loopback unless a test says otherwise.
+    /// loopback unless a test says otherwise; `OUTER` in it stands for the
+    /// test's own outer address.
     pub api_listen: &'static str,
     /// More lines for the `[api]` table (tls_cert = ..., ...).
     pub api_extra: String,
@@ -259,7 +260,7 @@ impl TestHull {
                 subnet = subnet,
                 outer = outer,
                 extra = limits.network_extra,
-                api = limits.api_listen,
+                api = limits.api_listen.replace("OUTER", &outer.to_string()),
                 api_extra = limits.api_extra,
                 tables = limits.tables,
             ),

@@ -736,10 +736,10 @@ fn the_inner_reaches_a_server_through_its_veth_but_not_hulld() {
     );
 }
 
-/// The inner listens on the HTTP ingress port itself: that port cannot be
-/// forwarded, `hull ports` says so, and HTTP ingress still reaches it.
+/// The inner listens on the HTTP ingress port itself: that port is not
+/// forwarded, `hull ports` says why, and HTTP ingress still reaches it.
 #[test]
-fn a_port_taken_on_the_outer_side_is_reached_through_http_ingress() {
+fn the_ingress_port_in_the_inner_is_reached_through_http_ingress() {
     if !require_root() {
         return;
     }
@@ -754,10 +754,10 @@ fn a_port_taken_on_the_outer_side_is_reached_through_http_ingress() {
         RestartPolicy::Always,
     );
     let entry = wait_listed(&hull, port);
-    assert_eq!(entry["exposure"], "taken", "{entry}");
+    assert_eq!(entry["exposure"], "not-forwarded", "{entry}");
     let table = String::from_utf8(hull.hull(&["ports"]).stdout).unwrap();
     assert!(
-        table.contains("taken") && table.contains("HTTP ingress"),
+        table.contains("not forwarded: hulld's HTTP ingress listens on"),
         "{table}"
     );
     let (status, _, body) = get(ingress(&hull), &format!("{port}.localhost"), "/");

@@ -416,7 +416,7 @@ fn fs_error(op: &str, path: &str, e: io::Error) -> ApiError {
             StatusCode::BAD_REQUEST,
             "outside_layer",
             "EXDEV",
-            Some("the path leads into another mount (/proc, /sys, /dev or a bind mount); the files API serves the sandbox's own filesystem"),
+            Some("the path is, or leads into, another mount (/proc, /sys, /dev, /etc/resolv.conf, /run or another bind mount), which the files API never reads, changes or removes; it serves the sandbox's own filesystem"),
         ),
         Some(libc::ENOSPC | libc::EDQUOT) => {
             (StatusCode::INSUFFICIENT_STORAGE, "no_space", "ENOSPC", None)

@@ -6,8 +6,11 @@
 //! hulld is root here, outside the inner's seccomp filter and device
 //! cgroup, so the files API is confined to the user's layer (the inner's
 //! `/` filesystem): a path that leads into another mount (/proc, /sys,
-//! /dev, a bind mount) is refused, and only regular files are opened,
-//! never a device node the inner made.
+//! /dev, a bind mount) is refused, and so is a name that is itself a mount
+//! point, wherever a name is removed, replaced or made (hulld's mount
+//! namespace is not the inner's, and there the kernel lets an unlink or a
+//! rename take a mount point away from the inner). Only regular files are
+//! opened, never a device node the inner made.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -16,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use hull_inner::layer::Layer;
+use hull_inner::layer::{refuse_mount_point, Layer};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 
 use crate::Owner;
@@ -127,15 +130,16 @@ impl Root {
     }
 
     /// The directory `path` is in (made first, as mkdir -p, with `make`)
-    /// and its last name.
+    /// and its last name, which is refused (EXDEV) if it is a mount point.
     fn parent(&self, path: &InnerPath, make: bool) -> io::Result<(OwnedFd, OsString)> {
         let (parent, name) = path.split()?;
         let dir = if make {
-            self.layer.make_dir(&parent, 0o755)?
+            self.layer.make_dir_in_layer(&parent, 0o755)?
         } else {
             self.layer
                 .open_in_layer(&parent, OFlags::PATH | OFlags::DIRECTORY)?
         };
+        refuse_mount_point(&dir, &name)?;
         Ok((dir, name))
     }
 
@@ -345,6 +349,7 @@ fn is_dir(st: &Stat) -> bool {
 }
 
 fn remove_tree(parent: &OwnedFd, name: &OsStr, depth: usize, count: &mut u64) -> io::Result<()> {
+    refuse_mount_point(parent, name)?;
     let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if !is_dir(&st) {
         rustix::fs::unlinkat(parent, name, AtFlags::empty())?;
@@ -397,6 +402,7 @@ impl Copy<'_> {
         to: &OsStr,
         depth: usize,
     ) -> io::Result<()> {
+        refuse_mount_point(from_dir, from)?;
         let st = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
         let perm = st.st_mode & 0o7777;
         match FileType::from_raw_mode(st.st_mode) {
@@ -494,6 +500,8 @@ pub struct Upload {
 
 impl Upload {
     fn begin(dir: OwnedFd, name: OsString) -> io::Result<Upload> {
+        // The rename at the end would put the file in the mount's place.
+        refuse_mount_point(&dir, &name)?;
         if let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
             if is_dir(&st) {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
@@ -572,6 +580,8 @@ impl Upload {
     /// Gives the file `mode` and puts it at its name; returns its size.
     pub fn finish(mut self, mode: u32) -> io::Result<u64> {
         rustix::fs::fchmod(&self.file, Mode::from_raw_mode(mode & 0o7777))?;
+        // Asked again: the body may have taken long.
+        refuse_mount_point(&self.dir, &self.name)?;
         rustix::fs::renameat(&self.dir, &self.temp, &self.dir, &self.name)?;
         self.done = true;
         Ok(self.size)

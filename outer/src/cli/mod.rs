@@ -521,12 +521,16 @@ pub async fn ports(g: &Global) -> Result<()> {
             http
         );
     }
-    for p in r.ports.iter().filter(|p| p.exposure == "taken") {
-        outln!(
-            "port {}: the outer address is taken ({}); reach it through HTTP ingress",
-            p.port,
-            p.detail.as_deref().unwrap_or("in use")
-        );
+    for p in &r.ports {
+        match (p.exposure.as_str(), &p.detail) {
+            ("taken", detail) => outln!(
+                "port {}: the outer address is taken ({}); reach it through HTTP ingress",
+                p.port,
+                detail.as_deref().unwrap_or("in use")
+            ),
+            ("not-forwarded", Some(reason)) => outln!("port {}: not forwarded: {reason}", p.port),
+            _ => {}
+        }
     }
     Ok(())
 }
