@@ -445,7 +445,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         user_namespace: inner_settings.user_namespace,
         network,
         tokens: tokens.clone(),
-        sessions: crate::sessions::Sessions::new(port_events),
+        sessions: crate::sessions::Sessions::new(
+            port_events,
+            crate::sessions::SessionBounds {
+                max_sessions: config.max_sessions,
+                scrollback_total: config.scrollback_total,
+            },
+        ),
     });
     // The API listens before the control socket answers, so a client
     // that sees hulld up through `status` also sees where the API is.

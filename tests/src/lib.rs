@@ -13,6 +13,7 @@ use hull_image::{ImageKind, ImageStore};
 use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
+pub mod attacks;
 pub mod http;
 pub mod siege;
 pub mod ws;
