@@ -361,6 +361,9 @@ pub struct Exec {
     pub session: u64,
     /// Its id in hulld's `exec` log (`hull logs exec:ID`), when logged.
     pub exec_id: Option<u64>,
+    /// This client's input reaches the command: it started it, or attached
+    /// as the writer. A watcher is not the session's owner.
+    pub owner: bool,
 }
 
 /// What starting an exec gave.
@@ -410,6 +413,7 @@ pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiEr
         pid: begun.pid,
         session: begun.session,
         exec_id: begun.exec_id,
+        owner: true,
     })))
 }
 
@@ -452,7 +456,7 @@ impl Exec {
                 "tty": params.tty.is_some(),
                 "rows": size.rows,
                 "cols": size.cols,
-                "is_owner": true,
+                "is_owner": self.owner,
             })
             .to_string(),
         )
@@ -679,8 +683,8 @@ pub async fn attach_session(
         writer: !watch,
         watch,
     });
-    let info = match client.request(request).await {
-        Ok(DaemonMsg::SessionAttached { info, .. }) => info,
+    let (info, writer) = match client.request(request).await {
+        Ok(DaemonMsg::SessionAttached { info, writer }) => (info, writer),
         Ok(other) => {
             return Err(ApiError::internal(format!(
                 "hulld answered an attach with {other:?}"
@@ -705,6 +709,7 @@ pub async fn attach_session(
         pid: info.pid,
         session: info.id,
         exec_id: None,
+        owner: writer,
     };
     Ok((exec, params))
 }

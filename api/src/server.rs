@@ -186,6 +186,9 @@ trait Listener: Send + 'static {
     ) -> impl std::future::Future<Output = io::Result<(Self::Stream, String)>> + Send;
 }
 
+/// Unsent bytes an API connection's socket takes before a write waits.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 impl Listener for TcpListener {
     type Stream = tokio::net::TcpStream;
     async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
@@ -195,6 +198,13 @@ impl Listener for TcpListener {
         // would hold the second for the peer's delayed ACK, some 40 ms.
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+        // Bytes the kernel holds unsent for a client that does not read:
+        // without a low mark the send buffer autotunes to megabytes per
+        // connection (hulld's memory, though not its RSS), and an exec
+        // keeps producing output into it.
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT on an API connection");
         }
         Ok((stream, peer.to_string()))
     }

@@ -26,6 +26,10 @@ const MAX_IN_MESSAGE: usize = 1024 * 1024;
 /// it to read: past this, the exec's output stalls instead of growing.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
+/// What one read from the client takes at most: its input is small, and
+/// tungstenite's default (128 KiB) is held by every connection.
+const READ_BUFFER: usize = 16 * 1024;
+
 /// The longest close reason a close frame carries (125 bytes of payload
 /// less the two of the code).
 const MAX_CLOSE_REASON: usize = 123;
@@ -93,6 +97,8 @@ pub async fn accept(upgrade: OnUpgrade) -> Option<Ws> {
     match upgrade.await {
         Ok(upgraded) => {
             let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .write_buffer_size(0)
                 .max_message_size(Some(MAX_IN_MESSAGE))
                 .max_frame_size(Some(MAX_IN_MESSAGE))
                 .max_write_buffer_size(MAX_WRITE_BUFFER);

@@ -15,8 +15,9 @@ use tokio::io::DuplexStream;
 use crate::hulld::Hulld;
 use crate::server::{serve_connection, Endpoint};
 
-/// Bytes in flight each way on one in-process connection.
-const PIPE_BYTES: usize = 256 * 1024;
+/// Bytes in flight each way on one in-process connection: one output
+/// chunk, as an exec whose client does not read holds them all.
+const PIPE_BYTES: usize = 64 * 1024;
 
 /// How long a files request waits for an inner that is starting or
 /// bouncing before it answers that the sandbox is not running.

@@ -462,6 +462,12 @@ pub struct DaemonConfig {
     pub fd_reserve: usize,
     /// Services the registry holds at most.
     pub max_services: usize,
+    /// Exec sessions at once, attached or detached; an exec past it is
+    /// refused.
+    pub max_sessions: usize,
+    /// The output all terminal sessions keep for replay together; each
+    /// keeps up to 1 MiB, less when many share this.
+    pub scrollback_total: String,
     /// Disk space on the state dir's filesystem that a new volume image
     /// leaves free for hulld's own state (catalog, logs, hulld.log).
     pub disk_reserve: String,
@@ -480,6 +486,8 @@ impl Default for DaemonConfig {
             inner_connections: 16,
             fd_reserve: 512,
             max_services: hull_services::MAX_SERVICES,
+            max_sessions: 128,
+            scrollback_total: "8M".into(),
             memory_max: "256M".into(),
             cpu_weight: 1000,
             disk_reserve: "2G".into(),
@@ -620,6 +628,18 @@ impl Config {
                 )?,
                 fd_reserve: self.daemon.fd_reserve,
                 max_services: positive("daemon.max_services", self.daemon.max_services)?,
+                max_sessions: positive("daemon.max_sessions", self.daemon.max_sessions)?,
+                scrollback_total: match size(
+                    "daemon.scrollback_total",
+                    &self.daemon.scrollback_total,
+                )? {
+                    0 => {
+                        return Err(ConfigError::Zero {
+                            field: "daemon.scrollback_total",
+                        })
+                    }
+                    n => usize::try_from(n).unwrap_or(usize::MAX),
+                },
                 memory_max: size("daemon.memory_max", &self.daemon.memory_max)?,
                 cpu_weight: match self.daemon.cpu_weight {
                     w @ 1..=10_000 => w,
@@ -711,6 +731,10 @@ pub struct DaemonSettings {
     /// File descriptors kept from the inner's requests.
     pub fd_reserve: usize,
     pub max_services: usize,
+    /// Exec sessions at once.
+    pub max_sessions: usize,
+    /// Bytes of scrollback all terminal sessions keep together.
+    pub scrollback_total: usize,
     /// Bytes: hulld's cgroup gets this plus the size of its binary.
     pub memory_max: u64,
     pub cpu_weight: u64,

@@ -461,7 +461,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         user_namespace: inner_settings.user_namespace,
         network,
         tokens: tokens.clone(),
-        sessions: crate::sessions::Sessions::new(port_events),
+        sessions: crate::sessions::Sessions::new(
+            port_events,
+            crate::sessions::SessionBounds {
+                max_sessions: config.max_sessions,
+                scrollback_total: config.scrollback_total,
+            },
+        ),
         frame_budget: hull_proto::FrameBudget::new(LARGE_FRAMES_IN_FLIGHT),
     });
     // The API is served before the control socket answers, so a client

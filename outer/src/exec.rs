@@ -215,6 +215,13 @@ where
     W: Sink<DaemonMsg, Error = io::Error> + Unpin,
 {
     let spec = &request.spec;
+    let mut slot = match sessions.reserve(spec.tty.is_some()) {
+        Ok(slot) => Some(slot),
+        Err(e) => {
+            writer.send(error(ErrorKind::Busy, e.to_string())).await?;
+            return Ok(Outcome::Ended);
+        }
+    };
     let deadline = tokio::time::Instant::now() + WAIT_FOR_INNER;
     let mut stopped: Option<Arc<Inner>> = None;
     loop {
@@ -268,7 +275,9 @@ where
             oom: supervisor.oom_check().await,
             port_events: request.port_events,
         };
-        let Some(started) = begin(inner, process, terms, record, &request, writer).await? else {
+        let slot = slot.take().expect("a session starts once");
+        let Some(started) = begin(inner, process, terms, record, slot, &request, writer).await?
+        else {
             return Ok(Outcome::Ended);
         };
         let attachment = sessions.start(started);
@@ -294,6 +303,7 @@ async fn begin<W>(
     mut process: InitProcess,
     terms: SessionTerms,
     record: Option<ExecRecorder>,
+    slot: crate::sessions::SessionSlot,
     request: &ExecRequest,
     writer: &mut W,
 ) -> io::Result<Option<Started>>
@@ -333,6 +343,7 @@ where
         terms,
         record,
         info,
+        slot,
     }))
 }
 

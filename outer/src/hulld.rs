@@ -424,6 +424,7 @@ impl Hulld {
 fn session_error(e: &SessionError) -> DaemonMsg {
     let kind = match e {
         SessionError::NotFound(_) => ErrorKind::NotFound,
+        SessionError::TooMany(_) => ErrorKind::Busy,
     };
     DaemonMsg::Error(ErrorReport {
         kind,

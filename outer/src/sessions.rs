@@ -4,15 +4,21 @@
 //! tasks' handles and is the only shared state: a session's own state
 //! (clients, scrollback, writer) lives in its task alone.
 //!
-//! Output goes to each client through a bounded queue. A watcher that
-//! lets its queue fill is cut; the writer is waited for (backpressure, as
-//! a plain exec has always had), with a terminal session only for
-//! [`WRITER_STALL`] before it is cut too, so nothing grows without bound
-//! and a detached terminal never stalls its process.
+//! Output goes to each client through a queue bounded in bytes
+//! ([`CLIENT_QUEUE_BYTES`]). A watcher that lets its queue fill is cut;
+//! the writer is waited for (backpressure, as a plain exec has always
+//! had), with a terminal session only for [`WRITER_STALL`] before it is
+//! cut too, so nothing grows without bound and a detached terminal never
+//! stalls its process.
+//!
+//! hulld holds at most `daemon.max_sessions` sessions, and the terminal
+//! sessions share `daemon.scrollback_total` bytes of scrollback: each
+//! keeps up to [`SCROLLBACK`], less when many are open, and gives back
+//! what it holds past its share as soon as another one starts.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +29,8 @@ use hull_proto::{
     ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, PortNotice, SessionInfo,
     Stream as Out, DEFAULT_DETACHED_RUN_MS,
 };
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::exec::{Input, ProcessIo, Source, CHUNK};
 use crate::launch::{InitEvent, InitProcess, Inner};
@@ -31,12 +38,19 @@ use crate::port_events::{PortChange, PortEvents};
 use crate::supervisor::OomCheck;
 use hull_logs::ExecRecorder;
 
-/// Output messages queued towards one client.
-const CLIENT_QUEUE: usize = 64;
+/// Commands queued towards one session.
+const COMMAND_QUEUE: usize = 64;
+/// What a message costs in a client's queue beside its output's bytes, so
+/// that a queue of small messages is bounded too.
+const MESSAGE_COST: usize = 256;
+/// Bytes queued towards one client: two of the largest output chunks,
+/// so the session reads on while the connection writes one.
+const CLIENT_QUEUE_BYTES: usize = 2 * (CHUNK + MESSAGE_COST);
 /// The most a terminal session reads at once: the line discipline's
 /// buffer (N_TTY_BUF_SIZE) seldom gives more, and an idle session holds it.
 const PTY_CHUNK: usize = 4 * 1024;
-/// Output of a terminal session kept for replay on attach.
+/// Output of a terminal session kept for replay on attach, at most: less
+/// when `daemon.scrollback_total` is shared by many.
 pub const SCROLLBACK: usize = 1 << 20;
 /// How long a terminal session waits for a writer that reads nothing
 /// before it cuts the writer off.
@@ -66,11 +80,70 @@ pub trait Replies: Sink<DaemonMsg, Error = io::Error> + Unpin {}
 impl<T: Sink<DaemonMsg, Error = io::Error> + Unpin> Replies for T {}
 
 /// The running sessions by id.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Sessions {
     map: Arc<Mutex<BTreeMap<u64, Handle>>>,
     /// New and closed listening ports, for sessions that pass them on.
     ports: Option<Arc<PortEvents>>,
+    bounds: Arc<Bounds>,
+}
+
+/// What all sessions together may hold (the `[daemon]` table).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionBounds {
+    /// `daemon.max_sessions`.
+    pub max_sessions: usize,
+    /// `daemon.scrollback_total`, in bytes.
+    pub scrollback_total: usize,
+}
+
+/// The sessions' shared counts, which [`SessionSlot`]s hold a share of.
+struct Bounds {
+    limits: SessionBounds,
+    /// Sessions started or starting.
+    open: AtomicUsize,
+    /// Terminal sessions among them: they share the scrollback.
+    terminals: Mutex<usize>,
+    /// What each terminal session may keep now.
+    scrollback: watch::Sender<usize>,
+}
+
+impl Bounds {
+    fn new(limits: SessionBounds) -> Self {
+        Bounds {
+            limits,
+            open: AtomicUsize::new(0),
+            terminals: Mutex::new(0),
+            scrollback: watch::Sender::new(SCROLLBACK.min(limits.scrollback_total)),
+        }
+    }
+
+    fn count_terminal(&self, change: impl FnOnce(usize) -> usize) {
+        let mut terminals = crate::lock(&self.terminals);
+        *terminals = change(*terminals);
+        let share = (self.limits.scrollback_total / (*terminals).max(1)).min(SCROLLBACK);
+        self.scrollback.send_if_modified(|limit| {
+            let changed = *limit != share;
+            *limit = share;
+            changed
+        });
+    }
+}
+
+/// One session's share of [`SessionBounds`], taken before its process is
+/// spawned and given back when the session ends.
+pub(crate) struct SessionSlot {
+    bounds: Arc<Bounds>,
+    terminal: bool,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.bounds.open.fetch_sub(1, Ordering::AcqRel);
+        if self.terminal {
+            self.bounds.count_terminal(|n| n.saturating_sub(1));
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -79,19 +152,41 @@ struct Handle {
     info: watch::Receiver<SessionInfo>,
 }
 
-/// Why a kill or attach found nothing.
+/// Why a kill or attach found nothing, or an exec was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("no session {0} (`hull sessions list` shows the running ones)")]
     NotFound(u64),
+    #[error("exec refused: {0} exec sessions are open (attached or detached), the most daemon.max_sessions allows; end one (`hull sessions list`, `hull sessions kill ID`) or raise daemon.max_sessions")]
+    TooMany(usize),
 }
 
 impl Sessions {
-    pub fn new(ports: Arc<PortEvents>) -> Self {
+    pub fn new(ports: Arc<PortEvents>, bounds: SessionBounds) -> Self {
         Sessions {
             map: Arc::default(),
             ports: Some(ports),
+            bounds: Arc::new(Bounds::new(bounds)),
         }
+    }
+
+    /// A slot for a new session, before its process is spawned; refused
+    /// when `daemon.max_sessions` are open.
+    pub(crate) fn reserve(&self, terminal: bool) -> Result<SessionSlot, SessionError> {
+        let max = self.bounds.limits.max_sessions;
+        self.bounds
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| SessionError::TooMany(max))?;
+        if terminal {
+            self.bounds.count_terminal(|n| n + 1);
+        }
+        Ok(SessionSlot {
+            bounds: self.bounds.clone(),
+            terminal,
+        })
     }
 
     pub fn list(&self) -> Vec<SessionInfo> {
@@ -180,9 +275,10 @@ impl Sessions {
             terms,
             record,
             info,
+            slot,
         } = started;
         let id = info.id;
-        let (commands, commands_rx) = mpsc::channel(CLIENT_QUEUE);
+        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (info_tx, info_rx) = watch::channel(info);
         let writer = Arc::new(AtomicU64::new(0));
         let link = Link {
@@ -198,7 +294,11 @@ impl Sessions {
             events: std::mem::replace(&mut process.events, mpsc::unbounded_channel().1),
             _process: process,
             io,
-            scrollback: terms.tty.then(Scrollback::default),
+            scrollback: terms
+                .tty
+                .then(|| Scrollback::new(*self.bounds.scrollback.borrow())),
+            scrollback_share: self.bounds.scrollback.subscribe(),
+            _slot: slot,
             terms,
             record,
             clients: Vec::new(),
@@ -239,6 +339,7 @@ pub(crate) struct Started {
     pub terms: SessionTerms,
     pub record: Option<ExecRecorder>,
     pub info: SessionInfo,
+    pub slot: SessionSlot,
 }
 
 /// The terms of one session: whether it has a terminal, how long it may
@@ -309,7 +410,7 @@ pub struct Attachment {
     client: u64,
     pub info: SessionInfo,
     pub writer: bool,
-    queue: mpsc::Receiver<DaemonMsg>,
+    queue: mpsc::UnboundedReceiver<Queued>,
     link: Link,
     detached: bool,
 }
@@ -406,9 +507,12 @@ impl Attachment {
                     }
                 }
                 out = self.queue.recv() => match out {
-                    Some(msg) => {
+                    Some(Queued { msg, room }) => {
                         let end = matches!(msg, DaemonMsg::ExecEnded(_));
                         writer.send(msg).await?;
+                        // The bytes count against the queue until the
+                        // connection has taken them.
+                        drop(room);
                         if end {
                             self.detached = true;
                             return Ok(Outcome::Ended);
@@ -470,21 +574,52 @@ impl Drop for Attachment {
     }
 }
 
-/// The last [`SCROLLBACK`] bytes of a terminal session's output; grows as
-/// output comes, so an idle session holds only what it wrote.
-#[derive(Default)]
-struct Scrollback(VecDeque<u8>);
+/// The last `limit` bytes of a terminal session's output; grows as
+/// output comes, so an idle session holds only what it wrote, and never
+/// holds room for more than its limit.
+struct Scrollback {
+    ring: VecDeque<u8>,
+    limit: usize,
+}
 
 impl Scrollback {
+    fn new(limit: usize) -> Self {
+        Scrollback {
+            ring: VecDeque::new(),
+            limit,
+        }
+    }
+
     fn push(&mut self, data: &[u8]) {
-        let data = &data[data.len().saturating_sub(SCROLLBACK)..];
-        let over = (self.0.len() + data.len()).saturating_sub(SCROLLBACK);
-        self.0.drain(..over);
-        self.0.extend(data);
+        let data = &data[data.len().saturating_sub(self.limit)..];
+        let over = (self.ring.len() + data.len()).saturating_sub(self.limit);
+        self.ring.drain(..over);
+        let need = self.ring.len() + data.len();
+        if self.ring.capacity() < need {
+            // Doubling as a Vec does, but never past the limit.
+            let room = (self.ring.capacity() * 2).clamp(need, self.limit.max(need));
+            self.ring.reserve_exact(room - self.ring.len());
+        }
+        self.ring.extend(data);
+    }
+
+    /// Keeps only the last `limit` bytes from now on, and gives back the
+    /// memory past them.
+    fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+        let over = self.ring.len().saturating_sub(limit);
+        self.ring.drain(..over);
+        if self.ring.capacity() > limit {
+            self.ring.shrink_to(limit);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ring.len()
     }
 
     fn replay(&self) -> impl Iterator<Item = DaemonMsg> + '_ {
-        let (a, b) = self.0.as_slices();
+        let (a, b) = self.ring.as_slices();
         a.chunks(CHUNK)
             .chain(b.chunks(CHUNK))
             .map(|c| DaemonMsg::Output {
@@ -512,9 +647,92 @@ async fn next_port_change(
 
 struct Client {
     id: u64,
-    tx: mpsc::Sender<DaemonMsg>,
+    tx: ClientTx,
     /// Never the writer.
     watch: bool,
+}
+
+/// A message in a client's queue, with the room it takes there.
+struct Queued {
+    msg: DaemonMsg,
+    room: Option<OwnedSemaphorePermit>,
+}
+
+/// The sending end of a client's queue, bounded in bytes by a semaphore
+/// of [`CLIENT_QUEUE_BYTES`] permits that a message holds until the
+/// client's connection has taken it.
+#[derive(Clone)]
+struct ClientTx {
+    tx: mpsc::UnboundedSender<Queued>,
+    room: Arc<Semaphore>,
+}
+
+/// What `msg` takes of a client's queue.
+fn cost(msg: &DaemonMsg) -> u32 {
+    let data = match msg {
+        DaemonMsg::Output { data, .. } => data.len(),
+        _ => 0,
+    };
+    u32::try_from((data + MESSAGE_COST).min(CLIENT_QUEUE_BYTES)).unwrap_or(u32::MAX)
+}
+
+impl ClientTx {
+    fn new() -> (Self, mpsc::UnboundedReceiver<Queued>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(CLIENT_QUEUE_BYTES));
+        (ClientTx { tx, room }, rx)
+    }
+
+    #[allow(
+        clippy::result_large_err,
+        reason = "a full queue hands the message back, to be held as pending"
+    )]
+    fn try_send(&self, msg: DaemonMsg) -> Result<(), TrySendError<DaemonMsg>> {
+        if self.tx.is_closed() {
+            return Err(TrySendError::Closed(msg));
+        }
+        match self.room.clone().try_acquire_many_owned(cost(&msg)) {
+            Ok(room) => self
+                .tx
+                .send(Queued {
+                    msg,
+                    room: Some(room),
+                })
+                .map_err(|e| TrySendError::Closed(e.0.msg)),
+            Err(_) => Err(TrySendError::Full(msg)),
+        }
+    }
+
+    /// Queues `msg` outside the bound: a scrollback's replay, one copy
+    /// of what the scrollback holds.
+    fn send_unbounded(&self, msg: DaemonMsg) {
+        let _ = self.tx.send(Queued { msg, room: None });
+    }
+
+    /// Waits until the queue has room for `cost` bytes, or the client is
+    /// gone.
+    async fn room_for(&self, cost: u32) {
+        tokio::select! {
+            _ = self.room.acquire_many(cost) => {}
+            () = self.tx.closed() => {}
+        }
+    }
+
+    /// Queues `msg` once there is room; false: the client is gone.
+    async fn send(&self, msg: DaemonMsg) -> bool {
+        let room = tokio::select! {
+            room = self.room.clone().acquire_many_owned(cost(&msg)) => room.ok(),
+            () = self.tx.closed() => None,
+        };
+        room.is_some_and(|room| {
+            self.tx
+                .send(Queued {
+                    msg,
+                    room: Some(room),
+                })
+                .is_ok()
+        })
+    }
 }
 
 /// One session's state, owned by its task.
@@ -530,6 +748,10 @@ struct Session {
     _process: InitProcess,
     io: ProcessIo,
     scrollback: Option<Scrollback>,
+    /// What a terminal session's scrollback may hold now.
+    scrollback_share: watch::Receiver<usize>,
+    /// Its place under `daemon.max_sessions`, given back when it ends.
+    _slot: SessionSlot,
     terms: SessionTerms,
     record: Option<ExecRecorder>,
     /// Attached clients, oldest first.
@@ -555,6 +777,7 @@ enum Step {
     Port(Option<Arc<PortChange>>),
     WriterRoom,
     WriterStalled,
+    ScrollbackShare,
     Output(Source, io::Result<usize>),
     Event(Option<InitEvent>),
     DrainOver,
@@ -591,12 +814,11 @@ impl Session {
     /// A new client: the writer when it asks to be or there is none,
     /// unless it only watches.
     fn add_client(&mut self, want_writer: bool, watch: bool) -> Attachment {
-        let (tx, queue) = mpsc::channel(CLIENT_QUEUE);
+        let (tx, queue) = ClientTx::new();
         let client = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
         if let Some(scrollback) = &self.scrollback {
             for msg in scrollback.replay() {
-                // The queue holds a whole scrollback: CLIENT_QUEUE chunks.
-                let _ = tx.try_send(msg);
+                tx.send_unbounded(msg);
             }
         }
         let writer = !watch && (want_writer || self.writer_id() == 0);
@@ -702,11 +924,11 @@ impl Session {
             let reading = self.pending.is_none()
                 && (self.terms.tty || self.terms.background || !self.clients.is_empty());
             let writer_tx = match &self.pending {
-                Some(_) => self
+                Some(msg) => self
                     .clients
                     .iter()
                     .find(|c| c.id == self.writer_id())
-                    .map(|c| c.tx.clone()),
+                    .map(|c| (c.tx.clone(), cost(msg))),
                 None => None,
             };
             match (self.clients.is_empty(), self.orphaned_for, orphan_armed) {
@@ -730,14 +952,16 @@ impl Session {
                 );
                 let room = async {
                     match &writer_tx {
-                        Some(tx) => tx.reserve().await.is_ok(),
+                        Some((tx, cost)) => tx.room_for(*cost).await,
                         None => std::future::pending().await,
                     }
                 };
+                let terminal = self.scrollback.is_some();
                 tokio::select! {
                     cmd = commands.recv() => Step::Command(cmd),
                     _ = room, if writer_tx.is_some() => Step::WriterRoom,
                     _ = &mut stall, if writer_tx.is_some() && self.terms.tty => Step::WriterStalled,
+                    Ok(()) = self.scrollback_share.changed(), if terminal => Step::ScrollbackShare,
                     n = crate::exec::read_opt_pipe(stdout, &mut out_buf), if reading && has_out => Step::Output(Source::Stdout, n),
                     n = crate::exec::read_opt_pipe(stderr, &mut err_buf), if reading && has_err => Step::Output(Source::Stderr, n),
                     n = crate::exec::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n),
@@ -756,6 +980,14 @@ impl Session {
                 Step::WriterRoom => {
                     if let Some(msg) = self.pending.take() {
                         self.deliver(msg);
+                    }
+                }
+                Step::ScrollbackShare => {
+                    let share = *self.scrollback_share.borrow_and_update();
+                    if let Some(scrollback) = &mut self.scrollback {
+                        scrollback.set_limit(share);
+                        let kept = u64::try_from(scrollback.len()).unwrap_or(u64::MAX);
+                        self.info.send_modify(|i| i.scrollback_bytes = kept);
                     }
                 }
                 Step::WriterStalled => {
@@ -782,7 +1014,7 @@ impl Session {
                         i.output_bytes += bytes;
                         i.last_activity_ms = now_ms();
                         if let Some(s) = &self.scrollback {
-                            i.scrollback_bytes = u64::try_from(s.0.len()).unwrap_or(u64::MAX);
+                            i.scrollback_bytes = u64::try_from(s.len()).unwrap_or(u64::MAX);
                         }
                     });
                     self.deliver(DaemonMsg::Output {
@@ -929,7 +1161,7 @@ impl Session {
             async move {
                 let send_all = async {
                     for msg in msgs {
-                        if c.tx.send(msg).await.is_err() {
+                        if !c.tx.send(msg).await {
                             return;
                         }
                     }
@@ -962,7 +1194,7 @@ mod tests {
 
     #[test]
     fn the_scrollback_keeps_the_last_mebibyte_in_order() {
-        let mut s = Scrollback::default();
+        let mut s = Scrollback::new(SCROLLBACK);
         let mut all = Vec::new();
         for i in 0..8000u32 {
             let chunk = format!(
@@ -973,17 +1205,20 @@ mod tests {
             all.extend_from_slice(chunk.as_bytes());
         }
         assert!(all.len() > 2 * SCROLLBACK);
-        assert_eq!(s.0.len(), SCROLLBACK);
+        assert_eq!(s.len(), SCROLLBACK);
+        assert_eq!(s.ring.capacity(), SCROLLBACK);
         assert_eq!(replayed(&s), all[all.len() - SCROLLBACK..]);
-        assert!(
-            s.replay().count() <= CLIENT_QUEUE,
-            "a replay fits a client's queue"
-        );
+        // A smaller share keeps the end, and gives the rest back.
+        s.set_limit(SCROLLBACK / 8);
+        assert_eq!(replayed(&s), all[all.len() - SCROLLBACK / 8..]);
+        assert!(s.ring.capacity() <= SCROLLBACK / 8);
+        s.push(b"more");
+        assert_eq!(s.len(), SCROLLBACK / 8);
     }
 
     #[test]
     fn a_chunk_larger_than_the_scrollback_leaves_its_end() {
-        let mut s = Scrollback::default();
+        let mut s = Scrollback::new(SCROLLBACK);
         s.push(b"old");
         let big: Vec<u8> = (0..SCROLLBACK + 10)
             .map(|i| u8::try_from(i % 251).unwrap())
