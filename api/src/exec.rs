@@ -625,11 +625,8 @@ pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Respons
     let handshake = ws::handshake(&mut req)?;
     let params = ExecParams::from_query(req.uri().query())?;
     let started = start(state, &params).await?;
-    let slot = crate::server::ConnectionSlot::of(&req);
-    tokio::spawn(async move {
-        run(handshake.upgrade, started, params).await;
-        drop(slot);
-    });
+    // The WebSocket holds the connection's place under the caps.
+    tokio::spawn(run(handshake.upgrade, started, params));
     Ok(handshake.response)
 }
 
@@ -661,11 +658,11 @@ pub async fn attach(
         .parse()
         .map_err(|_| ApiError::not_found(format!("no session {id:?}")))?;
     let (exec, params) = attach_session(state, id, watch).await?;
-    let slot = crate::server::ConnectionSlot::of(&req);
-    tokio::spawn(async move {
-        run(handshake.upgrade, Started::Running(Box::new(exec)), params).await;
-        drop(slot);
-    });
+    tokio::spawn(run(
+        handshake.upgrade,
+        Started::Running(Box::new(exec)),
+        params,
+    ));
     Ok(handshake.response)
 }
 
@@ -714,7 +711,7 @@ pub async fn attach_session(
     Ok((exec, params))
 }
 
-async fn run(upgrade: hyper::upgrade::OnUpgrade, started: Started, params: ExecParams) {
+async fn run(upgrade: ws::Upgrade, started: Started, params: ExecParams) {
     let Some(socket) = ws::accept(upgrade).await else {
         if let Started::Running(exec) = started {
             exec.abandon(params.run_after_disconnect).await;

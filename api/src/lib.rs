@@ -20,6 +20,7 @@ mod router;
 mod server;
 mod services;
 mod sessions;
+mod slots;
 mod sprites;
 pub mod tls;
 pub mod tokens;
@@ -118,8 +119,15 @@ pub struct ApiSettings {
     pub listen: Option<SocketAddr>,
     /// The sandbox's name in `/v1/sprites/{name}`.
     pub sandbox_name: String,
-    /// HTTP connections served at once; more are refused.
+    /// HTTP connections served at once, WebSockets included; past it the
+    /// oldest connection that presented no token is shed, or the new one
+    /// refused.
     pub max_connections: usize,
+    /// ... of them from one address (one vsock context).
+    pub max_connections_per_source: usize,
+    /// How long a new connection has to present a valid token (its TLS
+    /// handshake included) before it is closed.
+    pub anonymous_header_timeout: std::time::Duration,
     /// Also serve on this vsock port (in a VM with vsock): clients
     /// outside the VM reach the API without a network.
     pub vsock_port: Option<u32>,

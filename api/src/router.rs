@@ -233,6 +233,11 @@ async fn authorize(
         };
         ApiError::new(StatusCode::UNAUTHORIZED, code, message)
     })?;
+    // A valid token, whatever its scope: the connection is no longer
+    // anonymous (no short deadline, never shed).
+    if let Some(slot) = crate::slots::ConnectionSlot::of(req) {
+        slot.authenticated();
+    }
     require(Some(granted), needed)?;
     Ok(granted)
 }

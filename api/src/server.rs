@@ -1,27 +1,41 @@
-//! The listener: one task per HTTP connection, up to a cap, each with a
-//! deadline for its request headers, so a client that sends half a request
-//! and waits holds one slot for a bounded time and nothing more.
+//! The listener: one task per HTTP connection, each holding a place under
+//! the caps ([`crate::slots`]) for as long as it lives, a WebSocket it
+//! becomes included. A connection has `api.anonymous_header_timeout_ms`
+//! (2 s) from its accept to present a valid token, its TLS handshake
+//! included; one that has not is closed (after the answer to a request in
+//! progress), and anonymous connections are the ones shed when a cap is
+//! full. One that has presented a token gets [`HEADER_READ_TIMEOUT`] for
+//! each later request's headers, waiting between requests included.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hull_ingress::budget::Throttle;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::slots::{ConnectionSlot, Full, Slots};
 use crate::{ApiSettings, Connector, State, TokenStore};
 
-/// How long a client may take to send a request's headers.
+/// How long a client that has presented a token may take to send a
+/// request's headers (and may keep a connection idle between requests).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest request head read (request line and headers).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Connections the kernel completes and queues before hulld accepts them.
+/// The standard library's 128 is too few under a flood of reconnecting
+/// clients: a SYN past a full queue is dropped, and a client with a token
+/// waits a second for its retry.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// After an accept error (out of fds), wait this long before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -79,9 +93,7 @@ impl Api {
             .as_ref()
             .map(crate::tls::acceptor)
             .transpose()?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = bind(addr).map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(StartError::LocalAddr)?;
         Ok(BoundApi {
             settings,
@@ -140,8 +152,11 @@ impl BoundApi {
             connector,
             tokens,
         });
-        // TCP and vsock share one cap: it bounds hulld, not a listener.
-        let slots = Arc::new(Semaphore::new(state.settings.max_connections));
+        // TCP and vsock share the caps: they bound hulld, not a listener.
+        let slots = Slots::new(
+            state.settings.max_connections,
+            state.settings.max_connections_per_source,
+        );
         let mut accept = vec![tokio::spawn(accept_loop(
             listener,
             tls.clone(),
@@ -163,27 +178,37 @@ impl BoundApi {
     }
 }
 
-/// A connection's place under the cap. A WebSocket keeps it after its
-/// HTTP connection is handed over, so upgraded connections count too.
-#[derive(Clone)]
-pub(crate) struct ConnectionSlot {
-    _permit: Arc<OwnedSemaphorePermit>,
+/// A TCP listener on `addr` with a backlog of [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
-impl ConnectionSlot {
-    /// The slot of the connection `req` came on.
-    pub fn of<B>(req: &hyper::Request<B>) -> Option<ConnectionSlot> {
-        req.extensions().get::<ConnectionSlot>().cloned()
-    }
+/// Who a connection comes from: the address its per-source share is
+/// counted by, and how the log shows it.
+struct Peer {
+    source: IpAddr,
+    shown: String,
 }
 
 /// A listener the API accepts on: TCP, or vsock in a VM.
 trait Listener: Send + 'static {
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static;
-    /// A connection and its peer's address, for the log.
+    /// A connection and its peer.
     fn accept_one(
         &mut self,
-    ) -> impl std::future::Future<Output = io::Result<(Self::Stream, String)>> + Send;
+    ) -> impl std::future::Future<Output = io::Result<(Self::Stream, Peer)>> + Send;
+
+    /// Tells a connection turned away why, if that can be done without
+    /// waiting (`answer` is a whole HTTP response), then closes it.
+    fn refuse(stream: Self::Stream, answer: &[u8]) {
+        let _ = (stream, answer);
+    }
 }
 
 /// Unsent bytes an API connection's socket takes before a write waits.
@@ -191,7 +216,7 @@ const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 impl Listener for TcpListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, Peer)> {
         let (stream, peer) = self.accept().await?;
         // Exec frames are small and answer one another (an exit frame,
         // then the control connection's op.complete): Nagle's algorithm
@@ -206,72 +231,156 @@ impl Listener for TcpListener {
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT on an API connection");
         }
-        Ok((stream, peer.to_string()))
+        let source = hull_ingress::peer::canonical_ip(peer.ip());
+        Ok((
+            stream,
+            Peer {
+                source,
+                shown: peer.to_string(),
+            },
+        ))
+    }
+
+    fn refuse(stream: Self::Stream, answer: &[u8]) {
+        // What the client sent already is read first: a socket closed
+        // with unread bytes is reset, and the answer may be lost with it.
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match stream.try_read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        // A new connection's send buffer is empty: the answer fits whole.
+        let _ = stream.try_write(answer);
     }
 }
 
 impl Listener for tokio_vsock::VsockListener {
     type Stream = tokio_vsock::VsockStream;
-    async fn accept_one(&mut self) -> io::Result<(Self::Stream, String)> {
-        self.accept()
-            .await
-            .map(|(stream, peer)| (stream, format!("vsock:{}:{}", peer.cid(), peer.port())))
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, Peer)> {
+        let (stream, peer) = self.accept().await?;
+        // A vsock peer's share is counted by its context id, in an IPv6
+        // address of its own (::CID) that no TCP peer of the API has.
+        Ok((
+            stream,
+            Peer {
+                source: IpAddr::V6(Ipv6Addr::from(u128::from(peer.cid()))),
+                shown: format!("vsock:{}:{}", peer.cid(), peer.port()),
+            },
+        ))
     }
+}
+
+/// The response a connection turned away at accept gets.
+fn refusal(full: Full) -> Vec<u8> {
+    let (code, message) = full.explain();
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         sprite-version: {}\r\nretry-after: 1\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        crate::SPRITE_VERSION,
+        body.len()
+    )
+    .into_bytes()
 }
 
 async fn accept_loop<L: Listener>(
     mut listener: L,
     tls: Option<TlsAcceptor>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     state: Arc<State>,
 ) {
+    // Under a flood each kind of trouble is logged once per 10 s.
+    let (failed, refused) = (Throttle::default(), Throttle::default());
     loop {
         let (stream, peer) = match listener.accept_one().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "HTTP API accept failed; backing off");
+                if let Some(suppressed) = failed.hit() {
+                    tracing::warn!(error = %e, suppressed, "HTTP API accept failed; backing off");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "HTTP API connection refused: at its connection cap");
-            drop(stream);
-            continue;
-        };
-        let slot = ConnectionSlot {
-            _permit: Arc::new(slot),
+        let slot = match slots.admit(peer.source) {
+            Ok(slot) => slot,
+            Err(full) => {
+                if let Some(suppressed) = refused.hit() {
+                    let (_, why) = full.explain();
+                    tracing::warn!(peer = %peer.shown, suppressed, "HTTP API connection refused: {why}");
+                }
+                // A TLS client would read plain HTTP as garbage: it only
+                // sees the connection close.
+                if tls.is_none() {
+                    L::refuse(stream, &refusal(full));
+                }
+                continue;
+            }
         };
         let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
+            // From the accept: the TLS handshake and the first headers
+            // with a valid token must both come within it.
+            let deadline = Instant::now() + state.settings.anonymous_header_timeout;
             match tls {
-                None => serve(stream, peer, state, slot).await,
-                // The handshake has the headers' deadline: a client that
-                // opens a connection and says nothing holds a slot no longer.
+                None => serve(stream, peer.shown, state, slot, deadline).await,
                 Some(tls) => {
-                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(stream, peer, state, slot).await,
+                    let handshake = tokio::select! {
+                        handshake = tokio::time::timeout_at(deadline, tls.accept(stream)) => handshake,
+                        () = slot.shed() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => serve(stream, peer.shown, state, slot, deadline).await,
                         Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "HTTP API TLS handshake failed")
+                            tracing::debug!(peer = %peer.shown, error = %e, "HTTP API TLS handshake failed")
                         }
-                        Err(_) => tracing::debug!(%peer, "HTTP API TLS handshake timed out"),
+                        Err(_) => {
+                            tracing::debug!(peer = %peer.shown, "HTTP API TLS handshake timed out")
+                        }
                     }
                 }
             }
         });
+        // The new connection's first read comes before the next accept:
+        // under a flood, a client that sent its token at once is answering
+        // a request (and not shed) before the flood's next connections are.
+        tokio::task::yield_now().await;
     }
 }
 
-/// Serves HTTP/1.1 on one connection until it closes. Each request carries
-/// the connection's slot, which a WebSocket it upgrades to keeps.
-async fn serve<S>(stream: S, peer: String, state: Arc<State>, slot: ConnectionSlot)
-where
+/// Serves HTTP/1.1 on one connection until it closes, it is shed, or it
+/// is still anonymous at `deadline`. Each request carries the
+/// connection's slot, which a WebSocket it upgrades to keeps.
+async fn serve<S>(
+    stream: S,
+    peer: String,
+    state: Arc<State>,
+    slot: ConnectionSlot,
+    deadline: Instant,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
+    let anonymous_timeout = state.settings.anonymous_header_timeout;
+    let on_requests = slot.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let state = state.clone();
-        req.extensions_mut().insert(slot.clone());
-        async move { Ok::<_, std::convert::Infallible>(crate::router::handle(state, req).await) }
+        let slot = on_requests.clone();
+        let request = slot.begin_request();
+        req.extensions_mut().insert(slot);
+        async move {
+            let Some(_request) = request else {
+                let shed = crate::error::ApiError::new(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "shed",
+                    "this connection had presented no token and was closed to make room for a newer one",
+                );
+                return Ok::<_, std::convert::Infallible>(shed.into_response());
+            };
+            Ok(crate::router::handle(state, req).await)
+        }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -281,7 +390,40 @@ where
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
-        tracing::debug!(%peer, error = %e, "HTTP API connection ended with an error");
+    tokio::pin!(conn);
+    let deadline = tokio::time::sleep_until(deadline);
+    tokio::pin!(deadline);
+    // At the deadline an anonymous connection answering a request gets
+    // that answer, and as long again to finish it.
+    let mut finishing = false;
+    let mut armed = true;
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "HTTP API connection ended with an error");
+                }
+                return;
+            }
+            () = slot.shed() => {
+                tracing::debug!(%peer, "HTTP API connection shed: it had presented no token");
+                return;
+            }
+            () = deadline.as_mut(), if armed => {
+                if slot.is_authenticated() {
+                    armed = false;
+                } else if slot.is_busy() && !finishing {
+                    finishing = true;
+                    conn.as_mut().graceful_shutdown();
+                    deadline.as_mut().reset(Instant::now() + anonymous_timeout);
+                } else {
+                    tracing::debug!(
+                        %peer,
+                        "HTTP API connection closed: no request with a valid token within {anonymous_timeout:?} (api.anonymous_header_timeout_ms)"
+                    );
+                    return;
+                }
+            }
+        }
     }
 }

@@ -24,6 +24,8 @@ pub async fn serve(
         .connector
         .open(scope)
         .map_err(|e| ApiError::internal(format!("cannot reach hulld: {e}")))?;
+    // The WebSocket keeps the connection's place under api.max_connections
+    // for as long as the tunnel is open (ws::accept).
     tokio::spawn(async move {
         if let Some(ws) = ws::accept(handshake.upgrade).await {
             hull_client::remote::relay(ws, hulld).await;

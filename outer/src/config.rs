@@ -276,8 +276,14 @@ pub struct ApiConfig {
     /// The sandbox's name in `/v1/sprites/{name}`; the machine's hostname
     /// when unset.
     pub name: Option<String>,
-    /// HTTP connections served at once.
+    /// HTTP connections served at once, WebSockets included.
     pub max_connections: usize,
+    /// ... of them from one client address. Behind a proxy or router
+    /// every client has its address: raise it to `max_connections` there.
+    pub max_connections_per_source: usize,
+    /// Milliseconds a new connection has to send a request with a valid
+    /// token (its TLS handshake included); one that has not is closed.
+    pub anonymous_header_timeout_ms: u64,
     /// Also serve the API on this vsock port.
     pub vsock_port: Option<u32>,
     /// Serve HTTPS: the certificate chain (PEM) ...
@@ -292,6 +298,8 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:7700".into(),
             name: None,
             max_connections: 256,
+            max_connections_per_source: 128,
+            anonymous_header_timeout_ms: 2000,
             vsock_port: None,
             tls_cert: None,
             tls_key: None,
@@ -354,6 +362,14 @@ impl ApiConfig {
             listen,
             sandbox_name,
             max_connections: positive("api.max_connections", self.max_connections)?,
+            max_connections_per_source: positive(
+                "api.max_connections_per_source",
+                self.max_connections_per_source,
+            )?,
+            anonymous_header_timeout: Duration::from_millis(positive_u64(
+                "api.anonymous_header_timeout_ms",
+                self.anonymous_header_timeout_ms,
+            )?),
             vsock_port: self.vsock_port,
             tls,
         })
@@ -700,6 +716,13 @@ fn positive(field: &'static str, value: usize) -> Result<usize, ConfigError> {
     }
 }
 
+fn positive_u64(field: &'static str, value: u64) -> Result<u64, ConfigError> {
+    match value {
+        0 => Err(ConfigError::Zero { field }),
+        n => Ok(n),
+    }
+}
+
 fn size(field: &'static str, value: &str) -> Result<u64, ConfigError> {
     parse_size(value).ok_or_else(|| ConfigError::Size {
         field,
@@ -924,6 +947,32 @@ mod tests {
             let err = config.resolve().unwrap_err().to_string();
             assert!(err.starts_with(&format!("{key} = ")), "{text:?}: {err}");
             assert!(config.validate().is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_api_connection_bounds_parse_and_zero_is_refused() {
+        let api = |text: &str| from_toml(text).resolve().map(|s| s.api);
+        let d = api("").unwrap();
+        assert_eq!(
+            (d.max_connections, d.max_connections_per_source),
+            (256, 128)
+        );
+        assert_eq!(d.anonymous_header_timeout, Duration::from_secs(2));
+        let a = api(
+            "[api]\nmax_connections = 32\nmax_connections_per_source = 4\n\
+             anonymous_header_timeout_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!((a.max_connections, a.max_connections_per_source), (32, 4));
+        assert_eq!(a.anonymous_header_timeout, Duration::from_millis(500));
+        for key in [
+            "max_connections",
+            "max_connections_per_source",
+            "anonymous_header_timeout_ms",
+        ] {
+            let err = api(&format!("[api]\n{key} = 0\n")).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("api.{key} = 0")), "{err}");
         }
     }
 

@@ -348,20 +348,15 @@ async fn watch(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Bo
     let handshake = crate::ws::handshake(&mut req)?;
     let shown = path.shown.clone();
     let root = inner_root(state).await?;
-    let watcher = tokio::task::spawn_blocking(move || watch::begin(root, &path, recursive))
+    // One inotify instance serves every watch (watch.rs); setting this
+    // one up walks the tree.
+    let watch = tokio::task::spawn_blocking(move || watch::begin(root, &path, recursive))
         .await
         .map_err(|e| ApiError::internal(format!("the watch of {shown} failed: {e}")))?
         .map_err(|e| fs_error("watch", &shown, e))?;
-    let (tx, rx) = watch::channel();
-    // A thread of its own: it lives as long as the client, which would
-    // hold one of the runtime's blocking threads for as long.
-    std::thread::Builder::new()
-        .name("hull-fs-watch".into())
-        .spawn(move || watcher.run(tx))
-        .map_err(|e| ApiError::internal(format!("cannot start the watch of {shown}: {e}")))?;
     tokio::spawn(async move {
         if let Some(ws) = crate::ws::accept(handshake.upgrade).await {
-            watch::relay(ws, rx).await;
+            watch::relay(ws, watch).await;
         }
     });
     Ok(handshake.response)

@@ -2,6 +2,15 @@
 //! under a directory of the sandbox, one JSON text message each, until the
 //! client closes.
 //!
+//! Every watch of every client shares one inotify instance, held by one
+//! thread of hulld's ([`Hub`]): inotify instances are counted per user
+//! (`fs.inotify.max_user_instances`, 128 by default), and one each would
+//! let 128 clients take every instance root has on the VM. The thread
+//! reads the events and hands each to the clients watching its directory
+//! (by watch descriptor: a directory two clients watch has one), never
+//! waiting for a client: each has an outbox of its own, bounded, past
+//! which events are dropped and `overflow` says so.
+//!
 //! Directories are found as every files route finds them (under the
 //! inner's root, never through a link out of it) and watched through their
 //! fd's own /proc/self/fd entry, so the watch is on exactly the directory
@@ -9,18 +18,19 @@
 //! a directory made later under a recursive watch is looked up the same
 //! way before it is watched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{SinkExt, StreamExt};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType, OFlags};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::ops::{InnerPath, Root};
@@ -29,12 +39,16 @@ use super::ops::{InnerPath, Root};
 /// rest goes unwatched. Each costs the kernel's inotify memory, not fds.
 pub const MAX_WATCHED_DIRS: usize = 8192;
 
-/// Events queued for a slow client; past it events are dropped and an
-/// `overflow` message says so.
-const QUEUE: usize = 1024;
+/// Directories watched for all clients together (a directory several
+/// watch counts once), and no more than half of root's
+/// `fs.inotify.max_user_watches` (about 10,000 on a 1 GiB VM): watches
+/// are counted per user too, and each pins kernel memory.
+pub const MAX_TOTAL_WATCHED_DIRS: usize = 16384;
 
-/// How often the reader looks whether its client has gone.
-const CLIENT_CHECK_MS: u16 = 200;
+/// Messages queued for a slow client, and their bytes; past either,
+/// events are dropped and an `overflow` message says so.
+const QUEUE: usize = 1024;
+const QUEUE_BYTES: usize = 64 * 1024;
 
 const EVENTS: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::DELETE)
@@ -46,193 +60,390 @@ const EVENTS: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::DELETE_SELF)
     .union(WatchFlags::ONLYDIR);
 
-/// The directories watched: inotify's watch descriptors to the paths they
-/// were found at.
-struct Watches {
+/// The one inotify instance, and who watches what through it.
+struct Hub {
     inotify: OwnedFd,
-    paths: HashMap<i32, String>,
+    /// Directories it watches at most: [`MAX_TOTAL_WATCHED_DIRS`], or half
+    /// the system's limit when that is lower.
+    max_total: usize,
+    state: Mutex<HubState>,
+}
+
+#[derive(Default)]
+struct HubState {
+    clients: HashMap<u64, Client>,
+    /// Each watch descriptor's clients.
+    watchers: HashMap<i32, Vec<u64>>,
+    next_id: u64,
+}
+
+/// One client's watch.
+struct Client {
+    root: Arc<Root>,
     recursive: bool,
+    /// Its watch descriptors and the paths it found them at.
+    paths: HashMap<i32, String>,
+    outbox: Arc<Outbox>,
+    /// Whether it was told that a cap left directories unwatched.
+    told_full: bool,
 }
 
-/// Sets up the watch of `path` (and, with `recursive`, every directory
-/// under it), or says why it cannot.
-pub fn begin(root: Root, path: &InnerPath, recursive: bool) -> io::Result<Watcher> {
-    let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
-    let mut watches = Watches {
-        inotify,
-        paths: HashMap::new(),
-        recursive,
-    };
-    let dir = root.open_dir(path)?;
-    let mut notes = Vec::new();
-    watches.add(&root, dir, path.shown.clone(), 0, &mut notes)?;
-    Ok(Watcher {
-        root,
-        watches,
-        notes,
-    })
-}
+/// The hub, started at the first watch; a hub whose reader failed is
+/// replaced at the next.
+static HUB: Mutex<Option<Arc<Hub>>> = Mutex::new(None);
 
-pub struct Watcher {
-    root: Root,
-    watches: Watches,
-    /// Messages for the client from setting up (a tree too large).
-    notes: Vec<serde_json::Value>,
-}
+impl Hub {
+    fn get() -> io::Result<Arc<Hub>> {
+        let mut hub = HUB.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hub) = hub.as_ref() {
+            return Ok(hub.clone());
+        }
+        let system = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let started = Arc::new(Hub {
+            inotify: inotify::init(CreateFlags::CLOEXEC)?,
+            max_total: system.map_or(MAX_TOTAL_WATCHED_DIRS, |n| {
+                (n / 2).clamp(1, MAX_TOTAL_WATCHED_DIRS)
+            }),
+            state: Mutex::new(HubState::default()),
+        });
+        let reader = started.clone();
+        std::thread::Builder::new()
+            .name("hull-fs-watch".into())
+            .spawn(move || reader.read_events())?;
+        *hub = Some(started.clone());
+        Ok(started)
+    }
 
-impl Watches {
-    /// Watches `dir` (found at `shown`) and, when recursive, its
-    /// subdirectories, one name at a time.
-    fn add(
-        &mut self,
-        root: &Root,
-        dir: OwnedFd,
-        shown: String,
-        depth: usize,
-        notes: &mut Vec<serde_json::Value>,
-    ) -> io::Result<()> {
-        if self.paths.len() >= MAX_WATCHED_DIRS {
-            if notes.is_empty() {
-                notes.push(json!({
-                    "type": "error",
-                    "message": format!("more than {MAX_WATCHED_DIRS} directories: {shown} and others are not watched"),
-                }));
+    fn state(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `dir` for client `id`, under both caps; `Ok(false)` when
+    /// the client is gone or a cap left it unwatched.
+    fn watch(&self, id: u64, dir: &OwnedFd, shown: &str) -> io::Result<bool> {
+        let mut state = self.state();
+        let total = state.watchers.len();
+        let Some(client) = state.clients.get_mut(&id) else {
+            return Ok(false);
+        };
+        let full = if client.paths.len() >= MAX_WATCHED_DIRS {
+            Some(format!("a watch covers at most {MAX_WATCHED_DIRS} directories: {shown} and others are not watched"))
+        } else if total >= self.max_total {
+            Some(format!(
+                "hulld watches at most {} directories for all clients together: {shown} and others are not watched",
+                self.max_total
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = full {
+            if !std::mem::replace(&mut client.told_full, true) {
+                client
+                    .outbox
+                    .push(json!({"type": "error", "message": message}).to_string());
             }
-            return Ok(());
+            return Ok(false);
         }
         let own = format!("/proc/self/fd/{}", dir.as_raw_fd());
         let wd = inotify::add_watch(&self.inotify, own, EVENTS)?;
-        self.paths.insert(wd, shown.clone());
-        if !self.recursive || depth >= super::ops::MAX_DEPTH {
+        // The same directory again (moved within the tree): a new path,
+        // the same descriptor.
+        if client.paths.insert(wd, shown.to_string()).is_none() {
+            state.watchers.entry(wd).or_default().push(id);
+        }
+        Ok(true)
+    }
+
+    /// Watches `dir` (found at `shown`) and, when the client's watch is
+    /// recursive, the directories under it, one name at a time.
+    fn watch_tree(
+        &self,
+        id: u64,
+        root: &Root,
+        recursive: bool,
+        dir: OwnedFd,
+        shown: String,
+        depth: usize,
+    ) -> io::Result<()> {
+        if !self.watch(id, &dir, &shown)? || !recursive || depth >= super::ops::MAX_DEPTH {
             return Ok(());
         }
         for (name, sub) in root.subdirs(&dir)? {
             let shown = format!("{}/{}", shown.trim_end_matches('/'), name.to_string_lossy());
-            self.add(root, sub, shown, depth + 1, notes)?;
+            self.watch_tree(id, root, recursive, sub, shown, depth + 1)?;
         }
         Ok(())
     }
-}
 
-impl Watcher {
-    /// Reads events until the client is gone (`tx` closed) or the watched
-    /// directory is.
-    pub fn run(mut self, tx: mpsc::Sender<String>) {
-        for note in self.notes.drain(..) {
-            if tx.blocking_send(note.to_string()).is_err() {
-                return;
+    /// Forgets client `id`; a directory no other client watches is no
+    /// longer watched.
+    fn forget(&self, id: u64) {
+        let mut state = self.state();
+        let Some(client) = state.clients.remove(&id) else {
+            return;
+        };
+        for wd in client.paths.keys() {
+            let Some(ids) = state.watchers.get_mut(wd) else {
+                continue;
+            };
+            ids.retain(|&other| other != id);
+            if ids.is_empty() {
+                state.watchers.remove(wd);
+                // EINVAL: the kernel dropped it already (its directory
+                // went); its IN_IGNORED finds nobody.
+                let _ = inotify::remove_watch(&self.inotify, *wd);
             }
         }
-        let mut buf = [MaybeUninit::<u8>::uninit(); 64 * 1024];
-        let mut dropped = false;
+    }
+
+    /// The reader thread: every event to the clients watching its
+    /// directory, for as long as hulld runs.
+    fn read_events(self: Arc<Self>) {
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
+        let mut reader = inotify::Reader::new(&self.inotify, &mut buf);
         loop {
-            {
-                use std::os::fd::AsFd;
-                let mut fds = [nix::poll::PollFd::new(
-                    self.watches.inotify.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let _ = nix::poll::poll(&mut fds, CLIENT_CHECK_MS);
-            }
-            if tx.is_closed() {
-                return;
-            }
-            let mut events = Vec::new();
-            let mut reader = inotify::Reader::new(&self.watches.inotify, &mut buf);
-            loop {
-                match reader.next() {
-                    Ok(event) => events.push((
-                        event.wd(),
-                        event.events(),
-                        event
-                            .file_name()
-                            .map(|n| OsStr::from_bytes(n.to_bytes()).to_os_string()),
-                    )),
-                    Err(rustix::io::Errno::AGAIN) => break,
-                    Err(e) => {
-                        let _ = tx.blocking_send(
-                            json!({"type": "error", "message": format!("the watch failed: {e}")})
-                                .to_string(),
-                        );
-                        return;
-                    }
-                }
-                if reader.is_buffer_empty() {
-                    break;
-                }
-            }
-            for (wd, flags, name) in events {
-                let Some(message) = self.describe(wd, flags, name.as_deref()) else {
-                    continue;
-                };
-                match tx.try_send(message.to_string()) {
-                    Ok(()) => dropped = false,
-                    Err(mpsc::error::TrySendError::Full(_)) if !dropped => {
-                        dropped = true;
-                        if tx
-                            .blocking_send(json!({"type": "overflow"}).to_string())
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-                if self.watches.paths.is_empty() {
-                    let _ = tx.blocking_send(json!({"type": "gone"}).to_string());
+            let (wd, flags, name) = match reader.next() {
+                Ok(event) => (
+                    event.wd(),
+                    event.events(),
+                    event
+                        .file_name()
+                        .map(|n| OsStr::from_bytes(n.to_bytes()).to_os_string()),
+                ),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the file watches' inotify events failed; every watch ends");
+                    self.fail_all(&format!("the watch failed: {e}"));
                     return;
+                }
+            };
+            for (id, root, path) in self.dispatch(wd, flags, name.as_deref()) {
+                // A directory made (or moved in) under a recursive watch.
+                if let Ok(inner) = InnerPath::new(&path, None) {
+                    if let Ok(fd) = root.open_dir(&inner) {
+                        let _ = self.watch_tree(id, &root, true, fd, path, 0);
+                    }
                 }
             }
         }
     }
 
-    /// One event as the client gets it; a new directory under a recursive
-    /// watch is watched too.
-    fn describe(
-        &mut self,
+    /// Hands one event to its clients; the directories to watch next, for
+    /// recursive clients, with the client and its root.
+    fn dispatch(
+        &self,
         wd: i32,
         flags: ReadFlags,
         name: Option<&OsStr>,
-    ) -> Option<serde_json::Value> {
+    ) -> Vec<(u64, Arc<Root>, String)> {
+        let mut state = self.state();
+        let mut more = Vec::new();
         if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
-            return Some(json!({"type": "overflow"}));
+            for client in state.clients.values() {
+                client.outbox.push(json!({"type": "overflow"}).to_string());
+            }
+            return more;
         }
-        if flags.contains(ReadFlags::IGNORED) {
-            self.watches.paths.remove(&wd);
-            return None;
-        }
-        let dir = self.watches.paths.get(&wd)?.clone();
-        let path = match name {
-            Some(name) => format!("{}/{}", dir.trim_end_matches('/'), name.to_string_lossy()),
-            None => dir,
+        let Some(ids) = state.watchers.get(&wd).cloned() else {
+            return more;
         };
-        let is_dir = flags.contains(ReadFlags::ISDIR);
-        let kind = [
-            (ReadFlags::CREATE, "create"),
-            (ReadFlags::DELETE, "delete"),
-            (ReadFlags::MODIFY, "modify"),
-            (ReadFlags::CLOSE_WRITE, "close_write"),
-            (ReadFlags::ATTRIB, "attrib"),
-            (ReadFlags::MOVED_FROM, "moved_from"),
-            (ReadFlags::MOVED_TO, "moved_to"),
-            (ReadFlags::DELETE_SELF, "delete_self"),
-        ]
-        .into_iter()
-        .find(|(flag, _)| flags.contains(*flag))
-        .map(|(_, kind)| kind)?;
-        if is_dir && self.watches.recursive && matches!(kind, "create" | "moved_to") {
-            if let Ok(inner) = InnerPath::new(&path, None) {
-                if let Ok(fd) = self.root.open_dir(&inner) {
-                    let mut notes = Vec::new();
-                    let _ = self
-                        .watches
-                        .add(&self.root, fd, path.clone(), 0, &mut notes);
+        if flags.contains(ReadFlags::IGNORED) {
+            // The directory went (or its mount): gone for every client.
+            state.watchers.remove(&wd);
+            for id in ids {
+                if let Some(client) = state.clients.get_mut(&id) {
+                    client.paths.remove(&wd);
+                    if client.paths.is_empty() {
+                        client.outbox.end(json!({"type": "gone"}).to_string());
+                    }
                 }
             }
+            return more;
         }
-        Some(json!({"type": kind, "path": path, "isDir": is_dir}))
+        let Some(kind) = kind(flags) else {
+            return more;
+        };
+        let is_dir = flags.contains(ReadFlags::ISDIR);
+        for id in ids {
+            let Some(client) = state.clients.get(&id) else {
+                continue;
+            };
+            let Some(dir) = client.paths.get(&wd) else {
+                continue;
+            };
+            let path = match name {
+                Some(name) => format!("{}/{}", dir.trim_end_matches('/'), name.to_string_lossy()),
+                None => dir.clone(),
+            };
+            if is_dir && client.recursive && matches!(kind, "create" | "moved_to") {
+                more.push((id, client.root.clone(), path.clone()));
+            }
+            client
+                .outbox
+                .push(json!({"type": kind, "path": path, "isDir": is_dir}).to_string());
+        }
+        more
     }
+
+    /// The reader failed: every client is told, and the next watch starts
+    /// a new hub.
+    fn fail_all(self: &Arc<Self>, message: &str) {
+        {
+            let mut hub = HUB.lock().unwrap_or_else(|e| e.into_inner());
+            if hub.as_ref().is_some_and(|h| Arc::ptr_eq(h, self)) {
+                *hub = None;
+            }
+        }
+        let state = self.state();
+        for client in state.clients.values() {
+            client
+                .outbox
+                .end(json!({"type": "error", "message": message}).to_string());
+        }
+    }
+}
+
+/// What the client is told an event was.
+fn kind(flags: ReadFlags) -> Option<&'static str> {
+    [
+        (ReadFlags::CREATE, "create"),
+        (ReadFlags::DELETE, "delete"),
+        (ReadFlags::MODIFY, "modify"),
+        (ReadFlags::CLOSE_WRITE, "close_write"),
+        (ReadFlags::ATTRIB, "attrib"),
+        (ReadFlags::MOVED_FROM, "moved_from"),
+        (ReadFlags::MOVED_TO, "moved_to"),
+        (ReadFlags::DELETE_SELF, "delete_self"),
+    ]
+    .into_iter()
+    .find(|(flag, _)| flags.contains(*flag))
+    .map(|(_, kind)| kind)
+}
+
+/// The messages waiting for one client: filled by the hub's thread, which
+/// never waits, and emptied by the client's WebSocket task.
+struct Outbox {
+    state: Mutex<OutboxState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    queue: VecDeque<String>,
+    bytes: usize,
+    /// Events were dropped since the last one queued (and `overflow`
+    /// queued for them).
+    overflowed: bool,
+    /// The last message is queued: the watch is over.
+    ended: bool,
+}
+
+impl Outbox {
+    fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            state: Mutex::new(OutboxState::default()),
+            ready: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, message: String) {
+        {
+            let mut s = self.lock();
+            if s.ended {
+                return;
+            }
+            if s.queue.len() >= QUEUE || s.bytes + message.len() > QUEUE_BYTES {
+                if s.overflowed {
+                    return;
+                }
+                // Past the bound by this one short message.
+                s.overflowed = true;
+                s.queue.push_back(json!({"type": "overflow"}).to_string());
+            } else {
+                s.overflowed = false;
+                s.bytes += message.len();
+                s.queue.push_back(message);
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Queues the last message (past the bound: it is one).
+    fn end(&self, last: String) {
+        {
+            let mut s = self.lock();
+            if s.ended {
+                return;
+            }
+            s.ended = true;
+            s.queue.push_back(last);
+        }
+        self.ready.notify_one();
+    }
+
+    /// What is queued, and whether the watch is over.
+    fn take(&self) -> (VecDeque<String>, bool) {
+        let mut s = self.lock();
+        s.bytes = 0;
+        (std::mem::take(&mut s.queue), s.ended)
+    }
+}
+
+/// One client's watch, forgotten by the hub when dropped.
+pub struct Watch {
+    hub: Arc<Hub>,
+    id: u64,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // A recursive watch may hold thousands of descriptors: removed on
+        // a blocking thread when there is a runtime to ask.
+        let (hub, id) = (self.hub.clone(), self.id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || hub.forget(id))),
+            Err(_) => hub.forget(id),
+        }
+    }
+}
+
+/// Sets up the watch of `path` (and, with `recursive`, every directory
+/// under it), or says why it cannot. Blocks: it walks the tree.
+pub fn begin(root: Root, path: &InnerPath, recursive: bool) -> io::Result<Watch> {
+    let hub = Hub::get()?;
+    let root = Arc::new(root);
+    let outbox = Outbox::new();
+    let id = {
+        let mut state = hub.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.clients.insert(
+            id,
+            Client {
+                root: root.clone(),
+                recursive,
+                paths: HashMap::new(),
+                outbox: outbox.clone(),
+                told_full: false,
+            },
+        );
+        id
+    };
+    // From here the hub forgets the client when this is dropped, an error
+    // below included.
+    let watch = Watch { hub, id, outbox };
+    let dir = root.open_dir(path)?;
+    watch
+        .hub
+        .watch_tree(id, &root, recursive, dir, path.shown.clone(), 0)?;
+    Ok(watch)
 }
 
 impl Root {
@@ -256,21 +467,25 @@ impl Root {
     }
 }
 
-/// Carries the events to the WebSocket until either side ends.
-pub async fn relay(mut ws: crate::ws::Ws, mut events: mpsc::Receiver<String>) {
+/// Carries the watch's messages to the WebSocket until either side ends.
+pub async fn relay(mut ws: crate::ws::Ws, watch: Watch) {
     loop {
+        let (messages, ended) = watch.outbox.take();
+        let idle = messages.is_empty();
+        for text in messages {
+            if ws.send(Message::text(text)).await.is_err() {
+                return;
+            }
+        }
+        if ended {
+            let _ = ws.close(None).await;
+            return;
+        }
+        if !idle {
+            continue;
+        }
         tokio::select! {
-            event = events.recv() => match event {
-                Some(text) => {
-                    if ws.send(Message::text(text)).await.is_err() {
-                        return;
-                    }
-                }
-                None => {
-                    let _ = ws.close(None).await;
-                    return;
-                }
-            },
+            () = watch.outbox.ready.notified() => {}
             incoming = ws.next() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
@@ -279,6 +494,102 @@ pub async fn relay(mut ws: crate::ws::Ws, mut events: mpsc::Receiver<String>) {
     }
 }
 
-pub fn channel() -> (mpsc::Sender<String>, mpsc::Receiver<String>) {
-    mpsc::channel(QUEUE)
+/// Number of inotify instances the watches hold (at most one).
+#[cfg(test)]
+fn instances() -> usize {
+    usize::from(HUB.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instances_in_proc() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy() == "anon_inode:inotify")
+            .count()
+    }
+
+    /// A root for a plain directory of this machine (tests only: the
+    /// owner is whoever runs them).
+    fn root_at(dir: &std::path::Path) -> Root {
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        Root::new(
+            fd,
+            crate::Owner {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            },
+        )
+    }
+
+    fn next_message(watch: &Watch) -> String {
+        for _ in 0..200 {
+            let (mut messages, _) = watch.outbox.take();
+            if let Some(first) = messages.pop_front() {
+                return first;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no event within 2 s");
+    }
+
+    #[test]
+    fn many_watches_share_one_instance_and_each_gets_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let before = instances_in_proc();
+        let path = InnerPath::new("/", None).unwrap();
+        let watches: Vec<Watch> = (0..200)
+            .map(|_| begin(root_at(dir.path()), &path, true).unwrap())
+            .collect();
+        assert_eq!(instances(), 1);
+        assert!(
+            instances_in_proc() <= before + 1,
+            "200 watches hold {} inotify instances",
+            instances_in_proc() - before
+        );
+        std::fs::write(dir.path().join("sub/a"), b"x").unwrap();
+        for watch in [&watches[0], &watches[199]] {
+            let message: serde_json::Value = serde_json::from_str(&next_message(watch)).unwrap();
+            assert_eq!(message["type"], "create", "{message}");
+            assert_eq!(message["path"], "/sub/a", "{message}");
+        }
+        // One client leaving leaves the others' watch of the same
+        // directory in place.
+        let kept = watches.into_iter().next_back().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let _ = kept.outbox.take();
+        std::fs::write(dir.path().join("b"), b"y").unwrap();
+        let message: serde_json::Value = serde_json::from_str(&next_message(&kept)).unwrap();
+        assert_eq!(message["path"], "/b", "{message}");
+    }
+
+    #[test]
+    fn a_slow_client_overflows_alone_and_is_told() {
+        let outbox = Outbox::new();
+        for i in 0..QUEUE * 2 {
+            outbox.push(format!("event {i}"));
+        }
+        let (queue, ended) = outbox.take();
+        assert!(!ended);
+        assert_eq!(queue.len(), QUEUE + 1);
+        assert_eq!(
+            queue.back().unwrap(),
+            &json!({"type": "overflow"}).to_string()
+        );
+        outbox.push("after".into());
+        outbox.end("gone".into());
+        outbox.push("too late".into());
+        let (queue, ended) = outbox.take();
+        assert!(ended);
+        assert_eq!(Vec::from(queue), ["after", "gone"]);
+    }
 }

@@ -4,5 +4,6 @@
 //! got back, bounded in count and time, on loopback or through the
 //! inner's own socket only.
 
+pub mod api;
 pub mod requests;
 pub mod sessions;
