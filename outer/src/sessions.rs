@@ -382,13 +382,13 @@ enum Command {
         reply: oneshot::Sender<Attachment>,
     },
     /// `client: None`: a kill, honoured whoever asks.
-    Signal {
-        client: Option<u64>,
-        signal: i32,
-    },
+    Signal { client: Option<u64>, signal: i32 },
+    /// `done` is answered once the client is gone from the session, so
+    /// whoever detached sees it gone in the list.
     Detach {
         client: u64,
         explicit: bool,
+        done: Option<oneshot::Sender<()>>,
     },
 }
 
@@ -543,13 +543,18 @@ impl Attachment {
         self.detach(true).await;
     }
 
+    /// Leaves the session, returning once it has let this client go.
     async fn detach(&mut self, explicit: bool) {
         self.detached = true;
+        let (done, gone) = oneshot::channel();
         self.command(Command::Detach {
             client: self.client,
             explicit,
+            done: Some(done),
         })
         .await;
+        // An error: the session ended, and its clients with it.
+        let _ = gone.await;
     }
 }
 
@@ -563,6 +568,7 @@ impl Drop for Attachment {
         let command = Command::Detach {
             client: self.client,
             explicit: false,
+            done: None,
         };
         if let Err(mpsc::error::TrySendError::Full(command)) = self.link.commands.try_send(command)
         {
@@ -1094,8 +1100,19 @@ impl Session {
                 }
             }
             // The last client gone arms the deadline the loop keeps.
-            Command::Detach { client, explicit } => {
+            Command::Detach {
+                client,
+                explicit,
+                done,
+            } => {
+                if hull_proto::slow_point("session:detach") {
+                    tracing::warn!(session = self.id, "slow point reached: a detach waits 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 self.remove_client(client, explicit);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
         }
     }

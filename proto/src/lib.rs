@@ -75,6 +75,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// A test hook: whether `HULL_SLOW_POINT` names this point, where the
+/// caller then stalls, so a test can widen a window (a slow disk, a busy
+/// task) that is otherwise too narrow to hit.
+pub fn slow_point(name: &str) -> bool {
+    std::env::var("HULL_SLOW_POINT").is_ok_and(|v| v == name)
+}
+
 /// A test hook: panics when `HULL_FAILPOINT` names this point, so tests
 /// can check what hulld does when one of its tasks panics.
 pub fn panic_point(name: &str) {

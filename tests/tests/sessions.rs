@@ -423,6 +423,29 @@ fn a_background_exec_is_a_session_nobody_holds_and_attach_follows_it() {
     );
 }
 
+/// `hull exec --detach` returns once its session has let its client go,
+/// however busy the session's task is: a list right after shows nobody
+/// attached. The slow point holds the session's task back from handling
+/// the detach for a second.
+#[test]
+fn a_detach_returns_only_once_the_session_has_let_its_client_go() {
+    if !require_root() {
+        return;
+    }
+    let mut hull = TestHull::start();
+    hull.kill9_hulld();
+    hull.spawn_hulld_env(&[("HULL_SLOW_POINT", "session:detach")]);
+    hull.wait_running(std::time::Duration::from_secs(20));
+    let out = hull.hull(&["--json", "exec", "--detach", "--", "sleep", "100"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = list(&hull);
+    let job = listed
+        .iter()
+        .find(|s| s.argv == ["sleep", "100"])
+        .unwrap_or_else(|| panic!("the background exec is not a session: {listed:?}"));
+    assert_eq!(job.clients, 0, "{job:?}");
+}
+
 #[test]
 fn a_restore_ends_every_session_with_a_reason_that_names_it() {
     if !require_root() {
