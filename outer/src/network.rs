@@ -282,7 +282,7 @@ impl Network {
                 PortInfo {
                     port: p.port,
                     address: p.addr.to_string(),
-                    pid: owner.map(|o| o.pid),
+                    pid: owner.and_then(|o| crate::port_events::inner_pid(o.pid)),
                     command: owner.map(|o| o.command.clone()),
                     exposure: exposure.to_string(),
                     outer,

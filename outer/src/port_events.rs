@@ -139,6 +139,12 @@ fn lineage(host_pid: i32) -> Vec<i32> {
     chain
 }
 
+/// `host_pid` as the inner's own tools name it (`NSpid:`'s last field).
+pub(crate) fn inner_pid(host_pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    parse_status(&status).map(|(inner, _)| inner)
+}
+
 /// The innermost pid (`NSpid:`'s last field) and the parent's host pid
 /// (`PPid:`) from /proc/PID/status.
 fn parse_status(status: &str) -> Option<(i32, i32)> {

@@ -621,7 +621,7 @@ pub struct PortInfo {
     pub port: u16,
     /// The inner address it is bound to (0.0.0.0, ::, 127.0.0.1, ...).
     pub address: String,
-    /// The owning process, pid as seen in the root namespace.
+    /// The owning process, its pid as the inner's own tools show it.
     pub pid: Option<i32>,
     pub command: Option<String>,
     /// "forwarded", "taken" (reach it through HTTP ingress), "not-allowed"

@@ -908,6 +908,11 @@ fn ports_prints_urls_that_connect_and_the_inner_may_read_them() {
         .find(|q| q["port"] == 8300)
         .unwrap_or_else(|| panic!("{inside}"));
     assert_eq!(mine["http_url"], p["http_url"], "{mine}");
+    // Its owner is named by its pid inside the inner, as the inner's own
+    // tools name it, whoever asks.
+    let httpd = block_on(hull.sh("pidof httpd"));
+    assert_eq!(mine["pid"].to_string(), httpd.trim(), "{mine}");
+    assert_eq!(p["pid"], mine["pid"], "{p}");
     let ingress = block_on(hull.sh("hull --json ingress"));
     let ingress: serde_json::Value = serde_json::from_str(&ingress)
         .unwrap_or_else(|e| panic!("hull ingress in the inner ({e}): {ingress:?}"));
