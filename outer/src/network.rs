@@ -279,6 +279,12 @@ impl Network {
                     }
                     None => ("pending", None, None),
                 };
+                // A URL that reaches the port as pasted: its forwarded
+                // address when it has one, else HTTP ingress's route.
+                let route = match (&outer, exposure) {
+                    (Some(outer), "forwarded") => Some((format!("http://{outer}/"), None)),
+                    _ => self.http.map(|a| http_url(a, p.port)),
+                };
                 PortInfo {
                     port: p.port,
                     address: p.addr.to_string(),
@@ -287,8 +293,8 @@ impl Network {
                     exposure: exposure.to_string(),
                     outer,
                     detail,
-                    http_url: self.http.map(|a| http_url(a, p.port).0),
-                    http_host: self.http.and_then(|a| http_url(a, p.port).1),
+                    http_url: route.as_ref().map(|(url, _)| url.clone()),
+                    http_host: route.and_then(|(_, host)| host),
                     private: self.policy.is_private(p.port),
                 }
             })

@@ -631,11 +631,12 @@ pub struct PortInfo {
     pub outer: Option<String>,
     /// Why the outer port could not be bound.
     pub detail: Option<String>,
-    /// The URL of this port through HTTP ingress, if that is on.
+    /// A URL that reaches this port as pasted: its forwarded address when
+    /// it is forwarded, else its route through HTTP ingress, if that is on.
     pub http_url: Option<String>,
-    /// The Host header to send to `http_url` when its host does not name
-    /// the port (the ingress listens on an address `PORT.localhost` does
-    /// not reach).
+    /// The Host header to send to `http_url` when it is HTTP ingress's and
+    /// its host does not name the port (the ingress listens on an address
+    /// `PORT.localhost` does not reach).
     pub http_host: Option<String>,
     /// Whether HTTP ingress needs the bearer token for it.
     pub private: bool,

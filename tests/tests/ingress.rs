@@ -882,16 +882,45 @@ fn ports_prints_urls_that_connect_and_the_inner_may_read_them() {
         None,
         RestartPolicy::Always,
     );
+    // A port below 1024 is not forwarded unless exposed: HTTP ingress
+    // reaches it.
+    hull.add_service(
+        "low",
+        "exec httpd -f -p 0.0.0.0:81 -h /www-url",
+        &[],
+        None,
+        RestartPolicy::Always,
+    );
     let p = wait_listed(&hull, 8300);
-    let url = p["http_url"].as_str().unwrap_or_else(|| panic!("{p}"));
-    let (addr, host) = target_of(url, p["http_host"].as_str());
-    let (status, _, body) = get(addr, &host, "/");
-    assert_eq!((status, body), (200, b"hello-url\n".to_vec()), "{p}");
-    // The table gives a command that works as pasted.
+    let low = wait_listed(&hull, 81);
+    // A forwarded port's URL is its forwarded address: no Host needed.
+    assert_eq!(p["http_url"], format!("http://{}:8300/", hull.outer), "{p}");
+    assert_eq!(p["http_host"], serde_json::Value::Null, "{p}");
+    // One that is not forwarded is reached through HTTP ingress, which
+    // listens on the test's own address: the Host header names the port.
+    assert_eq!(
+        (low["http_url"].clone(), low["http_host"].clone()),
+        (
+            format!("http://{}:{}/", hull.outer, hull.http_port).into(),
+            "81.localhost".into()
+        ),
+        "{low}"
+    );
+    for q in [&p, &low] {
+        let url = q["http_url"].as_str().unwrap_or_else(|| panic!("{q}"));
+        let (addr, host) = target_of(url, q["http_host"].as_str());
+        let (status, _, body) = get(addr, &host, "/");
+        assert_eq!((status, body), (200, b"hello-url\n".to_vec()), "{q}");
+    }
+    // The table gives commands that work as pasted.
     let table = String::from_utf8(hull.hull(&["ports"]).stdout).unwrap();
     assert!(
+        table.contains(&format!("http://{}:8300/", hull.outer)),
+        "{table}"
+    );
+    assert!(
         table.contains(&format!(
-            "curl -H 'Host: 8300.localhost' http://{}:{}/",
+            "curl -H 'Host: 81.localhost' http://{}:{}/",
             hull.outer, hull.http_port
         )),
         "{table}"
@@ -910,8 +939,12 @@ fn ports_prints_urls_that_connect_and_the_inner_may_read_them() {
     assert_eq!(mine["http_url"], p["http_url"], "{mine}");
     // Its owner is named by its pid inside the inner, as the inner's own
     // tools name it, whoever asks.
-    let httpd = block_on(hull.sh("pidof httpd"));
-    assert_eq!(mine["pid"].to_string(), httpd.trim(), "{mine}");
+    let pid = mine["pid"].as_i64().unwrap_or_else(|| panic!("{mine}"));
+    let inside = block_on(hull.sh(&format!("tr '\\0' ' ' < /proc/{pid}/cmdline")));
+    assert!(
+        inside.contains("0.0.0.0:8300"),
+        "pid {pid} in the inner: {inside:?}"
+    );
     assert_eq!(p["pid"], mine["pid"], "{p}");
     let ingress = block_on(hull.sh("hull --json ingress"));
     let ingress: serde_json::Value = serde_json::from_str(&ingress)
