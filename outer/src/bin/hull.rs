@@ -46,7 +46,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start hulld in the background (building the base image if missing) and wait for the inner. Does nothing if hulld runs.
+    /// Start hulld in the background and wait for the inner.
+    ///
+    /// Builds the base image first if it is missing; does nothing if hulld
+    /// already runs.
     Up {
         /// Base image of the inner: debian (default) or busybox.
         #[arg(long)]
@@ -55,10 +58,17 @@ enum Command {
         #[arg(long, value_parser = hull_outer::config::parse_network_mode)]
         network: Option<hull_outer::config::NetworkMode>,
     },
-    /// Show the inner's state, pid, uptime, limits and bounce count, and
-    /// how much of its quota the writable layer uses.
+    /// Show the inner's state, limits and usage.
+    ///
+    /// The inner's state, pid, uptime, limits and bounce count, and how
+    /// much of its quota the writable layer uses.
     Status,
-    /// Run a command in the inner; hull exits with its exit code (127: not found, 128+N: killed by signal N, 124: --timeout passed, 125: hull failed, 255: the inner stopped under it).
+    /// Run a command in the inner.
+    ///
+    /// hull exits with the command's exit code: 127 when it is not found,
+    /// 126 when it cannot run, 128+N when signal N killed it, 124 when
+    /// --timeout passed, 125 when hull failed, 255 when the inner stopped
+    /// under it.
     Exec {
         /// Allocate a terminal (PTY) for the command. Needs a terminal on
         /// stdin; without one, hull says so and runs with pipes.
@@ -99,11 +109,12 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// An interactive login shell in the inner, as a session that outlives
-    /// this terminal: Ctrl+\ detaches (the shell runs on) and `hull
-    /// console --attach` comes back to it, with the screen as it was. When
-    /// a bounce or restore stops the inner under it, hull resets the
-    /// terminal and opens a new shell with a one-line notice.
+    /// A login shell in the inner that outlives this terminal.
+    ///
+    /// Ctrl+\ detaches (the shell runs on) and `hull console --attach`
+    /// comes back to it, with the screen as it was. When a bounce or
+    /// restore stops the inner under it, hull resets the terminal and opens
+    /// a new shell with a one-line notice.
     Console {
         /// Attach to a running console session instead of starting one:
         /// session ID, or without one the newest console session.
@@ -118,14 +129,19 @@ enum Command {
         #[arg(long, hide = true)]
         reconnect: bool,
     },
-    /// Exec sessions: every exec is one, and one with a terminal runs on
-    /// after its client goes, keeping its last 1 MiB of output for whoever
+    /// List, attach to and kill exec sessions.
+    ///
+    /// Every exec is a session; one with a terminal runs on after its
+    /// client goes, keeping its last output (up to 1 MiB) for whoever
     /// attaches next.
     Sessions {
         #[command(subcommand)]
         command: SessionsCommand,
     },
-    /// Kill everything in the inner and start a fresh one on the same writable layer.
+    /// Start a fresh inner on the same writable layer.
+    ///
+    /// Kills everything in the inner first: SIGTERM, then SIGKILL after
+    /// the grace.
     Bounce {
         /// Seconds between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 0.0)]
@@ -147,6 +163,8 @@ enum Command {
         #[command(subcommand)]
         command: ServicesCommand,
     },
+    /// Show a service's output, or the exec log.
+    ///
     /// A service's output (or `exec` for non-interactive execs), kept by
     /// hulld across bounces, restores and crashes.
     Logs {
@@ -171,12 +189,20 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         since: Option<std::time::Duration>,
     },
-    /// TCP ports the inner listens on, who owns them and how they are reachable from outside (forwarded on the outer address, or through HTTP ingress only).
+    /// TCP ports the inner listens on and how to reach them.
+    ///
+    /// Who owns each (its pid inside the inner) and how it is reachable
+    /// from outside: forwarded on the outer address, or through HTTP
+    /// ingress only.
     Ports,
-    /// The HTTP ingress: where it listens, which ports are private, and the bearer token they need.
+    /// Where HTTP ingress listens, and its private ports' token.
+    ///
+    /// Which ports are private, and the bearer token they need.
     Ingress,
-    /// Tokens for the HTTP API (the Sprites v1 API): make, list, revoke.
-    /// The API serves no request until a token exists.
+    /// Make, list and revoke tokens for the HTTP API.
+    ///
+    /// The HTTP API speaks the Sprites v1 API; it serves no request until
+    /// a token exists.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -190,12 +216,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SessionsCommand {
-    /// The running sessions: id, pid, terminal or not, clients attached,
-    /// age, idle time and command.
+    /// The running sessions.
+    ///
+    /// Id, pid, terminal or not, clients attached, age, idle time and
+    /// command of each.
     List,
-    /// Attach this terminal to session ID: its scrollback first, then the
-    /// session live; hull exits with its exit code. Ctrl+\ detaches from a
-    /// terminal session.
+    /// Attach this terminal to session ID.
+    ///
+    /// Its scrollback first, then the session live; hull exits with its
+    /// exit code. Ctrl+\ detaches from a terminal session.
     Attach {
         id: u64,
         /// Only watch: leave the writer's role (stdin, resizes) to the
@@ -203,8 +232,9 @@ enum SessionsCommand {
         #[arg(long)]
         watch: bool,
     },
-    /// Signal session ID's process and wait for the session to end;
-    /// SIGKILL if it has not ended after --timeout.
+    /// Signal session ID's process and wait for its end.
+    ///
+    /// SIGKILL follows if the session has not ended after --timeout.
     Kill {
         id: u64,
         /// The signal: a name (SIGTERM, TERM, HUP) or a number.
@@ -233,13 +263,14 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Make a token and print it (the only time it is shown: hulld keeps a
-    /// hash of it). Send it as `Authorization: Bearer TOKEN`, or give it to
-    /// a Sprites SDK as its token.
+    /// Make a token and print it, the only time it is shown.
+    ///
+    /// hulld keeps a hash of it. Send it as `Authorization: Bearer TOKEN`,
+    /// or give it to a Sprites SDK as its token.
     Create {
-        /// What it lets its bearer do: read (status, lists, logs, reading
-        /// files), exec (also commands, sessions, writing files) or admin
-        /// (also checkpoints, restores, services, policy).
+        /// What it lets its bearer do: read (status and lists, service
+        /// environments redacted), exec (also commands, sessions, logs and
+        /// files) or admin (also checkpoints, restores, services, policy).
         #[arg(long, value_parser = parse_scope)]
         scope: hull_proto::TokenScope,
         /// It expires after DURATION (30m, 24h, 7d); never when absent.
@@ -251,7 +282,7 @@ enum TokenCommand {
     },
     /// The tokens: id, scope, name, when made and when they expire.
     List,
-    /// Revoke token ID (see `hull token list`): requests with it are refused at once.
+    /// Revoke token ID: requests with it are refused at once.
     Revoke { id: String },
 }
 
@@ -267,13 +298,17 @@ enum CheckpointCommand {
         #[arg(short, long)]
         message: Option<String>,
     },
-    /// Bring the writable layer back to checkpoint ID and restart the inner.
-    /// The state before the restore is kept as an automatic checkpoint.
+    /// Bring the writable layer back to checkpoint ID.
+    ///
+    /// The inner restarts on it. The state before the restore is kept as
+    /// an automatic checkpoint.
     Restore {
         /// The checkpoint (v1, v2, ...; see `hull checkpoint list`).
         id: String,
     },
-    /// Show the checkpoints as a tree, marking the one the current state came from.
+    /// Show the checkpoints as a tree.
+    ///
+    /// `*` marks the one the current state came from.
     List,
     /// Delete checkpoint ID (any of them; the tree keeps its shape).
     Delete {
@@ -314,8 +349,10 @@ enum ServicesCommand {
         #[arg(long)]
         after: Vec<String>,
     },
+    /// Every service's state.
+    ///
     /// State, pid, uptime, restarts (after exits), starts (on new inners)
-    /// and last exit of every service.
+    /// and last exit of each.
     List,
     /// Everything about one service, with its last output lines.
     Show {
@@ -327,8 +364,9 @@ enum ServicesCommand {
         /// The service.
         name: String,
     },
-    /// SIGTERM to its process group, SIGKILL after 5 s (or --timeout); it
-    /// stays stopped, across bounces too, until `start`.
+    /// Stop a service until `start`, across bounces too.
+    ///
+    /// SIGTERM to its process group, SIGKILL after 5 s (or --timeout).
     Stop {
         /// The service.
         name: String,
@@ -654,5 +692,34 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `hull --help` is a table of contents: one short line a command (and
+    /// a subcommand), the detail in the command's own `--help`.
+    #[test]
+    fn every_command_has_a_one_line_summary() {
+        fn walk(cmd: &clap::Command, path: &str, long: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+                if about.is_empty() || about.len() > 72 || about.contains('\n') {
+                    long.push(format!("{name}: {about:?} ({} chars)", about.len()));
+                }
+                walk(sub, &name, long);
+            }
+        }
+        let mut long = Vec::new();
+        walk(&Cli::command(), "hull", &mut long);
+        assert!(
+            long.is_empty(),
+            "summaries past one short line:\n{}",
+            long.join("\n")
+        );
     }
 }
