@@ -886,6 +886,50 @@ mod tests {
         toml::from_str(text).unwrap()
     }
 
+    /// Each key of a TOML text as `table.key`, commented-out ones too.
+    fn documented_keys(text: &str) -> std::collections::BTreeSet<String> {
+        let mut table = String::new();
+        let mut keys = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+                table = format!("{name}.");
+            } else if let Some((key, _)) = line.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    keys.insert(format!("{table}{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn the_example_config_loads_and_names_every_key() {
+        let text = include_str!("../../hull.example.toml");
+        let config: Config = toml::from_str(text).unwrap();
+        config.resolve().unwrap();
+        let documented = documented_keys(text);
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut missing = Vec::new();
+        for (key, value) in defaults.as_table().unwrap() {
+            match value.as_table() {
+                Some(table) => missing.extend(
+                    table
+                        .keys()
+                        .map(|k| format!("{key}.{k}"))
+                        .filter(|k| !documented.contains(k)),
+                ),
+                None if !documented.contains(key) => missing.push(key.clone()),
+                None => {}
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "hull.example.toml leaves out {missing:?}"
+        );
+    }
+
     #[test]
     fn logs_limits_parse_and_bad_ones_name_the_field() {
         let limits = |text: &str| from_toml(text).resolve().map(|s| s.logs.limits);

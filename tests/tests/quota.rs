@@ -116,7 +116,7 @@ fn a_write_past_the_full_qgroup_quota_fails_with_edquot_and_rm_makes_room() {
 
 /// Simple quotas charge a layer for what it wrote until the last copy is
 /// gone: a file a checkpoint still holds counts until that checkpoint is
-/// deleted (as README.md says).
+/// deleted (as docs/guide/configuration.md says).
 #[test]
 fn a_write_past_the_simple_quota_fails_with_edquot_and_room_comes_back() {
     if !require_root() {

@@ -933,7 +933,7 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// One record of `hull logs --json` (docs/json.md).
+/// One record of `hull logs --json` (docs/guide/json.md).
 #[derive(serde::Serialize)]
 struct LogLine<'a> {
     /// "line", beside the "marker" records of starts and bounces.
@@ -962,7 +962,7 @@ impl<'a> From<&'a hull_proto::LogRecord> for LogLine<'a> {
 }
 
 /// What a marker record of an exec says, for `hull logs --json`: only the
-/// fields it has (docs/json.md).
+/// fields it has (docs/guide/json.md).
 fn exec_json(tag: &hull_proto::ExecTag) -> serde_json::Value {
     let mut obj = serde_json::Map::new();
     obj.insert("id".into(), tag.id.into());

@@ -42,7 +42,7 @@ pub enum CliError {
     NoConsole,
 }
 
-/// The stable, snake_case code of an error, for `--json` (docs/json.md).
+/// The stable, snake_case code of an error, for `--json` (docs/guide/json.md).
 pub fn error_code(e: &anyhow::Error) -> &'static str {
     for cause in e.chain() {
         if let Some(e) = cause.downcast_ref::<CliError>() {
