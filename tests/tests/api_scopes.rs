@@ -134,3 +134,64 @@ fn a_read_token_sees_status_and_lists_and_no_secrets() {
         assert!(out.status.success(), "{args:?} with a read token: {out:?}");
     }
 }
+
+/// Every route of api/openapi.json, asked with no token and with each
+/// scope, is answered as its `x-hull-scope` says: 401 without a token, 403
+/// with too small a scope, and neither with enough (whatever else the
+/// request, made with placeholder arguments, gets).
+#[test]
+fn every_route_answers_each_scope_as_the_table_says() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let addr = block_on(hull.api_addr());
+    let tokens = [
+        ("read", hull.api_token("read")),
+        ("exec", hull.api_token("exec")),
+        ("admin", hull.api_token("admin")),
+    ];
+    let rank = |scope: &str| ["read", "exec", "admin"].iter().position(|s| *s == scope);
+    let name = sprite_name(addr, &tokens[0].1);
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("../../api/openapi.json")).unwrap();
+    let mut wrong = Vec::new();
+    let mut asked = 0;
+    for (template, ops) in doc["paths"].as_object().unwrap() {
+        let path = template
+            .replace("{name}", &name)
+            .replace("{id}", "v999")
+            .replace("{service}", "nope");
+        for (method, op) in ops.as_object().unwrap() {
+            let method = method.to_uppercase();
+            let needed = op["x-hull-scope"].as_str();
+            let body = (method != "GET").then_some("{}");
+            let mut ask = |label: &str, token: Option<&str>, expect: &dyn Fn(u16) -> bool| {
+                let r = request(addr, &method, &path, token, body);
+                asked += 1;
+                if !expect(r.status) {
+                    wrong.push(format!("{method} {template} with {label}: {}", r.status));
+                }
+            };
+            match needed {
+                None => ask("no token", None, &|s| s != 401 && s != 403),
+                Some(needed) => {
+                    ask("no token", None, &|s| s == 401);
+                    for (scope, token) in &tokens {
+                        if rank(scope) < rank(needed) {
+                            ask(scope, Some(token), &|s| s == 403);
+                        } else {
+                            ask(scope, Some(token), &|s| s != 401 && s != 403);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(asked > 100, "only {asked} requests");
+    assert!(
+        wrong.is_empty(),
+        "answered against the table:\n{}",
+        wrong.join("\n")
+    );
+}
