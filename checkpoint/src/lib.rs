@@ -23,4 +23,4 @@ pub use store::{
     failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,
     StorageError, WritableLayer,
 };
-pub use volume::{Volume, VolumeError};
+pub use volume::{StoragePaths, Volume, VolumeError};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::btrfs;
 use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
 use crate::quota::{LayerUsage, QuotaError, QuotaSettings, Quotas};
-use crate::volume::{Volume, VolumeError};
+use crate::volume::{StoragePaths, Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -125,12 +125,12 @@ impl Storage {
     /// `disk_reserve` bytes free on the state dir's filesystem. Quotas are
     /// turned on when `quota` asks for a limit, and every layer gets it.
     pub fn open(
-        state_dir: &Path,
+        paths: &StoragePaths,
         image_size: u64,
         disk_reserve: u64,
         quota: QuotaSettings,
     ) -> Result<(Self, Recovery)> {
-        let volume = Volume::open(state_dir, image_size, disk_reserve)?;
+        let volume = Volume::open(paths, image_size, disk_reserve)?;
         let quotas = Quotas::open(&volume, quota, disk_reserve)?;
         for dir in ["layers", "checkpoints"] {
             let path = volume.root.join(dir);
@@ -140,7 +140,7 @@ impl Storage {
                 source,
             })?;
         }
-        let catalog_path = state_dir.join("catalog.db");
+        let catalog_path = paths.catalog.clone();
         let catalog = Catalog::open(&catalog_path).map_err(|source| StorageError::Catalog {
             path: catalog_path.clone(),
             source,

@@ -272,17 +272,32 @@ fn image_size(state_dir: &Path, wanted: u64, reserve: u64) -> Result<u64, Volume
     Ok(wanted.min(room))
 }
 
+/// Where the storage stack keeps its files, as hulld's state dir names
+/// them (`hull_outer::StateDir`): the volume's mount point (or the btrfs
+/// directory itself), its image when the state dir is not on btrfs, and
+/// the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoragePaths {
+    /// The directory the paths are in, whose filesystem decides whether
+    /// an image is needed and how large it may be.
+    pub state_dir: PathBuf,
+    pub volume: PathBuf,
+    pub volume_image: PathBuf,
+    pub catalog: PathBuf,
+}
+
 impl Volume {
     /// Finds or creates the volume; a new sparse image is `image_size`
     /// bytes, or less so that `reserve` bytes stay free beside it.
-    pub fn open(state_dir: &Path, image_size: u64, reserve: u64) -> Result<Self, VolumeError> {
+    pub fn open(paths: &StoragePaths, image_size: u64, reserve: u64) -> Result<Self, VolumeError> {
+        let state_dir = paths.state_dir.as_path();
         let create = |path: &Path| {
             fs::create_dir_all(path).map_err(|source| VolumeError::Create {
                 path: path.to_path_buf(),
                 source,
             })
         };
-        let mount_point = state_dir.join("volume");
+        let mount_point = paths.volume.clone();
         create(&mount_point)?;
         if btrfs::is_btrfs(state_dir) && !is_mount_point(&mount_point) {
             return Ok(Volume {
@@ -290,7 +305,7 @@ impl Volume {
                 image: None,
             });
         }
-        let image = state_dir.join("volume.img");
+        let image = paths.volume_image.clone();
         if is_mount_point(&mount_point) && btrfs::is_btrfs(&mount_point) {
             // Mounted by an earlier hulld that was killed before `hull down`.
             bound_dirty(&mount_point);
@@ -307,7 +322,7 @@ impl Volume {
                 size_gib = image_size as f64 / (1u64 << 30) as f64,
                 "the state dir is not on btrfs: creating a sparse btrfs image for the writable layer and its checkpoints"
             );
-            let partial = state_dir.join("volume.img.partial");
+            let partial = image.with_extension("img.partial");
             let file = fs::File::create(&partial).map_err(|source| VolumeError::Image {
                 path: partial.clone(),
                 source,

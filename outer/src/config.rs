@@ -177,7 +177,11 @@ impl NetworkConfig {
             .unwrap_or_else(|| format!("hv{:08x}", fnv1a(cgroup_name) & 0xffff_ffff))
     }
 
-    fn resolve(&self, cgroup_name: &str, state_dir: &Path) -> Result<NetworkSettings, ConfigError> {
+    fn resolve(
+        &self,
+        cgroup_name: &str,
+        state_dir: &crate::StateDir,
+    ) -> Result<NetworkSettings, ConfigError> {
         let name = self.interface_name(cgroup_name);
         let veth = VethPlan::new(&self.subnet, &name).map_err(|e| ConfigError::Network {
             field: "subnet",
@@ -210,8 +214,8 @@ impl NetworkConfig {
                 self.max_connections_per_source,
             )?,
             forward_in_kernel: self.forward_in_kernel,
-            token_file: state_dir.join("ingress.token"),
-            resolv_conf: state_dir.join("resolv.conf"),
+            token_file: state_dir.ingress_token(),
+            resolv_conf: state_dir.resolv_conf(),
         })
     }
 }
@@ -628,9 +632,10 @@ impl Config {
             Some(v) => size("memory_max", v)?,
             None => physical_memory() / 4 * 3,
         };
+        let state_dir = self.state();
         Ok(Settings {
             daemon: DaemonSettings {
-                state_dir: self.state_dir.clone(),
+                state_dir: state_dir.clone(),
                 socket: self.socket.clone(),
                 vsock_port: self.vsock_port,
                 cgroup_name: self.cgroup_name.clone(),
@@ -663,7 +668,7 @@ impl Config {
                 },
             },
             storage: StorageSettings {
-                state_dir: self.state_dir.clone(),
+                paths: state_dir.storage(),
                 volume_size: size("volume_size", &self.volume_size)?,
                 disk_reserve: size("daemon.disk_reserve", &self.daemon.disk_reserve)?,
                 auto_checkpoints_keep: self.auto_checkpoints_keep,
@@ -684,10 +689,10 @@ impl Config {
                 },
             },
             logs: LogsSettings {
-                dir: self.state_dir.join("logs"),
+                dir: state_dir.logs(),
                 limits: self.logs.resolve()?,
             },
-            network: self.network.resolve(&self.cgroup_name, &self.state_dir)?,
+            network: self.network.resolve(&self.cgroup_name, &state_dir)?,
             api: self.api.resolve()?,
         })
     }
@@ -695,7 +700,7 @@ impl Config {
     pub fn image_dir(&self) -> PathBuf {
         self.image_dir
             .clone()
-            .unwrap_or_else(|| self.state_dir.join("images"))
+            .unwrap_or_else(|| self.state().images())
     }
 
     pub fn image_kind(&self) -> Result<ImageKind, ConfigError> {
@@ -705,7 +710,12 @@ impl Config {
     }
 
     pub fn log_file(&self) -> PathBuf {
-        self.state_dir.join("hulld.log")
+        self.state().hulld_log()
+    }
+
+    /// The paths in `state_dir`.
+    pub fn state(&self) -> crate::StateDir {
+        crate::StateDir::new(&self.state_dir)
     }
 }
 
@@ -744,7 +754,7 @@ pub struct Settings {
 /// hulld's own: where it keeps state, listens, and its cgroup.
 #[derive(Debug, Clone)]
 pub struct DaemonSettings {
-    pub state_dir: PathBuf,
+    pub state_dir: crate::StateDir,
     pub socket: PathBuf,
     pub vsock_port: Option<u32>,
     /// The name of hull's cgroup below the one hulld starts in.
@@ -766,7 +776,8 @@ pub struct DaemonSettings {
 /// The btrfs volume and its checkpoints.
 #[derive(Debug, Clone)]
 pub struct StorageSettings {
-    pub state_dir: PathBuf,
+    /// The volume, its image and the catalog in the state dir.
+    pub paths: hull_checkpoint::StoragePaths,
     /// Bytes of the sparse image when the state dir is not on btrfs.
     pub volume_size: u64,
     /// Bytes a new image leaves free on the state dir's filesystem.

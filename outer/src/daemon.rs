@@ -117,8 +117,8 @@ fn create_state_dir(path: &Path) -> Result<(), DaemonError> {
 }
 
 /// One hulld per state directory, enforced by an flock held for life.
-fn lock_state_dir(state_dir: &Path) -> Result<Flock<std::fs::File>, DaemonError> {
-    let path = state_dir.join("hulld.lock");
+fn lock_state_dir(state_dir: &crate::StateDir) -> Result<Flock<std::fs::File>, DaemonError> {
+    let path = state_dir.lock();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -287,7 +287,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         api: api_settings,
     } = settings;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    create_state_dir(&config.state_dir)?;
+    create_state_dir(config.state_dir.root())?;
     let _lock = lock_state_dir(&config.state_dir)?;
     protect_self()?;
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
@@ -334,7 +334,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     let (storage, recovery) = tokio::task::block_in_place(|| {
         Storage::open(
-            &storage_settings.state_dir,
+            &storage_settings.paths,
             storage_settings.volume_size,
             storage_settings.disk_reserve,
             storage_settings.quota,
@@ -347,13 +347,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
-    let registry = hull_services::Registry::open(&config.state_dir.join("services.db"))?
+    let registry = hull_services::Registry::open(&config.state_dir.services_db())?
         .with_max(config.max_services);
-    let rootfs = config.state_dir.join("rootfs");
+    let rootfs = config.state_dir.rootfs();
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
     let inner_api = crate::inner_api::InnerApi::open(
-        &config.state_dir,
+        &config.state_dir.inner_api(),
         inner_settings.user_namespace.map(|m| m.base),
     )?;
     let vsock = match config.vsock_port {
@@ -439,7 +439,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         image = %image.display(),
         "hulld listening"
     );
-    let tokens_path = config.state_dir.join("tokens.db");
+    let tokens_path = config.state_dir.tokens_db();
     let tokens = tokio::task::spawn_blocking(move || hull_api::TokenStore::open(&tokens_path))
         .await
         .map_err(|e| DaemonError::TaskFailed {

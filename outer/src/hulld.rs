@@ -25,7 +25,7 @@ use crate::supervisor::{Supervisor, SupervisorError};
 
 /// The parts [`Hulld`] is made of, as start-up built them.
 pub(crate) struct Parts {
-    pub state_dir: PathBuf,
+    pub state_dir: crate::StateDir,
     pub socket: PathBuf,
     pub storage: Arc<Storage>,
     pub services: ServiceManager,
@@ -144,7 +144,7 @@ impl Hulld {
             unplanned_restarts: p.unplanned_restarts,
             limits: self.parts.limits.clone(),
             image: self.parts.image.display().to_string(),
-            state_dir: self.parts.state_dir.display().to_string(),
+            state_dir: self.parts.state_dir.root().display().to_string(),
             cgroup: self.parts.cgroups.inner.display_path(),
             volume: match &volume.image {
                 Some(image) => format!(
@@ -334,12 +334,12 @@ impl Hulld {
 
     /// The network policy, replaced first by `set`; not enforced yet.
     pub async fn do_network_policy(&self, set: Option<String>) -> DaemonMsg {
-        let dir = self.parts.state_dir.clone();
+        let path = self.parts.state_dir.network_policy();
         let reply = blocking(move || {
             if let Some(text) = set {
-                crate::net_policy::save(&dir, &text)?;
+                crate::net_policy::save(&path, &text)?;
             }
-            crate::net_policy::load(&dir)
+            crate::net_policy::load(&path)
         })
         .await;
         match reply {

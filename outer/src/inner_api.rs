@@ -47,13 +47,13 @@ pub struct InnerApi {
 }
 
 impl InnerApi {
-    /// Makes `state_dir/inner-api` with the service socket and, if it can,
-    /// the client; an old socket there is hulld's own from a previous run
-    /// (the state dir lock keeps a second hulld out).
+    /// Makes `dir` (`StateDir::inner_api`) with the service socket and, if
+    /// it can, the client; an old socket there is hulld's own from a
+    /// previous run (the state dir lock keeps a second hulld out).
     /// `owner`: the VM's id of the inner's root, when the inner has a user
     /// namespace, which must own the socket to connect to it.
-    pub fn open(state_dir: &Path, owner: Option<u32>) -> Result<InnerApi, InnerApiError> {
-        let dir = state_dir.join("inner-api");
+    pub fn open(dir: &Path, owner: Option<u32>) -> Result<InnerApi, InnerApiError> {
+        let dir = dir.to_path_buf();
         make_dir(&dir)?;
         let socket = dir.join("hull.sock");
         let listen = |source| InnerApiError::Listen {

@@ -15,10 +15,12 @@ pub mod network;
 mod port_events;
 mod server;
 mod sessions;
+pub mod state_dir;
 mod supervisor;
 
 pub use hull_client as client;
 pub use hull_proto::error_chain;
+pub use state_dir::StateDir;
 
 /// Locks a mutex whose every write is one assignment, insert or take (the
 /// supervisor's published counters, an inner's sessions and stop reason):

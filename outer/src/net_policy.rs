@@ -5,9 +5,6 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Its file in the state dir.
-pub const FILE: &str = "network-policy.json";
-
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("the network policy is not JSON")]
@@ -26,9 +23,10 @@ pub enum PolicyError {
     },
 }
 
-/// The stored policy; `None` when none was ever set. Blocks.
-pub fn load(state_dir: &Path) -> Result<Option<String>, PolicyError> {
-    let path = state_dir.join(FILE);
+/// The stored policy at `path` (`StateDir::network_policy`); `None` when
+/// none was ever set. Blocks.
+pub fn load(path: &Path) -> Result<Option<String>, PolicyError> {
+    let path = path.to_path_buf();
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -39,9 +37,10 @@ pub fn load(state_dir: &Path) -> Result<Option<String>, PolicyError> {
 /// Replaces the stored policy with `text`: written to a temporary file,
 /// synced and renamed over the old one, so a crash leaves one or the other
 /// whole. Blocks.
-pub fn save(state_dir: &Path, text: &str) -> Result<(), PolicyError> {
+pub fn save(path: &Path, text: &str) -> Result<(), PolicyError> {
     serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(PolicyError::NotJson)?;
-    let path = state_dir.join(FILE);
+    let path = path.to_path_buf();
+    let state_dir = path.parent().unwrap_or(Path::new("."));
     let write = |source| PolicyError::Write {
         path: path.clone(),
         source,
@@ -62,15 +61,16 @@ mod tests {
     #[test]
     fn a_policy_is_kept_byte_for_byte_and_refused_unless_json() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path()).unwrap(), None);
+        let path = crate::StateDir::new(dir.path()).network_policy();
+        assert_eq!(load(&path).unwrap(), None);
         let text = "{ \"rules\" : [ {\"domain\":\"a.example\", \"action\":\"allow\"} ] }";
-        save(dir.path(), text).unwrap();
-        assert_eq!(load(dir.path()).unwrap().as_deref(), Some(text));
+        save(&path, text).unwrap();
+        assert_eq!(load(&path).unwrap().as_deref(), Some(text));
         assert!(matches!(
-            save(dir.path(), "{not json"),
+            save(&path, "{not json"),
             Err(PolicyError::NotJson(_))
         ));
-        assert_eq!(load(dir.path()).unwrap().as_deref(), Some(text));
+        assert_eq!(load(&path).unwrap().as_deref(), Some(text));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
