@@ -3,7 +3,6 @@
 //! that says exactly what was half done.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -139,12 +138,7 @@ pub struct LayerRow {
     pub state: LayerState,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use hull_proto::now_ms;
 
 pub struct Catalog {
     conn: Connection,

@@ -25,12 +25,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// must not make hulld buffer without bound.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Milliseconds since the Unix epoch: the timestamp of every record.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use hull_proto::now_ms;
 
 /// How much of a source's log is kept: the `[logs]` config table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

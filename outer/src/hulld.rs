@@ -53,12 +53,7 @@ pub struct Hulld {
     shutting_down: AtomicBool,
 }
 
-/// Runs `f` on a blocking thread (files, SQLite) and waits for it.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-}
+use crate::blocking;
 
 impl Hulld {
     pub(crate) fn new(parts: Parts) -> Arc<Self> {

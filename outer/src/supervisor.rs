@@ -860,7 +860,5 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
     let storage = storage.clone();
-    tokio::task::spawn_blocking(move || f(&storage))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    crate::blocking(move || f(&storage)).await
 }

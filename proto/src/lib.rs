@@ -75,6 +75,14 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Now, in milliseconds since the Unix epoch: the time of every record,
+/// row and message hull stamps.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A test hook: whether `HULL_SLOW_POINT` names this point, where the
 /// caller then stalls, so a test can widen a window (a slow disk, a busy
 /// task) that is otherwise too narrow to hit.

@@ -235,9 +235,7 @@ impl Registry {
             set_aside.push(SetAside { name, why });
         }
         if !set_aside.is_empty() {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let now_ms = hull_proto::now_ms();
             let path = self.path.clone();
             let db = |source| ServiceError::Db {
                 path: path.clone(),
