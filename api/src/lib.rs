@@ -35,13 +35,25 @@ use std::sync::Arc;
 pub use error::ApiError;
 pub use hull_proto::TokenScope;
 pub use server::{Api, BoundApi, StartError};
-pub use tokens::{TokenError, TokenStore};
+pub use tokens::{Grant, TokenError, TokenStore};
 
 /// Opens connections to hulld's control protocol.
 pub trait Connector: Send + Sync + 'static {
     /// A byte stream to hulld's control protocol, served with what a token
-    /// of `scope` may ask.
-    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream>;
+    /// of `scope` may ask; the sessions it starts say `started_by` started
+    /// them (the token's [`Grant::label`]).
+    fn open_as(
+        &self,
+        scope: TokenScope,
+        started_by: &str,
+    ) -> std::io::Result<tokio::io::DuplexStream>;
+
+    /// [`Connector::open_as`] for the token of the request being served:
+    /// every request that presented one is served with a connector that
+    /// knows it ([`State::for_token`]).
+    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream> {
+        self.open_as(scope, "api")
+    }
 
     /// A client on a new connection, the hello done, for a route that has
     /// checked its own scope.
@@ -142,4 +154,59 @@ pub(crate) struct State {
     pub settings: ApiSettings,
     pub connector: Arc<dyn Connector>,
     pub tokens: tokens::TokenStore,
+}
+
+impl State {
+    /// This state for a request whose token is `grant`: each connection
+    /// its handler opens to hulld carries the token's label, so the
+    /// sessions it starts say who started them, whichever handler (exec,
+    /// control, the tunnel) started them.
+    pub(crate) fn for_token(&self, grant: &Grant) -> Shared {
+        Arc::new(State {
+            settings: self.settings.clone(),
+            connector: Arc::new(TokenConnector {
+                inner: self.connector.clone(),
+                started_by: grant.label().into(),
+            }),
+            tokens: self.tokens.clone(),
+        })
+    }
+}
+
+/// A [`Connector`] whose connections are opened as one token's. Every
+/// method forwards to the connector it wraps.
+struct TokenConnector {
+    inner: Arc<dyn Connector>,
+    started_by: Box<str>,
+}
+
+impl Connector for TokenConnector {
+    fn open_as(
+        &self,
+        scope: TokenScope,
+        started_by: &str,
+    ) -> std::io::Result<tokio::io::DuplexStream> {
+        self.inner.open_as(scope, started_by)
+    }
+
+    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream> {
+        self.inner.open_as(scope, &self.started_by)
+    }
+
+    fn dial(
+        &self,
+        target: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>> {
+        self.inner.dial(target)
+    }
+
+    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
+        self.inner.charged_writer(file)
+    }
+
+    fn inner_root(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
+        self.inner.inner_root()
+    }
 }

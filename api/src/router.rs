@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
-use crate::tokens::{Refusal, TokenScope};
+use crate::tokens::{Grant, Refusal, TokenScope};
 use crate::{
     checkpoints, control, exec, files, openapi, policy, proxy, services, sessions, sprites, tunnel,
     Shared, SPRITE_VERSION,
@@ -145,10 +145,21 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         Err(true) => return Err(ApiError::method_not_allowed(&method, &path)),
         Err(false) => return Err(ApiError::not_found(format!("no route {path}"))),
     };
-    let granted = match route.scope {
+    let grant = match route.scope {
         Some(needed) => Some(authorize(state, &req, needed).await?),
         None => None,
     };
+    // What the request opens to hulld is opened as its token's, so a
+    // session it starts says which token started it.
+    let for_token;
+    let state = match &grant {
+        Some(grant) => {
+            for_token = state.for_token(grant);
+            &for_token
+        }
+        None => state,
+    };
+    let granted = grant.map(|g| g.scope);
     let ["v1", "sprites", rest @ ..] = segments.as_slice() else {
         return openapi::serve();
     };
@@ -204,12 +215,12 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
     }
 }
 
-/// Checks the request's bearer token grants `needed`.
+/// Checks the request's bearer token grants `needed`; the token.
 async fn authorize(
     state: &Shared,
     req: &Request<Incoming>,
     needed: TokenScope,
-) -> Result<TokenScope, ApiError> {
+) -> Result<Grant, ApiError> {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -238,7 +249,7 @@ async fn authorize(
     if let Some(slot) = crate::slots::ConnectionSlot::of(req) {
         slot.authenticated();
     }
-    require(Some(granted), needed)?;
+    require(Some(granted.scope), needed)?;
     Ok(granted)
 }
 

@@ -33,8 +33,8 @@ struct KillBody {
     timeout: Option<u64>,
 }
 
-/// A session as the SDKs read it, with hull's `pid`, `clients` and
-/// `scrollback_bytes` beside.
+/// A session as the SDKs read it, with hull's `pid`, `clients`,
+/// `scrollback_bytes` and `started_by` beside.
 fn describe(s: &SessionInfo, now: i64) -> Value {
     #[allow(clippy::cast_precision_loss, reason = "a rate for display")]
     let rate = s.output_bytes as f64 / ((now - s.created_ms).max(1) as f64 / 1000.0);
@@ -52,6 +52,9 @@ fn describe(s: &SessionInfo, now: i64) -> Value {
         "pid": s.pid,
         "clients": s.clients,
         "scrollback_bytes": s.scrollback_bytes,
+        // Any exec token may attach to or kill any session: this says
+        // whose it was.
+        "started_by": s.started_by,
     })
 }
 

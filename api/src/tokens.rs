@@ -41,6 +41,31 @@ pub enum Refusal {
     Expired,
 }
 
+/// A token that let a request through: what it grants, and which token
+/// it is, so what the request starts can say who started it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub scope: TokenScope,
+    pub id: String,
+    pub name: Option<String>,
+}
+
+impl Grant {
+    /// How the token is named where others see it (the session list):
+    /// its name, or its id when it has none.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// What a presented token is checked against.
+struct TokenRow {
+    hash: Vec<u8>,
+    scope: String,
+    name: Option<String>,
+    expires_ms: Option<i64>,
+}
+
 /// The token database; cheap to clone, its calls block (run them on a
 /// blocking thread).
 #[derive(Clone)]
@@ -158,11 +183,9 @@ impl TokenStore {
         }
     }
 
-    /// The scope `presented` (the whole `hull_<id>_<secret>`) grants.
-    pub fn check(
-        &self,
-        presented: Option<&str>,
-    ) -> Result<Result<TokenScope, Refusal>, TokenError> {
+    /// What `presented` (the whole `hull_<id>_<secret>`) grants, and
+    /// which token it is.
+    pub fn check(&self, presented: Option<&str>) -> Result<Result<Grant, Refusal>, TokenError> {
         let db = self.db();
         let Some(presented) = presented else {
             let any: Option<i64> = db
@@ -179,14 +202,27 @@ impl TokenStore {
         else {
             return Ok(Err(Refusal::Invalid));
         };
-        let row: Option<(Vec<u8>, String, Option<i64>)> = db
+        let row = db
             .query_row(
-                "SELECT hash, scope, expires_ms FROM tokens WHERE id = ?1",
+                "SELECT hash, scope, name, expires_ms FROM tokens WHERE id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| {
+                    Ok(TokenRow {
+                        hash: r.get(0)?,
+                        scope: r.get(1)?,
+                        name: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                    })
+                },
             )
             .optional()?;
-        let Some((stored, scope, expires_ms)) = row else {
+        let Some(TokenRow {
+            hash: stored,
+            scope,
+            name,
+            expires_ms,
+        }) = row
+        else {
             return Ok(Err(Refusal::Invalid));
         };
         if !bool::from(hash(secret).ct_eq(&stored)) {
@@ -195,7 +231,14 @@ impl TokenStore {
         if expires_ms.is_some_and(|at| at <= now_ms()) {
             return Ok(Err(Refusal::Expired));
         }
-        Ok(scope.parse().map_err(|_| Refusal::Invalid))
+        let Ok(scope) = scope.parse() else {
+            return Ok(Err(Refusal::Invalid));
+        };
+        Ok(Ok(Grant {
+            scope,
+            id: id.to_string(),
+            name,
+        }))
     }
 }
 
@@ -211,7 +254,9 @@ mod tests {
         let (token, info) = store
             .create(TokenScope::Exec, None, Some("ci".into()))
             .unwrap();
-        assert_eq!(store.check(Some(&token)).unwrap(), Ok(TokenScope::Exec));
+        let grant = store.check(Some(&token)).unwrap().unwrap();
+        assert_eq!(grant.scope, TokenScope::Exec);
+        assert_eq!((grant.id.as_str(), grant.label()), (info.id.as_str(), "ci"));
         assert_eq!(store.check(None).unwrap(), Err(Refusal::Missing));
         // The same id with another secret is refused.
         let forged = format!("hull_{}_{}", info.id, "0".repeat(48));
@@ -226,6 +271,14 @@ mod tests {
             let raw = std::fs::read(file.unwrap().path()).unwrap();
             assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()));
         }
+        let (unnamed, unnamed_info) = store.create(TokenScope::Read, None, None).unwrap();
+        let grant = store.check(Some(&unnamed)).unwrap().unwrap();
+        assert_eq!(
+            grant.label(),
+            unnamed_info.id,
+            "an unnamed token goes by its id"
+        );
+        store.revoke(&unnamed_info.id).unwrap();
         let (expired, _) = store.create(TokenScope::Admin, Some(0), None).unwrap();
         assert_eq!(store.check(Some(&expired)).unwrap(), Err(Refusal::Expired));
         assert_eq!(store.list().unwrap().len(), 2);

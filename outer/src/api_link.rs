@@ -37,13 +37,14 @@ impl ApiLink {
 }
 
 impl hull_api::Connector for ApiLink {
-    fn open(&self, scope: TokenScope) -> io::Result<DuplexStream> {
+    fn open_as(&self, scope: TokenScope, started_by: &str) -> io::Result<DuplexStream> {
         let hulld = self
             .hulld
             .upgrade()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "hulld is stopping"))?;
         let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-        tokio::spawn(async move { serve_connection(hulld, theirs, &Endpoint::api(scope)).await });
+        let endpoint = Endpoint::api(scope, started_by);
+        tokio::spawn(async move { serve_connection(hulld, theirs, &endpoint).await });
         Ok(ours)
     }
 

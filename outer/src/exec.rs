@@ -207,6 +207,7 @@ pub async fn run<R, W>(
     sessions: &Sessions,
     exec_log: &ExecLog,
     request: ExecRequest,
+    started_by: &str,
     reader: &mut R,
     writer: &mut W,
 ) -> io::Result<Outcome>
@@ -276,10 +277,12 @@ where
             port_events: request.port_events,
         };
         let slot = slot.take().expect("a session starts once");
-        let Some(started) = begin(inner, process, terms, record, slot, &request, writer).await?
+        let Some(mut started) =
+            begin(inner, process, terms, record, slot, &request, writer).await?
         else {
             return Ok(Outcome::Ended);
         };
+        started.info.started_by = started_by.to_string();
         let attachment = sessions.start(started);
         writer
             .send(DaemonMsg::ExecStarted {
@@ -334,6 +337,9 @@ where
         output_bytes: 0,
         scrollback_bytes: 0,
         max_run_after_disconnect_ms: request.max_run_after_disconnect_ms,
+        // Who asked is the connection's, not the request's: the caller
+        // of `begin` sets it.
+        started_by: String::new(),
     };
     Ok(Some(Started {
         inner,
@@ -356,6 +362,7 @@ pub async fn detach(
     sessions: Sessions,
     exec_log: Arc<ExecLog>,
     request: ExecRequest,
+    started_by: &str,
 ) -> DaemonMsg {
     if request.no_log || request.spec.tty.is_some() {
         return error(
@@ -373,6 +380,7 @@ pub async fn detach(
         &sessions,
         &exec_log,
         request,
+        started_by,
         &mut reader,
         &mut writer,
     )

@@ -189,10 +189,12 @@ impl Hulld {
         })
     }
 
-    /// Runs an exec as a session with this connection as its client.
+    /// Runs an exec as a session with this connection as its client;
+    /// `started_by` names the connection's caller in the session list.
     pub async fn do_exec(
         &self,
         request: ExecRequest,
+        started_by: &str,
         reader: &mut impl Requests,
         writer: &mut impl Replies,
     ) -> std::io::Result<Outcome> {
@@ -202,6 +204,7 @@ impl Hulld {
             &p.sessions,
             &p.exec_log,
             request,
+            started_by,
             reader,
             writer,
         )
@@ -259,12 +262,13 @@ impl Hulld {
 
     /// Starts a detached exec: the answer a client gets first (started,
     /// or why not); the session runs on without one.
-    pub async fn do_exec_detached(&self, request: ExecRequest) -> DaemonMsg {
+    pub async fn do_exec_detached(&self, request: ExecRequest, started_by: &str) -> DaemonMsg {
         crate::exec::detach(
             self.parts.supervisor.clone(),
             self.parts.sessions.clone(),
             self.parts.exec_log.clone(),
             request,
+            started_by,
         )
         .await
     }

@@ -67,6 +67,10 @@ pub struct Endpoint {
     /// Whether its connections take from hulld's fd budget (the inner's
     /// endpoint does; the control socket lives on hulld's reserve).
     pub budgeted: bool,
+    /// Who the sessions its connections start say started them
+    /// (`SessionInfo::started_by`): set by hulld for the connection, so a
+    /// client cannot claim another name.
+    pub started_by: Arc<str>,
 }
 
 impl Endpoint {
@@ -79,12 +83,14 @@ impl Endpoint {
             max_decoded: hull_proto::MAX_DECODED,
             idle_timeout: None,
             budgeted: false,
+            started_by: hull_proto::STARTED_LOCALLY.into(),
         }
     }
 
-    /// The HTTP API's in-process connections for a token of `scope`: the
-    /// API caps its own connections before any reaches here.
-    pub fn api(scope: TokenScope) -> Endpoint {
+    /// The HTTP API's in-process connections for a token of `scope`, the
+    /// one named `started_by` (its id when it has no name): the API caps
+    /// its own connections before any reaches here.
+    pub fn api(scope: TokenScope, started_by: &str) -> Endpoint {
         Endpoint {
             name: "HTTP API",
             scope: Scope::Api(scope),
@@ -93,6 +99,7 @@ impl Endpoint {
             max_decoded: hull_proto::MAX_DECODED,
             idle_timeout: None,
             budgeted: false,
+            started_by: started_by.into(),
         }
     }
 
@@ -105,6 +112,8 @@ impl Endpoint {
             max_decoded: INNER_MAX_DECODED,
             idle_timeout: Some(INNER_IDLE_TIMEOUT),
             budgeted: true,
+            // Its scope starts no session.
+            started_by: "inner".into(),
         }
     }
 }
@@ -315,10 +324,14 @@ where
                     .await?
             }
             ClientMsg::Exec(request) if request.detach => {
-                writer.send(hulld.do_exec_detached(request).await).await?
+                let started_by = &endpoint.started_by;
+                writer
+                    .send(hulld.do_exec_detached(request, started_by).await)
+                    .await?
             }
             ClientMsg::Exec(request) => {
-                if hulld.do_exec(request, reader, writer).await? == Outcome::Gone {
+                let started_by = &endpoint.started_by;
+                if hulld.do_exec(request, started_by, reader, writer).await? == Outcome::Gone {
                     return Ok(());
                 }
                 had_session = true;

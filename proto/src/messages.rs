@@ -443,7 +443,17 @@ pub struct SessionInfo {
     pub scrollback_bytes: u64,
     /// How long it runs on with no client; `None`: until it exits.
     pub max_run_after_disconnect_ms: Option<u64>,
+    /// Who started it, as hulld knows the connection that asked: the
+    /// name of the HTTP API token (its id when it has no name), or
+    /// [`STARTED_LOCALLY`] for the control socket. Any exec token may
+    /// attach to or kill any session; this says whose it was.
+    #[serde(default)]
+    pub started_by: String,
 }
+
+/// [`SessionInfo::started_by`] of a session started over the control
+/// socket (or vsock), which need no token.
+pub const STARTED_LOCALLY: &str = "local";
 
 /// What a token lets its bearer do on the HTTP API; each scope includes
 /// the ones before it.

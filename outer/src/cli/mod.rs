@@ -378,25 +378,40 @@ pub async fn sessions_list(g: &Global) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} COMMAND",
+        "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} {:<12} COMMAND",
         "ID",
         "PID",
         "TTY",
         "CLIENTS",
         "AGE",
-        "IDLE"
+        "IDLE",
+        "STARTED_BY"
     );
     let now = hull_checkpoint::catalog::now_ms();
     let ago = |ms: i64| short_duration(Duration::from_millis(u64::try_from(now - ms).unwrap_or(0)));
     for s in list {
+        // A token's name is chosen by whoever made the token: shown
+        // without what would move the cursor or hide the columns.
+        let started_by: String = s
+            .started_by
+            .chars()
+            .map(|c| {
+                if c.is_control() || c.is_whitespace() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
         outln!(
-            "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} {}",
+            "{:<8} {:<8} {:<4} {:<8} {:<10} {:<10} {:<12} {}",
             s.id,
             s.pid,
             if s.tty { "yes" } else { "no" },
             s.clients,
             ago(s.created_ms),
             ago(s.last_activity_ms),
+            started_by,
             s.argv.join(" ")
         );
     }

@@ -8,7 +8,7 @@
 //!     sudo ./target/release/hull-bench logs          # log capture throughput
 //!     sudo ./target/release/hull-bench ingress       # forwarding and HTTP ingress vs direct, nginx, HAProxy
 //!     sudo ./target/release/hull-bench responsiveness  # status latency during a dirty checkpoint and a big kill
-//!     sudo ./target/release/hull-bench bounds        # hulld's RSS and status latency while the inner floods it
+//!     sudo ./target/release/hull-bench bounds        # hulld's peak RSS and status latency under each attack of the escape tests
 //!     sudo ./target/release/hull-bench api           # exec over the HTTP API vs the unix socket, time to first output
 //!     sudo ./target/release/hull-bench files         # 1 GiB through the files API vs cat through exec
 //!     sudo ./target/release/hull-bench sessions      # hulld's RSS with 1,000 idle terminal sessions attached
@@ -64,9 +64,12 @@ enum Suite {
     /// writes and a bounce of a 4,000-process inner run, against the same
     /// call on an idle hulld.
     Responsiveness(Rounds),
-    /// hulld's RSS and `hull status` latency while the inner floods its
-    /// service socket (2,000 connections, 100 half-sent 4 MiB frames) and
-    /// listens on 1,000 ports, against the same call on an idle hulld.
+    /// hulld's peak RSS and `status` latency under each attack the escape
+    /// tests mount (the inner's floods of its socket and ports, huge
+    /// frames through the API's tunnel, oversized and many service
+    /// definitions, detached terminal sessions, exec clients that never
+    /// read), each on a hulld of its own, against an idle hulld. Targets:
+    /// peak RSS <= 64 MiB, status p99 <= 50 ms.
     Bounds(Rounds),
     /// Exec `true` over the HTTP API (a new WebSocket each time, and a
     /// kept control connection) against a new unix-socket connection, and

@@ -117,3 +117,55 @@ pub fn proc_status_kib(pid: i32, key: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// One row of a siege table: a `status` watch over hulld through one
+/// attack (`bounds`).
+pub struct SiegeRow {
+    pub name: &'static str,
+    /// Each `status` round trip, in ms.
+    pub status_ms: Vec<f64>,
+    /// Calls that failed or passed the watcher's deadline.
+    pub failed: usize,
+    pub peak_rss_kib: u64,
+    /// hulld was the same live process throughout.
+    pub survived: bool,
+}
+
+/// The siege rows as a table: status p50 and p99 (or max), failed calls,
+/// peak RSS, each figure past its target marked with `!`.
+pub fn print_siege_rows(rows: &[SiegeRow], p99_target: Duration, max_rss_kib: u64) {
+    let p99_target_ms = ms(p99_target);
+    println!();
+    println!(
+        "{:<56} {:>5} {:>10} {:>16} {:>6} {:>12}  hulld",
+        "attack", "n", "status p50", "p99 (or max)", "failed", "peak RSS"
+    );
+    println!("{}", "-".repeat(118));
+    for row in rows {
+        let samples = Row::new(row.name, row.status_ms.clone(), "ms");
+        let (label, tail) = samples.tail();
+        let tail_mark = if tail > p99_target_ms { "!" } else { " " };
+        #[allow(clippy::cast_precision_loss, reason = "KiB to MiB for display")]
+        let rss_mib = row.peak_rss_kib as f64 / 1024.0;
+        let rss_mark = if row.peak_rss_kib > max_rss_kib {
+            "!"
+        } else {
+            " "
+        };
+        println!(
+            "{:<56} {:>5} {:>7.2} ms {label} {:>8.2} ms{tail_mark} {:>6} {:>7.1} MiB{rss_mark}  {}",
+            row.name,
+            row.status_ms.len(),
+            samples.p50(),
+            tail,
+            row.failed,
+            rss_mib,
+            if row.survived { "lived" } else { "DIED" },
+        );
+    }
+    #[allow(clippy::cast_precision_loss, reason = "KiB to MiB for display")]
+    let max_rss_mib = max_rss_kib as f64 / 1024.0;
+    println!(
+        "targets: status p99 <= {p99_target_ms:.0} ms, peak RSS <= {max_rss_mib:.0} MiB, hulld lives (! marks a miss)"
+    );
+}
