@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hull_proto::{DaemonMsg, ErrorKind, RestartPolicy};
-use hull_tests::attacks::{requests, sessions};
+use hull_tests::attacks::{api, requests, sessions};
 use hull_tests::siege::{Siege, SiegeReport, MAX_RSS_KIB};
 use hull_tests::{connect_nonblocking, hold_half_sent_frames, listen_in_inner, TestHull};
 use tokio::runtime::Runtime;
@@ -76,12 +76,9 @@ struct Target<'a> {
     sprite: String,
 }
 
-/// Every attack on this branch, in the order they run. Each is one of
-/// `hull_tests::attacks`' functions, with the counts its escape test uses.
-/// The API's connection floods (idle WebSocket tunnels past
-/// `api.max_connections`, `fs/watch` past 128, anonymous slow-header
-/// clients) join this list as rows once `hull_tests::attacks::api` has
-/// them.
+/// Every attack, in the order they run. Each is one of
+/// `hull_tests::attacks`' functions, with the counts its escape test uses
+/// (the API's floods at the default caps).
 const ATTACKS: &[Attack] = &[
     Attack {
         name: "inner: 2,000 conns, 100 half-sent frames, 1,000 ports",
@@ -110,6 +107,22 @@ const ATTACKS: &[Attack] = &[
     Attack {
         name: "api: 120 exec WebSockets never read",
         mount: never_reading_execs,
+    },
+    Attack {
+        name: "api: 300 idle /hull tunnels, read token",
+        mount: idle_tunnels,
+    },
+    Attack {
+        name: "api: 140 fs/watch of /tmp, read token",
+        mount: watches,
+    },
+    Attack {
+        name: "api: 256 anonymous clients sending nothing, 5 s",
+        mount: silent_clients,
+    },
+    Attack {
+        name: "api: 256 anonymous clients trickling headers, 5 s",
+        mount: slow_clients,
     },
 ];
 
@@ -321,4 +334,58 @@ fn never_reading_execs(t: &Target) -> Result<Mounted> {
         .context("open the exec WebSockets")?;
     let outcome = format!("{} exec WebSockets running yes, never read", held.len());
     Ok(Mounted::new(held, outcome))
+}
+
+/// How many WebSockets opened, and how the others were turned away.
+fn held_outcome(held: &api::Held) -> String {
+    let mut outcome = format!("{} open", held.open.len());
+    if let Some((status, body)) = held.refused.first() {
+        let code = body.split('"').nth(3).unwrap_or("");
+        outcome += &format!(", {} refused ({status} {code})", held.refused.len());
+    }
+    if !held.closed.is_empty() {
+        outcome += &format!(", {} closed unanswered", held.closed.len());
+    }
+    outcome
+}
+
+fn idle_tunnels(t: &Target) -> Result<Mounted> {
+    let path = format!("/v1/sprites/{}/hull", t.sprite);
+    let held =
+        t.rt.block_on(api::hold_websockets(t.api, &path, &t.read_token, 300));
+    let outcome = held_outcome(&held);
+    Ok(Mounted::new(held, outcome))
+}
+
+fn watches(t: &Target) -> Result<Mounted> {
+    let path = format!("/v1/sprites/{}/fs/watch?path=/tmp", t.sprite);
+    let held =
+        t.rt.block_on(api::hold_websockets(t.api, &path, &t.read_token, 140));
+    let outcome = format!(
+        "{}; hulld holds {} inotify instance(s)",
+        held_outcome(&held),
+        api::inotify_instances(t.hull.hulld_pid())
+    );
+    Ok(Mounted::new(held, outcome))
+}
+
+fn anonymous(t: &Target, kind: api::Anonymous) -> Result<Mounted> {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let got =
+        t.rt.block_on(api::anonymous_flood(t.api, 256, &[], kind, until, 50_000));
+    let outcome = format!(
+        "{} connections, {} closed by hulld, the longest held {:.1} s",
+        got.connections,
+        got.closed_by_server,
+        got.longest.as_secs_f64()
+    );
+    Ok(Mounted::new((), outcome))
+}
+
+fn silent_clients(t: &Target) -> Result<Mounted> {
+    anonymous(t, api::Anonymous::Silent)
+}
+
+fn slow_clients(t: &Target) -> Result<Mounted> {
+    anonymous(t, api::Anonymous::Slow)
 }
