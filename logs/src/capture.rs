@@ -7,6 +7,9 @@ use hull_proto::Stream;
 
 use crate::store::{SourceLog, MAX_LINE};
 
+/// The room an unfinished line keeps between batches; more is given back.
+const CARRY_KEPT: usize = 4 * 1024;
+
 /// Cuts a byte stream into log lines: at newlines, and at [`MAX_LINE`]
 /// (never inside a UTF-8 sequence) so that a process printing without
 /// newlines cannot make hulld buffer without bound.
@@ -40,53 +43,24 @@ impl LineSplitter {
     }
 
     fn split(&mut self, bytes: &[u8], stream: Stream, log: &SourceLog, lossy: bool) -> bool {
-        let exec = self.exec;
-        let carry = &mut self.carry;
-        carry.extend_from_slice(bytes);
-        let mut bounds: Vec<(usize, usize)> = Vec::new();
-        let mut start = 0;
-        loop {
-            // The next newline within the longest line allowed (memchr:
-            // the byte-at-a-time loop was another fifth of hulld's time).
-            let window = (start + MAX_LINE + 1).min(carry.len());
-            match memchr::memchr(b'\n', &carry[start..window]) {
-                Some(at) => {
-                    bounds.push((start, start + at));
-                    start += at + 1;
-                }
-                None if window - start > MAX_LINE => {
-                    // Too long: cut at MAX_LINE, back to a character start.
-                    let mut cut = start + MAX_LINE;
-                    while cut > start + 1 && (carry[cut] & 0xC0) == 0x80 {
-                        cut -= 1;
-                    }
-                    bounds.push((start, cut));
-                    start = cut;
-                }
-                None => break,
-            }
+        // Lines are cut from the batch itself when nothing is carried
+        // (the common case), so only an unfinished line is copied.
+        let cut = if self.carry.is_empty() {
+            let cut = cut_lines(bytes, stream, log, lossy, self.exec);
+            self.carry.extend_from_slice(&bytes[cut.unwrap_or(0)..]);
+            cut
+        } else {
+            self.carry.extend_from_slice(bytes);
+            let cut = cut_lines(&self.carry, stream, log, lossy, self.exec);
+            self.carry.drain(..cut.unwrap_or(0));
+            cut
+        };
+        // What is carried is one line at most: room a large batch took is
+        // given back, so a quiet stream does not keep its largest batch.
+        if self.carry.capacity() > CARRY_KEPT && self.carry.len() <= CARRY_KEPT {
+            self.carry.shrink_to(CARRY_KEPT);
         }
-        if !bounds.is_empty() {
-            // One UTF-8 check for the whole batch; lossy copies only when
-            // the output is not valid UTF-8.
-            match std::str::from_utf8(&carry[..start]) {
-                Ok(text) => {
-                    let lines: Vec<&str> = bounds.iter().map(|&(a, b)| &text[a..b]).collect();
-                    log.append_lines(stream, &lines, exec);
-                }
-                Err(_) if !lossy => return false,
-                Err(_) => {
-                    let owned: Vec<String> = bounds
-                        .iter()
-                        .map(|&(a, b)| String::from_utf8_lossy(&carry[a..b]).into_owned())
-                        .collect();
-                    let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
-                    log.append_lines(stream, &lines, exec);
-                }
-            }
-        }
-        carry.drain(..start);
-        true
+        cut.is_some()
     }
 
     /// Logs a last line that had no newline.
@@ -107,6 +81,61 @@ impl LineSplitter {
         self.finish(stream, log);
         true
     }
+}
+
+/// Appends the complete lines at the start of `carry` to `log`, one batch,
+/// and returns where the unfinished rest begins; `None` (nothing written)
+/// when `lossy` is false and the lines are not UTF-8.
+fn cut_lines(
+    carry: &[u8],
+    stream: Stream,
+    log: &SourceLog,
+    lossy: bool,
+    exec: Option<u64>,
+) -> Option<usize> {
+    let mut bounds: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    loop {
+        // The next newline within the longest line allowed (memchr:
+        // the byte-at-a-time loop was another fifth of hulld's time).
+        let window = (start + MAX_LINE + 1).min(carry.len());
+        match memchr::memchr(b'\n', &carry[start..window]) {
+            Some(at) => {
+                bounds.push((start, start + at));
+                start += at + 1;
+            }
+            None if window - start > MAX_LINE => {
+                // Too long: cut at MAX_LINE, back to a character start.
+                let mut cut = start + MAX_LINE;
+                while cut > start + 1 && (carry[cut] & 0xC0) == 0x80 {
+                    cut -= 1;
+                }
+                bounds.push((start, cut));
+                start = cut;
+            }
+            None => break,
+        }
+    }
+    if !bounds.is_empty() {
+        // One UTF-8 check for the whole batch; lossy copies only when
+        // the output is not valid UTF-8.
+        match std::str::from_utf8(&carry[..start]) {
+            Ok(text) => {
+                let lines: Vec<&str> = bounds.iter().map(|&(a, b)| &text[a..b]).collect();
+                log.append_lines(stream, &lines, exec);
+            }
+            Err(_) if !lossy => return None,
+            Err(_) => {
+                let owned: Vec<String> = bounds
+                    .iter()
+                    .map(|&(a, b)| String::from_utf8_lossy(&carry[a..b]).into_owned())
+                    .collect();
+                let lines: Vec<&str> = owned.iter().map(String::as_str).collect();
+                log.append_lines(stream, &lines, exec);
+            }
+        }
+    }
+    Some(start)
 }
 
 /// Reads a pipe into `log` until end of file, a batch of lines per read.
@@ -169,5 +198,35 @@ mod tests {
         let mut exact = vec![b'b'; MAX_LINE];
         exact.push(b'\n');
         assert_eq!(split(&[&exact]), vec!["b".repeat(MAX_LINE)]);
+    }
+
+    #[test]
+    fn logs_splitter_keeps_only_the_unfinished_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SourceLog::open(dir.path().join("s"), LogLimits::default()).unwrap();
+        let mut splitter = LineSplitter::default();
+        // A pipe's read of many short lines, the last one unfinished: an
+        // exec whose output is then held up keeps only that line.
+        let mut batch = b"y\n".repeat(32 * 1024);
+        batch.extend_from_slice(b"unfinished");
+        for _ in 0..2 {
+            splitter.push(&batch, Stream::Stdout, &log);
+            assert_eq!(splitter.carry, b"unfinished");
+            assert!(
+                splitter.carry.capacity() <= CARRY_KEPT,
+                "{} bytes kept for a line of 10",
+                splitter.carry.capacity()
+            );
+        }
+        splitter.finish(Stream::Stdout, &log);
+        log.flush();
+        let text = std::fs::read_to_string(dir.path().join("s").join(segment_name(1))).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<LogRecord>(l).unwrap().line)
+            .collect();
+        assert_eq!(lines.len(), 2 * 32 * 1024 + 1);
+        assert_eq!(lines[32 * 1024], "unfinishedy");
+        assert_eq!(lines.last().unwrap(), "unfinished");
     }
 }

@@ -16,8 +16,9 @@ use crate::hulld::Hulld;
 use crate::server::{serve_connection, Endpoint};
 
 /// Bytes in flight each way on one in-process connection: one output
-/// chunk, as an exec whose client does not read holds them all.
-const PIPE_BYTES: usize = 64 * 1024;
+/// message (hulld reads a process's output 16 KiB at a time), as an exec
+/// whose client does not read holds them all.
+const PIPE_BYTES: usize = 16 * 1024;
 
 /// How long a files request waits for an inner that is starting or
 /// bouncing before it answers that the sandbox is not running.

@@ -14,7 +14,7 @@ use hull_proto::{
     WinSize, DEFAULT_LINGER_MS,
 };
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
@@ -23,7 +23,13 @@ use crate::sessions::{Outcome, SessionTerms, Sessions, Started};
 use crate::supervisor::Supervisor;
 use hull_logs::{ExecLog, ExecRecorder};
 
-pub(crate) const CHUNK: usize = 64 * 1024;
+/// The most output one read of a process's pipe takes, and so the largest
+/// `Output` message. Every hop between the pipe and a client's socket
+/// (the client's queue, the frame writer, the HTTP API's in-process pipe,
+/// its frame reader, the WebSocket's write buffer) holds up to one such
+/// message while the client does not read: at 64 KiB an exec whose client
+/// never read cost hulld about 730 KiB, at 16 KiB about 200 KiB.
+pub(crate) const CHUNK: usize = 16 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
 const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
 
@@ -172,13 +178,32 @@ async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> 
     Ok(())
 }
 
+/// The next output of `pipe`, up to `max` bytes, read straight into the
+/// buffer that becomes its message (empty at the end of file). Memory is
+/// taken only once there is something to read, and no buffer is kept
+/// between reads. Cancel-safe: nothing is read before the last await.
 pub(crate) async fn read_opt_pipe(
-    pipe: Option<&mut pipe::Receiver>,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    match pipe {
-        Some(p) => p.read(buf).await,
-        None => std::future::pending().await,
+    pipe: Option<&pipe::Receiver>,
+    max: usize,
+) -> io::Result<Vec<u8>> {
+    let Some(pipe) = pipe else {
+        return std::future::pending().await;
+    };
+    loop {
+        pipe.readable().await?;
+        let mut data = Vec::with_capacity(max);
+        match pipe.try_read_buf(&mut data) {
+            Ok(_) => {
+                // A short read keeps only its bytes: a queued message is
+                // counted by its length.
+                if data.capacity() - data.len() > data.len() {
+                    data.shrink_to_fit();
+                }
+                return Ok(data);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 

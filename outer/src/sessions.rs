@@ -46,6 +46,12 @@ const MESSAGE_COST: usize = 256;
 /// Bytes queued towards one client: two of the largest output chunks,
 /// so the session reads on while the connection writes one.
 const CLIENT_QUEUE_BYTES: usize = 2 * (CHUNK + MESSAGE_COST);
+/// The least a pipe is read for: below it, the session waits for the
+/// writer's queue to have room for this much.
+const MIN_PIPE_READ: usize = CHUNK / 4;
+/// What a read of [`MIN_PIPE_READ`] costs in a client's queue.
+#[allow(clippy::cast_possible_truncation, reason = "a few KiB")]
+const PIPE_READ_COST: u32 = (MIN_PIPE_READ + MESSAGE_COST) as u32;
 /// The most a terminal session reads at once: the line discipline's
 /// buffer (N_TTY_BUF_SIZE) seldom gives more, and an idle session holds it.
 const PTY_CHUNK: usize = 4 * 1024;
@@ -715,6 +721,11 @@ impl ClientTx {
         let _ = self.tx.send(Queued { msg, room: None });
     }
 
+    /// The bytes the queue has room for now.
+    fn room(&self) -> usize {
+        self.room.available_permits()
+    }
+
     /// Waits until the queue has room for `cost` bytes, or the client is
     /// gone.
     async fn room_for(&self, cost: u32) {
@@ -784,7 +795,7 @@ enum Step {
     WriterRoom,
     WriterStalled,
     ScrollbackShare,
-    Output(Source, io::Result<usize>),
+    Output(Source, io::Result<Vec<u8>>),
     Event(Option<InitEvent>),
     DrainOver,
     Timeout,
@@ -898,10 +909,8 @@ impl Session {
     }
 
     async fn run(&mut self, mut commands: mpsc::Receiver<Command>) {
-        // Pipes get a buffer each; a terminal's reads are small and an
-        // idle one should cost little.
-        let pipes = if self.terms.tty { 0 } else { CHUNK };
-        let (mut out_buf, mut err_buf) = (vec![0u8; pipes], vec![0u8; pipes]);
+        // Pipes are read straight into each message's own buffer; a
+        // terminal's reads are small and an idle one should cost little.
         let mut pty_buf = vec![0u8; if self.terms.tty { PTY_CHUNK } else { 0 }];
         let drain = tokio::time::sleep(NEVER);
         tokio::pin!(drain);
@@ -929,13 +938,25 @@ impl Session {
             // output in the pipes until one comes (or the deadline).
             let reading = self.pending.is_none()
                 && (self.terms.tty || self.terms.background || !self.clients.is_empty());
-            let writer_tx = match &self.pending {
-                Some(msg) => self
-                    .clients
-                    .iter()
-                    .find(|c| c.id == self.writer_id())
-                    .map(|c| (c.tx.clone(), cost(msg))),
-                None => None,
+            let (has_out, has_err, has_pty) = (
+                self.io.stdout.is_some(),
+                self.io.stderr.is_some(),
+                self.io.master.is_some(),
+            );
+            let writer = self.clients.iter().find(|c| c.id == self.writer_id());
+            // A pipe is read only as far as the writer's queue has room,
+            // so that what is read is queued at once: nothing is held
+            // beside the queue while the writer does not read.
+            let pipe_read = writer.map_or(CHUNK, |w| {
+                w.tx.room().saturating_sub(MESSAGE_COST).min(CHUNK)
+            });
+            let pipes_have_room = pipe_read >= MIN_PIPE_READ;
+            let writer_tx = match (&self.pending, writer) {
+                (Some(msg), Some(w)) => Some((w.tx.clone(), cost(msg))),
+                (None, Some(w)) if reading && (has_out || has_err) && !pipes_have_room => {
+                    Some((w.tx.clone(), PIPE_READ_COST))
+                }
+                _ => None,
             };
             match (self.clients.is_empty(), self.orphaned_for, orphan_armed) {
                 (true, Some(d), false) => {
@@ -946,14 +967,9 @@ impl Session {
                 _ => {}
             }
             let step = {
-                let (has_out, has_err, has_pty) = (
-                    self.io.stdout.is_some(),
-                    self.io.stderr.is_some(),
-                    self.io.master.is_some(),
-                );
                 let (stdout, stderr, master) = (
-                    self.io.stdout.as_mut(),
-                    self.io.stderr.as_mut(),
+                    self.io.stdout.as_ref(),
+                    self.io.stderr.as_ref(),
                     self.io.master.as_deref(),
                 );
                 let room = async {
@@ -966,11 +982,11 @@ impl Session {
                 tokio::select! {
                     cmd = commands.recv() => Step::Command(cmd),
                     _ = room, if writer_tx.is_some() => Step::WriterRoom,
-                    _ = &mut stall, if writer_tx.is_some() && self.terms.tty => Step::WriterStalled,
+                    _ = &mut stall, if self.pending.is_some() && self.terms.tty => Step::WriterStalled,
                     Ok(()) = self.scrollback_share.changed(), if terminal => Step::ScrollbackShare,
-                    n = crate::exec::read_opt_pipe(stdout, &mut out_buf), if reading && has_out => Step::Output(Source::Stdout, n),
-                    n = crate::exec::read_opt_pipe(stderr, &mut err_buf), if reading && has_err => Step::Output(Source::Stderr, n),
-                    n = crate::exec::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n),
+                    data = crate::exec::read_opt_pipe(stdout, pipe_read), if reading && has_out && pipes_have_room => Step::Output(Source::Stdout, data),
+                    data = crate::exec::read_opt_pipe(stderr, pipe_read), if reading && has_err && pipes_have_room => Step::Output(Source::Stderr, data),
+                    n = crate::exec::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n.map(|n| pty_buf[..n].to_vec())),
                     ev = self.events.recv(), if self.exit.is_none() => Step::Event(ev),
                     _ = &mut drain, if self.exit.is_some() => Step::DrainOver,
                     _ = &mut timeout, if self.terms.timeout.is_some() && self.exit.is_none() && !timed_out => Step::Timeout,
@@ -983,6 +999,7 @@ impl Session {
                 // The registry's handle holds a sender for as long as the
                 // session is listed.
                 Step::Command(None) => {}
+                // Room for what is pending, or for the next read of a pipe.
                 Step::WriterRoom => {
                     if let Some(msg) = self.pending.take() {
                         self.deliver(msg);
@@ -1003,19 +1020,18 @@ impl Session {
                         self.remove_client(writer, false);
                     }
                 }
-                Step::Output(source, Ok(n)) if n > 0 => {
-                    let (stream, data) = match source {
-                        Source::Stderr => (Out::Stderr, &err_buf[..n]),
-                        Source::Stdout => (Out::Stdout, &out_buf[..n]),
-                        Source::Pty => (Out::Stdout, &pty_buf[..n]),
+                Step::Output(source, Ok(data)) if !data.is_empty() => {
+                    let stream = match source {
+                        Source::Stderr => Out::Stderr,
+                        Source::Stdout | Source::Pty => Out::Stdout,
                     };
                     if let Some(record) = &mut self.record {
-                        record.push(stream, data);
+                        record.push(stream, &data);
                     }
                     if let Some(scrollback) = &mut self.scrollback {
-                        scrollback.push(data);
+                        scrollback.push(&data);
                     }
-                    let bytes = u64::try_from(n).unwrap_or(u64::MAX);
+                    let bytes = u64::try_from(data.len()).unwrap_or(u64::MAX);
                     self.info.send_modify(|i| {
                         i.output_bytes += bytes;
                         i.last_activity_ms = now_ms();
@@ -1023,10 +1039,7 @@ impl Session {
                             i.scrollback_bytes = u64::try_from(s.len()).unwrap_or(u64::MAX);
                         }
                     });
-                    self.deliver(DaemonMsg::Output {
-                        stream,
-                        data: data.to_vec(),
-                    });
+                    self.deliver(DaemonMsg::Output { stream, data });
                     if self.pending.is_some() {
                         stall
                             .as_mut()

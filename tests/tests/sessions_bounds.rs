@@ -160,7 +160,6 @@ fn settled_rss_kib(pid: i32) -> u64 {
 }
 
 #[test]
-#[ignore = "not yet held: about 720 KiB of hulld's RSS per exec never read (a 64 KiB output chunk is copied at each hop between the pipe and the socket), 117 MiB peak for 120"]
 fn exec_clients_that_never_read_cost_hulld_a_few_hundred_kib_each() {
     if !require_root() {
         return;
