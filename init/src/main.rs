@@ -39,6 +39,8 @@ use nix::unistd::Pid;
 /// sits beside it.
 const HULLD: &str = "/usr/bin/hulld";
 const HULLD_CONFIG: &str = "/etc/hull/hull.toml";
+/// The VM's hostname, which is also the sandbox's name in hulld's API.
+const HOSTNAME: &str = "hull";
 /// hulld's state: a tmpfs until the VM has a data disk.
 const STATE_DIR: &str = "/var/lib/hull";
 /// The base images the image builder put in.
@@ -120,6 +122,7 @@ enum Step {
     LoadModules,
     Loopback,
     Ethernet,
+    Hostname,
     WriteConfig,
 }
 
@@ -131,6 +134,8 @@ fn boot_steps() -> Vec<Step> {
         Step::LoadModules,
         Step::Loopback,
         Step::Ethernet,
+        // hulld names its sandbox after the machine.
+        Step::Hostname,
         Step::WriteConfig,
     ]);
     steps
@@ -198,6 +203,8 @@ enum InitError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot set the hostname to {HOSTNAME}")]
+    Hostname(#[source] nix::Error),
     #[error("cannot write hulld's config {path}")]
     Config {
         path: PathBuf,
@@ -310,6 +317,10 @@ fn run_step(step: Step) -> Result<(), InitError> {
             log!("brought lo up ({:.1} ms)", millis(started));
         }
         Step::Ethernet => configure_ethernet(started)?,
+        Step::Hostname => {
+            nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
+            log!("set the hostname to {HOSTNAME} ({:.1} ms)", millis(started));
+        }
         Step::WriteConfig => {
             write_config(Path::new(HULLD_CONFIG))?;
             log!("wrote {HULLD_CONFIG} ({:.1} ms)", millis(started));
@@ -483,20 +494,26 @@ fn configure_ethernet(started: Instant) -> Result<(), InitError> {
 /// hulld's config in the VM: state on the tmpfs (so a volume image sized
 /// to it), the busybox image the image builder put in, and the HTTP API on
 /// every address, which is how the host reaches it through QEMU's
-/// forwarded port.
+/// forwarded port. The inner runs without a user namespace of its own for
+/// now: its image is on the initramfs, and tmpfs takes idmapped mounts only
+/// from Linux 6.3 (Debian 12's cloud kernel is 6.1); an image on the
+/// VM's btrfs data disk will take them.
 fn hulld_config() -> String {
     format!(
         "# Written by hull-init at every boot.\n\
          state_dir = \"{STATE_DIR}\"\n\
          image_dir = \"{IMAGE_DIR}\"\n\
          image = \"busybox\"\n\
-         hostname = \"hull\"\n\
+         hostname = \"{HOSTNAME}\"\n\
          \n\
          [network]\n\
          mode = \"none\"\n\
          \n\
          [daemon]\n\
          disk_reserve = \"32M\"\n\
+         \n\
+         [inner]\n\
+         user_namespace = false\n\
          \n\
          [api]\n\
          listen = \"0.0.0.0:7700\"\n"
@@ -580,6 +597,11 @@ fn start_hulld() -> Option<Pid> {
     let started = Instant::now();
     match Command::new(HULLD)
         .args(["--config", HULLD_CONFIG])
+        // The kernel starts init with no PATH; hulld runs mkfs.btrfs,
+        // mount and ldd by name.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        // The console is a serial log, not a terminal that shows colours.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .spawn()
     {
