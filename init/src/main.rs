@@ -1,6 +1,8 @@
 //! `hull-init`: PID 1 of a hull VM.
 //!
-//! The kernel runs it from the initramfs. It mounts the API filesystems and
+//! The kernel runs it from the initramfs, which it first moves into a
+//! tmpfs root (pivot_root refuses the initramfs, and the inner pivots its
+//! root), executing itself again there. It mounts the API filesystems and
 //! cgroup2 alone (with `nsdelegate`, every controller enabled for the
 //! tree), loads the kernel modules the image carries, brings up `lo` and,
 //! with `ip=` on the command line, `eth0`, writes hulld's config and starts
@@ -17,6 +19,7 @@
 mod cmdline;
 mod modules;
 mod net;
+mod switch_root;
 
 use std::ffi::CString;
 use std::fmt;
@@ -24,6 +27,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -249,10 +253,29 @@ fn millis(since: Instant) -> f64 {
 }
 
 fn main() {
-    log!("started as pid {}", std::process::id());
+    let switched = std::env::var_os(switch_root::SWITCHED_ENV).is_some();
+    if switched {
+        // hulld and what it starts need not see it.
+        std::env::remove_var(switch_root::SWITCHED_ENV);
+        log!("running on the tmpfs root");
+    } else {
+        log!("started as pid {}", std::process::id());
+    }
     if std::process::id() != 1 {
         log!("not PID 1: a test run, nothing is mounted or started");
         std::process::exit(2);
+    }
+    if !switched && switch_root::needed() {
+        let started = Instant::now();
+        let result = switch_root::switch(&mut |bytes| {
+            log!(
+                "moved the initramfs ({:.1} MiB) to a tmpfs root ({:.1} ms)",
+                bytes as f64 / f64::from(1u32 << 20),
+                millis(started)
+            );
+        });
+        let Err(e) = result;
+        fatal(&e);
     }
     // Ctrl-alt-del becomes SIGINT to us, for a clean power-off, instead of
     // an immediate reboot.
@@ -595,7 +618,20 @@ fn wait_for_signal(signal_fd: &SignalFd, timeout: PollTimeout) {
 
 fn start_hulld() -> Option<Pid> {
     let started = Instant::now();
-    match Command::new(HULLD)
+    let mut command = Command::new(HULLD);
+    // SAFETY: between fork and exec the closure only calls
+    // pthread_sigmask(2) and sigaction(2), both async-signal-safe, and
+    // allocates nothing. hulld must not inherit the mask this process
+    // takes its signals through a signalfd with (its SIGTERM would never
+    // arrive), nor std's ignored SIGPIPE: spawn resets neither here.
+    unsafe {
+        command.pre_exec(|| {
+            SigSet::all().thread_unblock()?;
+            nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
+            Ok(())
+        });
+    }
+    match command
         .args(["--config", HULLD_CONFIG])
         // The kernel starts init with no PATH; hulld runs mkfs.btrfs,
         // mount and ldd by name.

@@ -284,6 +284,18 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
     assert_eq!(status["api_answers"], true, "{status}");
     assert_eq!(status["pid"], pid);
 
+    // The inner starts too: its root pivots, which needs hull-init to have
+    // moved off the initramfs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !vm.console().contains("inner ready") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        vm.console().contains("inner ready"),
+        "the inner did not start:\n{}",
+        vm.console_tail()
+    );
+
     let kernel_to_init = init_time(&console, "started as pid 1").unwrap();
     let hulld_started = init_time(&console, "started hulld as pid").unwrap();
     eprintln!(
@@ -312,13 +324,24 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
     }
     assert!(!qemu_alive(pid), "QEMU {pid} still runs after hull vm stop");
     let console = vm.console();
-    for line in ["SIGINT: shutting down", "unmounted", "powering off"] {
+    // hulld stopped on its SIGTERM, not killed after the grace period.
+    for line in [
+        "SIGINT: shutting down",
+        "hulld stopped",
+        "unmounted",
+        "powering off",
+    ] {
         assert!(
             init_time(&console, line).is_some(),
             "no hull-init line with {line:?} on the console:\n{}",
             vm.console_tail()
         );
     }
+    assert!(
+        !console.contains("hulld did not stop"),
+        "{}",
+        vm.console_tail()
+    );
     assert!(
         console.contains("reboot: Power down"),
         "the kernel powered off:\n{}",
