@@ -50,19 +50,28 @@ fn vm_image() -> PathBuf {
         .expect("lock the VM image dir");
     let image = dir.join("image");
     let cache = dir.join("cache");
-    let out = hull(&[
-        "vm",
-        "build",
-        "--out",
-        image.to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "hull vm build failed: {}",
-        text(&out.stderr)
-    );
+    let build = || {
+        let out = hull(&[
+            "--json",
+            "vm",
+            "build",
+            "--out",
+            image.to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "hull vm build failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = build();
+    // The same inputs: the cached build, the same key.
+    let second = build();
+    assert_eq!(second["reused"], true, "{second}");
+    assert_eq!(second["manifest"]["key"], first["manifest"]["key"]);
     image
 }
 

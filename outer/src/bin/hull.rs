@@ -222,6 +222,7 @@ enum VmCommand {
         /// The VM's memory (QEMU's -m).
         #[arg(long, default_value = "1G")]
         memory: String,
+        /// Virtual CPUs (QEMU's -smp).
         #[arg(long, default_value_t = 2)]
         cpus: u32,
         /// The port on 127.0.0.1 forwarded to hulld's API in the VM.
