@@ -340,3 +340,4 @@ fn build_debian(rootfs: &Path, progress: &mut dyn FnMut(&str)) -> Result<()> {
     })?;
     Ok(())
 }
+pub mod vm;

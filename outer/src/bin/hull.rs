@@ -212,6 +212,71 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// A hull VM: build its image (a Debian cloud kernel and an initramfs
+    /// with hull's init, hulld and the busybox base image), boot it under
+    /// QEMU with hulld's HTTP API forwarded to this machine, stop it.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Build the VM image into DIR: `vmlinuz`, `initramfs.img` and
+    /// `manifest.json` (its inputs and their SHA-256). Downloads Debian's
+    /// linux-image-cloud-amd64 with apt-get; hull-init, hulld and hull are
+    /// the binaries next to this one. The same inputs reuse the cached
+    /// build. Progress on stderr; the directory (or --json) on stdout.
+    Build {
+        /// The image directory.
+        #[arg(long, value_name = "DIR", default_value = cli::vm::DEFAULT_DIR)]
+        out: PathBuf,
+        /// Downloads, the extracted kernel, the base image and finished
+        /// builds.
+        #[arg(long, value_name = "DIR", default_value = cli::vm::DEFAULT_CACHE)]
+        cache: PathBuf,
+    },
+    /// Boot the image in DIR under QEMU in the background (TCG; the serial
+    /// console in DIR/console.log, QEMU's pid in DIR/qemu.pid, QMP at
+    /// DIR/qmp.sock) and return once hulld's HTTP API answers on
+    /// 127.0.0.1:PORT; prints its URL.
+    Run {
+        /// The image directory (from `hull vm build`).
+        #[arg(default_value = cli::vm::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// The VM's memory (QEMU's -m).
+        #[arg(long, default_value = "1G")]
+        memory: String,
+        /// Virtual CPUs (QEMU's -smp).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// The port on 127.0.0.1 forwarded to hulld's API in the VM.
+        #[arg(long, value_name = "PORT", default_value_t = 7700)]
+        api_port: u16,
+        /// QEMU's machine: pc, or microvm (virtio-mmio, no PCI), where
+        /// Debian 6.1's cloud kernel hangs calibrating its clock under TCG.
+        #[arg(long, default_value = "pc")]
+        machine: hull_image::vm::qemu::Machine,
+        /// Give up (and kill QEMU) when the API has not answered by then.
+        #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = cli::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Shut the VM in DIR down cleanly: ctrl-alt-del over QMP, which
+    /// hull-init turns into stopping hulld, syncing, unmounting and a
+    /// power-off; waits for QEMU to exit (told to quit after --timeout).
+    Stop {
+        #[arg(default_value = cli::vm::DEFAULT_DIR)]
+        dir: PathBuf,
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = cli::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Whether the VM in DIR runs, QEMU's pid, the API's URL and whether
+    /// it answers.
+    Status {
+        #[arg(default_value = cli::vm::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -545,6 +610,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Command::Up { .. } => Some("up"),
             Command::Down { .. } => Some("down"),
             Command::Image { .. } => Some("image"),
+            Command::Vm { .. } => Some("vm"),
             Command::Token { .. } => Some("token"),
             _ => None,
         };
@@ -556,6 +622,7 @@ async fn run(cli: Cli) -> Result<i32> {
         match &cli.command {
             Command::Up { .. } => anyhow::bail!(cli::CliError::NotInInner("up")),
             Command::Image { .. } => anyhow::bail!(cli::CliError::NotInInner("image")),
+            Command::Vm { .. } => anyhow::bail!(cli::CliError::NotInInner("vm")),
             _ => {}
         }
     }
@@ -692,6 +759,30 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Image {
             command: ImageCommand::Build { kind, rebuild },
         } => cli::image_build(&g, kind, rebuild).map(|()| 0),
+        Command::Vm { command } => match command {
+            VmCommand::Build { out, cache } => cli::vm::build(&g, out, cache),
+            VmCommand::Run {
+                dir,
+                memory,
+                cpus,
+                api_port,
+                machine,
+                timeout,
+            } => cli::vm::run(
+                &g,
+                cli::vm::RunArgs {
+                    dir,
+                    memory,
+                    cpus,
+                    api_port,
+                    machine,
+                    timeout,
+                },
+            ),
+            VmCommand::Stop { dir, timeout } => cli::vm::stop(&g, dir, timeout),
+            VmCommand::Status { dir } => cli::vm::status(&g, dir),
+        }
+        .map(|()| 0),
     }
 }
 

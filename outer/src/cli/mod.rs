@@ -32,6 +32,7 @@ macro_rules! errln {
 
 mod exec;
 mod report;
+pub mod vm;
 
 pub use exec::{exec, AttachTo, ExecOptions};
 use report::stdout_error;

@@ -1,0 +1,882 @@
+//! `hull-init`: PID 1 of a hull VM.
+//!
+//! The kernel runs it from the initramfs, which it first moves into a
+//! tmpfs root (pivot_root refuses the initramfs, and the inner pivots its
+//! root), executing itself again there. It mounts the API filesystems and
+//! cgroup2 alone (with `nsdelegate`, every controller enabled for the
+//! tree), loads the kernel modules the image carries, brings up `lo` and,
+//! with `ip=` on the command line, `eth0`, writes hulld's config and starts
+//! hulld, restarting it with a backoff when it dies. It reaps every
+//! orphan: hulld never reaps blindly, its tokio child handling and pidfds
+//! own their exit statuses. It never exits: a fatal error is written to the
+//! console and the VM reboots. SIGTERM, SIGPWR or ctrl-alt-del (SIGINT)
+//! stop hulld (SIGKILL after 10 s), sync, unmount and power off.
+//!
+//! Every step is one console line with its duration and the time since the
+//! kernel started, so a boot's timeline can be read off the serial log.
+//! Synchronous and small on purpose: no runtime between the kernel and hulld.
+
+mod cmdline;
+mod modules;
+mod net;
+mod switch_root;
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// Where the image puts hulld; `hull` (the client hulld hands the inner)
+/// sits beside it.
+const HULLD: &str = "/usr/bin/hulld";
+const HULLD_CONFIG: &str = "/etc/hull/hull.toml";
+/// The VM's hostname, which is also the sandbox's name in hulld's API.
+const HOSTNAME: &str = "hull";
+/// hulld's state: a tmpfs until the VM has a data disk.
+const STATE_DIR: &str = "/var/lib/hull";
+/// The base images the image builder put in.
+const IMAGE_DIR: &str = "/usr/share/hull/images";
+/// How long hulld has to stop on shutdown before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// hulld's restart backoff: doubling from the first to the last, and back
+/// to the first once it has run for `BACKOFF_RESET`.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+
+/// One filesystem PID 1 mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MountSpec {
+    fstype: &'static str,
+    target: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// The boot's mounts, in order: /sys before the cgroup2 mount point in it.
+const MOUNTS: &[MountSpec] = &[
+    MountSpec {
+        fstype: "proc",
+        target: "/proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountSpec {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountSpec {
+        fstype: "devtmpfs",
+        target: "/dev",
+        flags: MsFlags::MS_NOSUID,
+        data: "mode=0755",
+    },
+    MountSpec {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0755",
+    },
+    MountSpec {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=1777",
+    },
+    MountSpec {
+        fstype: "tmpfs",
+        target: STATE_DIR,
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0700,size=60%",
+    },
+    // Alone, with nsdelegate: a cgroup namespace's root is a delegation
+    // boundary the inner cannot write limits across.
+    MountSpec {
+        fstype: "cgroup2",
+        target: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "nsdelegate",
+    },
+];
+
+/// The boot's steps, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Mount(MountSpec),
+    EnableControllers,
+    LoadModules,
+    Loopback,
+    Ethernet,
+    Hostname,
+    WriteConfig,
+}
+
+fn boot_steps() -> Vec<Step> {
+    let mut steps: Vec<Step> = MOUNTS.iter().copied().map(Step::Mount).collect();
+    steps.extend([
+        Step::EnableControllers,
+        // Before the network: virtio_net makes eth0.
+        Step::LoadModules,
+        Step::Loopback,
+        Step::Ethernet,
+        // hulld names its sandbox after the machine.
+        Step::Hostname,
+        Step::WriteConfig,
+    ]);
+    steps
+}
+
+#[derive(Debug, thiserror::Error)]
+enum InitError {
+    #[error("cannot create the mount point {path}")]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot mount {fstype} at {path}")]
+    Mount {
+        fstype: &'static str,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enable the controllers {controllers:?} in {path}")]
+    Controllers {
+        controllers: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot order the modules of {path}")]
+    ModulesDep {
+        path: PathBuf,
+        #[source]
+        source: modules::DepError,
+    },
+    #[error("cannot load the module {path}")]
+    Module {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open a socket to configure interfaces")]
+    ControlSocket(#[source] io::Error),
+    #[error("cannot bring {interface} up")]
+    LinkUp {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot give {interface} the address {address}/{netmask}")]
+    Address {
+        interface: String,
+        address: std::net::Ipv4Addr,
+        netmask: std::net::Ipv4Addr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot add the default route through {gateway}")]
+    Route {
+        gateway: std::net::Ipv4Addr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set the hostname to {HOSTNAME}")]
+    Hostname(#[source] nix::Error),
+    #[error("cannot write hulld's config {path}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot take signals through a signalfd")]
+    Signals(#[source] nix::Error),
+}
+
+/// Seconds since the kernel started, as the console shows them.
+fn uptime() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| Duration::from(t).as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn log(message: fmt::Arguments) {
+    // One write per line, so lines from hulld on the same console do not
+    // interleave with it.
+    let line = format!("hull-init: [{:9.3}] {message}\n", uptime());
+    let _ = io::stderr().write_all(line.as_bytes());
+}
+
+macro_rules! log {
+    ($($arg:tt)*) => { log(format_args!($($arg)*)) };
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn millis(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let switched = std::env::var_os(switch_root::SWITCHED_ENV).is_some();
+    if switched {
+        // hulld and what it starts need not see it.
+        std::env::remove_var(switch_root::SWITCHED_ENV);
+        log!("running on the tmpfs root");
+    } else {
+        log!("started as pid {}", std::process::id());
+    }
+    if std::process::id() != 1 {
+        log!("not PID 1: a test run, nothing is mounted or started");
+        std::process::exit(2);
+    }
+    if !switched && switch_root::needed() {
+        let started = Instant::now();
+        let result = switch_root::switch(&mut |bytes| {
+            log!(
+                "moved the initramfs ({:.1} MiB) to a tmpfs root ({:.1} ms)",
+                bytes as f64 / f64::from(1u32 << 20),
+                millis(started)
+            );
+        });
+        let Err(e) = result;
+        fatal(&e);
+    }
+    // Ctrl-alt-del becomes SIGINT to us, for a clean power-off, instead of
+    // an immediate reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        log!("cannot turn ctrl-alt-del into a signal: {e}");
+    }
+    let mut signals = SigSet::empty();
+    for signal in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+    ] {
+        signals.add(signal);
+    }
+    let signal_fd = match signals.thread_block().and_then(|()| {
+        SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+    }) {
+        Ok(fd) => fd,
+        Err(e) => fatal(&InitError::Signals(e)),
+    };
+    for step in boot_steps() {
+        if let Err(e) = run_step(step) {
+            fatal(&e);
+        }
+    }
+    supervise(&signal_fd);
+}
+
+fn run_step(step: Step) -> Result<(), InitError> {
+    let started = Instant::now();
+    match step {
+        Step::Mount(spec) => {
+            mount_one(&spec)?;
+            if spec.target == "/dev" {
+                reopen_console();
+            }
+            log!(
+                "mounted {} at {} ({:.1} ms)",
+                spec.fstype,
+                spec.target,
+                millis(started)
+            );
+        }
+        Step::EnableControllers => {
+            let enabled = enable_controllers(Path::new("/sys/fs/cgroup"))?;
+            log!(
+                "enabled cgroup controllers {enabled} ({:.1} ms)",
+                millis(started)
+            );
+        }
+        Step::LoadModules => {
+            let loaded = load_modules()?;
+            log!("loaded {loaded} kernel modules ({:.1} ms)", millis(started));
+        }
+        Step::Loopback => {
+            let sock = net::control_socket().map_err(InitError::ControlSocket)?;
+            net::link_up(&sock, "lo").map_err(|source| InitError::LinkUp {
+                interface: "lo".into(),
+                source,
+            })?;
+            log!("brought lo up ({:.1} ms)", millis(started));
+        }
+        Step::Ethernet => configure_ethernet(started)?,
+        Step::Hostname => {
+            nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
+            log!("set the hostname to {HOSTNAME} ({:.1} ms)", millis(started));
+        }
+        Step::WriteConfig => {
+            write_config(Path::new(HULLD_CONFIG))?;
+            log!("wrote {HULLD_CONFIG} ({:.1} ms)", millis(started));
+        }
+    }
+    Ok(())
+}
+
+fn mount_one(spec: &MountSpec) -> Result<(), InitError> {
+    fs::create_dir_all(spec.target).map_err(|source| InitError::MountPoint {
+        path: spec.target.into(),
+        source,
+    })?;
+    let data = (!spec.data.is_empty()).then_some(spec.data);
+    mount(
+        Some(spec.fstype),
+        spec.target,
+        Some(spec.fstype),
+        spec.flags,
+        data,
+    )
+    .map_err(|source| InitError::Mount {
+        fstype: spec.fstype,
+        path: spec.target.into(),
+        source,
+    })
+}
+
+/// Points fds 0 to 2 at /dev/console: the kernel opened it for us only if
+/// the initramfs had the node, and hulld inherits them.
+fn reopen_console() {
+    let Ok(console) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/console")
+    else {
+        return;
+    };
+    for target in 0..=2 {
+        // SAFETY: dup2(2) on an fd we own onto the standard fds, which
+        // nothing in this single-threaded process holds a Rust owner of.
+        unsafe {
+            libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&console), target);
+        }
+    }
+}
+
+/// Enables every controller the root offers for its children; returns
+/// them as written.
+fn enable_controllers(root: &Path) -> Result<String, InitError> {
+    let available_path = root.join("cgroup.controllers");
+    let available = fs::read_to_string(&available_path).map_err(|source| InitError::Read {
+        path: available_path,
+        source,
+    })?;
+    let controllers = available
+        .split_ascii_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let path = root.join("cgroup.subtree_control");
+    fs::write(&path, &controllers).map_err(|source| InitError::Controllers {
+        controllers: controllers.clone(),
+        path,
+        source,
+    })?;
+    Ok(controllers)
+}
+
+fn load_modules() -> Result<usize, InitError> {
+    let release_path = Path::new("/proc/sys/kernel/osrelease");
+    let release = fs::read_to_string(release_path).map_err(|source| InitError::Read {
+        path: release_path.into(),
+        source,
+    })?;
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let dep_path = dir.join("modules.dep");
+    let dep = match fs::read_to_string(&dep_path) {
+        Ok(text) => text,
+        // An image whose kernel has everything built in ships none.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(InitError::Read {
+                path: dep_path,
+                source,
+            })
+        }
+    };
+    let order = modules::load_order(&dep).map_err(|source| InitError::ModulesDep {
+        path: dep_path,
+        source,
+    })?;
+    let mut loaded = 0;
+    for module in order {
+        let path = dir.join(&module);
+        let started = Instant::now();
+        let file = fs::File::open(&path).map_err(|source| InitError::Module {
+            path: path.clone(),
+            source,
+        })?;
+        match nix::kmod::finit_module(file.as_fd(), c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => {
+                loaded += 1;
+                log!("loaded {module} ({:.1} ms)", millis(started));
+            }
+            // Built in, or loaded already.
+            Err(nix::Error::EEXIST) => {}
+            Err(source) => {
+                return Err(InitError::Module {
+                    path,
+                    source: source.into(),
+                })
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+fn configure_ethernet(started: Instant) -> Result<(), InitError> {
+    let cmdline_path = Path::new("/proc/cmdline");
+    let cmdline = fs::read_to_string(cmdline_path).map_err(|source| InitError::Read {
+        path: cmdline_path.into(),
+        source,
+    })?;
+    let ip = match cmdline::parse_ip(&cmdline) {
+        Ok(Some(ip)) => ip,
+        Ok(None) => {
+            log!("no ip= on the kernel command line: eth0 stays down");
+            return Ok(());
+        }
+        // Not fatal: hulld still serves its local socket.
+        Err(e) => {
+            log!("{e}: eth0 stays down");
+            return Ok(());
+        }
+    };
+    if !Path::new("/sys/class/net").join(&ip.device).exists() {
+        log!("no interface {}: ip= ignored", ip.device);
+        return Ok(());
+    }
+    let sock = net::control_socket().map_err(InitError::ControlSocket)?;
+    net::set_address(&sock, &ip.device, ip.address, ip.netmask).map_err(|source| {
+        InitError::Address {
+            interface: ip.device.clone(),
+            address: ip.address,
+            netmask: ip.netmask,
+            source,
+        }
+    })?;
+    net::link_up(&sock, &ip.device).map_err(|source| InitError::LinkUp {
+        interface: ip.device.clone(),
+        source,
+    })?;
+    if let Some(gateway) = ip.gateway {
+        net::add_default_route(&sock, gateway)
+            .map_err(|source| InitError::Route { gateway, source })?;
+    }
+    log!(
+        "brought {} up as {}/{} via {} ({:.1} ms)",
+        ip.device,
+        ip.address,
+        ip.netmask,
+        ip.gateway
+            .map_or_else(|| "no gateway".to_owned(), |g| g.to_string()),
+        millis(started)
+    );
+    Ok(())
+}
+
+/// hulld's config in the VM: state on the tmpfs (so a volume image sized
+/// to it), the busybox image the image builder put in, and the HTTP API on
+/// every address, which is how the host reaches it through QEMU's
+/// forwarded port. The inner runs without a user namespace of its own for
+/// now: its image is on the initramfs, and tmpfs takes idmapped mounts only
+/// from Linux 6.3 (Debian 12's cloud kernel is 6.1); an image on the
+/// VM's btrfs data disk will take them.
+fn hulld_config() -> String {
+    format!(
+        "# Written by hull-init at every boot.\n\
+         state_dir = \"{STATE_DIR}\"\n\
+         image_dir = \"{IMAGE_DIR}\"\n\
+         image = \"busybox\"\n\
+         hostname = \"{HOSTNAME}\"\n\
+         \n\
+         [network]\n\
+         mode = \"none\"\n\
+         \n\
+         [daemon]\n\
+         disk_reserve = \"32M\"\n\
+         \n\
+         [inner]\n\
+         user_namespace = false\n\
+         \n\
+         [api]\n\
+         listen = \"0.0.0.0:7700\"\n"
+    )
+}
+
+fn write_config(path: &Path) -> Result<(), InitError> {
+    let error = |source| InitError::Config {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(error)?;
+    }
+    fs::write(path, hulld_config()).map_err(error)
+}
+
+/// hulld under supervision, and every orphan reaped, until a signal asks
+/// for a power-off.
+fn supervise(signal_fd: &SignalFd) -> ! {
+    let mut hulld: Option<(Pid, Instant)> = None;
+    let mut backoff = BACKOFF_FIRST;
+    let mut next_start = Instant::now();
+    loop {
+        if hulld.is_none() && Instant::now() >= next_start {
+            hulld = start_hulld().map(|pid| (pid, Instant::now()));
+            if hulld.is_none() {
+                next_start = Instant::now() + backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+        let wait = match hulld {
+            Some(_) => PollTimeout::NONE,
+            None => poll_timeout(next_start.saturating_duration_since(Instant::now())),
+        };
+        wait_for_signal(signal_fd, wait);
+        while let Ok(Some(info)) = signal_fd.read_signal() {
+            let signal = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0));
+            match signal {
+                Ok(Signal::SIGCHLD) => {}
+                Ok(signal) => power_off(signal_fd, hulld.map(|(pid, _)| pid), signal),
+                Err(_) => {}
+            }
+        }
+        for (pid, status) in reap() {
+            let Some((hulld_pid, since)) = hulld else {
+                continue;
+            };
+            if pid != hulld_pid {
+                continue;
+            }
+            let ran = since.elapsed();
+            if ran >= BACKOFF_RESET {
+                backoff = BACKOFF_FIRST;
+            }
+            log!(
+                "hulld (pid {pid}) {} after {:.1} s; restarting it in {:.1} s",
+                describe(status),
+                ran.as_secs_f64(),
+                backoff.as_secs_f64()
+            );
+            hulld = None;
+            next_start = Instant::now() + backoff;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+fn poll_timeout(wait: Duration) -> PollTimeout {
+    let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1);
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+}
+
+fn wait_for_signal(signal_fd: &SignalFd, timeout: PollTimeout) {
+    let mut fds = [PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
+    // EINTR or a timeout: the caller looks at the clock and reaps anyway.
+    let _ = poll(&mut fds, timeout);
+}
+
+fn start_hulld() -> Option<Pid> {
+    let started = Instant::now();
+    let mut command = Command::new(HULLD);
+    // SAFETY: between fork and exec the closure only calls
+    // pthread_sigmask(2) and sigaction(2), both async-signal-safe, and
+    // allocates nothing. hulld must not inherit the mask this process
+    // takes its signals through a signalfd with (its SIGTERM would never
+    // arrive), nor std's ignored SIGPIPE: spawn resets neither here.
+    unsafe {
+        command.pre_exec(|| {
+            SigSet::all().thread_unblock()?;
+            nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
+            Ok(())
+        });
+    }
+    match command
+        .args(["--config", HULLD_CONFIG])
+        // The kernel starts init with no PATH; hulld runs mkfs.btrfs,
+        // mount and ldd by name.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        // The console is a serial log, not a terminal that shows colours.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => {
+            // The Child is dropped without a wait: the reaper below takes
+            // its exit status with everyone else's.
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            log!("started hulld as pid {pid} ({:.1} ms)", millis(started));
+            Some(pid)
+        }
+        Err(e) => {
+            log!("cannot start {HULLD}: {e}");
+            None
+        }
+    }
+}
+
+/// Every child that has exited, with its status.
+fn reap() -> Vec<(Pid, WaitStatus)> {
+    let mut reaped = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return reaped,
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    reaped.push((pid, status));
+                }
+            }
+        }
+    }
+}
+
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with {code}"),
+        WaitStatus::Signaled(_, signal, _) => format!("was killed by {signal}"),
+        other => format!("ended ({other:?})"),
+    }
+}
+
+/// Stops hulld (SIGKILL after `STOP_GRACE`) and what is left, syncs,
+/// unmounts and powers off.
+fn power_off(signal_fd: &SignalFd, hulld: Option<Pid>, signal: Signal) -> ! {
+    log!("{signal}: shutting down");
+    if let Some(pid) = hulld {
+        let started = Instant::now();
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = started + STOP_GRACE;
+        let mut gone = false;
+        while !gone && Instant::now() < deadline {
+            wait_for_signal(
+                signal_fd,
+                poll_timeout(deadline.saturating_duration_since(Instant::now())),
+            );
+            while let Ok(Some(_)) = signal_fd.read_signal() {}
+            gone = reap().iter().any(|(p, _)| *p == pid);
+        }
+        if gone {
+            log!("hulld stopped ({:.1} ms)", millis(started));
+        } else {
+            log!(
+                "hulld did not stop within {} s: killing it",
+                STOP_GRACE.as_secs()
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+    // Whatever is left (an inner hulld did not get to stop): kill(-1)
+    // reaches every process but PID 1.
+    let started = Instant::now();
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    let deadline = started + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if matches!(waitpid(None, None), Err(nix::Error::ECHILD)) {
+            break;
+        }
+    }
+    nix::unistd::sync();
+    log!(
+        "killed the remaining processes and synced ({:.1} ms)",
+        millis(started)
+    );
+    let started = Instant::now();
+    let (unmounted, busy) = unmount_all();
+    log!(
+        "unmounted {unmounted} filesystems, {busy} still busy ({:.1} ms)",
+        millis(started)
+    );
+    nix::unistd::sync();
+    log!("powering off");
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // Only if the kernel refused: nothing left to do but wait.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Unmounts every mount but the root, innermost first; returns how many
+/// went and how many stayed.
+fn unmount_all() -> (usize, usize) {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return (0, 0);
+    };
+    let targets: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|target| *target != "/")
+        .map(unescape_mountinfo)
+        .collect();
+    let mut unmounted = 0;
+    let mut busy = 0;
+    for target in targets.iter().rev() {
+        let Ok(path) = CString::new(target.as_str()) else {
+            continue;
+        };
+        if umount2(path.as_c_str(), MntFlags::empty()).is_ok() {
+            unmounted += 1;
+        } else {
+            // Still referenced (the console on /dev): detached, so its
+            // superblock goes once the last user does.
+            let _ = umount2(path.as_c_str(), MntFlags::MNT_DETACH);
+            busy += 1;
+        }
+    }
+    (unmounted, busy)
+}
+
+/// mountinfo writes a space, tab, newline and backslash in a path as
+/// `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            digits.iter().try_fold(0u8, |value, d| match d {
+                b'0'..=b'7' => value.checked_mul(8).map(|v| v + (d - b'0')),
+                _ => None,
+            })
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(value)) => {
+                out.push(value);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Logs the error and reboots: PID 1 must not exit (the kernel would
+/// panic), and a fresh boot is the one retry that can help.
+fn fatal(error: &dyn std::error::Error) -> ! {
+    log!("fatal: {}", error_chain(error));
+    log!("rebooting");
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount_index(steps: &[Step], target: &str) -> usize {
+        steps
+            .iter()
+            .position(|s| matches!(s, Step::Mount(m) if m.target == target))
+            .unwrap_or_else(|| panic!("no mount of {target}"))
+    }
+
+    #[test]
+    fn mounts_come_first_and_in_an_order_that_works() {
+        let steps = boot_steps();
+        for target in ["/proc", "/sys", "/dev", "/run", "/tmp", "/sys/fs/cgroup"] {
+            mount_index(&steps, target);
+        }
+        assert!(mount_index(&steps, "/sys") < mount_index(&steps, "/sys/fs/cgroup"));
+        let controllers = steps
+            .iter()
+            .position(|s| *s == Step::EnableControllers)
+            .expect("controllers step");
+        assert!(mount_index(&steps, "/sys/fs/cgroup") < controllers);
+        let modules = steps.iter().position(|s| *s == Step::LoadModules);
+        let ethernet = steps.iter().position(|s| *s == Step::Ethernet);
+        assert!(
+            modules < ethernet,
+            "virtio_net must load before eth0 is set up"
+        );
+        assert_eq!(steps.last(), Some(&Step::WriteConfig));
+    }
+
+    #[test]
+    fn cgroup2_is_mounted_alone_with_nsdelegate() {
+        let cgroup: Vec<_> = MOUNTS
+            .iter()
+            .filter(|m| m.target.starts_with("/sys/fs/cgroup"))
+            .collect();
+        assert_eq!(cgroup.len(), 1, "one cgroup mount, no v1 hierarchies");
+        assert_eq!(cgroup[0].fstype, "cgroup2");
+        assert_eq!(cgroup[0].data, "nsdelegate");
+    }
+
+    #[test]
+    fn enables_every_controller_the_root_lists() {
+        let dir = std::env::temp_dir().join(format!("hull-init-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        let written = enable_controllers(&dir).unwrap();
+        assert_eq!(written, "+cpuset +cpu +io +memory +pids");
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap(),
+            written
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hulld_config_is_what_hulld_needs_in_the_vm() {
+        let config = hulld_config();
+        assert!(config.contains("listen = \"0.0.0.0:7700\""), "{config}");
+        assert!(config.contains(&format!("state_dir = \"{STATE_DIR}\"")));
+        assert!(config.contains("image = \"busybox\""));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/trailing\\"), "/trailing\\");
+    }
+}

@@ -1,0 +1,112 @@
+//! `hull vm build|run|stop|status`: the hull VM image, and booting it
+//! under QEMU on this machine. The work is in `hull_image::vm`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hull_image::vm::{self, qemu};
+
+use super::{print_json, Global};
+
+/// Where `hull vm build` keeps downloads and finished builds.
+pub const DEFAULT_CACHE: &str = "/var/cache/hull/vm";
+/// The image directory when none is given.
+pub const DEFAULT_DIR: &str = "hull-vm";
+
+fn binaries_dir() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating the hull binary")?;
+    Ok(me
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+pub fn build(g: &Global, out: PathBuf, cache: PathBuf) -> Result<()> {
+    let spec = vm::BuildSpec {
+        out,
+        cache,
+        binaries: binaries_dir()?,
+    };
+    let built = vm::build(&spec, &mut |line| errln!("hull: {line}"))?;
+    if g.json {
+        return print_json(&serde_json::json!({
+            "out": built.out,
+            "reused": built.reused,
+            "manifest": built.manifest,
+        }));
+    }
+    outln!("{}", built.out.display());
+    Ok(())
+}
+
+pub struct RunArgs {
+    pub dir: PathBuf,
+    pub memory: String,
+    pub cpus: u32,
+    pub api_port: u16,
+    pub machine: qemu::Machine,
+    pub timeout: Duration,
+}
+
+pub fn run(g: &Global, args: RunArgs) -> Result<()> {
+    let options = qemu::RunOptions {
+        dir: args.dir,
+        memory: args.memory,
+        cpus: args.cpus,
+        api_port: args.api_port,
+        machine: args.machine,
+        ready_timeout: args.timeout,
+    };
+    let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
+    if g.json {
+        return print_json(&started);
+    }
+    errln!(
+        "hull: hulld's API answered {:.1} s after QEMU started",
+        started.ready_ms as f64 / 1000.0
+    );
+    outln!("{}", started.url);
+    Ok(())
+}
+
+pub fn stop(g: &Global, dir: PathBuf, timeout: Duration) -> Result<()> {
+    let stopped = qemu::stop(&dir, timeout)?;
+    if g.json {
+        return print_json(&stopped);
+    }
+    if stopped.forced {
+        errln!(
+            "hull: the VM did not power off within {} s: QEMU was told to quit",
+            timeout.as_secs()
+        );
+    }
+    outln!(
+        "stopped (QEMU pid {}, {:.1} s)",
+        stopped.pid,
+        stopped.stop_ms as f64 / 1000.0
+    );
+    Ok(())
+}
+
+pub fn status(g: &Global, dir: PathBuf) -> Result<()> {
+    let status = qemu::status(&dir);
+    if g.json {
+        return print_json(&status);
+    }
+    match (&status.pid, &status.url) {
+        (Some(pid), Some(url)) => outln!(
+            "running (QEMU pid {pid}, {} machine, {}); API {url} {}",
+            status.machine.map_or("?", |m| m.name()),
+            status.accel.as_deref().unwrap_or("?"),
+            if status.api_answers {
+                "answers"
+            } else {
+                "does not answer"
+            }
+        ),
+        _ => outln!("not running"),
+    }
+    outln!("console: {}", status.console.display());
+    Ok(())
+}
