@@ -151,11 +151,10 @@ impl Drop for FrameDecoder {
     }
 }
 
-impl Decoder for FrameDecoder {
-    type Item = BytesMut;
-    type Error = io::Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+impl FrameDecoder {
+    /// The length the next frame in `src` declares, once its prefix is
+    /// there; an error when it is over this decoder's limit.
+    pub(crate) fn next_len(&self, src: &[u8]) -> io::Result<Option<usize>> {
         let Some(head) = src.get(..HEAD_LEN) else {
             return Ok(None);
         };
@@ -171,6 +170,21 @@ impl Decoder for FrameDecoder {
                 ),
             ));
         }
+        Ok(Some(len))
+    }
+}
+
+/// The bytes of a frame's length prefix.
+pub(crate) const FRAME_HEAD_LEN: usize = HEAD_LEN;
+
+impl Decoder for FrameDecoder {
+    type Item = BytesMut;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+        let Some(len) = self.next_len(src)? else {
+            return Ok(None);
+        };
         self.hold(len)?;
         if src.len() < HEAD_LEN + len {
             return Ok(None);

@@ -18,11 +18,12 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures::Stream;
 use tokio::io::AsyncRead;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 
+use crate::frames::FRAME_HEAD_LEN;
 use crate::{ClientMsg, FrameDecoder, ServiceRequest, SessionRequest, TokenScope};
 
 /// The most entries an array or map of a request may hold: an exec's argv
@@ -538,13 +539,92 @@ pub fn check_shape(frame: &[u8], max_decoded: usize) -> Result<(), RequestError>
     }
 }
 
-/// The requests of one connection: frames read by a [`FrameDecoder`],
-/// each checked for `scope` and its shape before it is decoded. A request
-/// the scope does not permit comes out as an error of kind
-/// `PermissionDenied` holding [`RequestError::NotPermitted`]; the
+/// How many of a frame's first bytes its kind is read from: every
+/// request's kind (two variant names and an attach's three small fields)
+/// fits in far fewer.
+const PEEK_LEN: usize = 64;
+
+/// A frame of requests as [`RequestDecoder`] yields it.
+#[derive(Debug)]
+pub enum RequestFrame {
+    /// A request the scope permits, whole, not yet decoded.
+    Whole(BytesMut),
+    /// A request the scope does not permit, known from its first bytes:
+    /// the rest of it is read past and dropped as it arrives, never kept.
+    Refused(RequestKind),
+}
+
+/// Frames of requests: a frame's kind is read from its first bytes, and a
+/// request the scope does not permit is refused there, before the rest of
+/// it is buffered or takes from the large-frame budget; a permitted one
+/// is read whole by the [`FrameDecoder`].
+#[derive(Debug)]
+pub struct RequestDecoder {
+    frames: FrameDecoder,
+    scope: Scope,
+    /// Bytes of a refused frame still to drop.
+    skip: usize,
+    /// The current frame's kind was read and permitted.
+    permitted: bool,
+}
+
+impl RequestDecoder {
+    pub fn new(frames: FrameDecoder, scope: Scope) -> Self {
+        RequestDecoder {
+            frames,
+            scope,
+            skip: 0,
+            permitted: false,
+        }
+    }
+
+    fn drop_skipped(&mut self, src: &mut BytesMut) {
+        let n = self.skip.min(src.len());
+        src.advance(n);
+        self.skip -= n;
+    }
+}
+
+impl Decoder for RequestDecoder {
+    type Item = RequestFrame;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<RequestFrame>> {
+        self.drop_skipped(src);
+        if self.skip > 0 {
+            return Ok(None);
+        }
+        if !self.permitted {
+            let Some(len) = self.frames.next_len(src)? else {
+                return Ok(None);
+            };
+            let peek = len.min(PEEK_LEN);
+            let Some(head) = src.get(FRAME_HEAD_LEN..FRAME_HEAD_LEN + peek) else {
+                return Ok(None);
+            };
+            let kind = peek_kind(head).map_err(RequestError::into_io)?;
+            if !self.scope.permits(kind) {
+                self.skip = FRAME_HEAD_LEN + len;
+                self.drop_skipped(src);
+                return Ok(Some(RequestFrame::Refused(kind)));
+            }
+            self.permitted = true;
+        }
+        let frame = self.frames.decode(src)?;
+        if frame.is_some() {
+            self.permitted = false;
+        }
+        Ok(frame.map(RequestFrame::Whole))
+    }
+}
+
+/// The requests of one connection, read by a [`RequestDecoder`]: each
+/// checked for `scope` from its first bytes and for its shape before it
+/// is decoded. A request the scope does not permit comes out as an error
+/// of kind `PermissionDenied` holding [`RequestError::NotPermitted`]; the
 /// connection may go on after it.
 pub struct RequestReader<R> {
-    frames: FramedRead<R, FrameDecoder>,
+    frames: FramedRead<R, RequestDecoder>,
     scope: Scope,
     max_decoded: usize,
 }
@@ -552,27 +632,30 @@ pub struct RequestReader<R> {
 impl<R: AsyncRead> RequestReader<R> {
     pub fn new(io: R, decoder: FrameDecoder, scope: Scope, max_decoded: usize) -> Self {
         RequestReader {
-            frames: FramedRead::new(io, decoder),
+            frames: FramedRead::new(io, RequestDecoder::new(decoder, scope)),
             scope,
             max_decoded,
         }
     }
 
-    /// Whether part of a frame has arrived and waits for the rest.
+    /// Whether part of a frame has arrived and waits for the rest (or a
+    /// refused frame's rest is being dropped).
     pub fn mid_frame(&self) -> bool {
-        !self.frames.read_buffer().is_empty()
+        !self.frames.read_buffer().is_empty() || self.frames.decoder().skip > 0
     }
 
-    fn decode(&self, frame: &BytesMut) -> Result<ClientMsg, RequestError> {
-        let kind = peek_kind(frame)?;
-        if !self.scope.permits(kind) {
-            return Err(RequestError::NotPermitted {
-                scope: self.scope,
-                kind,
-            });
-        }
-        check_shape(frame, self.max_decoded)?;
-        rmp_serde::from_slice(frame).map_err(RequestError::Decode)
+    fn decode(&self, frame: RequestFrame) -> Result<ClientMsg, RequestError> {
+        let frame = match frame {
+            RequestFrame::Refused(kind) => {
+                return Err(RequestError::NotPermitted {
+                    scope: self.scope,
+                    kind,
+                })
+            }
+            RequestFrame::Whole(frame) => frame,
+        };
+        check_shape(&frame, self.max_decoded)?;
+        rmp_serde::from_slice(&frame).map_err(RequestError::Decode)
     }
 }
 
@@ -581,7 +664,7 @@ impl<R: AsyncRead + Unpin> Stream for RequestReader<R> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let next = match std::task::ready!(Pin::new(&mut self.frames).poll_next(cx)) {
-            Some(Ok(frame)) => Some(self.decode(&frame).map_err(RequestError::into_io)),
+            Some(Ok(frame)) => Some(self.decode(frame).map_err(RequestError::into_io)),
             Some(Err(e)) => Some(Err(e)),
             None => None,
         };
@@ -768,6 +851,60 @@ mod tests {
         assert!(Scope::InnerServices.permits(K::ServicesChange));
         assert!(!Scope::InnerServices.permits(K::Exec));
         assert!(!read.sees_secrets() && exec.sees_secrets());
+    }
+
+    #[test]
+    fn a_refused_frame_is_dropped_from_its_first_bytes_and_takes_no_budget() {
+        let budget = crate::FrameBudget::new(1 << 20);
+        let mut d = RequestDecoder::new(
+            FrameDecoder::with_budget(crate::MAX_FRAME_LEN, budget.clone()),
+            Scope::Api(TokenScope::Read),
+        );
+        let exec = ClientMsg::Exec(ExecRequest::from(ExecSpec {
+            argv: vec!["x".repeat(1000); 2000],
+            env: vec![],
+            cwd: None,
+            user: None,
+            tty: None,
+        }));
+        let mut wire = frame_bytes(&exec);
+        let big = wire.len();
+        assert!(big > 1 << 20, "{big}");
+        wire.extend_from_slice(&frame_bytes(&ClientMsg::Status));
+        // Its first bytes are enough to refuse it; the budget is untouched
+        // and the buffer holds no more than what came.
+        let mut buf = BytesMut::from(&wire[..100]);
+        match d.decode(&mut buf).unwrap() {
+            Some(RequestFrame::Refused(RequestKind::Exec)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.is_empty());
+        assert_eq!(budget.free(), 1 << 20);
+        // The rest of it is dropped as it comes; the next request reads.
+        let mut got = None;
+        for chunk in wire[100..].chunks(64 * 1024) {
+            buf.extend_from_slice(chunk);
+            if let Some(frame) = d.decode(&mut buf).unwrap() {
+                got = Some(frame);
+            }
+            assert!(buf.len() <= 64 * 1024);
+        }
+        match got {
+            Some(RequestFrame::Whole(f)) => {
+                assert_eq!(
+                    rmp_serde::from_slice::<ClientMsg>(&f).unwrap(),
+                    ClientMsg::Status
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn frame_bytes(msg: &ClientMsg) -> Vec<u8> {
+        let body = rmp_serde::to_vec(msg).unwrap();
+        let mut out = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
     }
 
     #[tokio::test]

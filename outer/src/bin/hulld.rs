@@ -61,9 +61,23 @@ fn main() {
             }
         }
     }
+    fix_mmap_threshold();
     if let Err(e) = daemon_main() {
         eprintln!("hulld: {}", hull_outer::cli::error_chain(&e));
         std::process::exit(1);
+    }
+}
+
+/// Allocations of 128 KiB and more get pages of their own, given back
+/// when freed. glibc raises that threshold as large blocks are freed (up
+/// to 32 MiB), after which a burst of large request frames and answers is
+/// served from the heap and stays in hulld's RSS long after it is freed;
+/// setting the threshold keeps it fixed.
+fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; it is
+    // called before any other thread exists.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) } == 0 {
+        eprintln!("hulld: cannot fix malloc's mmap threshold; memory may stay high after bursts");
     }
 }
 
