@@ -1,5 +1,5 @@
-//! The HTTP API's connection bounds, tried as a hostile client would (issue
-//! 17, breaks 3, 4 and 8): upgraded connections count under
+//! The HTTP API's connection bounds, tried as a hostile client would:
+//! upgraded connections count under
 //! `api.max_connections` as long as they live, file watches share one
 //! inotify instance, and clients that never present a token neither hold
 //! the API nor keep a token holder out. Each attack runs under a
@@ -65,7 +65,7 @@ fn raw_from(addr: SocketAddr, source: Ipv4Addr, token: Option<&str>) -> Result<S
     }
 }
 
-/// Break 3: with a read token, 1,581 idle `/hull` tunnels were accepted
+/// With a read token, 1,581 idle `/hull` tunnels were accepted
 /// in 0.3 s and hulld was OOM-killed; the tunnel never took a place under
 /// the cap.
 #[test]
@@ -120,7 +120,7 @@ fn idle_tunnels_past_the_cap_are_refused_and_hulld_holds() {
     drop(kept);
 }
 
-/// Break 4: 128 `fs/watch` WebSockets used every inotify instance root
+/// 128 `fs/watch` WebSockets used every inotify instance root
 /// has on the VM; the 129th, and every root process after it, got EMFILE.
 #[test]
 fn file_watches_past_the_inotify_instance_limit_share_one() {
@@ -221,7 +221,7 @@ fn token_holder(addr: SocketAddr, token: &str, until: Instant, every: Duration) 
     slowest
 }
 
-/// Break 8: 256 connections that send nothing, or their headers slowly,
+/// 256 connections that send nothing, or their headers slowly,
 /// held the API for 10 s each and reconnected at once. Here they fill
 /// every place there is (the per-source cap as high as the total), and a
 /// client with a token still gets in each time, at once.
