@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::ApiError;
-use crate::exec::{self, ExecParams, Outcome, Started};
+use crate::exec::{self, ExecParams, ExecStart, PumpEnd};
 use crate::router::Body;
 use crate::{proxy, ws, Shared};
 
@@ -136,7 +136,7 @@ where
     let started = match session {
         Some(id) => exec::attach_session(state, id, false)
             .await
-            .map(|(exec, params)| (Ok(Started::Running(Box::new(exec))), params)),
+            .map(|(exec, params)| (Ok(ExecStart::Running(Box::new(exec))), params)),
         None => match ExecParams::from_args(args) {
             Ok(params) => Ok((exec::start(state, &params).await, params)),
             Err(e) => Err(e),
@@ -150,8 +150,8 @@ where
         tty: params.tty.is_some(),
     };
     let mut exec = match started {
-        Ok(Started::Running(exec)) => exec,
-        Ok(Started::SpawnFailed { code, message }) => {
+        Ok(ExecStart::Running(exec)) => exec,
+        Ok(ExecStart::SpawnFailed { code, message }) => {
             let stderr = framing.output(hull_proto::Stream::Stderr, message.into_bytes());
             if let Next::Close = send(sink, stderr).await {
                 return Next::Close;
@@ -165,20 +165,20 @@ where
         return Next::Close;
     }
     match exec.pump(framing, sink, stream).await {
-        Outcome::Ended(end) => match exec::exit_code(&end) {
+        PumpEnd::Ended(end) => match exec::exit_code(&end) {
             Ok(code) => complete(sink, framing, code).await,
             Err(why) => send(sink, op_error(&why)).await,
         },
-        Outcome::ClientGone => {
+        PumpEnd::ClientGone => {
             exec.abandon(params.run_after_disconnect).await;
             Next::Close
         }
-        Outcome::BadFrame(why) => {
+        PumpEnd::BadFrame(why) => {
             let _ = sink.send(ws::close(CloseCode::Unsupported, &why)).await;
             exec.abandon(Some(std::time::Duration::ZERO)).await;
             Next::Close
         }
-        Outcome::Failed(e) => {
+        PumpEnd::Failed(e) => {
             let why = format!("hulld: {}", hull_proto::error_chain(&e));
             send(sink, op_error(&why)).await
         }

@@ -367,7 +367,7 @@ pub struct Exec {
 }
 
 /// What starting an exec gave.
-pub enum Started {
+pub enum ExecStart {
     Running(Box<Exec>),
     /// The program could not be started: the client hears it as a shell
     /// would tell it, a message on stderr and the shell's exit code.
@@ -379,13 +379,13 @@ pub enum Started {
 
 /// Asks hulld to start `params`; errors other than the program's own are
 /// the request's.
-pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiError> {
+pub async fn start(state: &Shared, params: &ExecParams) -> Result<ExecStart, ApiError> {
     let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
     let begun = match client.exec_begin(params.request()).await {
         Ok(begun) => begun,
         Err(ClientError::Daemon(report)) => {
             if let ErrorKind::Spawn(kind) = report.kind {
-                return Ok(Started::SpawnFailed {
+                return Ok(ExecStart::SpawnFailed {
                     code: kind.shell_code(),
                     message: format!("hull: {}\n", report.message),
                 });
@@ -408,7 +408,7 @@ pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiEr
             .await
             .map_err(|e| ApiError::daemon(ClientError::Io(e)))?;
     }
-    Ok(Started::Running(Box::new(Exec {
+    Ok(ExecStart::Running(Box::new(Exec {
         client,
         pid: begun.pid,
         session: begun.session,
@@ -418,7 +418,7 @@ pub async fn start(state: &Shared, params: &ExecParams) -> Result<Started, ApiEr
 }
 
 /// How pumping an exec ended.
-pub enum Outcome {
+pub enum PumpEnd {
     Ended(ExecEnd),
     /// The client closed, or its connection broke.
     ClientGone,
@@ -468,7 +468,7 @@ impl Exec {
         framing: Framing,
         sink: &mut Si,
         stream: &mut St,
-    ) -> Outcome
+    ) -> PumpEnd
     where
         Si: Sink<Message, Error = WsError> + Unpin,
         St: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -486,10 +486,10 @@ impl Exec {
             r
         };
         match tokio::join!(down, up) {
-            (Down::Ended(end), _) => Outcome::Ended(end),
-            (Down::SinkFailed, _) | (Down::Stopped, Up::Gone | Up::Stopped) => Outcome::ClientGone,
-            (Down::Failed(e), _) | (Down::Stopped, Up::Failed(e)) => Outcome::Failed(e),
-            (Down::Stopped, Up::Bad(why)) => Outcome::BadFrame(why),
+            (Down::Ended(end), _) => PumpEnd::Ended(end),
+            (Down::SinkFailed, _) | (Down::Stopped, Up::Gone | Up::Stopped) => PumpEnd::ClientGone,
+            (Down::Failed(e), _) | (Down::Stopped, Up::Failed(e)) => PumpEnd::Failed(e),
+            (Down::Stopped, Up::Bad(why)) => PumpEnd::BadFrame(why),
         }
     }
 
@@ -660,7 +660,7 @@ pub async fn attach(
     let (exec, params) = attach_session(state, id, watch).await?;
     tokio::spawn(run(
         handshake.upgrade,
-        Started::Running(Box::new(exec)),
+        ExecStart::Running(Box::new(exec)),
         params,
     ));
     Ok(handshake.response)
@@ -711,9 +711,9 @@ pub async fn attach_session(
     Ok((exec, params))
 }
 
-async fn run(upgrade: ws::Upgrade, started: Started, params: ExecParams) {
+async fn run(upgrade: ws::Upgrade, started: ExecStart, params: ExecParams) {
     let Some(socket) = ws::accept(upgrade).await else {
-        if let Started::Running(exec) = started {
+        if let ExecStart::Running(exec) = started {
             exec.abandon(params.run_after_disconnect).await;
         }
         return;
@@ -721,8 +721,8 @@ async fn run(upgrade: ws::Upgrade, started: Started, params: ExecParams) {
     let (mut sink, mut stream) = socket.split();
     let framing = params.framing();
     let mut exec = match started {
-        Started::Running(exec) => exec,
-        Started::SpawnFailed { code, message } => {
+        ExecStart::Running(exec) => exec,
+        ExecStart::SpawnFailed { code, message } => {
             let stderr = framing.output(hull_proto::Stream::Stderr, message.into_bytes());
             let _ = sink.send(stderr).await;
             return finish(&mut sink, &mut stream, framing.exit(code, true), None).await;
@@ -732,17 +732,17 @@ async fn run(upgrade: ws::Upgrade, started: Started, params: ExecParams) {
         return exec.abandon(params.run_after_disconnect).await;
     }
     match exec.pump(framing, &mut sink, &mut stream).await {
-        Outcome::Ended(end) => match exit_code(&end) {
+        PumpEnd::Ended(end) => match exit_code(&end) {
             Ok(code) => finish(&mut sink, &mut stream, framing.exit(code, true), None).await,
             Err(why) => finish(&mut sink, &mut stream, None, Some((CloseCode::Error, why))).await,
         },
-        Outcome::ClientGone => exec.abandon(params.run_after_disconnect).await,
-        Outcome::BadFrame(why) => {
+        PumpEnd::ClientGone => exec.abandon(params.run_after_disconnect).await,
+        PumpEnd::BadFrame(why) => {
             tracing::debug!(%why, "closing an exec's WebSocket on a bad frame");
             let _ = sink.send(ws::close(CloseCode::Unsupported, &why)).await;
             exec.abandon(Some(Duration::ZERO)).await;
         }
-        Outcome::Failed(e) => {
+        PumpEnd::Failed(e) => {
             let why = format!("hulld: {}", hull_proto::error_chain(&e));
             finish(&mut sink, &mut stream, None, Some((CloseCode::Error, why))).await
         }

@@ -597,15 +597,6 @@ impl Storage {
         Ok(pending.layer)
     }
 
-    /// Drops a pending layer that will not be used.
-    pub fn abort_restore(&self, pending: PendingLayer) -> Result<()> {
-        let catalog = self.catalog();
-        self.destroy(&self.layer_dir(&pending.layer.id))?;
-        catalog
-            .delete_layer(&pending.layer.id)
-            .map_err(self.db_err())
-    }
-
     /// Deletes checkpoint `id`. Snapshots are independent: any may go.
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
         let catalog = self.catalog();
