@@ -41,6 +41,18 @@ pub enum DaemonError {
         what: &'static str,
         source: io::Error,
     },
+    #[error("cannot open the log store in {path}")]
+    LogStore {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot install hulld's {signal} handler")]
+    SignalHandler {
+        signal: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error("base image {kind} is not built at {path}; build it with `hull image build --kind {kind}` (or `hull up`, which builds it)")]
@@ -293,7 +305,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     // First, so that hulld's own start-up is in `hull logs --daemon` too.
     let exec_dir = logs_settings.dir.join(hull_logs::EXEC_SOURCE);
     let logs = hull_logs::LogStore::open(logs_settings.dir.clone(), logs_settings.limits).map_err(
-        |source| DaemonError::StateDir {
+        |source| DaemonError::LogStore {
             path: logs_settings.dir,
             source,
         },
@@ -504,14 +516,16 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         supervisor: Some(supervisor_task),
         services: Some(services_task),
     };
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| DaemonError::Protect {
-        what: "SIGTERM handler",
-        source,
-    })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Protect {
-        what: "SIGINT handler",
-        source,
-    })?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|source| DaemonError::SignalHandler {
+            signal: "SIGTERM",
+            source,
+        })?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|source| DaemonError::SignalHandler {
+            signal: "SIGINT",
+            source,
+        })?;
     loop {
         tokio::select! {
             (task, how) = tasks.failed() => {
