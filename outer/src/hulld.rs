@@ -395,6 +395,7 @@ impl Hulld {
         let storage = self.parts.storage.clone();
         let socket = self.parts.socket.clone();
         let logs = self.parts.logs.clone();
+        let exec_log = self.parts.exec_log.clone();
         blocking(move || {
             if let Err(e) = cgroups.teardown() {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot remove hull's cgroups");
@@ -403,6 +404,8 @@ impl Hulld {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot unmount the btrfs volume");
             }
             let _ = std::fs::remove_file(&socket);
+            // The exec records still queued for its writer thread.
+            exec_log.sync();
             logs.flush();
         })
         .await;

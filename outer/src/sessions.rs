@@ -1142,7 +1142,8 @@ impl Session {
                 // As a closing terminal does.
                 self.inner.link.kill(self.process_id, libc::SIGHUP).await;
                 if let Some(record) = self.record.take() {
-                    record.finish(None, Some("the client went away; sent SIGHUP"));
+                    // No client is told of the end: nothing waits for it.
+                    drop(record.finish(None, Some("the client went away; sent SIGHUP")));
                 }
                 return;
             }
@@ -1178,7 +1179,14 @@ impl Session {
             }
         };
         if let Some(record) = self.record.take() {
-            record.finish(status, note.as_deref());
+            // The log is written on a thread of its own: a client told of
+            // the end finds it there. A writer stuck on the disk only
+            // delays the end, never holds it.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                record.finish(status, note.as_deref()),
+            )
+            .await;
         }
         let writer = self.writer_id();
         let pending = self.pending.take();

@@ -916,9 +916,14 @@ pub struct ExecTag {
     /// On `exec_output`: the size of a stream that was not text, in all.
     #[serde(default)]
     pub bytes: Option<u64>,
-    /// On `exec_output`: the SHA-256 of all of that stream, in hex.
+    /// On `exec_output`: the SHA-256 of all of that stream, in hex;
+    /// absent when some of it was not logged.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// On `exec_end`: the bytes of output not logged because the log fell
+    /// behind the process; absent when all of it was.
+    #[serde(default)]
+    pub unlogged_bytes: Option<u64>,
 }
 
 /// What a marker record in a service's log marks.

@@ -999,6 +999,9 @@ fn exec_json(tag: &hull_proto::ExecTag) -> serde_json::Value {
     if let Some(hash) = &tag.sha256 {
         obj.insert("sha256".into(), hash.clone().into());
     }
+    if let Some(bytes) = tag.unlogged_bytes {
+        obj.insert("unlogged_bytes".into(), bytes.into());
+    }
     serde_json::Value::Object(obj)
 }
 
