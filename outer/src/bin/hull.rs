@@ -212,9 +212,11 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
-    /// A hull VM: build its image (a Debian cloud kernel and an initramfs
-    /// with hull's init, hulld and the busybox base image), boot it under
-    /// QEMU with hulld's HTTP API forwarded to this machine, stop it.
+    /// Build, boot and stop a hull VM.
+    ///
+    /// Its image is a Debian cloud kernel and an initramfs with hull's
+    /// init, hulld and the busybox base image; it boots under QEMU with
+    /// hulld's HTTP API forwarded to this machine.
     Vm {
         #[command(subcommand)]
         command: VmCommand,
@@ -223,8 +225,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum VmCommand {
-    /// Build the VM image into DIR: `vmlinuz`, `initramfs.img` and
-    /// `manifest.json` (its inputs and their SHA-256). Downloads Debian's
+    /// Build the VM image into DIR.
+    ///
+    /// `vmlinuz`, `initramfs.img` and `manifest.json` (its inputs and
+    /// their SHA-256). Downloads Debian's
     /// linux-image-cloud-amd64 with apt-get; hull-init, hulld and hull are
     /// the binaries next to this one. The same inputs reuse the cached
     /// build. Progress on stderr; the directory (or --json) on stdout.
@@ -237,8 +241,9 @@ enum VmCommand {
         #[arg(long, value_name = "DIR", default_value = cli::vm::DEFAULT_CACHE)]
         cache: PathBuf,
     },
-    /// Boot the image in DIR under QEMU in the background (TCG; the serial
-    /// console in DIR/console.log, QEMU's pid in DIR/qemu.pid, QMP at
+    /// Boot the image in DIR under QEMU, in the background.
+    ///
+    /// TCG; the serial console in DIR/console.log, QEMU's pid in DIR/qemu.pid, QMP at
     /// DIR/qmp.sock) and return once hulld's HTTP API answers on
     /// 127.0.0.1:PORT; prints its URL.
     Run {
@@ -262,7 +267,9 @@ enum VmCommand {
         #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = cli::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Shut the VM in DIR down cleanly: ctrl-alt-del over QMP, which
+    /// Shut the VM in DIR down cleanly.
+    ///
+    /// Ctrl-alt-del over QMP, which
     /// hull-init turns into stopping hulld, syncing, unmounting and a
     /// power-off; waits for QEMU to exit (told to quit after --timeout).
     Stop {
@@ -271,8 +278,9 @@ enum VmCommand {
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = cli::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Whether the VM in DIR runs, QEMU's pid, the API's URL and whether
-    /// it answers.
+    /// Whether the VM in DIR runs, and its API answers.
+    ///
+    /// QEMU's pid, the API's URL and whether it answers.
     Status {
         #[arg(default_value = cli::vm::DEFAULT_DIR)]
         dir: PathBuf,
