@@ -30,10 +30,11 @@ pub const EXEC_SOURCE: &str = "exec";
 const ID_SCAN: u64 = 1000;
 
 /// The output waiting for the writer thread, in all execs: what hulld
-/// holds for a log that fell behind, at most. The writer keeps up with
-/// far more than a burst of this; past it, output goes unlogged (and
-/// counted) rather than into hulld's memory.
-const QUEUE_BYTES: usize = 1 << 20;
+/// holds for a log that fell behind, at most. An exec's output of less
+/// than this is always logged whole, however far behind the writer is;
+/// past it, output goes unlogged (and counted) rather than into hulld's
+/// memory.
+const QUEUE_BYTES: usize = 4 << 20;
 
 /// Work for the writer thread, in the order each exec's recorder sent it.
 enum Job {
