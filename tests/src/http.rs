@@ -122,3 +122,26 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[start + size + 2..];
     }
 }
+
+/// The sandbox's name, as `GET /v1/sprites` lists it.
+pub fn sprite_name(addr: SocketAddr, token: &str) -> String {
+    let r = request(addr, "GET", "/v1/sprites", Some(token), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["sprites"][0]["name"]
+        .as_str()
+        .expect("a sprite name")
+        .to_string()
+}
+
+/// `%`-encodes a query value.
+pub fn q(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -7,11 +7,7 @@ use std::time::Duration;
 use hull_tests::http::request;
 use hull_tests::{block_on, inner_pids_running, require_root, sdk_python, workspace_dir, TestHull};
 
-fn sprite_name(addr: std::net::SocketAddr, token: &str) -> String {
-    let r = request(addr, "GET", "/v1/sprites", Some(token), None);
-    assert_eq!(r.status, 200, "{r:?}");
-    r.json()["sprites"][0]["name"].as_str().unwrap().to_string()
-}
+use hull_tests::http::sprite_name;
 
 /// The `type` of each event of an NDJSON response.
 fn event_types(r: &hull_tests::http::Response) -> Vec<String> {

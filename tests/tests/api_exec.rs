@@ -17,11 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-fn sprite_name(addr: SocketAddr, token: &str) -> String {
-    let r = request(addr, "GET", "/v1/sprites", Some(token), None);
-    assert_eq!(r.status, 200, "{r:?}");
-    r.json()["sprites"][0]["name"].as_str().unwrap().to_string()
-}
+use hull_tests::http::sprite_name;
 
 /// Runs tests/sdk/`script` against `hull` through the SDK, in control
 /// mode or not.

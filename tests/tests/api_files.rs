@@ -30,18 +30,7 @@ fn start(scope: &str) -> Option<(TestHull, SocketAddr, String, String)> {
     Some((hull, addr, token, name))
 }
 
-/// `%`-encodes a query value.
-fn q(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use hull_tests::http::q;
 
 fn read(addr: SocketAddr, sprite: &str, token: &str, path: &str) -> Response {
     let url = format!("/v1/sprites/{sprite}/fs/read?path={}", q(path));

@@ -31,17 +31,7 @@ fn start() -> Option<(TestHull, SocketAddr, String, String)> {
     Some((hull, addr, token, name))
 }
 
-fn q(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use hull_tests::http::q;
 
 fn put(addr: SocketAddr, sprite: &str, token: &str, path: &str, body: &[u8]) -> Response {
     let head = format!(

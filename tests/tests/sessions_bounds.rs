@@ -18,11 +18,7 @@ const MAX_SESSIONS: usize = 128;
 /// `daemon.scrollback_total`'s default.
 const SCROLLBACK_TOTAL: u64 = 8 << 20;
 
-fn sprite_name(addr: std::net::SocketAddr, token: &str) -> String {
-    let r = request(addr, "GET", "/v1/sprites", Some(token), None);
-    assert_eq!(r.status, 200, "{r:?}");
-    r.json()["sprites"][0]["name"].as_str().unwrap().to_string()
-}
+use hull_tests::http::sprite_name;
 
 async fn session_info(ws: &mut hull_tests::ws::Ws) -> serde_json::Value {
     loop {

@@ -38,15 +38,7 @@ pub fn empty_argv_exec(n: usize) -> Vec<u8> {
     })))
 }
 
-/// The sandbox's name, as the API lists it.
-pub fn sprite_name(addr: SocketAddr, token: &str) -> String {
-    let r = crate::http::request(addr, "GET", "/v1/sprites", Some(token), None);
-    assert_eq!(r.status, 200, "{r:?}");
-    r.json()["sprites"][0]["name"]
-        .as_str()
-        .expect("a sprite name")
-        .to_string()
-}
+pub use crate::http::sprite_name;
 
 /// The frames in `buf` so far, taken off its front.
 fn take_frames(buf: &mut Vec<u8>) -> Vec<DaemonMsg> {
