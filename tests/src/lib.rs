@@ -16,6 +16,7 @@ use hull_proto::{ExecSpec, InnerState, StatusReport};
 pub mod attacks;
 pub mod http;
 pub mod siege;
+pub mod vm;
 pub mod ws;
 
 /// Returns false (after saying why) when the test cannot run here; under

@@ -1,197 +1,13 @@
-//! The hull VM end to end: `hull vm build` makes the image (cached under
-//! the test binaries' directory, like the inner's test images), `hull vm
-//! run` boots it under QEMU (TCG) on a free loopback port, hulld's API
-//! answers through QEMU's forwarded port, and `hull vm stop` powers it off
+//! The hull VM end to end: `hull vm build` makes the image, `hull vm run`
+//! boots it under QEMU (TCG) on a free loopback port, hulld's API answers
+//! through QEMU's forwarded port, and `hull vm stop` powers it off
 //! cleanly. QEMU is killed by its pid if the test fails on the way.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hull_tests::bin_dir;
-
-/// Whether QEMU is installed; under CI=true its absence fails the test.
-fn require_qemu() -> bool {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("the VM test needs qemu-system-x86_64 (apt-get install qemu-system-x86) and CI=true forbids skipping");
-    }
-    eprintln!("skipping: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-    false
-}
-
-fn hull(args: &[&str]) -> Output {
-    Command::new(bin_dir().join("hull"))
-        .args(args)
-        .output()
-        .expect("run hull")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The VM image, built once per set of binaries (an flock serialises test
-/// processes; `hull vm build` itself reuses a build of the same inputs).
-fn vm_image() -> PathBuf {
-    let dir = bin_dir().join("hull-test-vm");
-    std::fs::create_dir_all(&dir).unwrap();
-    let lock_file = std::fs::File::create(dir.join(".lock")).unwrap();
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("lock the VM image dir");
-    let image = dir.join("image");
-    let cache = dir.join("cache");
-    let build = || {
-        let out = hull(&[
-            "--json",
-            "vm",
-            "build",
-            "--out",
-            image.to_str().unwrap(),
-            "--cache",
-            cache.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "hull vm build failed: {}",
-            text(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
-    let first = build();
-    // The same inputs: the cached build, the same key.
-    let second = build();
-    assert_eq!(second["reused"], true, "{second}");
-    assert_eq!(second["manifest"]["key"], first["manifest"]["key"]);
-    image
-}
-
-/// A QEMU started from `dir`, killed by its pid when dropped if it still runs.
-struct Vm {
-    dir: PathBuf,
-}
-
-impl Vm {
-    fn qemu_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.dir.join("qemu.pid"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-    }
-
-    fn console(&self) -> String {
-        text(&std::fs::read(self.dir.join("console.log")).unwrap_or_default())
-    }
-
-    fn console_tail(&self) -> String {
-        let console = self.console();
-        let lines: Vec<&str> = console.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(pid) = self.qemu_pid() {
-            if qemu_alive(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
-}
-
-fn qemu_alive(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(") ")
-        .is_some_and(|(_, rest)| rest.starts_with('Z'));
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie && text(&cmdline).contains("qemu-system")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET `path` on 127.0.0.1:`port`: the status line and the body.
-fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete response head");
-    let head = text(&response[..split]);
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    let body = response[split + 4..].to_vec();
-    // hyper sends a body of unknown length chunked: take the chunks out.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return (status, dechunk(&body));
-    }
-    (status, body)
-}
-
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(text(&body[..line_end]).trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&body[line_end + 2..line_end + 2 + size]);
-        body = &body[line_end + 2 + size + 2..];
-    }
-}
-
-/// hull-init's console lines (the first may follow the firmware's
-/// escape sequences on the same line), from their boot clock on.
-fn init_lines(console: &str) -> impl Iterator<Item = &str> {
-    console.lines().filter_map(|l| {
-        l.find("hull-init: [")
-            .map(|at| &l[at + "hull-init: [".len()..])
-    })
-}
-
-/// The boot clock of hull-init's first console line that contains `what`.
-fn init_time(console: &str, what: &str) -> Option<f64> {
-    init_lines(console)
-        .filter(|l| l.contains(what))
-        .find_map(|l| l.split(']').next()?.trim().parse().ok())
-}
-
-fn link_or_copy(from: &Path, to: &Path) {
-    if std::fs::hard_link(from, to).is_err() {
-        std::fs::copy(from, to).unwrap();
-    }
-}
+use hull_tests::vm::{
+    free_port, http_get, hull, init_lines, init_time, qemu_alive, require_qemu, text, vm_image, Vm,
+};
 
 #[test]
 fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
@@ -211,20 +27,14 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
 
     // The run's files (console, pid, QMP socket) go in a directory of the
     // test's own.
-    let run_dir = tempfile::tempdir().unwrap();
-    for name in ["vmlinuz", "initramfs.img", "manifest.json"] {
-        link_or_copy(&image.join(name), &run_dir.path().join(name));
-    }
-    let vm = Vm {
-        dir: run_dir.path().to_path_buf(),
-    };
+    let vm = Vm::new(&image);
     let port = free_port();
     let started = Instant::now();
     let out = hull(&[
         "--json",
         "vm",
         "run",
-        run_dir.path().to_str().unwrap(),
+        vm.dir_str(),
         "--api-port",
         &port.to_string(),
         "--timeout",
@@ -278,7 +88,7 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
     );
 
     // The API, from this machine, through QEMU's forwarded port.
-    let (status, body) = http_get(port, "/v1/openapi.json");
+    let (status, body) = http_get(port, "/v1/openapi.json", &[]);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     let openapi: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(
@@ -286,7 +96,7 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         "{openapi}"
     );
 
-    let out = hull(&["--json", "vm", "status", run_dir.path().to_str().unwrap()]);
+    let out = hull(&["--json", "vm", "status", vm.dir_str()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["running"], true, "{status}");
@@ -313,7 +123,7 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         run["ready_ms"].as_f64().unwrap() / 1000.0
     );
 
-    let out = hull(&["--json", "vm", "stop", run_dir.path().to_str().unwrap()]);
+    let out = hull(&["--json", "vm", "stop", vm.dir_str()]);
     assert!(
         out.status.success(),
         "hull vm stop failed: {}\nconsole:\n{}",
@@ -356,7 +166,7 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         "the kernel powered off:\n{}",
         vm.console_tail()
     );
-    let out = hull(&["--json", "vm", "status", run_dir.path().to_str().unwrap()]);
+    let out = hull(&["--json", "vm", "status", vm.dir_str()]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["running"], false, "{status}");
 }
