@@ -35,7 +35,7 @@ use std::sync::Arc;
 pub use error::ApiError;
 pub use hull_proto::TokenScope;
 pub use server::{Api, BoundApi, StartError};
-pub use tokens::{Grant, TokenError, TokenStore};
+pub use tokens::{Grant, HostToken, TokenError, TokenStore};
 
 /// Opens connections to hulld's control protocol.
 pub trait Connector: Send + Sync + 'static {
@@ -145,6 +145,8 @@ pub struct ApiSettings {
     pub vsock_port: Option<u32>,
     /// Serve HTTPS with this certificate; plain HTTP when `None`.
     pub tls: Option<tls::TlsFiles>,
+    /// The host's admin token, installed at start (a hull VM's).
+    pub host_token: Option<tokens::HostToken>,
 }
 
 pub(crate) type Shared = Arc<State>;

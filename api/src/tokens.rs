@@ -58,6 +58,43 @@ impl Grant {
     }
 }
 
+/// An admin token made outside the VM, of which hulld is given only the
+/// id and the SHA-256 of the secret (`api.host_token = "ID:HEX"`, which
+/// hull-init takes from the kernel command line): the secret never
+/// enters the VM, so nothing in it, the inner included, can present it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostToken {
+    pub id: String,
+    pub sha256: [u8; 32],
+}
+
+/// The name the host's token has in `hull token list` and sessions.
+pub const HOST_TOKEN_NAME: &str = "host";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not ID:SHA256 (8 hex digits, a colon, 64 hex digits)")]
+pub struct BadHostToken(pub String);
+
+impl std::str::FromStr for HostToken {
+    type Err = BadHostToken;
+    fn from_str(text: &str) -> Result<Self, BadHostToken> {
+        let bad = || BadHostToken(text.to_owned());
+        let (id, digest) = text.split_once(':').ok_or_else(bad)?;
+        let is_hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+        if id.len() != 8 || !is_hex(id) || digest.len() != 64 || !is_hex(digest) {
+            return Err(bad());
+        }
+        let mut sha256 = [0u8; 32];
+        for (i, byte) in sha256.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&digest[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(HostToken {
+            id: id.to_ascii_lowercase(),
+            sha256,
+        })
+    }
+}
+
 /// What a presented token is checked against.
 struct TokenRow {
     hash: Vec<u8>,
@@ -140,6 +177,30 @@ impl TokenStore {
             expires_ms,
         };
         Ok((format!("hull_{id}_{secret}"), info))
+    }
+
+    /// Makes `host` the one token named "host" (an admin token): the
+    /// previous boot's is revoked, so a host token lives as long as the
+    /// run that made it.
+    pub fn install_host(&self, host: &HostToken) -> Result<(), TokenError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "DELETE FROM tokens WHERE name = ?1 OR id = ?2",
+            params![HOST_TOKEN_NAME, host.id],
+        )?;
+        tx.execute(
+            "INSERT INTO tokens (id, hash, scope, name, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+            params![
+                host.id,
+                host.sha256.to_vec(),
+                TokenScope::Admin.as_str(),
+                HOST_TOKEN_NAME,
+                now_ms()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn list(&self) -> Result<Vec<TokenInfo>, TokenError> {
@@ -245,6 +306,43 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_token_given_as_its_hash_admits_its_secret_and_replaces_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let secret = "ab".repeat(24);
+        let digest: String = Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let host: HostToken = format!("0123abcd:{digest}").parse().unwrap();
+        store.install_host(&host).unwrap();
+        let bearer = format!("hull_0123abcd_{secret}");
+        let grant = store.check(Some(&bearer)).unwrap().unwrap();
+        assert_eq!(grant.scope, TokenScope::Admin);
+        assert_eq!(grant.label(), HOST_TOKEN_NAME);
+        let wrong = format!("hull_0123abcd_{}", "cd".repeat(24));
+        assert_eq!(store.check(Some(&wrong)).unwrap(), Err(Refusal::Invalid));
+        // The next boot's token revokes this one.
+        let next: HostToken = format!("99999999:{digest}").parse().unwrap();
+        store.install_host(&next).unwrap();
+        assert_eq!(store.check(Some(&bearer)).unwrap(), Err(Refusal::Invalid));
+        assert!(store
+            .check(Some(&format!("hull_99999999_{secret}")))
+            .unwrap()
+            .is_ok());
+        assert_eq!(store.list().unwrap().len(), 1);
+        for bad in [
+            "",
+            "0123abcd",
+            "0123abc:00",
+            "0123abcd:zz",
+            &format!("x:{digest}"),
+        ] {
+            assert!(bad.parse::<HostToken>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn tokens_are_checked_by_secret_scope_and_expiry() {

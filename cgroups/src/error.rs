@@ -86,6 +86,19 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot hand {path} to the inner's root (uid {uid})")]
+    Delegate {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot remove the group {path} the inner made")]
+    RemoveChild {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot kill the processes of the cgroup through {path}")]
     Kill {
         path: PathBuf,

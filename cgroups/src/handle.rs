@@ -168,6 +168,15 @@ impl Cgroup {
         self.manager().kill_all(timeout)
     }
 
+    /// Hands the group to the inner's root (see [`v2::Manager::delegate`]);
+    /// nothing on v1, where the inner sees its groups read-only.
+    pub fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        match self.as_v2() {
+            Some(m) => m.delegate(uid, gid),
+            None => Ok(()),
+        }
+    }
+
     /// Removes the group's directories; a group that is already gone is fine.
     pub fn remove(&self) -> Result<()> {
         self.manager().remove()

@@ -423,6 +423,14 @@ impl Storage {
         for action in &recovery.actions {
             tracing::warn!(action = %action, "storage recovery");
         }
+        if recovery.actions.is_empty() {
+            // Said at every start, so a start after a crash shows that the
+            // check ran and what it found.
+            tracing::info!(
+                checkpoints = known.len(),
+                "storage checked: every checkpoint and the current layer are whole, nothing to recover"
+            );
+        }
         Ok(recovery)
     }
 

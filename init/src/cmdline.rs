@@ -28,14 +28,19 @@ pub enum IpParamError {
     NoNetmask { value: String },
 }
 
+/// The value of the last `key=value` word of `cmdline`, as the kernel
+/// takes the last of a repeated parameter.
+pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+}
+
 /// The static configuration `ip=` in `cmdline` asks for; `None` when there
 /// is no `ip=`. The device defaults to eth0, as the one NIC of a hull VM.
 pub fn parse_ip(cmdline: &str) -> Result<Option<StaticIp>, IpParamError> {
-    let Some(value) = cmdline
-        .split_ascii_whitespace()
-        .filter_map(|word| word.strip_prefix("ip="))
-        .next_back()
-    else {
+    let Some(value) = param(cmdline, "ip") else {
         return Ok(None);
     };
     let fields: Vec<&str> = value.split(':').collect();
@@ -139,6 +144,15 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn hulls_parameters_are_found_by_their_whole_key() {
+        let line = "console=ttyS0 hull.data=/dev/vdb hull.host_token=0123abcd:ff xhull.data=/x";
+        assert_eq!(param(line, "hull.data"), Some("/dev/vdb"));
+        assert_eq!(param(line, "hull.host_token"), Some("0123abcd:ff"));
+        assert_eq!(param(line, "hull.dat"), None);
+        assert_eq!(param(line, "hull.cgroup"), None);
     }
 
     #[test]

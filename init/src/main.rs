@@ -17,6 +17,7 @@
 //! Synchronous and small on purpose: no runtime between the kernel and hulld.
 
 mod cmdline;
+mod data_disk;
 mod modules;
 mod net;
 mod switch_root;
@@ -43,12 +44,19 @@ use nix::unistd::Pid;
 /// sits beside it.
 const HULLD: &str = "/usr/bin/hulld";
 const HULLD_CONFIG: &str = "/etc/hull/hull.toml";
+/// The kernel starts init with no PATH: the one its children get.
+const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// The VM's hostname, which is also the sandbox's name in hulld's API.
 const HOSTNAME: &str = "hull";
-/// hulld's state: a tmpfs until the VM has a data disk.
+/// hulld's state: the data disk, or a tmpfs without one.
 const STATE_DIR: &str = "/var/lib/hull";
-/// The base images the image builder put in.
+/// The base images the image builder put in ...
 const IMAGE_DIR: &str = "/usr/share/hull/images";
+/// ... and their copy on the data disk, where the inner's user namespace
+/// can take an idmapped mount of them (6.1's tmpfs cannot).
+const DISK_IMAGE_DIR: &str = "/var/lib/hull/images";
+/// The base image hulld runs.
+const IMAGE: &str = "busybox";
 /// How long hulld has to stop on shutdown before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// hulld's restart backoff: doubling from the first to the last, and back
@@ -102,12 +110,6 @@ const MOUNTS: &[MountSpec] = &[
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: "mode=1777",
     },
-    MountSpec {
-        fstype: "tmpfs",
-        target: STATE_DIR,
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
-        data: "mode=0700,size=60%",
-    },
     // Alone, with nsdelegate: a cgroup namespace's root is a delegation
     // boundary the inner cannot write limits across.
     MountSpec {
@@ -118,12 +120,22 @@ const MOUNTS: &[MountSpec] = &[
     },
 ];
 
+/// The state directory when there is no data disk: lost at power-off.
+const STATE_TMPFS: MountSpec = MountSpec {
+    fstype: "tmpfs",
+    target: STATE_DIR,
+    flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+    data: "mode=0700,size=60%",
+};
+
 /// The boot's steps, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     Mount(MountSpec),
     EnableControllers,
     LoadModules,
+    DataDisk,
+    BaseImage,
     Loopback,
     Ethernet,
     Hostname,
@@ -134,8 +146,11 @@ fn boot_steps() -> Vec<Step> {
     let mut steps: Vec<Step> = MOUNTS.iter().copied().map(Step::Mount).collect();
     steps.extend([
         Step::EnableControllers,
-        // Before the network: virtio_net makes eth0.
+        // Before the network: virtio_net makes eth0; virtio_blk and
+        // btrfs the data disk.
         Step::LoadModules,
+        Step::DataDisk,
+        Step::BaseImage,
         Step::Loopback,
         Step::Ethernet,
         // hulld names its sandbox after the machine.
@@ -204,6 +219,15 @@ enum InitError {
     #[error("cannot add the default route through {gateway}")]
     Route {
         gateway: std::net::Ipv4Addr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    DataDisk(#[from] data_disk::DataDiskError),
+    #[error("cannot copy the base image {from} to {to}")]
+    CopyImage {
+        from: PathBuf,
+        to: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -297,15 +321,34 @@ fn main() {
         Ok(fd) => fd,
         Err(e) => fatal(&InitError::Signals(e)),
     };
+    let mut boot = Boot::default();
     for step in boot_steps() {
-        if let Err(e) = run_step(step) {
+        if let Err(e) = run_step(step, &mut boot) {
             fatal(&e);
         }
     }
-    supervise(&signal_fd);
+    supervise(&signal_fd, &boot);
 }
 
-fn run_step(step: Step) -> Result<(), InitError> {
+/// What the boot found that later steps and the shutdown need.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Boot {
+    /// The state directory is on the data disk (else on a tmpfs).
+    on_disk: bool,
+    /// `hull.host_token=` from the command line: the host's admin token's
+    /// id and hash, for hulld.
+    host_token: Option<String>,
+}
+
+fn read_cmdline() -> Result<String, InitError> {
+    let path = Path::new("/proc/cmdline");
+    fs::read_to_string(path).map_err(|source| InitError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
     let started = Instant::now();
     match step {
         Step::Mount(spec) => {
@@ -339,13 +382,33 @@ fn run_step(step: Step) -> Result<(), InitError> {
             })?;
             log!("brought lo up ({:.1} ms)", millis(started));
         }
+        Step::DataDisk => {
+            boot.on_disk = mount_data_disk(started)?;
+            if !boot.on_disk {
+                mount_one(&STATE_TMPFS)?;
+                log!(
+                    "mounted tmpfs at {STATE_DIR}: hulld's state is lost at power-off ({:.1} ms)",
+                    millis(started)
+                );
+            }
+        }
+        Step::BaseImage => {
+            if boot.on_disk {
+                copy_base_image(started)?;
+            }
+        }
         Step::Ethernet => configure_ethernet(started)?,
         Step::Hostname => {
             nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
             log!("set the hostname to {HOSTNAME} ({:.1} ms)", millis(started));
         }
         Step::WriteConfig => {
-            write_config(Path::new(HULLD_CONFIG))?;
+            boot.host_token =
+                cmdline::param(&read_cmdline()?, "hull.host_token").map(str::to_owned);
+            if boot.host_token.is_none() {
+                log!("no hull.host_token= on the command line: the API has no token until one is made with `hull token create`");
+            }
+            write_config(Path::new(HULLD_CONFIG), boot)?;
             log!("wrote {HULLD_CONFIG} ({:.1} ms)", millis(started));
         }
     }
@@ -463,12 +526,108 @@ fn load_modules() -> Result<usize, InitError> {
     Ok(loaded)
 }
 
-fn configure_ethernet(started: Instant) -> Result<(), InitError> {
-    let cmdline_path = Path::new("/proc/cmdline");
-    let cmdline = fs::read_to_string(cmdline_path).map_err(|source| InitError::Read {
-        path: cmdline_path.into(),
+/// Mounts the data disk at the state directory, formatting it first when
+/// it is empty; false when there is no data disk to use.
+fn mount_data_disk(started: Instant) -> Result<bool, InitError> {
+    use data_disk::{Content, DataDiskError};
+    let cmdline = read_cmdline()?;
+    let device =
+        PathBuf::from(cmdline::param(&cmdline, "hull.data").unwrap_or(data_disk::DEFAULT_DEVICE));
+    let state_dir = Path::new(STATE_DIR);
+    fs::create_dir_all(state_dir).map_err(|source| InitError::MountPoint {
+        path: state_dir.into(),
         source,
     })?;
+    let unusable = |e: DataDiskError| {
+        log!("no data disk: {}", error_chain(&e));
+        Ok(false)
+    };
+    if let Err(e) = data_disk::wait_for(&device) {
+        return unusable(e);
+    }
+    let formatted = match data_disk::probe(&device)? {
+        Content::Btrfs => false,
+        Content::Blank => {
+            let mkfs = Instant::now();
+            data_disk::format(&device, PATH)?;
+            log!(
+                "formatted the empty data disk {} btrfs ({:.1} ms)",
+                device.display(),
+                millis(mkfs)
+            );
+            true
+        }
+        Content::Other => return unusable(DataDiskError::Foreign { path: device }),
+    };
+    data_disk::mount(&device, state_dir)?;
+    let how = if formatted {
+        "first boot"
+    } else if data_disk::take_clean_marker(state_dir) {
+        "the last run shut down cleanly"
+    } else {
+        "the last run did not shut down cleanly: btrfs replayed its log, hulld recovers"
+    };
+    log!(
+        "mounted the data disk {} at {STATE_DIR} ({how}) ({:.1} ms)",
+        device.display(),
+        millis(started)
+    );
+    Ok(true)
+}
+
+/// Puts the base image on the data disk unless the copy there is of the
+/// same image (its SHA-256 stamp); a copy is made beside and renamed in,
+/// so a crash never leaves half an image in use.
+fn copy_base_image(started: Instant) -> Result<(), InitError> {
+    let from = Path::new(IMAGE_DIR).join(IMAGE);
+    let stamp = Path::new(IMAGE_DIR).join(format!("{IMAGE}.sha256"));
+    let to_dir = Path::new(DISK_IMAGE_DIR);
+    let to = to_dir.join(IMAGE);
+    let to_stamp = to_dir.join(format!("{IMAGE}.sha256"));
+    let wanted = fs::read_to_string(&stamp).map_err(|source| InitError::Read {
+        path: stamp.clone(),
+        source,
+    })?;
+    if fs::read_to_string(&to_stamp).is_ok_and(|have| have == wanted) && to.is_dir() {
+        log!(
+            "the data disk has the base image {} ({:.1} ms)",
+            wanted.trim().get(..12).unwrap_or_default(),
+            millis(started)
+        );
+        return Ok(());
+    }
+    let copy_error = |source| InitError::CopyImage {
+        from: from.clone(),
+        to: to.clone(),
+        source,
+    };
+    let staging = to_dir.join(format!(".{IMAGE}.new"));
+    fs::create_dir_all(to_dir).map_err(copy_error)?;
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(copy_error)?;
+    }
+    let skipped = data_disk::copy_tree(&from, &staging).map_err(copy_error)?;
+    if to.exists() {
+        fs::remove_dir_all(&to).map_err(copy_error)?;
+    }
+    fs::rename(&staging, &to).map_err(copy_error)?;
+    fs::write(&to_stamp, &wanted).map_err(copy_error)?;
+    nix::unistd::sync();
+    log!(
+        "copied the base image {} to the data disk{} ({:.1} ms)",
+        wanted.trim().get(..12).unwrap_or_default(),
+        if skipped > 0 {
+            format!(", {skipped} special files skipped")
+        } else {
+            String::new()
+        },
+        millis(started)
+    );
+    Ok(())
+}
+
+fn configure_ethernet(started: Instant) -> Result<(), InitError> {
+    let cmdline = read_cmdline()?;
     let ip = match cmdline::parse_ip(&cmdline) {
         Ok(Some(ip)) => ip,
         Ok(None) => {
@@ -514,36 +673,47 @@ fn configure_ethernet(started: Instant) -> Result<(), InitError> {
     Ok(())
 }
 
-/// hulld's config in the VM: state on the tmpfs (so a volume image sized
-/// to it), the busybox image the image builder put in, and the HTTP API on
-/// every address, which is how the host reaches it through QEMU's
-/// forwarded port. The inner runs without a user namespace of its own for
-/// now: its image is on the initramfs, and tmpfs takes idmapped mounts only
-/// from Linux 6.3 (Debian 12's cloud kernel is 6.1); an image on the
-/// VM's btrfs data disk will take them.
-fn hulld_config() -> String {
+/// hulld's config in the VM: its state on the data disk (a tmpfs without
+/// one), the busybox image, and the HTTP API and ingress on every address,
+/// which is how the host reaches them through QEMU's forwarded ports.
+/// The inner gets a user namespace of its own when its image is on the
+/// data disk's btrfs: 6.1's tmpfs takes no idmapped mount (6.3 does).
+fn hulld_config(boot: &Boot) -> String {
+    let image_dir = if boot.on_disk {
+        DISK_IMAGE_DIR
+    } else {
+        IMAGE_DIR
+    };
+    let host_token = boot
+        .host_token
+        .as_deref()
+        .map(|t| format!("host_token = \"{t}\"\n"))
+        .unwrap_or_default();
     format!(
         "# Written by hull-init at every boot.\n\
          state_dir = \"{STATE_DIR}\"\n\
-         image_dir = \"{IMAGE_DIR}\"\n\
-         image = \"busybox\"\n\
+         image_dir = \"{image_dir}\"\n\
+         image = \"{IMAGE}\"\n\
          hostname = \"{HOSTNAME}\"\n\
          \n\
          [network]\n\
          mode = \"none\"\n\
+         outer_address = \"0.0.0.0\"\n\
          \n\
          [daemon]\n\
          disk_reserve = \"32M\"\n\
          \n\
          [inner]\n\
-         user_namespace = false\n\
+         user_namespace = {}\n\
          \n\
          [api]\n\
-         listen = \"0.0.0.0:7700\"\n"
+         listen = \"0.0.0.0:7700\"\n\
+         {host_token}",
+        boot.on_disk
     )
 }
 
-fn write_config(path: &Path) -> Result<(), InitError> {
+fn write_config(path: &Path, boot: &Boot) -> Result<(), InitError> {
     let error = |source| InitError::Config {
         path: path.to_path_buf(),
         source,
@@ -551,12 +721,20 @@ fn write_config(path: &Path) -> Result<(), InitError> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(error)?;
     }
-    fs::write(path, hulld_config()).map_err(error)
+    // The host token's hash is no secret, but the file is hulld's alone.
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(hulld_config(boot).as_bytes()))
+        .map_err(error)
 }
 
 /// hulld under supervision, and every orphan reaped, until a signal asks
 /// for a power-off.
-fn supervise(signal_fd: &SignalFd) -> ! {
+fn supervise(signal_fd: &SignalFd, boot: &Boot) -> ! {
     let mut hulld: Option<(Pid, Instant)> = None;
     let mut backoff = BACKOFF_FIRST;
     let mut next_start = Instant::now();
@@ -577,7 +755,7 @@ fn supervise(signal_fd: &SignalFd) -> ! {
             let signal = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0));
             match signal {
                 Ok(Signal::SIGCHLD) => {}
-                Ok(signal) => power_off(signal_fd, hulld.map(|(pid, _)| pid), signal),
+                Ok(signal) => power_off(signal_fd, hulld.map(|(pid, _)| pid), signal, boot),
                 Err(_) => {}
             }
         }
@@ -633,9 +811,8 @@ fn start_hulld() -> Option<Pid> {
     }
     match command
         .args(["--config", HULLD_CONFIG])
-        // The kernel starts init with no PATH; hulld runs mkfs.btrfs,
-        // mount and ldd by name.
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        // hulld runs mkfs.btrfs, mount and ldd by name.
+        .env("PATH", PATH)
         // The console is a serial log, not a terminal that shows colours.
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -680,7 +857,7 @@ fn describe(status: WaitStatus) -> String {
 
 /// Stops hulld (SIGKILL after `STOP_GRACE`) and what is left, syncs,
 /// unmounts and powers off.
-fn power_off(signal_fd: &SignalFd, hulld: Option<Pid>, signal: Signal) -> ! {
+fn power_off(signal_fd: &SignalFd, hulld: Option<Pid>, signal: Signal, boot: &Boot) -> ! {
     log!("{signal}: shutting down");
     if let Some(pid) = hulld {
         let started = Instant::now();
@@ -720,6 +897,12 @@ fn power_off(signal_fd: &SignalFd, hulld: Option<Pid>, signal: Signal) -> ! {
         "killed the remaining processes and synced ({:.1} ms)",
         millis(started)
     );
+    if boot.on_disk {
+        match data_disk::mark_clean(Path::new(STATE_DIR)) {
+            Ok(()) => log!("marked the data disk clean"),
+            Err(e) => log!("cannot mark the data disk clean: {e}"),
+        }
+    }
     let started = Instant::now();
     let (unmounted, busy) = unmount_all();
     log!(
@@ -834,6 +1017,12 @@ mod tests {
             "virtio_net must load before eth0 is set up"
         );
         assert_eq!(steps.last(), Some(&Step::WriteConfig));
+        let data_disk = steps.iter().position(|s| *s == Step::DataDisk);
+        let base_image = steps.iter().position(|s| *s == Step::BaseImage);
+        assert!(
+            modules < data_disk && data_disk < base_image,
+            "virtio_blk and btrfs load before the data disk is mounted, and the image goes on it"
+        );
     }
 
     #[test]
@@ -867,10 +1056,26 @@ mod tests {
 
     #[test]
     fn hulld_config_is_what_hulld_needs_in_the_vm() {
-        let config = hulld_config();
-        assert!(config.contains("listen = \"0.0.0.0:7700\""), "{config}");
-        assert!(config.contains(&format!("state_dir = \"{STATE_DIR}\"")));
-        assert!(config.contains("image = \"busybox\""));
+        let on_disk = Boot {
+            on_disk: true,
+            host_token: Some(format!("0123abcd:{}", "ab".repeat(32))),
+        };
+        let config: toml::Value = toml::from_str(&hulld_config(&on_disk)).unwrap();
+        assert_eq!(config["api"]["listen"].as_str(), Some("0.0.0.0:7700"));
+        assert_eq!(
+            config["api"]["host_token"].as_str(),
+            on_disk.host_token.as_deref()
+        );
+        assert_eq!(config["state_dir"].as_str(), Some(STATE_DIR));
+        assert_eq!(config["image"].as_str(), Some("busybox"));
+        assert_eq!(config["image_dir"].as_str(), Some(DISK_IMAGE_DIR));
+        assert_eq!(config["inner"]["user_namespace"].as_bool(), Some(true));
+        assert_eq!(config["network"]["outer_address"].as_str(), Some("0.0.0.0"));
+
+        let on_tmpfs: toml::Value = toml::from_str(&hulld_config(&Boot::default())).unwrap();
+        assert_eq!(on_tmpfs["image_dir"].as_str(), Some(IMAGE_DIR));
+        assert_eq!(on_tmpfs["inner"]["user_namespace"].as_bool(), Some(false));
+        assert!(on_tmpfs["api"].get("host_token").is_none());
     }
 
     #[test]

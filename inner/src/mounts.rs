@@ -69,6 +69,23 @@ pub fn attach(mount: &impl AsFd, target: &impl AsFd) -> io::Result<()> {
     )?)
 }
 
+/// Attaches the detached mount `mount` over hulld's own `path` (outside
+/// the layer) in the caller's mount namespace, and opens it there.
+pub fn attach_over(mount: &impl AsFd, path: &Path) -> io::Result<OwnedFd> {
+    rustix::mount::move_mount(
+        mount,
+        "",
+        CWD,
+        path,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?;
+    Ok(rustix::fs::open(
+        path,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
 /// Adds `attrs` to the mount `mount` (and every mount below it when
 /// `recursive`).
 pub fn set_attrs(mount: &impl AsFd, attrs: MountAttrFlags, recursive: bool) -> io::Result<()> {

@@ -249,12 +249,16 @@ struct Layers {
 fn open_layers(spec: &InnerSpec, userns: Option<&OwnedFd>) -> Result<Layers> {
     let open = |path: &Path| {
         let opened = match userns {
-            Some(userns) => {
-                mounts::clone_idmapped(path, userns).map_err(|source| SetupError::Idmap {
+            // Attached over hulld's own path in this (private) mount
+            // namespace before overlayfs takes it: up to Linux 6.14
+            // overlayfs refuses a layer on a detached mount ("failed to
+            // clone upperpath").
+            Some(userns) => mounts::clone_idmapped(path, userns)
+                .and_then(|idmapped| mounts::attach_over(&idmapped, path))
+                .map_err(|source| SetupError::Idmap {
                     path: path.to_path_buf(),
                     source,
-                })
-            }
+                }),
             None => rustix::fs::open(
                 path,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -434,8 +438,11 @@ fn mount_cgroup(layer: &Layer, view: &CgroupView) -> Result<()> {
             source,
         })?;
     let hierarchies = match view {
+        // Writable: hulld delegated the group (its directory and
+        // cgroup.procs) to the inner's root, and nsdelegate keeps the
+        // group's own limits out of reach from inside its namespace.
         CgroupView::Unified => {
-            return mount_on("cgroup2", &target, AT, "", read_only).map(drop);
+            return mount_on("cgroup2", &target, AT, "", HARDENED).map(drop);
         }
         CgroupView::V1(hierarchies) => hierarchies,
     };

@@ -60,6 +60,8 @@ pub enum ConfigError {
     ApiListen(String),
     #[error("api.name = {0:?}: use letters, digits, '.', '_' and '-'")]
     ApiName(String),
+    #[error("api.host_token")]
+    HostToken(#[source] hull_api::tokens::BadHostToken),
     #[error("api.tls_cert and api.tls_key go together: set both for HTTPS, or neither")]
     ApiTls,
     #[error("network.{field} = {value:?}: {why}")]
@@ -294,6 +296,10 @@ pub struct ApiConfig {
     pub tls_cert: Option<PathBuf>,
     /// ... and its private key (PEM). Both or neither.
     pub tls_key: Option<PathBuf>,
+    /// An admin token given as `ID:SHA256` of its secret (hull-init sets
+    /// it from the kernel command line in a hull VM); installed at start
+    /// as the token named "host", replacing the previous one.
+    pub host_token: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -307,6 +313,7 @@ impl Default for ApiConfig {
             vsock_port: None,
             tls_cert: None,
             tls_key: None,
+            host_token: None,
         }
     }
 }
@@ -376,6 +383,12 @@ impl ApiConfig {
             )?),
             vsock_port: self.vsock_port,
             tls,
+            host_token: self
+                .host_token
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(ConfigError::HostToken)?,
         })
     }
 }

@@ -79,6 +79,8 @@ pub enum DaemonError {
     Api(#[source] hull_api::StartError),
     #[error(transparent)]
     Tokens(hull_api::TokenError),
+    #[error("cannot install the host's token (api.host_token)")]
+    HostToken(#[source] hull_api::TokenError),
     #[error("hulld's {task} task {how}; hulld exits so that the next start recovers from the persisted state")]
     TaskFailed { task: &'static str, how: String },
 }
@@ -331,6 +333,11 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     cgroups.create_base()?;
     cgroups.daemon.create()?;
     cgroups.inner.create()?;
+    // Root in the inner may make groups below its own and move its
+    // processes into them, as systemd or a container runtime inside does.
+    if let Some(map) = inner_settings.user_namespace {
+        cgroups.inner.delegate(map.base, map.base)?;
+    }
     cgroups.daemon.join(std::process::id() as i32)?;
     limit_groups(&cgroups, &config, inner_settings.cpus)?;
     clean_up_stale_inner(&cgroups)?;
@@ -391,6 +398,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         Some(_) => "https",
         None => "http",
     };
+    let host_token = api_settings.host_token.clone();
     let api = hull_api::Api::bind(api_settings)
         .await
         .map_err(DaemonError::Api)?;
@@ -452,13 +460,19 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         "hulld listening"
     );
     let tokens_path = config.state_dir.tokens_db();
-    let tokens = tokio::task::spawn_blocking(move || hull_api::TokenStore::open(&tokens_path))
-        .await
-        .map_err(|e| DaemonError::TaskFailed {
-            task: "token store",
-            how: e.to_string(),
-        })?
-        .map_err(DaemonError::Tokens)?;
+    let tokens = tokio::task::spawn_blocking(move || {
+        let tokens = hull_api::TokenStore::open(&tokens_path).map_err(DaemonError::Tokens)?;
+        if let Some(host) = host_token {
+            tokens.install_host(&host).map_err(DaemonError::HostToken)?;
+            tracing::info!(id = %host.id, "installed the host's admin token");
+        }
+        Ok::<_, DaemonError>(tokens)
+    })
+    .await
+    .map_err(|e| DaemonError::TaskFailed {
+        task: "token store",
+        how: e.to_string(),
+    })??;
     let hulld = Hulld::new(Parts {
         state_dir: config.state_dir.clone(),
         socket: config.socket.clone(),

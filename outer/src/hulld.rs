@@ -118,7 +118,7 @@ impl Hulld {
     }
 
     pub async fn do_status(&self) -> StatusReport {
-        let p = self.parts.supervisor.published();
+        let p = self.parts.supervisor.published_now().await;
         let inner = self.parts.supervisor.current();
         let head = self.parts.storage.head();
         let volume = self.parts.storage.volume();

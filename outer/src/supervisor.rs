@@ -162,6 +162,7 @@ pub struct Supervisor {
     /// The inner's cgroup and memory limit, for [`OomCheck`].
     cgroup: Cgroup,
     memory_max: Option<u64>,
+    oom: Arc<OomCounter>,
 }
 
 /// Tells whether an exec's process was the out-of-memory killer's victim:
@@ -207,33 +208,81 @@ fn memory_text(bytes: Option<u64>) -> String {
     }
 }
 
+/// The inner's out-of-memory kills since hulld started, counted by whoever
+/// reads the kernel's count first: the watcher thread on the kernel's
+/// notification, or a status request, so `hull status` right after an
+/// exec that was killed already counts the kill.
+struct OomCounter {
+    cgroup: Cgroup,
+    memory_max: Option<u64>,
+    published: Arc<Mutex<Published>>,
+    /// The kernel's count when last read.
+    seen: Mutex<Option<u64>>,
+}
+
+impl OomCounter {
+    /// Reads the kernel's count (a file read: on a blocking thread) and
+    /// publishes what is new.
+    fn account(&self) {
+        let Some(now) = self.cgroup.oom_kills() else {
+            return;
+        };
+        let killed = {
+            let mut seen = lock(&self.seen);
+            let killed = match *seen {
+                Some(before) if now > before => now - before,
+                _ => 0,
+            };
+            *seen = Some(now);
+            killed
+        };
+        if killed == 0 {
+            return;
+        }
+        let total = {
+            let mut p = lock(&self.published);
+            p.oom_kills += killed;
+            p.last_oom_kill_ms = Some(hull_logs::now_ms());
+            p.oom_kills
+        };
+        tracing::warn!(
+            killed,
+            total,
+            memory_max = %memory_text(self.memory_max),
+            "the out-of-memory killer killed {killed} process(es) in the inner: it reached its memory limit"
+        );
+    }
+}
+
 /// How often the OOM watcher looks again without a notification: the
 /// count is read after every wait, so a kernel that never notifies is
 /// still noticed within this.
 const OOM_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches the inner's cgroup for out-of-memory kills on a thread of its
-/// own (the waits block) and sends the number of new kills to the
-/// supervisor, until the supervisor is gone.
-fn spawn_oom_watcher(cgroup: Cgroup, tx: mpsc::UnboundedSender<u64>) {
+/// own (the waits block), until the supervisor is gone.
+fn spawn_oom_watcher(weak: std::sync::Weak<OomCounter>) {
     let run = move || {
         let mut watch = None;
-        let mut seen = cgroup.oom_kills();
         let mut warned = false;
-        while !tx.is_closed() {
+        loop {
+            let Some(counter) = weak.upgrade() else {
+                return;
+            };
             if watch.is_none() {
-                match cgroup.watch_oom() {
+                match counter.cgroup.watch_oom() {
                     Ok(w) => watch = Some(w),
                     // The group is made by the first start; until then,
                     // and where it cannot be watched, the count is read
                     // every OOM_CHECK_EVERY.
-                    Err(e) if !warned && cgroup.exists() => {
+                    Err(e) if !warned && counter.cgroup.exists() => {
                         warned = true;
                         tracing::debug!(error = %crate::error_chain(&e), "cannot watch the inner's cgroup for out-of-memory kills; reading its count every second");
                     }
                     Err(_) => {}
                 }
             }
+            drop(counter);
             let waited = match watch.as_mut().map(|w| w.wait(OOM_CHECK_EVERY)) {
                 Some(Ok(_)) => true,
                 Some(Err(_)) => {
@@ -245,14 +294,9 @@ fn spawn_oom_watcher(cgroup: Cgroup, tx: mpsc::UnboundedSender<u64>) {
             if !waited {
                 std::thread::sleep(OOM_CHECK_EVERY);
             }
-            let now = cgroup.oom_kills();
-            if let (Some(before), Some(now)) = (seen, now) {
-                if now > before && tx.send(now - before).is_err() {
-                    return;
-                }
-            }
-            if now.is_some() {
-                seen = now;
+            match weak.upgrade() {
+                Some(counter) => counter.account(),
+                None => return,
             }
         }
     };
@@ -283,8 +327,13 @@ impl Supervisor {
             last_oom_kill_ms: None,
         }));
         let (cgroup, memory_max) = (config.cgroup.clone(), config.memory_max);
-        let (oom_tx, oom_rx) = mpsc::unbounded_channel();
-        spawn_oom_watcher(cgroup.clone(), oom_tx);
+        let oom = Arc::new(OomCounter {
+            seen: Mutex::new(cgroup.oom_kills()),
+            cgroup: cgroup.clone(),
+            memory_max,
+            published: published.clone(),
+        });
+        spawn_oom_watcher(Arc::downgrade(&oom));
         let task = Task {
             config,
             current: current_tx,
@@ -295,7 +344,7 @@ impl Supervisor {
             retry_pending: false,
             cause: InnerCause::Boot,
         };
-        let join = tokio::spawn(task.run(rx, oom_rx));
+        let join = tokio::spawn(task.run(rx));
         (
             Supervisor {
                 requests,
@@ -303,6 +352,7 @@ impl Supervisor {
                 published,
                 cgroup,
                 memory_max,
+                oom,
             },
             join,
         )
@@ -324,6 +374,14 @@ impl Supervisor {
 
     pub fn published(&self) -> Published {
         lock(&self.published).clone()
+    }
+
+    /// [`Self::published`] with the kernel's OOM count read now, not when
+    /// the watcher last woke.
+    pub async fn published_now(&self) -> Published {
+        let oom = self.oom.clone();
+        let _ = tokio::task::spawn_blocking(move || oom.account()).await;
+        self.published()
     }
 
     /// Follows the running inner: `None` while stopped or starting.
@@ -433,11 +491,7 @@ struct Task {
 }
 
 impl Task {
-    async fn run(
-        mut self,
-        mut requests: mpsc::UnboundedReceiver<Request>,
-        mut oom_kills: mpsc::UnboundedReceiver<u64>,
-    ) {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         let (exit_tx, mut exits) = mpsc::unbounded_channel::<(u64, ExitStatus)>();
         self.start(&exit_tx).await;
         loop {
@@ -470,25 +524,8 @@ impl Task {
                 Some((generation, status)) = exits.recv() => {
                     self.on_exit(generation, status, &exit_tx).await;
                 }
-                Some(killed) = oom_kills.recv() => self.on_oom_kills(killed),
             }
         }
-    }
-
-    /// The kernel's OOM killer killed `killed` more processes in the inner.
-    fn on_oom_kills(&self, killed: u64) {
-        let total = {
-            let mut p = lock(&self.published);
-            p.oom_kills += killed;
-            p.last_oom_kill_ms = Some(hull_logs::now_ms());
-            p.oom_kills
-        };
-        tracing::warn!(
-            killed,
-            total,
-            memory_max = %memory_text(self.config.memory_max),
-            "the out-of-memory killer killed {killed} process(es) in the inner: it reached its memory limit"
-        );
     }
 
     fn set_state(&self, state: InnerState) {

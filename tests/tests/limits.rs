@@ -87,7 +87,7 @@ fn a_memory_hog_is_oom_killed_inside_the_inner() {
 /// inner's group, through its cgroup namespace), not the VM's, and cannot
 /// change it.
 #[test]
-fn the_inner_sees_its_own_memory_limit_read_only_at_sys_fs_cgroup() {
+fn the_inner_sees_its_own_memory_limit_at_sys_fs_cgroup_and_cannot_raise_it() {
     if !require_root() {
         return;
     }
@@ -115,10 +115,15 @@ fn the_inner_sees_its_own_memory_limit_read_only_at_sys_fs_cgroup() {
                 "(echo 1G > {file}) 2>&1; echo exit=$?; cat {file}"
             ))
             .await;
-        assert!(write.contains("Read-only file system"), "{write}");
         assert!(write.contains(&(96u64 << 20).to_string()), "{write}");
-        let mkdir = hull.sh("mkdir /sys/fs/cgroup/x 2>&1; echo exit=$?").await;
-        assert!(mkdir.contains("Read-only file system"), "{mkdir}");
+        assert!(!write.contains("exit=0"), "{write}");
+        if v1.trim() == "v1" {
+            assert!(write.contains("Read-only file system"), "{write}");
+            let mkdir = hull.sh("mkdir /sys/fs/cgroup/x 2>&1; echo exit=$?").await;
+            assert!(mkdir.contains("Read-only file system"), "{mkdir}");
+        }
+        // On v2 the group is delegated (its child groups are the inner's
+        // to make): tests/vm.rs checks that in a hull VM.
         // Its cgroup namespace is rooted at its own group.
         let own = hull.sh("cat /proc/self/cgroup").await;
         assert!(

@@ -1,34 +1,81 @@
-//! The hull VM end to end: `hull vm build` makes the image, `hull vm run`
-//! boots it under QEMU (TCG) on a free loopback port, hulld's API answers
-//! through QEMU's forwarded port, and `hull vm stop` powers it off
-//! cleanly. QEMU is killed by its pid if the test fails on the way.
+//! The hull VM end to end, on pure cgroup v2 under QEMU (TCG): `hull vm
+//! build` makes the image, `hull vm run` boots it with a fresh data disk
+//! and hands the host an admin token, and through QEMU's forwarded ports
+//! the host drives exec, a service behind the guest's HTTP ingress,
+//! checkpoints and restores. The inner's memory limit is seen and enforced
+//! (the OOM kill reported), its root makes child groups of its own but
+//! cannot raise its limits, a clean power-off leaves the data disk marked
+//! clean for the next boot, and a power cut in the middle of writes is
+//! followed by a boot that recovers with every checkpoint intact. QEMU is
+//! killed by its pid if the test fails on the way.
 
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use hull_tests::vm::{
     free_port, http_get, hull, init_lines, init_time, qemu_alive, require_qemu, text, vm_image, Vm,
 };
 
-#[test]
-fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
-    if !require_qemu() {
-        return;
-    }
-    let image = vm_image();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
-    assert!(
-        manifest["kernel"]["version"]
-            .as_str()
-            .is_some_and(|v| !v.is_empty()),
-        "{manifest}"
-    );
-    assert_eq!(manifest["image"]["kind"], "busybox");
+/// What `hull vm run --json` printed.
+struct Run {
+    json: serde_json::Value,
+    api_port: u16,
+    http_port: u16,
+}
 
-    // The run's files (console, pid, QMP socket) go in a directory of the
-    // test's own.
-    let vm = Vm::new(&image);
-    let port = free_port();
+impl Run {
+    fn url(&self) -> &str {
+        self.json["url"].as_str().unwrap()
+    }
+
+    fn token(&self) -> &str {
+        self.json["token"].as_str().unwrap()
+    }
+
+    /// `hull ARGS` through the forwarded API with the host's token, never
+    /// a local socket.
+    fn hull(&self, args: &[&str]) -> Output {
+        let mut all = vec![
+            "--socket",
+            "/nonexistent/hull.sock",
+            "--url",
+            self.url(),
+            "--token",
+            self.token(),
+        ];
+        all.extend_from_slice(args);
+        hull(&all)
+    }
+
+    /// Like `hull`, and it must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.hull(args);
+        assert!(
+            out.status.success(),
+            "hull {args:?}: {}\n{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        text(&out.stdout)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    /// GET / through the guest's HTTP ingress, forwarded to this machine.
+    fn web(&self) -> (String, String) {
+        let (status, body) = http_get(self.http_port, "/", &[]);
+        (status, text(&body))
+    }
+}
+
+/// Boots the VM in `vm` and waits for its inner.
+fn boot(vm: &Vm) -> Run {
+    let api_port = free_port();
+    let http_port = free_port();
     let started = Instant::now();
     let out = hull(&[
         "--json",
@@ -36,9 +83,13 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         "run",
         vm.dir_str(),
         "--api-port",
-        &port.to_string(),
+        &api_port.to_string(),
+        "--http-port",
+        &http_port.to_string(),
+        "--disk-size",
+        "2G",
         "--timeout",
-        "120s",
+        "180s",
     ]);
     assert!(
         out.status.success(),
@@ -47,82 +98,30 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         text(&out.stderr),
         vm.console_tail()
     );
-    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(run["url"], format!("http://127.0.0.1:{port}"));
-    assert_eq!(run["accel"], "tcg");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["url"], format!("http://127.0.0.1:{api_port}"));
+    assert_eq!(json["accel"], "tcg");
     assert!(
         text(&out.stderr).contains("TCG"),
         "the output says which accelerator: {}",
         text(&out.stderr)
     );
-    let pid = i32::try_from(run["pid"].as_i64().unwrap()).unwrap();
-    assert_eq!(vm.qemu_pid(), Some(pid));
-    assert!(qemu_alive(pid));
-
-    let console = vm.console();
-    for step in [
-        "started as pid 1",
-        "mounted proc at /proc",
-        "mounted cgroup2 at /sys/fs/cgroup",
-        "enabled cgroup controllers",
-        "kernel modules",
-        "brought lo up",
-        "brought eth0 up as 10.0.2.15/255.255.255.0 via 10.0.2.2",
-        "started hulld as pid",
-    ] {
-        assert!(
-            init_lines(&console).any(|l| l.contains(step)),
-            "the console has no hull-init line with {step:?}:\n{}",
-            vm.console_tail()
-        );
-    }
-    assert!(
-        console.contains("hulld listening") && console.contains("cgroup_version=v2"),
-        "hulld's start-up on pure cgroup v2 is on the console:\n{}",
-        vm.console_tail()
-    );
-    assert!(
-        console.contains("HTTP API listening"),
-        "{}",
-        vm.console_tail()
-    );
-
-    // The API, from this machine, through QEMU's forwarded port.
-    let (status, body) = http_get(port, "/v1/openapi.json", &[]);
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    let openapi: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert!(
-        openapi["paths"]["/v1/openapi.json"].is_object(),
-        "{openapi}"
-    );
-
-    let out = hull(&["--json", "vm", "status", vm.dir_str()]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["running"], true, "{status}");
-    assert_eq!(status["api_answers"], true, "{status}");
-    assert_eq!(status["pid"], pid);
-
     // The inner starts too: its root pivots, which needs hull-init to have
     // moved off the initramfs.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !vm.console().contains("inner ready") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(250));
-    }
     assert!(
-        vm.console().contains("inner ready"),
+        vm.wait_console("inner ready", Duration::from_secs(90)),
         "the inner did not start:\n{}",
         vm.console_tail()
     );
+    Run {
+        json,
+        api_port,
+        http_port,
+    }
+}
 
-    let kernel_to_init = init_time(&console, "started as pid 1").unwrap();
-    let hulld_started = init_time(&console, "started hulld as pid").unwrap();
-    eprintln!(
-        "boot: kernel to init {kernel_to_init:.2} s, init to hulld {:.2} s, QEMU start to API {:.1} s",
-        hulld_started - kernel_to_init,
-        run["ready_ms"].as_f64().unwrap() / 1000.0
-    );
-
+fn stop(vm: &Vm) {
+    let pid = vm.qemu_pid().unwrap();
     let out = hull(&["--json", "vm", "stop", vm.dir_str()]);
     assert!(
         out.status.success(),
@@ -142,20 +141,244 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!qemu_alive(pid), "QEMU {pid} still runs after hull vm stop");
+}
+
+fn assert_init_says(vm: &Vm, lines: &[&str]) {
     let console = vm.console();
-    // hulld stopped on its SIGTERM, not killed after the grace period.
-    for line in [
-        "SIGINT: shutting down",
-        "hulld stopped",
-        "unmounted",
-        "powering off",
-    ] {
+    for line in lines {
         assert!(
-            init_time(&console, line).is_some(),
-            "no hull-init line with {line:?} on the console:\n{}",
+            init_lines(&console).any(|l| l.contains(line)),
+            "the console has no hull-init line with {line:?}:\n{}",
             vm.console_tail()
         );
     }
+}
+
+/// The ids of the checkpoints hulld lists.
+fn checkpoint_ids(run: &Run) -> Vec<String> {
+    run.json(&["checkpoint", "list"])["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits for the web service to answer through the ingress with `want`.
+fn web_answers(run: &Run, want: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = run.web();
+        if (status.contains(" 200 ") && body.contains(want)) || Instant::now() >= deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
+    if !require_qemu() {
+        return;
+    }
+    let image = vm_image();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        manifest["kernel"]["version"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{manifest}"
+    );
+    assert_eq!(manifest["image"]["kind"], "busybox");
+    // The run's files (console, pid, QMP socket, data disk) go in a
+    // directory of the test's own.
+    let vm = Vm::new(&image);
+
+    // --- First boot: an empty data disk.
+    let run = boot(&vm);
+    assert_eq!(run.json["data_disk_created"], true, "{}", run.json);
+    let pid = i32::try_from(run.json["pid"].as_i64().unwrap()).unwrap();
+    assert_eq!(vm.qemu_pid(), Some(pid));
+    assert_init_says(
+        &vm,
+        &[
+            "started as pid 1",
+            "mounted proc at /proc",
+            "mounted cgroup2 at /sys/fs/cgroup",
+            "enabled cgroup controllers",
+            "kernel modules",
+            "formatted the empty data disk /dev/vda btrfs",
+            "mounted the data disk /dev/vda at /var/lib/hull (first boot)",
+            "copied the base image",
+            "brought lo up",
+            "brought eth0 up as 10.0.2.15/255.255.255.0 via 10.0.2.2",
+            "started hulld as pid",
+        ],
+    );
+    let console = vm.console();
+    assert!(
+        console.contains("hulld listening") && console.contains("cgroup_version=v2"),
+        "hulld's start-up on pure cgroup v2 is on the console:\n{}",
+        vm.console_tail()
+    );
+
+    // The host's token: in DIR/api.env, for its owner alone, and it works.
+    let env_path = vm.dir.join("api.env");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&env_path).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&env_path).unwrap(),
+        format!("HULL_URL={}\nHULL_TOKEN={}\n", run.url(), run.token())
+    );
+    let (status, _) = http_get(run.api_port, "/v1/sprites", &[]);
+    assert!(status.contains(" 401 "), "no token: {status}");
+    let bearer = format!("Bearer {}", run.token());
+    let (status, _) = http_get(run.api_port, "/v1/sprites", &[("Authorization", &bearer)]);
+    assert!(status.contains(" 200 "), "the host's token: {status}");
+    assert_eq!(run.ok(&["exec", "--", "echo", "hello"]), "hello\n");
+    // The inner never sees the token's secret: not on the kernel's
+    // command line (which has its hash), not in hulld's config.
+    let secret = run.token().rsplit('_').next().unwrap().to_owned();
+    let cmdline = run.ok(&["exec", "--", "cat", "/proc/cmdline"]);
+    assert!(cmdline.contains("hull.host_token="), "{cmdline}");
+    assert!(!cmdline.contains(&secret), "{cmdline}");
+    let etc = run.ok(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/hull/hull.toml 2>&1; ls /var/lib/hull 2>&1; true",
+    ]);
+    assert!(
+        !etc.contains(&secret) && !etc.contains("host_token"),
+        "{etc}"
+    );
+
+    // The inner's root is not the VM's: a user namespace, which needs the
+    // image on the data disk's btrfs.
+    let uid_map = run.ok(&["exec", "--", "cat", "/proc/self/uid_map"]);
+    assert!(
+        uid_map
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|base| base != "0"),
+        "the inner's root is the VM's: {uid_map}"
+    );
+
+    // The memory limit, from inside, and enforced: an OOM kill is
+    // reported on the exec's stderr and counted in status.
+    let status = run.json(&["status"]);
+    let memory_max = status["limits"]["memory_max_bytes"].as_u64().unwrap();
+    let seen = run.ok(&["exec", "--", "cat", "/sys/fs/cgroup/memory.max"]);
+    assert_eq!(seen.trim(), memory_max.to_string());
+    assert_eq!(status["oom_kills"], 0, "{status}");
+    let hog = format!("bs={}M", (memory_max >> 20) + 64);
+    let out = run.hull(&[
+        "exec",
+        "--",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        &hog,
+        "count=1",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("out-of-memory"),
+        "{}",
+        text(&out.stderr)
+    );
+    let status = run.json(&["status"]);
+    assert_eq!(status["oom_kills"], 1, "{status}");
+
+    // Delegation: root in the inner makes a group and moves itself into
+    // it, but cannot raise its own limit.
+    let moved = run.ok(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "mkdir /sys/fs/cgroup/job && echo $$ > /sys/fs/cgroup/job/cgroup.procs && cat /proc/self/cgroup",
+    ]);
+    assert_eq!(moved.trim(), "0::/job");
+    let raise = run.hull(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo max > /sys/fs/cgroup/memory.max",
+    ]);
+    assert!(
+        !raise.status.success(),
+        "the inner raised its own memory.max"
+    );
+    let seen = run.ok(&["exec", "--", "cat", "/sys/fs/cgroup/memory.max"]);
+    assert_eq!(seen.trim(), memory_max.to_string());
+
+    // A service with an HTTP port, reached from this machine through the
+    // guest's ingress.
+    run.ok(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo first > /www/index.html",
+    ]);
+    run.ok(&[
+        "services",
+        "add",
+        "web",
+        "--http-port",
+        "8000",
+        "--cmd",
+        "httpd -f -p 8000 -h /www",
+    ]);
+    let (status, body) = web_answers(&run, "first");
+    assert!(
+        status.contains(" 200 ") && body == "first\n",
+        "{status} {body}"
+    );
+
+    // A checkpoint (the inner frozen through cgroup.freeze), something
+    // broken, a restore: the service and its page are back.
+    let made = run.json(&["checkpoint", "create", "-m", "served"]);
+    assert!(made["frozen_ms"].as_f64().unwrap() > 0.0, "{made}");
+    let served = made["checkpoint"]["id"].as_str().unwrap().to_owned();
+    run.ok(&["exec", "--", "rm", "-rf", "/www"]);
+    let (status, _) = run.web();
+    assert!(status.contains(" 404 "), "{status}");
+    run.ok(&["checkpoint", "restore", &served]);
+    let (status, body) = web_answers(&run, "first");
+    assert!(
+        status.contains(" 200 ") && body == "first\n",
+        "{status} {body}"
+    );
+    // The inner's group was emptied of what it made: a fresh inner.
+    let groups = run.ok(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "ls -d /sys/fs/cgroup/*/ 2>/dev/null; true",
+    ]);
+    assert!(!groups.contains("job"), "{groups}");
+
+    let first_token = run.token().to_owned();
+    stop(&vm);
+    assert_init_says(
+        &vm,
+        &[
+            "SIGINT: shutting down",
+            "hulld stopped",
+            "marked the data disk clean",
+            "unmounted",
+            "powering off",
+        ],
+    );
+    let console = vm.console();
     assert!(
         !console.contains("hulld did not stop"),
         "{}",
@@ -163,10 +386,79 @@ fn a_hull_vm_boots_serves_its_api_and_powers_off_cleanly() {
     );
     assert!(
         console.contains("reboot: Power down"),
-        "the kernel powered off:\n{}",
+        "{}",
         vm.console_tail()
     );
     let out = hull(&["--json", "vm", "status", vm.dir_str()]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["running"], false, "{status}");
+
+    // --- Second boot: the disk was shut down cleanly and kept it all.
+    let run = boot(&vm);
+    assert_eq!(run.json["data_disk_created"], false, "{}", run.json);
+    assert_init_says(
+        &vm,
+        &[
+            "(the last run shut down cleanly)",
+            "the data disk has the base image",
+        ],
+    );
+    assert!(checkpoint_ids(&run).contains(&served));
+    let (status, body) = web_answers(&run, "first");
+    assert!(
+        status.contains(" 200 ") && body == "first\n",
+        "{status} {body}"
+    );
+    // Each run's token replaces the last.
+    let old = format!("Bearer {first_token}");
+    let (status, _) = http_get(run.api_port, "/v1/sprites", &[("Authorization", &old)]);
+    assert!(status.contains(" 401 "), "the last run's token: {status}");
+
+    // A power cut in the middle of writes, just after a checkpoint.
+    run.ok(&["exec", "--", "sh", "-c", "echo second > /www/index.html"]);
+    run.ok(&[
+        "services",
+        "add",
+        "writer",
+        "--cmd",
+        "while true; do dd if=/dev/zero of=/scratch bs=1M count=32 2>/dev/null; sync; done",
+    ]);
+    let made = run.json(&["checkpoint", "create", "-m", "second"]);
+    let second = made["checkpoint"]["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(2));
+    vm.kill();
+
+    // --- Third boot: recovery, and every checkpoint intact.
+    let run = boot(&vm);
+    assert_init_says(&vm, &["(the last run did not shut down cleanly"]);
+    let console = vm.console();
+    assert!(
+        console.contains("storage checked") || console.contains("storage recovery"),
+        "hulld's storage recovery is logged:\n{}",
+        vm.console_tail()
+    );
+    let ids = checkpoint_ids(&run);
+    assert!(ids.contains(&served) && ids.contains(&second), "{ids:?}");
+    run.ok(&["checkpoint", "restore", &served]);
+    let (status, body) = web_answers(&run, "first");
+    assert!(
+        status.contains(" 200 ") && body == "first\n",
+        "{status} {body}"
+    );
+    run.ok(&["checkpoint", "restore", &second]);
+    let (status, body) = web_answers(&run, "second");
+    assert!(
+        status.contains(" 200 ") && body == "second\n",
+        "{status} {body}"
+    );
+
+    let console = vm.console();
+    let kernel_to_init = init_time(&console, "started as pid 1").unwrap();
+    let hulld_started = init_time(&console, "started hulld as pid").unwrap();
+    eprintln!(
+        "boot: kernel to init {kernel_to_init:.2} s, init to hulld {:.2} s, QEMU start to API {:.1} s",
+        hulld_started - kernel_to_init,
+        run.json["ready_ms"].as_f64().unwrap() / 1000.0
+    );
+    stop(&vm);
 }

@@ -9,6 +9,22 @@ use crate::manager::{check_weight, CgroupManager, CpuLimits, Version};
 
 /// Controllers a hull group needs enabled from its parent.
 const REQUIRED: [&str; 2] = ["memory", "pids"];
+/// The files a delegated group's new owner gets (cgroup-v2.rst,
+/// "Delegation Containment"; what systemd chowns for `Delegate=yes`).
+const DELEGATED_FILES: [&str; 3] = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"];
+
+fn remove_below(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_tree(&entry.path())
+                .map_err(|(path, source)| CgroupError::RemoveChild { path, source })?;
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manager {
@@ -57,6 +73,22 @@ impl Manager {
         }
         if has("cpu") {
             let _ = fs::write(&path, "+cpu");
+        }
+        Ok(())
+    }
+
+    /// Hands the group to the inner's root, `uid`/`gid` in the VM, as
+    /// systemd's `Delegate=` hands one to a user: the directory (to make
+    /// child groups) and the files that move processes and enable
+    /// controllers below it. Its limits stay root's, and with nsdelegate
+    /// the kernel refuses writes to them from inside the inner's cgroup
+    /// namespace anyway.
+    pub fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        let files = std::iter::once(self.dir.clone())
+            .chain(DELEGATED_FILES.iter().map(|f| self.dir.join(f)));
+        for path in files {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|source| CgroupError::Delegate { path, uid, source })?;
         }
         Ok(())
     }
@@ -197,7 +229,9 @@ impl CgroupManager for Manager {
                 }
             })?;
             if empty {
-                return Ok(());
+                // What the inner made below its group goes with it: the
+                // next inner starts from hull's group alone.
+                return remove_below(&self.dir);
             }
             if Instant::now() >= deadline {
                 let left = fs::subtree_procs(&self.dir).map_or(0, |p| p.len());

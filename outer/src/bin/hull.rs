@@ -243,9 +243,14 @@ enum VmCommand {
     },
     /// Boot the image in DIR under QEMU, in the background.
     ///
-    /// TCG; the serial console in DIR/console.log, QEMU's pid in DIR/qemu.pid, QMP at
-    /// DIR/qmp.sock) and return once hulld's HTTP API answers on
-    /// 127.0.0.1:PORT; prints its URL.
+    /// TCG; the serial console in DIR/console.log, QEMU's pid in
+    /// DIR/qemu.pid, QMP at DIR/qmp.sock, the data disk DIR/data.img (made
+    /// empty when missing and formatted btrfs by the VM at first boot).
+    /// Returns once hulld's HTTP API answers on 127.0.0.1:PORT, then
+    /// prints HULL_URL and HULL_TOKEN (an admin token made for this run)
+    /// and writes them to DIR/api.env (mode 0600), so that
+    /// `set -a; . DIR/api.env; hull exec ...` drives the VM. The token
+    /// never enters the VM: only its hash does.
     Run {
         /// The image directory (from `hull vm build`).
         #[arg(default_value = cli::vm::DEFAULT_DIR)]
@@ -259,6 +264,12 @@ enum VmCommand {
         /// The port on 127.0.0.1 forwarded to hulld's API in the VM.
         #[arg(long, value_name = "PORT", default_value_t = 7700)]
         api_port: u16,
+        /// Also forward this port on 127.0.0.1 to the VM's HTTP ingress.
+        #[arg(long, value_name = "PORT")]
+        http_port: Option<u16>,
+        /// The size of the data disk when this run makes it ("8G").
+        #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = cli::vm::parse_disk_size)]
+        disk_size: u64,
         /// QEMU's machine: pc, or microvm (virtio-mmio, no PCI), where
         /// Debian 6.1's cloud kernel hangs calibrating its clock under TCG.
         #[arg(long, default_value = "pc")]
@@ -284,6 +295,18 @@ enum VmCommand {
     Status {
         #[arg(default_value = cli::vm::DEFAULT_DIR)]
         dir: PathBuf,
+    },
+    /// Follow the VM's serial console.
+    ///
+    /// Prints DIR/console.log (kernel, hull-init's timed boot steps,
+    /// hulld's log) and what follows while QEMU runs; read-only: drive
+    /// the VM through its API. --no-follow prints what is there and exits.
+    Console {
+        #[arg(default_value = cli::vm::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Print what the console holds now and exit.
+        #[arg(long)]
+        no_follow: bool,
     },
 }
 
@@ -774,6 +797,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 memory,
                 cpus,
                 api_port,
+                http_port,
+                disk_size,
                 machine,
                 timeout,
             } => cli::vm::run(
@@ -782,6 +807,8 @@ async fn run(cli: Cli) -> Result<i32> {
                     dir,
                     memory,
                     cpus,
+                    http_port,
+                    disk_size,
                     api_port,
                     machine,
                     timeout,
@@ -789,6 +816,7 @@ async fn run(cli: Cli) -> Result<i32> {
             ),
             VmCommand::Stop { dir, timeout } => cli::vm::stop(&g, dir, timeout),
             VmCommand::Status { dir } => cli::vm::status(&g, dir),
+            VmCommand::Console { dir, no_follow } => cli::vm::console(&dir, !no_follow),
         }
         .map(|()| 0),
     }

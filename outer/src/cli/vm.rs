@@ -1,4 +1,4 @@
-//! `hull vm build|run|stop|status`: the hull VM image, and booting it
+//! `hull vm build|run|stop|status|console`: the hull VM image, and booting it
 //! under QEMU on this machine. The work is in `hull_image::vm`.
 
 use std::path::{Path, PathBuf};
@@ -44,6 +44,8 @@ pub struct RunArgs {
     pub dir: PathBuf,
     pub memory: String,
     pub cpus: u32,
+    pub http_port: Option<u16>,
+    pub disk_size: u64,
     pub api_port: u16,
     pub machine: qemu::Machine,
     pub timeout: Duration,
@@ -55,6 +57,8 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         memory: args.memory,
         cpus: args.cpus,
         api_port: args.api_port,
+        http_port: args.http_port,
+        disk_size: args.disk_size,
         machine: args.machine,
         ready_timeout: args.timeout,
     };
@@ -66,8 +70,54 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         "hull: hulld's API answered {:.1} s after QEMU started",
         started.ready_ms as f64 / 1000.0
     );
-    outln!("{}", started.url);
+    if let Some(http_url) = &started.http_url {
+        errln!("hull: HTTP ingress on {http_url}");
+    }
+    errln!(
+        "hull: `set -a; . {}` lets hull and the SDKs reach it",
+        started.env_file.display()
+    );
+    outln!("HULL_URL={}", started.url);
+    outln!("HULL_TOKEN={}", started.token);
     Ok(())
+}
+
+/// `--disk-size`: a size as hull.toml writes them ("8G", "512M").
+pub fn parse_disk_size(text: &str) -> std::result::Result<u64, String> {
+    match crate::config::parse_size(text) {
+        Some(size) if size >= 256 << 20 => Ok(size),
+        Some(_) => Err("the data disk needs at least 256M".into()),
+        None => Err(format!("{text:?} is not a size (\"8G\", \"512M\")")),
+    }
+}
+
+/// Prints the console, then follows it while QEMU runs.
+pub fn console(dir: &Path, follow: bool) -> Result<()> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(qemu::CONSOLE_LOG);
+    let mut file = std::fs::File::open(&path)
+        .with_context(|| format!("opening {} (has the VM run?)", path.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n > 0 {
+            stdout.write_all(&buf[..n])?;
+            continue;
+        }
+        stdout.flush()?;
+        if !follow || qemu::running_pid(dir).is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // A new run truncates the file: start again from its top.
+        let position = file.stream_position()?;
+        if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < position {
+            file = std::fs::File::open(&path)?;
+        }
+    }
 }
 
 pub fn stop(g: &Global, dir: PathBuf, timeout: Duration) -> Result<()> {
@@ -93,6 +143,9 @@ pub fn status(g: &Global, dir: PathBuf) -> Result<()> {
     let status = qemu::status(&dir);
     if g.json {
         return print_json(&status);
+    }
+    if let Some(http_url) = &status.http_url {
+        outln!("HTTP ingress: {http_url}");
     }
     match (&status.pid, &status.url) {
         (Some(pid), Some(url)) => outln!(

@@ -58,7 +58,7 @@ const TOOLS: &[&str] = &["mkfs.btrfs", "mount", "umount", "ldd", "bash"];
 const IMAGE_DIR: &str = "usr/share/hull/images";
 /// Bumped when the layout of the image changes, so old cache entries are
 /// not taken for new ones.
-const FORMAT: &str = "hull-vm-image 1";
+const FORMAT: &str = "hull-vm-image 2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmBuildError {
@@ -461,6 +461,13 @@ fn assemble(
     tree.insert("usr/bin/busybox", EntryKind::File(busybox), 0o755);
     tree.insert("usr/bin/sh", EntryKind::Symlink("busybox".into()), 0o777);
     add_host_tree(&mut tree, image_dir, &format!("{IMAGE_DIR}/busybox"))?;
+    // hull-init copies the image to the data disk when this differs from
+    // the copy's.
+    tree.insert(
+        &format!("{IMAGE_DIR}/busybox.sha256"),
+        EntryKind::Bytes(format!("{image_sha}\n").into_bytes()),
+        0o644,
+    );
 
     let release_dir = kernel.root.join("lib/modules").join(&kernel.release);
     let selected = kmod::select(&release_dir, MODULES).map_err(VmBuildError::Modules)?;
@@ -727,7 +734,7 @@ fn file_info(path: &Path) -> Result<FileInfo> {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -1,7 +1,16 @@
 //! Booting a built image under QEMU, in the background: the serial
 //! console in `DIR/console.log`, QEMU's pid in `DIR/qemu.pid`, its QMP
-//! socket at `DIR/qmp.sock`, and hulld's HTTP API forwarded from
-//! 127.0.0.1 by user-mode networking.
+//! socket at `DIR/qmp.sock`, the data disk `DIR/data.img` (made sparse
+//! and empty when missing; hull-init formats it on first boot), and
+//! hulld's HTTP API and HTTP ingress forwarded from 127.0.0.1 by
+//! user-mode networking.
+//!
+//! Each run makes a new admin token for the host and writes it, with the
+//! API's URL, to `DIR/api.env` (mode 0600). Only the token's id and the
+//! SHA-256 of its secret go to the guest, on the kernel command line (the
+//! one channel Firecracker and Cloud Hypervisor have too): hulld stores
+//! nothing else of a token, and the inner, which can read /proc/cmdline,
+//! learns nothing it could present.
 //!
 //! TCG only for now: /dev/kvm may exist on a host whose KVM guests hang
 //! (nested virtualisation), and a boot that hangs is worse than a slow one.
@@ -16,9 +25,22 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::hex;
+use std::os::unix::fs::OpenOptionsExt;
 
 /// The guest's API port (hull-init's config for hulld).
 pub const GUEST_API_PORT: u16 = 7700;
+/// The guest's HTTP ingress port (hull-init's config for hulld).
+pub const GUEST_HTTP_PORT: u16 = 8080;
+/// The data disk, and where the guest finds it: the first virtio disk.
+pub const DATA_DISK: &str = "data.img";
+pub const GUEST_DATA_DEVICE: &str = "/dev/vda";
+/// The size of a data disk made by `run` (sparse: it takes what is written).
+pub const DEFAULT_DISK_SIZE: u64 = 8 << 30;
+/// The host's URL and admin token, for `hull --url --token` and scripts.
+pub const API_ENV: &str = "api.env";
 /// The address user-mode networking gives the guest, and its gateway.
 pub const KERNEL_IP: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off";
 const QEMU: &str = "qemu-system-x86_64";
@@ -88,6 +110,14 @@ pub enum VmRunError {
     },
     #[error("QMP refused {command}: {reply}")]
     QmpRefused { command: String, reply: String },
+    #[error("cannot draw random bytes for the host's token: {0}")]
+    Random(String),
+    #[error("cannot make the data disk {path}")]
+    DataDisk {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -107,6 +137,10 @@ pub struct RunOptions {
     pub cpus: u32,
     /// The host port on 127.0.0.1 forwarded to the guest's API.
     pub api_port: u16,
+    /// The host port on 127.0.0.1 forwarded to the guest's HTTP ingress.
+    pub http_port: Option<u16>,
+    /// The size of the data disk when `run` makes it.
+    pub disk_size: u64,
     pub machine: Machine,
     /// How long to wait for the API before giving up.
     pub ready_timeout: Duration,
@@ -117,6 +151,8 @@ pub struct RunOptions {
 pub struct VmState {
     pub pid: i32,
     pub api_port: u16,
+    #[serde(default)]
+    pub http_port: Option<u16>,
     pub machine: Machine,
     pub accel: String,
     pub memory: String,
@@ -128,6 +164,15 @@ pub struct VmState {
 pub struct Started {
     pub pid: i32,
     pub url: String,
+    /// The host's admin token (also in `env_file`).
+    pub token: String,
+    /// `DIR/api.env`: `HULL_URL=` and `HULL_TOKEN=` lines, mode 0600.
+    pub env_file: PathBuf,
+    /// The guest's HTTP ingress on this machine, when forwarded.
+    pub http_url: Option<String>,
+    /// The data disk, and whether this run made it.
+    pub data_disk: PathBuf,
+    pub data_disk_created: bool,
     pub machine: Machine,
     pub accel: String,
     /// Why KVM was not used.
@@ -144,6 +189,7 @@ pub struct Status {
     pub running: bool,
     pub pid: Option<i32>,
     pub url: Option<String>,
+    pub http_url: Option<String>,
     pub api_answers: bool,
     pub machine: Option<Machine>,
     pub accel: Option<String>,
@@ -163,14 +209,90 @@ pub fn api_url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-/// The kernel command line: the serial console, and eth0's address from
-/// user-mode networking.
-pub fn kernel_cmdline() -> String {
-    format!("console=ttyS0 {KERNEL_IP} quiet")
+/// The kernel command line: the serial console, eth0's address from
+/// user-mode networking, the data disk, and the host token's id and hash.
+pub fn kernel_cmdline(host_token: &HostToken) -> String {
+    format!(
+        "console=ttyS0 {KERNEL_IP} hull.data={GUEST_DATA_DEVICE} hull.host_token={} quiet",
+        host_token.guest_param()
+    )
+}
+
+/// An admin token made on the host for one run: `hull_<id>_<secret>`,
+/// the format hulld's tokens have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostToken {
+    pub id: String,
+    secret: String,
+}
+
+impl HostToken {
+    pub fn generate() -> Result<HostToken> {
+        let mut bytes = [0u8; 28];
+        getrandom::fill(&mut bytes).map_err(|e| VmRunError::Random(e.to_string()))?;
+        Ok(HostToken {
+            id: hex(&bytes[..4]),
+            secret: hex(&bytes[4..]),
+        })
+    }
+
+    /// What the host presents.
+    pub fn bearer(&self) -> String {
+        format!("hull_{}_{}", self.id, self.secret)
+    }
+
+    /// What the guest is told: `<id>:<sha256 of the secret>`.
+    pub fn guest_param(&self) -> String {
+        format!(
+            "{}:{}",
+            self.id,
+            hex(&Sha256::digest(self.secret.as_bytes()))
+        )
+    }
+}
+
+/// Makes `DIR/data.img` sparse and empty unless it exists; whether it did.
+pub fn ensure_data_disk(dir: &Path, size: u64) -> Result<bool> {
+    let path = dir.join(DATA_DISK);
+    let error = |source| VmRunError::DataDisk {
+        path: path.clone(),
+        source,
+    };
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(file) => {
+            file.set_len(size).map_err(error)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(error(e)),
+    }
+}
+
+/// Writes `DIR/api.env`, readable by its owner only.
+fn write_api_env(dir: &Path, url: &str, token: &HostToken) -> Result<PathBuf> {
+    let path = dir.join(API_ENV);
+    let error = |source| VmRunError::Write {
+        path: path.clone(),
+        source,
+    };
+    let _ = fs::remove_file(&path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(error)?;
+    file.write_all(format!("HULL_URL={url}\nHULL_TOKEN={}\n", token.bearer()).as_bytes())
+        .map_err(error)?;
+    Ok(path)
 }
 
 /// QEMU's arguments for `options` (without the program).
-pub fn qemu_args(options: &RunOptions) -> Vec<String> {
+pub fn qemu_args(options: &RunOptions, host_token: &HostToken) -> Vec<String> {
     let dir = &options.dir;
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let mut args: Vec<String> = Vec::new();
@@ -181,17 +303,31 @@ pub fn qemu_args(options: &RunOptions) -> Vec<String> {
         Machine::Microvm => push(&["-M", "microvm", "-device", "i8042"]),
         Machine::Pc => push(&["-M", "pc"]),
     }
-    let nic = match options.machine {
-        Machine::Microvm => "virtio-net-device,netdev=n0",
-        Machine::Pc => "virtio-net-pci,netdev=n0",
+    let (nic, disk) = match options.machine {
+        Machine::Microvm => (
+            "virtio-net-device,netdev=n0",
+            "virtio-blk-device,drive=data",
+        ),
+        Machine::Pc => ("virtio-net-pci,netdev=n0", "virtio-blk-pci,drive=data"),
     };
-    let hostfwd = format!(
+    let mut hostfwd = format!(
         "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_API_PORT}",
         options.api_port
     );
+    if let Some(http_port) = options.http_port {
+        hostfwd.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{http_port}-:{GUEST_HTTP_PORT}"
+        ));
+    }
+    // Writeback caching with the guest's flushes honoured: btrfs's commits
+    // reach the host's disk, so a killed QEMU leaves a consistent volume.
+    let drive = format!(
+        "file={},format=raw,if=none,id=data,cache=writeback",
+        path(DATA_DISK)
+    );
     let memory = options.memory.clone();
     let cpus = options.cpus.to_string();
-    let cmdline = kernel_cmdline();
+    let cmdline = kernel_cmdline(host_token);
     let kernel = path("vmlinuz");
     let initrd = path("initramfs.img");
     let serial = format!("file:{}", path(CONSOLE_LOG));
@@ -224,6 +360,10 @@ pub fn qemu_args(options: &RunOptions) -> Vec<String> {
         &hostfwd,
         "-device",
         nic,
+        "-drive",
+        &drive,
+        "-device",
+        disk,
     ]);
     args
 }
@@ -252,9 +392,18 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
             pid,
         });
     }
-    for name in [CONSOLE_LOG, QMP_SOCKET, PID_FILE, STATE] {
+    for name in [CONSOLE_LOG, QMP_SOCKET, PID_FILE, STATE, API_ENV] {
         let _ = fs::remove_file(dir.join(name));
     }
+    let data_disk_created = ensure_data_disk(dir, options.disk_size)?;
+    if data_disk_created {
+        progress(&format!(
+            "made an empty {} GiB data disk {} (formatted btrfs at first boot)",
+            options.disk_size >> 30,
+            dir.join(DATA_DISK).display()
+        ));
+    }
+    let host_token = HostToken::generate()?;
     let qemu_log_path = dir.join(QEMU_LOG);
     let qemu_log = fs::File::create(&qemu_log_path).map_err(|source| VmRunError::Write {
         path: qemu_log_path.clone(),
@@ -267,7 +416,7 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
     progress(&accel_note());
     let started = Instant::now();
     let mut child = Command::new(QEMU)
-        .args(qemu_args(options))
+        .args(qemu_args(options, &host_token))
         .stdin(Stdio::null())
         .stdout(qemu_log)
         .stderr(qemu_log_err)
@@ -280,6 +429,7 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
     let state = VmState {
         pid,
         api_port: options.api_port,
+        http_port: options.http_port,
         machine: options.machine,
         accel: "tcg".into(),
         memory: options.memory.clone(),
@@ -323,9 +473,15 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let env_file = write_api_env(dir, &url, &host_token)?;
     Ok(Started {
         pid,
         url,
+        token: host_token.bearer(),
+        env_file,
+        http_url: options.http_port.map(api_url),
+        data_disk: dir.join(DATA_DISK),
+        data_disk_created,
         machine: options.machine,
         accel: "tcg".into(),
         accel_note: accel_note(),
@@ -495,6 +651,11 @@ pub fn status(dir: &Path) -> Status {
         running,
         pid,
         url: port.filter(|_| running).map(api_url),
+        http_url: state
+            .as_ref()
+            .and_then(|s| s.http_port)
+            .filter(|_| running)
+            .map(api_url),
         api_answers: running && port.is_some_and(api_answers),
         machine: state.as_ref().map(|s| s.machine),
         accel: state.map(|s| s.accel),
@@ -505,6 +666,7 @@ pub fn status(dir: &Path) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn options(machine: Machine) -> RunOptions {
         RunOptions {
@@ -512,6 +674,8 @@ mod tests {
             memory: "1G".into(),
             cpus: 2,
             api_port: 17700,
+            http_port: Some(18080),
+            disk_size: 1 << 30,
             machine,
             ready_timeout: Duration::from_secs(1),
         }
@@ -524,20 +688,63 @@ mod tests {
 
     #[test]
     fn qemu_gets_tcg_the_console_file_and_the_forwarded_api() {
-        let args = qemu_args(&options(Machine::Microvm));
+        let token = HostToken::generate().unwrap();
+        let args = qemu_args(&options(Machine::Microvm), &token);
         assert_eq!(after(&args, "-accel"), "tcg");
         assert_eq!(after(&args, "-M"), "microvm");
         assert_eq!(after(&args, "-serial"), "file:/vm/console.log");
         assert_eq!(after(&args, "-pidfile"), "/vm/qemu.pid");
         assert_eq!(
             after(&args, "-netdev"),
-            "user,id=n0,hostfwd=tcp:127.0.0.1:17700-:7700"
+            "user,id=n0,hostfwd=tcp:127.0.0.1:17700-:7700,hostfwd=tcp:127.0.0.1:18080-:8080"
         );
         assert!(after(&args, "-append").contains(KERNEL_IP));
+        assert!(after(&args, "-drive").starts_with("file=/vm/data.img,format=raw"));
+        assert!(args.iter().any(|a| a == "virtio-blk-device,drive=data"));
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(args.iter().any(|a| a == "virtio-net-device,netdev=n0"));
-        let pc = qemu_args(&options(Machine::Pc));
+        let pc = qemu_args(&options(Machine::Pc), &token);
         assert!(pc.iter().any(|a| a == "virtio-net-pci,netdev=n0"));
+    }
+
+    #[test]
+    fn the_guest_gets_the_tokens_hash_never_its_secret() {
+        let token = HostToken::generate().unwrap();
+        let bearer = token.bearer();
+        let (id, secret) = bearer
+            .strip_prefix("hull_")
+            .and_then(|rest| rest.split_once('_'))
+            .unwrap();
+        assert_eq!(id, token.id);
+        assert_eq!(secret.len(), 48);
+        let cmdline = kernel_cmdline(&token);
+        assert!(!cmdline.contains(secret), "{cmdline}");
+        let expected = hex(&Sha256::digest(secret.as_bytes()));
+        assert!(
+            cmdline.contains(&format!("hull.host_token={id}:{expected}")),
+            "{cmdline}"
+        );
+        assert_ne!(HostToken::generate().unwrap(), token);
+    }
+
+    #[test]
+    fn api_env_is_its_owners_alone_and_the_data_disk_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = HostToken::generate().unwrap();
+        let path = write_api_env(dir.path(), "http://127.0.0.1:1", &token).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            format!(
+                "HULL_URL=http://127.0.0.1:1\nHULL_TOKEN={}\n",
+                token.bearer()
+            )
+        );
+        assert!(ensure_data_disk(dir.path(), 1 << 30).unwrap());
+        fs::write(dir.path().join(DATA_DISK), b"kept").unwrap();
+        assert!(!ensure_data_disk(dir.path(), 1 << 30).unwrap());
+        assert_eq!(fs::read(dir.path().join(DATA_DISK)).unwrap(), b"kept");
     }
 
     #[test]
