@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream};
 use hull_proto::{
-    fdpass, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExecRequest, SessionInfo,
-    WinSize, DEFAULT_LINGER_MS,
+    fdpass, ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExecRequest, SessionInfo, WinSize,
+    DEFAULT_LINGER_MS,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
@@ -32,13 +32,6 @@ use hull_logs::{ExecLog, ExecRecorder};
 pub(crate) const CHUNK: usize = 16 * 1024;
 /// How long to wait for an inner that is starting or bouncing.
 const WAIT_FOR_INNER: Duration = Duration::from_secs(10);
-
-fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
-    DaemonMsg::Error(ErrorReport {
-        kind,
-        message: message.into(),
-    })
-}
 
 /// Client stdin chunks buffered towards the process. When full, hulld stops
 /// reading the client (backpressure) but keeps pumping output, so a process
@@ -244,7 +237,9 @@ where
     let mut slot = match sessions.reserve(spec.tty.is_some()) {
         Ok(slot) => Some(slot),
         Err(e) => {
-            writer.send(error(ErrorKind::Busy, e.to_string())).await?;
+            writer
+                .send(DaemonMsg::error(ErrorKind::Busy, e.to_string()))
+                .await?;
             return Ok(Outcome::Ended);
         }
     };
@@ -255,7 +250,7 @@ where
             let p = supervisor.published();
             let detail = p.last_error.map(|e| format!(": {e}")).unwrap_or_default();
             writer
-                .send(error(
+                .send(DaemonMsg::error(
                     ErrorKind::InnerUnavailable,
                     format!("the inner is not running (state {}){detail}", p.state),
                 ))
@@ -276,7 +271,9 @@ where
                 continue;
             }
             Err(StartFailure::Refused(kind, message)) => {
-                writer.send(error(ErrorKind::Spawn(kind), message)).await?;
+                writer
+                    .send(DaemonMsg::error(ErrorKind::Spawn(kind), message))
+                    .await?;
                 return Ok(Outcome::Ended);
             }
             Err(StartFailure::Lost) => {
@@ -344,7 +341,10 @@ where
         Err(e) => {
             inner.link.kill(process.id, libc::SIGKILL).await;
             writer
-                .send(error(ErrorKind::Internal, format!("exec stdio: {e}")))
+                .send(DaemonMsg::error(
+                    ErrorKind::Internal,
+                    format!("exec stdio: {e}"),
+                ))
                 .await?;
             return Ok(None);
         }
@@ -390,7 +390,7 @@ pub async fn detach(
     started_by: &str,
 ) -> DaemonMsg {
     if request.no_log || request.spec.tty.is_some() {
-        return error(
+        return DaemonMsg::error(
             ErrorKind::BadRequest,
             "a detached exec has no terminal, and its log is where its output goes",
         );
@@ -413,8 +413,8 @@ pub async fn detach(
     drop(writer);
     match (ran, sent.into_iter().next()) {
         (Ok(_), Some(msg)) => msg,
-        (Err(e), _) => error(ErrorKind::Internal, format!("the detached exec: {e}")),
-        (Ok(_), None) => error(
+        (Err(e), _) => DaemonMsg::error(ErrorKind::Internal, format!("the detached exec: {e}")),
+        (Ok(_), None) => DaemonMsg::error(
             ErrorKind::Internal,
             "the detached exec ended before it answered",
         ),

@@ -26,8 +26,8 @@ use hull_checkpoint::catalog::now_ms;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, PortNotice, SessionInfo,
-    Stream as Out, DEFAULT_DETACHED_RUN_MS,
+    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExitStatus, PortNotice, SessionInfo, Stream as Out,
+    DEFAULT_DETACHED_RUN_MS,
 };
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -69,13 +69,6 @@ const AFTER_SIGKILL: Duration = Duration::from_secs(5);
 const NEVER: Duration = Duration::from_secs(86400 * 365);
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
-
-fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
-    DaemonMsg::Error(ErrorReport {
-        kind,
-        message: message.into(),
-    })
-}
 
 /// A client's requests, as a connection reads them.
 pub trait Requests: Stream<Item = io::Result<ClientMsg>> + Unpin {}
@@ -489,7 +482,7 @@ impl Attachment {
                     }
                     Some(Ok(other)) => {
                         writer
-                            .send(error(
+                            .send(DaemonMsg::error(
                                 ErrorKind::BadRequest,
                                 format!("{other:?} is not allowed during an exec session"),
                             ))
@@ -497,7 +490,7 @@ impl Attachment {
                     }
                     Some(Err(e)) => {
                         self.detach(false).await;
-                        let _ = writer.send(error(ErrorKind::BadFrame, e.to_string())).await;
+                        let _ = writer.send(DaemonMsg::error(ErrorKind::BadFrame, e.to_string())).await;
                         return Err(e);
                     }
                     None => {
@@ -527,7 +520,7 @@ impl Attachment {
                     None => {
                         self.detached = true;
                         writer
-                            .send(error(
+                            .send(DaemonMsg::error(
                                 ErrorKind::Busy,
                                 format!(
                                     "this client fell too far behind the output of session {} and was detached from it; `hull sessions attach {}` attaches again",
