@@ -32,9 +32,9 @@ use hull_proto::{
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::exec::{Input, ProcessIo, Source, CHUNK};
 use crate::launch::{InitEvent, InitProcess, Inner};
 use crate::port_events::{PortChange, PortEvents};
+use crate::process_io::{Input, ProcessIo, Source, CHUNK};
 use crate::supervisor::OomCheck;
 use hull_logs::ExecRecorder;
 
@@ -977,9 +977,9 @@ impl Session {
                     _ = room, if writer_tx.is_some() => Step::WriterRoom,
                     _ = &mut stall, if self.pending.is_some() && self.terms.tty => Step::WriterStalled,
                     Ok(()) = self.scrollback_share.changed(), if terminal => Step::ScrollbackShare,
-                    data = crate::exec::read_opt_pipe(stdout, pipe_read), if reading && has_out && pipes_have_room => Step::Output(Source::Stdout, data),
-                    data = crate::exec::read_opt_pipe(stderr, pipe_read), if reading && has_err && pipes_have_room => Step::Output(Source::Stderr, data),
-                    n = crate::exec::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n.map(|n| pty_buf[..n].to_vec())),
+                    data = crate::process_io::read_opt_pipe(stdout, pipe_read), if reading && has_out && pipes_have_room => Step::Output(Source::Stdout, data),
+                    data = crate::process_io::read_opt_pipe(stderr, pipe_read), if reading && has_err && pipes_have_room => Step::Output(Source::Stderr, data),
+                    n = crate::process_io::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n.map(|n| pty_buf[..n].to_vec())),
                     ev = self.events.recv(), if self.exit.is_none() => Step::Event(ev),
                     _ = &mut drain, if self.exit.is_some() => Step::DrainOver,
                     _ = &mut timeout, if self.terms.timeout.is_some() && self.exit.is_none() && !timed_out => Step::Timeout,
