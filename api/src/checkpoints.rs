@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::ndjson::{self, rfc3339};
-use crate::router::{json_response, Body};
+use crate::response::{json_response, Body};
 use crate::Shared;
 
 /// The largest body of a create: a comment.
@@ -83,7 +83,7 @@ pub async fn delete(state: &Shared, id: &str) -> Result<Response<Body>, ApiError
         .checkpoint_delete(id)
         .await
         .map_err(ApiError::daemon)?;
-    Ok(crate::router::empty_response(StatusCode::NO_CONTENT))
+    Ok(crate::response::empty_response(StatusCode::NO_CONTENT))
 }
 
 pub async fn create(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::ApiError;
 use crate::exec::{self, ExecParams, ExecStart, PumpEnd};
-use crate::router::Body;
+use crate::response::Body;
 use crate::{proxy, ws, Shared};
 
 /// What starts every control message.

@@ -75,11 +75,11 @@ impl ApiError {
         }
     }
 
-    pub fn into_response(self) -> Response<crate::router::Body> {
+    pub fn into_response(self) -> Response<crate::response::Body> {
         let mut body = serde_json::json!({ "error": self.code, "message": self.message });
         if let Some(errno) = self.errno {
             body["code"] = errno.into();
         }
-        crate::router::json_response(self.status, &body)
+        crate::response::json_response(self.status, &body)
     }
 }

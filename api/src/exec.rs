@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::ApiError;
-use crate::router::Body;
+use crate::response::Body;
 use crate::{ws, Shared};
 
 const STDIN: u8 = 0;

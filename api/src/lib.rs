@@ -16,6 +16,7 @@ mod ndjson;
 mod openapi;
 mod policy;
 mod proxy;
+mod response;
 mod router;
 mod server;
 mod services;

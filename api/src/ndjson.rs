@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::router::Body;
+use crate::response::Body;
 
 /// Where a handler's task writes its events; the response ends when this
 /// is dropped.

@@ -9,7 +9,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Response;
 
 use crate::error::ApiError;
-use crate::router::Body;
+use crate::response::Body;
 
 /// The document, as checked in.
 pub const DOCUMENT: &str = include_str!("../openapi.json");

@@ -13,7 +13,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::router::{empty_response, Body};
+use crate::response::{empty_response, Body};
 use crate::Shared;
 
 /// The largest policy accepted: thousands of rules.

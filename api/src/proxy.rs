@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::ApiError;
-use crate::router::Body;
+use crate::response::Body;
 use crate::{ws, Shared};
 
 /// How long the client has to say where to connect.

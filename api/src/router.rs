@@ -2,22 +2,17 @@
 //! it, after its token is checked against the scope the route needs.
 //! Handlers are a few lines over the control protocol.
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::error::ApiError;
+use crate::response::Body;
 use crate::tokens::{Grant, Refusal, TokenScope};
 use crate::{
     checkpoints, control, exec, files, openapi, policy, proxy, services, sessions, sprites, tunnel,
     Shared, SPRITE_VERSION,
 };
-
-/// A response body: whole, or streamed (NDJSON progress).
-pub type Body = BoxBody<Bytes, std::convert::Infallible>;
 
 /// One route: its method, its path (`{x}` stands for one segment) and the
 /// token scope it needs (`None`: served without a token).
@@ -274,20 +269,4 @@ fn require(granted: Option<TokenScope>, needed: TokenScope) -> Result<(), ApiErr
             "a route that needs a token was served without one",
         )),
     }
-}
-
-/// A response without a body (204).
-pub fn empty_response(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::new()).boxed());
-    *response.status_mut() = status;
-    response
-}
-
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }

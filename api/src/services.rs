@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::ndjson::{self, now_ms, rfc3339, Events};
-use crate::router::{empty_response, json_response, Body};
+use crate::response::{empty_response, json_response, Body};
 use crate::tokens::TokenScope;
 use crate::Shared;
 

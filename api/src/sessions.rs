@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::ndjson::{self, now_ms, rfc3339};
-use crate::router::{json_response, Body};
+use crate::response::{json_response, Body};
 use crate::Shared;
 
 /// The largest body of a kill: a signal name and a timeout.

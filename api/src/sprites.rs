@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::router::{json_response, Body};
+use crate::response::{json_response, Body};
 use crate::Shared;
 
 /// The largest request body of a create: a name and a few settings.

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::error::ApiError;
-use crate::router::Body;
+use crate::response::Body;
 use crate::tokens::TokenScope;
 use crate::ws;
 use crate::Shared;

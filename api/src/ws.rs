@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::ApiError;
-use crate::router::Body;
+use crate::response::Body;
 use crate::slots::ConnectionSlot;
 
 pub type Ws = WebSocketStream<SlotIo>;
@@ -137,7 +137,7 @@ pub fn handshake(req: &mut Request<Incoming>) -> Result<Handshake, ApiError> {
         on: hyper::upgrade::on(req),
         slot,
     };
-    let mut response = crate::router::empty_response(StatusCode::SWITCHING_PROTOCOLS);
+    let mut response = crate::response::empty_response(StatusCode::SWITCHING_PROTOCOLS);
     let h = response.headers_mut();
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));

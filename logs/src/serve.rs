@@ -57,21 +57,21 @@ where
     W: futures::Sink<hull_proto::DaemonMsg, Error = io::Error> + Unpin,
 {
     use futures::{SinkExt, StreamExt};
-    use hull_proto::{DaemonMsg, ErrorKind, ErrorReport};
+    use hull_proto::{DaemonMsg, ErrorKind};
     if !hull_proto::valid_name(source) {
         return writer
-            .send(DaemonMsg::Error(ErrorReport {
-                kind: ErrorKind::BadRequest,
-                message: crate::store::invalid_source(source).to_string(),
-            }))
+            .send(DaemonMsg::error(
+                ErrorKind::BadRequest,
+                crate::store::invalid_source(source).to_string(),
+            ))
             .await;
     }
     if !store.exists(source) {
         return writer
-            .send(DaemonMsg::Error(ErrorReport {
-                kind: ErrorKind::NotFound,
-                message: format!("no logs for {source:?}: no service of that name has run"),
-            }))
+            .send(DaemonMsg::error(
+                ErrorKind::NotFound,
+                format!("no logs for {source:?}: no service of that name has run"),
+            ))
             .await;
     }
     let tail = tail.or((follow && filter.since_ms.is_none()).then_some(FOLLOW_TAIL));

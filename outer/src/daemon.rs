@@ -418,7 +418,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     network.follow_services(services.definitions(), services.failed());
     let (supervisor, supervisor_task) = Supervisor::start(
         InnerConfig {
-            exe: SealedExe::create()?,
+            exe: SealedExe::create().map_err(LaunchError::SealedExe)?,
             cgroup: cgroups.inner.clone(),
             memory_max: limits.memory_max_bytes,
             pids_max: limits.pids_max,

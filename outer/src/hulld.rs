@@ -13,8 +13,8 @@ use hull_checkpoint::{Storage, StorageError};
 use hull_logs::{ExecLog, LogStore};
 use hull_proto::{
     BounceReport, CheckpointInfo, CheckpointListing, CheckpointReport, DaemonMsg, ErrorKind,
-    ErrorReport, ExecRequest, IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest,
-    ServiceStatus, SessionRequest, StatusReport, TokenRequest,
+    ExecRequest, IngressReport, Limits, PortsReport, RestoreReport, ServiceRequest, ServiceStatus,
+    SessionRequest, StatusReport, TokenRequest,
 };
 use hull_services::{ServiceError, ServiceManager};
 use tokio::sync::Notify;
@@ -182,10 +182,7 @@ impl Hulld {
                 hull_api::TokenError::NotFound(_) => ErrorKind::NotFound,
                 _ => ErrorKind::Internal,
             };
-            DaemonMsg::Error(ErrorReport {
-                kind,
-                message: hull_proto::error_chain(&e),
-            })
+            DaemonMsg::error(kind, hull_proto::error_chain(&e))
         })
     }
 
@@ -247,17 +244,12 @@ impl Hulld {
                 .kill(id, signal, Duration::from_millis(timeout_ms))
                 .await
                 .map(|forced| DaemonMsg::SessionKilled { id, forced }),
-            SessionRequest::Attach { .. } => Ok(DaemonMsg::Error(ErrorReport {
-                kind: ErrorKind::Internal,
-                message: "an attach is served by do_session_attach".into(),
-            })),
+            SessionRequest::Attach { .. } => Ok(DaemonMsg::error(
+                ErrorKind::Internal,
+                "an attach is served by do_session_attach",
+            )),
         };
-        reply.unwrap_or_else(|e| {
-            DaemonMsg::Error(ErrorReport {
-                kind: ErrorKind::NotFound,
-                message: hull_proto::error_chain(&e),
-            })
-        })
+        reply.unwrap_or_else(|e| DaemonMsg::error(ErrorKind::NotFound, hull_proto::error_chain(&e)))
     }
 
     /// Starts a detached exec: the answer a client gets first (started,
@@ -346,13 +338,13 @@ impl Hulld {
                 policy,
                 enforced: false,
             },
-            Err(e) => DaemonMsg::Error(ErrorReport {
-                kind: match e {
+            Err(e) => {
+                let kind = match e {
                     crate::net_policy::PolicyError::NotJson(_) => ErrorKind::BadRequest,
                     _ => ErrorKind::Storage,
-                },
-                message: hull_proto::error_chain(&e),
-            }),
+                };
+                DaemonMsg::error(kind, hull_proto::error_chain(&e))
+            }
         }
     }
 
@@ -428,10 +420,7 @@ fn session_error(e: &SessionError) -> DaemonMsg {
         SessionError::NotFound(_) => ErrorKind::NotFound,
         SessionError::TooMany(_) => ErrorKind::Busy,
     };
-    DaemonMsg::Error(ErrorReport {
-        kind,
-        message: hull_proto::error_chain(e),
-    })
+    DaemonMsg::error(kind, hull_proto::error_chain(e))
 }
 
 fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {

@@ -13,6 +13,7 @@ pub mod launch;
 mod net_policy;
 pub mod network;
 mod port_events;
+mod process_io;
 mod server;
 mod sessions;
 pub mod state_dir;

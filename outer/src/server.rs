@@ -15,8 +15,8 @@ use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
 use hull_ingress::{FdBudget, Throttle};
 pub use hull_proto::Scope;
 use hull_proto::{
-    frame_writer, ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FrameBusy, FrameDecoder, Hello,
-    RequestError, RequestReader, SessionRequest, TokenScope, PROTOCOL_VERSION,
+    frame_writer, ClientMsg, DaemonMsg, ErrorKind, FrameBusy, FrameDecoder, Hello, RequestError,
+    RequestReader, SessionRequest, TokenScope, PROTOCOL_VERSION,
 };
 use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
@@ -26,13 +26,6 @@ use crate::error_chain;
 use crate::hulld::Hulld;
 use crate::sessions::Outcome;
 use crate::supervisor::SupervisorError;
-
-fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
-    DaemonMsg::Error(ErrorReport {
-        kind,
-        message: message.into(),
-    })
-}
 
 /// The largest frame the inner's service socket reads. Its biggest
 /// legitimate message is a service definition: a name, a command line, an
@@ -210,7 +203,7 @@ pub async fn accept_loop<L: Listener>(
 /// loop: a fresh socket takes a small frame at once.
 async fn refuse<S: AsyncWrite + Send + Unpin>(stream: S, endpoint: &Endpoint, why: &str) {
     let mut writer = frame_writer::<_, DaemonMsg>(stream);
-    let msg = error(ErrorKind::Busy, format!("{why}; try again shortly"));
+    let msg = DaemonMsg::error(ErrorKind::Busy, format!("{why}; try again shortly"));
     let _ = tokio::time::timeout(Duration::from_millis(50), writer.send(msg)).await;
     tracing::trace!(endpoint = endpoint.name, "refused a connection");
 }
@@ -284,7 +277,7 @@ where
         }
         Some(Ok(ClientMsg::Hello(hello))) => {
             return writer
-                .send(error(
+                .send(DaemonMsg::error(
                     ErrorKind::Version,
                     format!(
                         "{} speaks protocol version {}, hulld speaks {PROTOCOL_VERSION}",
@@ -295,7 +288,7 @@ where
         }
         Some(Ok(other)) => {
             return writer
-                .send(error(
+                .send(DaemonMsg::error(
                     ErrorKind::BadRequest,
                     format!("the first frame must be Hello, got {}", other.kind().name()),
                 ))
@@ -442,7 +435,7 @@ where
             | ClientMsg::Signal(_)
             | ClientMsg::Detach) => {
                 writer
-                    .send(error(
+                    .send(DaemonMsg::error(
                         ErrorKind::BadRequest,
                         format!(
                             "{} is only valid inside an exec session",
@@ -466,7 +459,7 @@ pub fn refused(endpoint: &Endpoint, e: &io::Error) -> Option<DaemonMsg> {
         endpoint = endpoint.name,
         "refused a request"
     );
-    Some(error(ErrorKind::NotPermitted, e.to_string()))
+    Some(DaemonMsg::error(ErrorKind::NotPermitted, e.to_string()))
 }
 
 /// Tells the client why its frame was refused, then ends the connection.
@@ -477,12 +470,18 @@ where
     if FrameBusy::of(&e).is_some() {
         tracing::warn!(error = %e, "refusing a large frame: the budget for large frames is spent");
         return writer
-            .send(error(ErrorKind::Busy, format!("{e}; try again shortly")))
+            .send(DaemonMsg::error(
+                ErrorKind::Busy,
+                format!("{e}; try again shortly"),
+            ))
             .await;
     }
     tracing::warn!(error = %e, "refusing a bad frame from a client");
     writer
-        .send(error(ErrorKind::BadFrame, format!("bad frame: {e}")))
+        .send(DaemonMsg::error(
+            ErrorKind::BadFrame,
+            format!("bad frame: {e}"),
+        ))
         .await
 }
 
@@ -491,7 +490,7 @@ fn storage_error(e: &StorageError) -> DaemonMsg {
         StorageError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
         _ => ErrorKind::Storage,
     };
-    error(kind, error_chain(e))
+    DaemonMsg::error(kind, error_chain(e))
 }
 
 fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
@@ -505,7 +504,7 @@ fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
             _ => ErrorKind::Storage,
         },
     };
-    error(kind, error_chain(e))
+    DaemonMsg::error(kind, error_chain(e))
 }
 
 fn service_error(e: &ServiceError) -> DaemonMsg {
@@ -515,5 +514,5 @@ fn service_error(e: &ServiceError) -> DaemonMsg {
         ServiceError::ManagerGone => ErrorKind::Internal,
         _ => ErrorKind::Service,
     };
-    error(kind, error_chain(e))
+    DaemonMsg::error(kind, error_chain(e))
 }

@@ -26,15 +26,15 @@ use hull_checkpoint::catalog::now_ms;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use hull_proto::{
-    ClientMsg, DaemonMsg, ErrorKind, ErrorReport, ExecEnd, ExitStatus, PortNotice, SessionInfo,
-    Stream as Out, DEFAULT_DETACHED_RUN_MS,
+    ClientMsg, DaemonMsg, ErrorKind, ExecEnd, ExitStatus, PortNotice, SessionInfo, Stream as Out,
+    DEFAULT_DETACHED_RUN_MS,
 };
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::exec::{Input, ProcessIo, Source, CHUNK};
 use crate::launch::{InitEvent, InitProcess, Inner};
 use crate::port_events::{PortChange, PortEvents};
+use crate::process_io::{Input, ProcessIo, Source, CHUNK};
 use crate::supervisor::OomCheck;
 use hull_logs::ExecRecorder;
 
@@ -69,13 +69,6 @@ const AFTER_SIGKILL: Duration = Duration::from_secs(5);
 const NEVER: Duration = Duration::from_secs(86400 * 365);
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
-
-fn error(kind: ErrorKind, message: impl Into<String>) -> DaemonMsg {
-    DaemonMsg::Error(ErrorReport {
-        kind,
-        message: message.into(),
-    })
-}
 
 /// A client's requests, as a connection reads them.
 pub trait Requests: Stream<Item = io::Result<ClientMsg>> + Unpin {}
@@ -489,7 +482,7 @@ impl Attachment {
                     }
                     Some(Ok(other)) => {
                         writer
-                            .send(error(
+                            .send(DaemonMsg::error(
                                 ErrorKind::BadRequest,
                                 format!("{other:?} is not allowed during an exec session"),
                             ))
@@ -497,7 +490,7 @@ impl Attachment {
                     }
                     Some(Err(e)) => {
                         self.detach(false).await;
-                        let _ = writer.send(error(ErrorKind::BadFrame, e.to_string())).await;
+                        let _ = writer.send(DaemonMsg::error(ErrorKind::BadFrame, e.to_string())).await;
                         return Err(e);
                     }
                     None => {
@@ -527,7 +520,7 @@ impl Attachment {
                     None => {
                         self.detached = true;
                         writer
-                            .send(error(
+                            .send(DaemonMsg::error(
                                 ErrorKind::Busy,
                                 format!(
                                     "this client fell too far behind the output of session {} and was detached from it; `hull sessions attach {}` attaches again",
@@ -984,9 +977,9 @@ impl Session {
                     _ = room, if writer_tx.is_some() => Step::WriterRoom,
                     _ = &mut stall, if self.pending.is_some() && self.terms.tty => Step::WriterStalled,
                     Ok(()) = self.scrollback_share.changed(), if terminal => Step::ScrollbackShare,
-                    data = crate::exec::read_opt_pipe(stdout, pipe_read), if reading && has_out && pipes_have_room => Step::Output(Source::Stdout, data),
-                    data = crate::exec::read_opt_pipe(stderr, pipe_read), if reading && has_err && pipes_have_room => Step::Output(Source::Stderr, data),
-                    n = crate::exec::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n.map(|n| pty_buf[..n].to_vec())),
+                    data = crate::process_io::read_opt_pipe(stdout, pipe_read), if reading && has_out && pipes_have_room => Step::Output(Source::Stdout, data),
+                    data = crate::process_io::read_opt_pipe(stderr, pipe_read), if reading && has_err && pipes_have_room => Step::Output(Source::Stderr, data),
+                    n = crate::process_io::read_opt_fd(master, &mut pty_buf), if reading && has_pty => Step::Output(Source::Pty, n.map(|n| pty_buf[..n].to_vec())),
                     ev = self.events.recv(), if self.exit.is_none() => Step::Event(ev),
                     _ = &mut drain, if self.exit.is_some() => Step::DrainOver,
                     _ = &mut timeout, if self.terms.timeout.is_some() && self.exit.is_none() && !timed_out => Step::Timeout,

@@ -614,6 +614,16 @@ pub enum DaemonMsg {
     Error(ErrorReport),
 }
 
+impl DaemonMsg {
+    /// The answer that refuses a request, or ends one that failed.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        DaemonMsg::Error(ErrorReport {
+            kind,
+            message: message.into(),
+        })
+    }
+}
+
 /// A listening port a session's command opened or closed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PortNotice {

@@ -85,6 +85,37 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// Runs `hull ARGS` through the HTTP API at `url` with `token`, `stdin` as
+/// its input. The socket is one that does not exist, so nothing local is
+/// used.
+pub fn remote(url: &str, token: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut command = Command::new(bin_dir().join("hull"));
+    command
+        .args([
+            "--socket",
+            "/nonexistent/hull.sock",
+            "--url",
+            url,
+            "--token",
+            token,
+        ])
+        .args(args);
+    run_with_input(command, stdin)
+}
+
+/// Runs `command`, `stdin` as its whole input, and waits for its output.
+pub fn run_with_input(mut command: Command, stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// The busybox base image, built once and shared by every test process
 /// (an flock serialises the first build).
 pub fn image_dir() -> PathBuf {

@@ -2,28 +2,10 @@
 //! a program holds or printed (service environments, logs, session
 //! output, file contents); those need exec.
 
-use std::process::{Command, Output, Stdio};
-
 use hull_proto::{RestartPolicy, ServiceRequest, ServiceSpec};
 use hull_tests::attacks::requests::sprite_name;
 use hull_tests::http::request;
-use hull_tests::{bin_dir, block_on, require_root, TestHull};
-
-fn remote(url: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(bin_dir().join("hull"))
-        .args([
-            "--socket",
-            "/nonexistent/hull.sock",
-            "--url",
-            url,
-            "--token",
-            token,
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run hull")
-}
+use hull_tests::{block_on, remote, require_root, TestHull};
 
 #[test]
 fn a_read_token_sees_status_and_lists_and_no_secrets() {
@@ -75,7 +57,7 @@ fn a_read_token_sees_status_and_lists_and_no_secrets() {
             "{path} with an exec token: {full}"
         );
     }
-    let out = remote(&url, &read, &["--json", "services", "show", "web"]);
+    let out = remote(&url, &read, &["--json", "services", "show", "web"], b"");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -84,14 +66,14 @@ fn a_read_token_sees_status_and_lists_and_no_secrets() {
     );
 
     // Logs and file contents need exec; listing does not.
-    let out = remote(&url, &read, &["logs", "web"]);
+    let out = remote(&url, &read, &["logs", "web"], b"");
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hunter2"));
     assert!(err.contains("needs an API token with scope exec"), "{err}");
-    let out = remote(&url, &read, &["logs", "exec"]);
+    let out = remote(&url, &read, &["logs", "exec"], b"");
     assert!(!out.status.success(), "{out:?}");
-    let out = remote(&url, &exec, &["logs", "web"]);
+    let out = remote(&url, &exec, &["logs", "web"], b"");
     assert!(out.status.success(), "{out:?}");
     let r = request(
         addr,
@@ -130,7 +112,7 @@ fn a_read_token_sees_status_and_lists_and_no_secrets() {
         &["--json", "sessions", "list"],
         &["--json", "ports"],
     ] {
-        let out = remote(&url, &read, args);
+        let out = remote(&url, &read, args, b"");
         assert!(out.status.success(), "{args:?} with a read token: {out:?}");
     }
 }

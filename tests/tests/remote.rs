@@ -2,44 +2,14 @@
 //! output and exit codes as over the control socket, within what its
 //! token's scope allows.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use hull_tests::{bin_dir, block_on, require_root, TestHull};
-
-/// Runs `hull` as `command` has it, `stdin` as its whole input.
-fn run(mut command: Command, stdin: &[u8]) -> Output {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-/// Runs `hull ARGS` through the API at `url` with `token`, `stdin` as its
-/// input. The socket is one that does not exist, so nothing local is used.
-fn remote(url: &str, token: &str, args: &[&str], stdin: &[u8]) -> Output {
-    let mut command = Command::new(bin_dir().join("hull"));
-    command
-        .args([
-            "--socket",
-            "/nonexistent/hull.sock",
-            "--url",
-            url,
-            "--token",
-            token,
-        ])
-        .args(args);
-    run(command, stdin)
-}
+use hull_tests::{block_on, remote, require_root, run_with_input, TestHull};
 
 fn local(hull: &TestHull, args: &[&str], stdin: &[u8]) -> Output {
-    let mut command = Command::new(bin_dir().join("hull"));
-    command.arg("--config").arg(&hull.config).args(args);
-    run(command, stdin)
+    let mut command = hull.hull_command();
+    command.args(args);
+    run_with_input(command, stdin)
 }
 
 /// A hulld, its API's URL, and a read and an exec token for it.

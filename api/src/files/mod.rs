@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::router::{json_response, Body};
+use crate::response::{json_response, Body};
 use crate::{InnerRootError, Shared};
 use ops::{InnerPath, Root};
 
