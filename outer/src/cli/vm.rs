@@ -47,6 +47,7 @@ pub struct RunArgs {
     pub api_port: u16,
     pub machine: qemu::Machine,
     pub timeout: Duration,
+    pub append: Vec<String>,
 }
 
 pub fn run(g: &Global, args: RunArgs) -> Result<()> {
@@ -57,6 +58,7 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         api_port: args.api_port,
         machine: args.machine,
         ready_timeout: args.timeout,
+        append: args.append,
     };
     let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
     if g.json {

@@ -110,6 +110,8 @@ pub struct RunOptions {
     pub machine: Machine,
     /// How long to wait for the API before giving up.
     pub ready_timeout: Duration,
+    /// Kernel arguments after hull's own (`hull.cgroup=...`).
+    pub append: Vec<String>,
 }
 
 /// `DIR/vm.json`: what `hull vm run` started.
@@ -191,7 +193,11 @@ pub fn qemu_args(options: &RunOptions) -> Vec<String> {
     );
     let memory = options.memory.clone();
     let cpus = options.cpus.to_string();
-    let cmdline = kernel_cmdline();
+    let mut cmdline = kernel_cmdline();
+    for arg in &options.append {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
     let kernel = path("vmlinuz");
     let initrd = path("initramfs.img");
     let serial = format!("file:{}", path(CONSOLE_LOG));
@@ -514,6 +520,7 @@ mod tests {
             api_port: 17700,
             machine,
             ready_timeout: Duration::from_secs(1),
+            append: Vec::new(),
         }
     }
 
@@ -538,6 +545,24 @@ mod tests {
         assert!(args.iter().any(|a| a == "virtio-net-device,netdev=n0"));
         let pc = qemu_args(&options(Machine::Pc));
         assert!(pc.iter().any(|a| a == "virtio-net-pci,netdev=n0"));
+    }
+
+    #[test]
+    fn appended_kernel_arguments_come_after_hulls_own() {
+        let args = qemu_args(&RunOptions {
+            append: vec![
+                "hull.cgroup=/system.slice/hull.service".into(),
+                "a b".into(),
+            ],
+            ..options(Machine::Pc)
+        });
+        assert_eq!(
+            after(&args, "-append"),
+            format!(
+                "{} hull.cgroup=/system.slice/hull.service a b",
+                kernel_cmdline()
+            )
+        );
     }
 
     #[test]
