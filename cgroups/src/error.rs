@@ -42,6 +42,14 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot move process {pid} out of {group}, which must hold no process once its children have controllers, through {path}")]
+    MoveToLeaf {
+        pid: i32,
+        group: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set the limit {value:?} in {path}")]
     SetLimit {
         path: PathBuf,

@@ -1,6 +1,7 @@
 //! hull's cgroups, which only hulld touches: the inner's group with its
 //! limits, freezer and kill, and hulld's own group beside it, all below the
-//! cgroup hulld was started in.
+//! cgroup hulld was started in (on cgroup v2 below a group that is not the
+//! root, after its processes have moved to a leaf: [`HullCgroups`]).
 //!
 //! One implementation per version behind [`CgroupManager`]: [`v2`] (one
 //! directory per group in the unified hierarchy) and [`v1`] (one directory

@@ -6,7 +6,8 @@
 //! cgroup2 alone (with `nsdelegate`, every controller enabled for the
 //! tree), loads the kernel modules the image carries, brings up `lo` and,
 //! with `ip=` on the command line, `eth0`, writes hulld's config and starts
-//! hulld, restarting it with a backoff when it dies. It reaps every
+//! hulld (in the root cgroup, or with `hull.cgroup=` in a delegated group:
+//! `delegate`), restarting it with a backoff when it dies. It reaps every
 //! orphan: hulld never reaps blindly, its tokio child handling and pidfds
 //! own their exit statuses. It never exits: a fatal error is written to the
 //! console and the VM reboots. SIGTERM, SIGPWR or ctrl-alt-del (SIGINT)
@@ -18,6 +19,7 @@
 
 mod cmdline;
 mod data_disk;
+mod delegate;
 mod modules;
 mod net;
 mod switch_root;
@@ -133,6 +135,7 @@ const STATE_TMPFS: MountSpec = MountSpec {
 enum Step {
     Mount(MountSpec),
     EnableControllers,
+    DelegateCgroup,
     LoadModules,
     DataDisk,
     BaseImage,
@@ -146,6 +149,7 @@ fn boot_steps() -> Vec<Step> {
     let mut steps: Vec<Step> = MOUNTS.iter().copied().map(Step::Mount).collect();
     steps.extend([
         Step::EnableControllers,
+        Step::DelegateCgroup,
         // Before the network: virtio_net makes eth0; virtio_blk and
         // btrfs the data disk.
         Step::LoadModules,
@@ -241,6 +245,8 @@ enum InitError {
     },
     #[error("cannot take signals through a signalfd")]
     Signals(#[source] nix::Error),
+    #[error(transparent)]
+    Delegate(#[from] delegate::DelegateError),
 }
 
 /// Seconds since the kernel started, as the console shows them.
@@ -369,6 +375,20 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
                 "enabled cgroup controllers {enabled} ({:.1} ms)",
                 millis(started)
             );
+        }
+        Step::DelegateCgroup => {
+            let cmdline_path = Path::new("/proc/cmdline");
+            let cmdline = fs::read_to_string(cmdline_path).map_err(|source| InitError::Read {
+                path: cmdline_path.into(),
+                source,
+            })?;
+            if let Some((group, controllers)) = delegate::set_up(&cmdline)? {
+                log!(
+                    "created cgroup {} for hulld, with controllers {controllers} ({:.1} ms)",
+                    group.display(),
+                    millis(started)
+                );
+            }
         }
         Step::LoadModules => {
             let loaded = load_modules()?;
@@ -796,16 +816,41 @@ fn wait_for_signal(signal_fd: &SignalFd, timeout: PollTimeout) {
 
 fn start_hulld() -> Option<Pid> {
     let started = Instant::now();
+    let cgroup = match delegate::prepare_start() {
+        Ok(cgroup) => cgroup,
+        Err(e) => {
+            log!("cannot start hulld: {}", error_chain(&e));
+            return None;
+        }
+    };
+    if let Some(start) = cgroup.as_ref().filter(|s| s.cleared) {
+        log!(
+            "killed what the hulld before left in cgroup {} and removed its groups",
+            start.group.display()
+        );
+    }
+    let join_fd = cgroup
+        .as_ref()
+        .map(|s| std::os::fd::AsRawFd::as_raw_fd(&s.procs));
     let mut command = Command::new(HULLD);
     // SAFETY: between fork and exec the closure only calls
-    // pthread_sigmask(2) and sigaction(2), both async-signal-safe, and
-    // allocates nothing. hulld must not inherit the mask this process
+    // pthread_sigmask(2), sigaction(2) and write(2), all async-signal-safe,
+    // and allocates nothing. hulld must not inherit the mask this process
     // takes its signals through a signalfd with (its SIGTERM would never
     // arrive), nor std's ignored SIGPIPE: spawn resets neither here.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             SigSet::all().thread_unblock()?;
             nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)?;
+            if let Some(fd) = join_fd {
+                // "0" moves the writer, this child, into the group, so hulld
+                // is a member from its first instruction.
+                // SAFETY: a one-byte static buffer, and an fd `cgroup`
+                // keeps open until spawn has returned.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -823,6 +868,12 @@ fn start_hulld() -> Option<Pid> {
             // its exit status with everyone else's.
             let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
             log!("started hulld as pid {pid} ({:.1} ms)", millis(started));
+            if cgroup.is_some() {
+                log!(
+                    "hulld (pid {pid}) runs in cgroup {}",
+                    delegate::cgroup_of(pid.as_raw())
+                );
+            }
             Some(pid)
         }
         Err(e) => {

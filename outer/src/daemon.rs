@@ -330,7 +330,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
 
     let cgroups = HullCgroups::locate(&config.cgroup_name)?;
-    cgroups.create_base()?;
+    let moved_to_leaf = cgroups.create_base()?;
     cgroups.daemon.create()?;
     cgroups.inner.create()?;
     // Root in the inner may make groups below its own and move its
@@ -340,6 +340,13 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     }
     cgroups.daemon.join(std::process::id() as i32)?;
     limit_groups(&cgroups, &config, inner_settings.cpus)?;
+    tracing::info!(
+        daemon = %cgroups.daemon.display_path(),
+        inner = %cgroups.inner.display_path(),
+        leaf = %cgroups.leaf.as_ref().map_or_else(|| "none".to_owned(), |l| l.display_path()),
+        ?moved_to_leaf,
+        "hull's cgroups are ready"
+    );
     clean_up_stale_inner(&cgroups)?;
 
     let kind = inner_settings.image;

@@ -277,6 +277,14 @@ enum VmCommand {
         /// Give up (and kill QEMU) when the API has not answered by then.
         #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = cli::parse_duration)]
         timeout: std::time::Duration,
+        /// Kernel arguments to add after hull's own (`console=ttyS0`, `ip=`),
+        /// as QEMU's -append takes them; repeatable. The kernel and
+        /// hull-init take the last of a repeated one. hull-init reads
+        /// `hull.cgroup=PATH`: start hulld in the cgroup PATH, created with
+        /// its ancestors' controllers, as systemd starts a unit with
+        /// Delegate=yes (`--append hull.cgroup=/system.slice/hull.service`).
+        #[arg(long, value_name = "ARGS")]
+        append: Vec<String>,
     },
     /// Shut the VM in DIR down cleanly.
     ///
@@ -801,6 +809,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 disk_size,
                 machine,
                 timeout,
+                append,
             } => cli::vm::run(
                 &g,
                 cli::vm::RunArgs {
@@ -812,6 +821,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     api_port,
                     machine,
                     timeout,
+                    append,
                 },
             ),
             VmCommand::Stop { dir, timeout } => cli::vm::stop(&g, dir, timeout),

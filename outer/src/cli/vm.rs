@@ -49,6 +49,7 @@ pub struct RunArgs {
     pub api_port: u16,
     pub machine: qemu::Machine,
     pub timeout: Duration,
+    pub append: Vec<String>,
 }
 
 pub fn run(g: &Global, args: RunArgs) -> Result<()> {
@@ -61,6 +62,7 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         disk_size: args.disk_size,
         machine: args.machine,
         ready_timeout: args.timeout,
+        append: args.append,
     };
     let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
     if g.json {

@@ -144,6 +144,8 @@ pub struct RunOptions {
     pub machine: Machine,
     /// How long to wait for the API before giving up.
     pub ready_timeout: Duration,
+    /// Kernel arguments after hull's own (`hull.cgroup=...`).
+    pub append: Vec<String>,
 }
 
 /// `DIR/vm.json`: what `hull vm run` started.
@@ -327,7 +329,11 @@ pub fn qemu_args(options: &RunOptions, host_token: &HostToken) -> Vec<String> {
     );
     let memory = options.memory.clone();
     let cpus = options.cpus.to_string();
-    let cmdline = kernel_cmdline(host_token);
+    let mut cmdline = kernel_cmdline(host_token);
+    for arg in &options.append {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
     let kernel = path("vmlinuz");
     let initrd = path("initramfs.img");
     let serial = format!("file:{}", path(CONSOLE_LOG));
@@ -678,6 +684,7 @@ mod tests {
             disk_size: 1 << 30,
             machine,
             ready_timeout: Duration::from_secs(1),
+            append: Vec::new(),
         }
     }
 
@@ -745,6 +752,28 @@ mod tests {
         fs::write(dir.path().join(DATA_DISK), b"kept").unwrap();
         assert!(!ensure_data_disk(dir.path(), 1 << 30).unwrap());
         assert_eq!(fs::read(dir.path().join(DATA_DISK)).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn appended_kernel_arguments_come_after_hulls_own() {
+        let token = HostToken::generate().unwrap();
+        let args = qemu_args(
+            &RunOptions {
+                append: vec![
+                    "hull.cgroup=/system.slice/hull.service".into(),
+                    "a b".into(),
+                ],
+                ..options(Machine::Pc)
+            },
+            &token,
+        );
+        assert_eq!(
+            after(&args, "-append"),
+            format!(
+                "{} hull.cgroup=/system.slice/hull.service a b",
+                kernel_cmdline(&token)
+            )
+        );
     }
 
     #[test]
