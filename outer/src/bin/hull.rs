@@ -274,6 +274,11 @@ enum VmCommand {
         /// Debian 6.1's cloud kernel hangs calibrating its clock under TCG.
         #[arg(long, default_value = "pc")]
         machine: hull_image::vm::qemu::Machine,
+        /// The accelerator: kvm, tcg, or auto: KVM where the kernel is
+        /// seen to boot under it on this host (probed once per host boot),
+        /// else TCG.
+        #[arg(long, default_value = "auto")]
+        accel: hull_image::vm::accel::AccelChoice,
         /// Give up (and kill QEMU) when the API has not answered by then.
         #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = cli::parse_duration)]
         timeout: std::time::Duration,
@@ -808,6 +813,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 http_port,
                 disk_size,
                 machine,
+                accel,
                 timeout,
                 append,
             } => cli::vm::run(
@@ -820,6 +826,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     disk_size,
                     api_port,
                     machine,
+                    accel,
                     timeout,
                     append,
                 },

@@ -50,6 +50,7 @@ pub struct RunArgs {
     pub machine: qemu::Machine,
     pub timeout: Duration,
     pub append: Vec<String>,
+    pub accel: hull_image::vm::accel::AccelChoice,
 }
 
 pub fn run(g: &Global, args: RunArgs) -> Result<()> {
@@ -63,6 +64,7 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         machine: args.machine,
         ready_timeout: args.timeout,
         append: args.append,
+        accel: args.accel,
     };
     let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
     if g.json {

@@ -9,6 +9,7 @@
 //! inputs give the same bytes, and a rebuild with them reuses the cached
 //! result.
 
+pub mod accel;
 pub mod cpio;
 pub mod kmod;
 pub mod qemu;

@@ -12,8 +12,8 @@
 //! nothing else of a token, and the inner, which can read /proc/cmdline,
 //! learns nothing it could present.
 //!
-//! TCG only for now: /dev/kvm may exist on a host whose KVM guests hang
-//! (nested virtualisation), and a boot that hangs is worse than a slow one.
+//! KVM where the kernel is seen to boot under it, TCG otherwise
+//! ([`accel`]): /dev/kvm may exist on a host whose KVM guests hang.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::accel::{self, Accel, AccelChoice};
 use super::hex;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -144,6 +145,8 @@ pub struct RunOptions {
     pub machine: Machine,
     /// How long to wait for the API before giving up.
     pub ready_timeout: Duration,
+    /// KVM, TCG, or KVM where the kernel is seen to boot under it.
+    pub accel: AccelChoice,
     /// Kernel arguments after hull's own (`hull.cgroup=...`).
     pub append: Vec<String>,
 }
@@ -177,7 +180,7 @@ pub struct Started {
     pub data_disk_created: bool,
     pub machine: Machine,
     pub accel: String,
-    /// Why KVM was not used.
+    /// Which accelerator, and why.
     pub accel_note: String,
     /// From QEMU's start to the API's first answer.
     pub ready_ms: u64,
@@ -294,7 +297,7 @@ fn write_api_env(dir: &Path, url: &str, token: &HostToken) -> Result<PathBuf> {
 }
 
 /// QEMU's arguments for `options` (without the program).
-pub fn qemu_args(options: &RunOptions, host_token: &HostToken) -> Vec<String> {
+pub fn qemu_args(options: &RunOptions, accel: Accel, host_token: &HostToken) -> Vec<String> {
     let dir = &options.dir;
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let mut args: Vec<String> = Vec::new();
@@ -341,7 +344,7 @@ pub fn qemu_args(options: &RunOptions, host_token: &HostToken) -> Vec<String> {
     let pid_file = path(PID_FILE);
     push(&[
         "-accel",
-        "tcg",
+        accel.name(),
         "-m",
         &memory,
         "-smp",
@@ -372,15 +375,6 @@ pub fn qemu_args(options: &RunOptions, host_token: &HostToken) -> Vec<String> {
         disk,
     ]);
     args
-}
-
-/// Why KVM is not used, for the output.
-pub fn accel_note() -> String {
-    if Path::new("/dev/kvm").exists() {
-        "TCG (software emulation): /dev/kvm exists but is not used, since KVM guests hang on this host".into()
-    } else {
-        "TCG (software emulation): there is no /dev/kvm".into()
-    }
 }
 
 /// Boots the image in `options.dir` and returns once hulld's API answers.
@@ -419,10 +413,11 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         path: qemu_log_path.clone(),
         source,
     })?;
-    progress(&accel_note());
+    let picked = accel::pick(QEMU, options.accel, &dir.join("vmlinuz"), dir);
+    progress(&picked.note);
     let started = Instant::now();
     let mut child = Command::new(QEMU)
-        .args(qemu_args(options, &host_token))
+        .args(qemu_args(options, picked.accel, &host_token))
         .stdin(Stdio::null())
         .stdout(qemu_log)
         .stderr(qemu_log_err)
@@ -437,7 +432,7 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         api_port: options.api_port,
         http_port: options.http_port,
         machine: options.machine,
-        accel: "tcg".into(),
+        accel: picked.accel.name().into(),
         memory: options.memory.clone(),
         cpus: options.cpus,
     };
@@ -489,8 +484,8 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         data_disk: dir.join(DATA_DISK),
         data_disk_created,
         machine: options.machine,
-        accel: "tcg".into(),
-        accel_note: accel_note(),
+        accel: picked.accel.name().into(),
+        accel_note: picked.note,
         ready_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         console: dir.join(CONSOLE_LOG),
     })
@@ -684,6 +679,7 @@ mod tests {
             disk_size: 1 << 30,
             machine,
             ready_timeout: Duration::from_secs(1),
+            accel: AccelChoice::Auto,
             append: Vec::new(),
         }
     }
@@ -696,7 +692,7 @@ mod tests {
     #[test]
     fn qemu_gets_tcg_the_console_file_and_the_forwarded_api() {
         let token = HostToken::generate().unwrap();
-        let args = qemu_args(&options(Machine::Microvm), &token);
+        let args = qemu_args(&options(Machine::Microvm), Accel::Tcg, &token);
         assert_eq!(after(&args, "-accel"), "tcg");
         assert_eq!(after(&args, "-M"), "microvm");
         assert_eq!(after(&args, "-serial"), "file:/vm/console.log");
@@ -710,7 +706,7 @@ mod tests {
         assert!(args.iter().any(|a| a == "virtio-blk-device,drive=data"));
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(args.iter().any(|a| a == "virtio-net-device,netdev=n0"));
-        let pc = qemu_args(&options(Machine::Pc), &token);
+        let pc = qemu_args(&options(Machine::Pc), Accel::Tcg, &token);
         assert!(pc.iter().any(|a| a == "virtio-net-pci,netdev=n0"));
     }
 
@@ -765,6 +761,7 @@ mod tests {
                 ],
                 ..options(Machine::Pc)
             },
+            Accel::Tcg,
             &token,
         );
         assert_eq!(
