@@ -87,7 +87,7 @@ pub struct Recovery {
 /// environment variable HULL_FAILPOINT names this point, the process dies
 /// here as abruptly as a power cut lets it.
 pub fn failpoint(name: &str) {
-    if std::env::var("HULL_FAILPOINT").is_ok_and(|v| v == name) {
+    if hull_proto::failpoint_named(name) {
         tracing::error!(failpoint = name, "failpoint reached: killing hulld");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
@@ -96,7 +96,7 @@ pub fn failpoint(name: &str) {
 /// Stalls here for two seconds if HULL_SLOW_POINT names this point: a test
 /// stands in for a slow disk to prove that nothing else waits for storage.
 pub fn slow_point(name: &str) {
-    if std::env::var("HULL_SLOW_POINT").is_ok_and(|v| v == name) {
+    if hull_proto::slow_point(name) {
         tracing::warn!(slow_point = name, "slow point reached: stalling 2 s");
         std::thread::sleep(std::time::Duration::from_secs(2));
     }

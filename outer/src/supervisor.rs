@@ -583,7 +583,7 @@ impl Task {
             Ok(layer) => {
                 let storage = &self.config.storage;
                 let lifted = layer.clone();
-                if let Err(e) = blocking(storage, move |s| s.lift_layer_quota(&lifted)).await {
+                if let Err(e) = on_storage(storage, move |s| s.lift_layer_quota(&lifted)).await {
                     tracing::warn!(error = %crate::error_chain(&e), "cannot lift the layer's quota while the inner mounts it; a full layer mounts read-only");
                 }
                 let launched = launch(
@@ -596,7 +596,7 @@ impl Task {
                 )
                 .await
                 .map_err(StartError::Launch);
-                if let Err(e) = blocking(storage, move |s| s.limit_layer(&layer)).await {
+                if let Err(e) = on_storage(storage, move |s| s.limit_layer(&layer)).await {
                     tracing::error!(error = %crate::error_chain(&e), "cannot put the layer's quota back; it has none until hulld starts again");
                 }
                 launched
@@ -765,7 +765,7 @@ impl Task {
             id: id.to_string(),
             source,
         };
-        let target = blocking(&storage, {
+        let target = on_storage(&storage, {
             let id = id.to_string();
             move |s| s.checkpoint(&id)
         })
@@ -779,7 +779,7 @@ impl Task {
                 source: Box::new(e),
             })?;
         failpoint("restore:after-auto-checkpoint");
-        let pending = blocking(&storage, {
+        let pending = on_storage(&storage, {
             let id = id.to_string();
             move |s| s.prepare_restore(&id)
         })
@@ -794,7 +794,7 @@ impl Task {
         .await;
         let stop_ms = stop_begin.elapsed().as_secs_f64() * 1e3;
         failpoint("restore:after-stop");
-        if let Err(e) = blocking(&storage, move |s| s.commit_restore(pending)).await {
+        if let Err(e) = on_storage(&storage, move |s| s.commit_restore(pending)).await {
             // The old layer is still current: bring the inner back on it.
             self.cause = InnerCause::Bounce;
             self.start(exit_tx).await;
@@ -892,7 +892,7 @@ impl Task {
 
 /// Runs a storage call on a blocking thread: the catalog is SQLite with
 /// synchronous=FULL, and snapshots are ioctls that may flush.
-async fn blocking<T: Send + 'static>(
+async fn on_storage<T: Send + 'static>(
     storage: &Arc<Storage>,
     f: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {

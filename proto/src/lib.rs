@@ -90,10 +90,17 @@ pub fn slow_point(name: &str) -> bool {
     std::env::var("HULL_SLOW_POINT").is_ok_and(|v| v == name)
 }
 
+/// A test hook: whether `HULL_FAILPOINT` names this point, where the
+/// caller then fails as the point says (a kill, a panic). The one reader
+/// of the variable.
+pub fn failpoint_named(name: &str) -> bool {
+    std::env::var("HULL_FAILPOINT").is_ok_and(|v| v == name)
+}
+
 /// A test hook: panics when `HULL_FAILPOINT` names this point, so tests
 /// can check what hulld does when one of its tasks panics.
 pub fn panic_point(name: &str) {
-    if std::env::var("HULL_FAILPOINT").is_ok_and(|v| v == name) {
+    if failpoint_named(name) {
         panic!("failpoint {name} reached");
     }
 }
