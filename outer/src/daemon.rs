@@ -72,7 +72,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
     #[error(transparent)]
-    InnerApi(#[from] crate::inner_api::InnerApiError),
+    ServicesSocket(#[from] crate::services_socket::ServicesSocketError),
     #[error(transparent)]
     Seccomp(#[from] hull_inner::SeccompError),
     #[error("{0}; set [api] listen in the config (\"off\" for no HTTP API)")]
@@ -378,8 +378,8 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     let rootfs = config.state_dir.rootfs();
     create_state_dir(&rootfs)?;
     let listener = bind_socket(&config.socket)?;
-    let inner_api = crate::inner_api::InnerApi::open(
-        &config.state_dir.inner_api(),
+    let services_socket = crate::services_socket::ServicesSocket::open(
+        &config.state_dir.services_socket_dir(),
         inner_settings.user_namespace.map(|m| m.base),
     )?;
     let vsock = match config.vsock_port {
@@ -437,7 +437,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             hostname: inner_settings.hostname,
             netns: Some(network.netns.clone()),
             resolv_conf: network.resolv_conf.clone(),
-            api_dir: Some(inner_api.dir.clone()),
+            api_dir: Some(services_socket.dir.clone()),
             seccomp,
             user_namespace: inner_settings.user_namespace,
             cgroup_view: Some(match cgroups.inner.v1_hierarchies()? {
@@ -521,7 +521,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     ));
     tokio::spawn(crate::server::accept_loop(
         hulld.clone(),
-        inner_api.listener,
+        services_socket.listener,
         Endpoint::inner(config.inner_connections),
         budget.clone(),
     ));

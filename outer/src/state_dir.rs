@@ -60,7 +60,7 @@ impl StateDir {
 
     /// The inner's service socket and the `hull` client it runs, mounted
     /// read-only at /run/hull in every inner.
-    pub fn inner_api(&self) -> PathBuf {
+    pub fn services_socket_dir(&self) -> PathBuf {
         self.root.join("inner-api")
     }
 
@@ -107,7 +107,7 @@ mod tests {
             dir.services_db(),
             dir.tokens_db(),
             dir.rootfs(),
-            dir.inner_api(),
+            dir.services_socket_dir(),
             dir.network_policy(),
             dir.ingress_token(),
             dir.resolv_conf(),

@@ -13,7 +13,7 @@ use hull_inner::INNER_API_DIR;
 use tokio::net::UnixListener;
 
 #[derive(Debug, thiserror::Error)]
-pub enum InnerApiError {
+pub enum ServicesSocketError {
     #[error("cannot create {path} for the inner's service socket")]
     Create { path: PathBuf, source: io::Error },
     #[error("cannot listen on the inner's service socket {path}")]
@@ -41,22 +41,22 @@ pub enum ClientInstallError {
 }
 
 /// The directory mounted into the inner and the socket listening in it.
-pub struct InnerApi {
+pub struct ServicesSocket {
     pub dir: PathBuf,
     pub listener: UnixListener,
 }
 
-impl InnerApi {
-    /// Makes `dir` (`StateDir::inner_api`) with the service socket and, if
+impl ServicesSocket {
+    /// Makes `dir` (`StateDir::services_socket_dir`) with the service socket and, if
     /// it can, the client; an old socket there is hulld's own from a
     /// previous run (the state dir lock keeps a second hulld out).
     /// `owner`: the VM's id of the inner's root, when the inner has a user
     /// namespace, which must own the socket to connect to it.
-    pub fn open(dir: &Path, owner: Option<u32>) -> Result<InnerApi, InnerApiError> {
+    pub fn open(dir: &Path, owner: Option<u32>) -> Result<ServicesSocket, ServicesSocketError> {
         let dir = dir.to_path_buf();
         make_dir(&dir)?;
         let socket = dir.join("hull.sock");
-        let listen = |source| InnerApiError::Listen {
+        let listen = |source| ServicesSocketError::Listen {
             path: socket.clone(),
             source,
         };
@@ -80,12 +80,12 @@ impl InnerApi {
                 "`hull` will not be runnable inside the inner; its service socket still works"
             ),
         }
-        Ok(InnerApi { dir, listener })
+        Ok(ServicesSocket { dir, listener })
     }
 }
 
-fn make_dir(path: &Path) -> Result<(), InnerApiError> {
-    let create = |source| InnerApiError::Create {
+fn make_dir(path: &Path) -> Result<(), ServicesSocketError> {
+    let create = |source| ServicesSocketError::Create {
         path: path.to_path_buf(),
         source,
     };
@@ -225,7 +225,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inner_api_parse_ldd_finds_interpreter_and_libraries() {
+    fn parse_ldd_finds_interpreter_and_libraries() {
         let text = "\tlinux-vdso.so.1 (0x00007ffd1a7f2000)\n\
                     \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f1)\n\
                     \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2)\n\
@@ -251,7 +251,7 @@ mod tests {
     }
 
     #[test]
-    fn inner_api_parse_ldd_of_a_static_binary_is_empty() {
+    fn parse_ldd_of_a_static_binary_is_empty() {
         assert_eq!(parse_ldd("\tstatically linked\n"), Linkage::default());
         assert_eq!(
             parse_ldd("\tnot a dynamic executable\n"),
@@ -260,13 +260,13 @@ mod tests {
     }
 
     #[test]
-    fn inner_api_parse_ldd_skips_unresolved_libraries() {
+    fn parse_ldd_skips_unresolved_libraries() {
         let linkage = parse_ldd("\tlibfoo.so.1 => not found\n");
         assert!(linkage.libraries.is_empty());
     }
 
     #[test]
-    fn inner_api_copy_fresh_replaces_a_changed_file_only() {
+    fn copy_fresh_replaces_a_changed_file_only() {
         let dir = tempfile::tempdir().unwrap();
         let from = dir.path().join("a");
         let to = dir.path().join("b");
