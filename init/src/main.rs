@@ -344,6 +344,16 @@ struct Boot {
     /// `hull.host_token=` from the command line: the host's admin token's
     /// id and hash, for hulld.
     host_token: Option<String>,
+    /// `hull.failpoint=`: HULL_FAILPOINT for hulld's first start.
+    failpoint: Option<String>,
+}
+
+impl Boot {
+    /// What hulld gets from the kernel command line.
+    fn take_params(&mut self, cmdline: &str) {
+        self.host_token = cmdline::param(cmdline, "hull.host_token").map(str::to_owned);
+        self.failpoint = cmdline::param(cmdline, "hull.failpoint").map(str::to_owned);
+    }
 }
 
 fn read_cmdline() -> Result<String, InitError> {
@@ -423,8 +433,7 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
             log!("set the hostname to {HOSTNAME} ({:.1} ms)", millis(started));
         }
         Step::WriteConfig => {
-            boot.host_token =
-                cmdline::param(&read_cmdline()?, "hull.host_token").map(str::to_owned);
+            boot.take_params(&read_cmdline()?);
             if boot.host_token.is_none() {
                 log!("no hull.host_token= on the command line: the API has no token until one is made with `hull token create`");
             }
@@ -758,9 +767,10 @@ fn supervise(signal_fd: &SignalFd, boot: &Boot) -> ! {
     let mut hulld: Option<(Pid, Instant)> = None;
     let mut backoff = BACKOFF_FIRST;
     let mut next_start = Instant::now();
+    let mut failpoint = boot.failpoint.as_deref();
     loop {
         if hulld.is_none() && Instant::now() >= next_start {
-            hulld = start_hulld().map(|pid| (pid, Instant::now()));
+            hulld = start_hulld(failpoint.take()).map(|pid| (pid, Instant::now()));
             if hulld.is_none() {
                 next_start = Instant::now() + backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -814,7 +824,10 @@ fn wait_for_signal(signal_fd: &SignalFd, timeout: PollTimeout) {
     let _ = poll(&mut fds, timeout);
 }
 
-fn start_hulld() -> Option<Pid> {
+/// Starts hulld; `failpoint` (`hull.failpoint=` on the command line, a
+/// test hook) goes to its first start only, as HULL_FAILPOINT: that hulld
+/// dies at the point, and the restarted one recovers.
+fn start_hulld(failpoint: Option<&str>) -> Option<Pid> {
     let started = Instant::now();
     let cgroup = match delegate::prepare_start() {
         Ok(cgroup) => cgroup,
@@ -853,6 +866,10 @@ fn start_hulld() -> Option<Pid> {
             }
             Ok(())
         });
+    }
+    if let Some(point) = failpoint {
+        log!("hulld's first start gets HULL_FAILPOINT={point} (hull.failpoint=, a test hook)");
+        command.env("HULL_FAILPOINT", point);
     }
     match command
         .args(["--config", HULLD_CONFIG])
@@ -1106,10 +1123,24 @@ mod tests {
     }
 
     #[test]
+    fn hulld_gets_the_host_token_and_the_failpoint_from_the_command_line() {
+        let mut boot = Boot::default();
+        boot.take_params(
+            "console=ttyS0 hull.host_token=0123abcd:ff quiet hull.failpoint=create:after-snapshot",
+        );
+        assert_eq!(boot.host_token.as_deref(), Some("0123abcd:ff"));
+        assert_eq!(boot.failpoint.as_deref(), Some("create:after-snapshot"));
+        let mut plain = Boot::default();
+        plain.take_params("console=ttyS0 quiet");
+        assert_eq!(plain, Boot::default());
+    }
+
+    #[test]
     fn hulld_config_is_what_hulld_needs_in_the_vm() {
         let on_disk = Boot {
             on_disk: true,
             host_token: Some(format!("0123abcd:{}", "ab".repeat(32))),
+            failpoint: None,
         };
         let config: toml::Value = toml::from_str(&hulld_config(&on_disk)).unwrap();
         assert_eq!(config["api"]["listen"].as_str(), Some("0.0.0.0:7700"));

@@ -72,25 +72,31 @@ impl Run {
     }
 }
 
-/// Boots the VM in `vm` and waits for its inner.
-fn boot(vm: &Vm) -> Run {
+/// Boots the VM in `vm` (with `append` on the kernel command line) and
+/// waits for its inner.
+fn boot(vm: &Vm, append: &[&str]) -> Run {
     let api_port = free_port();
     let http_port = free_port();
     let started = Instant::now();
-    let out = hull(&[
+    let (api, http) = (api_port.to_string(), http_port.to_string());
+    let mut args = vec![
         "--json",
         "vm",
         "run",
         vm.dir_str(),
         "--api-port",
-        &api_port.to_string(),
+        &api,
         "--http-port",
-        &http_port.to_string(),
+        &http,
         "--disk-size",
         "2G",
         "--timeout",
         "180s",
-    ]);
+    ];
+    for arg in append {
+        args.extend(["--append", arg]);
+    }
+    let out = hull(&args);
     assert!(
         out.status.success(),
         "hull vm run failed after {:.1} s: {}\nconsole:\n{}",
@@ -212,7 +218,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     let vm = Vm::new(&image);
 
     // --- First boot: an empty data disk.
-    let run = boot(&vm);
+    let run = boot(&vm, &[]);
     assert_eq!(run.json["data_disk_created"], true, "{}", run.json);
     let pid = i32::try_from(run.json["pid"].as_i64().unwrap()).unwrap();
     assert_eq!(vm.qemu_pid(), Some(pid));
@@ -410,7 +416,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     assert_eq!(status["running"], false, "{status}");
 
     // --- Second boot: the disk was shut down cleanly and kept it all.
-    let run = boot(&vm);
+    let run = boot(&vm, &[]);
     assert_eq!(run.json["data_disk_created"], false, "{}", run.json);
     assert_init_says(
         &vm,
@@ -444,8 +450,10 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     std::thread::sleep(Duration::from_secs(2));
     vm.kill();
 
-    // --- Third boot: recovery, and every checkpoint intact.
-    let run = boot(&vm);
+    // --- Third boot: recovery, and every checkpoint intact. hulld's first
+    // start here dies in the middle of its next checkpoint (a failpoint),
+    // and hull-init starts it again.
+    let run = boot(&vm, &["hull.failpoint=create:after-snapshot"]);
     assert_init_says(&vm, &["(the last run did not shut down cleanly"]);
     let console = vm.console();
     assert!(
@@ -455,6 +463,45 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     );
     let ids = checkpoint_ids(&run);
     assert!(ids.contains(&served) && ids.contains(&second), "{ids:?}");
+    // hulld dies in the middle of a checkpoint; hull-init restarts it, and
+    // the restarted hulld recovers: the half-made checkpoint is gone, the
+    // rest are intact and the inner serves again.
+    let dying = run.hull(&["checkpoint", "create", "-m", "dies"]);
+    assert!(!dying.status.success(), "the failpoint did not fire");
+    assert!(
+        vm.wait_console("restarting it", Duration::from_secs(30)),
+        "hull-init did not restart hulld:\n{}",
+        vm.console_tail()
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !run.hull(&["status"]).status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_init_says(
+        &vm,
+        &[
+            "hulld's first start gets HULL_FAILPOINT=create:after-snapshot",
+            "was killed by SIGKILL",
+        ],
+    );
+    assert!(
+        vm.console().contains("storage recovery"),
+        "the restarted hulld's recovery is logged:\n{}",
+        vm.console_tail()
+    );
+    let after = run.json(&["checkpoint", "list"]);
+    let comments: Vec<&str> = after["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["comment"].as_str())
+        .collect();
+    assert!(!comments.contains(&"dies"), "{after}");
+    assert!(
+        comments.contains(&"served") && comments.contains(&"second"),
+        "{after}"
+    );
+
     run.ok(&["checkpoint", "restore", &served]);
     let (status, body) = web_answers(&run, "first");
     assert!(
