@@ -50,6 +50,7 @@ pub struct RunArgs {
     pub machine: qemu::Machine,
     pub timeout: Duration,
     pub append: Vec<String>,
+    pub dhcp: bool,
 }
 
 pub fn run(g: &Global, args: RunArgs) -> Result<()> {
@@ -63,6 +64,7 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         machine: args.machine,
         ready_timeout: args.timeout,
         append: args.append,
+        dhcp: args.dhcp,
     };
     let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
     if g.json {
@@ -74,6 +76,13 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
     );
     if let Some(http_url) = &started.http_url {
         errln!("hull: HTTP ingress on {http_url}");
+    }
+    if let Some(vsock) = &started.vsock {
+        errln!(
+            "hull: hulld's API also on vsock CID {} port {}",
+            vsock.cid,
+            vsock.port
+        );
     }
     errln!(
         "hull: `set -a; . {}` lets hull and the SDKs reach it",
