@@ -29,6 +29,10 @@ pub const TIMEOUTS: [Duration; 3] = [
     Duration::from_secs(3),
 ];
 
+/// How long to wait for the link before the first DISCOVER; the tries
+/// start then anyway.
+const CARRIER_WAIT: Duration = Duration::from_secs(1);
+
 /// What the server gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -311,6 +315,29 @@ pub fn acquire(interface: &str, note: &mut dyn FnMut(&str)) -> Result<Lease, Dhc
             path: path.clone(),
             source,
         })?;
+    // The link comes up a moment after IFF_UP (the carrier, then the
+    // kernel's link watch): a DISCOVER sent before is lost, and costs a
+    // whole try.
+    let operstate = format!("/sys/class/net/{interface}/operstate");
+    let deadline = Instant::now() + CARRIER_WAIT;
+    // "unknown" is a driver that does not say: no use waiting for it.
+    while std::fs::read_to_string(&operstate)
+        .is_ok_and(|s| matches!(s.trim(), "down" | "lowerlayerdown" | "dormant"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    exchange(interface, &mac, &TIMEOUTS, note)
+}
+
+/// `acquire`'s tries, as the hardware address `mac`, one per timeout.
+fn exchange(
+    interface: &str,
+    mac: &[u8; 6],
+    timeouts: &[Duration],
+    note: &mut dyn FnMut(&str),
+) -> Result<Lease, DhcpError> {
+    let mac = *mac;
     let sock = client_socket(interface).map_err(|source| DhcpError::Socket {
         interface: interface.to_owned(),
         source,
@@ -326,7 +353,7 @@ pub fn acquire(interface: &str, note: &mut dyn FnMut(&str)) -> Result<Lease, Dhc
             })
     };
     let mut last = "no OFFER";
-    for (n, timeout) in TIMEOUTS.iter().enumerate() {
+    for (n, timeout) in timeouts.iter().enumerate() {
         let deadline = Instant::now() + *timeout;
         let xid = transaction_id();
         send("DISCOVER", &discover(xid, &mac)?)?;
@@ -336,9 +363,9 @@ pub fn acquire(interface: &str, note: &mut dyn FnMut(&str)) -> Result<Lease, Dhc
         let Some(Reply::Offer(offer)) = offer else {
             last = "no OFFER";
             note(&format!(
-                "DHCP try {} on {interface}: no OFFER within {} s",
+                "DHCP try {} on {interface}: no OFFER within {:.1} s",
                 n + 1,
-                timeout.as_secs()
+                timeout.as_secs_f64()
             ));
             continue;
         };
@@ -360,7 +387,7 @@ pub fn acquire(interface: &str, note: &mut dyn FnMut(&str)) -> Result<Lease, Dhc
     }
     Err(DhcpError::NoLease {
         interface: interface.to_owned(),
-        tries: TIMEOUTS.len(),
+        tries: timeouts.len(),
         last,
     })
 }
@@ -469,6 +496,200 @@ mod tests {
             discover.opts().get(OptionCode::ParameterRequestList),
             Some(DhcpOption::ParameterRequestList(codes)) if codes.contains(&OptionCode::DomainNameServer)
         ));
+    }
+
+    /// What the fake server answers.
+    #[derive(Clone, Copy)]
+    enum Server {
+        Leases,
+        Naks,
+        Silent,
+    }
+
+    /// Waits for the kernel to call `interface` up (carrier, and its
+    /// queue running): a packet sent before is lost.
+    fn wait_up(interface: &str) {
+        for _ in 0..500 {
+            let out = std::process::Command::new("ip")
+                .args(["-o", "link", "show", interface])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                // The queue starts just after the state changes.
+                std::thread::sleep(Duration::from_millis(20));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{interface} did not come up");
+    }
+
+    fn ip(args: &str) {
+        let status = std::process::Command::new("ip")
+            .args(args.split(' '))
+            .status()
+            .expect("ip (iproute2)");
+        assert!(status.success(), "ip {args}");
+    }
+
+    /// Runs `body` on a thread in a network namespace of its own, with
+    /// `hc0` (no address) for the client; its veth peer `hs0`
+    /// (10.9.0.1/24) is in a second namespace, where a DHCP server thread
+    /// answers as `server` says. Two namespaces, as a VM and its host are:
+    /// the kernel drops a broadcast whose source is one of its own
+    /// addresses. Both go with their threads.
+    fn in_netns<T: Send + 'static>(server: Server, body: fn() -> T) -> T {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{mpsc, Arc};
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a network namespace (the tests run as root)");
+            ip("link add hc0 type veth peer name hs0");
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let (moved_tx, moved_rx) = mpsc::channel::<()>();
+            let (ready_tx, ready_rx) = mpsc::channel::<()>();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopped = Arc::clone(&stop);
+            let server_thread = std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+                moved_rx.recv().unwrap();
+                ip("link set lo up");
+                ip("addr add 10.9.0.1/24 dev hs0");
+                ip("link set hs0 up");
+                let sock = server_socket();
+                wait_up("hs0");
+                ready_tx.send(()).unwrap();
+                serve(&sock, server, &stopped);
+            });
+            let tid = tid_rx.recv().unwrap();
+            ip(&format!("link set hs0 netns {tid}"));
+            ip("link set hc0 up");
+            moved_tx.send(()).unwrap();
+            ready_rx.recv().unwrap();
+            // As `acquire` waits for the link (its /sys is the first
+            // namespace's).
+            wait_up("hc0");
+            let result = body();
+            stop.store(true, Ordering::Relaxed);
+            server_thread.join().unwrap();
+            result
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn server_socket() -> UdpSocket {
+        let fd: OwnedFd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::setsockopt(&fd, sockopt::BindToDevice, &"hs0".into()).unwrap();
+        socket::setsockopt(&fd, sockopt::Broadcast, &true).unwrap();
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT)),
+        )
+        .unwrap();
+        let sock = UdpSocket::from(fd);
+        // So that the loop sees `stop`.
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        sock
+    }
+
+    /// A DHCP server for one client: offers 10.9.0.15, acks (or naks) the
+    /// request, broadcast as QEMU's does.
+    fn serve(sock: &UdpSocket, server: Server, stop: &std::sync::atomic::AtomicBool) {
+        let mut buf = [0u8; 1500];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let Ok(msg) = Message::decode(&mut Decoder::new(&buf[..n])) else {
+                continue;
+            };
+            let kind = match (msg.opts().msg_type(), server) {
+                (_, Server::Silent) => continue,
+                (Some(MessageType::Discover), _) => MessageType::Offer,
+                (Some(MessageType::Request), Server::Leases) => MessageType::Ack,
+                (Some(MessageType::Request), Server::Naks) => MessageType::Nak,
+                _ => continue,
+            };
+            let mut reply = Message::new_with_id(
+                msg.xid(),
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::new(10, 9, 0, 15),
+                Ipv4Addr::new(10, 9, 0, 1),
+                Ipv4Addr::UNSPECIFIED,
+                &msg.chaddr()[..6],
+            );
+            reply.set_opcode(v4::Opcode::BootReply);
+            let opts = reply.opts_mut();
+            opts.insert(DhcpOption::MessageType(kind));
+            opts.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 9, 0, 1)));
+            opts.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)));
+            opts.insert(DhcpOption::Router(vec![Ipv4Addr::new(10, 9, 0, 1)]));
+            opts.insert(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+                10, 9, 0, 53,
+            )]));
+            opts.insert(DhcpOption::AddressLeaseTime(3600));
+            let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
+            let _ = sock.send_to(&encode(&reply).unwrap(), to);
+        }
+    }
+
+    const SHORT: [Duration; 2] = [Duration::from_millis(300), Duration::from_millis(300)];
+
+    #[test]
+    fn a_lease_over_a_real_interface_without_an_address() {
+        let lease = in_netns(Server::Leases, || {
+            exchange("hc0", &MAC, &TIMEOUTS, &mut |line| panic!("{line}"))
+        })
+        .unwrap();
+        assert_eq!(
+            lease,
+            Lease {
+                address: Ipv4Addr::new(10, 9, 0, 15),
+                netmask: Ipv4Addr::new(255, 255, 255, 0),
+                gateway: Some(Ipv4Addr::new(10, 9, 0, 1)),
+                dns: vec![Ipv4Addr::new(10, 9, 0, 53)],
+                server: Ipv4Addr::new(10, 9, 0, 1),
+                lease_secs: Some(3600),
+            }
+        );
+    }
+
+    #[test]
+    fn no_server_or_only_naks_ends_in_bounded_tries() {
+        let silent = in_netns(Server::Silent, || {
+            let mut notes = Vec::new();
+            let result = exchange("hc0", &MAC, &SHORT, &mut |l| notes.push(l.to_owned()));
+            (result, notes)
+        });
+        let (result, notes) = silent;
+        assert!(
+            matches!(
+                result,
+                Err(DhcpError::NoLease {
+                    tries: 2,
+                    last: "no OFFER",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("no OFFER within 0.3 s"), "{notes:?}");
+
+        let naks = in_netns(Server::Naks, || exchange("hc0", &MAC, &SHORT, &mut |_| {}));
+        assert!(
+            matches!(naks, Err(DhcpError::NoLease { last: "a NAK", .. })),
+            "{naks:?}"
+        );
     }
 
     #[test]
