@@ -1,7 +1,9 @@
 //! The kernel command line's `ip=` parameter, in the kernel's own format
 //! (Documentation/admin-guide/nfs/nfsroot.rst):
 //! `ip=<client>:<server>:<gateway>:<netmask>:<hostname>:<device>:<autoconf>`.
-//! Only a static address is taken; DHCP is not done here yet.
+//! A static address, DHCP (`ip=dhcp`, `ip=on`, `ip=any`, or `dhcp` as the
+//! autoconf field), or nothing (`ip=off`, `ip=none`); BOOTP and RARP are
+//! refused. What no `ip=` at all means is hull-init's choice (`main`).
 
 use std::net::Ipv4Addr;
 
@@ -14,9 +16,21 @@ pub struct StaticIp {
     pub gateway: Option<Ipv4Addr>,
 }
 
+/// What `ip=` asks of one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpConfig {
+    Static(StaticIp),
+    /// An address from a DHCPv4 server on `device`.
+    Dhcp {
+        device: String,
+    },
+    /// Leave the interfaces down.
+    Off,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IpParamError {
-    #[error("ip={value}: only a static address is supported (ip=<client>::<gateway>:<netmask>::<device>:off)")]
+    #[error("ip={value}: expected a static address (ip=<client>::<gateway>:<netmask>::<device>:off), ip=dhcp or ip=off")]
     Unsupported { value: String },
     #[error("ip={value}: {field} {text:?} is not an IPv4 address")]
     BadAddress {
@@ -37,23 +51,40 @@ pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
         .next_back()
 }
 
-/// The static configuration `ip=` in `cmdline` asks for; `None` when there
-/// is no `ip=`. The device defaults to eth0, as the one NIC of a hull VM.
-pub fn parse_ip(cmdline: &str) -> Result<Option<StaticIp>, IpParamError> {
+/// The configuration `ip=` in `cmdline` asks for; `None` when there is no
+/// `ip=`. The device defaults to eth0, as the one NIC of a hull VM.
+pub fn parse_ip(cmdline: &str) -> Result<Option<IpConfig>, IpParamError> {
     let Some(value) = param(cmdline, "ip") else {
         return Ok(None);
     };
-    let fields: Vec<&str> = value.split(':').collect();
-    if fields.len() < 4 {
-        return Err(IpParamError::Unsupported {
-            value: value.to_owned(),
-        });
+    let unsupported = || IpParamError::Unsupported {
+        value: value.to_owned(),
+    };
+    // The kernel's one-word forms.
+    match value {
+        "dhcp" | "on" | "any" => {
+            return Ok(Some(IpConfig::Dhcp {
+                device: DEFAULT_DEVICE.to_owned(),
+            }))
+        }
+        "off" | "none" => return Ok(Some(IpConfig::Off)),
+        _ => {}
     }
+    let fields: Vec<&str> = value.split(':').collect();
+    let device = match fields.get(5).copied() {
+        None | Some("") => DEFAULT_DEVICE.to_owned(),
+        Some(name) => name.to_owned(),
+    };
     let autoconf = fields.get(6).copied().unwrap_or("off");
-    if !matches!(autoconf, "" | "off" | "none" | "static") {
-        return Err(IpParamError::Unsupported {
-            value: value.to_owned(),
-        });
+    match autoconf {
+        "" | "off" | "none" | "static" => {}
+        // `ip=:::::eth0:dhcp`: the fields before are hints a client may
+        // ignore, and this one does.
+        "dhcp" | "on" | "any" => return Ok(Some(IpConfig::Dhcp { device })),
+        _ => return Err(unsupported()),
+    }
+    if fields.len() < 4 {
+        return Err(unsupported());
     }
     let address = |field: &'static str, text: &str| {
         text.parse::<Ipv4Addr>()
@@ -76,17 +107,16 @@ pub fn parse_ip(cmdline: &str) -> Result<Option<StaticIp>, IpParamError> {
         }
         text => address("netmask", text)?,
     };
-    let device = match fields.get(5).copied() {
-        None | Some("") => "eth0".to_owned(),
-        Some(name) => name.to_owned(),
-    };
-    Ok(Some(StaticIp {
+    Ok(Some(IpConfig::Static(StaticIp {
         device,
         address: client,
         netmask,
         gateway,
-    }))
+    })))
 }
+
+/// The one NIC of a hull VM.
+pub const DEFAULT_DEVICE: &str = "eth0";
 
 #[cfg(test)]
 mod tests {
@@ -97,12 +127,12 @@ mod tests {
         let line = "console=ttyS0 ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off quiet";
         assert_eq!(
             parse_ip(line),
-            Ok(Some(StaticIp {
+            Ok(Some(IpConfig::Static(StaticIp {
                 device: "eth0".into(),
                 address: Ipv4Addr::new(10, 0, 2, 15),
                 netmask: Ipv4Addr::new(255, 255, 255, 0),
                 gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
-            }))
+            })))
         );
     }
 
@@ -113,28 +143,58 @@ mod tests {
         assert_eq!(parse_ip("vip=1.2.3.4"), Ok(None));
     }
 
+    fn static_ip(line: &str) -> StaticIp {
+        match parse_ip(line) {
+            Ok(Some(IpConfig::Static(ip))) => ip,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
     #[test]
     fn gateway_and_device_are_optional() {
         let ip = parse_ip("ip=192.168.1.5::::")
             .map(|_| ())
             .expect_err("no netmask");
         assert!(matches!(ip, IpParamError::NoNetmask { .. }));
-        let ip = parse_ip("ip=192.168.1.5:::255.255.0.0")
-            .expect("valid")
-            .expect("present");
+        let ip = static_ip("ip=192.168.1.5:::255.255.0.0");
         assert_eq!(ip.gateway, None);
         assert_eq!(ip.device, "eth0");
         assert_eq!(ip.netmask, Ipv4Addr::new(255, 255, 0, 0));
     }
 
     #[test]
-    fn dhcp_and_garbage_are_refused_with_the_value() {
+    fn dhcp_in_each_of_the_kernels_spellings() {
+        let eth0 = IpConfig::Dhcp {
+            device: "eth0".into(),
+        };
+        for line in [
+            "ip=dhcp",
+            "ip=on",
+            "ip=any",
+            "ip=:::::eth0:dhcp",
+            "ip=::::::dhcp",
+        ] {
+            assert_eq!(parse_ip(line), Ok(Some(eth0.clone())), "{line}");
+        }
+        // The autoconf field wins over the static fields before it.
+        assert_eq!(
+            parse_ip("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth1:dhcp"),
+            Ok(Some(IpConfig::Dhcp {
+                device: "eth1".into()
+            }))
+        );
+        assert_eq!(parse_ip("ip=off"), Ok(Some(IpConfig::Off)));
+        assert_eq!(parse_ip("ip=none"), Ok(Some(IpConfig::Off)));
+    }
+
+    #[test]
+    fn bootp_rarp_and_garbage_are_refused_with_the_value() {
         assert!(matches!(
-            parse_ip("ip=dhcp"),
-            Err(IpParamError::Unsupported { value }) if value == "dhcp"
+            parse_ip("ip=bootp"),
+            Err(IpParamError::Unsupported { value }) if value == "bootp"
         ));
         assert!(matches!(
-            parse_ip("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:dhcp"),
+            parse_ip("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:rarp"),
             Err(IpParamError::Unsupported { .. })
         ));
         assert!(matches!(
@@ -157,9 +217,7 @@ mod tests {
 
     #[test]
     fn the_last_ip_parameter_wins_as_in_the_kernel() {
-        let ip = parse_ip("ip=1.1.1.1:::255.0.0.0 ip=2.2.2.2:::255.0.0.0")
-            .expect("valid")
-            .expect("present");
+        let ip = static_ip("ip=1.1.1.1:::255.0.0.0 ip=2.2.2.2:::255.0.0.0");
         assert_eq!(ip.address, Ipv4Addr::new(2, 2, 2, 2));
     }
 }

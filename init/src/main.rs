@@ -4,14 +4,17 @@
 //! tmpfs root (pivot_root refuses the initramfs, and the inner pivots its
 //! root), executing itself again there. It mounts the API filesystems and
 //! cgroup2 alone (with `nsdelegate`, every controller enabled for the
-//! tree), loads the kernel modules the image carries, brings up `lo` and,
-//! with `ip=` on the command line, `eth0`, writes hulld's config and starts
-//! hulld (in the root cgroup, or with `hull.cgroup=` in a delegated group:
-//! `delegate`), restarting it with a backoff when it dies. It reaps every
-//! orphan: hulld never reaps blindly, its tokio child handling and pidfds
-//! own their exit statuses. It never exits: a fatal error is written to the
-//! console and the VM reboots. SIGTERM, SIGPWR or ctrl-alt-del (SIGINT)
-//! stop hulld (SIGKILL after 10 s), sync, unmount and power off.
+//! tree), loads the kernel modules the image carries, mounts the data
+//! disk, seeds the random pool from the seed the last boot left there
+//! (`seed`), brings up `lo` and `eth0` (a static `ip=`, or DHCP: `dhcp`),
+//! writes hulld's config (with a vsock port when the VM has a vsock
+//! device) and starts hulld (in the root cgroup, or with `hull.cgroup=` in
+//! a delegated group: `delegate`), restarting it with a backoff when it
+//! dies. It reaps every orphan: hulld never reaps blindly, its tokio child
+//! handling and pidfds own their exit statuses. It never exits: a fatal
+//! error is written to the console and the VM reboots. SIGTERM, SIGPWR or
+//! ctrl-alt-del (SIGINT) stop hulld (SIGKILL after 10 s), write the next
+//! random seed, sync, unmount and power off.
 //!
 //! Every step is one console line with its duration and the time since the
 //! kernel started, so a boot's timeline can be read off the serial log.
@@ -20,8 +23,10 @@
 mod cmdline;
 mod data_disk;
 mod delegate;
+mod dhcp;
 mod modules;
 mod net;
+mod seed;
 mod switch_root;
 
 use std::ffi::CString;
@@ -46,6 +51,11 @@ use nix::unistd::Pid;
 /// sits beside it.
 const HULLD: &str = "/usr/bin/hulld";
 const HULLD_CONFIG: &str = "/etc/hull/hull.toml";
+/// Where a DHCP lease's name servers go.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// hulld's API on vsock, when the VM has a vsock device: the TCP port's
+/// number, in vsock's own port space.
+const VSOCK_API_PORT: u32 = 7700;
 /// The kernel starts init with no PATH: the one its children get.
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// The VM's hostname, which is also the sandbox's name in hulld's API.
@@ -138,6 +148,7 @@ enum Step {
     DelegateCgroup,
     LoadModules,
     DataDisk,
+    RandomSeed,
     BaseImage,
     Loopback,
     Ethernet,
@@ -154,6 +165,8 @@ fn boot_steps() -> Vec<Step> {
         // btrfs the data disk.
         Step::LoadModules,
         Step::DataDisk,
+        // As early as the seed's disk allows: before anything draws keys.
+        Step::RandomSeed,
         Step::BaseImage,
         Step::Loopback,
         Step::Ethernet,
@@ -247,6 +260,12 @@ enum InitError {
     Signals(#[source] nix::Error),
     #[error(transparent)]
     Delegate(#[from] delegate::DelegateError),
+    #[error("cannot write {path}")]
+    ResolvConf {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Seconds since the kernel started, as the console shows them.
@@ -344,6 +363,8 @@ struct Boot {
     /// `hull.host_token=` from the command line: the host's admin token's
     /// id and hash, for hulld.
     host_token: Option<String>,
+    /// The VM's vsock context id, when it has a vsock device.
+    vsock_cid: Option<u32>,
     /// `hull.failpoint=`: HULL_FAILPOINT for hulld's first start.
     failpoint: Option<String>,
 }
@@ -422,6 +443,7 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
                 );
             }
         }
+        Step::RandomSeed => seed_random_pool(boot, started),
         Step::BaseImage => {
             if boot.on_disk {
                 copy_base_image(started)?;
@@ -436,6 +458,11 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
             boot.take_params(&read_cmdline()?);
             if boot.host_token.is_none() {
                 log!("no hull.host_token= on the command line: the API has no token until one is made with `hull token create`");
+            }
+            boot.vsock_cid = net::vsock_local_cid();
+            match boot.vsock_cid {
+                Some(cid) => log!("vsock: this VM is context {cid}; hulld's API also listens on vsock port {VSOCK_API_PORT}"),
+                None => log!("no vsock device: hulld's API is on TCP only"),
             }
             write_config(Path::new(HULLD_CONFIG), boot)?;
             log!("wrote {HULLD_CONFIG} ({:.1} ms)", millis(started));
@@ -656,11 +683,32 @@ fn copy_base_image(started: Instant) -> Result<(), InitError> {
 }
 
 fn configure_ethernet(started: Instant) -> Result<(), InitError> {
+    use cmdline::IpConfig;
     let cmdline = read_cmdline()?;
-    let ip = match cmdline::parse_ip(&cmdline) {
-        Ok(Some(ip)) => ip,
+    let config = match cmdline::parse_ip(&cmdline) {
+        Ok(Some(IpConfig::Off)) => {
+            log!("ip=off: eth0 stays down");
+            return Ok(());
+        }
+        Ok(Some(config)) => config,
+        // No ip=: what QEMU, Firecracker and Cloud Hypervisor users who
+        // give none expect is a network when there is a NIC; the DHCP
+        // client gives up within seconds where no server answers.
+        Ok(None)
+            if Path::new("/sys/class/net")
+                .join(cmdline::DEFAULT_DEVICE)
+                .exists() =>
+        {
+            log!(
+                "no ip= on the kernel command line: asking DHCP for {}",
+                cmdline::DEFAULT_DEVICE
+            );
+            IpConfig::Dhcp {
+                device: cmdline::DEFAULT_DEVICE.to_owned(),
+            }
+        }
         Ok(None) => {
-            log!("no ip= on the kernel command line: eth0 stays down");
+            log!("no ip= on the kernel command line and no eth0: no network");
             return Ok(());
         }
         // Not fatal: hulld still serves its local socket.
@@ -669,11 +717,79 @@ fn configure_ethernet(started: Instant) -> Result<(), InitError> {
             return Ok(());
         }
     };
-    if !Path::new("/sys/class/net").join(&ip.device).exists() {
-        log!("no interface {}: ip= ignored", ip.device);
+    let device = match &config {
+        IpConfig::Static(ip) => &ip.device,
+        IpConfig::Dhcp { device } => device,
+        IpConfig::Off => return Ok(()),
+    };
+    if !Path::new("/sys/class/net").join(device).exists() {
+        log!("no interface {device}: ip= ignored");
         return Ok(());
     }
     let sock = net::control_socket().map_err(InitError::ControlSocket)?;
+    let ip = match config {
+        IpConfig::Static(ip) => ip,
+        IpConfig::Dhcp { device } => {
+            net::link_up(&sock, &device).map_err(|source| InitError::LinkUp {
+                interface: device.clone(),
+                source,
+            })?;
+            let lease = match dhcp::acquire(&device, &mut |line| log!("{line}")) {
+                Ok(lease) => lease,
+                // Not fatal: hulld still serves its local socket (and
+                // vsock), and a boot never waits for a network.
+                Err(e) => {
+                    log!(
+                        "{}: {device} stays up without an address ({:.1} ms)",
+                        error_chain(&e),
+                        millis(started)
+                    );
+                    return Ok(());
+                }
+            };
+            log!(
+                "DHCP lease on {device}: {}/{} via {} from {}, DNS {}, {} ({:.1} ms)",
+                lease.address,
+                lease.netmask,
+                lease
+                    .gateway
+                    .map_or_else(|| "no gateway".to_owned(), |g| g.to_string()),
+                lease.server,
+                if lease.dns.is_empty() {
+                    "none".to_owned()
+                } else {
+                    lease
+                        .dns
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
+                lease.lease_secs.map_or_else(
+                    || "no lease time: kept for good".to_owned(),
+                    |s| format!("lease {s} s, not renewed: the address is kept past its end")
+                ),
+                millis(started)
+            );
+            if let Some(text) = dhcp::resolv_conf(&lease.dns) {
+                // hulld's own lookups (remotes) and the inner's resolv.conf
+                // in the "nat" mode take the machine's name servers.
+                let path = Path::new(RESOLV_CONF);
+                fs::write(path, text).map_err(|source| InitError::ResolvConf {
+                    path: path.into(),
+                    source,
+                })?;
+                log!("wrote {RESOLV_CONF}");
+            }
+            cmdline::StaticIp {
+                device,
+                address: lease.address,
+                netmask: lease.netmask,
+                gateway: lease.gateway,
+            }
+        }
+        IpConfig::Off => return Ok(()),
+    };
     net::set_address(&sock, &ip.device, ip.address, ip.netmask).map_err(|source| {
         InitError::Address {
             interface: ip.device.clone(),
@@ -702,6 +818,69 @@ fn configure_ethernet(started: Instant) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Mixes the seed the last boot left on the data disk into the kernel's
+/// pool (credited only when fresh: `seed`) and leaves a new one. Never
+/// fatal: the kernel seeds itself, only later.
+fn seed_random_pool(boot: &Boot, started: Instant) {
+    let ready_before = seed::pool_ready();
+    let pool = if ready_before {
+        "the pool was ready already"
+    } else {
+        "the pool was not ready yet"
+    };
+    if !boot.on_disk {
+        log!(
+            "no data disk: no random seed carried between boots; {pool} ({:.1} ms)",
+            millis(started)
+        );
+        return;
+    }
+    let dir = Path::new(STATE_DIR);
+    let path = dir.join(seed::FILE);
+    match seed::take(dir) {
+        Ok(None) => log!("no random seed in {} (first boot); {pool}", path.display()),
+        Ok(Some(found)) => {
+            let credit = found.credit_bits();
+            let origin = match (found.written, found.removed) {
+                (Some(written), true) => written.describe(),
+                (Some(_), false) => {
+                    "not credited: it could not be removed, so a later boot could read it again"
+                }
+                (None, _) => "not credited: not written by hull-init",
+            };
+            match seed::mix(&found.bytes, credit) {
+                Ok(()) => log!(
+                    "seeded the random pool with {} bytes from {} ({origin}), {credit} bits credited; {}",
+                    found.bytes.len(),
+                    path.display(),
+                    match (ready_before, seed::pool_ready()) {
+                        (true, _) => "the pool was ready already",
+                        (false, true) => "the pool was not ready and is now",
+                        (false, false) => "the pool is not ready yet",
+                    }
+                ),
+                Err(e) => log!("{}", error_chain(&e)),
+            }
+        }
+        Err(e) => log!("{}", error_chain(&e)),
+    }
+    // Never waits: PID 1 does not block on the pool.
+    let draw = Instant::now();
+    match seed::save(dir, seed::Written::Boot) {
+        Ok(true) => log!(
+            "wrote a new random seed to {} (getrandom and the write {:.1} ms; {:.1} ms in all)",
+            path.display(),
+            millis(draw),
+            millis(started)
+        ),
+        Ok(false) => log!(
+            "the random pool is not ready yet: no new seed until the shutdown ({:.1} ms)",
+            millis(started)
+        ),
+        Err(e) => log!("{}", error_chain(&e)),
+    }
+}
+
 /// hulld's config in the VM: its state on the data disk (a tmpfs without
 /// one), the busybox image, and the HTTP API and ingress on every address,
 /// which is how the host reaches them through QEMU's forwarded ports.
@@ -717,6 +896,12 @@ fn hulld_config(boot: &Boot) -> String {
         .host_token
         .as_deref()
         .map(|t| format!("host_token = \"{t}\"\n"))
+        .unwrap_or_default();
+    // Only with a device: hulld fails to start on a vsock port it cannot
+    // bind.
+    let vsock = boot
+        .vsock_cid
+        .map(|_| format!("vsock_port = {VSOCK_API_PORT}\n"))
         .unwrap_or_default();
     format!(
         "# Written by hull-init at every boot.\n\
@@ -737,7 +922,7 @@ fn hulld_config(boot: &Boot) -> String {
          \n\
          [api]\n\
          listen = \"0.0.0.0:7700\"\n\
-         {host_token}",
+         {host_token}{vsock}",
         boot.on_disk
     )
 }
@@ -966,6 +1151,15 @@ fn power_off(signal_fd: &SignalFd, hulld: Option<Pid>, signal: Signal, boot: &Bo
         millis(started)
     );
     if boot.on_disk {
+        // After every process is gone: what they drew is not in it.
+        let started = Instant::now();
+        match seed::save(Path::new(STATE_DIR), seed::Written::Shutdown) {
+            Ok(_) => log!(
+                "wrote the random seed for the next boot ({:.1} ms)",
+                millis(started)
+            ),
+            Err(e) => log!("{}", error_chain(&e)),
+        }
         match data_disk::mark_clean(Path::new(STATE_DIR)) {
             Ok(()) => log!("marked the data disk clean"),
             Err(e) => log!("cannot mark the data disk clean: {e}"),
@@ -1091,6 +1285,11 @@ mod tests {
             modules < data_disk && data_disk < base_image,
             "virtio_blk and btrfs load before the data disk is mounted, and the image goes on it"
         );
+        let seed = steps.iter().position(|s| *s == Step::RandomSeed);
+        assert!(
+            data_disk < seed && seed < base_image && seed < ethernet,
+            "the seed is on the data disk, and goes in before the rest of the boot"
+        );
     }
 
     #[test]
@@ -1141,6 +1340,7 @@ mod tests {
             on_disk: true,
             host_token: Some(format!("0123abcd:{}", "ab".repeat(32))),
             failpoint: None,
+            vsock_cid: Some(3),
         };
         let config: toml::Value = toml::from_str(&hulld_config(&on_disk)).unwrap();
         assert_eq!(config["api"]["listen"].as_str(), Some("0.0.0.0:7700"));
@@ -1158,6 +1358,11 @@ mod tests {
         assert_eq!(on_tmpfs["image_dir"].as_str(), Some(IMAGE_DIR));
         assert_eq!(on_tmpfs["inner"]["user_namespace"].as_bool(), Some(false));
         assert!(on_tmpfs["api"].get("host_token").is_none());
+        assert_eq!(config["api"]["vsock_port"].as_integer(), Some(7700));
+        assert!(
+            on_tmpfs["api"].get("vsock_port").is_none(),
+            "no vsock port without a vsock device"
+        );
     }
 
     #[test]

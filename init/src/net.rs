@@ -140,6 +140,30 @@ pub fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
     Ok(())
 }
 
+/// `IOCTL_VM_SOCKETS_GET_LOCAL_CID` (include/uapi/linux/vm_sockets.h):
+/// `_IO(7, 0xb9)`.
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: c_ulong = 0x7b9;
+
+/// This machine's vsock context id: `None` without /dev/vsock or without
+/// a transport behind it (the vsock module makes /dev/vsock whether or not
+/// the VM has a vsock device; only a device gives a context id).
+pub fn vsock_local_cid() -> Option<u32> {
+    let dev = std::fs::File::open("/dev/vsock").ok()?;
+    let mut cid: libc::c_uint = 0;
+    // SAFETY: the request writes one unsigned int to the pointer, which
+    // points at `cid` for the whole call.
+    let rc = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            IOCTL_VM_SOCKETS_GET_LOCAL_CID,
+            &mut cid as *mut libc::c_uint,
+        )
+    };
+    // VMADDR_CID_ANY: no transport; 0 to 2 are the hypervisor, the local
+    // loopback and the host, never a guest's.
+    (rc == 0 && cid != u32::MAX && cid > 2).then_some(cid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -423,6 +423,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
         &[
             "(the last run shut down cleanly)",
             "the data disk has the base image",
+            "(written at the last shutdown), 4096 bits credited",
         ],
     );
     assert!(checkpoint_ids(&run).contains(&served));
@@ -455,6 +456,12 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     // and hull-init starts it again.
     let run = boot(&vm, &["hull.failpoint=create:after-snapshot"]);
     assert_init_says(&vm, &["(the last run did not shut down cleanly"]);
+    // No shutdown wrote the seed: the one the last boot left in its place
+    // is credited, and it was removed before, so no boot credits it twice.
+    assert_init_says(
+        &vm,
+        &["written at the last boot, which did not shut down cleanly), 4096 bits credited"],
+    );
     let console = vm.console();
     assert!(
         console.contains("storage checked") || console.contains("storage recovery"),

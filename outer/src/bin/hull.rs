@@ -290,6 +290,10 @@ enum VmCommand {
         /// Delegate=yes (`--append hull.cgroup=/system.slice/hull.service`).
         #[arg(long, value_name = "ARGS")]
         append: Vec<String>,
+        /// Boot with `ip=dhcp`: hull-init asks QEMU's DHCP server for
+        /// eth0's address (10.0.2.15 via 10.0.2.2, as the static default).
+        #[arg(long)]
+        dhcp: bool,
     },
     /// Shut the VM in DIR down cleanly.
     ///
@@ -816,6 +820,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 accel,
                 timeout,
                 append,
+                dhcp,
             } => cli::vm::run(
                 &g,
                 cli::vm::RunArgs {
@@ -829,6 +834,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     accel,
                     timeout,
                     append,
+                    dhcp,
                 },
             ),
             VmCommand::Stop { dir, timeout } => cli::vm::stop(&g, dir, timeout),

@@ -51,6 +51,7 @@ pub struct RunArgs {
     pub timeout: Duration,
     pub append: Vec<String>,
     pub accel: hull_image::vm::accel::AccelChoice,
+    pub dhcp: bool,
 }
 
 pub fn run(g: &Global, args: RunArgs) -> Result<()> {
@@ -65,6 +66,7 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
         ready_timeout: args.timeout,
         append: args.append,
         accel: args.accel,
+        dhcp: args.dhcp,
     };
     let started = qemu::run(&options, &mut |line| errln!("hull: {line}"))?;
     if g.json {
@@ -76,6 +78,13 @@ pub fn run(g: &Global, args: RunArgs) -> Result<()> {
     );
     if let Some(http_url) = &started.http_url {
         errln!("hull: HTTP ingress on {http_url}");
+    }
+    if let Some(vsock) = &started.vsock {
+        errln!(
+            "hull: hulld's API also on vsock CID {} port {}",
+            vsock.cid,
+            vsock.port
+        );
     }
     errln!(
         "hull: `set -a; . {}` lets hull and the SDKs reach it",

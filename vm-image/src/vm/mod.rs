@@ -44,6 +44,11 @@ pub const MODULES: &[&str] = &[
     "overlay",
     "inet_diag",
     "tcp_diag",
+    // The guest's hardware RNG (QEMU's virtio-rng): its pool is ready as
+    // the driver loads.
+    "virtio_rng",
+    // hulld's API on vsock, when the VM has a vsock device.
+    "vmw_vsock_virtio_transport",
 ];
 /// hull's binaries, by file name in the binaries' directory, and where
 /// the image puts them.

@@ -12,6 +12,12 @@
 //! nothing else of a token, and the inner, which can read /proc/cmdline,
 //! learns nothing it could present.
 //!
+//! Every VM gets a virtio RNG (the host's /dev/urandom), so the guest's
+//! pool is ready as soon as its driver loads. When this host has
+//! /dev/vhost-vsock, the VM also gets a vsock device with a context id no
+//! other VM here holds, and hulld's API listens on vsock port 7700 besides
+//! TCP; without it the API goes through the forwarded TCP port only.
+//!
 //! KVM where the kernel is seen to boot under it, TCG otherwise
 //! ([`accel`]): /dev/kvm may exist on a host whose KVM guests hang.
 
@@ -44,6 +50,15 @@ pub const DEFAULT_DISK_SIZE: u64 = 8 << 30;
 pub const API_ENV: &str = "api.env";
 /// The address user-mode networking gives the guest, and its gateway.
 pub const KERNEL_IP: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off";
+/// ... or the same from user-mode networking's DHCP server (`--dhcp`).
+pub const KERNEL_IP_DHCP: &str = "ip=dhcp";
+/// The host's side of vsock, which QEMU's vhost-vsock device needs.
+pub const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+/// The guest's API on vsock (hull-init's config for hulld).
+pub const GUEST_VSOCK_API_PORT: u32 = 7700;
+/// Said when the host has no vhost-vsock.
+pub const NO_VSOCK_NOTE: &str =
+    "no vhost-vsock on this host: the API goes through the forwarded TCP port";
 const QEMU: &str = "qemu-system-x86_64";
 const STATE: &str = "vm.json";
 const PID_FILE: &str = "qemu.pid";
@@ -149,6 +164,15 @@ pub struct RunOptions {
     pub accel: AccelChoice,
     /// Kernel arguments after hull's own (`hull.cgroup=...`).
     pub append: Vec<String>,
+    /// eth0's address from DHCP (`ip=dhcp`) instead of the static `ip=`.
+    pub dhcp: bool,
+}
+
+/// The guest's vsock address for hulld's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vsock {
+    pub cid: u32,
+    pub port: u32,
 }
 
 /// `DIR/vm.json`: what `hull vm run` started.
@@ -162,6 +186,8 @@ pub struct VmState {
     pub accel: String,
     pub memory: String,
     pub cpus: u32,
+    #[serde(default)]
+    pub vsock: Option<Vsock>,
 }
 
 /// A VM that answered.
@@ -185,6 +211,10 @@ pub struct Started {
     /// From QEMU's start to the API's first answer.
     pub ready_ms: u64,
     pub console: PathBuf,
+    /// hulld's API on vsock, when the host has vhost-vsock ...
+    pub vsock: Option<Vsock>,
+    /// ... and why not, when it has not.
+    pub vsock_note: Option<String>,
 }
 
 /// `hull vm status`.
@@ -215,12 +245,67 @@ pub fn api_url(port: u16) -> String {
 }
 
 /// The kernel command line: the serial console, eth0's address from
-/// user-mode networking, the data disk, and the host token's id and hash.
-pub fn kernel_cmdline(host_token: &HostToken) -> String {
+/// user-mode networking (static, or from its DHCP server), the data disk,
+/// and the host token's id and hash.
+pub fn kernel_cmdline(host_token: &HostToken, dhcp: bool) -> String {
+    let ip = if dhcp { KERNEL_IP_DHCP } else { KERNEL_IP };
     format!(
-        "console=ttyS0 {KERNEL_IP} hull.data={GUEST_DATA_DEVICE} hull.host_token={} quiet",
+        "console=ttyS0 {ip} hull.data={GUEST_DATA_DEVICE} hull.host_token={} quiet",
         host_token.guest_param()
     )
+}
+
+/// `VHOST_VSOCK_SET_GUEST_CID`: `_IOW(VHOST_VIRTIO, 0x60, __u64)`.
+const VHOST_VSOCK_SET_GUEST_CID: libc::c_ulong = 0x4008_af60;
+
+/// A guest context id no other VM on this host holds, from `VHOST_VSOCK`:
+/// the kernel refuses one in use with EADDRINUSE. The probe's device is
+/// closed before QEMU takes the id, so a VM started in between could take
+/// it first; QEMU then fails and says so. Starts from this process's id,
+/// so concurrent runs start apart.
+pub fn free_vsock_cid() -> io::Result<u32> {
+    let device = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(VHOST_VSOCK)?;
+    let start = 3 + std::process::id() % 0x0100_0000;
+    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
+    for cid in start..start + 64 {
+        let mut value = u64::from(cid);
+        // SAFETY: the request reads one u64 from the pointer, which points
+        // at `value` for the whole call.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&device),
+                VHOST_VSOCK_SET_GUEST_CID,
+                &mut value as *mut u64,
+            )
+        };
+        if rc == 0 {
+            return Ok(cid);
+        }
+        last = io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EADDRINUSE) {
+            break;
+        }
+    }
+    Err(last)
+}
+
+/// The vsock device this run gets, or why none.
+fn vsock_plan() -> (Option<u32>, Option<String>) {
+    if !Path::new(VHOST_VSOCK).exists() {
+        return (None, Some(NO_VSOCK_NOTE.to_owned()));
+    }
+    match free_vsock_cid() {
+        Ok(cid) => (Some(cid), None),
+        Err(e) => (
+            None,
+            Some(format!(
+                "cannot take a vsock context id from {VHOST_VSOCK} ({e}): the API goes through the forwarded TCP port"
+            )),
+        ),
+    }
 }
 
 /// An admin token made on the host for one run: `hull_<id>_<secret>`,
@@ -297,7 +382,13 @@ fn write_api_env(dir: &Path, url: &str, token: &HostToken) -> Result<PathBuf> {
 }
 
 /// QEMU's arguments for `options` (without the program).
-pub fn qemu_args(options: &RunOptions, accel: Accel, host_token: &HostToken) -> Vec<String> {
+/// `vsock_cid`: give the guest a vsock device with that context id.
+pub fn qemu_args(
+    options: &RunOptions,
+    accel: Accel,
+    host_token: &HostToken,
+    vsock_cid: Option<u32>,
+) -> Vec<String> {
     let dir = &options.dir;
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let mut args: Vec<String> = Vec::new();
@@ -308,12 +399,19 @@ pub fn qemu_args(options: &RunOptions, accel: Accel, host_token: &HostToken) -> 
         Machine::Microvm => push(&["-M", "microvm", "-device", "i8042"]),
         Machine::Pc => push(&["-M", "pc"]),
     }
-    let (nic, disk) = match options.machine {
+    let (nic, disk, rng, vsock) = match options.machine {
         Machine::Microvm => (
             "virtio-net-device,netdev=n0",
             "virtio-blk-device,drive=data",
+            "virtio-rng-device",
+            "vhost-vsock-device",
         ),
-        Machine::Pc => ("virtio-net-pci,netdev=n0", "virtio-blk-pci,drive=data"),
+        Machine::Pc => (
+            "virtio-net-pci,netdev=n0",
+            "virtio-blk-pci,drive=data",
+            "virtio-rng-pci",
+            "vhost-vsock-pci",
+        ),
     };
     let mut hostfwd = format!(
         "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_API_PORT}",
@@ -332,7 +430,7 @@ pub fn qemu_args(options: &RunOptions, accel: Accel, host_token: &HostToken) -> 
     );
     let memory = options.memory.clone();
     let cpus = options.cpus.to_string();
-    let mut cmdline = kernel_cmdline(host_token);
+    let mut cmdline = kernel_cmdline(host_token, options.dhcp);
     for arg in &options.append {
         cmdline.push(' ');
         cmdline.push_str(arg);
@@ -373,7 +471,13 @@ pub fn qemu_args(options: &RunOptions, accel: Accel, host_token: &HostToken) -> 
         &drive,
         "-device",
         disk,
+        // The host's /dev/urandom behind it.
+        "-device",
+        rng,
     ]);
+    if let Some(cid) = vsock_cid {
+        args.extend(["-device".to_owned(), format!("{vsock},guest-cid={cid}")]);
+    }
     args
 }
 
@@ -415,9 +519,17 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
     })?;
     let picked = accel::pick(QEMU, options.accel, &dir.join("vmlinuz"), dir);
     progress(&picked.note);
+    let (vsock_cid, vsock_note) = vsock_plan();
+    if let Some(note) = &vsock_note {
+        progress(note);
+    }
+    let vsock = vsock_cid.map(|cid| Vsock {
+        cid,
+        port: GUEST_VSOCK_API_PORT,
+    });
     let started = Instant::now();
     let mut child = Command::new(QEMU)
-        .args(qemu_args(options, picked.accel, &host_token))
+        .args(qemu_args(options, picked.accel, &host_token, vsock_cid))
         .stdin(Stdio::null())
         .stdout(qemu_log)
         .stderr(qemu_log_err)
@@ -435,6 +547,7 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         accel: picked.accel.name().into(),
         memory: options.memory.clone(),
         cpus: options.cpus,
+        vsock,
     };
     let state_path = dir.join(STATE);
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
@@ -488,6 +601,8 @@ pub fn run(options: &RunOptions, progress: &mut dyn FnMut(&str)) -> Result<Start
         accel_note: picked.note,
         ready_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         console: dir.join(CONSOLE_LOG),
+        vsock,
+        vsock_note,
     })
 }
 
@@ -681,6 +796,7 @@ mod tests {
             ready_timeout: Duration::from_secs(1),
             accel: AccelChoice::Auto,
             append: Vec::new(),
+            dhcp: false,
         }
     }
 
@@ -692,7 +808,7 @@ mod tests {
     #[test]
     fn qemu_gets_tcg_the_console_file_and_the_forwarded_api() {
         let token = HostToken::generate().unwrap();
-        let args = qemu_args(&options(Machine::Microvm), Accel::Tcg, &token);
+        let args = qemu_args(&options(Machine::Microvm), Accel::Tcg, &token, None);
         assert_eq!(after(&args, "-accel"), "tcg");
         assert_eq!(after(&args, "-M"), "microvm");
         assert_eq!(after(&args, "-serial"), "file:/vm/console.log");
@@ -706,8 +822,36 @@ mod tests {
         assert!(args.iter().any(|a| a == "virtio-blk-device,drive=data"));
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(args.iter().any(|a| a == "virtio-net-device,netdev=n0"));
-        let pc = qemu_args(&options(Machine::Pc), Accel::Tcg, &token);
+        let pc = qemu_args(&options(Machine::Pc), Accel::Tcg, &token, None);
         assert!(pc.iter().any(|a| a == "virtio-net-pci,netdev=n0"));
+        assert!(pc.iter().any(|a| a == "virtio-rng-pci"));
+        assert!(args.iter().any(|a| a == "virtio-rng-device"));
+        assert!(
+            !pc.iter().any(|a| a.contains("vsock")),
+            "no vsock device without a context id: {pc:?}"
+        );
+    }
+
+    #[test]
+    fn a_vsock_device_with_its_context_id_and_dhcp_on_request() {
+        let token = HostToken::generate().unwrap();
+        let pc = qemu_args(&options(Machine::Pc), Accel::Tcg, &token, Some(4242));
+        assert!(
+            pc.iter().any(|a| a == "vhost-vsock-pci,guest-cid=4242"),
+            "{pc:?}"
+        );
+        let dhcp = qemu_args(
+            &RunOptions {
+                dhcp: true,
+                ..options(Machine::Pc)
+            },
+            Accel::Tcg,
+            &token,
+            None,
+        );
+        let cmdline = after(&dhcp, "-append");
+        assert!(cmdline.contains(" ip=dhcp "), "{cmdline}");
+        assert!(!cmdline.contains(KERNEL_IP), "{cmdline}");
     }
 
     #[test]
@@ -720,7 +864,7 @@ mod tests {
             .unwrap();
         assert_eq!(id, token.id);
         assert_eq!(secret.len(), 48);
-        let cmdline = kernel_cmdline(&token);
+        let cmdline = kernel_cmdline(&token, false);
         assert!(!cmdline.contains(secret), "{cmdline}");
         let expected = hex(&Sha256::digest(secret.as_bytes()));
         assert!(
@@ -763,12 +907,13 @@ mod tests {
             },
             Accel::Tcg,
             &token,
+            None,
         );
         assert_eq!(
             after(&args, "-append"),
             format!(
                 "{} hull.cgroup=/system.slice/hull.service a b",
-                kernel_cmdline(&token)
+                kernel_cmdline(&token, false)
             )
         );
     }
