@@ -61,7 +61,7 @@ fn with_enforcement(mut response: Response<Body>, enforced: bool) -> Response<Bo
 }
 
 pub async fn get(state: &Shared) -> Result<Response<Body>, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (policy, enforced) = client
         .network_policy(None)
         .await
@@ -89,7 +89,7 @@ pub async fn set(state: &Shared, req: Request<Incoming>) -> Result<Response<Body
             "rule {i} names neither a domain nor an include"
         )));
     }
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (_, enforced) = client
         .network_policy(Some(text.to_string()))
         .await

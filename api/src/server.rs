@@ -151,6 +151,7 @@ impl BoundApi {
             settings,
             connector,
             tokens,
+            grant: None,
         });
         // TCP and vsock share the caps: they bound hulld, not a listener.
         let slots = Slots::new(
