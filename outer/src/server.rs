@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hull_checkpoint::StorageError;
-use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
-use hull_ingress::{FdBudget, Throttle};
+use hull_network::budget::{out_of_fds, ACCEPT_BACKOFF};
+use hull_network::{FdBudget, Throttle};
 pub use hull_proto::Scope;
 use hull_proto::{
     frame_writer, ClientMsg, DaemonMsg, ErrorKind, FrameBusy, FrameDecoder, Hello, RequestError,

@@ -386,8 +386,9 @@ pub enum ClientMsg {
     Ingress,
     /// The HTTP API's tokens.
     Tokens(TokenRequest),
-    /// The sandbox's network policy: `None` reads it, `Some` replaces it
-    /// with this JSON text, kept as sent.
+    /// The sandbox's egress policy: `None` reads it, `Some` replaces it
+    /// with this JSON text, once hulld has parsed it as an egress policy
+    /// (`hull_network::EgressPolicy`); kept as sent.
     NetworkPolicy(Option<String>),
     /// Exec sessions: list, attach to one, kill one.
     Sessions(SessionRequest),
