@@ -80,11 +80,7 @@ pub struct InnerRoot {
     pub owner: Owner,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
-}
+pub use hull_inner::files::Owner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InnerRootError {

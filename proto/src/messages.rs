@@ -396,6 +396,62 @@ pub enum ClientMsg {
     /// `max_run_after_disconnect_ms` says. The connection gets no more of
     /// it (no `ExecEnded`) and serves requests again.
     Detach,
+    /// A file of the inner's: its entry, its contents, or a new content.
+    Files(FileRequest),
+    /// The next bytes of a `FileRequest::Write` (at most [`FILE_CHUNK`]).
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The end of a `FileRequest::Write`'s bytes: the file is put in place.
+    FileEnd,
+}
+
+/// The bytes of a file carried in one frame, each way: under the 64 KiB
+/// past which a frame takes from hulld's budget for large frames.
+pub const FILE_CHUNK: usize = 60 * 1024;
+
+/// A file request. Every path is the inner's, absolute, resolved by hulld
+/// under the inner's root (openat2 with RESOLVE_IN_ROOT, never by joining
+/// strings) and confined to the user's layer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileRequest {
+    /// Answered with `FileEntry`.
+    Stat { path: String },
+    /// A regular file's contents: `FileOpened`, then `FileData` up to its
+    /// size, then `FileEnd` (or an `Error` that ends it short).
+    Read { path: String },
+    /// Replaces `path` with the bytes that follow: hulld answers
+    /// `FileReady` once it can write there, then takes `FileData` and a
+    /// `FileEnd`, and answers `FileWritten` once the file is in place
+    /// whole (a write cut short leaves what was there).
+    Write {
+        path: String,
+        /// Permission bits of the file made.
+        mode: u32,
+        /// Make missing parent directories first, as mkdir -p.
+        make_parents: bool,
+    },
+}
+
+/// What a file is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+/// One entry of the inner's filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub name: String,
+    /// Absolute, as the inner sees it.
+    pub path: String,
+    pub size: u64,
+    /// Permission bits (and setuid, setgid, sticky).
+    pub mode: u32,
+    /// Last modified, in seconds since the epoch.
+    pub mtime: i64,
+    pub kind: FileKind,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -611,6 +667,22 @@ pub enum DaemonMsg {
     /// The answer to `Detach`: the session runs on without this client.
     Detached {
         id: u64,
+    },
+    FileEntry(FileEntry),
+    /// The file a `Read` named is open: `size` bytes follow.
+    FileOpened {
+        size: u64,
+        mode: u32,
+    },
+    /// The next bytes of a file being read (at most [`FILE_CHUNK`]).
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A read's last bytes were sent.
+    FileEnd,
+    /// A `Write` may send its bytes.
+    FileReady,
+    /// A `Write` is in place: `size` bytes.
+    FileWritten {
+        size: u64,
     },
     Error(ErrorReport),
 }

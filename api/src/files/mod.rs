@@ -3,7 +3,6 @@
 //! inner's root (see [`ops`]); the work runs on blocking threads, and file
 //! contents stream both ways through a few chunks in flight.
 
-mod ops;
 mod watch;
 
 use std::collections::HashMap;
@@ -19,7 +18,8 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::response::{json_response, Body};
 use crate::{InnerRootError, Shared};
-use ops::{InnerPath, Root};
+use hull_inner::files::{self as ops, InnerPath, Root};
+use hull_proto::{FileEntry, FileKind};
 
 /// Bytes read from a file per chunk of a response.
 const READ_CHUNK: usize = 1024 * 1024;
@@ -123,7 +123,7 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
     let connector = state.connector.clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
         let mut upload = root.upload(&target, make_parents)?;
-        let mut sink = UploadSink::start(&*connector, &upload);
+        let mut sink = ops::UploadSink::start(connector.charged_writer(upload.file()));
         while let Some(piece) = rx.blocking_recv() {
             match piece {
                 Piece::Data(data) => sink.write(&mut upload, &data)?,
@@ -181,88 +181,17 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
     ))
 }
 
-/// Where an upload's bytes go: through a writer process in the inner's
-/// cgroup (so their page cache is the inner's), or, when there is none,
-/// into the file from hulld.
-enum UploadSink {
-    Charged(ChargedWriter),
-    Direct,
-}
-
-/// A writer process and the pipe to its stdin; killed and reaped if the
-/// upload ends without [`UploadSink::finish`].
-struct ChargedWriter {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-impl UploadSink {
-    fn start(connector: &dyn crate::Connector, upload: &ops::Upload) -> UploadSink {
-        let Some(mut child) = connector.charged_writer(upload.file()) else {
-            return UploadSink::Direct;
-        };
-        let stdin = child.stdin.take();
-        UploadSink::Charged(ChargedWriter { child, stdin })
-    }
-
-    fn write(&mut self, upload: &mut ops::Upload, data: &[u8]) -> io::Result<()> {
-        match self {
-            UploadSink::Direct => upload.write(data),
-            UploadSink::Charged(w) => {
-                let written = match w.stdin.as_mut() {
-                    Some(stdin) => io::Write::write_all(stdin, data),
-                    None => Err(io::Error::from_raw_os_error(libc::EPIPE)),
-                };
-                match written {
-                    Ok(()) => upload.wrote(data.len() as u64),
-                    // The writer stopped: its exit says why.
-                    Err(e) => Err(w.end().err().unwrap_or(e)),
-                }
-            }
-        }
-    }
-
-    /// Waits for the writer to have written everything.
-    fn finish(&mut self) -> io::Result<()> {
-        match self {
-            UploadSink::Direct => Ok(()),
-            UploadSink::Charged(w) => w.end(),
-        }
-    }
-}
-
-impl ChargedWriter {
-    /// Closes its stdin and waits for it: its exit code is 0 or the errno
-    /// of its failure.
-    fn end(&mut self) -> io::Result<()> {
-        drop(self.stdin.take());
-        let status = self.child.wait()?;
-        match status.code() {
-            Some(0) => Ok(()),
-            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-            None => Err(io::Error::other(
-                "the upload's writer was killed (the sandbox stopped?)",
-            )),
-        }
-    }
-}
-
-impl Drop for ChargedWriter {
-    fn drop(&mut self) {
-        if self.stdin.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 async fn list(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = query_path(&req, "path")?;
     let (shown, p) = (path.shown.clone(), path.shown.clone());
     let entries = on_root(state, "list", &shown, move |root| root.list(&path)).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"path": p, "count": entries.len(), "entries": entries}),
+        &json!({
+            "path": p,
+            "count": entries.len(),
+            "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
+        }),
     ))
 }
 
@@ -270,7 +199,27 @@ async fn stat(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, 
     let path = query_path(&req, "path")?;
     let shown = path.shown.clone();
     let entry = on_root(state, "stat", &shown, move |root| root.stat(&path)).await?;
-    Ok(json_response(StatusCode::OK, &json!(entry)))
+    Ok(json_response(StatusCode::OK, &entry_json(&entry)))
+}
+
+/// An entry as the Sprites SDKs read one.
+fn entry_json(entry: &FileEntry) -> Value {
+    let kind = match entry.kind {
+        // The SDKs' words.
+        FileKind::File => "file",
+        FileKind::Directory => "directory",
+        FileKind::Symlink => "symlink",
+        FileKind::Other => "other",
+    };
+    json!({
+        "name": entry.name,
+        "path": entry.path,
+        "size": entry.size,
+        "mode": format!("{:04o}", entry.mode),
+        "modTime": crate::ndjson::rfc3339(entry.mtime.saturating_mul(1000)),
+        "isDir": entry.kind == FileKind::Directory,
+        "type": kind,
+    })
 }
 
 async fn delete(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -29,8 +29,8 @@ struct Cli {
     json: bool,
     /// Drive a hulld elsewhere through its HTTP API (http://HOST:PORT or
     /// https://HOST:PORT) instead of the local control socket: status,
-    /// exec, console, sessions, bounce, checkpoint, services, logs, ports
-    /// and ingress work the same, with the same output and exit codes.
+    /// exec, console, sessions, cp, bounce, checkpoint, services, logs,
+    /// ports and ingress work the same, with the same output and exit codes.
     #[arg(long, global = true, env = "HULL_URL", value_name = "URL")]
     url: Option<String>,
     /// The API token for --url (see `hull token create` on the VM).
@@ -188,6 +188,22 @@ enum Command {
         /// Only lines from the last DURATION (30s, 10m, 2h, 1d).
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         since: Option<std::time::Duration>,
+    },
+    /// Copy a file between this machine and the inner.
+    ///
+    /// One side is `:PATH`, a path in the inner: `hull cp ./a.txt
+    /// :/tmp/a.txt`, `hull cp :/etc/os-release .`. A directory as the
+    /// destination takes the file under its own name; `-` is stdin or
+    /// stdout. The file keeps its permission bits and is put in place
+    /// whole, or not at all. Works through --url (with an exec token).
+    /// Large copies show progress on a terminal.
+    Cp {
+        /// The file to copy: a local path, `:PATH` in the inner, or `-`.
+        #[arg(value_name = "SRC")]
+        source: String,
+        /// Where it goes: a local path or directory, `:PATH` in the inner, or `-`.
+        #[arg(value_name = "DST")]
+        destination: String,
     },
     /// TCP ports the inner listens on and how to reach them.
     ///
@@ -714,6 +730,10 @@ async fn run(cli: Cli) -> Result<i32> {
                 .await
                 .map(|()| 0),
         },
+        Command::Cp {
+            source,
+            destination,
+        } => cli::cp(&g, &source, &destination).await.map(|()| 0),
         Command::Ports => cli::ports(&g).await.map(|()| 0),
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
