@@ -58,14 +58,6 @@ pub trait Connector: Send + Sync + 'static {
         target: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
 
-    /// A process that copies its stdin into `file`, in the inner's
-    /// cgroup, so an upload's page cache is charged to the inner. `None`:
-    /// hulld writes the upload itself.
-    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
-        let _ = file;
-        None
-    }
-
     /// The running inner's root directory, for the files API.
     fn inner_root(&self)
         -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>>;

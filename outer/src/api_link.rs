@@ -58,11 +58,6 @@ impl hull_api::Connector for ApiLink {
         })
     }
 
-    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
-        let hulld = self.hulld.upgrade()?;
-        hulld.charged_writer(file)
-    }
-
     fn inner_root(
         &self,
     ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {

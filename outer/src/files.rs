@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::SinkExt;
-use hull_inner::files::{InnerPath, Root, UploadSink};
+use hull_inner::files::{Failure, InnerPath, Root, UploadSink};
 use hull_proto::{ClientMsg, DaemonMsg, ErrorKind, ErrorReport, FileRequest, FILE_CHUNK};
 
 use tokio::io::AsyncRead;
@@ -61,21 +61,15 @@ async fn root(hulld: &Arc<Hulld>) -> Result<Root, ErrorReport> {
     Ok(Root::new(dir, owner))
 }
 
-/// The answer to a file operation that failed on `path`.
+/// The answer to a file operation that failed on `path`: its errno, or
+/// for a failure without one, a bad path.
 fn fs_error(what: &str, path: &str, e: &io::Error) -> ErrorReport {
     let kind = match e.raw_os_error() {
-        _ if e.kind() == io::ErrorKind::NotFound => ErrorKind::NotFound,
-        Some(libc::EDQUOT | libc::ENOSPC) => ErrorKind::Storage,
-        _ if matches!(
-            e.kind(),
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::Other | io::ErrorKind::Interrupted
-        ) =>
-        {
-            ErrorKind::Internal
-        }
-        _ => ErrorKind::BadRequest,
+        Some(errno) => ErrorKind::File(errno),
+        None if e.kind() == io::ErrorKind::UnexpectedEof => ErrorKind::Internal,
+        None => ErrorKind::File(libc::EINVAL),
     };
-    failure(kind, format!("cannot {what} {path}: {e}"))
+    failure(kind, Failure::message(what, path, e))
 }
 
 fn inner_path(path: &str) -> Result<InnerPath, ErrorReport> {
@@ -102,6 +96,7 @@ where
 {
     let result = match request {
         FileRequest::Stat { path } => stat(hulld, &path).await,
+        FileRequest::List { path } => list(hulld, &path).await,
         FileRequest::Read { path } => return read(hulld, &path, writer).await,
         FileRequest::Write {
             path,
@@ -128,6 +123,16 @@ async fn stat(hulld: &Arc<Hulld>, path: &str) -> Result<DaemonMsg, ErrorReport> 
         .await
         .map(DaemonMsg::FileEntry)
         .map_err(|e| fs_error("stat", &shown, &e))
+}
+
+async fn list(hulld: &Arc<Hulld>, path: &str) -> Result<DaemonMsg, ErrorReport> {
+    let at = inner_path(path)?;
+    let root = root(hulld).await?;
+    let shown = path.to_string();
+    crate::blocking(move || root.list(&at))
+        .await
+        .map(DaemonMsg::FileList)
+        .map_err(|e| fs_error("list", &shown, &e))
 }
 
 async fn read<W>(hulld: &Arc<Hulld>, path: &str, writer: &mut W) -> io::Result<After>

@@ -328,6 +328,8 @@ pub enum ErrorKind {
     Busy,
     /// The service is not running, so the request (a signal) has no target.
     NotRunning,
+    /// A file operation in the inner failed with this errno.
+    File(i32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -415,6 +417,9 @@ pub const FILE_CHUNK: usize = 60 * 1024;
 pub enum FileRequest {
     /// Answered with `FileEntry`.
     Stat { path: String },
+    /// A directory's entries sorted by name, or a file's own: answered
+    /// with `FileList`.
+    List { path: String },
     /// A regular file's contents: `FileOpened`, then `FileData` up to its
     /// size, then `FileEnd` (or an `Error` that ends it short).
     Read { path: String },
@@ -669,6 +674,7 @@ pub enum DaemonMsg {
         id: u64,
     },
     FileEntry(FileEntry),
+    FileList(Vec<FileEntry>),
     /// The file a `Read` named is open: `size` bytes follow.
     FileOpened {
         size: u64,

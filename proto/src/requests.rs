@@ -71,7 +71,7 @@ pub enum RequestKind {
     SessionsWatch,
     SessionsKill,
     Detach,
-    /// A file's entry.
+    /// A file's entry, or a directory's entries.
     FilesStat,
     /// A file's contents.
     FilesRead,
@@ -244,7 +244,7 @@ impl ClientMsg {
             ClientMsg::Sessions(SessionRequest::Attach { .. }) => K::SessionsAttach,
             ClientMsg::Sessions(SessionRequest::Kill { .. }) => K::SessionsKill,
             ClientMsg::Detach => K::Detach,
-            ClientMsg::Files(FileRequest::Stat { .. }) => K::FilesStat,
+            ClientMsg::Files(FileRequest::Stat { .. } | FileRequest::List { .. }) => K::FilesStat,
             ClientMsg::Files(FileRequest::Read { .. }) => K::FilesRead,
             ClientMsg::Files(FileRequest::Write { .. })
             | ClientMsg::FileData(_)
@@ -405,7 +405,7 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
         },
         "Detach" => K::Detach,
         "Files" => match peek.variant()? {
-            "Stat" => K::FilesStat,
+            "Stat" | "List" => K::FilesStat,
             "Read" => K::FilesRead,
             "Write" => K::FilesWrite,
             _ => return None,
@@ -778,6 +778,7 @@ mod tests {
             }),
             ClientMsg::Detach,
             ClientMsg::Files(FileRequest::Stat { path: "/a".into() }),
+            ClientMsg::Files(FileRequest::List { path: "/a".into() }),
             ClientMsg::Files(FileRequest::Read { path: "/a".into() }),
             ClientMsg::Files(FileRequest::Write {
                 path: "/a".into(),

@@ -134,7 +134,9 @@ async fn upload(g: &Global, local: &Path, inner: &str) -> Result<(u64, String)> 
     let into_dir = target.ends_with('/')
         || match c.file_stat(&target).await {
             Ok(entry) => entry.kind == FileKind::Directory,
-            Err(ClientError::Daemon(report)) if report.kind == hull_proto::ErrorKind::NotFound => {
+            Err(ClientError::Daemon(report))
+                if report.kind == hull_proto::ErrorKind::File(libc::ENOENT) =>
+            {
                 false
             }
             Err(e) => return Err(e).with_context(|| format!("cannot copy to :{target}")),
