@@ -235,6 +235,27 @@ impl Client {
         }
     }
 
+    /// A directory's entries sorted by name (a file's own entry).
+    pub async fn file_list(&mut self, path: &str) -> Result<Vec<hull_proto::FileEntry>> {
+        let request = hull_proto::FileRequest::List { path: path.into() };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileList(entries) => Ok(entries),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Makes the inner's directory `path` and its missing parents.
+    pub async fn file_make_dir(&mut self, path: &str, mode: u32) -> Result<hull_proto::FileEntry> {
+        let request = hull_proto::FileRequest::MakeDir {
+            path: path.into(),
+            mode,
+        };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileEntry(entry) => Ok(entry),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Opens the inner's regular file `path` for reading: its size and
     /// mode; its bytes then come from [`Client::file_read_next`].
     pub async fn file_read(&mut self, path: &str) -> Result<(u64, u32)> {

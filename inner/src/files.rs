@@ -238,6 +238,14 @@ impl Root {
         Ok(upload)
     }
 
+    /// Makes the directory `path` and its missing parents with `mode`, as
+    /// mkdir -p; its entry.
+    pub fn make_dir(&self, path: &InnerPath, mode: u32) -> io::Result<FileEntry> {
+        let _acting = ActingAs::owner(self.owner)?;
+        self.layer.make_dir_in_layer(&path.rel, mode)?;
+        self.stat(path)
+    }
+
     /// Removes `path` (a directory and all in it with `recursive`);
     /// returns the entries removed.
     pub fn delete(&self, path: &InnerPath, recursive: bool) -> io::Result<u64> {

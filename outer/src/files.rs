@@ -97,6 +97,7 @@ where
     let result = match request {
         FileRequest::Stat { path } => stat(hulld, &path).await,
         FileRequest::List { path } => list(hulld, &path).await,
+        FileRequest::MakeDir { path, mode } => make_dir(hulld, &path, mode & 0o7777).await,
         FileRequest::Read { path } => return read(hulld, &path, writer).await,
         FileRequest::Write {
             path,
@@ -133,6 +134,16 @@ async fn list(hulld: &Arc<Hulld>, path: &str) -> Result<DaemonMsg, ErrorReport> 
         .await
         .map(DaemonMsg::FileList)
         .map_err(|e| fs_error("list", &shown, &e))
+}
+
+async fn make_dir(hulld: &Arc<Hulld>, path: &str, mode: u32) -> Result<DaemonMsg, ErrorReport> {
+    let at = inner_path(path)?;
+    let root = root(hulld).await?;
+    let shown = path.to_string();
+    crate::blocking(move || root.make_dir(&at, mode))
+        .await
+        .map(DaemonMsg::FileEntry)
+        .map_err(|e| fs_error("make the directory", &shown, &e))
 }
 
 async fn read<W>(hulld: &Arc<Hulld>, path: &str, writer: &mut W) -> io::Result<After>

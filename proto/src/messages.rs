@@ -434,6 +434,13 @@ pub enum FileRequest {
         /// Make missing parent directories first, as mkdir -p.
         make_parents: bool,
     },
+    /// Makes the directory `path` and its missing parents, as mkdir -p
+    /// (one that exists is left as it is): answered with its `FileEntry`.
+    MakeDir {
+        path: String,
+        /// Permission bits of the directories made.
+        mode: u32,
+    },
 }
 
 /// What a file is.

@@ -75,7 +75,8 @@ pub enum RequestKind {
     FilesStat,
     /// A file's contents.
     FilesRead,
-    /// Writing a file: the request and the bytes that follow it.
+    /// Writing a file (the request and the bytes that follow it), or
+    /// making a directory.
     FilesWrite,
 }
 
@@ -246,7 +247,7 @@ impl ClientMsg {
             ClientMsg::Detach => K::Detach,
             ClientMsg::Files(FileRequest::Stat { .. } | FileRequest::List { .. }) => K::FilesStat,
             ClientMsg::Files(FileRequest::Read { .. }) => K::FilesRead,
-            ClientMsg::Files(FileRequest::Write { .. })
+            ClientMsg::Files(FileRequest::Write { .. } | FileRequest::MakeDir { .. })
             | ClientMsg::FileData(_)
             | ClientMsg::FileEnd => K::FilesWrite,
         }
@@ -407,7 +408,7 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
         "Files" => match peek.variant()? {
             "Stat" | "List" => K::FilesStat,
             "Read" => K::FilesRead,
-            "Write" => K::FilesWrite,
+            "Write" | "MakeDir" => K::FilesWrite,
             _ => return None,
         },
         "FileData" | "FileEnd" => K::FilesWrite,
@@ -784,6 +785,10 @@ mod tests {
                 path: "/a".into(),
                 mode: 0o644,
                 make_parents: true,
+            }),
+            ClientMsg::Files(FileRequest::MakeDir {
+                path: "/a".into(),
+                mode: 0o755,
             }),
             ClientMsg::FileData(vec![0; 100]),
             ClientMsg::FileEnd,

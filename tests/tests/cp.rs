@@ -192,3 +192,78 @@ fn cp_over_the_api_needs_an_exec_token() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&back).unwrap(), b"over the network\n");
 }
+
+#[test]
+fn a_tree_goes_in_and_comes_back_with_r() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::create_dir(tree.join("empty")).unwrap();
+    std::fs::write(tree.join("top.txt"), b"top\n").unwrap();
+    std::fs::write(tree.join("sub/deeper/data.bin"), pattern(200_000)).unwrap();
+    std::fs::write(tree.join("sub/run.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("sub/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", tree.join("link")).unwrap();
+
+    // Without -r a directory is refused and nothing is made.
+    inner_out(&hull, "mkdir -p /srv");
+    let out = local(&hull, &["cp", tree.to_str().unwrap(), ":/srv"], b"");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("-r"), "{out:?}");
+    assert_eq!(
+        inner_out(&hull, "test -e /srv/tree && echo made || echo absent"),
+        "absent"
+    );
+
+    let out = local(
+        &hull,
+        &["--json", "cp", "-r", tree.to_str().unwrap(), ":/srv"],
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["files"].as_u64(), v["bytes"].as_u64()),
+        (Some(3), Some(200_014)),
+        "{v}"
+    );
+    assert_eq!(v["destination"], ":/srv/tree", "{v}");
+    assert_eq!(v["skipped"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        inner_out(
+            &hull,
+            "cd /srv/tree && find . | sort | tr '\\n' ' ' && stat -c %a sub/run.sh"
+        ),
+        ". ./empty ./sub ./sub/deeper ./sub/deeper/data.bin ./sub/run.sh ./top.txt 755"
+    );
+
+    // Back out into a new directory of that name.
+    let back = dir.path().join("back");
+    let out = local(
+        &hull,
+        &["cp", "-r", ":/srv/tree", back.to_str().unwrap()],
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("3 files"), "{out:?}");
+    assert!(std::fs::read(back.join("sub/deeper/data.bin")).unwrap() == pattern(200_000));
+    assert_eq!(std::fs::read(back.join("top.txt")).unwrap(), b"top\n");
+    assert!(back.join("empty").is_dir());
+    assert_eq!(
+        std::fs::metadata(back.join("sub/run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert!(!back.join("link").exists(), "a symlink was copied");
+}

@@ -189,15 +189,19 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         since: Option<std::time::Duration>,
     },
-    /// Copy a file between this machine and the inner.
+    /// Copy files between this machine and the inner.
     ///
     /// One side is `:PATH`, a path in the inner: `hull cp ./a.txt
-    /// :/tmp/a.txt`, `hull cp :/etc/os-release .`. A directory as the
-    /// destination takes the file under its own name; `-` is stdin or
-    /// stdout. The file keeps its permission bits and is put in place
-    /// whole, or not at all. Works through --url (with an exec token).
-    /// Large copies show progress on a terminal.
+    /// :/tmp/a.txt`, `hull cp :/etc/os-release .`, `hull cp -r ./src
+    /// :/app`. A directory as the destination takes the source under its
+    /// own name; `-` is stdin or stdout. Files keep their permission bits
+    /// and are put in place whole, or not at all; -r leaves symlinks and
+    /// special files out and names them. Works through --url (with an
+    /// exec token). Large copies show progress on a terminal.
     Cp {
+        /// Copy a directory and all in it.
+        #[arg(short, long)]
+        recursive: bool,
         /// The file to copy: a local path, `:PATH` in the inner, or `-`.
         #[arg(value_name = "SRC")]
         source: String,
@@ -731,9 +735,12 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map(|()| 0),
         },
         Command::Cp {
+            recursive,
             source,
             destination,
-        } => cli::cp(&g, &source, &destination).await.map(|()| 0),
+        } => cli::cp(&g, &source, &destination, recursive)
+            .await
+            .map(|()| 0),
         Command::Ports => cli::ports(&g).await.map(|()| 0),
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),

@@ -1,4 +1,4 @@
-//! `hull cp`: one file between this machine and the inner, over hulld's
+//! `hull cp`: files and directories between this machine and the inner, over hulld's
 //! own `Files` requests, so it works on the control socket and through
 //! `--url` alike. One side is `:PATH`, a path in the inner.
 
@@ -44,20 +44,40 @@ impl Place {
     }
 }
 
+/// Directory levels a recursive copy descends.
+const MAX_DEPTH: usize = 256;
+
 /// What `--json` prints.
 #[derive(serde::Serialize)]
 struct Copied {
     source: String,
     destination: String,
+    /// Regular files copied.
+    files: u64,
     bytes: u64,
+    /// Symlinks, devices, FIFOs and sockets left out of a recursive copy.
+    skipped: Vec<String>,
 }
 
-/// `hull cp SRC DST`.
-pub async fn cp(g: &Global, src: &str, dst: &str) -> Result<()> {
+/// What a copy has done so far.
+#[derive(Default)]
+struct Tally {
+    files: u64,
+    bytes: u64,
+    skipped: Vec<String>,
+}
+
+/// `hull cp [-r] SRC DST`.
+pub async fn cp(g: &Global, src: &str, dst: &str, recursive: bool) -> Result<()> {
     let (from, to) = (Place::parse(src), Place::parse(dst));
-    let (bytes, destination) = match (&from, &to) {
-        (Place::Local(local), Place::Inner(inner)) => upload(g, local, inner).await?,
-        (Place::Inner(inner), Place::Local(local)) => download(g, inner, local).await?,
+    let mut tally = Tally::default();
+    let destination = match (&from, &to) {
+        (Place::Local(local), Place::Inner(inner)) => {
+            upload(g, local, inner, recursive, &mut tally).await?
+        }
+        (Place::Inner(inner), Place::Local(local)) => {
+            download(g, inner, local, recursive, &mut tally).await?
+        }
         (Place::Inner(_), Place::Inner(_)) => bail!(
             "both {src} and {dst} are in the inner: copy there with `hull exec -- cp {} {}`",
             src.trim_start_matches(':'),
@@ -70,17 +90,27 @@ pub async fn cp(g: &Global, src: &str, dst: &str) -> Result<()> {
     let copied = Copied {
         source: from.shown(),
         destination,
-        bytes,
+        files: tally.files,
+        bytes: tally.bytes,
+        skipped: tally.skipped,
     };
     if g.json {
         return print_json(&copied);
     }
+    for path in &copied.skipped {
+        errln!("hull: left out {path}: hull cp copies directories and regular files only");
+    }
     if !matches!(to, Place::Local(ref p) if p.as_os_str() == "-") {
+        let count = if recursive {
+            format!("{} files, ", copied.files)
+        } else {
+            String::new()
+        };
         outln!(
-            "copied {} to {} ({})",
+            "copied {} to {} ({count}{})",
             copied.source,
             copied.destination,
-            human(bytes)
+            human(copied.bytes)
         );
     }
     Ok(())
@@ -107,29 +137,35 @@ fn file_name(path: &str) -> Result<&str> {
     }
 }
 
-async fn upload(g: &Global, local: &Path, inner: &str) -> Result<(u64, String)> {
+/// `dir/name` in the inner.
+fn inner_join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.trim_end_matches('/'))
+}
+
+async fn upload(
+    g: &Global,
+    local: &Path,
+    inner: &str,
+    recursive: bool,
+    tally: &mut Tally,
+) -> Result<String> {
+    let mut target = absolute(inner)?;
+    let mut c = g.connect().await?;
     let stdin = local.as_os_str() == "-";
-    let (mut input, size, mode): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _, _) = if stdin {
-        (Box::new(tokio::io::stdin()), None, 0o644)
+    let meta = if stdin {
+        None
     } else {
-        let file = tokio::fs::File::open(local)
-            .await
-            .with_context(|| format!("cannot open {}", local.display()))?;
-        let meta = file
-            .metadata()
+        let meta = tokio::fs::metadata(local)
             .await
             .with_context(|| format!("cannot read {}", local.display()))?;
-        if meta.is_dir() {
+        if meta.is_dir() && !recursive {
             bail!(
-                "{} is a directory; hull cp copies one file (`tar c DIR | hull exec -i -- tar x -C /DEST` copies a tree)",
+                "{} is a directory: add -r to copy it and all in it",
                 local.display()
             );
         }
-        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-        (Box::new(file), Some(meta.len()), mode)
+        Some(meta)
     };
-    let mut target = absolute(inner)?;
-    let mut c = g.connect().await?;
     // Into a directory: under the source's own name, as cp(1) does.
     let into_dir = target.ends_with('/')
         || match c.file_stat(&target).await {
@@ -145,15 +181,108 @@ async fn upload(g: &Global, local: &Path, inner: &str) -> Result<(u64, String)> 
         if stdin {
             bail!(":{target} is a directory: name the file to write stdin to");
         }
-        let name = file_name(&local.to_string_lossy())?.to_string();
-        target = format!("{}/{name}", target.trim_end_matches('/'));
+        target = inner_join(&target, file_name(&local.to_string_lossy())?);
     }
-    c.file_write(&target, mode, false)
+    let mut progress = Progress::new(g, meta.as_ref().filter(|m| m.is_file()).map(|m| m.len()));
+    match meta {
+        Some(meta) if meta.is_dir() => {
+            upload_tree(&mut c, local, &target, 0, tally, &mut progress).await?;
+        }
+        Some(meta) => {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+            let file = tokio::fs::File::open(local)
+                .await
+                .with_context(|| format!("cannot open {}", local.display()))?;
+            upload_file(
+                &mut c,
+                Box::new(file),
+                local,
+                &target,
+                mode,
+                tally,
+                &mut progress,
+            )
+            .await?;
+        }
+        None => {
+            let input = Box::new(tokio::io::stdin());
+            upload_file(&mut c, input, local, &target, 0o644, tally, &mut progress).await?;
+        }
+    }
+    progress.done();
+    Ok(format!(":{target}"))
+}
+
+/// The local directory `local` and all in it as the inner's `target`.
+fn upload_tree<'a>(
+    c: &'a mut Client,
+    local: &'a Path,
+    target: &'a str,
+    depth: usize,
+    tally: &'a mut Tally,
+    progress: &'a mut Progress,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        if depth >= MAX_DEPTH {
+            bail!(
+                "{} is more than {MAX_DEPTH} directories deep",
+                local.display()
+            );
+        }
+        let meta = tokio::fs::metadata(local)
+            .await
+            .with_context(|| format!("cannot read {}", local.display()))?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        c.file_make_dir(target, mode)
+            .await
+            .with_context(|| format!("cannot make :{target}"))?;
+        let mut names = Vec::new();
+        let mut dir = tokio::fs::read_dir(local)
+            .await
+            .with_context(|| format!("cannot read {}", local.display()))?;
+        while let Some(entry) = dir
+            .next_entry()
+            .await
+            .with_context(|| format!("cannot read {}", local.display()))?
+        {
+            names.push(entry.file_name());
+        }
+        names.sort();
+        for name in names {
+            let path = local.join(&name);
+            let inner = inner_join(target, &name.to_string_lossy());
+            let meta = tokio::fs::symlink_metadata(&path)
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if meta.is_dir() {
+                upload_tree(c, &path, &inner, depth + 1, tally, progress).await?;
+            } else if meta.is_file() {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                upload_file(c, Box::new(file), &path, &inner, mode, tally, progress).await?;
+            } else {
+                tally.skipped.push(path.display().to_string());
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn upload_file(
+    c: &mut Client,
+    mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    local: &Path,
+    target: &str,
+    mode: u32,
+    tally: &mut Tally,
+    progress: &mut Progress,
+) -> Result<()> {
+    c.file_write(target, mode, false)
         .await
         .with_context(|| format!("cannot write :{target}"))?;
-    let mut progress = Progress::new(g, size);
     let mut buf = vec![0u8; LOCAL_CHUNK];
-    let mut sent = 0u64;
     loop {
         let n = input
             .read(&mut buf)
@@ -165,29 +294,45 @@ async fn upload(g: &Global, local: &Path, inner: &str) -> Result<(u64, String)> 
         c.file_write_data(&buf[..n])
             .await
             .with_context(|| format!("cannot write :{target}"))?;
-        sent += n as u64;
-        progress.show(sent);
+        tally.bytes += n as u64;
+        progress.show(tally.bytes);
     }
-    let written = c
-        .file_write_end()
+    c.file_write_end()
         .await
         .with_context(|| format!("cannot write :{target}"))?;
-    progress.done();
-    Ok((written, format!(":{target}")))
+    tally.files += 1;
+    Ok(())
 }
 
-async fn download(g: &Global, inner: &str, local: &Path) -> Result<(u64, String)> {
+async fn download(
+    g: &Global,
+    inner: &str,
+    local: &Path,
+    recursive: bool,
+    tally: &mut Tally,
+) -> Result<String> {
     let source = absolute(inner)?;
     let mut c = g.connect().await?;
-    let (size, mode) = c
-        .file_read(&source)
+    let entry = c
+        .file_stat(&source)
         .await
         .with_context(|| format!("cannot read :{source}"))?;
+    let is_dir = entry.kind == FileKind::Directory;
+    if is_dir && !recursive {
+        bail!(":{source} is a directory: add -r to copy it and all in it");
+    }
     if local.as_os_str() == "-" {
+        if is_dir {
+            bail!(":{source} is a directory: it cannot go to stdout");
+        }
+        c.file_read(&source)
+            .await
+            .with_context(|| format!("cannot read :{source}"))?;
         let mut out = tokio::io::stdout();
-        let got = receive(&mut c, &source, &mut out, &mut Progress::off()).await?;
+        tally.bytes = receive(&mut c, &source, &mut out, &mut Progress::off(), 0).await?;
+        tally.files = 1;
         out.flush().await.context("cannot write to stdout")?;
-        return Ok((got, "-".into()));
+        return Ok("-".into());
     }
     let into_dir = local.to_string_lossy().ends_with('/')
         || tokio::fs::metadata(local).await.is_ok_and(|m| m.is_dir());
@@ -196,8 +341,94 @@ async fn download(g: &Global, inner: &str, local: &Path) -> Result<(u64, String)
     } else {
         local.to_path_buf()
     };
-    // Into a temporary file beside the target, renamed over it at the
-    // end: a copy cut short leaves what was there.
+    let mut progress = Progress::new(g, (!is_dir).then_some(entry.size));
+    if is_dir {
+        download_tree(
+            &mut c,
+            &source,
+            &target,
+            entry.mode,
+            0,
+            tally,
+            &mut progress,
+        )
+        .await?;
+    } else {
+        download_file(&mut c, &source, &target, tally, &mut progress).await?;
+    }
+    progress.done();
+    Ok(target.display().to_string())
+}
+
+/// The inner's directory `source` and all in it as the local `target`.
+fn download_tree<'a>(
+    c: &'a mut Client,
+    source: &'a str,
+    target: &'a Path,
+    mode: u32,
+    depth: usize,
+    tally: &'a mut Tally,
+    progress: &'a mut Progress,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+    Box::pin(async move {
+        if depth >= MAX_DEPTH {
+            bail!(":{source} is more than {MAX_DEPTH} directories deep");
+        }
+        match tokio::fs::create_dir(target).await {
+            Ok(()) => {
+                tokio::fs::set_permissions(
+                    target,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777),
+                )
+                .await
+                .with_context(|| format!("cannot set the mode of {}", target.display()))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot make {}", target.display())),
+        }
+        let entries = c
+            .file_list(source)
+            .await
+            .with_context(|| format!("cannot list :{source}"))?;
+        for entry in entries {
+            let local = target.join(&entry.name);
+            match entry.kind {
+                FileKind::Directory => {
+                    download_tree(
+                        c,
+                        &entry.path,
+                        &local,
+                        entry.mode,
+                        depth + 1,
+                        tally,
+                        progress,
+                    )
+                    .await?;
+                }
+                FileKind::File => download_file(c, &entry.path, &local, tally, progress).await?,
+                FileKind::Symlink | FileKind::Other => {
+                    tally.skipped.push(format!(":{}", entry.path))
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The inner's regular file `source` as the local `target`: into a
+/// temporary file beside it, renamed over it at the end, so a copy cut
+/// short leaves what was there.
+async fn download_file(
+    c: &mut Client,
+    source: &str,
+    target: &Path,
+    tally: &mut Tally,
+    progress: &mut Progress,
+) -> Result<()> {
+    let (_, mode) = c
+        .file_read(source)
+        .await
+        .with_context(|| format!("cannot read :{source}"))?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -214,28 +445,30 @@ async fn download(g: &Global, inner: &str, local: &Path) -> Result<(u64, String)
     .with_context(|| format!("cannot write in {}", dir.display()))?;
     let (file, temp_path) = temp.into_parts();
     let mut out = tokio::fs::File::from_std(file);
-    let mut progress = Progress::new(g, Some(size));
-    let got = receive(&mut c, &source, &mut out, &mut progress).await?;
+    let got = receive(c, source, &mut out, progress, tally.bytes).await?;
     out.flush()
         .await
         .with_context(|| format!("cannot write {}", target.display()))?;
     out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
         .await
         .with_context(|| format!("cannot set the mode of {}", target.display()))?;
-    let shown = target.display().to_string();
+    let (shown, target) = (target.display().to_string(), target.to_path_buf());
     tokio::task::spawn_blocking(move || temp_path.persist(&target))
         .await?
         .with_context(|| format!("cannot write {shown}"))?;
-    progress.done();
-    Ok((got, shown))
+    tally.bytes += got;
+    tally.files += 1;
+    Ok(())
 }
 
-/// Writes the file's bytes as they come; their count.
+/// Writes the file's bytes as they come; their count. `before`: the
+/// bytes the copy moved before this file, for the progress line.
 async fn receive(
     c: &mut Client,
     source: &str,
     out: &mut (impl tokio::io::AsyncWrite + Unpin),
     progress: &mut Progress,
+    before: u64,
 ) -> Result<u64> {
     let mut got = 0u64;
     while let Some(data) = c
@@ -247,7 +480,7 @@ async fn receive(
             .await
             .context("cannot write the copy")?;
         got += data.len() as u64;
-        progress.show(got);
+        progress.show(before + got);
     }
     Ok(got)
 }
