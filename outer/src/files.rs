@@ -98,6 +98,38 @@ where
         FileRequest::Stat { path } => stat(hulld, &path).await,
         FileRequest::List { path } => list(hulld, &path).await,
         FileRequest::MakeDir { path, mode } => make_dir(hulld, &path, mode & 0o7777).await,
+        FileRequest::Delete { path, recursive } => {
+            change(hulld, "delete", &path, None, move |root, at, _| {
+                root.delete(at, recursive)
+            })
+            .await
+        }
+        FileRequest::Rename { from, to } => {
+            change(hulld, "rename", &from, Some(&to), |root, at, to| {
+                root.rename(at, to.ok_or_else(no_destination)?).map(|()| 1)
+            })
+            .await
+        }
+        FileRequest::Copy {
+            from,
+            to,
+            recursive,
+        } => {
+            change(hulld, "copy", &from, Some(&to), move |root, at, to| {
+                root.copy(at, to.ok_or_else(no_destination)?, recursive)
+            })
+            .await
+        }
+        FileRequest::Chmod {
+            path,
+            mode,
+            recursive,
+        } => {
+            change(hulld, "chmod", &path, None, move |root, at, _| {
+                root.chmod(at, mode & 0o7777, recursive)
+            })
+            .await
+        }
         FileRequest::Read { path } => return read(hulld, &path, writer).await,
         FileRequest::Write {
             path,
@@ -144,6 +176,30 @@ async fn make_dir(hulld: &Arc<Hulld>, path: &str, mode: u32) -> Result<DaemonMsg
         .await
         .map(DaemonMsg::FileEntry)
         .map_err(|e| fs_error("make the directory", &shown, &e))
+}
+
+/// What a rename or copy without the destination it always has gets.
+fn no_destination() -> io::Error {
+    io::Error::from(io::ErrorKind::InvalidInput)
+}
+
+/// A delete, rename, copy or chmod of `path` (to `to`): the entries it
+/// changed.
+async fn change(
+    hulld: &Arc<Hulld>,
+    what: &'static str,
+    path: &str,
+    to: Option<&str>,
+    work: impl FnOnce(&Root, &InnerPath, Option<&InnerPath>) -> io::Result<u64> + Send + 'static,
+) -> Result<DaemonMsg, ErrorReport> {
+    let at = inner_path(path)?;
+    let to = to.map(inner_path).transpose()?;
+    let root = root(hulld).await?;
+    let shown = path.to_string();
+    crate::blocking(move || work(&root, &at, to.as_ref()))
+        .await
+        .map(|count| DaemonMsg::FilesChanged { count })
+        .map_err(|e| fs_error(what, &shown, &e))
 }
 
 async fn read<W>(hulld: &Arc<Hulld>, path: &str, writer: &mut W) -> io::Result<After>

@@ -434,6 +434,26 @@ pub enum FileRequest {
         /// Make missing parent directories first, as mkdir -p.
         make_parents: bool,
     },
+    /// Removes `path` (a directory and all in it with `recursive`; a
+    /// recursive delete stops at a mount point): `FilesChanged`.
+    Delete { path: String, recursive: bool },
+    /// Renames `from` to `to`, replacing what is there as rename(2) does.
+    Rename { from: String, to: String },
+    /// Copies `from` to `to` (a directory only with `recursive`, merged
+    /// into `to` when it exists; symlinks as symlinks, special files
+    /// skipped): `FilesChanged`.
+    Copy {
+        from: String,
+        to: String,
+        recursive: bool,
+    },
+    /// Sets permission bits (below a directory too, symlinks aside, with
+    /// `recursive`): `FilesChanged`.
+    Chmod {
+        path: String,
+        mode: u32,
+        recursive: bool,
+    },
     /// Makes the directory `path` and its missing parents, as mkdir -p
     /// (one that exists is left as it is): answered with its `FileEntry`.
     MakeDir {
@@ -682,6 +702,10 @@ pub enum DaemonMsg {
     },
     FileEntry(FileEntry),
     FileList(Vec<FileEntry>),
+    /// A delete, rename, copy or chmod is done: `count` entries.
+    FilesChanged {
+        count: u64,
+    },
     /// The file a `Read` named is open: `size` bytes follow.
     FileOpened {
         size: u64,

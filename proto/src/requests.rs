@@ -75,8 +75,8 @@ pub enum RequestKind {
     FilesStat,
     /// A file's contents.
     FilesRead,
-    /// Writing a file (the request and the bytes that follow it), or
-    /// making a directory.
+    /// Changing files: a write (the request and the bytes that follow
+    /// it), a directory made, a delete, rename, copy or chmod.
     FilesWrite,
 }
 
@@ -247,7 +247,14 @@ impl ClientMsg {
             ClientMsg::Detach => K::Detach,
             ClientMsg::Files(FileRequest::Stat { .. } | FileRequest::List { .. }) => K::FilesStat,
             ClientMsg::Files(FileRequest::Read { .. }) => K::FilesRead,
-            ClientMsg::Files(FileRequest::Write { .. } | FileRequest::MakeDir { .. })
+            ClientMsg::Files(
+                FileRequest::Write { .. }
+                | FileRequest::MakeDir { .. }
+                | FileRequest::Delete { .. }
+                | FileRequest::Rename { .. }
+                | FileRequest::Copy { .. }
+                | FileRequest::Chmod { .. },
+            )
             | ClientMsg::FileData(_)
             | ClientMsg::FileEnd => K::FilesWrite,
         }
@@ -408,7 +415,7 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
         "Files" => match peek.variant()? {
             "Stat" | "List" => K::FilesStat,
             "Read" => K::FilesRead,
-            "Write" | "MakeDir" => K::FilesWrite,
+            "Write" | "MakeDir" | "Delete" | "Rename" | "Copy" | "Chmod" => K::FilesWrite,
             _ => return None,
         },
         "FileData" | "FileEnd" => K::FilesWrite,
@@ -789,6 +796,24 @@ mod tests {
             ClientMsg::Files(FileRequest::MakeDir {
                 path: "/a".into(),
                 mode: 0o755,
+            }),
+            ClientMsg::Files(FileRequest::Delete {
+                path: "/a".into(),
+                recursive: true,
+            }),
+            ClientMsg::Files(FileRequest::Rename {
+                from: "/a".into(),
+                to: "/b".into(),
+            }),
+            ClientMsg::Files(FileRequest::Copy {
+                from: "/a".into(),
+                to: "/b".into(),
+                recursive: false,
+            }),
+            ClientMsg::Files(FileRequest::Chmod {
+                path: "/a".into(),
+                mode: 0o700,
+                recursive: true,
             }),
             ClientMsg::FileData(vec![0; 100]),
             ClientMsg::FileEnd,

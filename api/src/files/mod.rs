@@ -214,32 +214,52 @@ fn entry_json(entry: &FileEntry) -> Value {
     })
 }
 
+/// Sends a delete, rename, copy or chmod: the entries it changed.
+async fn change(state: &Shared, request: hull_proto::FileRequest) -> Result<u64, ApiError> {
+    match state
+        .connect()
+        .await?
+        .request(ClientMsg::Files(request))
+        .await
+    {
+        Ok(DaemonMsg::FilesChanged { count }) => Ok(count),
+        Ok(other) => Err(unexpected(&other)),
+        Err(e) => Err(ApiError::daemon(e)),
+    }
+}
+
 async fn delete(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let query = query(&req);
     let path = path_param(&query, "path")?;
     let recursive = flag(&query, "recursive")?;
-    let shown = path.shown.clone();
-    let count = on_root(state, "delete", &shown, move |root| {
-        root.delete(&path, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Delete {
+            path: path.shown.clone(),
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"deleted": [shown], "count": count}),
+        &json!({"deleted": [path.shown], "count": count}),
     ))
 }
 
 async fn rename(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
     let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
-    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
-    on_root(state, "rename", &shown_from, move |root| {
-        root.rename(&from, &to)
-    })
+    change(
+        state,
+        hull_proto::FileRequest::Rename {
+            from: from.shown.clone(),
+            to: to.shown.clone(),
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"source": shown_from, "dest": shown_to}),
+        &json!({"source": from.shown, "dest": to.shown}),
     ))
 }
 
@@ -247,14 +267,18 @@ async fn copy(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, 
     let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
     let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
     let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
-    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
-    let count = on_root(state, "copy", &shown_from, move |root| {
-        root.copy(&from, &to, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Copy {
+            from: from.shown.clone(),
+            to: to.shown.clone(),
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"source": shown_from, "dest": shown_to, "count": count}),
+        &json!({"source": from.shown, "dest": to.shown, "count": count}),
     ))
 }
 
@@ -270,14 +294,18 @@ async fn chmod(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         }
     };
     let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
-    let shown = path.shown.clone();
-    let count = on_root(state, "chmod", &shown, move |root| {
-        root.chmod(&path, mode, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Chmod {
+            path: path.shown.clone(),
+            mode,
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"path": shown, "mode": format!("{mode:04o}"), "count": count}),
+        &json!({"path": path.shown, "mode": format!("{mode:04o}"), "count": count}),
     ))
 }
 
@@ -313,20 +341,6 @@ async fn inner_root(state: &Shared) -> Result<Root, ApiError> {
         )),
         Err(e) => Err(ApiError::internal(hull_proto::error_chain(&e))),
     }
-}
-
-/// Runs `work` on the inner's root on a blocking thread.
-async fn on_root<T: Send + 'static>(
-    state: &Shared,
-    op: &'static str,
-    shown: &str,
-    work: impl FnOnce(&Root) -> io::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let root = inner_root(state).await?;
-    tokio::task::spawn_blocking(move || work(&root))
-        .await
-        .map_err(|e| ApiError::internal(format!("the {op} of {shown} failed: {e}")))?
-        .map_err(|e| fs_error(op, shown, e))
 }
 
 /// An error of the files API: the errno as `"code"` (what the SDKs map
