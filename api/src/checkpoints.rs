@@ -38,7 +38,7 @@ fn describe(c: &CheckpointInfo, head: Option<&str>) -> Value {
 }
 
 async fn listing(state: &Shared) -> Result<CheckpointListing, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     client.checkpoint_list().await.map_err(ApiError::daemon)
 }
 
@@ -78,7 +78,7 @@ pub async fn get(state: &Shared, id: &str) -> Result<Response<Body>, ApiError> {
 }
 
 pub async fn delete(state: &Shared, id: &str) -> Result<Response<Body>, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     client
         .checkpoint_delete(id)
         .await
@@ -88,7 +88,7 @@ pub async fn delete(state: &Shared, id: &str) -> Result<Response<Body>, ApiError
 
 pub async fn create(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let body: CreateBody = crate::body::read_as(req, MAX_CREATE_BODY).await?;
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (events, response) = ndjson::stream();
     events.send(json!({"type": "info", "data": "Creating checkpoint"}));
     tokio::spawn(async move {
@@ -114,7 +114,7 @@ pub async fn create(state: &Shared, req: Request<Incoming>) -> Result<Response<B
 
 pub async fn restore(state: &Shared, id: &str) -> Result<Response<Body>, ApiError> {
     let (checkpoint, _) = find(state, id).await?;
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (events, response) = ndjson::stream();
     events.send(json!({"type": "info", "data": format!(
         "Restoring {}: the current state is saved as a checkpoint first",

@@ -51,6 +51,19 @@ impl ApiError {
         use hull_client::ClientError;
         use hull_proto::ErrorKind;
         match &e {
+            ClientError::Daemon(hull_proto::ErrorReport {
+                kind: ErrorKind::File(errno),
+                message,
+            }) => {
+                let failure = hull_inner::files::Failure::of(Some(*errno));
+                let mut error = Self::new(
+                    crate::files::failure_status(failure.code),
+                    failure.code,
+                    message.clone(),
+                );
+                error.errno = Some(failure.errno);
+                error
+            }
             ClientError::Daemon(report) => {
                 let (status, code) = match report.kind {
                     ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),

@@ -380,7 +380,7 @@ pub enum ExecStart {
 /// Asks hulld to start `params`; errors other than the program's own are
 /// the request's.
 pub async fn start(state: &Shared, params: &ExecParams) -> Result<ExecStart, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let begun = match client.exec_begin(params.request()).await {
         Ok(begun) => begun,
         Err(ClientError::Daemon(report)) => {
@@ -674,7 +674,7 @@ pub async fn attach_session(
     id: u64,
     watch: bool,
 ) -> Result<(Exec, ExecParams), ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let request = ClientMsg::Sessions(hull_proto::SessionRequest::Attach {
         id,
         writer: !watch,

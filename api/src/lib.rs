@@ -42,37 +42,14 @@ pub use tokens::{Grant, HostToken, TokenError, TokenStore};
 pub trait Connector: Send + Sync + 'static {
     /// A byte stream to hulld's control protocol, served with what a token
     /// of `scope` may ask; the sessions it starts say `started_by` started
-    /// them (the token's [`Grant::label`]).
+    /// them (the token's [`Grant::label`]). Handlers never call it with a
+    /// scope of their choosing: they reach hulld through `State::open`,
+    /// with the scope of the token that made the request.
     fn open_as(
         &self,
         scope: TokenScope,
         started_by: &str,
     ) -> std::io::Result<tokio::io::DuplexStream>;
-
-    /// [`Connector::open_as`] for the token of the request being served:
-    /// every request that presented one is served with a connector that
-    /// knows it ([`State::for_token`]).
-    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream> {
-        self.open_as(scope, "api")
-    }
-
-    /// A client on a new connection, the hello done, for a route that has
-    /// checked its own scope.
-    fn connect(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>> {
-        self.connect_as(TokenScope::Admin)
-    }
-
-    /// A client on a new connection served with what a token of `scope`
-    /// may ask and see (a read token gets services without their secrets).
-    fn connect_as(
-        &self,
-        scope: TokenScope,
-    ) -> Pin<Box<dyn Future<Output = hull_client::Result<hull_client::Client>> + Send>> {
-        let stream = self.open(scope);
-        Box::pin(async move { hull_client::Client::over(stream?).await })
-    }
 
     /// A TCP connection to `target` made inside the inner's network
     /// namespace, for the port proxy.
@@ -80,14 +57,6 @@ pub trait Connector: Send + Sync + 'static {
         &self,
         target: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
-
-    /// A process that copies its stdin into `file`, in the inner's
-    /// cgroup, so an upload's page cache is charged to the inner. `None`:
-    /// hulld writes the upload itself.
-    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
-        let _ = file;
-        None
-    }
 
     /// The running inner's root directory, for the files API.
     fn inner_root(&self)
@@ -103,11 +72,7 @@ pub struct InnerRoot {
     pub owner: Owner,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
-}
+pub use hull_inner::files::Owner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InnerRootError {
@@ -157,59 +122,45 @@ pub(crate) struct State {
     pub settings: ApiSettings,
     pub connector: Arc<dyn Connector>,
     pub tokens: tokens::TokenStore,
+    /// The token of the request being served; `None` for the routes served
+    /// without one, which never reach hulld.
+    pub grant: Option<Grant>,
 }
 
 impl State {
-    /// This state for a request whose token is `grant`: each connection
-    /// its handler opens to hulld carries the token's label, so the
-    /// sessions it starts say who started them, whichever handler (exec,
-    /// control, the tunnel) started them.
+    /// This state for a request whose token is `grant`.
     pub(crate) fn for_token(&self, grant: &Grant) -> Shared {
         Arc::new(State {
             settings: self.settings.clone(),
-            connector: Arc::new(TokenConnector {
-                inner: self.connector.clone(),
-                started_by: grant.label().into(),
-            }),
+            connector: self.connector.clone(),
             tokens: self.tokens.clone(),
+            grant: Some(grant.clone()),
         })
     }
-}
 
-/// A [`Connector`] whose connections are opened as one token's. Every
-/// method forwards to the connector it wraps.
-struct TokenConnector {
-    inner: Arc<dyn Connector>,
-    started_by: Box<str>,
-}
-
-impl Connector for TokenConnector {
-    fn open_as(
-        &self,
-        scope: TokenScope,
-        started_by: &str,
-    ) -> std::io::Result<tokio::io::DuplexStream> {
-        self.inner.open_as(scope, started_by)
+    /// The scope of the request's token.
+    pub(crate) fn granted(&self) -> Option<TokenScope> {
+        self.grant.as_ref().map(|g| g.scope)
     }
 
-    fn open(&self, scope: TokenScope) -> std::io::Result<tokio::io::DuplexStream> {
-        self.inner.open_as(scope, &self.started_by)
+    /// A byte stream to hulld served with exactly what the request's
+    /// token may ask, whichever handler opens it: hulld checks every
+    /// request on it against the one scope table, so a handler that
+    /// asked for more than its route allows is refused there. Its
+    /// sessions say which token started them.
+    pub(crate) fn open(&self) -> Result<tokio::io::DuplexStream, ApiError> {
+        let grant = self.grant.as_ref().ok_or_else(|| {
+            ApiError::internal("a route served without a token cannot reach hulld")
+        })?;
+        self.connector
+            .open_as(grant.scope, grant.label())
+            .map_err(|e| ApiError::daemon(hull_client::ClientError::Io(e)))
     }
 
-    fn dial(
-        &self,
-        target: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>> {
-        self.inner.dial(target)
-    }
-
-    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
-        self.inner.charged_writer(file)
-    }
-
-    fn inner_root(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
-        self.inner.inner_root()
+    /// A client over [`State::open`], the hello done.
+    pub(crate) async fn connect(&self) -> Result<hull_client::Client, ApiError> {
+        hull_client::Client::over(self.open()?)
+            .await
+            .map_err(ApiError::daemon)
     }
 }

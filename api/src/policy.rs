@@ -1,16 +1,17 @@
 //! `/v1/sprites/{name}/policy/network`: the sandbox's egress policy as the
 //! Sprites API writes it (`{"rules": [{"domain", "action", "include"}]}`).
-//! hulld stores it as sent and returns it byte for byte; nothing enforces
-//! it yet, and every answer says so in its `Hull-Policy-Enforced: false`
-//! header (a header, so that the body stays exactly what was posted and
-//! the SDKs, which read the body only, take it as they would from Fly).
+//! hulld checks it (`hull_network::EgressPolicy`, the one parser: a bad
+//! policy is its 400), stores it as sent and returns it byte for byte;
+//! nothing enforces it yet, and every answer says so in its
+//! `Hull-Policy-Enforced: false` header (a header, so that the body stays
+//! exactly what was posted and the SDKs, which read the body only, take it
+//! as they would from Fly).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::response::{empty_response, Body};
@@ -25,33 +26,6 @@ pub const ENFORCED_HEADER: &str = "hull-policy-enforced";
 /// The answer to a GET before any policy was set: no rules.
 const NO_POLICY: &str = "{\"rules\":[]}";
 
-/// Only to check a posted policy; what is stored is the text as posted.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Policy {
-    rules: Vec<Rule>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Rule {
-    #[serde(default)]
-    domain: Option<String>,
-    // Checked by being parsed (allow or deny), not read.
-    #[serde(default)]
-    #[allow(dead_code)]
-    action: Option<Action>,
-    #[serde(default)]
-    include: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Action {
-    Allow,
-    Deny,
-}
-
 fn with_enforcement(mut response: Response<Body>, enforced: bool) -> Response<Body> {
     response.headers_mut().insert(
         ENFORCED_HEADER,
@@ -61,7 +35,7 @@ fn with_enforcement(mut response: Response<Body>, enforced: bool) -> Response<Bo
 }
 
 pub async fn get(state: &Shared) -> Result<Response<Body>, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (policy, enforced) = client
         .network_policy(None)
         .await
@@ -78,18 +52,7 @@ pub async fn set(state: &Shared, req: Request<Incoming>) -> Result<Response<Body
     let bytes = crate::body::read(req, MAX_POLICY_BODY).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
-    let policy: Policy = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request(format!("the policy is not valid: {e}")))?;
-    if let Some(i) = policy
-        .rules
-        .iter()
-        .position(|r| r.domain.is_none() && r.include.is_none())
-    {
-        return Err(ApiError::bad_request(format!(
-            "rule {i} names neither a domain nor an include"
-        )));
-    }
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (_, enforced) = client
         .network_policy(Some(text.to_string()))
         .await

@@ -144,7 +144,8 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         Some(needed) => Some(authorize(state, &req, needed).await?),
         None => None,
     };
-    // What the request opens to hulld is opened as its token's, so a
+    // What the request opens to hulld is opened with its token's scope
+    // and label (`State::open`): hulld decides what it may do, and a
     // session it starts says which token started it.
     let for_token;
     let state = match &grant {
@@ -154,7 +155,7 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         }
         None => state,
     };
-    let granted = grant.map(|g| g.scope);
+    let granted = state.granted();
     let ["v1", "sprites", rest @ ..] = segments.as_slice() else {
         return openapi::serve();
     };
@@ -166,9 +167,7 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, []) => sprites::get(state).await,
             // Each request through the tunnel is checked by hulld against
             // the token's scope, so reading is enough to open it.
-            (&Method::GET, ["hull"]) => {
-                tunnel::serve(state, req, granted.unwrap_or(TokenScope::Read)).await
-            }
+            (&Method::GET, ["hull"]) => tunnel::serve(state, req).await,
             // A command (an upgrade, or a `cmd` asked for without one,
             // which is then told it needs a WebSocket) needs exec.
             (&Method::GET, ["exec"]) if crate::ws::is_upgrade(&req) || asks_command(&req) => {
@@ -185,13 +184,9 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::POST, ["checkpoints", id, "restore"]) => {
                 checkpoints::restore(state, id).await
             }
-            (&Method::GET, ["services"]) => {
-                services::list(state, granted.unwrap_or(TokenScope::Read)).await
-            }
+            (&Method::GET, ["services"]) => services::list(state).await,
             (&Method::POST, ["services", "signal"]) => services::signal(state, req).await,
-            (&Method::GET, ["services", svc]) => {
-                services::get(state, granted.unwrap_or(TokenScope::Read), svc).await
-            }
+            (&Method::GET, ["services", svc]) => services::get(state, svc).await,
             (&Method::PUT, ["services", svc]) => services::put(state, svc, req).await,
             (&Method::DELETE, ["services", svc]) => services::delete(state, svc).await,
             (&Method::POST, ["services", svc, "start"]) => services::start(state, svc, &req).await,
@@ -268,5 +263,125 @@ fn require(granted: Option<TokenScope>, needed: TokenScope) -> Result<(), ApiErr
         None => Err(ApiError::internal(
             "a route that needs a token was served without one",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::ROUTES;
+    use crate::{Api, ApiSettings, Connector, InnerRoot, InnerRootError, TokenScope, TokenStore};
+
+    /// A connector that records the scope of every connection a handler
+    /// opens to hulld, and opens none.
+    #[derive(Default)]
+    struct Recorder {
+        opened: Mutex<Vec<TokenScope>>,
+    }
+
+    impl Connector for Recorder {
+        fn open_as(
+            &self,
+            scope: TokenScope,
+            _started_by: &str,
+        ) -> std::io::Result<tokio::io::DuplexStream> {
+            self.opened
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(scope);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no hulld in this test",
+            ))
+        }
+
+        fn dial(
+            &self,
+            _target: SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>> {
+            Box::pin(async { Err(std::io::ErrorKind::NotConnected.into()) })
+        }
+
+        fn inner_root(
+            &self,
+        ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
+            Box::pin(async { Err(InnerRootError::NotRunning) })
+        }
+    }
+
+    /// Sends one request and reads the answer to its end.
+    async fn send(addr: SocketAddr, method: &str, path: &str, token: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let body = "{}";
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Every connection a route opens to hulld is opened with the scope
+    /// of the token that made the request, never a broader one, so that
+    /// hulld's own check of each request is the one that decides.
+    #[tokio::test]
+    async fn every_route_reaches_hulld_with_its_tokens_scope_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let settings = ApiSettings {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            sandbox_name: "box".into(),
+            max_connections: 64,
+            max_connections_per_source: 64,
+            anonymous_header_timeout: std::time::Duration::from_secs(5),
+            vsock_port: None,
+            tls: None,
+            host_token: None,
+        };
+        let api = Api::start(settings, recorder.clone(), tokens.clone())
+            .await
+            .unwrap();
+        let addr = api.local_addr().unwrap();
+        let mut reached = 0;
+        for scope in [TokenScope::Read, TokenScope::Exec, TokenScope::Admin] {
+            let (token, _) = tokens.create(scope, None, None).unwrap();
+            for route in ROUTES
+                .iter()
+                .filter(|r| r.scope.is_some_and(|s| s <= scope))
+            {
+                let path = route
+                    .path
+                    .replace("{name}", "box")
+                    .replace("{id}", "v1")
+                    .replace("{service}", "web");
+                let status = send(addr, route.method, &path, &token).await;
+                let opened =
+                    std::mem::take(&mut *recorder.opened.lock().unwrap_or_else(|p| p.into_inner()));
+                assert!(
+                    opened.iter().all(|&o| o == scope),
+                    "{} {} with a {scope} token ({status}) reached hulld as {opened:?}",
+                    route.method,
+                    route.path
+                );
+                reached += usize::from(!opened.is_empty());
+            }
+        }
+        // Enough routes reached hulld for the check above to mean something.
+        assert!(reached >= 20, "only {reached} requests reached hulld");
     }
 }

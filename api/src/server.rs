@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hull_ingress::budget::Throttle;
+use hull_network::budget::Throttle;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -151,6 +151,7 @@ impl BoundApi {
             settings,
             connector,
             tokens,
+            grant: None,
         });
         // TCP and vsock share the caps: they bound hulld, not a listener.
         let slots = Slots::new(
@@ -231,7 +232,7 @@ impl Listener for TcpListener {
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT on an API connection");
         }
-        let source = hull_ingress::peer::canonical_ip(peer.ip());
+        let source = hull_network::peer::canonical_ip(peer.ip());
         Ok((
             stream,
             Peer {

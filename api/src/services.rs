@@ -21,7 +21,6 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::ndjson::{self, now_ms, rfc3339, Events};
 use crate::response::{empty_response, json_response, Body};
-use crate::tokens::TokenScope;
 use crate::Shared;
 
 /// The largest service definition or signal request.
@@ -122,25 +121,14 @@ fn describe(s: &ServiceStatus) -> Value {
 }
 
 async fn connect(state: &Shared) -> Result<Client, ApiError> {
-    state.connector.connect().await.map_err(ApiError::daemon)
+    state.connect().await
 }
 
+/// `request` on a connection with the token's own scope: hulld refuses a
+/// change a read token asks for, and redacts what that token may not see.
 async fn request(state: &Shared, request: ServiceRequest) -> Result<Vec<ServiceStatus>, ApiError> {
-    request_as(state, TokenScope::Admin, request).await
-}
-
-/// `request` on a connection with the token's own scope, for the routes a
-/// read token may take: hulld redacts what that scope may not see.
-async fn request_as(
-    state: &Shared,
-    scope: TokenScope,
-    request: ServiceRequest,
-) -> Result<Vec<ServiceStatus>, ApiError> {
-    state
-        .connector
-        .connect_as(scope)
-        .await
-        .map_err(ApiError::daemon)?
+    connect(state)
+        .await?
         .services(request)
         .await
         .map_err(ApiError::daemon)
@@ -172,18 +160,14 @@ fn query_duration(req: &Request<Incoming>, key: &str) -> Result<Option<Duration>
         .map_err(|_| bad())
 }
 
-pub async fn list(state: &Shared, scope: TokenScope) -> Result<Response<Body>, ApiError> {
-    let all = request_as(state, scope, ServiceRequest::List).await?;
+pub async fn list(state: &Shared) -> Result<Response<Body>, ApiError> {
+    let all = request(state, ServiceRequest::List).await?;
     let described: Vec<Value> = all.iter().map(describe).collect();
     Ok(json_response(StatusCode::OK, &Value::Array(described)))
 }
 
-pub async fn get(
-    state: &Shared,
-    scope: TokenScope,
-    name: &str,
-) -> Result<Response<Body>, ApiError> {
-    let shown = request_as(state, scope, ServiceRequest::Show(name.to_string())).await?;
+pub async fn get(state: &Shared, name: &str) -> Result<Response<Body>, ApiError> {
+    let shown = request(state, ServiceRequest::Show(name.to_string())).await?;
     let first = shown
         .first()
         .ok_or_else(|| ApiError::internal("hulld answered a service show with nothing"))?;

@@ -59,7 +59,7 @@ fn describe(s: &SessionInfo, now: i64) -> Value {
 }
 
 async fn sessions(state: &Shared) -> Result<Vec<SessionInfo>, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     client.sessions_list().await.map_err(ApiError::daemon)
 }
 
@@ -95,7 +95,7 @@ pub async fn kill(
     if !sessions(state).await?.iter().any(|s| s.id == id) {
         return Err(not_found());
     }
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     let (events, response) = ndjson::stream();
     events.send(json!({"type": "signal", "data": format!("sent {signal_name} to session {id}"), "timestamp": now_ms()}));
     tokio::spawn(async move {

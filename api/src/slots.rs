@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use hull_ingress::budget::{Admission, ConnLimits, Refusal};
+use hull_network::budget::{Admission, ConnLimits, Refusal};
 use tokio::sync::Notify;
 
 /// Every connection the API serves.

@@ -14,7 +14,7 @@ use crate::Shared;
 const MAX_CREATE_BODY: usize = 64 * 1024;
 
 async fn status(state: &Shared) -> Result<StatusReport, ApiError> {
-    let mut client = state.connector.connect().await.map_err(ApiError::daemon)?;
+    let mut client = state.connect().await?;
     client.status().await.map_err(ApiError::daemon)
 }
 

@@ -10,20 +10,12 @@ use hyper::{Request, Response};
 
 use crate::error::ApiError;
 use crate::response::Body;
-use crate::tokens::TokenScope;
 use crate::ws;
 use crate::Shared;
 
-pub async fn serve(
-    state: &Shared,
-    mut req: Request<Incoming>,
-    scope: TokenScope,
-) -> Result<Response<Body>, ApiError> {
+pub async fn serve(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let handshake = ws::handshake(&mut req)?;
-    let hulld = state
-        .connector
-        .open(scope)
-        .map_err(|e| ApiError::internal(format!("cannot reach hulld: {e}")))?;
+    let hulld = state.open()?;
     // The WebSocket keeps the connection's place under api.max_connections
     // for as long as the tunnel is open (ws::accept).
     tokio::spawn(async move {

@@ -226,6 +226,89 @@ impl Client {
         }
     }
 
+    /// The entry of the inner's `path`.
+    pub async fn file_stat(&mut self, path: &str) -> Result<hull_proto::FileEntry> {
+        let request = hull_proto::FileRequest::Stat { path: path.into() };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileEntry(entry) => Ok(entry),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A directory's entries sorted by name (a file's own entry).
+    pub async fn file_list(&mut self, path: &str) -> Result<Vec<hull_proto::FileEntry>> {
+        let request = hull_proto::FileRequest::List { path: path.into() };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileList(entries) => Ok(entries),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Makes the inner's directory `path` and its missing parents.
+    pub async fn file_make_dir(&mut self, path: &str, mode: u32) -> Result<hull_proto::FileEntry> {
+        let request = hull_proto::FileRequest::MakeDir {
+            path: path.into(),
+            mode,
+        };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileEntry(entry) => Ok(entry),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Opens the inner's regular file `path` for reading: its size and
+    /// mode; its bytes then come from [`Client::file_read_next`].
+    pub async fn file_read(&mut self, path: &str) -> Result<(u64, u32)> {
+        let request = hull_proto::FileRequest::Read { path: path.into() };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileOpened { size, mode } => Ok((size, mode)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The next bytes of the file being read; `None` after the last.
+    pub async fn file_read_next(&mut self) -> Result<Option<Vec<u8>>> {
+        match next(&mut self.reader).await? {
+            DaemonMsg::FileData(data) => Ok(Some(data)),
+            DaemonMsg::FileEnd => Ok(None),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts replacing the inner's `path`: returns once hulld can write
+    /// there; the bytes then go through [`Client::file_write_data`] and
+    /// [`Client::file_write_end`].
+    pub async fn file_write(&mut self, path: &str, mode: u32, make_parents: bool) -> Result<()> {
+        let request = hull_proto::FileRequest::Write {
+            path: path.into(),
+            mode,
+            make_parents,
+        };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileReady => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends the next bytes of a write, in frames of at most
+    /// [`hull_proto::FILE_CHUNK`].
+    pub async fn file_write_data(&mut self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(hull_proto::FILE_CHUNK) {
+            self.writer
+                .send(ClientMsg::FileData(chunk.to_vec()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a write: the bytes hulld put in place.
+    pub async fn file_write_end(&mut self) -> Result<u64> {
+        match self.request(ClientMsg::FileEnd).await? {
+            DaemonMsg::FileWritten { size } => Ok(size),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn ports(&mut self) -> Result<hull_proto::PortsReport> {
         match self.request(ClientMsg::Ports).await? {
             DaemonMsg::Ports(r) => Ok(r),

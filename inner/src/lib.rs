@@ -8,6 +8,7 @@
 //! the namespaces and forks once. The child becomes the inner init
 //! ([`init::run`]), the helper prints the init's pid and exits.
 
+pub mod files;
 pub mod helper;
 pub mod init;
 pub mod layer;

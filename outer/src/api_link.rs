@@ -12,6 +12,7 @@ use hull_api::{InnerRoot, InnerRootError};
 use hull_proto::TokenScope;
 use tokio::io::DuplexStream;
 
+use crate::files::ROOT_WAIT;
 use crate::hulld::Hulld;
 use crate::server::{serve_connection, Endpoint};
 
@@ -19,10 +20,6 @@ use crate::server::{serve_connection, Endpoint};
 /// message (hulld reads a process's output 16 KiB at a time), as an exec
 /// whose client does not read holds them all.
 const PIPE_BYTES: usize = 16 * 1024;
-
-/// How long a files request waits for an inner that is starting or
-/// bouncing before it answers that the sandbox is not running.
-const ROOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct ApiLink {
     /// Weak: the API lives inside hulld and must not keep it alive.
@@ -59,11 +56,6 @@ impl hull_api::Connector for ApiLink {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "hulld is stopping"))?;
             hulld.dial_inner(target).await
         })
-    }
-
-    fn charged_writer(&self, file: &std::fs::File) -> Option<std::process::Child> {
-        let hulld = self.hulld.upgrade()?;
-        hulld.charged_writer(file)
     }
 
     fn inner_root(

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use hull_checkpoint::{LayerQuota, QuotaMode, QuotaSettings};
 use hull_image::ImageKind;
-use hull_ingress::forward::PortFilter;
-use hull_ingress::link::VethPlan;
 use hull_inner::SeccompOptions;
 use hull_logs::LogLimits;
+use hull_network::forward::PortFilter;
+use hull_network::link::VethPlan;
 use hull_proto::IdMapping;
 use serde::{Deserialize, Serialize};
 

@@ -20,7 +20,7 @@ use crate::hulld::{Hulld, Parts};
 use crate::launch::{LaunchError, SealedExe};
 use crate::server::Endpoint;
 use crate::supervisor::{InnerConfig, Supervisor};
-use hull_ingress::FdBudget;
+use hull_network::FdBudget;
 use hull_services::ServiceManager;
 
 /// The bytes of request frames over 64 KiB that hulld reads at once, over

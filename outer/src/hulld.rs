@@ -326,21 +326,19 @@ impl Hulld {
     /// The network policy, replaced first by `set`; not enforced yet.
     pub async fn do_network_policy(&self, set: Option<String>) -> DaemonMsg {
         let path = self.parts.state_dir.network_policy();
-        let reply = blocking(move || {
-            if let Some(text) = set {
-                crate::net_policy::save(&path, &text)?;
-            }
-            crate::net_policy::load(&path)
+        let reply = blocking(move || match set {
+            Some(text) => crate::net_policy::save(&path, &text).map(Some),
+            None => crate::net_policy::load(&path),
         })
         .await;
         match reply {
-            Ok(policy) => DaemonMsg::NetworkPolicy {
-                policy,
+            Ok(stored) => DaemonMsg::NetworkPolicy {
+                policy: stored.map(|s| s.text),
                 enforced: false,
             },
             Err(e) => {
                 let kind = match e {
-                    crate::net_policy::PolicyError::NotJson(_) => ErrorKind::BadRequest,
+                    crate::net_policy::PolicyError::Invalid(_) => ErrorKind::BadRequest,
                     _ => ErrorKind::Storage,
                 };
                 DaemonMsg::error(kind, hull_proto::error_chain(&e))

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 mod exec;
+mod files;
 pub mod files_writer;
 pub mod hulld;
 pub mod launch;

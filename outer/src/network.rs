@@ -9,15 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hull_ingress::budget::ConnLimits;
-use hull_ingress::forward::{ForwardConfig, ForwardState, Forwarder, OwnListener};
-use hull_ingress::http::{HttpIngress, HttpIngressConfig, HttpRoute};
-use hull_ingress::link::{self, LinkError, VethPlan};
-use hull_ingress::nat::{self, NatError, NatTable};
-use hull_ingress::netns::NetnsError;
-use hull_ingress::policy::PortPolicy;
-use hull_ingress::ports::{socket_owners, ListenScanner};
-use hull_ingress::{Dialer, FdBudget, InnerNetns, PortTable};
+use hull_network::budget::ConnLimits;
+use hull_network::forward::{ForwardConfig, ForwardState, Forwarder, OwnListener};
+use hull_network::http::{HttpIngress, HttpIngressConfig, HttpRoute};
+use hull_network::link::{self, LinkError, VethPlan};
+use hull_network::nat::{self, NatError, NatTable};
+use hull_network::netns::NetnsError;
+use hull_network::port_policy::PortPolicy;
+use hull_network::ports::{socket_owners, ListenScanner};
+use hull_network::{Dialer, FdBudget, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
 use tokio::sync::{watch, Notify};
 
@@ -113,7 +113,7 @@ impl Network {
             .map_err(NetworkError::Scanner)?;
         let rescan = Arc::new(Notify::new());
         let ports =
-            hull_ingress::portwatch::watch_ports(scanner, running, SCAN_INTERVAL, rescan.clone());
+            hull_network::portwatch::watch_ports(scanner, running, SCAN_INTERVAL, rescan.clone());
         let token = load_or_create_token(&net.token_file)?;
         let outer = net.outer_ip;
         let refuse_from: Vec<(IpAddr, u8)> = plan

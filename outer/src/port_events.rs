@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hull_ingress::PortTable;
+use hull_network::PortTable;
 use tokio::sync::{broadcast, watch};
 
 /// Changes queued for a session that has not yet taken the earlier ones;
@@ -103,7 +103,7 @@ async fn follow(
 
 /// Each opened socket with its owner's lineage.
 fn owners(opened: &[(u16, IpAddr, u64)], inner_pids: &[i32]) -> Vec<PortChange> {
-    let owners = hull_ingress::ports::socket_owners(inner_pids);
+    let owners = hull_network::ports::socket_owners(inner_pids);
     opened
         .iter()
         .map(|&(port, address, inode)| PortChange {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use hull_checkpoint::StorageError;
-use hull_ingress::budget::{out_of_fds, ACCEPT_BACKOFF};
-use hull_ingress::{FdBudget, Throttle};
+use hull_network::budget::{out_of_fds, ACCEPT_BACKOFF};
+use hull_network::{FdBudget, Throttle};
 pub use hull_proto::Scope;
 use hull_proto::{
     frame_writer, ClientMsg, DaemonMsg, ErrorKind, FrameBusy, FrameDecoder, Hello, RequestError,
@@ -208,7 +208,7 @@ async fn refuse<S: AsyncWrite + Send + Unpin>(stream: S, endpoint: &Endpoint, wh
     tracing::trace!(endpoint = endpoint.name, "refused a connection");
 }
 
-type Reader<S> = RequestReader<ReadHalf<S>>;
+pub(crate) type Reader<S> = RequestReader<ReadHalf<S>>;
 
 /// Serves one client until it hangs up or sends something unusable.
 pub async fn serve_connection<S>(hulld: Arc<Hulld>, stream: S, endpoint: &Endpoint)
@@ -227,7 +227,7 @@ where
 /// The next request, or None at the end. A frame that has begun and does
 /// not finish within [`FRAME_TIMEOUT`] is an error; a connection idle for
 /// longer than its endpoint allows ends.
-async fn next_request<S: AsyncRead>(
+pub(crate) async fn next_request<S: AsyncRead>(
     reader: &mut Reader<S>,
     endpoint: &Endpoint,
 ) -> Option<io::Result<ClientMsg>> {
@@ -384,6 +384,12 @@ where
                     .await?;
             }
             ClientMsg::Tokens(request) => writer.send(hulld.do_tokens(request).await).await?,
+            ClientMsg::Files(request) => {
+                let after = crate::files::serve(hulld, endpoint, request, reader, writer).await?;
+                if after == crate::files::After::Gone {
+                    return Ok(());
+                }
+            }
             ClientMsg::NetworkPolicy(set) => {
                 writer.send(hulld.do_network_policy(set).await).await?
             }
@@ -428,6 +434,14 @@ where
             | ClientMsg::Signal(_)
             | ClientMsg::Detach
                 if had_session => {}
+            other @ (ClientMsg::FileData(_) | ClientMsg::FileEnd) => {
+                writer
+                    .send(DaemonMsg::error(
+                        ErrorKind::BadRequest,
+                        format!("{} is only valid inside a file write", other.kind().name()),
+                    ))
+                    .await?
+            }
             other @ (ClientMsg::Hello(_)
             | ClientMsg::Stdin(_)
             | ClientMsg::StdinEof

@@ -44,7 +44,7 @@ pub struct InnerConfig {
     pub hostname: String,
     /// hulld's network namespace for the inner (None: a fresh one per
     /// inner, loopback only and lost at every bounce).
-    pub netns: Option<Arc<hull_ingress::InnerNetns>>,
+    pub netns: Option<Arc<hull_network::InnerNetns>>,
     /// Bind-mounted on the inner's /etc/resolv.conf.
     pub resolv_conf: Option<PathBuf>,
     /// The service socket and client, mounted read-only at /run/hull.

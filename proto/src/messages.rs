@@ -328,6 +328,8 @@ pub enum ErrorKind {
     Busy,
     /// The service is not running, so the request (a signal) has no target.
     NotRunning,
+    /// A file operation in the inner failed with this errno.
+    File(i32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -386,8 +388,9 @@ pub enum ClientMsg {
     Ingress,
     /// The HTTP API's tokens.
     Tokens(TokenRequest),
-    /// The sandbox's network policy: `None` reads it, `Some` replaces it
-    /// with this JSON text, kept as sent.
+    /// The sandbox's egress policy: `None` reads it, `Some` replaces it
+    /// with this JSON text, once hulld has parsed it as an egress policy
+    /// (`hull_network::EgressPolicy`); kept as sent.
     NetworkPolicy(Option<String>),
     /// Exec sessions: list, attach to one, kill one.
     Sessions(SessionRequest),
@@ -395,6 +398,92 @@ pub enum ClientMsg {
     /// `max_run_after_disconnect_ms` says. The connection gets no more of
     /// it (no `ExecEnded`) and serves requests again.
     Detach,
+    /// A file of the inner's: its entry, its contents, or a new content.
+    Files(FileRequest),
+    /// The next bytes of a `FileRequest::Write` (at most [`FILE_CHUNK`]).
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The end of a `FileRequest::Write`'s bytes: the file is put in place.
+    FileEnd,
+}
+
+/// The bytes of a file carried in one frame, each way: under the 64 KiB
+/// past which a frame takes from hulld's budget for large frames.
+pub const FILE_CHUNK: usize = 60 * 1024;
+
+/// A file request. Every path is the inner's, absolute, resolved by hulld
+/// under the inner's root (openat2 with RESOLVE_IN_ROOT, never by joining
+/// strings) and confined to the user's layer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileRequest {
+    /// Answered with `FileEntry`.
+    Stat { path: String },
+    /// A directory's entries sorted by name, or a file's own: answered
+    /// with `FileList`.
+    List { path: String },
+    /// A regular file's contents: `FileOpened`, then `FileData` up to its
+    /// size, then `FileEnd` (or an `Error` that ends it short).
+    Read { path: String },
+    /// Replaces `path` with the bytes that follow: hulld answers
+    /// `FileReady` once it can write there, then takes `FileData` and a
+    /// `FileEnd`, and answers `FileWritten` once the file is in place
+    /// whole (a write cut short leaves what was there).
+    Write {
+        path: String,
+        /// Permission bits of the file made.
+        mode: u32,
+        /// Make missing parent directories first, as mkdir -p.
+        make_parents: bool,
+    },
+    /// Removes `path` (a directory and all in it with `recursive`; a
+    /// recursive delete stops at a mount point): `FilesChanged`.
+    Delete { path: String, recursive: bool },
+    /// Renames `from` to `to`, replacing what is there as rename(2) does.
+    Rename { from: String, to: String },
+    /// Copies `from` to `to` (a directory only with `recursive`, merged
+    /// into `to` when it exists; symlinks as symlinks, special files
+    /// skipped): `FilesChanged`.
+    Copy {
+        from: String,
+        to: String,
+        recursive: bool,
+    },
+    /// Sets permission bits (below a directory too, symlinks aside, with
+    /// `recursive`): `FilesChanged`.
+    Chmod {
+        path: String,
+        mode: u32,
+        recursive: bool,
+    },
+    /// Makes the directory `path` and its missing parents, as mkdir -p
+    /// (one that exists is left as it is): answered with its `FileEntry`.
+    MakeDir {
+        path: String,
+        /// Permission bits of the directories made.
+        mode: u32,
+    },
+}
+
+/// What a file is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+/// One entry of the inner's filesystem.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub name: String,
+    /// Absolute, as the inner sees it.
+    pub path: String,
+    pub size: u64,
+    /// Permission bits (and setuid, setgid, sticky).
+    pub mode: u32,
+    /// Last modified, in seconds since the epoch.
+    pub mtime: i64,
+    pub kind: FileKind,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -610,6 +699,27 @@ pub enum DaemonMsg {
     /// The answer to `Detach`: the session runs on without this client.
     Detached {
         id: u64,
+    },
+    FileEntry(FileEntry),
+    FileList(Vec<FileEntry>),
+    /// A delete, rename, copy or chmod is done: `count` entries.
+    FilesChanged {
+        count: u64,
+    },
+    /// The file a `Read` named is open: `size` bytes follow.
+    FileOpened {
+        size: u64,
+        mode: u32,
+    },
+    /// The next bytes of a file being read (at most [`FILE_CHUNK`]).
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A read's last bytes were sent.
+    FileEnd,
+    /// A `Write` may send its bytes.
+    FileReady,
+    /// A `Write` is in place: `size` bytes.
+    FileWritten {
+        size: u64,
     },
     Error(ErrorReport),
 }

@@ -24,7 +24,7 @@ use tokio::io::AsyncRead;
 use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::frames::FRAME_HEAD_LEN;
-use crate::{ClientMsg, FrameDecoder, ServiceRequest, SessionRequest, TokenScope};
+use crate::{ClientMsg, FileRequest, FrameDecoder, ServiceRequest, SessionRequest, TokenScope};
 
 /// The most entries an array or map of a request may hold: an exec's argv
 /// or environment, a service's `--after` names. Linux itself fits at most
@@ -71,6 +71,13 @@ pub enum RequestKind {
     SessionsWatch,
     SessionsKill,
     Detach,
+    /// A file's entry, or a directory's entries.
+    FilesStat,
+    /// A file's contents.
+    FilesRead,
+    /// Changing files: a write (the request and the bytes that follow
+    /// it), a directory made, a delete, rename, copy or chmod.
+    FilesWrite,
 }
 
 /// What a connection may ask for, by the endpoint it came through.
@@ -127,7 +134,8 @@ pub fn needed_scope(kind: RequestKind) -> Option<TokenScope> {
         | K::CheckpointList
         | K::NetworkPolicyGet
         | K::SessionsList
-        | K::ServicesRead => Some(TokenScope::Read),
+        | K::ServicesRead
+        | K::FilesStat => Some(TokenScope::Read),
         K::Exec
         | K::Logs
         | K::SessionsAttach
@@ -137,7 +145,9 @@ pub fn needed_scope(kind: RequestKind) -> Option<TokenScope> {
         | K::Stdin
         | K::StdinEof
         | K::Resize
-        | K::Signal => Some(TokenScope::Exec),
+        | K::Signal
+        | K::FilesRead
+        | K::FilesWrite => Some(TokenScope::Exec),
         K::Bounce
         | K::CheckpointCreate
         | K::CheckpointRestore
@@ -173,6 +183,7 @@ impl RequestKind {
             K::NetworkPolicyGet | K::NetworkPolicySet => "NetworkPolicy",
             K::SessionsList | K::SessionsAttach | K::SessionsWatch | K::SessionsKill => "Sessions",
             K::Detach => "Detach",
+            K::FilesStat | K::FilesRead | K::FilesWrite => "Files",
         }
     }
 
@@ -196,6 +207,7 @@ impl RequestKind {
             K::NetworkPolicyGet | K::NetworkPolicySet => "the network policy",
             K::SessionsList | K::SessionsAttach | K::SessionsKill => "hull sessions",
             K::SessionsWatch => "watching a session",
+            K::FilesStat | K::FilesRead | K::FilesWrite => "hull cp",
             other => other.name(),
         }
     }
@@ -233,6 +245,18 @@ impl ClientMsg {
             ClientMsg::Sessions(SessionRequest::Attach { .. }) => K::SessionsAttach,
             ClientMsg::Sessions(SessionRequest::Kill { .. }) => K::SessionsKill,
             ClientMsg::Detach => K::Detach,
+            ClientMsg::Files(FileRequest::Stat { .. } | FileRequest::List { .. }) => K::FilesStat,
+            ClientMsg::Files(FileRequest::Read { .. }) => K::FilesRead,
+            ClientMsg::Files(
+                FileRequest::Write { .. }
+                | FileRequest::MakeDir { .. }
+                | FileRequest::Delete { .. }
+                | FileRequest::Rename { .. }
+                | FileRequest::Copy { .. }
+                | FileRequest::Chmod { .. },
+            )
+            | ClientMsg::FileData(_)
+            | ClientMsg::FileEnd => K::FilesWrite,
         }
     }
 }
@@ -388,6 +412,13 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
             _ => return None,
         },
         "Detach" => K::Detach,
+        "Files" => match peek.variant()? {
+            "Stat" | "List" => K::FilesStat,
+            "Read" => K::FilesRead,
+            "Write" | "MakeDir" | "Delete" | "Rename" | "Copy" | "Chmod" => K::FilesWrite,
+            _ => return None,
+        },
+        "FileData" | "FileEnd" => K::FilesWrite,
         _ => return None,
     })
 }
@@ -754,6 +785,38 @@ mod tests {
                 timeout_ms: 5,
             }),
             ClientMsg::Detach,
+            ClientMsg::Files(FileRequest::Stat { path: "/a".into() }),
+            ClientMsg::Files(FileRequest::List { path: "/a".into() }),
+            ClientMsg::Files(FileRequest::Read { path: "/a".into() }),
+            ClientMsg::Files(FileRequest::Write {
+                path: "/a".into(),
+                mode: 0o644,
+                make_parents: true,
+            }),
+            ClientMsg::Files(FileRequest::MakeDir {
+                path: "/a".into(),
+                mode: 0o755,
+            }),
+            ClientMsg::Files(FileRequest::Delete {
+                path: "/a".into(),
+                recursive: true,
+            }),
+            ClientMsg::Files(FileRequest::Rename {
+                from: "/a".into(),
+                to: "/b".into(),
+            }),
+            ClientMsg::Files(FileRequest::Copy {
+                from: "/a".into(),
+                to: "/b".into(),
+                recursive: false,
+            }),
+            ClientMsg::Files(FileRequest::Chmod {
+                path: "/a".into(),
+                mode: 0o700,
+                recursive: true,
+            }),
+            ClientMsg::FileData(vec![0; 100]),
+            ClientMsg::FileEnd,
         ]
     }
 

@@ -3,11 +3,10 @@
 //! inner's root (see [`ops`]); the work runs on blocking threads, and file
 //! contents stream both ways through a few chunks in flight.
 
-mod ops;
 mod watch;
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
@@ -19,12 +18,10 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::response::{json_response, Body};
 use crate::{InnerRootError, Shared};
-use ops::{InnerPath, Root};
+use hull_inner::files::{self as ops, InnerPath, Root};
+use hull_proto::{ClientMsg, DaemonMsg, FileEntry, FileKind};
 
-/// Bytes read from a file per chunk of a response.
-const READ_CHUNK: usize = 1024 * 1024;
-
-/// Bytes gathered from the request before a write to the file.
+/// Bytes gathered from the request before they go to hulld.
 const WRITE_CHUNK: usize = 1024 * 1024;
 
 /// Chunks in flight between the network and the file, each way.
@@ -62,10 +59,13 @@ pub async fn route(
 
 async fn read(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = query_path(&req, "path")?;
-    let shown = path.shown.clone();
-    let (file, size) = on_root(state, "read", &shown, move |root| root.open_read(&path)).await?;
+    let mut client = state.connect().await?;
+    let (size, _mode) = client
+        .file_read(&path.shown)
+        .await
+        .map_err(ApiError::daemon)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
-    tokio::task::spawn_blocking(move || pump_out(file, tx));
+    tokio::spawn(pump_out(client, path.shown, tx));
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let body = StreamBody::new(stream).boxed();
     let mut response = Response::new(body);
@@ -78,35 +78,29 @@ async fn read(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, 
     Ok(response)
 }
 
-/// Sends `file` in chunks until its end, an error, or a client gone. The
-/// length was announced, so a read error or a file that shrank meanwhile
+/// Passes the file's bytes from hulld to the response until their end,
+/// an error, or a client gone. The length was announced, so an error
 /// ends the body short of it, which hyper answers by cutting the
 /// connection: the client sees a failed read, never a short file.
-fn pump_out(
-    mut file: std::fs::File,
+async fn pump_out(
+    mut client: hull_client::Client,
+    shown: String,
     tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
 ) {
     loop {
-        // read_to_end fills the spare capacity: no zeroing of each buffer.
-        let mut buf = Vec::with_capacity(READ_CHUNK);
-        match (&mut file).take(READ_CHUNK as u64).read_to_end(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {
-                if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
+        match client.file_read_next().await {
+            Ok(Some(data)) => {
+                if tx.send(Ok(Frame::data(Bytes::from(data)))).await.is_err() {
                     return;
                 }
             }
+            Ok(None) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "a files API read failed midway; its response is cut off");
+                tracing::warn!(path = %shown, error = %hull_proto::error_chain(&e), "a files API read failed midway; its response is cut off");
                 return;
             }
         }
     }
-}
-
-enum Piece {
-    Data(Bytes),
-    End,
 }
 
 async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -117,188 +111,155 @@ async fn write(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         None => 0o644,
     };
     let make_parents = flag(&query, "mkdirParents")? || flag(&query, "mkdir")?;
-    let root = inner_root(state).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(CHUNKS_IN_FLIGHT);
-    let target = path.clone();
-    let connector = state.connector.clone();
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        let mut upload = root.upload(&target, make_parents)?;
-        let mut sink = UploadSink::start(&*connector, &upload);
-        while let Some(piece) = rx.blocking_recv() {
-            match piece {
-                Piece::Data(data) => sink.write(&mut upload, &data)?,
-                Piece::End => {
-                    sink.finish()?;
-                    return upload.finish(mode);
-                }
-            }
-        }
-        // The body stopped short: dropping the upload removes it.
-        Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the upload was cut off",
-        ))
-    });
+    let mut client = state.connect().await?;
+    client
+        .file_write(&path.shown, mode, make_parents)
+        .await
+        .map_err(ApiError::daemon)?;
     let mut body = req.into_body();
-    // The network's frames are small; the file gets them a MiB at a time.
+    // The network's frames are small; hulld gets them in its own chunks.
     let mut pending = BytesMut::with_capacity(WRITE_CHUNK);
-    let cut = loop {
+    loop {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     pending.extend_from_slice(&data);
                 }
                 if pending.len() >= WRITE_CHUNK {
-                    let data =
-                        std::mem::replace(&mut pending, BytesMut::with_capacity(WRITE_CHUNK));
-                    if tx.send(Piece::Data(data.freeze())).await.is_err() {
-                        break None;
-                    }
+                    client
+                        .file_write_data(&pending)
+                        .await
+                        .map_err(ApiError::daemon)?;
+                    pending.clear();
                 }
             }
-            Some(Err(e)) => break Some(e),
-            None => {
-                let _ = tx.send(Piece::Data(pending.freeze())).await;
-                let _ = tx.send(Piece::End).await;
-                break None;
+            // Dropping the connection mid-write leaves the file as it was.
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "the upload of {} was cut off, so nothing was written: {e}",
+                    path.shown
+                )))
             }
+            None => break,
         }
-    };
-    drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ApiError::internal(format!("the write of {} failed: {e}", path.shown)));
-    if let Some(e) = cut {
-        return Err(ApiError::bad_request(format!(
-            "the upload of {} was cut off, so nothing was written: {e}",
-            path.shown
-        )));
     }
-    let size = written?.map_err(|e| fs_error("write", &path.shown, e))?;
+    client
+        .file_write_data(&pending)
+        .await
+        .map_err(ApiError::daemon)?;
+    let size = client.file_write_end().await.map_err(ApiError::daemon)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"path": path.shown, "size": size, "mode": format!("{mode:04o}")}),
     ))
 }
 
-/// Where an upload's bytes go: through a writer process in the inner's
-/// cgroup (so their page cache is the inner's), or, when there is none,
-/// into the file from hulld.
-enum UploadSink {
-    Charged(ChargedWriter),
-    Direct,
-}
-
-/// A writer process and the pipe to its stdin; killed and reaped if the
-/// upload ends without [`UploadSink::finish`].
-struct ChargedWriter {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
-}
-
-impl UploadSink {
-    fn start(connector: &dyn crate::Connector, upload: &ops::Upload) -> UploadSink {
-        let Some(mut child) = connector.charged_writer(upload.file()) else {
-            return UploadSink::Direct;
-        };
-        let stdin = child.stdin.take();
-        UploadSink::Charged(ChargedWriter { child, stdin })
-    }
-
-    fn write(&mut self, upload: &mut ops::Upload, data: &[u8]) -> io::Result<()> {
-        match self {
-            UploadSink::Direct => upload.write(data),
-            UploadSink::Charged(w) => {
-                let written = match w.stdin.as_mut() {
-                    Some(stdin) => io::Write::write_all(stdin, data),
-                    None => Err(io::Error::from_raw_os_error(libc::EPIPE)),
-                };
-                match written {
-                    Ok(()) => upload.wrote(data.len() as u64),
-                    // The writer stopped: its exit says why.
-                    Err(e) => Err(w.end().err().unwrap_or(e)),
-                }
-            }
-        }
-    }
-
-    /// Waits for the writer to have written everything.
-    fn finish(&mut self) -> io::Result<()> {
-        match self {
-            UploadSink::Direct => Ok(()),
-            UploadSink::Charged(w) => w.end(),
-        }
-    }
-}
-
-impl ChargedWriter {
-    /// Closes its stdin and waits for it: its exit code is 0 or the errno
-    /// of its failure.
-    fn end(&mut self) -> io::Result<()> {
-        drop(self.stdin.take());
-        let status = self.child.wait()?;
-        match status.code() {
-            Some(0) => Ok(()),
-            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-            None => Err(io::Error::other(
-                "the upload's writer was killed (the sandbox stopped?)",
-            )),
-        }
-    }
-}
-
-impl Drop for ChargedWriter {
-    fn drop(&mut self) {
-        if self.stdin.is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 async fn list(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = query_path(&req, "path")?;
-    let (shown, p) = (path.shown.clone(), path.shown.clone());
-    let entries = on_root(state, "list", &shown, move |root| root.list(&path)).await?;
+    let request = hull_proto::FileRequest::List {
+        path: path.shown.clone(),
+    };
+    let entries = match state
+        .connect()
+        .await?
+        .request(ClientMsg::Files(request))
+        .await
+    {
+        Ok(DaemonMsg::FileList(entries)) => entries,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(ApiError::daemon(e)),
+    };
     Ok(json_response(
         StatusCode::OK,
-        &json!({"path": p, "count": entries.len(), "entries": entries}),
+        &json!({
+            "path": path.shown,
+            "count": entries.len(),
+            "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
+        }),
     ))
+}
+
+fn unexpected(answer: &DaemonMsg) -> ApiError {
+    ApiError::internal(format!("hulld answered a files request with {answer:?}"))
 }
 
 async fn stat(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = query_path(&req, "path")?;
-    let shown = path.shown.clone();
-    let entry = on_root(state, "stat", &shown, move |root| root.stat(&path)).await?;
-    Ok(json_response(StatusCode::OK, &json!(entry)))
+    let entry = state
+        .connect()
+        .await?
+        .file_stat(&path.shown)
+        .await
+        .map_err(ApiError::daemon)?;
+    Ok(json_response(StatusCode::OK, &entry_json(&entry)))
+}
+
+/// An entry as the Sprites SDKs read one.
+fn entry_json(entry: &FileEntry) -> Value {
+    let kind = match entry.kind {
+        // The SDKs' words.
+        FileKind::File => "file",
+        FileKind::Directory => "directory",
+        FileKind::Symlink => "symlink",
+        FileKind::Other => "other",
+    };
+    json!({
+        "name": entry.name,
+        "path": entry.path,
+        "size": entry.size,
+        "mode": format!("{:04o}", entry.mode),
+        "modTime": crate::ndjson::rfc3339(entry.mtime.saturating_mul(1000)),
+        "isDir": entry.kind == FileKind::Directory,
+        "type": kind,
+    })
+}
+
+/// Sends a delete, rename, copy or chmod: the entries it changed.
+async fn change(state: &Shared, request: hull_proto::FileRequest) -> Result<u64, ApiError> {
+    match state
+        .connect()
+        .await?
+        .request(ClientMsg::Files(request))
+        .await
+    {
+        Ok(DaemonMsg::FilesChanged { count }) => Ok(count),
+        Ok(other) => Err(unexpected(&other)),
+        Err(e) => Err(ApiError::daemon(e)),
+    }
 }
 
 async fn delete(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let query = query(&req);
     let path = path_param(&query, "path")?;
     let recursive = flag(&query, "recursive")?;
-    let shown = path.shown.clone();
-    let count = on_root(state, "delete", &shown, move |root| {
-        root.delete(&path, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Delete {
+            path: path.shown.clone(),
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"deleted": [shown], "count": count}),
+        &json!({"deleted": [path.shown], "count": count}),
     ))
 }
 
 async fn rename(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
     let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
-    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
-    on_root(state, "rename", &shown_from, move |root| {
-        root.rename(&from, &to)
-    })
+    change(
+        state,
+        hull_proto::FileRequest::Rename {
+            from: from.shown.clone(),
+            to: to.shown.clone(),
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"source": shown_from, "dest": shown_to}),
+        &json!({"source": from.shown, "dest": to.shown}),
     ))
 }
 
@@ -306,14 +267,18 @@ async fn copy(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, 
     let body = crate::body::read_json(req, MAX_JSON_BODY).await?;
     let (from, to) = (body_path(&body, "source")?, body_path(&body, "dest")?);
     let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
-    let (shown_from, shown_to) = (from.shown.clone(), to.shown.clone());
-    let count = on_root(state, "copy", &shown_from, move |root| {
-        root.copy(&from, &to, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Copy {
+            from: from.shown.clone(),
+            to: to.shown.clone(),
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"source": shown_from, "dest": shown_to, "count": count}),
+        &json!({"source": from.shown, "dest": to.shown, "count": count}),
     ))
 }
 
@@ -329,14 +294,18 @@ async fn chmod(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
         }
     };
     let recursive = body_bool(&body, "recursive")?.unwrap_or(false);
-    let shown = path.shown.clone();
-    let count = on_root(state, "chmod", &shown, move |root| {
-        root.chmod(&path, mode, recursive)
-    })
+    let count = change(
+        state,
+        hull_proto::FileRequest::Chmod {
+            path: path.shown.clone(),
+            mode,
+            recursive,
+        },
+    )
     .await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"path": shown, "mode": format!("{mode:04o}"), "count": count}),
+        &json!({"path": path.shown, "mode": format!("{mode:04o}"), "count": count}),
     ))
 }
 
@@ -374,57 +343,30 @@ async fn inner_root(state: &Shared) -> Result<Root, ApiError> {
     }
 }
 
-/// Runs `work` on the inner's root on a blocking thread.
-async fn on_root<T: Send + 'static>(
-    state: &Shared,
-    op: &'static str,
-    shown: &str,
-    work: impl FnOnce(&Root) -> io::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let root = inner_root(state).await?;
-    tokio::task::spawn_blocking(move || work(&root))
-        .await
-        .map_err(|e| ApiError::internal(format!("the {op} of {shown} failed: {e}")))?
-        .map_err(|e| fs_error(op, shown, e))
-}
-
 /// An error of the files API: the errno as `"code"` (what the SDKs map
 /// to their exceptions), a stable `"error"` and a message that names the
 /// path.
 fn fs_error(op: &str, path: &str, e: io::Error) -> ApiError {
-    let (status, code, errno, why) = match e.raw_os_error() {
-        Some(libc::ENOENT) => (StatusCode::NOT_FOUND, "not_found", "ENOENT", None),
-        Some(libc::EISDIR) => (StatusCode::BAD_REQUEST, "is_a_directory", "EISDIR", None),
-        Some(libc::ENOTDIR) => (StatusCode::BAD_REQUEST, "not_a_directory", "ENOTDIR", None),
-        Some(libc::EACCES | libc::EPERM) => {
-            (StatusCode::FORBIDDEN, "permission_denied", "EACCES", None)
-        }
-        Some(libc::ENOTEMPTY) => (StatusCode::CONFLICT, "not_empty", "ENOTEMPTY", None),
-        Some(libc::EEXIST) => (StatusCode::CONFLICT, "exists", "EEXIST", None),
-        Some(libc::ELOOP) => (
-            StatusCode::BAD_REQUEST,
-            "symlink_refused",
-            "ELOOP",
-            Some("too many symlinks, or a /proc link, on the way"),
-        ),
-        Some(libc::EXDEV) => (
-            StatusCode::BAD_REQUEST,
-            "outside_layer",
-            "EXDEV",
-            Some("the path is, or leads into, another mount (/proc, /sys, /dev, /etc/resolv.conf, /run or another bind mount), which the files API never reads, changes or removes; it serves the sandbox's own filesystem"),
-        ),
-        Some(libc::ENOSPC | libc::EDQUOT) => {
-            (StatusCode::INSUFFICIENT_STORAGE, "no_space", "ENOSPC", None)
-        }
-        Some(libc::ENAMETOOLONG) => (StatusCode::BAD_REQUEST, "bad_path", "ENAMETOOLONG", None),
-        Some(libc::EBUSY) => (StatusCode::CONFLICT, "busy", "EBUSY", None),
-        Some(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "EIO", None),
-        None => (StatusCode::BAD_REQUEST, "bad_path", "EINVAL", None),
-    };
-    let why = why.map_or_else(|| e.to_string(), str::to_string);
-    let mut error = ApiError::new(status, code, format!("cannot {op} {path}: {why}"));
-    error.errno = Some(errno);
+    let failure = ops::Failure::of(e.raw_os_error());
+    let mut error = ApiError::new(
+        failure_status(failure.code),
+        failure.code,
+        ops::Failure::message(op, path, &e),
+    );
+    error.errno = Some(failure.errno);
     error
+}
+
+/// The status of a files API error with `code`.
+pub(crate) fn failure_status(code: &str) -> StatusCode {
+    match code {
+        "not_found" => StatusCode::NOT_FOUND,
+        "permission_denied" => StatusCode::FORBIDDEN,
+        "not_empty" | "exists" | "busy" => StatusCode::CONFLICT,
+        "no_space" => StatusCode::INSUFFICIENT_STORAGE,
+        "internal" => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {

@@ -28,12 +28,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{SinkExt, StreamExt};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
-use rustix::fs::{AtFlags, FileType, OFlags};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::ops::{InnerPath, Root};
+use hull_inner::files::{InnerPath, Root};
 
 /// Directories one watch may cover; past it the client is told, and the
 /// rest goes unwatched. Each costs the kernel's inotify memory, not fds.
@@ -167,7 +166,7 @@ impl Hub {
         shown: String,
         depth: usize,
     ) -> io::Result<()> {
-        if !self.watch(id, &dir, &shown)? || !recursive || depth >= super::ops::MAX_DEPTH {
+        if !self.watch(id, &dir, &shown)? || !recursive || depth >= hull_inner::files::MAX_DEPTH {
             return Ok(());
         }
         for (name, sub) in root.subdirs(&dir)? {
@@ -446,27 +445,6 @@ pub fn begin(root: Root, path: &InnerPath, recursive: bool) -> io::Result<Watch>
     Ok(watch)
 }
 
-impl Root {
-    /// The subdirectories of `dir`, each an `O_PATH` fd found one name at
-    /// a time (never through a symlink or into another mount).
-    fn subdirs(&self, dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, OwnedFd)>> {
-        let real = hull_inner::layer::reopen(dir)?;
-        let mut out = Vec::new();
-        for name in super::ops::names(&real)? {
-            let Ok(st) = rustix::fs::statat(&real, &name, AtFlags::SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-                continue;
-            }
-            if let Ok(fd) = super::ops::open_below(&real, &name, OFlags::PATH | OFlags::DIRECTORY) {
-                out.push((name, fd));
-            }
-        }
-        Ok(out)
-    }
-}
-
 /// Carries the watch's messages to the WebSocket until either side ends.
 pub async fn relay(mut ws: crate::ws::Ws, watch: Watch) {
     loop {
@@ -503,6 +481,7 @@ fn instances() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::OFlags;
 
     fn instances_in_proc() -> usize {
         std::fs::read_dir("/proc/self/fd")

@@ -29,8 +29,8 @@ struct Cli {
     json: bool,
     /// Drive a hulld elsewhere through its HTTP API (http://HOST:PORT or
     /// https://HOST:PORT) instead of the local control socket: status,
-    /// exec, console, sessions, bounce, checkpoint, services, logs, ports
-    /// and ingress work the same, with the same output and exit codes.
+    /// exec, console, sessions, cp, bounce, checkpoint, services, logs,
+    /// ports and ingress work the same, with the same output and exit codes.
     #[arg(long, global = true, env = "HULL_URL", value_name = "URL")]
     url: Option<String>,
     /// The API token for --url (see `hull token create` on the VM).
@@ -188,6 +188,26 @@ enum Command {
         /// Only lines from the last DURATION (30s, 10m, 2h, 1d).
         #[arg(long, value_name = "DURATION", value_parser = cli::parse_duration)]
         since: Option<std::time::Duration>,
+    },
+    /// Copy files between this machine and the inner.
+    ///
+    /// One side is `:PATH`, a path in the inner: `hull cp ./a.txt
+    /// :/tmp/a.txt`, `hull cp :/etc/os-release .`, `hull cp -r ./src
+    /// :/app`. A directory as the destination takes the source under its
+    /// own name; `-` is stdin or stdout. Files keep their permission bits
+    /// and are put in place whole, or not at all; -r leaves symlinks and
+    /// special files out and names them. Works through --url (with an
+    /// exec token). Large copies show progress on a terminal.
+    Cp {
+        /// Copy a directory and all in it.
+        #[arg(short, long)]
+        recursive: bool,
+        /// The file to copy: a local path, `:PATH` in the inner, or `-`.
+        #[arg(value_name = "SRC")]
+        source: String,
+        /// Where it goes: a local path or directory, `:PATH` in the inner, or `-`.
+        #[arg(value_name = "DST")]
+        destination: String,
     },
     /// TCP ports the inner listens on and how to reach them.
     ///
@@ -723,6 +743,13 @@ async fn run(cli: Cli) -> Result<i32> {
                 .await
                 .map(|()| 0),
         },
+        Command::Cp {
+            recursive,
+            source,
+            destination,
+        } => cli::cp(&g, &source, &destination, recursive)
+            .await
+            .map(|()| 0),
         Command::Ports => cli::ports(&g).await.map(|()| 0),
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),

@@ -30,10 +30,12 @@ macro_rules! errln {
     }};
 }
 
+mod cp;
 mod exec;
 mod report;
 pub mod vm;
 
+pub use cp::cp;
 pub use exec::{exec, AttachTo, ExecOptions};
 use report::stdout_error;
 pub use report::*;
@@ -458,10 +460,11 @@ pub async fn sessions_kill(g: &Global, id: u64, signal: i32, timeout: Duration) 
 /// Commands for the VM only: inside the inner, hulld's socket there serves
 /// `hull services`, `hull ports` and `hull ingress`, and the help does not
 /// offer the rest.
-pub const VM_ONLY_COMMANDS: [&str; 9] = [
+pub const VM_ONLY_COMMANDS: [&str; 10] = [
     "up",
     "status",
     "exec",
+    "cp",
     "console",
     "bounce",
     "down",

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::budget::{out_of_fds, ConnLimits, FdBudget, FdLease, Throttle, ACCEPT_BACKOFF};
-use crate::policy::{PortPolicy, FIRST_UNPRIVILEGED_PORT};
+use crate::port_policy::{PortPolicy, FIRST_UNPRIVILEGED_PORT};
 use crate::ports::{listener_went_away, wait_listening};
 use crate::sockmap::{Redirector, Relayed};
 use crate::{Dialer, PortTable};

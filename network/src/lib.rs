@@ -13,21 +13,25 @@
 //! * [`forward`]: one outer listener per inner port, relaying connections.
 //! * [`sockmap`]: the relay in the kernel, a BPF sockmap redirect.
 //! * [`peer`]: whether a connection comes from the inner's own network.
-//! * [`policy`]: which inner ports the outside reaches, and on what terms.
+//! * [`port_policy`]: which inner ports the outside reaches, and on what terms.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
+//! * [`egress`]: the egress policy, which domains the inner may reach
+//!   (parsed and stored; not enforced yet).
 
 pub mod budget;
+pub mod egress;
 pub mod forward;
 pub mod http;
 pub mod link;
 pub mod nat;
 pub mod netns;
 pub mod peer;
-pub mod policy;
+pub mod port_policy;
 pub mod ports;
 pub mod portwatch;
 pub mod sockmap;
 
 pub use budget::{FdBudget, FdLease, Throttle};
+pub use egress::EgressPolicy;
 pub use netns::{Dialer, InnerNetns};
 pub use ports::{ListeningPort, PortTable};

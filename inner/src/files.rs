@@ -1,4 +1,5 @@
-//! The files API's work, on blocking threads: every path resolved under
+//! The inner's files as hulld reaches them (the protocol's `Files`
+//! requests, the HTTP API's files routes), on blocking threads: every path resolved under
 //! the inner's root by fd, every change made with `*at` calls on
 //! directories found that way, so no symlink, `..` or /proc link the
 //! inner plants reaches the root namespace.
@@ -19,10 +20,18 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use hull_inner::layer::{refuse_mount_point, Layer};
+use hull_proto::{FileEntry, FileKind};
+
+use crate::layer::{refuse_mount_point, Layer};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
 
-use crate::Owner;
+/// The host ids of the inner's root user, given to new files and
+/// directories, so they belong to root as the inner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
 
 /// Directory levels a recursive delete, copy or chmod descends; each
 /// holds an fd, so a tree the inner made a million levels deep costs a
@@ -94,27 +103,60 @@ impl InnerPath {
     }
 }
 
+/// What a failed file operation's errno means to a client: a stable
+/// `code` (for `--json` and the API's `"error"`), the errno's name (the
+/// API's `"code"`, which the Sprites SDKs turn into their exceptions),
+/// and, where the system's words would mislead, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    pub code: &'static str,
+    pub errno: &'static str,
+    pub why: Option<&'static str>,
+}
+
+impl Failure {
+    /// The meaning of `errno`; `None`: an error with no errno (a bad
+    /// path, a file that is not a regular one).
+    pub fn of(errno: Option<i32>) -> Failure {
+        let (code, errno, why) = match errno {
+            Some(libc::ENOENT) => ("not_found", "ENOENT", None),
+            Some(libc::EISDIR) => ("is_a_directory", "EISDIR", None),
+            Some(libc::ENOTDIR) => ("not_a_directory", "ENOTDIR", None),
+            Some(libc::EACCES | libc::EPERM) => ("permission_denied", "EACCES", None),
+            Some(libc::ENOTEMPTY) => ("not_empty", "ENOTEMPTY", None),
+            Some(libc::EEXIST) => ("exists", "EEXIST", None),
+            Some(libc::ELOOP) => (
+                "symlink_refused",
+                "ELOOP",
+                Some("too many symlinks, or a /proc link, on the way"),
+            ),
+            Some(libc::EXDEV) => (
+                "outside_layer",
+                "EXDEV",
+                Some("the path is, or leads into, another mount (/proc, /sys, /dev, /etc/resolv.conf, /run or another bind mount), which hull never reads, changes or removes for a client; it serves the sandbox's own filesystem"),
+            ),
+            Some(libc::ENOSPC | libc::EDQUOT) => ("no_space", "ENOSPC", None),
+            Some(libc::ENAMETOOLONG) => ("bad_path", "ENAMETOOLONG", None),
+            Some(libc::EBUSY) => ("busy", "EBUSY", None),
+            Some(libc::EINVAL) | None => ("bad_path", "EINVAL", None),
+            Some(_) => ("internal", "EIO", None),
+        };
+        Failure { code, errno, why }
+    }
+
+    /// `cannot OP PATH: why`, the message of `e`.
+    pub fn message(op: &str, path: &str, e: &io::Error) -> String {
+        let why = Failure::of(e.raw_os_error())
+            .why
+            .map_or_else(|| e.to_string(), str::to_string);
+        format!("cannot {op} {path}: {why}")
+    }
+}
+
 /// The running inner's root, and who owns what is made in it.
 pub struct Root {
     layer: Layer,
     owner: Owner,
-}
-
-/// What a listing says of one entry.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Entry {
-    pub name: String,
-    pub path: String,
-    pub size: u64,
-    /// Permission bits in octal, `"0644"`.
-    pub mode: String,
-    #[serde(rename = "modTime")]
-    pub mod_time: String,
-    #[serde(rename = "isDir")]
-    pub is_dir: bool,
-    /// `file`, `directory` (the Sprites SDKs' words), `symlink` or `other`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
 }
 
 impl Root {
@@ -148,7 +190,7 @@ impl Root {
         self.open(path, OFlags::PATH | OFlags::DIRECTORY)
     }
 
-    pub fn stat(&self, path: &InnerPath) -> io::Result<Entry> {
+    pub fn stat(&self, path: &InnerPath) -> io::Result<FileEntry> {
         let fd = self.open(path, OFlags::PATH)?;
         let name = match path.rel.file_name() {
             Some(name) => name.to_string_lossy().into_owned(),
@@ -158,13 +200,13 @@ impl Root {
     }
 
     /// A directory's entries sorted by name, or a file's own entry.
-    pub fn list(&self, path: &InnerPath) -> io::Result<Vec<Entry>> {
+    pub fn list(&self, path: &InnerPath) -> io::Result<Vec<FileEntry>> {
         let fd = self.open(path, OFlags::PATH)?;
         let st = rustix::fs::fstat(&fd)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return Ok(vec![self.stat(path)?]);
         }
-        let dir = hull_inner::layer::reopen(&fd)?;
+        let dir = crate::layer::reopen(&fd)?;
         let mut entries = Vec::new();
         for name in names(&dir)? {
             let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
@@ -194,6 +236,14 @@ impl Root {
         let mut upload = Upload::begin(dir, name)?;
         upload.acting = Some(acting);
         Ok(upload)
+    }
+
+    /// Makes the directory `path` and its missing parents with `mode`, as
+    /// mkdir -p; its entry.
+    pub fn make_dir(&self, path: &InnerPath, mode: u32) -> io::Result<FileEntry> {
+        let _acting = ActingAs::owner(self.owner)?;
+        self.layer.make_dir_in_layer(&path.rel, mode)?;
+        self.stat(path)
     }
 
     /// Removes `path` (a directory and all in it with `recursive`);
@@ -239,6 +289,25 @@ impl Root {
         Ok(count)
     }
 
+    /// The subdirectories of `dir`, each an `O_PATH` fd found one name at
+    /// a time (never through a symlink or into another mount).
+    pub fn subdirs(&self, dir: &OwnedFd) -> io::Result<Vec<(std::ffi::OsString, OwnedFd)>> {
+        let real = crate::layer::reopen(dir)?;
+        let mut out = Vec::new();
+        for name in names(&real)? {
+            let Ok(st) = rustix::fs::statat(&real, &name, AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                continue;
+            }
+            if let Ok(fd) = open_below(&real, &name, OFlags::PATH | OFlags::DIRECTORY) {
+                out.push((name, fd));
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets `path`'s permission bits (and, with `recursive`, those of all
     /// below it but symlinks); returns the entries changed.
     pub fn chmod(&self, path: &InnerPath, mode: u32, recursive: bool) -> io::Result<u64> {
@@ -253,26 +322,25 @@ impl Root {
     }
 }
 
-fn entry(name: String, path: String, st: &Stat) -> Entry {
+fn entry(name: String, path: String, st: &Stat) -> FileEntry {
     let kind = match FileType::from_raw_mode(st.st_mode) {
-        FileType::RegularFile => "file",
-        FileType::Directory => "directory",
-        FileType::Symlink => "symlink",
-        _ => "other",
+        FileType::RegularFile => FileKind::File,
+        FileType::Directory => FileKind::Directory,
+        FileType::Symlink => FileKind::Symlink,
+        _ => FileKind::Other,
     };
-    Entry {
+    FileEntry {
         name,
         path,
         size: u64::try_from(st.st_size).unwrap_or(0),
-        mode: format!("{:04o}", st.st_mode & 0o7777),
-        mod_time: crate::ndjson::rfc3339(st.st_mtime.saturating_mul(1000)),
-        is_dir: kind == "directory",
+        mode: st.st_mode & 0o7777,
+        mtime: st.st_mtime,
         kind,
     }
 }
 
 /// A directory's names but `.` and `..`, read before any is changed.
-pub(super) fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
+pub fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     let mut out = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
@@ -284,7 +352,7 @@ pub(super) fn names(dir: &impl AsFd) -> io::Result<Vec<OsString>> {
     Ok(out)
 }
 
-pub(super) fn open_below(dir: &impl AsFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
+pub fn open_below(dir: &impl AsFd, name: &OsStr, flags: OFlags) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat2(
         dir,
         name,
@@ -372,7 +440,7 @@ fn chmod_tree(dir: &OwnedFd, mode: u32, depth: usize, count: &mut u64) -> io::Re
     if depth >= MAX_DEPTH {
         return Err(too_deep());
     }
-    let real = hull_inner::layer::reopen(dir)?;
+    let real = crate::layer::reopen(dir)?;
     for name in names(&real)? {
         let st = rustix::fs::statat(&real, &name, AtFlags::SYMLINK_NOFOLLOW)?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
@@ -422,7 +490,7 @@ impl Copy<'_> {
                 for name in names(&src)? {
                     self.entry(&src, &name, &dst, &name, depth + 1)?;
                 }
-                let real = hull_inner::layer::reopen(&dst)?;
+                let real = crate::layer::reopen(&dst)?;
                 rustix::fs::fchmod(&real, Mode::from_raw_mode(perm))?;
             }
             FileType::RegularFile => {
@@ -592,6 +660,83 @@ impl Drop for Upload {
     fn drop(&mut self) {
         if !self.done {
             let _ = rustix::fs::unlinkat(&self.dir, &self.temp, AtFlags::empty());
+        }
+    }
+}
+
+/// Where an upload's bytes go: through a writer process in the inner's
+/// cgroup (so their page cache is the inner's), or, when there is none,
+/// into the file from hulld.
+pub enum UploadSink {
+    Charged(ChargedWriter),
+    Direct,
+}
+
+/// A writer process and the pipe to its stdin; killed and reaped if the
+/// upload ends without [`UploadSink::finish`].
+pub struct ChargedWriter {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl UploadSink {
+    /// Through `writer` (a process copying its stdin into the upload's
+    /// file), or into the file from this process when there is none.
+    pub fn start(writer: Option<std::process::Child>) -> UploadSink {
+        let Some(mut child) = writer else {
+            return UploadSink::Direct;
+        };
+        let stdin = child.stdin.take();
+        UploadSink::Charged(ChargedWriter { child, stdin })
+    }
+
+    pub fn write(&mut self, upload: &mut Upload, data: &[u8]) -> io::Result<()> {
+        match self {
+            UploadSink::Direct => upload.write(data),
+            UploadSink::Charged(w) => {
+                let written = match w.stdin.as_mut() {
+                    Some(stdin) => io::Write::write_all(stdin, data),
+                    None => Err(io::Error::from_raw_os_error(libc::EPIPE)),
+                };
+                match written {
+                    Ok(()) => upload.wrote(data.len() as u64),
+                    // The writer stopped: its exit says why.
+                    Err(e) => Err(w.end().err().unwrap_or(e)),
+                }
+            }
+        }
+    }
+
+    /// Waits for the writer to have written everything.
+    pub fn finish(&mut self) -> io::Result<()> {
+        match self {
+            UploadSink::Direct => Ok(()),
+            UploadSink::Charged(w) => w.end(),
+        }
+    }
+}
+
+impl ChargedWriter {
+    /// Closes its stdin and waits for it: its exit code is 0 or the errno
+    /// of its failure.
+    fn end(&mut self) -> io::Result<()> {
+        drop(self.stdin.take());
+        let status = self.child.wait()?;
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Err(io::Error::other(
+                "the upload's writer was killed (the sandbox stopped?)",
+            )),
+        }
+    }
+}
+
+impl Drop for ChargedWriter {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

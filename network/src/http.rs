@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::policy::PortPolicy;
+use crate::port_policy::PortPolicy;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
