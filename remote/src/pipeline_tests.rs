@@ -305,6 +305,24 @@ async fn the_wrong_key_or_no_key_is_a_clear_error() {
     assert!(matches!(err, RemoteError::ManifestMissing { .. }), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_refuses_the_key_check_leaves_no_key_file() {
+    let bucket = Bucket::new();
+    // A directory where the key check object would go: no object there
+    // to read, and none can be written.
+    std::fs::create_dir_all(bucket.root.join("hull/sandbox/keycheck/in-the-way")).unwrap();
+    let err = bucket.open_with(&bucket.key_file, false).await.unwrap_err();
+    assert!(
+        matches!(err, RemoteError::Store { what: "write", .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("keycheck"), "{err}");
+    assert!(
+        !bucket.key_file.exists(),
+        "a key file was left for a remote that refused it"
+    );
+}
+
 /// Finds any aligned 4 KiB block of `input` anywhere in `haystack`.
 struct BlockScanner<'a> {
     input: &'a [u8],

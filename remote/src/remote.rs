@@ -188,10 +188,17 @@ impl Remote {
             }
             None => {
                 let object = seal::seal(&keys, seal::KEYCHECK_AAD, &keys.check_value());
-                store
-                    .put(&keycheck, PutPayload::from(object))
-                    .await
-                    .map_err(store_err("write", &keycheck))?;
+                if let Err(e) = store.put(&keycheck, PutPayload::from(object)).await {
+                    // A key file made for a remote that refused it (a
+                    // mistyped bucket, no write access) would be taken for
+                    // that remote's key later: it goes with the failure.
+                    if created {
+                        let path = key_file.to_path_buf();
+                        let _ =
+                            tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                    }
+                    return Err(store_err("write", &keycheck)(e));
+                }
             }
         }
         let index = match options.index {
