@@ -68,6 +68,8 @@ pub enum RemoteError {
         id: ManifestId,
         source: serde_json::Error,
     },
+    #[error("manifest {id} is of format {format}, which this hull does not read (a newer hull wrote it)")]
+    ManifestFormat { id: ManifestId, format: u32 },
     #[error("the stream of manifest {id} does not match its recorded hash after all its chunks verified (the manifest lists the wrong chunks)")]
     StreamHash { id: ManifestId },
     #[error("cannot read the stream to push")]

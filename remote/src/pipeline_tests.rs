@@ -323,6 +323,42 @@ async fn a_remote_that_refuses_the_key_check_leaves_no_key_file() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunk_sizes_and_a_newer_manifest_format_are_refused() {
+    let bucket = Bucket::new();
+    let store = Arc::new(LocalFileSystem::new_with_prefix(&bucket.root).unwrap());
+    let options = RemoteOptions {
+        chunk_sizes: ChunkSizes {
+            min: 1 << 20,
+            avg: 1 << 10,
+            max: 4 << 20,
+        },
+        ..RemoteOptions::default()
+    };
+    let err = Remote::open_store(store, "p", "file:///test", &bucket.key_file, options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RemoteError::Settings { .. }), "{err}");
+
+    let remote = bucket.open().await;
+    let pushed = push(&remote, b"a small stream").await;
+    let mut newer = pushed.manifest.clone();
+    newer.format = 2;
+    let keys = Keys::load(&bucket.key_file).unwrap();
+    let id = pushed.id.to_string();
+    let object = crate::seal::seal(
+        &keys,
+        &crate::seal::manifest_aad(&id),
+        &serde_json::to_vec(&newer).unwrap(),
+    );
+    std::fs::write(bucket.root.join("hull/sandbox/manifests").join(&id), object).unwrap();
+    let err = pull(&remote, pushed.id).await.unwrap_err();
+    assert!(
+        matches!(err, RemoteError::ManifestFormat { format: 2, .. }),
+        "{err}"
+    );
+}
+
 /// Finds any aligned 4 KiB block of `input` anywhere in `haystack`.
 struct BlockScanner<'a> {
     input: &'a [u8],

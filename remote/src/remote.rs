@@ -110,10 +110,6 @@ impl Remote {
     /// key against the bucket's key check object (writing it at the first
     /// use). `index` is where this machine keeps its chunk index.
     pub async fn open(settings: &RemoteSettings, index: Option<&Path>) -> Result<Remote> {
-        settings
-            .chunk_sizes
-            .validate()
-            .map_err(|reason| RemoteError::Settings { reason })?;
         let s = settings.clone();
         let (store, prefix) = tokio::task::spawn_blocking(move || open_store(&s))
             .await
@@ -135,6 +131,10 @@ impl Remote {
         key_file: &Path,
         options: RemoteOptions,
     ) -> Result<Remote> {
+        options
+            .chunk_sizes
+            .validate()
+            .map_err(|reason| RemoteError::Settings { reason })?;
         let prefix = prefix.trim_matches('/').to_string();
         let keycheck = object_path(&prefix, "keycheck");
         let existing = match store.get(&keycheck).await {
@@ -444,6 +444,12 @@ impl Remote {
             .map_err(|source| RemoteError::ManifestDecode { id, source })?;
         if manifest.id != id {
             return Err(RemoteError::ManifestCorrupt { id });
+        }
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(RemoteError::ManifestFormat {
+                id,
+                format: manifest.format,
+            });
         }
         Ok(manifest)
     }

@@ -135,3 +135,55 @@ pub(crate) fn open_store(settings: &RemoteSettings) -> Result<(Arc<dyn ObjectSto
     let store = builder.build().map_err(setup_err)?;
     Ok((Arc::new(store), prefix))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_remote_section_parses_with_defaults() {
+        let settings: RemoteSettings = toml::from_str(
+            r#"
+            url = "s3://bucket/some/prefix"
+            endpoint = "http://127.0.0.1:3900"
+            region = "garage"
+            credentials_file = "/etc/hull/remote.toml"
+            key_file = "/etc/hull/remote.key"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(settings.concurrency, 8);
+        assert_eq!(settings.chunk_sizes, ChunkSizes::default());
+        assert_eq!(settings.key_file, PathBuf::from("/etc/hull/remote.key"));
+        let unknown =
+            toml::from_str::<RemoteSettings>("url = \"s3://b\"\nkey_file = \"k\"\nkye = 1");
+        assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn a_bad_url_or_readable_credentials_are_refused_by_name() {
+        for url in ["http://bucket/x", "s3:///prefix", "file://relative/dir"] {
+            let err = open_store(&RemoteSettings::new(url, "/k")).unwrap_err();
+            assert!(matches!(err, RemoteError::Url { .. }), "{url}: {err}");
+            assert!(err.to_string().contains(url), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("remote.toml");
+        std::fs::write(&creds, "access_key_id = \"a\"\nsecret_access_key = \"b\"\n").unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let settings = RemoteSettings {
+            credentials_file: Some(creds.clone()),
+            ..RemoteSettings::new("s3://bucket/p", "/k")
+        };
+        let err = open_store(&settings).unwrap_err();
+        assert!(
+            matches!(err, RemoteError::CredentialsMode { mode: 0o640, .. }),
+            "{err}"
+        );
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let (_, prefix) = open_store(&settings).unwrap();
+        assert_eq!(prefix, "p");
+    }
+}

@@ -125,12 +125,19 @@ impl Garage {
             key_id: String::new(),
             secret: String::new(),
         };
-        // The CLI reaches the server over RPC once it listens.
+        // The CLI reaches the server over RPC once it listens (`node id`
+        // reads the node's key from disk and works before that).
         let started = Instant::now();
-        let node = loop {
-            let out = garage.cli().args(["node", "id", "-q"]).output().unwrap();
-            if out.status.success() {
-                break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        loop {
+            if garage
+                .cli()
+                .arg("status")
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                break;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -138,8 +145,9 @@ impl Garage {
                 fs::read_to_string(dir.join("server.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
-        };
-        let node = node.split('@').next().unwrap().to_string();
+        }
+        let node = run(garage.cli().args(["node", "id", "-q"]));
+        let node = node.trim().split('@').next().unwrap().to_string();
         run(garage
             .cli()
             .args(["layout", "assign", "-z", "dc1", "-c", "1G", &node]));
