@@ -359,6 +359,42 @@ async fn bad_chunk_sizes_and_a_newer_manifest_format_are_refused() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_runs_from_the_full_stream_to_the_checkpoint() {
+    let bucket = Bucket::new();
+    let remote = bucket.open().await;
+    let mut parent = None;
+    let mut ids = Vec::new();
+    for round in 0..3u8 {
+        let meta = CheckpointMeta {
+            parent,
+            ..meta("chain")
+        };
+        let pushed = remote
+            .push(std::io::Cursor::new(vec![round; 1000]), meta, &|_| {})
+            .await
+            .unwrap();
+        parent = Some(pushed.id);
+        ids.push(pushed.id);
+    }
+    let chain = remote.chain(ids[2]).await.unwrap();
+    assert_eq!(chain.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    assert_eq!(remote.chain(ids[0]).await.unwrap().len(), 1);
+
+    std::fs::remove_file(
+        bucket
+            .root
+            .join("hull/sandbox/manifests")
+            .join(ids[1].to_string()),
+    )
+    .unwrap();
+    let err = remote.chain(ids[2]).await.unwrap_err();
+    assert!(
+        matches!(err, RemoteError::ManifestMissing { id } if id == ids[1]),
+        "{err}"
+    );
+}
+
 /// Finds any aligned 4 KiB block of `input` anywhere in `haystack`.
 struct BlockScanner<'a> {
     input: &'a [u8],

@@ -454,6 +454,23 @@ impl Remote {
         Ok(manifest)
     }
 
+    /// The manifests a restore of `id` receives, in order: its oldest
+    /// ancestor (a full stream) first, `id` last. A parent that is missing
+    /// is an error naming it; a cycle (only a forged bucket has one) is
+    /// refused as a corrupt manifest.
+    pub async fn chain(&self, id: ManifestId) -> Result<Vec<Manifest>> {
+        let mut chain = vec![self.manifest(id).await?];
+        let mut seen = std::collections::HashSet::from([id]);
+        while let Some(parent) = chain.last().and_then(|m| m.meta.parent) {
+            if !seen.insert(parent) {
+                return Err(RemoteError::ManifestCorrupt { id: parent });
+            }
+            chain.push(self.manifest(parent).await?);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
     /// Writes the stream of manifest `id` to `sink` (`btrfs receive`'s
     /// stdin), fetching chunks in parallel and verifying each against its
     /// name before a byte of it is written, and the whole stream against

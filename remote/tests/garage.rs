@@ -364,8 +364,11 @@ fn roundtrip(dir: &Path, settings: impl FnOnce(PathBuf) -> RemoteSettings) {
     let fresh = rt.block_on(Remote::open(&settings, None)).unwrap();
     let recv = root.join("recv");
     fs::create_dir(&recv).unwrap();
-    pull(&rt, &fresh, v1, &recv);
-    pull(&rt, &fresh, v2, &recv);
+    let chain = rt.block_on(fresh.chain(v2)).unwrap();
+    assert_eq!(chain.iter().map(|m| m.id).collect::<Vec<_>>(), [v1, v2]);
+    for manifest in chain {
+        pull(&rt, &fresh, manifest.id, &recv);
+    }
     let original = tree(&root.join("v2"));
     let names: Vec<_> = original.iter().map(|e| e.0.clone()).collect();
     assert_eq!(names.len(), 7, "{names:?}");
