@@ -146,6 +146,31 @@ impl Vm {
         }
     }
 
+    /// `hull vm stop`, which must power the guest off by itself (not
+    /// forced), and QEMU gone after it.
+    pub fn stop_cleanly(&self) {
+        let pid = self.qemu_pid().expect("QEMU's pid file");
+        let out = hull(&["--json", "vm", "stop", self.dir_str()]);
+        assert!(
+            out.status.success(),
+            "hull vm stop failed: {}\nconsole:\n{}",
+            text(&out.stderr),
+            self.console_tail()
+        );
+        let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            stopped["forced"],
+            false,
+            "the guest did not power off by itself: {stopped}\n{}",
+            self.console_tail()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while qemu_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(!qemu_alive(pid), "QEMU {pid} still runs after hull vm stop");
+    }
+
     /// Kills QEMU now (a power cut) and waits for it to be gone.
     pub fn kill(&self) {
         let Some(pid) = self.qemu_pid() else { return };

@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use hull_tests::vm::{
-    free_port, http_get, hull, init_lines, init_time, qemu_alive, require_qemu, text, vm_image, Vm,
+    free_port, http_get, hull, init_lines, init_time, require_qemu, text, vm_image, Vm,
 };
 
 /// What `hull vm run --json` printed.
@@ -130,29 +130,6 @@ fn boot(vm: &Vm, append: &[&str]) -> Run {
         api_port,
         http_port,
     }
-}
-
-fn stop(vm: &Vm) {
-    let pid = vm.qemu_pid().unwrap();
-    let out = hull(&["--json", "vm", "stop", vm.dir_str()]);
-    assert!(
-        out.status.success(),
-        "hull vm stop failed: {}\nconsole:\n{}",
-        text(&out.stderr),
-        vm.console_tail()
-    );
-    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        stopped["forced"],
-        false,
-        "the guest powered off by itself: {stopped}\n{}",
-        vm.console_tail()
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while qemu_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!qemu_alive(pid), "QEMU {pid} still runs after hull vm stop");
 }
 
 fn assert_init_says(vm: &Vm, lines: &[&str]) {
@@ -389,7 +366,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     assert!(!groups.contains("job"), "{groups}");
 
     let first_token = run.token().to_owned();
-    stop(&vm);
+    vm.stop_cleanly();
     assert_init_says(
         &vm,
         &[
@@ -530,5 +507,5 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
         hulld_started - kernel_to_init,
         run.json["ready_ms"].as_f64().unwrap() / 1000.0
     );
-    stop(&vm);
+    vm.stop_cleanly();
 }

@@ -118,15 +118,7 @@ fn hulld_runs_in_a_delegated_cgroup_that_is_not_the_root() {
     );
 
     // hulld stops the inner, leaves for the leaf and removes its groups.
-    let out = hull(&["--json", "vm", "stop", vm.dir_str()]);
-    assert!(
-        out.status.success(),
-        "hull vm stop failed: {}\nconsole:\n{}",
-        text(&out.stderr),
-        vm.console_tail()
-    );
-    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stopped["forced"], false, "{stopped}\n{}", vm.console_tail());
+    vm.stop_cleanly();
     let console = vm.console();
     assert!(
         init_lines(&console).any(|l| l.contains("hulld stopped")),

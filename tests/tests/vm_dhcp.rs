@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use hull_tests::vm::{free_port, hull, init_lines, qemu_alive, require_qemu, text, vm_image, Vm};
+use hull_tests::vm::{free_port, hull, init_lines, require_qemu, text, vm_image, Vm};
 
 const SEED: &str = "/var/lib/hull/.random-seed";
 
@@ -42,24 +42,6 @@ fn boot(vm: &Vm, api_port: u16, extra: &[&str]) -> serde_json::Value {
         vm.console_tail()
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn stop(vm: &Vm) {
-    let pid = vm.qemu_pid().unwrap();
-    let out = hull(&["--json", "vm", "stop", vm.dir_str()]);
-    assert!(
-        out.status.success(),
-        "hull vm stop failed: {}\nconsole:\n{}",
-        text(&out.stderr),
-        vm.console_tail()
-    );
-    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(stopped["forced"], false, "{stopped}\n{}", vm.console_tail());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while qemu_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!qemu_alive(pid), "QEMU still runs after the stop");
 }
 
 /// hull-init's console line that contains every one of `parts`.
@@ -146,7 +128,7 @@ fn dhcp_the_random_seed_and_vsock_in_a_booted_vm() {
         init_line(&console, &["no vsock device: hulld's API is on TCP only"]);
     }
 
-    stop(&vm);
+    vm.stop_cleanly();
     init_line(&vm.console(), &["wrote the random seed for the next boot"]);
 
     // Second boot, the static ip=: the seed the shutdown wrote is credited.
@@ -175,5 +157,5 @@ fn dhcp_the_random_seed_and_vsock_in_a_booted_vm() {
     }
     let out = remote(&run, &["--json", "checkpoint", "list"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    stop(&vm);
+    vm.stop_cleanly();
 }
