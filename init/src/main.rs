@@ -352,7 +352,18 @@ fn main() {
             fatal(&e);
         }
     }
+    log_clocks();
     supervise(&signal_fd, &boot);
+}
+
+/// The realtime clock beside the boot clock, read together: hulld's log
+/// lines carry the one and hull-init's the other, and `hull-bench vm`
+/// lines the boot's timeline up with it.
+fn log_clocks() {
+    use nix::time::{clock_gettime, ClockId};
+    let secs = |clock| clock_gettime(clock).map_or(0.0, |t| Duration::from(t).as_secs_f64());
+    let (boot, real) = (secs(ClockId::CLOCK_BOOTTIME), secs(ClockId::CLOCK_REALTIME));
+    log!("clocks: boottime {boot:.6} realtime {real:.6}");
 }
 
 /// What the boot found that later steps and the shutdown need.

@@ -643,7 +643,9 @@ impl Config {
         }
         let memory_max = match &self.memory_max {
             Some(v) => size("memory_max", v)?,
-            None => physical_memory() / 4 * 3,
+            // Whole pages, as the kernel would round it: status then
+            // reports the limit memory.max holds.
+            None => physical_memory() / 4 * 3 / 4096 * 4096,
         };
         let state_dir = self.state();
         Ok(Settings {

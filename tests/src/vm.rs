@@ -42,7 +42,7 @@ pub fn text(bytes: &[u8]) -> String {
 /// Where `hull vm build` keeps its downloads and builds for the tests:
 /// `HULL_VM_CACHE` (CI points it at a directory that outlives the clone),
 /// else beside the test binaries.
-fn build_cache() -> PathBuf {
+pub fn build_cache() -> PathBuf {
     std::env::var_os("HULL_VM_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| bin_dir().join("hull-test-vm").join("cache"))

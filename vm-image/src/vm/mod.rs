@@ -2,7 +2,9 @@
 //! hull-init as /init, hulld, the `hull` client, the tools hulld runs
 //! (mkfs.btrfs, mount, ldd), the C library they link, the kernel modules
 //! hull needs and the busybox base image for the inner; then booting it
-//! under QEMU ([`qemu`]).
+//! under QEMU ([`qemu`]). hull's binaries go in stripped of their symbols
+//! (with binutils' strip, when installed): the initramfs becomes a tmpfs
+//! root in the guest's memory.
 //!
 //! A build is keyed by the SHA-256 of its inputs (hull's binaries, the
 //! kernel package's version, the tools and the base image): the same
@@ -64,7 +66,7 @@ const TOOLS: &[&str] = &["mkfs.btrfs", "mount", "umount", "ldd", "bash"];
 const IMAGE_DIR: &str = "usr/share/hull/images";
 /// Bumped when the layout of the image changes, so old cache entries are
 /// not taken for new ones.
-const FORMAT: &str = "hull-vm-image 2";
+const FORMAT: &str = "hull-vm-image 3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmBuildError {
@@ -225,6 +227,7 @@ pub fn build(spec: &BuildSpec, progress: &mut dyn FnMut(&str)) -> Result<Built> 
         key.update(format!("\ntool {path} {sha}"));
     }
     key.update(format!("\nmodules {}", MODULES.join(",")));
+    key.update(format!("\nstrip {}", strip_available()));
     let key = hex(&key.finalize());
 
     let cached = spec.cache.join("builds").join(&key);
@@ -448,10 +451,23 @@ fn assemble(
         0o600,
     );
     let mut elves = Vec::new();
+    let stripped = staging.join("stripped");
+    create_dir(&stripped)?;
+    let mut saved = 0;
     for (name, at) in BINARIES {
         let path = binaries_dir.join(name);
-        tree.insert(at, EntryKind::File(path.clone()), 0o755);
+        let (file, less) = strip_copy(&path, &stripped.join(name))?;
+        saved += less;
+        tree.insert(at, EntryKind::File(file), 0o755);
         elves.push(path);
+    }
+    if strip_available() {
+        progress(&format!(
+            "hull's binaries stripped of their symbols: {:.1} MiB less",
+            saved as f64 / f64::from(1u32 << 20)
+        ));
+    } else {
+        progress("strip is not installed (apt-get install binutils): hull's binaries go in with their symbols");
     }
     for (at, (path, _)) in tools {
         tree.insert(at, EntryKind::File(path.clone()), 0o755);
@@ -510,6 +526,7 @@ fn assemble(
     let mut out = io::BufWriter::with_capacity(1 << 20, file);
     let bytes = tree.write(&mut out).map_err(write_error)?;
     out.flush().map_err(write_error)?;
+    let _ = fs::remove_dir_all(&stripped);
     progress(&format!(
         "initramfs: {} entries, {:.1} MiB ({:.1} s)",
         tree.len(),
@@ -541,6 +558,42 @@ fn assemble(
     let mut text = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     text.push('\n');
     fs::write(&path, text).map_err(|source| VmBuildError::Write { path, source })
+}
+
+/// Whether binutils' `strip` runs here.
+fn strip_available() -> bool {
+    Command::new("strip")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `binary` stripped of its symbols and debug information into `out`, and
+/// the bytes that saved; `binary` itself where there is no strip. The
+/// initramfs becomes a tmpfs root held in the guest's memory, and a
+/// backtrace in the VM loses only function names (a panic still gives
+/// its file and line); the host's binaries keep theirs.
+fn strip_copy(binary: &Path, out: &Path) -> Result<(PathBuf, u64)> {
+    if !strip_available() {
+        return Ok((binary.to_path_buf(), 0));
+    }
+    run_tool(
+        Command::new("strip")
+            .arg("--strip-all")
+            .arg("-o")
+            .arg(out)
+            .arg(binary),
+        "binutils",
+    )?;
+    let size = |path: &Path| {
+        fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|source| VmBuildError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    Ok((out.to_path_buf(), size(binary)?.saturating_sub(size(out)?)))
 }
 
 /// Puts the cached build's files in `out` (hard links where the cache is
