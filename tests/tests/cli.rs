@@ -776,3 +776,21 @@ fn exec_detach_prints_an_id_whose_output_logs_exec_id_reads() {
     let out = hull.hull(&["exec", "--detach", "-t", "--", "sh"]);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
 }
+
+/// `hull vm` drives QEMU on this machine: the HULL_URL and HULL_TOKEN that
+/// `set -a; . DIR/api.env` puts in the environment (as the docs say to)
+/// must not stop `hull vm status` or `hull vm stop` from working.
+#[test]
+fn hull_vm_works_with_the_vms_api_env_sourced() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin_dir().join("hull"))
+        .args(["--json", "vm", "status"])
+        .arg(dir.path())
+        .env("HULL_URL", "http://127.0.0.1:9")
+        .env("HULL_TOKEN", "hull_00000000_00")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["running"], false, "{status}");
+}

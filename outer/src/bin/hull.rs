@@ -678,7 +678,8 @@ async fn run(cli: Cli) -> Result<i32> {
             Command::Up { .. } => Some("up"),
             Command::Down { .. } => Some("down"),
             Command::Image { .. } => Some("image"),
-            Command::Vm { .. } => Some("vm"),
+            // `hull vm` drives QEMU on this machine and never uses the URL:
+            // the HULL_URL that sourcing DIR/api.env sets is no mistake.
             Command::Token { .. } => Some("token"),
             _ => None,
         };
