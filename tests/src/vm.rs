@@ -146,6 +146,37 @@ impl Vm {
         }
     }
 
+    /// `hull --json vm run` of this directory with its API on `api_port`,
+    /// a 2G data disk when it makes one, and `extra` arguments: the JSON
+    /// it printed, or why it failed with the console's end.
+    pub fn run(&self, api_port: u16, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let started = Instant::now();
+        let port = api_port.to_string();
+        let mut args = vec![
+            "--json",
+            "vm",
+            "run",
+            self.dir_str(),
+            "--api-port",
+            &port,
+            "--disk-size",
+            "2G",
+            "--timeout",
+            "300s",
+        ];
+        args.extend_from_slice(extra);
+        let out = hull(&args);
+        if !out.status.success() {
+            return Err(format!(
+                "hull vm run {extra:?} failed after {:.1} s: {}\nconsole:\n{}",
+                started.elapsed().as_secs_f64(),
+                text(&out.stderr),
+                self.console_tail()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("hull vm run printed no JSON: {e}"))
+    }
+
     /// `hull vm stop`, which must power the guest off by itself (not
     /// forced), and QEMU gone after it.
     pub fn stop_cleanly(&self) {

@@ -5,9 +5,9 @@
 //! hand controllers to its children, then start the inner below it with
 //! its limits, and remove its groups again when the VM stops.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hull_tests::vm::{free_port, http_get, hull, init_lines, require_qemu, text, vm_image, Vm};
+use hull_tests::vm::{free_port, http_get, init_lines, require_qemu, vm_image, Vm};
 
 const GROUP: &str = "/system.slice/hull.service";
 
@@ -19,26 +19,9 @@ fn hulld_runs_in_a_delegated_cgroup_that_is_not_the_root() {
     let image = vm_image();
     let vm = Vm::new(&image);
     let port = free_port();
-    let started = Instant::now();
-    let out = hull(&[
-        "--json",
-        "vm",
-        "run",
-        vm.dir_str(),
-        "--api-port",
-        &port.to_string(),
-        "--timeout",
-        "120s",
-        "--append",
-        &format!("hull.cgroup={GROUP}"),
-    ]);
-    assert!(
-        out.status.success(),
-        "hull vm run failed after {:.1} s: {}\nconsole:\n{}",
-        started.elapsed().as_secs_f64(),
-        text(&out.stderr),
-        vm.console_tail()
-    );
+    let group = format!("hull.cgroup={GROUP}");
+    vm.run(port, &["--append", &group])
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // hull-init made the group and started hulld as a member of it.
     let console = vm.console();

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hull_tests::vm::{free_port, hull, init_lines, require_qemu, text, vm_image, Vm};
 
@@ -18,30 +18,7 @@ const SEED: &str = "/var/lib/hull/.random-seed";
 
 /// `hull vm run` in `vm` with `extra` arguments; its JSON.
 fn boot(vm: &Vm, api_port: u16, extra: &[&str]) -> serde_json::Value {
-    let started = Instant::now();
-    let port = api_port.to_string();
-    let mut args = vec![
-        "--json",
-        "vm",
-        "run",
-        vm.dir_str(),
-        "--api-port",
-        &port,
-        "--disk-size",
-        "1G",
-        "--timeout",
-        "180s",
-    ];
-    args.extend_from_slice(extra);
-    let out = hull(&args);
-    assert!(
-        out.status.success(),
-        "hull vm run {extra:?} failed after {:.1} s: {}\nconsole:\n{}",
-        started.elapsed().as_secs_f64(),
-        text(&out.stderr),
-        vm.console_tail()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    vm.run(api_port, extra).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// hull-init's console line that contains every one of `parts`.

@@ -211,31 +211,13 @@ pub fn run(options: &Options) -> Result<()> {
 /// `hull vm run` of `vm`'s directory, then the inner's start: the API and
 /// how long QEMU's start to the API's answer took.
 fn boot(vm: &Vm, append: &[String]) -> Result<(Api, f64)> {
-    let port = hull_tests::vm::free_port().to_string();
-    let mut args = vec![
-        "--json",
-        "vm",
-        "run",
-        vm.dir_str(),
-        "--api-port",
-        &port,
-        "--disk-size",
-        "2G",
-        "--timeout",
-        "300s",
-    ];
+    let mut extra = Vec::new();
     for arg in append {
-        args.extend(["--append", arg]);
+        extra.extend(["--append", arg.as_str()]);
     }
-    let out = hull(&args);
-    if !out.status.success() {
-        bail!(
-            "hull vm run failed: {}\nconsole:\n{}",
-            text(&out.stderr),
-            vm.console_tail()
-        );
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let json = vm
+        .run(hull_tests::vm::free_port(), &extra)
+        .map_err(anyhow::Error::msg)?;
     if !vm.wait_console("inner ready", Duration::from_secs(180)) {
         bail!("the inner did not start:\n{}", vm.console_tail());
     }
