@@ -137,8 +137,10 @@ pub fn create(root: &Path, relative: &Path) -> Result<PathBuf, DelegateError> {
     Ok(dir)
 }
 
-/// Enables for the children of `dir` every controller `dir` has.
-fn enable_all(dir: &Path) -> Result<(), DelegateError> {
+/// Enables for the children of `dir` every controller `dir` has; returns
+/// them as written. The one way hull-init enables controllers: at the
+/// root at boot, and down a delegated group's ancestors.
+pub fn enable_all(dir: &Path) -> Result<String, DelegateError> {
     let available = read(&dir.join("cgroup.controllers"))?;
     let controllers = available
         .split_ascii_whitespace()
@@ -146,14 +148,15 @@ fn enable_all(dir: &Path) -> Result<(), DelegateError> {
         .collect::<Vec<_>>()
         .join(" ");
     if controllers.is_empty() {
-        return Ok(());
+        return Ok(controllers);
     }
     let path = dir.join("cgroup.subtree_control");
     fs::write(&path, &controllers).map_err(|source| DelegateError::Controllers {
-        controllers,
+        controllers: controllers.clone(),
         path,
         source,
-    })
+    })?;
+    Ok(controllers)
 }
 
 fn read(path: &Path) -> Result<String, DelegateError> {

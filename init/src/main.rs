@@ -198,13 +198,6 @@ enum InitError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot enable the controllers {controllers:?} in {path}")]
-    Controllers {
-        controllers: String,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("cannot order the modules of {path}")]
     ModulesDep {
         path: PathBuf,
@@ -412,7 +405,7 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
             );
         }
         Step::EnableControllers => {
-            let enabled = enable_controllers(Path::new("/sys/fs/cgroup"))?;
+            let enabled = delegate::enable_all(Path::new("/sys/fs/cgroup"))?;
             log!(
                 "enabled cgroup controllers {enabled} ({:.1} ms)",
                 millis(started)
@@ -520,28 +513,6 @@ fn reopen_console() {
             libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&console), target);
         }
     }
-}
-
-/// Enables every controller the root offers for its children; returns
-/// them as written.
-fn enable_controllers(root: &Path) -> Result<String, InitError> {
-    let available_path = root.join("cgroup.controllers");
-    let available = fs::read_to_string(&available_path).map_err(|source| InitError::Read {
-        path: available_path,
-        source,
-    })?;
-    let controllers = available
-        .split_ascii_whitespace()
-        .map(|c| format!("+{c}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let path = root.join("cgroup.subtree_control");
-    fs::write(&path, &controllers).map_err(|source| InitError::Controllers {
-        controllers: controllers.clone(),
-        path,
-        source,
-    })?;
-    Ok(controllers)
 }
 
 fn load_modules() -> Result<usize, InitError> {
@@ -1323,7 +1294,7 @@ mod tests {
             "cpuset cpu io memory pids\n",
         )
         .unwrap();
-        let written = enable_controllers(&dir).unwrap();
+        let written = delegate::enable_all(&dir).unwrap();
         assert_eq!(written, "+cpuset +cpu +io +memory +pids");
         assert_eq!(
             fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap(),
