@@ -35,16 +35,7 @@ impl Run {
     /// `hull ARGS` through the forwarded API with the host's token, never
     /// a local socket.
     fn hull(&self, args: &[&str]) -> Output {
-        let mut all = vec![
-            "--socket",
-            "/nonexistent/hull.sock",
-            "--url",
-            self.url(),
-            "--token",
-            self.token(),
-        ];
-        all.extend_from_slice(args);
-        hull(&all)
+        hull_tests::remote(self.url(), self.token(), args, b"")
     }
 
     /// Like `hull`, and it must succeed: its stdout.
