@@ -284,6 +284,16 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     let seen = run.ok(&["exec", "--", "cat", "/sys/fs/cgroup/memory.max"]);
     assert_eq!(seen.trim(), memory_max.to_string());
 
+    // How many groups it may make is bounded, and it cannot lift that.
+    let bounds = run.ok(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/cgroup.max.descendants /sys/fs/cgroup/cgroup.max.depth; echo max > /sys/fs/cgroup/cgroup.max.descendants 2>/dev/null && echo lifted; true",
+    ]);
+    assert_eq!(bounds, "256\n8\n", "{bounds}");
+
     // A service with an HTTP port, reached from this machine through the
     // guest's ingress.
     run.ok(&[

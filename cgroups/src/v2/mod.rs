@@ -12,6 +12,9 @@ const REQUIRED: [&str; 2] = ["memory", "pids"];
 /// The files a delegated group's new owner gets (cgroup-v2.rst,
 /// "Delegation Containment"; what systemd chowns for `Delegate=yes`).
 const DELEGATED_FILES: [&str; 3] = ["cgroup.procs", "cgroup.threads", "cgroup.subtree_control"];
+/// How many groups a delegated group may hold below it, and how deep.
+pub const DELEGATED_BOUNDS: [(&str, u32); 2] =
+    [("cgroup.max.descendants", 256), ("cgroup.max.depth", 8)];
 
 fn remove_below(dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -84,6 +87,16 @@ impl Manager {
     /// the kernel refuses writes to them from inside the inner's cgroup
     /// namespace anyway.
     pub fn delegate(&self, uid: u32, gid: u32) -> Result<()> {
+        // Groups the inner may make below its own: each costs kernel
+        // memory, and these files, like the limits, are out of its reach.
+        for (file, max) in DELEGATED_BOUNDS {
+            let path = self.dir.join(file);
+            fs::write(&path, &max.to_string()).map_err(|source| CgroupError::Delegate {
+                path,
+                uid,
+                source,
+            })?;
+        }
         let files = std::iter::once(self.dir.clone())
             .chain(DELEGATED_FILES.iter().map(|f| self.dir.join(f)));
         for path in files {
@@ -259,6 +272,27 @@ mod tests {
         }
         let m = Manager::new(dir.path());
         (dir, m)
+    }
+
+    #[test]
+    fn a_delegated_group_is_bounded_and_handed_over() {
+        let (dir, m) = group(&[
+            ("cgroup.procs", ""),
+            ("cgroup.threads", ""),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.max.descendants", "max\n"),
+            ("cgroup.max.depth", "max\n"),
+        ]);
+        let me = nix::unistd::getuid().as_raw();
+        m.delegate(me, nix::unistd::getgid().as_raw()).unwrap();
+        assert_eq!(
+            read_to_string(dir.path().join("cgroup.max.descendants")).unwrap(),
+            "256"
+        );
+        assert_eq!(
+            read_to_string(dir.path().join("cgroup.max.depth")).unwrap(),
+            "8"
+        );
     }
 
     #[test]
