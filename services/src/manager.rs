@@ -282,6 +282,12 @@ impl<H: InnerHost> Task<H> {
         let first = current.borrow_and_update().clone();
         self.on_inner(first);
         loop {
+            // Before each wait: the first inner may have come before this
+            // task ran, and anything since may have made a service due
+            // (a start command, a service that started and is what others
+            // wait for, an exit that began a backoff, a tick).
+            self.schedule();
+            self.publish_failed();
             tokio::select! {
                 // A new inner first: the supervisor publishes it before it
                 // signals the old one, so an exit queued meanwhile belongs
@@ -293,7 +299,6 @@ impl<H: InnerHost> Task<H> {
                     }
                     let inner = current.borrow_and_update().clone();
                     self.on_inner(inner);
-                    self.schedule();
                 }
                 command = commands.recv() => match command {
                     Some(Command::Request(request, reply)) => self.handle(request, reply).await,
@@ -305,17 +310,9 @@ impl<H: InnerHost> Task<H> {
                     }
                     None => return,
                 },
-                Some(event) = events.recv() => {
-                    // A service that just started may be what others wait for.
-                    let started = matches!(event, Event::Spawned { .. });
-                    self.on_event(event);
-                    if started {
-                        self.schedule();
-                    }
-                }
-                _ = tick.tick() => self.schedule(),
+                Some(event) = events.recv() => self.on_event(event),
+                _ = tick.tick(), if self.polling() => {}
             }
-            self.publish_failed();
         }
     }
 
@@ -444,6 +441,15 @@ impl<H: InnerHost> Task<H> {
             self.services.insert(spec.name.clone(), svc);
         }
         self.publish();
+    }
+
+    /// Whether a service's next step waits on time rather than on an
+    /// event: a backoff's deadline, or a port that is listened on only
+    /// once a scan sees it. Otherwise the manager sleeps until a message.
+    fn polling(&self) -> bool {
+        self.services
+            .values()
+            .any(|s| s.state == State::Backoff || (s.state == State::Running && !s.ready))
     }
 
     /// Starts what may start now and checks ports of running services.

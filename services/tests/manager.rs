@@ -434,3 +434,40 @@ async fn the_log_marks_each_start_and_what_brought_a_new_inner() {
         ("restart", "flaky restarted (pid 100)".to_string())
     );
 }
+
+/// Once every service runs and is ready, the manager sleeps until
+/// something happens: no scheduling tick wakes hulld (or a sleeping VM)
+/// fifty times a second for nothing. Each wake of the runtime is a park
+/// and an unpark of its one worker.
+#[tokio::test(start_paused = true)]
+async fn an_idle_manager_does_not_wake() {
+    let mut web = spec("web", "web");
+    web.http_port = Some(8000);
+    let mut worker = spec("worker", "worker");
+    worker.after = vec!["web".into()];
+    let f = Fixture::new(
+        &[web, worker, spec("once", "true")],
+        &[("true", Behaviour::ExitAt0(0))],
+    );
+    *f.ports.0.lock().unwrap() = Some(vec![8000]);
+    f.new_inner(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(f.state("web").await, "running");
+    assert_eq!(f.state("worker").await, "running");
+    // `true` exited 0 under restart=always: it backs off and restarts, so
+    // the manager must still wake for that deadline.
+    let restarts_before = f.spawn_times("true").len();
+
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let parks = || metrics.worker_park_count(0);
+    let before = parks();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let woke = parks() - before;
+    assert!(
+        f.spawn_times("true").len() > restarts_before,
+        "the backoff deadline of `true` passed without a restart"
+    );
+    // `true` restarts at most a few times before its crash loop fails
+    // it; each costs a few wakes. A 20 ms tick would cost 3,000.
+    assert!(woke < 100, "the runtime woke {woke} times in 60 s of idle");
+}
