@@ -1,15 +1,27 @@
 //! The sandbox's egress policy: which domains the inner may reach, as the
-//! Sprites API writes it (`{"rules": [{"domain", "action"}, {"include"}]}`).
+//! Sprites API writes it (`{"rules": [{"domain", "action"}, {"include"}]}`),
+//! with hull's additions: `{"cidr", "action"}` rules and a top-level
+//! `"default"`.
 //!
 //! [`EgressPolicy::parse`] is the one place a policy is read and checked:
 //! hulld parses what the API or the CLI sends before it stores it, and
 //! parses what it stored when it loads it, so the API, the store and the
-//! enforcer to come all hold the same typed rules. The policy is stored
-//! and answered as the text that was sent (the SDKs compare what they
-//! read back with what they wrote); nothing enforces it yet.
+//! enforcer all hold the same typed rules. The policy is stored and
+//! answered as the text that was sent (the SDKs compare what they read
+//! back with what they wrote).
+//!
+//! [`EgressPolicy::decide_name`] and [`EgressPolicy::decide_addr`] are
+//! the one place a name or an address is judged, as Sprites does: the
+//! most specific rule wins (`a.x` over `*.x`, which also speaks of `x`
+//! itself, over `*`); at equal specificity deny wins; an empty rule list
+//! means unrestricted, and otherwise what no rule allows is denied.
+//! Presets (`{"include": "defaults"}`) are lists shipped in
+//! network/presets/, for users to read.
 
 use std::fmt;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// The most rules a policy holds: far more than any allow list, and few
@@ -29,6 +41,9 @@ const MAX_INCLUDE: usize = 64;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
     pub rules: Vec<EgressRule>,
+    /// What no rule decides; unset, Sprites' reading: allow when there
+    /// are no rules, deny otherwise.
+    pub default: Option<EgressAction>,
 }
 
 /// One rule: a decision for the domains a pattern matches, or a preset's
@@ -39,9 +54,15 @@ pub enum EgressRule {
         pattern: DomainPattern,
         action: EgressAction,
     },
-    /// The rules of the preset of this name (`defaults`, say).
+    /// A decision for the addresses of a network, whatever name led there.
+    Cidr { net: IpNet, action: EgressAction },
+    /// The rules of the preset of this name (`defaults`, say): a name
+    /// [`PRESETS`] holds.
     Include(String),
 }
+
+/// The presets an `include` may name, with their rules as shipped.
+pub const PRESETS: &[(&str, &str)] = &[("defaults", include_str!("../presets/defaults.json"))];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,9 +71,46 @@ pub enum EgressAction {
     Deny,
 }
 
+/// A decision and what made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub action: EgressAction,
+    pub because: Because,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Because {
+    /// The policy has no rules and no default: nothing is restricted.
+    NoRules,
+    /// This rule (its pattern or network), from this preset if any.
+    Rule {
+        rule: String,
+        preset: Option<&'static str>,
+    },
+    /// No rule spoke of it.
+    Default,
+    /// A private, CGNAT, link-local or loopback address no CIDR rule names.
+    Private,
+}
+
+impl fmt::Display for Because {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Because::NoRules => f.write_str("no rules"),
+            Because::Rule { rule, preset: None } => write!(f, "rule {rule}"),
+            Because::Rule {
+                rule,
+                preset: Some(p),
+            } => write!(f, "rule {rule} ({p})"),
+            Because::Default => f.write_str("the default"),
+            Because::Private => f.write_str("a private address"),
+        }
+    }
+}
+
 /// The domains a rule speaks of, lower-cased: `*` (every name),
-/// `*.example.com` (the names under example.com, not example.com
-/// itself) or `example.com` (that name alone).
+/// `*.example.com` (the names under example.com and, as Sprites reads
+/// it, example.com itself) or `example.com` (that name alone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainPattern {
     Any,
@@ -68,9 +126,22 @@ impl DomainPattern {
         match self {
             DomainPattern::Any => true,
             DomainPattern::Exact(domain) => name == *domain,
-            DomainPattern::Under(suffix) => name
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            DomainPattern::Under(suffix) => {
+                name == *suffix
+                    || name
+                        .strip_suffix(suffix.as_str())
+                        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+            }
+        }
+    }
+
+    /// How closely the pattern names what it matches: an exact name over
+    /// any suffix, a longer suffix over a shorter, anything over `*`.
+    fn specificity(&self) -> (u8, usize) {
+        match self {
+            DomainPattern::Any => (0, 0),
+            DomainPattern::Under(suffix) => (1, suffix.len()),
+            DomainPattern::Exact(name) => (2, name.len()),
         }
     }
 
@@ -131,7 +202,9 @@ impl fmt::Display for DomainPattern {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EgressPolicyError {
-    #[error("not JSON of the form {{\"rules\": [...]}}")]
+    #[error(
+        "not JSON of the form {{\"rules\": [...], \"default\": \"allow\" or \"deny\" (optional)}}"
+    )]
     Json(#[source] serde_json::Error),
     #[error("{count} rules, more than {max}")]
     TooManyRules { count: usize, max: usize },
@@ -145,12 +218,22 @@ pub enum EgressPolicyError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
-    #[error("it names neither a domain nor an include")]
+    #[error("it names neither a domain, a cidr nor an include")]
     NoTarget,
-    #[error("it names both a domain and an include; give each its own rule")]
-    BothTargets,
-    #[error("its domain {domain:?} has no action: say \"allow\" or \"deny\"")]
-    NoAction { domain: String },
+    #[error("it names more than one of a domain, a cidr and an include; give each its own rule")]
+    SeveralTargets,
+    #[error("its {target:?} has no action: say \"allow\" or \"deny\"")]
+    NoAction { target: String },
+    #[error("its cidr {cidr:?} is not a CIDR network (203.0.113.0/24, 2001:db8::/32)")]
+    Cidr {
+        cidr: String,
+        #[source]
+        source: ipnet::AddrParseError,
+    },
+    #[error(
+        "it includes {include:?}, but there is no preset named {include:?} (there is: {known})"
+    )]
+    UnknownPreset { include: String, known: String },
     #[error("its include {include:?} takes no action: a preset says its own")]
     ActionOnInclude { include: String },
     #[error(
@@ -188,6 +271,8 @@ pub enum DomainError {
 #[serde(deny_unknown_fields)]
 struct Wire {
     rules: Vec<WireRule>,
+    #[serde(default)]
+    default: Option<EgressAction>,
 }
 
 #[derive(Deserialize)]
@@ -196,9 +281,65 @@ struct WireRule {
     #[serde(default)]
     domain: Option<String>,
     #[serde(default)]
+    cidr: Option<String>,
+    #[serde(default)]
     action: Option<EgressAction>,
     #[serde(default)]
     include: Option<String>,
+}
+
+/// A preset file: its rules, and a line for the people who read it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresetFile {
+    #[serde(rename = "about")]
+    _about: String,
+    rules: Vec<WireRule>,
+}
+
+/// The rules of a preset, parsed from the shipped text; `None` for a name
+/// [`PRESETS`] lacks. Presets are checked by a unit test, so a shipped one
+/// always parses.
+fn preset_rules(name: &str) -> Option<(&'static str, Vec<EgressRule>)> {
+    let (name, text) = PRESETS.iter().find(|(n, _)| *n == name)?;
+    let file: PresetFile = serde_json::from_str(text).ok()?;
+    let rules = file
+        .rules
+        .into_iter()
+        .map(WireRule::check)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some((name, rules))
+}
+
+/// Private, CGNAT, link-local, loopback and unique-local networks: an
+/// enforced policy denies them unless a CIDR rule names them, so an
+/// allowed name that resolves to one reaches nothing inside the VM's
+/// networks.
+const PRIVATE: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "::/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+fn is_private(addr: IpAddr) -> bool {
+    // An IPv4 address written as IPv6 is judged as the IPv4 one.
+    let addr = match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    };
+    PRIVATE.iter().any(|net| {
+        net.parse::<IpNet>()
+            .is_ok_and(|net: IpNet| net.contains(&addr))
+    })
 }
 
 impl EgressPolicy {
@@ -219,17 +360,186 @@ impl EgressPolicy {
                 rule.check()
                     .map_err(|source| EgressPolicyError::Rule { index, source })
             })
-            .collect::<Result<_, _>>()?;
-        Ok(EgressPolicy { rules })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (index, rule) in rules.iter().enumerate() {
+            if let EgressRule::Include(include) = rule {
+                if preset_rules(include).is_none() {
+                    let known = PRESETS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(EgressPolicyError::Rule {
+                        index,
+                        source: RuleError::UnknownPreset {
+                            include: include.clone(),
+                            known,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(EgressPolicy {
+            rules,
+            default: wire.default,
+        })
+    }
+
+    /// Whether the policy restricts nothing: no rules, and no default
+    /// that denies.
+    pub fn is_unrestricted(&self) -> bool {
+        self.rules.is_empty() && self.default != Some(EgressAction::Deny)
+    }
+
+    /// Every rule, the presets' taken in where they are included, with
+    /// the preset each came from.
+    fn each_rule(&self, mut f: impl FnMut(&EgressRule, Option<&'static str>)) {
+        for rule in &self.rules {
+            match rule {
+                EgressRule::Include(name) => {
+                    if let Some((name, rules)) = preset_rules(name) {
+                        for r in &rules {
+                            f(r, Some(name));
+                        }
+                    }
+                }
+                rule => f(rule, None),
+            }
+        }
+    }
+
+    /// What no rule decides.
+    fn fallback(&self) -> Verdict {
+        match (self.default, self.rules.is_empty()) {
+            (Some(action), _) => Verdict {
+                action,
+                because: Because::Default,
+            },
+            (None, true) => Verdict {
+                action: EgressAction::Allow,
+                because: Because::NoRules,
+            },
+            (None, false) => Verdict {
+                action: EgressAction::Deny,
+                because: Because::Default,
+            },
+        }
+    }
+
+    /// The decision for a name the inner looks up.
+    pub fn decide_name(&self, name: &str) -> Verdict {
+        let mut best: Option<((u8, usize), Verdict)> = None;
+        self.each_rule(|rule, preset| {
+            let EgressRule::Domain { pattern, action } = rule else {
+                return;
+            };
+            if !pattern.matches(name) {
+                return;
+            }
+            let rank = pattern.specificity();
+            let wins = match &best {
+                None => true,
+                Some((r, v)) => {
+                    rank > *r
+                        || (rank == *r
+                            && v.action == EgressAction::Allow
+                            && *action == EgressAction::Deny)
+                }
+            };
+            if wins {
+                let because = Because::Rule {
+                    rule: pattern.to_string(),
+                    preset,
+                };
+                best = Some((
+                    rank,
+                    Verdict {
+                        action: *action,
+                        because,
+                    },
+                ));
+            }
+        });
+        best.map_or_else(|| self.fallback(), |(_, v)| v)
+    }
+
+    /// The decision the addresses alone make: the CIDR rule with the
+    /// longest prefix that holds `addr`, else a denial for a private
+    /// address; `None` when neither speaks of it (the names' rules do),
+    /// and always `None` for a policy that restricts nothing.
+    pub fn decide_addr(&self, addr: IpAddr) -> Option<Verdict> {
+        if self.is_unrestricted() {
+            return None;
+        }
+        let mut best: Option<(u8, Verdict)> = None;
+        self.each_rule(|rule, preset| {
+            let EgressRule::Cidr { net, action } = rule else {
+                return;
+            };
+            if !net.contains(&addr) {
+                return;
+            }
+            let len = net.prefix_len();
+            let wins = match &best {
+                None => true,
+                Some((l, v)) => {
+                    len > *l
+                        || (len == *l
+                            && v.action == EgressAction::Allow
+                            && *action == EgressAction::Deny)
+                }
+            };
+            if wins {
+                let because = Because::Rule {
+                    rule: net.to_string(),
+                    preset,
+                };
+                best = Some((
+                    len,
+                    Verdict {
+                        action: *action,
+                        because,
+                    },
+                ));
+            }
+        });
+        best.map(|(_, v)| v).or_else(|| {
+            is_private(addr).then_some(Verdict {
+                action: EgressAction::Deny,
+                because: Because::Private,
+            })
+        })
     }
 }
 
 impl WireRule {
     fn check(self) -> Result<EgressRule, RuleError> {
+        let targets = [
+            self.domain.is_some(),
+            self.cidr.is_some(),
+            self.include.is_some(),
+        ];
+        match targets.iter().filter(|t| **t).count() {
+            0 => return Err(RuleError::NoTarget),
+            1 => {}
+            _ => return Err(RuleError::SeveralTargets),
+        }
+        if let Some(cidr) = self.cidr {
+            let Some(action) = self.action else {
+                return Err(RuleError::NoAction { target: cidr });
+            };
+            return match cidr.parse::<IpNet>() {
+                // The network itself, not the address it was written with.
+                Ok(net) => Ok(EgressRule::Cidr {
+                    net: net.trunc(),
+                    action,
+                }),
+                Err(source) => Err(RuleError::Cidr { cidr, source }),
+            };
+        }
         match (self.domain, self.include, self.action) {
-            (None, None, _) => Err(RuleError::NoTarget),
-            (Some(_), Some(_), _) => Err(RuleError::BothTargets),
-            (Some(domain), None, None) => Err(RuleError::NoAction { domain }),
+            (None, None, _) | (Some(_), Some(_), _) => Err(RuleError::NoTarget),
+            (Some(domain), None, None) => Err(RuleError::NoAction { target: domain }),
             (Some(domain), None, Some(action)) => match DomainPattern::parse(&domain) {
                 Ok(pattern) => Ok(EgressRule::Domain { pattern, action }),
                 Err(source) => Err(RuleError::Domain { domain, source }),
@@ -308,7 +618,8 @@ mod tests {
     fn patterns_match_the_names_they_speak_of() {
         let under = DomainPattern::Under("npmjs.org".into());
         assert!(under.matches("registry.npmjs.org") && under.matches("A.B.NPMJS.ORG."));
-        assert!(!under.matches("npmjs.org") && !under.matches("evilnpmjs.org"));
+        // As Sprites reads it, `*.x` speaks of x itself too.
+        assert!(under.matches("npmjs.org") && !under.matches("evilnpmjs.org"));
         let exact = DomainPattern::Exact("github.com".into());
         assert!(exact.matches("GitHub.com.") && !exact.matches("api.github.com"));
         assert!(DomainPattern::Any.matches("anything.example"));
@@ -325,13 +636,17 @@ mod tests {
                 r#"{"rules":[{"action":"allow"}]}"#,
                 "rule 0: it names neither",
             ),
-            (r#"{"rules":[{"domain":"a","include":"b"}]}"#, "both"),
+            (
+                r#"{"rules":[{"domain":"a","include":"b"}]}"#,
+                "more than one",
+            ),
             (r#"{"rules":[{"domain":"a.test"}]}"#, "no action"),
             (
                 r#"{"rules":[{"include":"x","action":"deny"}]}"#,
                 "takes no action",
             ),
             (r#"{"rules":[{"include":"a b"}]}"#, "not a preset name"),
+            (r#"{"rules":[{"include":"nope"}]}"#, "no preset named"),
             (r#"{"rules":[{"include":""}]}"#, "not a preset name"),
             (
                 r#"{"rules":[{"domain":"a","action":"allow"},{"domain":"a..b","action":"allow"}]}"#,
@@ -371,5 +686,199 @@ mod tests {
             EgressPolicy::parse(&format!(r#"{{"rules":[{many}]}}"#)),
             Err(EgressPolicyError::TooManyRules { .. })
         ));
+    }
+
+    fn decide(policy: &str, name: &str) -> (EgressAction, String) {
+        let v = EgressPolicy::parse(policy).unwrap().decide_name(name);
+        (v.action, v.because.to_string())
+    }
+
+    #[test]
+    fn the_most_specific_rule_decides_a_name() {
+        let policy = r#"{"rules": [
+            {"domain": "*", "action": "allow"},
+            {"domain": "*.example.com", "action": "deny"},
+            {"domain": "*.api.example.com", "action": "allow"},
+            {"domain": "secret.api.example.com", "action": "deny"}
+        ]}"#;
+        let allow = EgressAction::Allow;
+        let deny = EgressAction::Deny;
+        for (name, want, because) in [
+            ("other.test", allow, "rule *"),
+            ("example.com", deny, "rule *.example.com"),
+            ("www.example.com", deny, "rule *.example.com"),
+            ("api.example.com", allow, "rule *.api.example.com"),
+            ("v1.api.example.com", allow, "rule *.api.example.com"),
+            (
+                "Secret.API.example.com.",
+                deny,
+                "rule secret.api.example.com",
+            ),
+        ] {
+            assert_eq!(decide(policy, name), (want, because.to_string()), "{name}");
+        }
+        // The same pattern twice, allowed and denied: deny wins, in either order.
+        for policy in [
+            r#"{"rules":[{"domain":"a.test","action":"allow"},{"domain":"a.test","action":"deny"}]}"#,
+            r#"{"rules":[{"domain":"a.test","action":"deny"},{"domain":"a.test","action":"allow"}]}"#,
+        ] {
+            assert_eq!(decide(policy, "a.test").0, deny, "{policy}");
+        }
+    }
+
+    #[test]
+    fn what_no_rule_allows_is_denied_unless_there_are_no_rules() {
+        assert!(EgressPolicy::parse(r#"{"rules":[]}"#)
+            .unwrap()
+            .is_unrestricted());
+        assert_eq!(
+            decide(r#"{"rules":[]}"#, "any.test"),
+            (EgressAction::Allow, "no rules".into())
+        );
+        let only_github = r#"{"rules":[{"domain":"github.com","action":"allow"}]}"#;
+        assert!(!EgressPolicy::parse(only_github).unwrap().is_unrestricted());
+        assert_eq!(
+            decide(only_github, "gitlab.com"),
+            (EgressAction::Deny, "the default".into())
+        );
+        // hull's `default` says what no rule decides.
+        let open = r#"{"default":"allow","rules":[{"domain":"evil.test","action":"deny"}]}"#;
+        assert_eq!(
+            decide(open, "fine.test"),
+            (EgressAction::Allow, "the default".into())
+        );
+        assert_eq!(decide(open, "evil.test").0, EgressAction::Deny);
+        let closed = r#"{"default":"deny","rules":[]}"#;
+        assert!(!EgressPolicy::parse(closed).unwrap().is_unrestricted());
+        assert_eq!(decide(closed, "any.test").0, EgressAction::Deny);
+    }
+
+    #[test]
+    fn the_defaults_preset_allows_registries_and_model_apis() {
+        let policy = r#"{"rules":[{"include":"defaults"},{"domain":"*","action":"deny"}]}"#;
+        for name in [
+            "api.anthropic.com",
+            "api.openai.com",
+            "github.com",
+            "objects.githubusercontent.com",
+            "gitlab.com",
+            "bitbucket.org",
+            "registry.npmjs.org",
+            "pypi.org",
+            "files.pythonhosted.org",
+            "index.crates.io",
+            "proxy.golang.org",
+            "repo1.maven.org",
+            "deb.debian.org",
+            "archive.ubuntu.com",
+        ] {
+            let (action, because) = decide(policy, name);
+            assert_eq!(action, EgressAction::Allow, "{name}: {because}");
+            assert!(
+                because.starts_with("rule ") && because.ends_with("(defaults)"),
+                "{because}"
+            );
+        }
+        assert_eq!(decide(policy, "example.com").0, EgressAction::Deny);
+        // A rule of the policy's own beats the preset's at equal specificity.
+        let no_pypi = r#"{"rules":[{"include":"defaults"},{"domain":"pypi.org","action":"deny"}]}"#;
+        assert_eq!(decide(no_pypi, "pypi.org").0, EgressAction::Deny);
+        let e = EgressPolicy::parse(r#"{"rules":[{"include":"nonesuch"}]}"#).unwrap_err();
+        assert!(
+            chain(&e).contains("no preset named \"nonesuch\" (there is: defaults)"),
+            "{}",
+            chain(&e)
+        );
+    }
+
+    #[test]
+    fn cidr_rules_decide_addresses_and_private_ones_stay_denied() {
+        let policy = EgressPolicy::parse(
+            r#"{"rules":[
+                {"cidr":"203.0.113.0/24","action":"allow"},
+                {"cidr":"203.0.113.7/32","action":"deny"},
+                {"cidr":"10.1.0.0/16","action":"allow"},
+                {"domain":"*","action":"allow"}
+            ]}"#,
+        )
+        .unwrap();
+        let at = |a: &str| {
+            policy
+                .decide_addr(a.parse().unwrap())
+                .map(|v| (v.action, v.because.to_string()))
+        };
+        assert_eq!(
+            at("203.0.113.9"),
+            Some((EgressAction::Allow, "rule 203.0.113.0/24".into()))
+        );
+        assert_eq!(
+            at("203.0.113.7"),
+            Some((EgressAction::Deny, "rule 203.0.113.7/32".into()))
+        );
+        // A private address a CIDR rule names is allowed; the others are
+        // denied even under `*` allow.
+        assert_eq!(at("10.1.2.3").map(|v| v.0), Some(EgressAction::Allow));
+        for private in [
+            "10.9.9.9",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "fd00::1",
+            "fe80::1",
+            "::1",
+        ] {
+            assert_eq!(
+                at(private),
+                Some((EgressAction::Deny, "a private address".into())),
+                "{private}"
+            );
+        }
+        // A public address no CIDR rule names is for the names' rules.
+        assert_eq!(at("198.51.100.1"), None);
+        // Without a policy nothing is decided by address.
+        assert_eq!(
+            EgressPolicy::parse(r#"{"rules":[]}"#)
+                .unwrap()
+                .decide_addr("10.0.0.1".parse().unwrap()),
+            None
+        );
+        for (text, says) in [
+            (
+                r#"{"rules":[{"cidr":"10.0.0.0/33","action":"allow"}]}"#,
+                "not a CIDR",
+            ),
+            (r#"{"rules":[{"cidr":"10.0.0.0/8"}]}"#, "no action"),
+            (
+                r#"{"rules":[{"cidr":"10.0.0.0/8","domain":"a","action":"allow"}]}"#,
+                "names more than one",
+            ),
+            (r#"{"default":"maybe","rules":[]}"#, "maybe"),
+        ] {
+            let e = EgressPolicy::parse(text).expect_err(text);
+            assert!(chain(&e).contains(says), "{text}: {}", chain(&e));
+        }
+    }
+
+    #[test]
+    fn every_shipped_preset_parses_and_only_allows() {
+        for (name, _) in PRESETS {
+            let (_, rules) =
+                preset_rules(name).unwrap_or_else(|| panic!("preset {name} does not parse"));
+            assert!(!rules.is_empty(), "{name}");
+            for rule in rules {
+                assert!(
+                    matches!(
+                        rule,
+                        EgressRule::Domain {
+                            action: EgressAction::Allow,
+                            ..
+                        }
+                    ),
+                    "preset {name}: {rule:?}: a preset allows names and includes nothing"
+                );
+            }
+        }
     }
 }
