@@ -243,7 +243,7 @@ fn the_network_policy_is_returned_as_posted_and_survives_a_restart() {
     let name = sprite_name(addr, &admin);
     let path = format!("/v1/sprites/{name}/policy/network");
     // Odd spacing and key order: what comes back is these bytes.
-    let posted = "{ \"rules\": [ {\"action\":\"allow\", \"domain\":\"example.com\"},\n {\"include\":\"x\"} ] }";
+    let posted = "{ \"rules\": [ {\"action\":\"allow\", \"domain\":\"example.com\"},\n {\"include\":\"defaults\"} ] }";
     let r = request(addr, "POST", &path, Some(&admin), Some(posted));
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(r.header("hull-policy-enforced"), Some("false"));
