@@ -15,10 +15,12 @@
 //! * [`peer`]: whether a connection comes from the inner's own network.
 //! * [`port_policy`]: which inner ports the outside reaches, and on what terms.
 //! * [`http`]: the HTTP ingress (hyper) with upgrades, waiting and private URLs.
-//! * [`egress`]: the egress policy, which domains the inner may reach
-//!   (parsed and stored; not enforced yet).
+//! * [`egress`]: the egress policy, which names and addresses the inner
+//!   may reach, decided in one place.
+//! * [`dns`]: the inner's name server, which refuses what the policy denies.
 
 pub mod budget;
+pub mod dns;
 pub mod egress;
 pub mod forward;
 pub mod http;
