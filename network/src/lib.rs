@@ -18,6 +18,7 @@
 //! * [`egress`]: the egress policy, which names and addresses the inner
 //!   may reach, decided in one place.
 //! * [`dns`]: the inner's name server, which refuses what the policy denies.
+//! * [`nft_set`]: nftables set elements over netlink, for the addresses it allowed.
 
 pub mod budget;
 pub mod dns;
@@ -27,6 +28,7 @@ pub mod http;
 pub mod link;
 pub mod nat;
 pub mod netns;
+pub mod nft_set;
 pub mod peer;
 pub mod port_policy;
 pub mod ports;

@@ -1,0 +1,162 @@
+//! Set elements over netlink, in a network namespace the test makes (its
+//! nftables are its own): added with their timeouts and visible to `nft`,
+//! re-added without error, flushed, and a missing set is an error that
+//! names it. Needs root and nft; under CI=true, their absence fails.
+
+// Test code: a failed unwrap is the test failing.
+#![allow(clippy::unwrap_used)]
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use hull_network::nft_set::{NftSetError, SetWriter, TableFamily};
+
+fn can_run() -> bool {
+    let why = if !nix::unistd::geteuid().is_root() {
+        "needs root (a network namespace)"
+    } else if Command::new("nft").arg("--version").output().is_err() {
+        "needs nft (apt-get install nftables)"
+    } else {
+        return true;
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test {why}, and CI=true forbids skipping");
+    }
+    eprintln!("skipping: this test {why}");
+    false
+}
+
+/// Runs `f` on a thread of its own in a new network namespace; the
+/// namespace goes when the thread ends.
+fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn nft(args: &[&str]) -> String {
+    // A child forked from this thread lives in this thread's namespace.
+    let out = Command::new("nft").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// (address, timeout in ms) of every element of a set, as nft lists it.
+fn elements(set: &str) -> Vec<(String, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&nft(&["-j", "list", "set", "inet", "hulltest", set])).unwrap();
+    let set = json["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o.get("set"))
+        .unwrap()
+        .clone();
+    let mut out: Vec<(String, u64)> = set["elem"]
+        .as_array()
+        .map(|a| a.to_vec())
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let e = &e["elem"];
+            (
+                e["val"].as_str().unwrap().to_string(),
+                e["timeout"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+const TABLE: &str = "table inet hulltest {
+    set allowed4 { type ipv4_addr; flags timeout; }
+    set allowed6 { type ipv6_addr; flags timeout; }
+}";
+
+#[test]
+fn addresses_go_into_the_set_with_their_timeouts_and_a_flush_empties_it() {
+    if !can_run() {
+        return;
+    }
+    in_new_netns(|| {
+        let script = std::env::temp_dir().join(format!("hull-nft-set-{}.nft", std::process::id()));
+        std::fs::write(&script, TABLE).unwrap();
+        nft(&["-f", script.to_str().unwrap()]);
+        std::fs::remove_file(&script).unwrap();
+
+        let mut w = SetWriter::open().unwrap();
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        w.add(
+            TableFamily::Inet,
+            "hulltest",
+            "allowed4",
+            &[
+                (v4("203.0.113.5"), Duration::from_secs(300)),
+                (v4("198.51.100.7"), Duration::from_secs(60)),
+            ],
+        )
+        .unwrap();
+        // nft shows timeouts in whole seconds.
+        assert_eq!(
+            elements("allowed4"),
+            [
+                ("198.51.100.7".to_string(), 60),
+                ("203.0.113.5".to_string(), 300)
+            ]
+        );
+        // Again, with another timeout: no error, and the first stays.
+        w.add(
+            TableFamily::Inet,
+            "hulltest",
+            "allowed4",
+            &[(v4("203.0.113.5"), Duration::from_secs(30))],
+        )
+        .unwrap();
+        assert_eq!(elements("allowed4").len(), 2);
+        w.add(
+            TableFamily::Inet,
+            "hulltest",
+            "allowed6",
+            &[(v4("2001:db8::1"), Duration::from_secs(120))],
+        )
+        .unwrap();
+        assert_eq!(elements("allowed6"), [("2001:db8::1".to_string(), 120)]);
+
+        w.flush(TableFamily::Inet, "hulltest", "allowed4").unwrap();
+        assert_eq!(elements("allowed4"), []);
+        assert_eq!(
+            elements("allowed6").len(),
+            1,
+            "flushing one set emptied another"
+        );
+
+        let e = w
+            .add(
+                TableFamily::Inet,
+                "hulltest",
+                "nonesuch",
+                &[(v4("203.0.113.9"), Duration::from_secs(1))],
+            )
+            .unwrap_err();
+        assert!(matches!(e, NftSetError::Refused { .. }), "{e:?}");
+        assert!(e.to_string().contains("hulltest/nonesuch"), "{e}");
+        // The socket still works after a refusal.
+        w.add(
+            TableFamily::Inet,
+            "hulltest",
+            "allowed4",
+            &[(v4("203.0.113.9"), Duration::from_secs(10))],
+        )
+        .unwrap();
+        assert_eq!(elements("allowed4"), [("203.0.113.9".to_string(), 10)]);
+    });
+}
