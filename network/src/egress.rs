@@ -19,7 +19,7 @@
 //! network/presets/, for users to read.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -463,6 +463,83 @@ impl EgressPolicy {
         best.map_or_else(|| self.fallback(), |(_, v)| v)
     }
 
+    /// The decision for an address no allowed name led to (a program that
+    /// connects to an IP it was given): the `*` rule if there is one, else
+    /// what no rule decides.
+    pub fn decide_unnamed(&self) -> Verdict {
+        let mut best: Option<Verdict> = None;
+        self.each_rule(|rule, preset| {
+            if let EgressRule::Domain {
+                pattern: DomainPattern::Any,
+                action,
+            } = rule
+            {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| b.action == EgressAction::Allow)
+                {
+                    best = Some(Verdict {
+                        action: *action,
+                        because: Because::Rule {
+                            rule: "*".into(),
+                            preset,
+                        },
+                    });
+                }
+            }
+        });
+        best.unwrap_or_else(|| self.fallback())
+    }
+
+    /// The IPv4 space split into disjoint, sorted ranges (first, last,
+    /// action) where [`Self::decide_addr`] decides, adjacent ones merged
+    /// when they agree: what a firewall's interval map can hold, since
+    /// its intervals may not overlap as CIDR rules do. Empty for a policy
+    /// that restricts nothing.
+    pub fn ipv4_ranges(&self) -> Vec<(Ipv4Addr, Ipv4Addr, EgressAction)> {
+        if self.is_unrestricted() {
+            return Vec::new();
+        }
+        // Every point where a decision may change: each network's first
+        // address and the one after its last.
+        let mut cuts: Vec<u64> = vec![0];
+        let mut add = |net: &IpNet| {
+            if let IpNet::V4(v4) = net {
+                cuts.push(u64::from(u32::from(v4.network())));
+                cuts.push(u64::from(u32::from(v4.broadcast())) + 1);
+            }
+        };
+        self.each_rule(|rule, _| {
+            if let EgressRule::Cidr { net, .. } = rule {
+                add(net);
+            }
+        });
+        for net in PRIVATE {
+            if let Ok(net) = net.parse::<IpNet>() {
+                add(&net);
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut ranges: Vec<(Ipv4Addr, Ipv4Addr, EgressAction)> = Vec::new();
+        for (i, &start) in cuts.iter().enumerate() {
+            let end = cuts.get(i + 1).map_or(u64::from(u32::MAX), |next| next - 1);
+            let (Ok(first), Ok(last)) = (u32::try_from(start), u32::try_from(end)) else {
+                continue; // the cut after 255.255.255.255
+            };
+            let Some(verdict) = self.decide_addr(IpAddr::V4(Ipv4Addr::from(first))) else {
+                continue;
+            };
+            match ranges.last_mut() {
+                Some(prev) if u32::from(prev.1) + 1 == first && prev.2 == verdict.action => {
+                    prev.1 = Ipv4Addr::from(last);
+                }
+                _ => ranges.push((Ipv4Addr::from(first), Ipv4Addr::from(last), verdict.action)),
+            }
+        }
+        ranges
+    }
+
     /// The decision the addresses alone make: the CIDR rule with the
     /// longest prefix that holds `addr`, else a denial for a private
     /// address; `None` when neither speaks of it (the names' rules do),
@@ -880,5 +957,78 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn addresses_split_into_ranges_each_decided_as_decide_addr_decides() {
+        let policy = EgressPolicy::parse(
+            r#"{"rules":[
+                {"cidr":"203.0.113.0/24","action":"allow"},
+                {"cidr":"203.0.113.128/25","action":"deny"},
+                {"cidr":"10.1.0.0/16","action":"allow"},
+                {"domain":"github.com","action":"allow"}
+            ]}"#,
+        )
+        .unwrap();
+        let ranges = policy.ipv4_ranges();
+        // Sorted, disjoint, and adjacent ranges differ in action.
+        for w in ranges.windows(2) {
+            assert!(w[0].1 < w[1].0, "{ranges:?}");
+            if u32::from(w[0].1) + 1 == u32::from(w[1].0) {
+                assert_ne!(w[0].2, w[1].2, "{ranges:?}");
+            }
+        }
+        let look = |a: &str| {
+            let a: std::net::Ipv4Addr = a.parse().unwrap();
+            ranges
+                .iter()
+                .find(|(lo, hi, _)| *lo <= a && a <= *hi)
+                .map(|r| r.2)
+        };
+        for a in [
+            "203.0.113.0",
+            "203.0.113.127",
+            "203.0.113.128",
+            "203.0.113.255",
+            "10.1.0.0",
+            "10.1.255.255",
+            "10.0.255.255",
+            "10.2.0.0",
+            "10.255.255.255",
+            "192.168.4.4",
+            "100.64.0.0",
+            "100.127.255.255",
+            "100.128.0.0",
+            "8.8.8.8",
+            "0.0.0.0",
+            "255.255.255.255",
+        ] {
+            let want = policy.decide_addr(a.parse().unwrap()).map(|v| v.action);
+            assert_eq!(look(a), want, "{a}: {ranges:?}");
+        }
+        assert!(EgressPolicy::parse(r#"{"rules":[]}"#)
+            .unwrap()
+            .ipv4_ranges()
+            .is_empty());
+    }
+
+    #[test]
+    fn an_address_no_name_led_to_is_judged_by_star_or_the_default() {
+        let unnamed = |text: &str| EgressPolicy::parse(text).unwrap().decide_unnamed().action;
+        assert_eq!(
+            unnamed(r#"{"rules":[{"domain":"a.test","action":"allow"}]}"#),
+            EgressAction::Deny
+        );
+        assert_eq!(
+            unnamed(
+                r#"{"rules":[{"domain":"a.test","action":"deny"},{"domain":"*","action":"allow"}]}"#
+            ),
+            EgressAction::Allow
+        );
+        assert_eq!(
+            unnamed(r#"{"default":"allow","rules":[{"domain":"a.test","action":"deny"}]}"#),
+            EgressAction::Allow
+        );
+        assert_eq!(unnamed(r#"{"rules":[]}"#), EgressAction::Allow);
     }
 }

@@ -7,7 +7,15 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::egress::{EgressAction, EgressPolicy};
 use crate::link::VethPlan;
+
+/// The set of the addresses allowed DNS answers gave, each for its TTL
+/// (filled by [`crate::nft_set::SetWriter`]).
+pub const ALLOWED_SET: &str = "egress_allowed";
+
+/// The named counter of denied connections and packets.
+pub const DENIED_COUNTER: &str = "egress_denied";
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -45,33 +53,112 @@ impl NatTable {
     /// reaches the root namespace itself (its services on 0.0.0.0, through
     /// the gateway or any of the VM's addresses) but replies to
     /// connections hulld opened into the inner.
-    pub fn ruleset(&self, plan: &VethPlan) -> String {
+    ///
+    /// With an `egress` policy that restricts anything, what the inner
+    /// sends out is judged too ([`Self::egress_rules`]).
+    pub fn ruleset(&self, plan: &VethPlan, egress: Option<&EgressPolicy>) -> String {
         let (table, subnet, veth) = (&self.name, plan.subnet(), &plan.host_if);
+        let enforced = egress.filter(|p| !p.is_unrestricted());
+        let (sets, outbound, resolver) = match enforced {
+            Some(policy) => (
+                format!(
+                    "\tset {ALLOWED_SET} {{ type ipv4_addr; flags timeout; }}\n\
+                     \tcounter {DENIED_COUNTER} {{}}\n\
+                     \tchain denied {{\n\
+                     \t\tcounter name {DENIED_COUNTER}\n\
+                     \t\tmeta l4proto tcp reject with tcp reset\n\
+                     \t\treject with icmp type admin-prohibited\n\
+                     \t}}\n"
+                ),
+                Self::egress_rules(veth, policy),
+                // The inner's one name server is hulld's, on the gateway.
+                format!(
+                    "\t\tiifname \"{veth}\" ip daddr {gw} udp dport 53 accept\n\
+                     \t\tiifname \"{veth}\" ip daddr {gw} tcp dport 53 accept\n",
+                    gw = plan.host_ip
+                ),
+            ),
+            None => (
+                String::new(),
+                format!("\t\tiifname \"{veth}\" accept\n"),
+                String::new(),
+            ),
+        };
         format!(
             "table ip {table} {{}}\n\
              delete table ip {table}\n\
              table ip {table} {{\n\
+             {sets}\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tip saddr {subnet} oifname != \"{veth}\" masquerade\n\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"{veth}\" accept\n\
+             {outbound}\
              \t\toifname \"{veth}\" ct state established,related accept\n\
              \t\toifname \"{veth}\" drop\n\
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{veth}\" ct state established,related accept\n\
+             {resolver}\
              \t\tiifname \"{veth}\" drop\n\
              \t}}\n\
              }}\n"
         )
     }
 
-    pub fn install(&self, plan: &VethPlan) -> Result<(), NatError> {
-        run_nft(&self.name, &self.ruleset(plan))
+    /// The forward rules for what the inner sends out under an enforced
+    /// policy, in order:
+    /// 1. replies and connections already judged pass (a policy change
+    ///    removes the conntrack entries of what it newly denies, so their
+    ///    next packet is judged again);
+    /// 2. DNS to anyone but the gateway's resolver is denied;
+    /// 3. addresses decided by CIDR rules or as private, in one interval
+    ///    map ([`EgressPolicy::ipv4_ranges`]);
+    /// 4. addresses an allowed DNS answer gave, while their TTL lasts;
+    /// 5. anything else as the policy's `*` rule or default says.
+    ///
+    /// A denial is a TCP reset or an ICMP error, so programs fail at once.
+    pub fn egress_rules(veth: &str, policy: &EgressPolicy) -> String {
+        let verdict = |a: EgressAction| match a {
+            EgressAction::Allow => "accept",
+            EgressAction::Deny => "jump denied",
+        };
+        let map = policy
+            .ipv4_ranges()
+            .iter()
+            .map(|(first, last, action)| {
+                let key = if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                };
+                format!("{key} : {}", verdict(*action))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut rules = format!(
+            "\t\tiifname \"{veth}\" ct state established,related accept\n\
+             \t\tiifname \"{veth}\" udp dport 53 jump denied\n\
+             \t\tiifname \"{veth}\" tcp dport 53 jump denied\n"
+        );
+        if !map.is_empty() {
+            rules.push_str(&format!(
+                "\t\tiifname \"{veth}\" ip daddr vmap {{ {map} }}\n"
+            ));
+        }
+        rules.push_str(&format!(
+            "\t\tiifname \"{veth}\" ip daddr @{ALLOWED_SET} accept\n\
+             \t\tiifname \"{veth}\" {}\n",
+            verdict(policy.decide_unnamed().action)
+        ));
+        rules
+    }
+
+    pub fn install(&self, plan: &VethPlan, egress: Option<&EgressPolicy>) -> Result<(), NatError> {
+        run_nft(&self.name, &self.ruleset(plan, egress))
     }
 
     /// Removes the table; a table that is not there is not an error.
@@ -180,11 +267,39 @@ mod tests {
     #[test]
     fn ruleset_masquerades_the_subnet_and_replaces_the_table() {
         let plan = VethPlan::new("100.96.0.0/30", "hv1").unwrap();
-        let rules = NatTable::new("hull_t").ruleset(&plan);
+        let rules = NatTable::new("hull_t").ruleset(&plan, None);
         assert!(rules.starts_with("table ip hull_t {}\ndelete table ip hull_t\n"));
         assert!(rules.contains("ip saddr 100.96.0.0/30 oifname != \"hv1\" masquerade"));
         assert!(rules.contains("oifname \"hv1\" drop"));
         assert!(rules.contains("hook input"));
         assert!(rules.contains("iifname \"hv1\" drop"));
+    }
+
+    #[test]
+    fn an_enforced_policy_judges_what_the_inner_sends_and_lets_dns_reach_only_the_gateway() {
+        let plan = VethPlan::new("100.96.0.0/30", "hv1").unwrap();
+        let policy = EgressPolicy::parse(
+            r#"{"rules":[{"domain":"github.com","action":"allow"},{"cidr":"10.1.0.0/16","action":"allow"}]}"#,
+        )
+        .unwrap();
+        let rules = NatTable::new("hull_t").ruleset(&plan, Some(&policy));
+        assert!(!rules.contains("iifname \"hv1\" accept\n"), "{rules}");
+        assert!(rules.contains("set egress_allowed { type ipv4_addr; flags timeout; }"));
+        assert!(rules.contains("iifname \"hv1\" udp dport 53 jump denied"));
+        assert!(rules.contains("10.1.0.0-10.1.255.255 : accept"), "{rules}");
+        assert!(
+            rules.contains("10.0.0.0-10.0.255.255 : jump denied"),
+            "{rules}"
+        );
+        assert!(rules.contains("iifname \"hv1\" ip daddr @egress_allowed accept"));
+        // Deny-default: the last word on anything else.
+        assert!(rules.contains("iifname \"hv1\" jump denied\n"), "{rules}");
+        assert!(rules.contains("iifname \"hv1\" ip daddr 100.96.0.1 udp dport 53 accept"));
+        // An unrestricted policy is no policy.
+        let open = EgressPolicy::parse(r#"{"rules":[]}"#).unwrap();
+        assert_eq!(
+            NatTable::new("hull_t").ruleset(&plan, Some(&open)),
+            NatTable::new("hull_t").ruleset(&plan, None)
+        );
     }
 }

@@ -160,3 +160,49 @@ fn addresses_go_into_the_set_with_their_timeouts_and_a_flush_empties_it() {
         assert_eq!(elements("allowed4"), [("203.0.113.9".to_string(), 10)]);
     });
 }
+
+#[test]
+fn the_enforced_ruleset_loads_and_its_allowed_set_takes_elements() {
+    if !can_run() {
+        return;
+    }
+    in_new_netns(|| {
+        let plan = hull_network::link::VethPlan::new("100.96.0.0/30", "hv1").unwrap();
+        let policy = hull_network::EgressPolicy::parse(
+            r#"{"rules":[{"include":"defaults"},{"cidr":"10.1.0.0/16","action":"allow"},{"cidr":"203.0.113.7/32","action":"deny"}]}"#,
+        )
+        .unwrap();
+        let table = hull_network::nat::NatTable::new("hulltest");
+        table.install(&plan, Some(&policy)).unwrap();
+        let listed = nft(&["list", "table", "ip", "hulltest"]);
+        assert!(listed.contains("vmap"), "{listed}");
+        assert!(listed.contains("203.0.113.7 : jump denied"), "{listed}");
+        let mut w = SetWriter::open().unwrap();
+        w.add(
+            TableFamily::Ip,
+            "hulltest",
+            hull_network::nat::ALLOWED_SET,
+            &[("140.82.112.3".parse().unwrap(), Duration::from_secs(60))],
+        )
+        .unwrap();
+        let set = nft(&[
+            "list",
+            "set",
+            "ip",
+            "hulltest",
+            hull_network::nat::ALLOWED_SET,
+        ]);
+        assert!(set.contains("140.82.112.3"), "{set}");
+        // Installing again replaces the table whole: the set starts empty.
+        table.install(&plan, Some(&policy)).unwrap();
+        let set = nft(&[
+            "list",
+            "set",
+            "ip",
+            "hulltest",
+            hull_network::nat::ALLOWED_SET,
+        ]);
+        assert!(!set.contains("140.82.112.3"), "{set}");
+        table.remove().unwrap();
+    });
+}

@@ -363,7 +363,7 @@ async fn egress(
         tracing::info!("IPv4 forwarding was off; turned it on for the inner's egress");
     }
     let table = NatTable::new(&format!("hull_{}", plan.host_if));
-    tokio::task::block_in_place(|| table.install(plan))?;
+    tokio::task::block_in_place(|| table.install(plan, None))?;
     let host_resolv = Path::new("/etc/resolv.conf");
     let host_text = std::fs::read_to_string(host_resolv).unwrap_or_default();
     let configured: Vec<String> = net.dns.iter().map(IpAddr::to_string).collect();
