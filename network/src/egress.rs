@@ -312,6 +312,32 @@ fn preset_rules(name: &str) -> Option<(&'static str, Vec<EgressRule>)> {
     Some((name, rules))
 }
 
+/// Keeps in `best` the more specific of it and a matching rule of rank
+/// `rank`: a higher rank wins, and at equal rank deny wins over allow.
+fn keep_best<R: PartialOrd>(
+    best: &mut Option<(R, Verdict)>,
+    rank: R,
+    action: EgressAction,
+    because: impl FnOnce() -> Because,
+) {
+    let wins = match best {
+        None => true,
+        Some((r, v)) => {
+            rank > *r
+                || (rank == *r && v.action == EgressAction::Allow && action == EgressAction::Deny)
+        }
+    };
+    if wins {
+        *best = Some((
+            rank,
+            Verdict {
+                action,
+                because: because(),
+            },
+        ));
+    }
+}
+
 /// Private, CGNAT, link-local, loopback and unique-local networks: an
 /// enforced policy denies them unless a CIDR rule names them, so an
 /// allowed name that resolves to one reaches nothing inside the VM's
@@ -436,29 +462,12 @@ impl EgressPolicy {
             if !pattern.matches(name) {
                 return;
             }
-            let rank = pattern.specificity();
-            let wins = match &best {
-                None => true,
-                Some((r, v)) => {
-                    rank > *r
-                        || (rank == *r
-                            && v.action == EgressAction::Allow
-                            && *action == EgressAction::Deny)
-                }
-            };
-            if wins {
-                let because = Because::Rule {
+            keep_best(&mut best, pattern.specificity(), *action, || {
+                Because::Rule {
                     rule: pattern.to_string(),
                     preset,
-                };
-                best = Some((
-                    rank,
-                    Verdict {
-                        action: *action,
-                        because,
-                    },
-                ));
-            }
+                }
+            });
         });
         best.map_or_else(|| self.fallback(), |(_, v)| v)
     }
@@ -556,29 +565,10 @@ impl EgressPolicy {
             if !net.contains(&addr) {
                 return;
             }
-            let len = net.prefix_len();
-            let wins = match &best {
-                None => true,
-                Some((l, v)) => {
-                    len > *l
-                        || (len == *l
-                            && v.action == EgressAction::Allow
-                            && *action == EgressAction::Deny)
-                }
-            };
-            if wins {
-                let because = Because::Rule {
-                    rule: net.to_string(),
-                    preset,
-                };
-                best = Some((
-                    len,
-                    Verdict {
-                        action: *action,
-                        because,
-                    },
-                ));
-            }
+            keep_best(&mut best, net.prefix_len(), *action, || Because::Rule {
+                rule: net.to_string(),
+                preset,
+            });
         });
         best.map(|(_, v)| v).or_else(|| {
             is_private(addr).then_some(Verdict {

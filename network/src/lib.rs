@@ -19,15 +19,21 @@
 //!   may reach, decided in one place.
 //! * [`dns`]: the inner's name server, which refuses what the policy denies.
 //! * [`nft_set`]: nftables set elements over netlink, for the addresses it allowed.
+//! * [`enforcer`]: the one owner of the firewall table under a policy, and
+//!   of the addresses allowed answers let through.
+//! * [`conntrack`]: ends the connections a policy change newly denies.
 
 pub mod budget;
+pub mod conntrack;
 pub mod dns;
 pub mod egress;
+pub mod enforcer;
 pub mod forward;
 pub mod http;
 pub mod link;
 pub mod nat;
 pub mod netns;
+mod nfnetlink;
 pub mod nft_set;
 pub mod peer;
 pub mod port_policy;

@@ -19,6 +19,11 @@ use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+use crate::nfnetlink::{
+    c_string, put_attr, put_message, wait_ack, Wait, NLA_F_NESTED, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_REQUEST,
+};
+
 /// nfnetlink's batch markers and the nftables subsystem.
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -34,13 +39,6 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
-
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_HDRLEN: usize = 16;
 
 /// The nftables family of the table a set is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +212,7 @@ impl SetWriter {
             let (table, set) = names();
             NftSetError::Send { table, set, source }
         })?;
-        self.wait_ack(base.wrapping_add(1)).map_err(|e| {
+        wait_ack(&self.socket, base.wrapping_add(1)).map_err(|e| {
             let (table, set) = names();
             match e {
                 Wait::Refused(source) => NftSetError::Refused { table, set, source },
@@ -222,88 +220,4 @@ impl SetWriter {
             }
         })
     }
-
-    /// Reads until the kernel answers message `seq`: an error of 0 is the
-    /// acknowledgement, another is the reason it was refused.
-    fn wait_ack(&mut self, seq: u32) -> Result<(), Wait> {
-        let mut buf = vec![0u8; 8192];
-        loop {
-            buf.clear();
-            let n = self.socket.recv(&mut buf, 0).map_err(Wait::Receive)?;
-            let mut at = 0;
-            while at + NLMSG_HDRLEN <= n {
-                let len = u32_at(&buf, at) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                let got_seq = u32_at(&buf, at + 8);
-                if len < NLMSG_HDRLEN || at + len > n {
-                    return Err(Wait::Receive(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a malformed netlink message",
-                    )));
-                }
-                if kind == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-                    let errno = i32::from_ne_bytes([
-                        buf[at + 16],
-                        buf[at + 17],
-                        buf[at + 18],
-                        buf[at + 19],
-                    ]);
-                    if errno != 0 {
-                        // A refused batch answers with the failing message's seq.
-                        return Err(Wait::Refused(io::Error::from_raw_os_error(-errno)));
-                    }
-                    if got_seq == seq {
-                        return Ok(());
-                    }
-                }
-                at += (len + 3) & !3;
-            }
-        }
-    }
-}
-
-enum Wait {
-    Refused(io::Error),
-    Receive(io::Error),
-}
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
-}
-
-fn c_string(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-/// A netlink attribute: length, type, payload, padded to four bytes.
-fn put_attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(payload);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-/// A netlink message with an nfgenmsg header (family, version 0, the
-/// resource id in network order) before its attributes.
-fn put_message(
-    out: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: [u8; 2],
-    attrs: &[u8],
-) {
-    let len = u32::try_from(NLMSG_HDRLEN + 4 + attrs.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&[family, 0, res_id[0], res_id[1]]);
-    out.extend_from_slice(attrs);
-    out.resize(out.len().next_multiple_of(4), 0);
 }

@@ -1,7 +1,8 @@
-//! Set elements over netlink, in a network namespace the test makes (its
-//! nftables are its own): added with their timeouts and visible to `nft`,
-//! re-added without error, flushed, and a missing set is an error that
-//! names it. Needs root and nft; under CI=true, their absence fails.
+//! The egress firewall's parts in network namespaces the test makes (their
+//! nftables and conntrack are their own): set elements over netlink with
+//! their timeouts, the enforced ruleset as nft loads it, conntrack entries
+//! listed and cut, and the enforcer that ties them to the policy. Needs
+//! root and nft; under CI=true, their absence fails.
 
 // Test code: a failed unwrap is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -204,5 +205,161 @@ fn the_enforced_ruleset_loads_and_its_allowed_set_takes_elements() {
         ]);
         assert!(!set.contains("140.82.112.3"), "{set}");
         table.remove().unwrap();
+    });
+}
+
+/// Brings up loopback in the calling thread's namespace.
+fn lo_up() {
+    let out = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn conntrack_lists_the_inner_s_connections_and_cuts_the_denied_ones() {
+    if !can_run() {
+        return;
+    }
+    in_new_netns(|| {
+        use hull_network::conntrack::Conntrack;
+        use hull_network::enforcer::CutConnections;
+        lo_up();
+        // A rule that looks at conntrack makes the namespace track.
+        let script = std::env::temp_dir().join(format!("hull-ct-{}.nft", std::process::id()));
+        std::fs::write(
+            &script,
+            "table ip hulltest {\n chain out {\n type filter hook output priority 0; ct state established accept\n }\n}\n",
+        )
+        .unwrap();
+        nft(&["-f", script.to_str().unwrap()]);
+        std::fs::remove_file(&script).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _server = listener.accept().unwrap();
+
+        let mut ct = Conntrack::open().unwrap();
+        let lo: std::net::Ipv4Addr = "127.0.0.1".parse().unwrap();
+        let before = ct.list_from(lo).unwrap();
+        assert!(!before.is_empty(), "the connection is not tracked");
+        assert!(before.iter().all(|t| t.dst == lo));
+        // Nothing denied: nothing cut.
+        assert_eq!(ct.cut(lo, &|_| false).unwrap(), 0);
+        assert_eq!(ct.list_from(lo).unwrap().len(), before.len());
+        assert_eq!(ct.cut(lo, &|dst| dst == lo).unwrap(), before.len() as u64);
+        assert!(
+            ct.list_from(lo).unwrap().is_empty(),
+            "the entries are still there"
+        );
+        // Deleting what is already gone is no error.
+        assert_eq!(ct.cut(lo, &|dst| dst == lo).unwrap(), 0);
+    });
+}
+
+/// Records what a policy change asked to cut.
+struct Judged(std::sync::Arc<std::sync::Mutex<Vec<(std::net::Ipv4Addr, bool)>>>);
+
+impl hull_network::enforcer::CutConnections for Judged {
+    fn cut(
+        &mut self,
+        _from: std::net::Ipv4Addr,
+        denied: &dyn Fn(std::net::Ipv4Addr) -> bool,
+    ) -> std::io::Result<u64> {
+        let mut seen = self.0.lock().unwrap();
+        for a in ["140.82.112.3", "104.16.0.1", "10.1.2.3", "8.8.8.8"] {
+            let a = a.parse().unwrap();
+            seen.push((a, denied(a)));
+        }
+        Ok(0)
+    }
+}
+
+#[test]
+fn the_enforcer_admits_answers_and_a_policy_change_keeps_only_what_it_still_allows() {
+    if !can_run() {
+        return;
+    }
+    in_new_netns(|| {
+        use hull_network::dns::{Admit, Admitted};
+        use hull_network::enforcer::Enforcer;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let plan = hull_network::link::VethPlan::new("100.96.0.0/30", "hv1").unwrap();
+        let parse = |t: &str| std::sync::Arc::new(hull_network::EgressPolicy::parse(t).unwrap());
+        let judged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let enforcer = Enforcer::start(
+            hull_network::nat::NatTable::new("hulltest"),
+            plan,
+            parse(r#"{"rules":[{"domain":"github.com","action":"allow"},{"domain":"npmjs.org","action":"allow"}]}"#),
+            Judged(judged.clone()),
+        )
+        .unwrap();
+        let set = || {
+            nft(&[
+                "list",
+                "set",
+                "ip",
+                "hulltest",
+                hull_network::nat::ALLOWED_SET,
+            ])
+        };
+        rt.block_on(async {
+            for (name, ip) in [("github.com", "140.82.112.3"), ("npmjs.org", "104.16.0.1")] {
+                enforcer
+                    .admit(Admitted {
+                        name: name.into(),
+                        addrs: vec![(ip.parse().unwrap(), Duration::from_secs(300))],
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        let listed = set();
+        assert!(
+            listed.contains("140.82.112.3") && listed.contains("104.16.0.1"),
+            "{listed}"
+        );
+        assert_eq!(enforcer.state().borrow().admitted, 2);
+
+        // npm is no longer allowed; a CIDR rule allows 10.1.0.0/16.
+        rt.block_on(enforcer.set_policy(parse(
+            r#"{"rules":[{"domain":"github.com","action":"allow"},{"cidr":"10.1.0.0/16","action":"allow"}]}"#,
+        )))
+        .unwrap();
+        let listed = set();
+        assert!(
+            listed.contains("140.82.112.3"),
+            "an address still allowed was dropped: {listed}"
+        );
+        assert!(
+            !listed.contains("104.16.0.1"),
+            "a newly denied address stayed: {listed}"
+        );
+        assert_eq!(
+            *judged.lock().unwrap(),
+            [
+                ("140.82.112.3".parse().unwrap(), false),
+                ("104.16.0.1".parse().unwrap(), true),
+                ("10.1.2.3".parse().unwrap(), false),
+                ("8.8.8.8".parse().unwrap(), true),
+            ]
+        );
+        let state = enforcer.state().borrow().clone();
+        assert_eq!((state.admitted, state.policies, state.error), (1, 1, None));
+        // The table follows the policy: the CIDR rule is in its map.
+        // nft lists a range that is a whole network as its prefix.
+        let table = nft(&["list", "table", "ip", "hulltest"]);
+        assert!(table.contains("10.1.0.0/16 : accept"), "{table}");
+        hull_network::nat::NatTable::new("hulltest")
+            .remove()
+            .unwrap();
     });
 }
