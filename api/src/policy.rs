@@ -1,11 +1,9 @@
 //! `/v1/sprites/{name}/policy/network`: the sandbox's egress policy as the
 //! Sprites API writes it (`{"rules": [{"domain", "action", "include"}]}`).
 //! hulld checks it (`hull_network::EgressPolicy`, the one parser: a bad
-//! policy is its 400), stores it as sent and returns it byte for byte;
-//! nothing enforces it yet, and every answer says so in its
-//! `Hull-Policy-Enforced: false` header (a header, so that the body stays
-//! exactly what was posted and the SDKs, which read the body only, take it
-//! as they would from Fly).
+//! policy is its 400), stores it as sent and returns it byte for byte (the
+//! SDKs compare what they read back with what they wrote). A POST answers
+//! once the firewall and the name server enforce the new policy.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -20,23 +18,12 @@ use crate::Shared;
 /// The largest policy accepted: thousands of rules.
 const MAX_POLICY_BODY: usize = 256 * 1024;
 
-/// Says whether the policy is enforced.
-pub const ENFORCED_HEADER: &str = "hull-policy-enforced";
-
 /// The answer to a GET before any policy was set: no rules.
 const NO_POLICY: &str = "{\"rules\":[]}";
 
-fn with_enforcement(mut response: Response<Body>, enforced: bool) -> Response<Body> {
-    response.headers_mut().insert(
-        ENFORCED_HEADER,
-        HeaderValue::from_static(if enforced { "true" } else { "false" }),
-    );
-    response
-}
-
 pub async fn get(state: &Shared) -> Result<Response<Body>, ApiError> {
     let mut client = state.connect().await?;
-    let (policy, enforced) = client
+    let (policy, _) = client
         .network_policy(None)
         .await
         .map_err(ApiError::daemon)?;
@@ -45,7 +32,7 @@ pub async fn get(state: &Shared) -> Result<Response<Body>, ApiError> {
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Ok(with_enforcement(response, enforced))
+    Ok(response)
 }
 
 pub async fn set(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -53,12 +40,9 @@ pub async fn set(state: &Shared, req: Request<Incoming>) -> Result<Response<Body
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
     let mut client = state.connect().await?;
-    let (_, enforced) = client
+    client
         .network_policy(Some(text.to_string()))
         .await
         .map_err(ApiError::daemon)?;
-    Ok(with_enforcement(
-        empty_response(StatusCode::NO_CONTENT),
-        enforced,
-    ))
+    Ok(empty_response(StatusCode::NO_CONTENT))
 }

@@ -27,7 +27,7 @@ use hickory_proto::rr::RData;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::AbortHandle;
 
 use crate::egress::{EgressAction, EgressPolicy};
 
@@ -111,7 +111,7 @@ pub enum DnsError {
 pub struct DnsProxy {
     local: SocketAddr,
     counts: Arc<DnsCounts>,
-    tasks: JoinSet<()>,
+    tasks: Vec<AbortHandle>,
 }
 
 impl DnsProxy {
@@ -146,9 +146,10 @@ impl DnsProxy {
             counts: Arc::new(DnsCounts::default()),
         });
         let counts = shared.counts.clone();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(serve_udp(shared.clone(), Arc::new(udp)));
-        tasks.spawn(serve_tcp(shared, tcp));
+        let tasks = vec![
+            tokio::spawn(serve_udp(shared.clone(), Arc::new(udp))).abort_handle(),
+            tokio::spawn(serve_tcp(shared, tcp)).abort_handle(),
+        ];
         Ok(DnsProxy {
             local,
             counts,
@@ -165,8 +166,14 @@ impl DnsProxy {
     }
 
     /// Stops listening; answers in flight are dropped.
-    pub fn stop(&mut self) {
-        self.tasks.abort_all();
+    pub fn stop(&self) {
+        self.tasks.iter().for_each(AbortHandle::abort);
+    }
+}
+
+impl Drop for DnsProxy {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

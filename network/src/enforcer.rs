@@ -64,6 +64,7 @@ enum Msg {
 pub struct Enforcer {
     tx: mpsc::UnboundedSender<Msg>,
     state: watch::Receiver<EnforcerState>,
+    policy: watch::Receiver<Arc<EgressPolicy>>,
 }
 
 /// What ends the connections from the inner to addresses a policy change
@@ -89,10 +90,11 @@ impl Enforcer {
         let writer = SetWriter::open().map_err(EnforcerError::Set)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(EnforcerState::default());
+        let (policy_tx, policy_rx) = watch::channel(policy);
         let actor = Actor {
             table,
             plan,
-            policy,
+            policy: policy_tx,
             writer,
             known: HashMap::new(),
             cutter: Box::new(cutter),
@@ -102,7 +104,18 @@ impl Enforcer {
             .name("hull-egress".into())
             .spawn(move || actor.run(rx))
             .map_err(EnforcerError::Thread)?;
-        Ok(Enforcer { tx, state })
+        Ok(Enforcer {
+            tx,
+            state,
+            policy: policy_rx,
+        })
+    }
+
+    /// The policy the firewall enforces, published once it does: what the
+    /// name server judges names by, so it never hands out an address the
+    /// firewall is not yet judging by the same policy.
+    pub fn policy(&self) -> watch::Receiver<Arc<EgressPolicy>> {
+        self.policy.clone()
     }
 
     /// Applies a new policy; returns once the firewall enforces it.
@@ -140,7 +153,7 @@ struct Known {
 struct Actor {
     table: NatTable,
     plan: VethPlan,
-    policy: Arc<EgressPolicy>,
+    policy: watch::Sender<Arc<EgressPolicy>>,
     writer: SetWriter,
     known: HashMap<Ipv4Addr, Known>,
     cutter: Box<dyn CutConnections>,
@@ -230,14 +243,15 @@ impl Actor {
             .iter()
             .map(|(ip, k)| (IpAddr::V4(*ip), k.until - now))
             .collect();
-        self.policy = policy;
+        self.policy.send_replace(policy);
         self.writer
             .add(TableFamily::Ip, &self.table.name, ALLOWED_SET, &keep)
             .map_err(EnforcerError::Set)?;
         // Every open connection of the inner is judged again: one the new
         // policy denies is ended, one it still allows is kept.
-        let (policy, known) = (&self.policy, &self.known);
-        let denied = |ip: Ipv4Addr| !Self::allows(policy, ip, known.get(&ip).map(|k| &k.names));
+        let policy = self.policy.borrow().clone();
+        let known = &self.known;
+        let denied = |ip: Ipv4Addr| !Self::allows(&policy, ip, known.get(&ip).map(|k| &k.names));
         let cut = match self.cutter.cut(self.plan.inner_ip, &denied) {
             Ok(n) => n,
             Err(e) => {

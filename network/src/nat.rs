@@ -4,6 +4,7 @@
 //! hulld's leftovers are overwritten, never duplicated.
 
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -52,14 +53,21 @@ impl NatTable {
     /// replies (the way in is the ingress); and nothing from the inner
     /// reaches the root namespace itself (its services on 0.0.0.0, through
     /// the gateway or any of the VM's addresses) but replies to
-    /// connections hulld opened into the inner.
+    /// connections hulld opened into the inner, and DNS to hulld's name
+    /// server on the gateway ([`crate::dns`]).
     ///
     /// With an `egress` policy that restricts anything, what the inner
     /// sends out is judged too ([`Self::egress_rules`]).
     pub fn ruleset(&self, plan: &VethPlan, egress: Option<&EgressPolicy>) -> String {
         let (table, subnet, veth) = (&self.name, plan.subnet(), &plan.host_if);
         let enforced = egress.filter(|p| !p.is_unrestricted());
-        let (sets, outbound, resolver) = match enforced {
+        // The inner's one name server is hulld's, on the gateway.
+        let resolver = format!(
+            "\t\tiifname \"{veth}\" ip daddr {gw} udp dport 53 accept\n\
+             \t\tiifname \"{veth}\" ip daddr {gw} tcp dport 53 accept\n",
+            gw = plan.host_ip
+        );
+        let (sets, outbound) = match enforced {
             Some(policy) => (
                 format!(
                     "\tset {ALLOWED_SET} {{ type ipv4_addr; flags timeout; }}\n\
@@ -71,18 +79,8 @@ impl NatTable {
                      \t}}\n"
                 ),
                 Self::egress_rules(veth, policy),
-                // The inner's one name server is hulld's, on the gateway.
-                format!(
-                    "\t\tiifname \"{veth}\" ip daddr {gw} udp dport 53 accept\n\
-                     \t\tiifname \"{veth}\" ip daddr {gw} tcp dport 53 accept\n",
-                    gw = plan.host_ip
-                ),
             ),
-            None => (
-                String::new(),
-                format!("\t\tiifname \"{veth}\" accept\n"),
-                String::new(),
-            ),
+            None => (String::new(), format!("\t\tiifname \"{veth}\" accept\n")),
         };
         format!(
             "table ip {table} {{}}\n\
@@ -211,39 +209,37 @@ pub fn enable_forwarding() -> Result<bool, NatError> {
     Ok(true)
 }
 
-/// The resolv.conf for the inner: the configured servers, else the host's
-/// servers that the inner can reach (not the host's loopback, which inside
-/// the inner is the inner's own).
-pub fn resolv_conf(host: &str, configured: &[String]) -> (String, Vec<String>) {
-    let mut servers: Vec<String> = configured.to_vec();
+/// The resolv.conf for the inner, whose one name server is hulld's on
+/// the gateway ([`crate::dns`]), and the upstreams that server asks: the
+/// configured servers, else the host's (the host's loopback ones too: the
+/// name server runs in the root namespace, where they answer).
+pub fn resolv_conf(
+    host: &str,
+    configured: &[IpAddr],
+    gateway: Ipv4Addr,
+) -> (String, Vec<SocketAddr>) {
+    let mut servers: Vec<IpAddr> = configured.to_vec();
     let mut search = Vec::new();
-    if servers.is_empty() {
-        for line in host.lines() {
-            let mut words = line.split_whitespace();
-            match words.next() {
-                Some("nameserver") => {
-                    if let Some(ip) = words
-                        .next()
-                        .and_then(|w| w.parse::<std::net::IpAddr>().ok())
-                    {
-                        if !ip.is_loopback() {
-                            servers.push(ip.to_string());
-                        }
-                    }
-                }
-                Some("search") => search.extend(words.map(str::to_string)),
-                _ => {}
+    for line in host.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") if configured.is_empty() => {
+                servers.extend(words.next().and_then(|w| w.parse::<IpAddr>().ok()));
             }
+            Some("search") => search.extend(words.map(str::to_string)),
+            _ => {}
         }
     }
     let mut text = String::from("# Written by hulld at every start of the inner.\n");
     if !search.is_empty() {
         text.push_str(&format!("search {}\n", search.join(" ")));
     }
-    for s in &servers {
-        text.push_str(&format!("nameserver {s}\n"));
-    }
-    (text, servers)
+    text.push_str(&format!("nameserver {gateway}\n"));
+    let upstreams = servers
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect();
+    (text, upstreams)
 }
 
 #[cfg(test)]
@@ -251,17 +247,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resolv_conf_drops_loopback_servers() {
+    fn the_inner_asks_the_gateway_which_asks_the_host_s_servers() {
         let host =
             "nameserver 127.0.0.53\nnameserver 10.1.2.3\nsearch corp.example\noptions edns0\n";
-        let (text, servers) = resolv_conf(host, &[]);
-        assert_eq!(servers, vec!["10.1.2.3"]);
-        assert!(text.contains("nameserver 10.1.2.3\n"));
-        assert!(text.contains("search corp.example\n"));
-        assert!(!text.contains("127.0.0.53"));
-        let (text, servers) = resolv_conf(host, &["9.9.9.9".into()]);
-        assert_eq!(servers, vec!["9.9.9.9"]);
-        assert!(!text.contains("10.1.2.3"));
+        let gw = Ipv4Addr::new(100, 96, 0, 1);
+        let (text, upstreams) = resolv_conf(host, &[], gw);
+        assert_eq!(
+            text,
+            "# Written by hulld at every start of the inner.\nsearch corp.example\nnameserver 100.96.0.1\n"
+        );
+        let want: Vec<SocketAddr> = vec![
+            "127.0.0.53:53".parse().unwrap(),
+            "10.1.2.3:53".parse().unwrap(),
+        ];
+        assert_eq!(upstreams, want);
+        let (text, upstreams) = resolv_conf(host, &["9.9.9.9".parse().unwrap()], gw);
+        assert_eq!(upstreams, vec!["9.9.9.9:53".parse::<SocketAddr>().unwrap()]);
+        assert!(!text.contains("10.1.2.3") && text.contains("nameserver 100.96.0.1\n"));
     }
 
     #[test]

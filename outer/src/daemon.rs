@@ -121,6 +121,24 @@ fn fd_budget(limit: u64, reserve: usize) -> Arc<FdBudget> {
     budget
 }
 
+/// The egress policy to enforce from the start: the stored one, none when
+/// none was set, and everything denied when the stored one cannot be read
+/// (a policy hulld cannot read is no reason to open the sandbox). Blocks.
+fn stored_egress_policy(path: &Path) -> Arc<hull_network::EgressPolicy> {
+    use hull_network::egress::{EgressAction, EgressPolicy};
+    match crate::net_policy::load(path) {
+        Ok(Some(stored)) => Arc::new(stored.policy),
+        Ok(None) => Arc::new(EgressPolicy::default()),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "denying all egress until a valid network policy is set");
+            Arc::new(EgressPolicy {
+                rules: Vec::new(),
+                default: Some(EgressAction::Deny),
+            })
+        }
+    }
+}
+
 fn create_state_dir(path: &Path) -> Result<(), DaemonError> {
     std::fs::create_dir_all(path)
         .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)))
@@ -410,9 +428,20 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Api)?;
     let (running_tx, running) = tokio::sync::watch::channel(false);
-    let network =
-        crate::network::Network::start(network_settings, running, budget.clone(), api.local_addr())
-            .await?;
+    let egress_policy = {
+        let path = config.state_dir.network_policy();
+        tokio::task::spawn_blocking(move || stored_egress_policy(&path))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    };
+    let network = crate::network::Network::start(
+        network_settings,
+        running,
+        budget.clone(),
+        api.local_addr(),
+        egress_policy,
+    )
+    .await?;
     let port_events = {
         let inner = cgroups.inner.clone();
         crate::port_events::PortEvents::start(network.ports.clone(), move || {

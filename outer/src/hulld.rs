@@ -323,19 +323,41 @@ impl Hulld {
         Ok(statuses)
     }
 
-    /// The network policy, replaced first by `set`; not enforced yet.
+    /// The network policy, replaced first by `set`: stored, then
+    /// enforced before the answer.
     pub async fn do_network_policy(&self, set: Option<String>) -> DaemonMsg {
         let path = self.parts.state_dir.network_policy();
+        let setting = set.is_some();
         let reply = blocking(move || match set {
             Some(text) => crate::net_policy::save(&path, &text).map(Some),
             None => crate::net_policy::load(&path),
         })
         .await;
         match reply {
-            Ok(stored) => DaemonMsg::NetworkPolicy {
-                policy: stored.map(|s| s.text),
-                enforced: false,
-            },
+            Ok(stored) => {
+                let enforced = match (&stored, setting) {
+                    (Some(s), true) => {
+                        let policy = Arc::new(s.policy.clone());
+                        match self.parts.network.set_egress_policy(policy).await {
+                            Ok(enforced) => enforced,
+                            Err(e) => {
+                                return DaemonMsg::error(
+                                    ErrorKind::Internal,
+                                    format!(
+                                        "the network policy is stored but not enforced: {}",
+                                        hull_proto::error_chain(&e)
+                                    ),
+                                )
+                            }
+                        }
+                    }
+                    _ => self.parts.network.enforces_egress(),
+                };
+                DaemonMsg::NetworkPolicy {
+                    policy: stored.map(|s| s.text),
+                    enforced,
+                }
+            }
             Err(e) => {
                 let kind = match e {
                     crate::net_policy::PolicyError::Invalid(_) => ErrorKind::BadRequest,

@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hull_network::budget::ConnLimits;
+use hull_network::conntrack::Conntrack;
+use hull_network::dns::{DnsConfig, DnsError, DnsProxy};
+use hull_network::enforcer::{Enforcer, EnforcerError};
 use hull_network::forward::{ForwardConfig, ForwardState, Forwarder, OwnListener};
 use hull_network::http::{HttpIngress, HttpIngressConfig, HttpRoute};
 use hull_network::link::{self, LinkError, VethPlan};
@@ -17,7 +20,7 @@ use hull_network::nat::{self, NatError, NatTable};
 use hull_network::netns::NetnsError;
 use hull_network::port_policy::PortPolicy;
 use hull_network::ports::{socket_owners, ListenScanner};
-use hull_network::{Dialer, FdBudget, InnerNetns, PortTable};
+use hull_network::{Dialer, EgressPolicy, FdBudget, InnerNetns, PortTable};
 use hull_proto::{IngressReport, PortInfo, PortsReport};
 use tokio::sync::{watch, Notify};
 
@@ -48,13 +51,27 @@ pub enum NetworkError {
     },
     #[error("cannot start the ingress thread")]
     IngressThread(#[source] std::io::Error),
+    #[error("cannot enforce the egress policy")]
+    Enforcer(#[source] EnforcerError),
+    #[error("cannot open a conntrack socket for the egress policy")]
+    Conntrack(#[source] std::io::Error),
+    #[error("cannot start the inner's name server")]
+    Dns(#[source] DnsError),
+}
+
+/// What enforces the egress policy in the "nat" mode: the firewall's one
+/// owner, and the name server that feeds it.
+struct Egress {
+    table: NatTable,
+    enforcer: Enforcer,
+    dns: DnsProxy,
 }
 
 pub struct Network {
     pub mode: NetworkMode,
     pub netns: Arc<InnerNetns>,
     pub plan: Option<VethPlan>,
-    nat: Option<NatTable>,
+    egress: Option<Egress>,
     pub ports: watch::Receiver<PortTable>,
     forwarder: Arc<Forwarder>,
     /// Where the HTTP ingress listens, if it does.
@@ -97,14 +114,15 @@ impl Network {
         running: watch::Receiver<bool>,
         budget: Arc<FdBudget>,
         api: Option<SocketAddr>,
+        policy: Arc<EgressPolicy>,
     ) -> Result<Network, NetworkError> {
         let netns = InnerNetns::create(tokio::runtime::Handle::current())?;
         link::loopback_up(&netns).await?;
-        let (plan, nat_table, resolv_conf) = match net.mode {
+        let (plan, egress, resolv_conf) = match net.mode {
             NetworkMode::None => (None, None, None),
             NetworkMode::Nat => {
-                let (nat_table, resolv) = egress(&net, &netns).await?;
-                (Some(net.veth.clone()), Some(nat_table), Some(resolv))
+                let (egress, resolv) = egress(&net, &netns, policy).await?;
+                (Some(net.veth.clone()), Some(egress), Some(resolv))
             }
         };
         let scanner = netns
@@ -205,7 +223,7 @@ impl Network {
             mode: net.mode,
             netns,
             plan,
-            nat: nat_table,
+            egress,
             ports,
             forwarder,
             http,
@@ -316,11 +334,29 @@ impl Network {
         }
     }
 
+    /// Makes the firewall enforce `policy`; `false` when there is nothing
+    /// to enforce it on (the "none" mode has no way out at all).
+    pub async fn set_egress_policy(
+        &self,
+        policy: Arc<EgressPolicy>,
+    ) -> Result<bool, EnforcerError> {
+        match &self.egress {
+            Some(egress) => egress.enforcer.set_policy(policy).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether a policy set is enforced here ("nat" mode).
+    pub fn enforces_egress(&self) -> bool {
+        self.egress.is_some()
+    }
+
     /// Undoes what lives outside the namespace: the NAT table and the veth.
     pub async fn shutdown(&self) {
         self.forwarder.close_all();
-        if let Some(nat) = &self.nat {
-            if let Err(e) = tokio::task::block_in_place(|| nat.remove()) {
+        if let Some(egress) = &self.egress {
+            egress.dns.stop();
+            if let Err(e) = tokio::task::block_in_place(|| egress.table.remove()) {
                 tracing::warn!(error = %crate::error_chain(&e), "removing hulld's nftables table failed");
             }
         }
@@ -352,29 +388,48 @@ fn http_url(http: SocketAddr, port: u16) -> (String, Option<String>) {
     }
 }
 
-/// The veth, forwarding, NAT and resolv.conf of the "nat" mode.
+/// The veth, forwarding, the firewall under the egress policy, the
+/// inner's name server and its resolv.conf: the "nat" mode.
 async fn egress(
     net: &NetworkSettings,
     netns: &InnerNetns,
-) -> Result<(NatTable, PathBuf), NetworkError> {
+    policy: Arc<EgressPolicy>,
+) -> Result<(Egress, PathBuf), NetworkError> {
     let plan = &net.veth;
     link::create_veth(netns, plan).await?;
     if tokio::task::block_in_place(nat::enable_forwarding)? {
         tracing::info!("IPv4 forwarding was off; turned it on for the inner's egress");
     }
     let table = NatTable::new(&format!("hull_{}", plan.host_if));
-    tokio::task::block_in_place(|| table.install(plan, None))?;
+    let enforcer = tokio::task::block_in_place(|| {
+        let conntrack = Conntrack::open().map_err(NetworkError::Conntrack)?;
+        Enforcer::start(table.clone(), plan.clone(), policy, conntrack)
+            .map_err(NetworkError::Enforcer)
+    })?;
     let host_resolv = Path::new("/etc/resolv.conf");
     let host_text = std::fs::read_to_string(host_resolv).unwrap_or_default();
-    let configured: Vec<String> = net.dns.iter().map(IpAddr::to_string).collect();
-    let (text, servers) = nat::resolv_conf(&host_text, &configured);
-    if servers.is_empty() {
-        tracing::warn!(
-            "no name server the inner can reach (the host's are loopback or none); set network.dns"
-        );
+    let (text, upstreams) = nat::resolv_conf(&host_text, &net.dns, plan.host_ip);
+    if upstreams.is_empty() {
+        tracing::warn!("no name server to ask for the inner (the host has none); set network.dns");
     }
+    let listen = SocketAddr::new(IpAddr::V4(plan.host_ip), 53);
+    let judged_by = enforcer.policy();
+    let dns = DnsProxy::start(
+        DnsConfig::new(listen, upstreams),
+        judged_by,
+        Arc::new(enforcer.clone()),
+    )
+    .await
+    .map_err(NetworkError::Dns)?;
     write_world_readable(&net.resolv_conf, text.as_bytes())?;
-    Ok((table, net.resolv_conf.clone()))
+    Ok((
+        Egress {
+            table,
+            enforcer,
+            dns,
+        },
+        net.resolv_conf.clone(),
+    ))
 }
 
 fn write_world_readable(path: &Path, data: &[u8]) -> Result<(), NetworkError> {

@@ -1,0 +1,181 @@
+//! The egress policy, enforced by hulld: the inner's one name server is
+//! hulld's on its gateway, which answers from an upstream this test runs
+//! on a loopback address of its own, refuses what the policy denies, and
+//! lets the firewall through to what it allowed; a policy set through the
+//! API counts from the next lookup and connection.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use hull_tests::http::{request, sprite_name};
+use hull_tests::{block_on, require_root, Limits, TestHull};
+
+/// A name server on `addr`:53 that knows a few A records and counts the
+/// queries it got, on a thread of its own.
+struct Upstream {
+    asked: Arc<AtomicUsize>,
+}
+
+fn upstream(addr: IpAddr, table: &[(&str, Ipv4Addr)]) -> Upstream {
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(addr, 53)).unwrap();
+    let table: HashMap<String, Ipv4Addr> =
+        table.iter().map(|(n, ip)| (n.to_string(), *ip)).collect();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((len, from)) = socket.recv_from(&mut buf) {
+            let Ok(request) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let q = request.queries[0].clone();
+            let name = q.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            let mut m = Message::response(request.metadata.id, OpCode::Query);
+            m.metadata.recursion_desired = request.metadata.recursion_desired;
+            m.metadata.recursion_available = true;
+            m.queries.push(q.clone());
+            match table.get(&name) {
+                Some(ip) if q.query_type == RecordType::A => {
+                    m.answers
+                        .push(Record::from_rdata(q.name.clone(), 60, RData::A(A(*ip))));
+                }
+                Some(_) => {}
+                None => m.metadata.response_code = ResponseCode::NXDomain,
+            }
+            let _ = socket.send_to(&m.to_vec().unwrap(), from);
+        }
+    });
+    Upstream { asked }
+}
+
+/// `nslookup NAME` in the inner: its output and whether it succeeded.
+fn lookup(hull: &TestHull, name: &str) -> (bool, String) {
+    let out = block_on(hull.exec(&["nslookup", name]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out.end == hull_proto::ExecEnd::Exited(hull_proto::ExitStatus::Code(0));
+    (ok, text)
+}
+
+fn set_policy(hull: &TestHull, policy: &str) {
+    let addr = block_on(hull.api_addr());
+    let admin = hull.api_token("admin");
+    let name = sprite_name(addr, &admin);
+    let r = request(
+        addr,
+        "POST",
+        &format!("/v1/sprites/{name}/policy/network"),
+        Some(&admin),
+        Some(policy),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+}
+
+fn allowed_set(table: &str) -> String {
+    let out = Command::new("nft")
+        .args(["list", "set", "ip", table, "egress_allowed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn denied_names_are_refused_and_allowed_answers_open_the_firewall() {
+    if !require_root() {
+        return;
+    }
+    // A loopback address of this test's own for its upstream.
+    let pid = std::process::id();
+    let [_, _, hi, lo] = pid.to_be_bytes();
+    let dns = IpAddr::V4(Ipv4Addr::new(127, 77, hi, lo));
+    let up = upstream(
+        dns,
+        &[
+            ("allowed.test", Ipv4Addr::new(203, 0, 113, 5)),
+            ("denied.test", Ipv4Addr::new(203, 0, 113, 6)),
+        ],
+    );
+    let interface = format!("hve{:06x}", pid & 0xff_ffff);
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        network_extra: format!("dns = [\"{dns}\"]\ninterface = \"{interface}\""),
+        ..Limits::default()
+    });
+    let table = format!("hull_{interface}");
+    let resolv = block_on(hull.sh("cat /etc/resolv.conf"));
+    assert!(
+        resolv
+            .lines()
+            .filter(|l| l.starts_with("nameserver"))
+            .count()
+            == 1
+            && !resolv.contains(&dns.to_string()),
+        "the inner's one name server should be the gateway: {resolv}"
+    );
+
+    // No policy: every name resolves through hulld's name server.
+    let (ok, text) = lookup(&hull, "denied.test");
+    assert!(ok && text.contains("203.0.113.6"), "{text}");
+
+    set_policy(
+        &hull,
+        r#"{"rules":[{"domain":"allowed.test","action":"allow"}]}"#,
+    );
+    let asked = up.asked.load(Ordering::SeqCst);
+    let (ok, text) = lookup(&hull, "denied.test");
+    assert!(
+        !ok && text.contains("REFUSED"),
+        "a denied name resolved: {text}"
+    );
+    assert_eq!(
+        up.asked.load(Ordering::SeqCst),
+        asked,
+        "a denied name reached the upstream"
+    );
+    let (ok, text) = lookup(&hull, "allowed.test");
+    assert!(ok && text.contains("203.0.113.5"), "{text}");
+    assert!(
+        allowed_set(&table).contains("203.0.113.5"),
+        "{}",
+        allowed_set(&table)
+    );
+
+    // A connection the policy does not allow is reset at once, not left
+    // to time out: nc says so in well under its 5 s.
+    let out = block_on(hull.exec(&["sh", "-c", "nc -w 5 203.0.113.6 80 </dev/null; echo rc=$?"]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rc=1") && text.contains("refused"), "{text}");
+
+    // The policy counts from the next lookup.
+    set_policy(&hull, r#"{"rules":[{"domain":"*.test","action":"allow"}]}"#);
+    let (ok, text) = lookup(&hull, "denied.test");
+    assert!(ok && text.contains("203.0.113.6"), "{text}");
+    let denied_before = hull
+        .log()
+        .matches("egress policy refused a DNS lookup")
+        .count();
+    assert!(
+        denied_before >= 1,
+        "the refusal was not logged:\n{}",
+        hull.log()
+    );
+}
