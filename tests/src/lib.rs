@@ -53,6 +53,33 @@ pub fn sdk_python() -> Option<PathBuf> {
     None
 }
 
+/// Runs a phase of tests/sdk/admin.py; its last line of output as JSON.
+pub fn sdk_admin(
+    python: &std::path::Path,
+    hull: &TestHull,
+    token: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let addr = block_on(hull.api_addr());
+    let name = http::sprite_name(addr, token);
+    let out = std::process::Command::new(python)
+        .arg(workspace_dir().join("tests/sdk/admin.py"))
+        .args(args)
+        .env("SPRITES_URL", format!("http://{addr}"))
+        .env("SPRITES_TOKEN", token)
+        .env("SPRITE_NAME", name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "admin.py {args:?} failed:\n{stdout}\n{}\nhulld log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        hull.log()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
 /// The workspace's root (this crate is one folder below it).
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

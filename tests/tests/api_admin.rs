@@ -1,11 +1,13 @@
 //! Checkpoints, services, network policy, sessions and the OpenAPI document
 //! over the HTTP API: scopes, bad input, and the Sprites SDK driving them.
 
-use std::process::Command;
 use std::time::Duration;
 
 use hull_tests::http::request;
-use hull_tests::{block_on, inner_pids_running, require_root, sdk_python, workspace_dir, TestHull};
+use hull_tests::{
+    block_on, inner_pids_running, require_root, sdk_admin as sdk, sdk_python, workspace_dir,
+    TestHull,
+};
 
 use hull_tests::http::sprite_name;
 
@@ -259,28 +261,6 @@ fn the_network_policy_is_returned_as_posted_and_survives_a_restart() {
     );
     assert_eq!(r.header("hull-policy-enforced"), None);
     assert_eq!(r.header("content-type"), Some("application/json"));
-}
-
-/// Runs a phase of tests/sdk/admin.py; its last line of output as JSON.
-fn sdk(python: &std::path::Path, hull: &TestHull, token: &str, args: &[&str]) -> serde_json::Value {
-    let addr = block_on(hull.api_addr());
-    let name = sprite_name(addr, token);
-    let out = Command::new(python)
-        .arg(workspace_dir().join("tests/sdk/admin.py"))
-        .args(args)
-        .env("SPRITES_URL", format!("http://{addr}"))
-        .env("SPRITES_TOKEN", token)
-        .env("SPRITE_NAME", name)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "admin.py {args:?} failed:\n{stdout}\n{}\nhulld log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        hull.log()
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
 }
 
 #[test]

@@ -179,3 +179,43 @@ fn denied_names_are_refused_and_allowed_answers_open_the_firewall() {
         hull.log()
     );
 }
+
+#[test]
+fn the_policy_the_sdk_sets_is_enforced_alike() {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = hull_tests::sdk_python() else {
+        return;
+    };
+    let pid = std::process::id();
+    // Another address than the other test's, which may run at once.
+    let [_, _, hi, lo] = pid.to_be_bytes();
+    let dns = IpAddr::V4(Ipv4Addr::new(127, 78, hi, lo));
+    let _up = upstream(
+        dns,
+        &[
+            ("example.com", Ipv4Addr::new(203, 0, 113, 7)),
+            ("x.evil.test", Ipv4Addr::new(203, 0, 113, 8)),
+            ("other.test", Ipv4Addr::new(203, 0, 113, 9)),
+        ],
+    );
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        network_extra: format!(
+            "dns = [\"{dns}\"]\ninterface = \"hvf{:06x}\"",
+            pid & 0xff_ffff
+        ),
+        ..Limits::default()
+    });
+    let admin = hull.api_token("admin");
+    // sprites-py's update_network_policy: example.com allowed, *.evil.test
+    // denied, the defaults preset included (tests/sdk/admin.py).
+    hull_tests::sdk_admin(&python, &hull, &admin, &["policy"]);
+    let (ok, text) = lookup(&hull, "example.com");
+    assert!(ok && text.contains("203.0.113.7"), "{text}");
+    for denied in ["x.evil.test", "other.test"] {
+        let (ok, text) = lookup(&hull, denied);
+        assert!(!ok && text.contains("REFUSED"), "{denied} resolved: {text}");
+    }
+}
