@@ -219,3 +219,188 @@ fn the_policy_the_sdk_sets_is_enforced_alike() {
         assert!(!ok && text.contains("REFUSED"), "{denied} resolved: {text}");
     }
 }
+
+/// Two hosts "outside", on 198.18.N.2 and .3 in a network namespace this
+/// test makes, reached from the root namespace through a veth pair of its
+/// own (removed when this drops), each counting the bytes it receives.
+struct Outside {
+    root_end: String,
+    received: [Arc<AtomicUsize>; 2],
+    stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.root_end])
+            .status();
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn outside(n: u8, tag: u32) -> Outside {
+    let root_end = format!("ho{tag:06x}");
+    let far_end = format!("hf{tag:06x}");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (moved_tx, moved_rx) = std::sync::mpsc::channel::<()>();
+    let received = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let counters = received.clone();
+    let far = far_end.clone();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        ready_tx.send(tid).unwrap();
+        // The root namespace moves the far end here, then says so.
+        moved_rx.recv().unwrap();
+        run(&["ip", "link", "set", "lo", "up"]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{n}.2/29"),
+            "dev",
+            &far,
+        ]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{n}.3/29"),
+            "dev",
+            &far,
+        ]);
+        run(&["ip", "link", "set", &far, "up"]);
+        for (i, counter) in counters.into_iter().enumerate() {
+            let listener = std::net::TcpListener::bind(format!("198.18.{n}.{}:80", i + 2)).unwrap();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut conn) = conn else { return };
+                    let counter = counter.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 1024];
+                        while let Ok(got) = std::io::Read::read(&mut conn, &mut buf) {
+                            if got == 0 {
+                                return;
+                            }
+                            counter.fetch_add(got, Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+        }
+        // The namespace lives as long as this thread.
+        let _ = stop_rx.recv();
+    });
+    let tid = ready_rx.recv().unwrap();
+    run(&[
+        "ip", "link", "add", &root_end, "type", "veth", "peer", "name", &far_end,
+    ]);
+    let guard = Outside {
+        root_end: root_end.clone(),
+        received,
+        stop,
+    };
+    run(&["ip", "link", "set", &far_end, "netns", &tid.to_string()]);
+    moved_tx.send(()).unwrap();
+    run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("198.18.{n}.1/29"),
+        "dev",
+        &root_end,
+    ]);
+    run(&["ip", "link", "set", &root_end, "up"]);
+    guard
+}
+
+#[test]
+fn a_policy_change_cuts_connections_it_newly_denies_and_keeps_the_others() {
+    if !require_root() {
+        return;
+    }
+    let pid = std::process::id();
+    let [_, _, hi, lo] = pid.to_be_bytes();
+    let n = lo;
+    let out = outside(n, pid & 0xff_ffff);
+    let dns = IpAddr::V4(Ipv4Addr::new(127, 79, hi, lo));
+    let _up = upstream(
+        dns,
+        &[
+            ("kept.test", Ipv4Addr::new(198, 18, n, 2)),
+            ("cut.test", Ipv4Addr::new(198, 18, n, 3)),
+        ],
+    );
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        network_extra: format!(
+            "dns = [\"{dns}\"]\ninterface = \"hvg{:06x}\"",
+            pid & 0xff_ffff
+        ),
+        ..Limits::default()
+    });
+    set_policy(
+        &hull,
+        r#"{"rules":[{"domain":"kept.test","action":"allow"},{"domain":"cut.test","action":"allow"}]}"#,
+    );
+    for name in ["kept.test", "cut.test"] {
+        let (ok, text) = lookup(&hull, name);
+        assert!(ok, "{text}");
+    }
+    // Two connections that send a line every 0.2 s, each leaving a mark
+    // when its nc ends.
+    for (host, mark) in [(2, "kept"), (3, "cut")] {
+        block_on(hull.sh(&format!(
+            "setsid sh -c '(while true; do echo ping; sleep 0.2; done) | nc 198.18.{n}.{host} 80; echo ended > /tmp/{mark}' </dev/null >/dev/null 2>&1 &"
+        )));
+    }
+    let flowing = |i: usize| {
+        let before = out.received[i].load(Ordering::SeqCst);
+        hull_tests::wait_until(std::time::Duration::from_secs(20), "bytes to flow", || {
+            out.received[i].load(Ordering::SeqCst) > before
+        });
+    };
+    flowing(0);
+    flowing(1);
+
+    set_policy(
+        &hull,
+        r#"{"rules":[{"domain":"kept.test","action":"allow"}]}"#,
+    );
+    hull_tests::wait_until(
+        std::time::Duration::from_secs(20),
+        "the denied connection to end",
+        || {
+            block_on(hull.exec(&["cat", "/tmp/cut"]))
+                .stdout
+                .starts_with(b"ended")
+        },
+    );
+    // The one still allowed goes on, unbroken.
+    flowing(0);
+    let kept = block_on(hull.exec(&["cat", "/tmp/kept"]));
+    assert!(kept.stdout.is_empty(), "the allowed connection ended too");
+    // And a new connection to the denied host is reset at once.
+    let again = block_on(hull.exec(&[
+        "sh",
+        "-c",
+        &format!("nc -w 5 198.18.{n}.3 80 </dev/null; echo rc=$?"),
+    ]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(text.contains("refused"), "{text}");
+}
