@@ -10,6 +10,7 @@ use hull_proto::{
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, SessionInfo, SessionRequest, StatusReport, Stream,
 };
+pub mod config;
 pub mod remote;
 
 pub use remote::Remote;
