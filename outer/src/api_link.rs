@@ -8,11 +8,9 @@ use std::sync::{Arc, Weak};
 use std::future::Future;
 use std::pin::Pin;
 
-use hull_api::{InnerRoot, InnerRootError};
 use hull_proto::TokenScope;
 use tokio::io::DuplexStream;
 
-use crate::files::ROOT_WAIT;
 use crate::hulld::Hulld;
 use crate::server::{serve_connection, Endpoint};
 
@@ -55,30 +53,6 @@ impl hull_api::Connector for ApiLink {
             let hulld = hulld
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "hulld is stopping"))?;
             hulld.dial_inner(target).await
-        })
-    }
-
-    fn inner_root(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
-        let hulld = self.hulld.upgrade();
-        Box::pin(async move {
-            let hulld = hulld.ok_or(InnerRootError::NotRunning)?;
-            let inner = hulld
-                .supervisor()
-                .wait_running(ROOT_WAIT)
-                .await
-                .ok_or(InnerRootError::NotRunning)?;
-            let owner = inner.root_owner();
-            let dir =
-                tokio::task::spawn_blocking(move || inner.open_root().map_err(|e| (inner.pid, e)))
-                    .await
-                    .map_err(|_| InnerRootError::NotRunning)?
-                    .map_err(|(pid, source)| InnerRootError::Open {
-                        path: format!("/proc/{pid}/root"),
-                        source,
-                    })?;
-            Ok(InnerRoot { dir, owner })
         })
     }
 }

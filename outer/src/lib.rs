@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 mod exec;
 mod files;
+mod files_watch;
 pub mod files_writer;
 pub mod hulld;
 pub mod launch;
