@@ -257,6 +257,22 @@ impl Client {
         }
     }
 
+    /// Makes the inner's `path` a symlink to `target`, its text as given.
+    pub async fn file_symlink(
+        &mut self,
+        path: &str,
+        target: &str,
+    ) -> Result<hull_proto::FileEntry> {
+        let request = hull_proto::FileRequest::Symlink {
+            path: path.into(),
+            target: target.into(),
+        };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileEntry(entry) => Ok(entry),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Opens the inner's regular file `path` for reading: its size and
     /// mode; its bytes then come from [`Client::file_read_next`].
     pub async fn file_read(&mut self, path: &str) -> Result<(u64, u32)> {

@@ -148,7 +148,10 @@ impl Root {
             Some(name) => name.to_string_lossy().into_owned(),
             None => "/".to_string(),
         };
-        Ok(entry(name, path.shown.clone(), &rustix::fs::fstat(&fd)?))
+        let st = rustix::fs::fstat(&fd)?;
+        // An O_PATH fd of a symlink reads its target with an empty name.
+        let target = link_target(&fd, c"", &st);
+        Ok(entry(name, path.shown.clone(), &st, target))
     }
 
     /// A directory's entries sorted by name, or a file's own entry.
@@ -162,10 +165,12 @@ impl Root {
         let mut entries = Vec::new();
         for name in names(&dir)? {
             let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+            let target = link_target(&dir, &name, &st);
             entries.push(entry(
                 name.to_string_lossy().into_owned(),
                 path.join(&name),
                 &st,
+                target,
             ));
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -196,6 +201,33 @@ impl Root {
         let _acting = ActingAs::owner(self.owner)?;
         self.layer.make_dir_in_layer(&path.rel, mode)?;
         self.stat(path)
+    }
+
+    /// Makes `path` a symlink to `target`, its text as given (never
+    /// resolved), replacing a file or symlink there whole: made under a
+    /// temporary name and renamed into place. Its entry.
+    pub fn symlink(&self, path: &InnerPath, target: &str) -> io::Result<FileEntry> {
+        let _acting = ActingAs::owner(self.owner)?;
+        let (dir, name) = self.parent(path, false)?;
+        if let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            if is_dir(&st) {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+        }
+        let temp = temp_name("link")?;
+        rustix::fs::symlinkat(target, &dir, &temp)?;
+        if let Err(e) = rustix::fs::renameat(&dir, &temp, &dir, &name) {
+            let _ = rustix::fs::unlinkat(&dir, &temp, AtFlags::empty());
+            return Err(e.into());
+        }
+        let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let target = link_target(&dir, &name, &st);
+        Ok(entry(
+            name.to_string_lossy().into_owned(),
+            path.shown.clone(),
+            &st,
+            target,
+        ))
     }
 
     /// Removes `path` (a directory and all in it with `recursive`);
@@ -274,7 +306,28 @@ impl Root {
     }
 }
 
-fn entry(name: String, path: String, st: &Stat) -> FileEntry {
+/// The target of the symlink `name` in `dir` (`st` its own stat), read,
+/// never followed; `None` when it is no symlink or its target no UTF-8.
+fn link_target<P: rustix::path::Arg>(dir: &impl AsFd, name: P, st: &Stat) -> Option<String> {
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+        return None;
+    }
+    let target = rustix::fs::readlinkat(dir, name, Vec::new()).ok()?;
+    target.into_string().ok()
+}
+
+/// A name for a file being made beside its final one: `.hull-WHAT-` and
+/// random hex.
+fn temp_name(what: &str) -> io::Result<OsString> {
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(io::Error::other)?;
+    Ok(OsString::from(format!(
+        ".hull-{what}-{:016x}",
+        u64::from_ne_bytes(random)
+    )))
+}
+
+fn entry(name: String, path: String, st: &Stat, target: Option<String>) -> FileEntry {
     let kind = match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => FileKind::File,
         FileType::Directory => FileKind::Directory,
@@ -288,6 +341,7 @@ fn entry(name: String, path: String, st: &Stat) -> FileEntry {
         mode: st.st_mode & 0o7777,
         mtime: st.st_mtime,
         kind,
+        target,
     }
 }
 
@@ -527,9 +581,7 @@ impl Upload {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
         }
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random).map_err(io::Error::other)?;
-        let temp = OsString::from(format!(".hull-upload-{:016x}", u64::from_ne_bytes(random)));
+        let temp = temp_name("upload")?;
         let fd = rustix::fs::openat(
             &dir,
             &temp,

@@ -99,6 +99,7 @@ where
         FileRequest::Stat { path } => stat(hulld, &path).await,
         FileRequest::List { path } => list(hulld, &path).await,
         FileRequest::MakeDir { path, mode } => make_dir(hulld, &path, mode & 0o7777).await,
+        FileRequest::Symlink { path, target } => symlink(hulld, &path, target).await,
         FileRequest::Delete { path, recursive } => {
             change(hulld, "delete", &path, None, move |root, at, _| {
                 root.delete(at, recursive)
@@ -180,6 +181,16 @@ async fn make_dir(hulld: &Arc<Hulld>, path: &str, mode: u32) -> Result<DaemonMsg
         .await
         .map(DaemonMsg::FileEntry)
         .map_err(|e| fs_error("make the directory", &shown, &e))
+}
+
+async fn symlink(hulld: &Arc<Hulld>, path: &str, target: String) -> Result<DaemonMsg, ErrorReport> {
+    let at = inner_path(path)?;
+    let root = root(hulld).await?;
+    let shown = path.to_string();
+    crate::blocking(move || root.symlink(&at, &target))
+        .await
+        .map(DaemonMsg::FileEntry)
+        .map_err(|e| fs_error("make the symlink", &shown, &e))
 }
 
 /// What a rename or copy without the destination it always has gets.

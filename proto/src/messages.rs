@@ -461,6 +461,10 @@ pub enum FileRequest {
         /// Permission bits of the directories made.
         mode: u32,
     },
+    /// Makes `path` a symlink to `target` (its text as given, never
+    /// resolved), replacing a file or symlink there: answered with its
+    /// `FileEntry`.
+    Symlink { path: String, target: String },
     /// Watches the directory `path` (and every directory under it with
     /// `recursive`): `FileWatching`, then a `FileEvent` for each change
     /// until the client closes the connection, which serves nothing else,
@@ -548,6 +552,10 @@ pub struct FileEntry {
     /// Last modified, in seconds since the epoch.
     pub mtime: i64,
     pub kind: FileKind,
+    /// A symlink's target, as it is written (never followed); `None` for
+    /// other kinds, and for a target that is not UTF-8.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -255,6 +255,7 @@ impl ClientMsg {
             ClientMsg::Files(
                 FileRequest::Write { .. }
                 | FileRequest::MakeDir { .. }
+                | FileRequest::Symlink { .. }
                 | FileRequest::Delete { .. }
                 | FileRequest::Rename { .. }
                 | FileRequest::Copy { .. }
@@ -421,7 +422,9 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
             "Stat" | "List" => K::FilesStat,
             "Read" => K::FilesRead,
             "Watch" => K::FilesWatch,
-            "Write" | "MakeDir" | "Delete" | "Rename" | "Copy" | "Chmod" => K::FilesWrite,
+            "Write" | "MakeDir" | "Symlink" | "Delete" | "Rename" | "Copy" | "Chmod" => {
+                K::FilesWrite
+            }
             _ => return None,
         },
         "FileData" | "FileEnd" => K::FilesWrite,
@@ -802,6 +805,10 @@ mod tests {
                 path: "/a".into(),
                 mode: 0o644,
                 make_parents: true,
+            }),
+            ClientMsg::Files(FileRequest::Symlink {
+                path: "/a".into(),
+                target: "../b".into(),
             }),
             ClientMsg::Files(FileRequest::MakeDir {
                 path: "/a".into(),
