@@ -2,7 +2,6 @@
 //! hull-cli, a client of hulld's protocol that imports nothing of this
 //! crate.
 
-mod api_link;
 pub mod config;
 pub mod daemon;
 mod exec;
@@ -10,6 +9,7 @@ mod files;
 mod files_watch;
 pub mod files_writer;
 pub mod hulld;
+mod in_process;
 pub mod launch;
 mod net_policy;
 pub mod network;
