@@ -55,7 +55,7 @@ impl ApiError {
                 kind: ErrorKind::File(errno),
                 message,
             }) => {
-                let failure = hull_inner::files::Failure::of(Some(*errno));
+                let failure = hull_proto::files::Failure::of(Some(*errno));
                 let mut error = Self::new(
                     crate::files::failure_status(failure.code),
                     failure.code,

@@ -57,33 +57,6 @@ pub trait Connector: Send + Sync + 'static {
         &self,
         target: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>>;
-
-    /// The running inner's root directory, for the files API.
-    fn inner_root(&self)
-        -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>>;
-}
-
-/// The running inner's `/`, as an `O_PATH` directory fd that every path
-/// of the files API is resolved under, and who owns what it creates.
-pub struct InnerRoot {
-    pub dir: std::os::fd::OwnedFd,
-    /// The host ids of the inner's root user, given to new files and
-    /// directories, so they belong to root as the inner sees it.
-    pub owner: Owner,
-}
-
-pub use hull_inner::files::Owner;
-
-#[derive(Debug, thiserror::Error)]
-pub enum InnerRootError {
-    #[error("the sandbox is not running")]
-    NotRunning,
-    #[error("cannot open the inner's root directory {path}")]
-    Open {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// The header every response carries: the version of the Sprites API

@@ -276,7 +276,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::ROUTES;
-    use crate::{Api, ApiSettings, Connector, InnerRoot, InnerRootError, TokenScope, TokenStore};
+    use crate::{Api, ApiSettings, Connector, TokenScope, TokenStore};
 
     /// A connector that records the scope of every connection a handler
     /// opens to hulld, and opens none.
@@ -306,12 +306,6 @@ mod tests {
             _target: SocketAddr,
         ) -> Pin<Box<dyn Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>> {
             Box::pin(async { Err(std::io::ErrorKind::NotConnected.into()) })
-        }
-
-        fn inner_root(
-            &self,
-        ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
-            Box::pin(async { Err(InnerRootError::NotRunning) })
         }
     }
 

@@ -10,6 +10,7 @@ use hull_proto::{
     DaemonMsg, ErrorReport, ExecEnd, ExecRequest, FrameReader, FrameWriter, Hello, RestoreReport,
     ServiceRequest, ServiceStatus, SessionInfo, SessionRequest, StatusReport, Stream,
 };
+pub mod config;
 pub mod remote;
 
 pub use remote::Remote;
@@ -249,6 +250,22 @@ impl Client {
         let request = hull_proto::FileRequest::MakeDir {
             path: path.into(),
             mode,
+        };
+        match self.request(ClientMsg::Files(request)).await? {
+            DaemonMsg::FileEntry(entry) => Ok(entry),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Makes the inner's `path` a symlink to `target`, its text as given.
+    pub async fn file_symlink(
+        &mut self,
+        path: &str,
+        target: &str,
+    ) -> Result<hull_proto::FileEntry> {
+        let request = hull_proto::FileRequest::Symlink {
+            path: path.into(),
+            target: target.into(),
         };
         match self.request(ClientMsg::Files(request)).await? {
             DaemonMsg::FileEntry(entry) => Ok(entry),

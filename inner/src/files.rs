@@ -103,55 +103,7 @@ impl InnerPath {
     }
 }
 
-/// What a failed file operation's errno means to a client: a stable
-/// `code` (for `--json` and the API's `"error"`), the errno's name (the
-/// API's `"code"`, which the Sprites SDKs turn into their exceptions),
-/// and, where the system's words would mislead, why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Failure {
-    pub code: &'static str,
-    pub errno: &'static str,
-    pub why: Option<&'static str>,
-}
-
-impl Failure {
-    /// The meaning of `errno`; `None`: an error with no errno (a bad
-    /// path, a file that is not a regular one).
-    pub fn of(errno: Option<i32>) -> Failure {
-        let (code, errno, why) = match errno {
-            Some(libc::ENOENT) => ("not_found", "ENOENT", None),
-            Some(libc::EISDIR) => ("is_a_directory", "EISDIR", None),
-            Some(libc::ENOTDIR) => ("not_a_directory", "ENOTDIR", None),
-            Some(libc::EACCES | libc::EPERM) => ("permission_denied", "EACCES", None),
-            Some(libc::ENOTEMPTY) => ("not_empty", "ENOTEMPTY", None),
-            Some(libc::EEXIST) => ("exists", "EEXIST", None),
-            Some(libc::ELOOP) => (
-                "symlink_refused",
-                "ELOOP",
-                Some("too many symlinks, or a /proc link, on the way"),
-            ),
-            Some(libc::EXDEV) => (
-                "outside_layer",
-                "EXDEV",
-                Some("the path is, or leads into, another mount (/proc, /sys, /dev, /etc/resolv.conf, /run or another bind mount), which hull never reads, changes or removes for a client; it serves the sandbox's own filesystem"),
-            ),
-            Some(libc::ENOSPC | libc::EDQUOT) => ("no_space", "ENOSPC", None),
-            Some(libc::ENAMETOOLONG) => ("bad_path", "ENAMETOOLONG", None),
-            Some(libc::EBUSY) => ("busy", "EBUSY", None),
-            Some(libc::EINVAL) | None => ("bad_path", "EINVAL", None),
-            Some(_) => ("internal", "EIO", None),
-        };
-        Failure { code, errno, why }
-    }
-
-    /// `cannot OP PATH: why`, the message of `e`.
-    pub fn message(op: &str, path: &str, e: &io::Error) -> String {
-        let why = Failure::of(e.raw_os_error())
-            .why
-            .map_or_else(|| e.to_string(), str::to_string);
-        format!("cannot {op} {path}: {why}")
-    }
-}
+pub use hull_proto::files::Failure;
 
 /// The running inner's root, and who owns what is made in it.
 pub struct Root {
@@ -196,7 +148,10 @@ impl Root {
             Some(name) => name.to_string_lossy().into_owned(),
             None => "/".to_string(),
         };
-        Ok(entry(name, path.shown.clone(), &rustix::fs::fstat(&fd)?))
+        let st = rustix::fs::fstat(&fd)?;
+        // An O_PATH fd of a symlink reads its target with an empty name.
+        let target = link_target(&fd, c"", &st);
+        Ok(entry(name, path.shown.clone(), &st, target))
     }
 
     /// A directory's entries sorted by name, or a file's own entry.
@@ -210,10 +165,12 @@ impl Root {
         let mut entries = Vec::new();
         for name in names(&dir)? {
             let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+            let target = link_target(&dir, &name, &st);
             entries.push(entry(
                 name.to_string_lossy().into_owned(),
                 path.join(&name),
                 &st,
+                target,
             ));
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -244,6 +201,33 @@ impl Root {
         let _acting = ActingAs::owner(self.owner)?;
         self.layer.make_dir_in_layer(&path.rel, mode)?;
         self.stat(path)
+    }
+
+    /// Makes `path` a symlink to `target`, its text as given (never
+    /// resolved), replacing a file or symlink there whole: made under a
+    /// temporary name and renamed into place. Its entry.
+    pub fn symlink(&self, path: &InnerPath, target: &str) -> io::Result<FileEntry> {
+        let _acting = ActingAs::owner(self.owner)?;
+        let (dir, name) = self.parent(path, false)?;
+        if let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            if is_dir(&st) {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+        }
+        let temp = temp_name("link")?;
+        rustix::fs::symlinkat(target, &dir, &temp)?;
+        if let Err(e) = rustix::fs::renameat(&dir, &temp, &dir, &name) {
+            let _ = rustix::fs::unlinkat(&dir, &temp, AtFlags::empty());
+            return Err(e.into());
+        }
+        let st = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let target = link_target(&dir, &name, &st);
+        Ok(entry(
+            name.to_string_lossy().into_owned(),
+            path.shown.clone(),
+            &st,
+            target,
+        ))
     }
 
     /// Removes `path` (a directory and all in it with `recursive`);
@@ -322,7 +306,28 @@ impl Root {
     }
 }
 
-fn entry(name: String, path: String, st: &Stat) -> FileEntry {
+/// The target of the symlink `name` in `dir` (`st` its own stat), read,
+/// never followed; `None` when it is no symlink or its target no UTF-8.
+fn link_target<P: rustix::path::Arg>(dir: &impl AsFd, name: P, st: &Stat) -> Option<String> {
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+        return None;
+    }
+    let target = rustix::fs::readlinkat(dir, name, Vec::new()).ok()?;
+    target.into_string().ok()
+}
+
+/// A name for a file being made beside its final one: `.hull-WHAT-` and
+/// random hex.
+fn temp_name(what: &str) -> io::Result<OsString> {
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(io::Error::other)?;
+    Ok(OsString::from(format!(
+        ".hull-{what}-{:016x}",
+        u64::from_ne_bytes(random)
+    )))
+}
+
+fn entry(name: String, path: String, st: &Stat, target: Option<String>) -> FileEntry {
     let kind = match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => FileKind::File,
         FileType::Directory => FileKind::Directory,
@@ -336,6 +341,7 @@ fn entry(name: String, path: String, st: &Stat) -> FileEntry {
         mode: st.st_mode & 0o7777,
         mtime: st.st_mtime,
         kind,
+        target,
     }
 }
 
@@ -575,9 +581,7 @@ impl Upload {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
         }
-        let mut random = [0u8; 8];
-        getrandom::fill(&mut random).map_err(io::Error::other)?;
-        let temp = OsString::from(format!(".hull-upload-{:016x}", u64::from_ne_bytes(random)));
+        let temp = temp_name("upload")?;
         let fd = rustix::fs::openat(
             &dir,
             &temp,

@@ -70,8 +70,5 @@ pub enum CgroupView {
     V1(Vec<String>),
 }
 
-/// Where the inner sees [`InnerSpec::api_dir`]: the `hull` client's default
-/// socket is `/run/hull/hull.sock`, so it works there unconfigured.
-pub const INNER_API_DIR: &str = "/run/hull";
-/// The `hull` client inside the inner, on its PATH.
-pub const INNER_API_BIN: &str = "/run/hull/bin";
+/// Where the inner sees [`InnerSpec::api_dir`], and its `hull` client.
+pub use hull_proto::{INNER_API_BIN, INNER_API_DIR};

@@ -7,8 +7,7 @@ use hull_proto::Stream;
 
 use crate::store::SourceLog;
 
-/// The log source of hulld's own tracing output (`hull logs --daemon`).
-pub const DAEMON_SOURCE: &str = "hulld";
+pub use hull_proto::DAEMON_SOURCE;
 
 static DAEMON_LOG: std::sync::OnceLock<Arc<SourceLog>> = std::sync::OnceLock::new();
 

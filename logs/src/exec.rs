@@ -23,8 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::capture::LineSplitter;
 use crate::store::{now_ms, LogStore, SourceLog};
 
-/// The log source of non-interactive execs (`hull logs exec`).
-pub const EXEC_SOURCE: &str = "exec";
+pub use hull_proto::EXEC_SOURCE;
 
 /// How many of the newest records are read at start for the last exec id.
 const ID_SCAN: u64 = 1000;

@@ -18,22 +18,15 @@ use hull_network::link::VethPlan;
 use hull_proto::IdMapping;
 use serde::{Deserialize, Serialize};
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/hull/hull.toml";
-pub const DEFAULT_SOCKET: &str = "/run/hull/hull.sock";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/hull";
+pub use hull_client::config::{
+    parse_network_mode, parse_size, NetworkMode, DEFAULT_CONFIG_PATH, DEFAULT_IMAGE,
+    DEFAULT_SOCKET, DEFAULT_STATE_DIR,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] hull_client::config::ConfigError),
     #[error("{field} = {value:?} is not a size: use bytes or a number with K, M or G (logs sizes: at least 64K)")]
     Size { field: &'static str, value: String },
     #[error("{field} = {cap:?} is smaller than logs.segment_size = {segment:?}: the cap must hold at least one segment")]
@@ -70,34 +63,6 @@ pub enum ConfigError {
         value: String,
         why: String,
     },
-}
-
-/// How the inner reaches the world.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// A veth pair to the root namespace, masqueraded (nftables).
-    #[default]
-    Nat,
-    /// Loopback only. Ingress still works: it dials from inside.
-    None,
-}
-
-pub fn parse_network_mode(s: &str) -> Result<NetworkMode, String> {
-    match s {
-        "nat" => Ok(NetworkMode::Nat),
-        "none" => Ok(NetworkMode::None),
-        other => Err(format!("{other:?}: expected nat or none")),
-    }
-}
-
-impl NetworkMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            NetworkMode::Nat => "nat",
-            NetworkMode::None => "none",
-        }
-    }
 }
 
 /// The `[network]` table: the inner's network and ingress.
@@ -592,7 +557,7 @@ impl Default for Config {
             socket: PathBuf::from(DEFAULT_SOCKET),
             vsock_port: None,
             image_dir: None,
-            image: "debian".to_string(),
+            image: DEFAULT_IMAGE.to_string(),
             hostname: "hull".to_string(),
             memory_max: None,
             pids_max: Some(4096),
@@ -614,18 +579,11 @@ impl Default for Config {
 impl Config {
     /// Reads `path`, or the default config file if it exists, or the defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let (path, required) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        let Some((path, text)) = hull_client::config::read(path)? else {
+            return Ok(Config::default());
         };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Config::default())
-            }
-            Err(source) => return Err(ConfigError::Read { path, source }),
-        };
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })
+        toml::from_str(&text)
+            .map_err(|source| hull_client::config::ConfigError::Parse { path, source }.into())
     }
 
     /// Checks every value (see [`Config::resolve`]).
@@ -713,9 +671,7 @@ impl Config {
     }
 
     pub fn image_dir(&self) -> PathBuf {
-        self.image_dir
-            .clone()
-            .unwrap_or_else(|| self.state().images())
+        hull_client::config::image_dir(&self.state_dir, self.image_dir.as_deref())
     }
 
     pub fn image_kind(&self) -> Result<ImageKind, ConfigError> {
@@ -852,24 +808,6 @@ pub struct NetworkSettings {
     pub token_file: PathBuf,
     /// The inner's resolv.conf ("nat" mode).
     pub resolv_conf: PathBuf,
-}
-
-/// "512M", "2G", "1048576" -> bytes.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => t.split_at(i),
-        None => (t, ""),
-    };
-    let n: u64 = digits.parse().ok()?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
 }
 
 /// The inner's default CPU cap: all but half a CPU, or three quarters of
@@ -1162,13 +1100,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_reads_the_keys_it_shares_as_hulld_does() {
+        use hull_client::config::ClientConfig;
+        let example = include_str!("../../hull.example.toml");
+        let custom =
+            "state_dir = \"/s\"\nsocket = \"/x.sock\"\nimage_dir = \"/i\"\nimage = \"busybox\"\n";
+        for text in [example, "", custom] {
+            let hulld = from_toml(text);
+            let client: ClientConfig = toml::from_str(text).unwrap();
+            let shared = ClientConfig {
+                state_dir: hulld.state_dir.clone(),
+                socket: hulld.socket.clone(),
+                image_dir: hulld.image_dir.clone(),
+                image: hulld.image.clone(),
+            };
+            assert_eq!(client, shared, "{text}");
+            assert_eq!(client.image_dir(), hulld.image_dir());
+            assert_eq!(client.log_file(), hulld.log_file());
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_refused_and_a_missing_file_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("hull.toml");
         std::fs::write(&path, "stat_dir = \"/x\"\n").unwrap();
         assert!(matches!(
             Config::load(Some(&path)),
-            Err(ConfigError::Parse { .. })
+            Err(ConfigError::File(
+                hull_client::config::ConfigError::Parse { .. }
+            ))
         ));
         std::fs::write(&path, "image = \"busybox\"\nmemory_max = \"256M\"\n").unwrap();
         let c = Config::load(Some(&path)).unwrap();

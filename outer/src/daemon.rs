@@ -535,7 +535,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
     // The API is served before the control socket answers, so a client
     // that sees hulld up through `status` also sees where the API is.
     let api = api
-        .serve(crate::api_link::ApiLink::new(&hulld), tokens)
+        .serve(crate::in_process::InProcessConnector::new(&hulld), tokens)
         .map_err(DaemonError::Api)?;
     if let Some(addr) = api.local_addr() {
         let url = format!("{scheme}://{addr}");

@@ -19,7 +19,7 @@ use crate::server::{next_request, Endpoint, Reader};
 
 /// How long a files request waits for an inner that is starting or
 /// bouncing before it answers that the sandbox is not running.
-pub const ROOT_WAIT: Duration = Duration::from_secs(5);
+const ROOT_WAIT: Duration = Duration::from_secs(5);
 
 /// Chunks in flight between the connection and the file, each way.
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -28,7 +28,8 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
     Continue,
-    /// The client left (mid-write): nothing more to serve.
+    /// The client left (mid-write), or a watch held the connection to
+    /// its end: nothing more to serve.
     Gone,
 }
 
@@ -98,6 +99,7 @@ where
         FileRequest::Stat { path } => stat(hulld, &path).await,
         FileRequest::List { path } => list(hulld, &path).await,
         FileRequest::MakeDir { path, mode } => make_dir(hulld, &path, mode & 0o7777).await,
+        FileRequest::Symlink { path, target } => symlink(hulld, &path, target).await,
         FileRequest::Delete { path, recursive } => {
             change(hulld, "delete", &path, None, move |root, at, _| {
                 root.delete(at, recursive)
@@ -131,6 +133,9 @@ where
             .await
         }
         FileRequest::Read { path } => return read(hulld, &path, writer).await,
+        FileRequest::Watch { path, recursive } => {
+            return watch(hulld, &path, recursive, reader, writer).await
+        }
         FileRequest::Write {
             path,
             mode,
@@ -178,6 +183,16 @@ async fn make_dir(hulld: &Arc<Hulld>, path: &str, mode: u32) -> Result<DaemonMsg
         .map_err(|e| fs_error("make the directory", &shown, &e))
 }
 
+async fn symlink(hulld: &Arc<Hulld>, path: &str, target: String) -> Result<DaemonMsg, ErrorReport> {
+    let at = inner_path(path)?;
+    let root = root(hulld).await?;
+    let shown = path.to_string();
+    crate::blocking(move || root.symlink(&at, &target))
+        .await
+        .map(DaemonMsg::FileEntry)
+        .map_err(|e| fs_error("make the symlink", &shown, &e))
+}
+
 /// What a rename or copy without the destination it always has gets.
 fn no_destination() -> io::Error {
     io::Error::from(io::ErrorKind::InvalidInput)
@@ -200,6 +215,39 @@ async fn change(
         .await
         .map(|count| DaemonMsg::FilesChanged { count })
         .map_err(|e| fs_error(what, &shown, &e))
+}
+
+/// Sets up the watch of `path`, then sends its events until it ends or
+/// the client leaves (`files_watch`).
+async fn watch<S, W>(
+    hulld: &Arc<Hulld>,
+    path: &str,
+    recursive: bool,
+    reader: &mut Reader<S>,
+    writer: &mut W,
+) -> io::Result<After>
+where
+    S: AsyncRead,
+    W: futures::Sink<DaemonMsg, Error = io::Error> + Unpin,
+{
+    let begun = async {
+        let at = inner_path(path)?;
+        let root = root(hulld).await?;
+        // One inotify instance serves every watch; setting this one up
+        // walks the tree.
+        crate::blocking(move || crate::files_watch::begin(root, &at, recursive))
+            .await
+            .map_err(|e| fs_error("watch", path, &e))
+    };
+    let watch = match begun.await {
+        Ok(watch) => watch,
+        Err(report) => {
+            writer.send(DaemonMsg::Error(report)).await?;
+            return Ok(After::Continue);
+        }
+    };
+    writer.send(DaemonMsg::FileWatching).await?;
+    crate::files_watch::relay(watch, reader, writer).await
 }
 
 async fn read<W>(hulld: &Arc<Hulld>, path: &str, writer: &mut W) -> io::Result<After>

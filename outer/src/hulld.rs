@@ -161,7 +161,7 @@ impl Hulld {
     }
 
     /// Makes, lists or revokes an HTTP API token.
-    pub async fn do_tokens(&self, request: TokenRequest) -> DaemonMsg {
+    pub async fn do_tokens(&self, request: TokenRequest) -> Result<DaemonMsg, Failed> {
         let tokens = self.parts.tokens.clone();
         let reply = blocking(move || match request {
             TokenRequest::Create {
@@ -177,13 +177,7 @@ impl Hulld {
             }
         })
         .await;
-        reply.unwrap_or_else(|e| {
-            let kind = match e {
-                hull_api::TokenError::NotFound(_) => ErrorKind::NotFound,
-                _ => ErrorKind::Internal,
-            };
-            DaemonMsg::error(kind, hull_proto::error_chain(&e))
-        })
+        Ok(reply?)
     }
 
     /// Runs an exec as a session with this connection as its client;
@@ -225,31 +219,27 @@ impl Hulld {
                 attachment.pump(reader, writer).await
             }
             Err(e) => {
-                writer.send(session_error(&e)).await?;
+                writer.send(Failed::from(e).answer()).await?;
                 Ok(Outcome::Ended)
             }
         }
     }
 
     /// Lists or kills sessions (attaching is [`Hulld::do_session_attach`]).
-    pub async fn do_sessions(&self, request: SessionRequest) -> DaemonMsg {
+    pub async fn do_sessions(&self, request: SessionRequest) -> Result<DaemonMsg, Failed> {
         let sessions = &self.parts.sessions;
-        let reply = match request {
+        match request {
             SessionRequest::List => Ok(DaemonMsg::Sessions(sessions.list())),
             SessionRequest::Kill {
                 id,
                 signal,
                 timeout_ms,
-            } => sessions
+            } => Ok(sessions
                 .kill(id, signal, Duration::from_millis(timeout_ms))
                 .await
-                .map(|forced| DaemonMsg::SessionKilled { id, forced }),
-            SessionRequest::Attach { .. } => Ok(DaemonMsg::error(
-                ErrorKind::Internal,
-                "an attach is served by do_session_attach",
-            )),
-        };
-        reply.unwrap_or_else(|e| DaemonMsg::error(ErrorKind::NotFound, hull_proto::error_chain(&e)))
+                .map(|forced| DaemonMsg::SessionKilled { id, forced })?),
+            SessionRequest::Attach { .. } => Err(Failed::Misrouted("an attach")),
+        }
     }
 
     /// Starts a detached exec: the answer a client gets first (started,
@@ -265,14 +255,14 @@ impl Hulld {
         .await
     }
 
-    pub async fn do_bounce(&self, grace: Duration) -> Result<BounceReport, SupervisorError> {
-        self.parts.supervisor.bounce(grace).await
+    pub async fn do_bounce(&self, grace: Duration) -> Result<BounceReport, Failed> {
+        Ok(self.parts.supervisor.bounce(grace).await?)
     }
 
     pub async fn do_checkpoint_create(
         &self,
         comment: Option<String>,
-    ) -> Result<CheckpointReport, SupervisorError> {
+    ) -> Result<CheckpointReport, Failed> {
         let made = self.parts.supervisor.checkpoint(comment).await?;
         Ok(CheckpointReport {
             checkpoint: info(made.row),
@@ -281,14 +271,11 @@ impl Hulld {
         })
     }
 
-    pub async fn do_checkpoint_restore(
-        &self,
-        id: String,
-    ) -> Result<RestoreReport, SupervisorError> {
-        self.parts.supervisor.restore(id).await
+    pub async fn do_checkpoint_restore(&self, id: String) -> Result<RestoreReport, Failed> {
+        Ok(self.parts.supervisor.restore(id).await?)
     }
 
-    pub async fn do_checkpoint_list(&self) -> Result<CheckpointListing, StorageError> {
+    pub async fn do_checkpoint_list(&self) -> Result<CheckpointListing, Failed> {
         let storage = self.parts.storage.clone();
         let (rows, head) =
             blocking(move || Ok::<_, StorageError>((storage.list()?, storage.head()))).await?;
@@ -303,9 +290,9 @@ impl Hulld {
         })
     }
 
-    pub async fn do_checkpoint_delete(&self, id: String) -> Result<(), StorageError> {
+    pub async fn do_checkpoint_delete(&self, id: String) -> Result<(), Failed> {
         let storage = self.parts.storage.clone();
-        blocking(move || storage.delete_checkpoint(&id)).await
+        Ok(blocking(move || storage.delete_checkpoint(&id)).await?)
     }
 
     /// A service request; without `secrets` (a read token) the answer
@@ -315,7 +302,7 @@ impl Hulld {
         &self,
         request: ServiceRequest,
         secrets: bool,
-    ) -> Result<Vec<ServiceStatus>, ServiceError> {
+    ) -> Result<Vec<ServiceStatus>, Failed> {
         let mut statuses = self.parts.services.request(request).await?;
         if !secrets {
             statuses.iter_mut().for_each(ServiceStatus::redact);
@@ -325,47 +312,29 @@ impl Hulld {
 
     /// The network policy, replaced first by `set`: stored, then
     /// enforced before the answer.
-    pub async fn do_network_policy(&self, set: Option<String>) -> DaemonMsg {
+    pub async fn do_network_policy(&self, set: Option<String>) -> Result<DaemonMsg, Failed> {
         let path = self.parts.state_dir.network_policy();
         let setting = set.is_some();
-        let reply = blocking(move || match set {
+        let stored = blocking(move || match set {
             Some(text) => crate::net_policy::save(&path, &text).map(Some),
             None => crate::net_policy::load(&path),
         })
-        .await;
-        match reply {
-            Ok(stored) => {
-                let enforced = match (&stored, setting) {
-                    (Some(s), true) => {
-                        let policy = Arc::new(s.policy.clone());
-                        match self.parts.network.set_egress_policy(policy).await {
-                            Ok(enforced) => enforced,
-                            Err(e) => {
-                                return DaemonMsg::error(
-                                    ErrorKind::Internal,
-                                    format!(
-                                        "the network policy is stored but not enforced: {}",
-                                        hull_proto::error_chain(&e)
-                                    ),
-                                )
-                            }
-                        }
-                    }
-                    _ => self.parts.network.enforces_egress(),
-                };
-                DaemonMsg::NetworkPolicy {
-                    policy: stored.map(|s| s.text),
-                    enforced,
-                }
+        .await?;
+        let enforced = match (&stored, setting) {
+            (Some(s), true) => {
+                let policy = Arc::new(s.policy.clone());
+                self.parts
+                    .network
+                    .set_egress_policy(policy)
+                    .await
+                    .map_err(Failed::Egress)?
             }
-            Err(e) => {
-                let kind = match e {
-                    crate::net_policy::PolicyError::Invalid(_) => ErrorKind::BadRequest,
-                    _ => ErrorKind::Storage,
-                };
-                DaemonMsg::error(kind, hull_proto::error_chain(&e))
-            }
-        }
+            _ => self.parts.network.enforces_egress(),
+        };
+        Ok(DaemonMsg::NetworkPolicy {
+            policy: stored.map(|s| s.text),
+            enforced,
+        })
     }
 
     pub async fn do_ports(&self) -> PortsReport {
@@ -435,12 +404,66 @@ impl Hulld {
     }
 }
 
-fn session_error(e: &SessionError) -> DaemonMsg {
-    let kind = match e {
-        SessionError::NotFound(_) => ErrorKind::NotFound,
-        SessionError::TooMany(_) => ErrorKind::Busy,
-    };
-    DaemonMsg::error(kind, hull_proto::error_chain(e))
+/// Why a request hulld served failed: the error of the part that failed,
+/// and, in [`Failed::kind`], the one place that says what kind of error
+/// each is to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum Failed {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Token(#[from] hull_api::TokenError),
+    #[error(transparent)]
+    Policy(#[from] crate::net_policy::PolicyError),
+    #[error("the network policy is stored but not enforced")]
+    Egress(#[source] hull_network::enforcer::EnforcerError),
+    /// A request sent to the method that does not serve it.
+    #[error("{0} is not served here")]
+    Misrouted(&'static str),
+}
+
+impl Failed {
+    /// What kind of failure this is to a client.
+    pub fn kind(&self) -> ErrorKind {
+        use crate::net_policy::PolicyError;
+        match self {
+            Failed::Storage(StorageError::UnknownCheckpoint { .. }) => ErrorKind::NotFound,
+            Failed::Storage(_) => ErrorKind::Storage,
+            Failed::Supervisor(
+                SupervisorError::ShuttingDown
+                | SupervisorError::BounceStart { .. }
+                | SupervisorError::RestoredNotStarted { .. },
+            ) => ErrorKind::InnerUnavailable,
+            Failed::Supervisor(SupervisorError::CheckpointServices(_)) => ErrorKind::Internal,
+            Failed::Supervisor(e) => match e.storage() {
+                Some(StorageError::UnknownCheckpoint { .. }) => ErrorKind::NotFound,
+                _ => ErrorKind::Storage,
+            },
+            Failed::Service(ServiceError::NotFound(_)) => ErrorKind::NotFound,
+            Failed::Service(ServiceError::NotRunning(_)) => ErrorKind::NotRunning,
+            Failed::Service(ServiceError::ManagerGone) => ErrorKind::Internal,
+            Failed::Service(_) => ErrorKind::Service,
+            Failed::Session(SessionError::NotFound(_)) => ErrorKind::NotFound,
+            Failed::Session(SessionError::TooMany(_)) => ErrorKind::Busy,
+            Failed::Token(hull_api::TokenError::NotFound(_)) => ErrorKind::NotFound,
+            Failed::Token(_) => ErrorKind::Internal,
+            Failed::Policy(PolicyError::Invalid(_)) => ErrorKind::BadRequest,
+            Failed::Policy(_) => ErrorKind::Storage,
+            Failed::Egress(_) => ErrorKind::Internal,
+            Failed::Misrouted(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The error a client is answered with: its kind and the whole chain.
+    pub fn answer(&self) -> DaemonMsg {
+        DaemonMsg::error(self.kind(), hull_proto::error_chain(self))
+    }
 }
 
 fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {

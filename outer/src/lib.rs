@@ -1,14 +1,15 @@
-//! hulld, the root-namespace daemon, and the client side of its protocol
-//! used by the `hull` command-line tool.
+//! hulld, the root-namespace daemon. The `hull` command-line tool is
+//! hull-cli, a client of hulld's protocol that imports nothing of this
+//! crate.
 
-mod api_link;
-pub mod cli;
 pub mod config;
 pub mod daemon;
 mod exec;
 mod files;
+mod files_watch;
 pub mod files_writer;
 pub mod hulld;
+mod in_process;
 pub mod launch;
 mod net_policy;
 pub mod network;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use hull_checkpoint::StorageError;
 use hull_network::budget::{out_of_fds, ACCEPT_BACKOFF};
 use hull_network::{FdBudget, Throttle};
 pub use hull_proto::Scope;
@@ -18,14 +17,11 @@ use hull_proto::{
     frame_writer, ClientMsg, DaemonMsg, ErrorKind, FrameBusy, FrameDecoder, Hello, RequestError,
     RequestReader, SessionRequest, TokenScope, PROTOCOL_VERSION,
 };
-use hull_services::ServiceError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
 use tokio::sync::Semaphore;
 
-use crate::error_chain;
 use crate::hulld::Hulld;
 use crate::sessions::Outcome;
-use crate::supervisor::SupervisorError;
 
 /// The largest frame the inner's service socket reads. Its biggest
 /// legitimate message is a service definition: a name, a command line, an
@@ -343,47 +339,52 @@ where
                 }
                 had_session = true;
             }
-            ClientMsg::Sessions(request) => writer.send(hulld.do_sessions(request).await).await?,
+            ClientMsg::Sessions(request) => {
+                let reply = hulld.do_sessions(request).await;
+                writer.send(reply.unwrap_or_else(|e| e.answer())).await?
+            }
             ClientMsg::Bounce { grace_ms } => {
                 let reply = hulld.do_bounce(Duration::from_millis(grace_ms)).await;
                 writer
-                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::Bounced))
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::Bounced))
                     .await?;
             }
             ClientMsg::CheckpointCreate { comment } => {
                 let reply = hulld.do_checkpoint_create(comment).await;
                 writer
-                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::CheckpointCreated))
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::CheckpointCreated))
                     .await?;
             }
             ClientMsg::CheckpointRestore { id } => {
                 let reply = hulld.do_checkpoint_restore(id).await;
                 writer
-                    .send(reply.map_or_else(|e| supervisor_error(&e), DaemonMsg::Restored))
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::Restored))
                     .await?;
             }
             ClientMsg::CheckpointList => {
                 let reply = hulld.do_checkpoint_list().await;
                 writer
-                    .send(reply.map_or_else(|e| storage_error(&e), DaemonMsg::Checkpoints))
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::Checkpoints))
                     .await?;
             }
             ClientMsg::CheckpointDelete { id } => {
                 let reply = hulld.do_checkpoint_delete(id.clone()).await;
                 writer
-                    .send(reply.map_or_else(
-                        |e| storage_error(&e),
-                        |()| DaemonMsg::CheckpointDeleted { id },
-                    ))
+                    .send(
+                        reply.map_or_else(|e| e.answer(), |()| DaemonMsg::CheckpointDeleted { id }),
+                    )
                     .await?;
             }
             ClientMsg::Services(request) => {
                 let reply = hulld.do_services(request, scope.sees_secrets()).await;
                 writer
-                    .send(reply.map_or_else(|e| service_error(&e), DaemonMsg::Services))
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::Services))
                     .await?;
             }
-            ClientMsg::Tokens(request) => writer.send(hulld.do_tokens(request).await).await?,
+            ClientMsg::Tokens(request) => {
+                let reply = hulld.do_tokens(request).await;
+                writer.send(reply.unwrap_or_else(|e| e.answer())).await?
+            }
             ClientMsg::Files(request) => {
                 let after = crate::files::serve(hulld, endpoint, request, reader, writer).await?;
                 if after == crate::files::After::Gone {
@@ -391,7 +392,8 @@ where
                 }
             }
             ClientMsg::NetworkPolicy(set) => {
-                writer.send(hulld.do_network_policy(set).await).await?
+                let reply = hulld.do_network_policy(set).await;
+                writer.send(reply.unwrap_or_else(|e| e.answer())).await?
             }
             ClientMsg::Ports => {
                 writer
@@ -497,36 +499,4 @@ where
             format!("bad frame: {e}"),
         ))
         .await
-}
-
-fn storage_error(e: &StorageError) -> DaemonMsg {
-    let kind = match e {
-        StorageError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
-        _ => ErrorKind::Storage,
-    };
-    DaemonMsg::error(kind, error_chain(e))
-}
-
-fn supervisor_error(e: &SupervisorError) -> DaemonMsg {
-    let kind = match e {
-        SupervisorError::ShuttingDown
-        | SupervisorError::BounceStart { .. }
-        | SupervisorError::RestoredNotStarted { .. } => ErrorKind::InnerUnavailable,
-        SupervisorError::CheckpointServices(_) => ErrorKind::Internal,
-        _ => match e.storage() {
-            Some(StorageError::UnknownCheckpoint { .. }) => ErrorKind::NotFound,
-            _ => ErrorKind::Storage,
-        },
-    };
-    DaemonMsg::error(kind, error_chain(e))
-}
-
-fn service_error(e: &ServiceError) -> DaemonMsg {
-    let kind = match e {
-        ServiceError::NotFound(_) => ErrorKind::NotFound,
-        ServiceError::NotRunning(_) => ErrorKind::NotRunning,
-        ServiceError::ManagerGone => ErrorKind::Internal,
-        _ => ErrorKind::Service,
-    };
-    DaemonMsg::error(kind, error_chain(e))
 }

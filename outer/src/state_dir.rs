@@ -1,7 +1,8 @@
 //! Every path in hulld's state directory, named in one place. Other
 //! crates get the paths they need from here (the storage stack its
 //! [`StoragePaths`], the log store its directory), so no file name of the
-//! state dir is spelled twice.
+//! state dir is spelled twice; the two a client reads too (hulld's log
+//! and the images) are named in `hull_client::config`.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,7 @@ impl StateDir {
 
     /// hulld's own log, rotated like a log source.
     pub fn hulld_log(&self) -> PathBuf {
-        self.root.join("hulld.log")
+        hull_client::config::hulld_log(&self.root)
     }
 
     /// The storage stack: the btrfs volume (or its mount point), its
@@ -86,7 +87,7 @@ impl StateDir {
 
     /// Base images, unless `image_dir` says otherwise.
     pub fn images(&self) -> PathBuf {
-        self.root.join("images")
+        hull_client::config::image_dir(&self.root, None)
     }
 }
 

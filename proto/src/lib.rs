@@ -13,6 +13,7 @@
 //! [`PROTOCOL_VERSION`] gets an error frame and a closed connection.
 
 pub mod fdpass;
+pub mod files;
 mod frames;
 mod messages;
 mod requests;
@@ -26,6 +27,18 @@ pub use requests::{
     check_shape, needed_scope, peek_kind, refusal, RequestError, RequestKind, RequestReader, Scope,
     MAX_DECODED, MAX_DEPTH, MAX_ITEMS,
 };
+
+/// Where the inner sees hulld's directory for it (the service socket and
+/// the `hull` client): the `hull` client's default socket is
+/// `/run/hull/hull.sock`, so it works there unconfigured.
+pub const INNER_API_DIR: &str = "/run/hull";
+/// The `hull` client inside the inner, on its PATH.
+pub const INNER_API_BIN: &str = "/run/hull/bin";
+
+/// The log source of hulld's own tracing output (`hull logs --daemon`).
+pub const DAEMON_SOURCE: &str = "hulld";
+/// The log source of non-interactive execs (`hull logs exec`).
+pub const EXEC_SOURCE: &str = "exec";
 
 /// Bumped on every incompatible change of the messages below.
 pub const PROTOCOL_VERSION: u32 = 1;

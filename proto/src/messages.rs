@@ -461,6 +461,74 @@ pub enum FileRequest {
         /// Permission bits of the directories made.
         mode: u32,
     },
+    /// Makes `path` a symlink to `target` (its text as given, never
+    /// resolved), replacing a file or symlink there: answered with its
+    /// `FileEntry`.
+    Symlink { path: String, target: String },
+    /// Watches the directory `path` (and every directory under it with
+    /// `recursive`): `FileWatching`, then a `FileEvent` for each change
+    /// until the client closes the connection, which serves nothing else,
+    /// or the watch ends (`FileEvent::Gone` or `FileEvent::Failed`, the
+    /// last message before hulld closes it).
+    Watch { path: String, recursive: bool },
+}
+
+/// What happened to a watched entry, as inotify names it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileChange {
+    Create,
+    Delete,
+    Modify,
+    CloseWrite,
+    Attrib,
+    MovedFrom,
+    MovedTo,
+    DeleteSelf,
+}
+
+impl FileChange {
+    /// Its name in the HTTP API's watch messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileChange::Create => "create",
+            FileChange::Delete => "delete",
+            FileChange::Modify => "modify",
+            FileChange::CloseWrite => "close_write",
+            FileChange::Attrib => "attrib",
+            FileChange::MovedFrom => "moved_from",
+            FileChange::MovedTo => "moved_to",
+            FileChange::DeleteSelf => "delete_self",
+        }
+    }
+}
+
+/// One message of a watch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FileEvent {
+    /// `path` (a directory: `is_dir`) changed.
+    Change {
+        change: FileChange,
+        path: String,
+        is_dir: bool,
+    },
+    /// Events were dropped since the last one: the client fell behind
+    /// (hulld queues a bounded number for it), or the kernel's queue
+    /// overflowed.
+    Overflow,
+    /// A cap on watched directories left some unwatched; the watch goes
+    /// on for the others.
+    Incomplete { message: String },
+    /// Every watched directory is gone: the last event.
+    Gone,
+    /// The watch failed: the last event.
+    Failed { message: String },
+}
+
+impl FileEvent {
+    /// Whether nothing follows it.
+    pub fn is_last(&self) -> bool {
+        matches!(self, FileEvent::Gone | FileEvent::Failed { .. })
+    }
 }
 
 /// What a file is.
@@ -484,6 +552,10 @@ pub struct FileEntry {
     /// Last modified, in seconds since the epoch.
     pub mtime: i64,
     pub kind: FileKind,
+    /// A symlink's target, as it is written (never followed); `None` for
+    /// other kinds, and for a target that is not UTF-8.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -717,6 +789,9 @@ pub enum DaemonMsg {
     FileEnd,
     /// A `Write` may send its bytes.
     FileReady,
+    /// A `Watch` is set up: its events follow.
+    FileWatching,
+    FileEvent(FileEvent),
     /// A `Write` is in place: `size` bytes.
     FileWritten {
         size: u64,

@@ -75,6 +75,8 @@ pub enum RequestKind {
     FilesStat,
     /// A file's contents.
     FilesRead,
+    /// Changes under a directory, as they happen.
+    FilesWatch,
     /// Changing files: a write (the request and the bytes that follow
     /// it), a directory made, a delete, rename, copy or chmod.
     FilesWrite,
@@ -135,7 +137,8 @@ pub fn needed_scope(kind: RequestKind) -> Option<TokenScope> {
         | K::NetworkPolicyGet
         | K::SessionsList
         | K::ServicesRead
-        | K::FilesStat => Some(TokenScope::Read),
+        | K::FilesStat
+        | K::FilesWatch => Some(TokenScope::Read),
         K::Exec
         | K::Logs
         | K::SessionsAttach
@@ -183,7 +186,7 @@ impl RequestKind {
             K::NetworkPolicyGet | K::NetworkPolicySet => "NetworkPolicy",
             K::SessionsList | K::SessionsAttach | K::SessionsWatch | K::SessionsKill => "Sessions",
             K::Detach => "Detach",
-            K::FilesStat | K::FilesRead | K::FilesWrite => "Files",
+            K::FilesStat | K::FilesRead | K::FilesWatch | K::FilesWrite => "Files",
         }
     }
 
@@ -208,6 +211,7 @@ impl RequestKind {
             K::SessionsList | K::SessionsAttach | K::SessionsKill => "hull sessions",
             K::SessionsWatch => "watching a session",
             K::FilesStat | K::FilesRead | K::FilesWrite => "hull cp",
+            K::FilesWatch => "watching files",
             other => other.name(),
         }
     }
@@ -247,9 +251,11 @@ impl ClientMsg {
             ClientMsg::Detach => K::Detach,
             ClientMsg::Files(FileRequest::Stat { .. } | FileRequest::List { .. }) => K::FilesStat,
             ClientMsg::Files(FileRequest::Read { .. }) => K::FilesRead,
+            ClientMsg::Files(FileRequest::Watch { .. }) => K::FilesWatch,
             ClientMsg::Files(
                 FileRequest::Write { .. }
                 | FileRequest::MakeDir { .. }
+                | FileRequest::Symlink { .. }
                 | FileRequest::Delete { .. }
                 | FileRequest::Rename { .. }
                 | FileRequest::Copy { .. }
@@ -415,7 +421,10 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
         "Files" => match peek.variant()? {
             "Stat" | "List" => K::FilesStat,
             "Read" => K::FilesRead,
-            "Write" | "MakeDir" | "Delete" | "Rename" | "Copy" | "Chmod" => K::FilesWrite,
+            "Watch" => K::FilesWatch,
+            "Write" | "MakeDir" | "Symlink" | "Delete" | "Rename" | "Copy" | "Chmod" => {
+                K::FilesWrite
+            }
             _ => return None,
         },
         "FileData" | "FileEnd" => K::FilesWrite,
@@ -788,10 +797,18 @@ mod tests {
             ClientMsg::Files(FileRequest::Stat { path: "/a".into() }),
             ClientMsg::Files(FileRequest::List { path: "/a".into() }),
             ClientMsg::Files(FileRequest::Read { path: "/a".into() }),
+            ClientMsg::Files(FileRequest::Watch {
+                path: "/a".into(),
+                recursive: true,
+            }),
             ClientMsg::Files(FileRequest::Write {
                 path: "/a".into(),
                 mode: 0o644,
                 make_parents: true,
+            }),
+            ClientMsg::Files(FileRequest::Symlink {
+                path: "/a".into(),
+                target: "../b".into(),
             }),
             ClientMsg::Files(FileRequest::MakeDir {
                 path: "/a".into(),

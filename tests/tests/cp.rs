@@ -31,6 +31,15 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Runs `hull --json ARGS`, which must succeed: what it printed.
+fn copied(hull: &TestHull, args: &[&str]) -> serde_json::Value {
+    let mut command = hull.hull_command();
+    command.arg("--json").args(args);
+    let out = run_with_input(command, b"");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn inner_out(hull: &TestHull, script: &str) -> String {
     let out = block_on(hull.exec(&["sh", "-c", script]));
     text(&out.stdout).trim().to_string()
@@ -211,7 +220,11 @@ fn a_tree_goes_in_and_comes_back_with_r() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    std::os::unix::fs::symlink("/etc/passwd", tree.join("link")).unwrap();
+    nix::unistd::mkfifo(
+        &tree.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
 
     // Without -r a directory is refused and nothing is made.
     inner_out(&hull, "mkdir -p /srv");
@@ -223,13 +236,7 @@ fn a_tree_goes_in_and_comes_back_with_r() {
         "absent"
     );
 
-    let out = local(
-        &hull,
-        &["--json", "cp", "-r", tree.to_str().unwrap(), ":/srv"],
-        b"",
-    );
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = copied(&hull, &["cp", "-r", tree.to_str().unwrap(), ":/srv"]);
     assert_eq!(
         (v["files"].as_u64(), v["bytes"].as_u64()),
         (Some(3), Some(200_014)),
@@ -265,5 +272,81 @@ fn a_tree_goes_in_and_comes_back_with_r() {
             & 0o777,
         0o755
     );
-    assert!(!back.join("link").exists(), "a symlink was copied");
+    assert!(!back.join("fifo").exists(), "a FIFO was copied");
+}
+
+/// `hull cp -r` copies a symlink as a symlink, its target text as it is,
+/// both ways: never the file or directory it points to, and never
+/// followed by hulld (root) or by hull on this machine.
+#[test]
+fn symlinks_are_copied_as_symlinks_both_ways() {
+    if !require_root() {
+        return;
+    }
+    let hull = TestHull::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/file.txt"), b"file\n").unwrap();
+    for (name, target) in [
+        ("abs", "/etc/passwd"),
+        ("rel", "sub/file.txt"),
+        ("dirlink", "sub"),
+        ("dangling", "does/not/exist"),
+        ("sub/up", "../sub/file.txt"),
+    ] {
+        std::os::unix::fs::symlink(target, tree.join(name)).unwrap();
+    }
+    inner_out(&hull, "mkdir -p /srv");
+    // Twice: the second copy replaces the links the first made.
+    for _ in 0..2 {
+        let v = copied(&hull, &["cp", "-r", tree.to_str().unwrap(), ":/srv"]);
+        assert_eq!(
+            (v["files"].as_u64(), v["symlinks"].as_u64()),
+            (Some(1), Some(5)),
+            "{v}"
+        );
+        assert_eq!(v["skipped"].as_array().map(Vec::len), Some(0), "{v}");
+    }
+    assert_eq!(
+        inner_out(
+            &hull,
+            "cd /srv/tree && for l in abs rel dirlink dangling sub/up; do \
+             test -L $l && printf '%s=%s %s ' $l $(readlink $l) $(stat -c %u:%g $l); done; \
+             find . -type f | sort | tr '\\n' ' '"
+        ),
+        "abs=/etc/passwd 0:0 rel=sub/file.txt 0:0 dirlink=sub 0:0 \
+         dangling=does/not/exist 0:0 sub/up=../sub/file.txt 0:0 ./sub/file.txt"
+    );
+
+    // Links the inner made come back as links, pointing where they said.
+    inner_out(
+        &hull,
+        "ln -s /etc/shadow /srv/tree/secret && ln -s / /srv/tree/sub/root",
+    );
+    let back = dir.path().join("back");
+    let v = copied(&hull, &["cp", "-r", ":/srv/tree", back.to_str().unwrap()]);
+    assert_eq!(
+        (v["files"].as_u64(), v["symlinks"].as_u64()),
+        (Some(1), Some(7)),
+        "{v}"
+    );
+    for (name, target) in [
+        ("abs", "/etc/passwd"),
+        ("rel", "sub/file.txt"),
+        ("dirlink", "sub"),
+        ("dangling", "does/not/exist"),
+        ("sub/up", "../sub/file.txt"),
+        ("secret", "/etc/shadow"),
+        ("sub/root", "/"),
+    ] {
+        let meta = std::fs::symlink_metadata(back.join(name)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{name} is not a symlink");
+        assert_eq!(
+            std::fs::read_link(back.join(name)).unwrap(),
+            std::path::Path::new(target),
+            "{name}"
+        );
+    }
+    assert_eq!(std::fs::read(back.join("sub/file.txt")).unwrap(), b"file\n");
 }

@@ -1,12 +1,12 @@
 //! `/v1/sprites/{name}/fs/...`: the sandbox's files, as the Sprites SDKs'
-//! filesystem handles call them. Every path is resolved under the running
-//! inner's root (see [`ops`]); the work runs on blocking threads, and file
-//! contents stream both ways through a few chunks in flight.
+//! filesystem handles call them. Each route sends hulld `Files` requests
+//! (the watch too), and hulld resolves every path under the running
+//! inner's root; file contents stream both ways through a few chunks in
+//! flight.
 
 mod watch;
 
 use std::collections::HashMap;
-use std::io;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
@@ -17,8 +17,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::response::{json_response, Body};
-use crate::{InnerRootError, Shared};
-use hull_inner::files::{self as ops, InnerPath, Root};
+use crate::Shared;
+use hull_inner::files::InnerPath;
 use hull_proto::{ClientMsg, DaemonMsg, FileEntry, FileKind};
 
 /// Bytes gathered from the request before they go to hulld.
@@ -315,46 +315,22 @@ async fn watch(state: &Shared, mut req: Request<Incoming>) -> Result<Response<Bo
     let path = path_param(&query, "path")?;
     let recursive = flag(&query, "recursive")?;
     let handshake = crate::ws::handshake(&mut req)?;
-    let shown = path.shown.clone();
-    let root = inner_root(state).await?;
-    // One inotify instance serves every watch (watch.rs); setting this
-    // one up walks the tree.
-    let watch = tokio::task::spawn_blocking(move || watch::begin(root, &path, recursive))
-        .await
-        .map_err(|e| ApiError::internal(format!("the watch of {shown} failed: {e}")))?
-        .map_err(|e| fs_error("watch", &shown, e))?;
+    let mut client = state.connect().await?;
+    let request = hull_proto::FileRequest::Watch {
+        path: path.shown,
+        recursive,
+    };
+    match client.request(ClientMsg::Files(request)).await {
+        Ok(DaemonMsg::FileWatching) => {}
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(ApiError::daemon(e)),
+    }
     tokio::spawn(async move {
         if let Some(ws) = crate::ws::accept(handshake.upgrade).await {
-            watch::relay(ws, watch).await;
+            watch::relay(ws, client).await;
         }
     });
     Ok(handshake.response)
-}
-
-async fn inner_root(state: &Shared) -> Result<Root, ApiError> {
-    match state.connector.inner_root().await {
-        Ok(root) => Ok(Root::new(root.dir, root.owner)),
-        Err(e @ InnerRootError::NotRunning) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "sandbox_unavailable",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::internal(hull_proto::error_chain(&e))),
-    }
-}
-
-/// An error of the files API: the errno as `"code"` (what the SDKs map
-/// to their exceptions), a stable `"error"` and a message that names the
-/// path.
-fn fs_error(op: &str, path: &str, e: io::Error) -> ApiError {
-    let failure = ops::Failure::of(e.raw_os_error());
-    let mut error = ApiError::new(
-        failure_status(failure.code),
-        failure.code,
-        ops::Failure::message(op, path, &e),
-    );
-    error.errno = Some(failure.errno);
-    error
 }
 
 /// The status of a files API error with `code`.

@@ -63,7 +63,7 @@ fn main() {
     }
     fix_mmap_threshold();
     if let Err(e) = daemon_main() {
-        eprintln!("hulld: {}", hull_outer::cli::error_chain(&e));
+        eprintln!("hulld: {}", hull_outer::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -62,9 +62,9 @@ impl Inner {
 
     /// The host uid and gid of the inner's root user: what a file hulld
     /// makes in the inner on the user's behalf is owned by.
-    pub fn root_owner(&self) -> hull_api::Owner {
+    pub fn root_owner(&self) -> hull_inner::files::Owner {
         let base = self.user_namespace.map_or(0, |ids| ids.base);
-        hull_api::Owner {
+        hull_inner::files::Owner {
             uid: base,
             gid: base,
         }

@@ -12,7 +12,7 @@ use hull_image::{ImageKind, ImageStore};
 use hull_proto::{ClientMsg, DaemonMsg, StatusReport, Stream};
 
 use crate::client::{self, Client, ClientError};
-use crate::config::Config;
+use crate::config::ClientConfig;
 
 /// `println!` that returns a closed stdout as an error instead of panicking.
 macro_rules! outln {
@@ -44,7 +44,7 @@ pub use report::*;
 #[derive(Debug, Clone)]
 pub struct Global {
     pub config_path: Option<PathBuf>,
-    pub config: Config,
+    pub config: ClientConfig,
     pub json: bool,
     /// Set by --url: hulld is reached through its HTTP API.
     pub remote: Option<client::Remote>,
@@ -104,7 +104,7 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
                 "oom kills  {} (the last at {}, {} s ago; hull logs --daemon has each)",
                 s.oom_kills,
                 httpdate::fmt_http_date(at),
-                (hull_logs::now_ms() - last).max(0) / 1000
+                (hull_proto::now_ms() - last).max(0) / 1000
             )
         }
         None => outln!("oom kills  0"),
@@ -148,7 +148,7 @@ pub async fn status(g: &Global) -> Result<()> {
 }
 
 /// Builds (if needed) the configured base image, printing progress.
-pub fn build_image(config: &Config, kind: ImageKind, rebuild: bool) -> Result<PathBuf> {
+pub fn build_image(config: &ClientConfig, kind: ImageKind, rebuild: bool) -> Result<PathBuf> {
     let store = ImageStore::new(config.image_dir());
     if store.is_built(kind) && !rebuild {
         return Ok(store.rootfs(kind));
@@ -170,7 +170,7 @@ pub fn build_image(config: &Config, kind: ImageKind, rebuild: bool) -> Result<Pa
 pub fn image_build(g: &Global, kind: Option<String>, rebuild: bool) -> Result<()> {
     let kind: ImageKind = match kind {
         Some(k) => k.parse()?,
-        None => g.config.image_kind()?,
+        None => g.config.image.parse()?,
     };
     let path = build_image(&g.config, kind, rebuild)?;
     if g.json {
@@ -217,7 +217,7 @@ pub async fn up(g: &Global, hulld_args: Vec<String>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(CliError::NeedsRoot);
     }
-    build_image(&g.config, g.config.image_kind()?, false)?;
+    build_image(&g.config, g.config.image.parse()?, false)?;
     std::fs::create_dir_all(&g.config.state_dir)
         .with_context(|| format!("creating {}", g.config.state_dir.display()))?;
     let log_path = g.config.log_file();
@@ -390,7 +390,7 @@ pub async fn sessions_list(g: &Global) -> Result<()> {
         "IDLE",
         "STARTED_BY"
     );
-    let now = hull_checkpoint::catalog::now_ms();
+    let now = hull_proto::now_ms();
     let ago = |ms: i64| short_duration(Duration::from_millis(u64::try_from(now - ms).unwrap_or(0)));
     for s in list {
         // A token's name is chosen by whoever made the token: shown
@@ -476,7 +476,7 @@ pub const VM_ONLY_COMMANDS: [&str; 10] = [
 /// True inside the inner: hulld mounts its `hull` client there, at a path
 /// the VM itself never has.
 pub fn in_inner() -> bool {
-    Path::new(hull_inner::INNER_API_BIN).join("hull").exists()
+    Path::new(hull_proto::INNER_API_BIN).join("hull").exists()
 }
 
 pub fn flush_stdout() {
@@ -1012,13 +1012,13 @@ fn exec_json(tag: &hull_proto::ExecTag) -> serde_json::Value {
 /// prints the id).
 fn log_source(name: String) -> Result<(String, Option<u64>)> {
     let id = name
-        .strip_prefix(hull_logs::EXEC_SOURCE)
+        .strip_prefix(hull_proto::EXEC_SOURCE)
         .and_then(|rest| rest.strip_prefix(':'));
     let Some(id) = id else {
         return Ok((name, None));
     };
     match id.parse() {
-        Ok(id) => Ok((hull_logs::EXEC_SOURCE.to_string(), Some(id))),
+        Ok(id) => Ok((hull_proto::EXEC_SOURCE.to_string(), Some(id))),
         Err(_) => {
             bail!("{name:?}: an exec's log is exec:ID, ID the number hull exec --detach printed")
         }
@@ -1126,9 +1126,10 @@ mod tests {
         // cause of its own.
         let e = anyhow::Error::from(std::io::Error::other("denied")).context("access denied");
         assert_eq!(error_chain(&e), "access denied: denied");
-        let e = anyhow::Error::from(hull_services::ServiceError::Json(
-            serde_json::from_str::<u8>("x").unwrap_err(),
-        ));
+        #[derive(Debug, thiserror::Error)]
+        #[error("bad service definition")]
+        struct BadDefinition(#[source] serde_json::Error);
+        let e = anyhow::Error::from(BadDefinition(serde_json::from_str::<u8>("x").unwrap_err()));
         let chain = error_chain(&e);
         assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
     }

@@ -1,6 +1,8 @@
-//! The HTTP API's way into hulld: an in-process connection served by the
-//! same code as the control socket, so a request over HTTP gets exactly
-//! the answer the CLI would.
+//! hulld's [`hull_api::Connector`]: how the HTTP API, which runs inside
+//! hulld, reaches it. A connection to hulld's control protocol is an
+//! in-process pipe served by the same code as the control socket, so a
+//! request over HTTP gets exactly the answer the CLI would; a port the
+//! API proxies is dialled in the inner's network namespace.
 
 use std::io;
 use std::sync::{Arc, Weak};
@@ -8,11 +10,9 @@ use std::sync::{Arc, Weak};
 use std::future::Future;
 use std::pin::Pin;
 
-use hull_api::{InnerRoot, InnerRootError};
 use hull_proto::TokenScope;
 use tokio::io::DuplexStream;
 
-use crate::files::ROOT_WAIT;
 use crate::hulld::Hulld;
 use crate::server::{serve_connection, Endpoint};
 
@@ -21,20 +21,20 @@ use crate::server::{serve_connection, Endpoint};
 /// whose client does not read holds them all.
 const PIPE_BYTES: usize = 16 * 1024;
 
-pub struct ApiLink {
+pub struct InProcessConnector {
     /// Weak: the API lives inside hulld and must not keep it alive.
     hulld: Weak<Hulld>,
 }
 
-impl ApiLink {
+impl InProcessConnector {
     pub fn new(hulld: &Arc<Hulld>) -> Arc<Self> {
-        Arc::new(ApiLink {
+        Arc::new(InProcessConnector {
             hulld: Arc::downgrade(hulld),
         })
     }
 }
 
-impl hull_api::Connector for ApiLink {
+impl hull_api::Connector for InProcessConnector {
     fn open_as(&self, scope: TokenScope, started_by: &str) -> io::Result<DuplexStream> {
         let hulld = self
             .hulld
@@ -55,30 +55,6 @@ impl hull_api::Connector for ApiLink {
             let hulld = hulld
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "hulld is stopping"))?;
             hulld.dial_inner(target).await
-        })
-    }
-
-    fn inner_root(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<InnerRoot, InnerRootError>> + Send>> {
-        let hulld = self.hulld.upgrade();
-        Box::pin(async move {
-            let hulld = hulld.ok_or(InnerRootError::NotRunning)?;
-            let inner = hulld
-                .supervisor()
-                .wait_running(ROOT_WAIT)
-                .await
-                .ok_or(InnerRootError::NotRunning)?;
-            let owner = inner.root_owner();
-            let dir =
-                tokio::task::spawn_blocking(move || inner.open_root().map_err(|e| (inner.pid, e)))
-                    .await
-                    .map_err(|_| InnerRootError::NotRunning)?
-                    .map_err(|(pid, source)| InnerRootError::Open {
-                        path: format!("/proc/{pid}/root"),
-                        source,
-                    })?;
-            Ok(InnerRoot { dir, owner })
         })
     }
 }

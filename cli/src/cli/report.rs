@@ -100,7 +100,7 @@ pub(super) fn daemon_code(kind: ErrorKind) -> &'static str {
         ErrorKind::Internal => "internal",
         ErrorKind::Busy => "busy",
         ErrorKind::NotRunning => "not_running",
-        ErrorKind::File(errno) => hull_inner::files::Failure::of(Some(errno)).code,
+        ErrorKind::File(errno) => hull_proto::files::Failure::of(Some(errno)).code,
     }
 }
 

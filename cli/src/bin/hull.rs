@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use hull_outer::cli::{self, AttachTo, ExecOptions, Global};
-use hull_outer::config::Config;
+use hull_cli::cli::{self, AttachTo, ExecOptions, Global};
+use hull_cli::config::ClientConfig;
 
 #[derive(Parser)]
 #[command(
@@ -55,8 +55,8 @@ enum Command {
         #[arg(long)]
         image: Option<String>,
         /// The inner's network: nat (egress through a veth with masquerade, the default) or none (loopback only; ingress still works).
-        #[arg(long, value_parser = hull_outer::config::parse_network_mode)]
-        network: Option<hull_outer::config::NetworkMode>,
+        #[arg(long, value_parser = hull_cli::config::parse_network_mode)]
+        network: Option<hull_cli::config::NetworkMode>,
     },
     /// Show the inner's state, limits and usage.
     ///
@@ -550,9 +550,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 fn global(
     cli: &Cli,
     image: Option<&String>,
-    network: Option<hull_outer::config::NetworkMode>,
+    network: Option<hull_cli::config::NetworkMode>,
 ) -> Result<(Global, Vec<String>)> {
-    let mut config = Config::load(cli.config.as_deref())?;
+    let mut config = ClientConfig::load(cli.config.as_deref())?;
     let mut hulld_args = Vec::new();
     if let Some(path) = &cli.config {
         hulld_args.extend(["--config".to_string(), path.display().to_string()]);
@@ -570,12 +570,10 @@ fn global(
         hulld_args.extend(["--image".to_string(), image.clone()]);
     }
     if let Some(mode) = network {
-        config.network.mode = mode;
         hulld_args.extend(["--network".to_string(), mode.name().to_string()]);
     }
-    config.validate()?;
     let remote = match (&cli.url, &cli.token) {
-        (Some(url), Some(token)) => Some(hull_outer::client::Remote {
+        (Some(url), Some(token)) => Some(hull_cli::client::Remote {
             url: url.clone(),
             token: token.clone(),
             ca_file: cli.cacert.clone(),
@@ -821,7 +819,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => cli::logs(
             &g,
             if daemon {
-                hull_logs::DAEMON_SOURCE.to_string()
+                hull_proto::DAEMON_SOURCE.to_string()
             } else {
                 name.unwrap_or_default()
             },

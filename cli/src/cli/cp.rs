@@ -55,7 +55,10 @@ struct Copied {
     /// Regular files copied.
     files: u64,
     bytes: u64,
-    /// Symlinks, devices, FIFOs and sockets left out of a recursive copy.
+    /// Symlinks copied as symlinks (their target text, never followed).
+    symlinks: u64,
+    /// Devices, FIFOs and sockets left out of a recursive copy, and
+    /// symlinks whose target is not UTF-8.
     skipped: Vec<String>,
 }
 
@@ -64,6 +67,7 @@ struct Copied {
 struct Tally {
     files: u64,
     bytes: u64,
+    symlinks: u64,
     skipped: Vec<String>,
 }
 
@@ -92,16 +96,19 @@ pub async fn cp(g: &Global, src: &str, dst: &str, recursive: bool) -> Result<()>
         destination,
         files: tally.files,
         bytes: tally.bytes,
+        symlinks: tally.symlinks,
         skipped: tally.skipped,
     };
     if g.json {
         return print_json(&copied);
     }
     for path in &copied.skipped {
-        errln!("hull: left out {path}: hull cp copies directories and regular files only");
+        errln!("hull: left out {path}: hull cp copies directories, regular files and symlinks (with UTF-8 targets) only");
     }
     if !matches!(to, Place::Local(ref p) if p.as_os_str() == "-") {
-        let count = if recursive {
+        let count = if recursive && copied.symlinks > 0 {
+            format!("{} files, {} symlinks, ", copied.files, copied.symlinks)
+        } else if recursive {
             format!("{} files, ", copied.files)
         } else {
             String::new()
@@ -262,6 +269,19 @@ fn upload_tree<'a>(
                     .await
                     .with_context(|| format!("cannot open {}", path.display()))?;
                 upload_file(c, Box::new(file), &path, &inner, mode, tally, progress).await?;
+            } else if meta.is_symlink() {
+                // Its target as text: read, never followed.
+                let target = tokio::fs::read_link(&path)
+                    .await
+                    .with_context(|| format!("cannot read the symlink {}", path.display()))?;
+                let Some(target) = target.to_str() else {
+                    tally.skipped.push(path.display().to_string());
+                    continue;
+                };
+                c.file_symlink(&inner, target)
+                    .await
+                    .with_context(|| format!("cannot make the symlink :{inner}"))?;
+                tally.symlinks += 1;
             } else {
                 tally.skipped.push(path.display().to_string());
             }
@@ -383,7 +403,18 @@ fn download_tree<'a>(
                 .await
                 .with_context(|| format!("cannot set the mode of {}", target.display()))?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // Into a directory that is there, never through a symlink.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let meta = tokio::fs::symlink_metadata(target)
+                    .await
+                    .with_context(|| format!("cannot read {}", target.display()))?;
+                if !meta.is_dir() {
+                    bail!(
+                        "{} is in the way of the directory :{source}",
+                        target.display()
+                    );
+                }
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot make {}", target.display())),
         }
         let entries = c
@@ -406,13 +437,42 @@ fn download_tree<'a>(
                     .await?;
                 }
                 FileKind::File => download_file(c, &entry.path, &local, tally, progress).await?,
-                FileKind::Symlink | FileKind::Other => {
-                    tally.skipped.push(format!(":{}", entry.path))
-                }
+                FileKind::Symlink => match &entry.target {
+                    Some(link) => {
+                        download_symlink(link, &local).await?;
+                        tally.symlinks += 1;
+                    }
+                    None => tally.skipped.push(format!(":{}", entry.path)),
+                },
+                FileKind::Other => tally.skipped.push(format!(":{}", entry.path)),
             }
         }
         Ok(())
     })
+}
+
+/// A symlink to `link` (its text, from the inner) as the local `target`:
+/// made under a temporary name beside it and renamed over it, so what was
+/// there is replaced whole and nothing is followed.
+async fn download_symlink(link: &str, target: &Path) -> Result<()> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (link, shown, target) = (
+        PathBuf::from(link),
+        target.display().to_string(),
+        target.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let temp = tempfile::Builder::new()
+            .prefix(".hull-cp-")
+            .make_in(&dir, |path| std::os::unix::fs::symlink(&link, path))?
+            .into_temp_path();
+        temp.persist(&target).map_err(|e| e.error)
+    })
+    .await?
+    .with_context(|| format!("cannot make the symlink {shown}"))
 }
 
 /// The inner's regular file `source` as the local `target`: into a
