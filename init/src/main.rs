@@ -4,10 +4,14 @@
 //! tmpfs root (pivot_root refuses the initramfs, and the inner pivots its
 //! root), executing itself again there. It mounts the API filesystems and
 //! cgroup2 alone (with `nsdelegate`, every controller enabled for the
-//! tree), loads the kernel modules the image carries, mounts the data
-//! disk, seeds the random pool from the seed the last boot left there
-//! (`seed`), brings up `lo` and `eth0` (a static `ip=`, or DHCP: `dhcp`),
-//! writes hulld's config (with a vsock port when the VM has a vsock
+//! tree), turns transparent hugepages off (unless the command line names
+//! a mode: khugepaged's reserve would be 44 MiB of a 1 GiB VM), loads the
+//! kernel modules the image carries, mounts the data disk, seeds the
+//! random pool from the seed the last boot left there (`seed`), copies the
+//! base image to the disk, removes from the tmpfs root what the boot has
+//! used (the modules' files; the image's copy, with a data disk), brings
+//! up `lo` and `eth0` (a static `ip=`, or DHCP: `dhcp`), writes hulld's
+//! config (with a vsock port when the VM has a vsock
 //! device) and starts hulld (in the root cgroup, or with `hull.cgroup=` in
 //! a delegated group: `delegate`), restarting it with a backoff when it
 //! dies. It reaps every orphan: hulld never reaps blindly, its tokio child

@@ -50,6 +50,16 @@ impl Run {
         text(&out.stdout)
     }
 
+    /// The VM's transparent hugepage modes, the one in force bracketed.
+    fn thp_mode(&self) -> String {
+        self.ok(&[
+            "exec",
+            "--",
+            "cat",
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+        ])
+    }
+
     fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
@@ -211,12 +221,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
     assert_eq!(run.ok(&["exec", "--", "echo", "hello"]), "hello\n");
     // Transparent hugepages are off unless the command line asks for
     // them: khugepaged would keep 44 MiB of a 1 GiB VM free.
-    let thp = run.ok(&[
-        "exec",
-        "--",
-        "cat",
-        "/sys/kernel/mm/transparent_hugepage/enabled",
-    ]);
+    let thp = run.thp_mode();
     assert!(thp.contains("[never]"), "{thp}");
     // The inner never sees the token's secret: not on the kernel's
     // command line (which has its hash), not in hulld's config.
@@ -436,12 +441,7 @@ fn a_hull_vm_serves_the_host_keeps_its_disk_and_survives_a_power_cut() {
             "transparent hugepages: madvise, as the command line says",
         ],
     );
-    let thp = run.ok(&[
-        "exec",
-        "--",
-        "cat",
-        "/sys/kernel/mm/transparent_hugepage/enabled",
-    ]);
+    let thp = run.thp_mode();
     assert!(thp.contains("[madvise]"), "{thp}");
     // No shutdown wrote the seed: the one the last boot left in its place
     // is credited, and it was removed before, so no boot credits it twice.
