@@ -4,10 +4,14 @@
 //! tmpfs root (pivot_root refuses the initramfs, and the inner pivots its
 //! root), executing itself again there. It mounts the API filesystems and
 //! cgroup2 alone (with `nsdelegate`, every controller enabled for the
-//! tree), loads the kernel modules the image carries, mounts the data
-//! disk, seeds the random pool from the seed the last boot left there
-//! (`seed`), brings up `lo` and `eth0` (a static `ip=`, or DHCP: `dhcp`),
-//! writes hulld's config (with a vsock port when the VM has a vsock
+//! tree), turns transparent hugepages off (unless the command line names
+//! a mode: khugepaged's reserve would be 44 MiB of a 1 GiB VM), loads the
+//! kernel modules the image carries, mounts the data disk, seeds the
+//! random pool from the seed the last boot left there (`seed`), copies the
+//! base image to the disk, removes from the tmpfs root what the boot has
+//! used (the modules' files; the image's copy, with a data disk), brings
+//! up `lo` and `eth0` (a static `ip=`, or DHCP: `dhcp`), writes hulld's
+//! config (with a vsock port when the VM has a vsock
 //! device) and starts hulld (in the root cgroup, or with `hull.cgroup=` in
 //! a delegated group: `delegate`), restarting it with a backoff when it
 //! dies. It reaps every orphan: hulld never reaps blindly, its tokio child
@@ -146,6 +150,7 @@ enum Step {
     Mount(MountSpec),
     EnableControllers,
     DelegateCgroup,
+    TransparentHugepages,
     LoadModules,
     DataDisk,
     RandomSeed,
@@ -161,6 +166,8 @@ fn boot_steps() -> Vec<Step> {
     steps.extend([
         Step::EnableControllers,
         Step::DelegateCgroup,
+        // Before hulld and the inner map anything.
+        Step::TransparentHugepages,
         // Before the network: virtio_net makes eth0; virtio_blk and
         // btrfs the data disk.
         Step::LoadModules,
@@ -243,6 +250,12 @@ enum InitError {
     },
     #[error("cannot set the hostname to {HOSTNAME}")]
     Hostname(#[source] nix::Error),
+    #[error("cannot turn transparent hugepages off in {path}")]
+    TransparentHugepages {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write hulld's config {path}")]
     Config {
         path: PathBuf,
@@ -425,9 +438,42 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
                 );
             }
         }
+        Step::TransparentHugepages => {
+            let cmdline = read_cmdline()?;
+            match thp_mode(&cmdline) {
+                ThpMode::AsAsked(mode) => log!(
+                    "transparent hugepages: {mode}, as the command line says; vm.min_free_kbytes {}",
+                    min_free_kbytes()
+                ),
+                ThpMode::Never => {
+                    let path = Path::new(THP_ENABLED);
+                    match fs::write(path, "never") {
+                        Ok(()) => log!(
+                            "transparent hugepages: never; vm.min_free_kbytes {} ({:.1} ms)",
+                            min_free_kbytes(),
+                            millis(started)
+                        ),
+                        // A kernel built without them.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(InitError::TransparentHugepages {
+                                path: path.into(),
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+        }
         Step::LoadModules => {
-            let loaded = load_modules()?;
+            let (loaded, dir) = load_modules()?;
             log!("loaded {loaded} kernel modules ({:.1} ms)", millis(started));
+            // Every module the image carries is loaded, and nothing loads
+            // one later (there is no modprobe): their files would only
+            // hold the tmpfs root's memory.
+            if let Some(dir) = dir {
+                drop_from_root(&dir, "the kernel modules' files");
+            }
         }
         Step::Loopback => {
             let sock = net::control_socket().map_err(InitError::ControlSocket)?;
@@ -449,8 +495,13 @@ fn run_step(step: Step, boot: &mut Boot) -> Result<(), InitError> {
         }
         Step::RandomSeed => seed_random_pool(boot, started),
         Step::BaseImage => {
+            // hulld takes the image from the data disk's copy, and only
+            // hull-init copies it, at boot, from the initramfs a later
+            // boot brings again: the root's copy is dead weight after
+            // this. Without a data disk it is the one hulld runs.
             if boot.on_disk {
                 copy_base_image(started)?;
+                drop_from_root(&Path::new(IMAGE_DIR).join(IMAGE), "the base image's copy");
             }
         }
         Step::Ethernet => configure_ethernet(started)?,
@@ -515,7 +566,9 @@ fn reopen_console() {
     }
 }
 
-fn load_modules() -> Result<usize, InitError> {
+/// Loads every module the image carries; returns how many and their
+/// directory (none when the image has no modules).
+fn load_modules() -> Result<(usize, Option<PathBuf>), InitError> {
     let release_path = Path::new("/proc/sys/kernel/osrelease");
     let release = fs::read_to_string(release_path).map_err(|source| InitError::Read {
         path: release_path.into(),
@@ -526,7 +579,7 @@ fn load_modules() -> Result<usize, InitError> {
     let dep = match fs::read_to_string(&dep_path) {
         Ok(text) => text,
         // An image whose kernel has everything built in ships none.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, None)),
         Err(source) => {
             return Err(InitError::Read {
                 path: dep_path,
@@ -561,7 +614,64 @@ fn load_modules() -> Result<usize, InitError> {
             }
         }
     }
-    Ok(loaded)
+    Ok((loaded, Some(dir)))
+}
+
+/// Where the kernel takes the transparent hugepage mode.
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+/// What hull-init does about transparent hugepages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ThpMode<'a> {
+    /// `transparent_hugepage=` is on the command line: the kernel took it.
+    AsAsked(&'a str),
+    /// Turn them off. With them on (Debian's kernel: `always`), khugepaged
+    /// raises vm.min_free_kbytes to its recommendation, 44 MiB of a 1 GiB
+    /// VM, which the kernel keeps free and MemAvailable leaves out: more
+    /// than hull itself uses. Turning them off restores the kernel's
+    /// default (3.8 MiB at 1 GiB); a sandbox's processes are small, and a
+    /// workload that wants huge pages asks with `transparent_hugepage=`.
+    Never,
+}
+
+fn thp_mode(cmdline: &str) -> ThpMode<'_> {
+    match cmdline::param(cmdline, "transparent_hugepage") {
+        Some(mode) => ThpMode::AsAsked(mode),
+        None => ThpMode::Never,
+    }
+}
+
+fn min_free_kbytes() -> String {
+    fs::read_to_string("/proc/sys/vm/min_free_kbytes")
+        .map_or_else(|_| "unknown".to_owned(), |v| format!("{} kB", v.trim()))
+}
+
+/// Removes `path`, which the boot no longer needs, from the tmpfs root,
+/// whose files are the VM's memory, and says how much the root holds
+/// after. Not fatal: the boot goes on with the memory still held.
+fn drop_from_root(path: &Path, what: &str) {
+    let started = Instant::now();
+    let held = || {
+        nix::sys::statfs::statfs("/").map_or(f64::NAN, |s| {
+            #[allow(clippy::cast_precision_loss, reason = "MiB for a log line")]
+            let bytes = (s.blocks() - s.blocks_free()) as f64 * s.block_size() as f64;
+            bytes / f64::from(1u32 << 20)
+        })
+    };
+    let before = held();
+    match fs::remove_dir_all(path) {
+        Ok(()) => log!(
+            "removed {what} from the root ({}): it holds {:.1} MiB, {:.1} MiB less ({:.1} ms)",
+            path.display(),
+            held(),
+            before - held(),
+            millis(started)
+        ),
+        Err(e) => log!(
+            "cannot remove {what} ({}) from the root: {e}",
+            path.display()
+        ),
+    }
 }
 
 /// Mounts the data disk at the state directory, formatting it first when
@@ -1344,6 +1454,19 @@ mod tests {
         assert!(
             on_tmpfs["api"].get("vsock_port").is_none(),
             "no vsock port without a vsock device"
+        );
+    }
+
+    #[test]
+    fn transparent_hugepages_go_off_unless_the_command_line_names_a_mode() {
+        assert_eq!(thp_mode("console=ttyS0 quiet"), ThpMode::Never);
+        assert_eq!(
+            thp_mode("console=ttyS0 transparent_hugepage=madvise quiet"),
+            ThpMode::AsAsked("madvise")
+        );
+        assert_eq!(
+            thp_mode("transparent_hugepage=always"),
+            ThpMode::AsAsked("always")
         );
     }
 

@@ -31,7 +31,7 @@ const DEFAULT_PATH: &str =
 
 /// Entry point of the forked child. Returns the init's exit code.
 pub fn run(spec: &InnerSpec) -> i32 {
-    // The exec path was /proc/<hulld>/fd/<memfd>; name the process for `ps`.
+    // The exec path was /proc/<hulld>/fd/<N>; name the process for `ps`.
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"hull-init".as_ptr(), 0, 0, 0) };
     redirect_stdio_to_null();

@@ -221,8 +221,9 @@ fn limit_groups(
     config: &DaemonSettings,
     inner_cpus: f64,
 ) -> Result<(), DaemonError> {
-    // The sealed copy of hulld's binary is made in its group, and charged
-    // to it: the limit is for everything else.
+    // Where hulld's binary is sealed by a memfd copy (no overlayfs), the
+    // copy is made in its group and charged to it: the limit is for
+    // everything else.
     let exe = std::env::current_exe()
         .and_then(std::fs::metadata)
         .map_or(0, |m| m.len());

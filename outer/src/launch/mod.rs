@@ -2,7 +2,8 @@
 //! sealed copy of our binary, with the init's fds placed, and the
 //! handshake with the inner init.
 //!
-//! - `sealed_exe`: the sealed memfd copy of hulld's binary the init runs.
+//! - `sealed_exe`: hulld's binary as the init runs it, sealed against
+//!   writes (a read-only overlayfs of it, or a sealed memfd copy).
 //! - `init_link`: hulld's side of the init link (spawn, kill, the
 //!   reports and fds of each process).
 //! - `inner`: the handle to one running inner, as its users hold it.

@@ -1,33 +1,61 @@
-//! hulld's binary as the inner's init runs it: a sealed memfd copy.
+//! hulld's binary as the inner's init runs it, sealed against writes: the
+//! file itself through a private read-only overlayfs of its directory, or,
+//! where that cannot be had, a sealed memfd copy.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
-/// hulld's binary copied into a sealed memfd. The inner's processes can see
-/// their init's /proc/1/exe; pointing it at a sealed anonymous file instead
-/// of hulld's binary on disk closes the CVE-2019-5736 path back out.
+/// hulld's binary as the inner's helper and init execute it. The inner's
+/// processes can see their init's /proc/1/exe; pointing it at a file no
+/// one can write, instead of hulld's binary on disk, closes the
+/// CVE-2019-5736 path back out.
 pub struct SealedExe {
     fd: OwnedFd,
+    sealing: Sealing,
+}
+
+/// How the binary is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing {
+    /// hulld's own file, opened through a read-only overlayfs of its
+    /// directory that is mounted nowhere: it shares the file's pages, so
+    /// it costs no memory (in the VM, whose root is a tmpfs, a copy would
+    /// be as large as hulld again), and no write reaches the file through
+    /// it. An overlayfs cannot be unwrapped to its lower file, as a
+    /// read-only bind mount could be remounted.
+    Overlay,
+    /// A copy in a sealed memfd: where overlayfs or the new mount API is
+    /// missing, or without the privilege to mount.
+    MemfdCopy,
 }
 
 impl SealedExe {
     pub fn create() -> io::Result<Self> {
-        use nix::sys::memfd::{memfd_create, MFdFlags};
-        let fd = memfd_create(
-            "hull-init",
-            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(io::Error::from)?;
-        let mut src = std::fs::File::open("/proc/self/exe")?;
-        let mut dst = std::fs::File::from(fd);
-        io::copy(&mut src, &mut dst)?;
-        let fd = OwnedFd::from(dst);
-        seal(&fd)?;
-        Ok(SealedExe { fd })
+        match through_overlay() {
+            Ok(fd) => Ok(SealedExe {
+                fd,
+                sealing: Sealing::Overlay,
+            }),
+            Err(e) => {
+                tracing::info!(
+                    error = %e,
+                    "no read-only overlayfs of hulld's binary: the inner runs a sealed memfd copy of it"
+                );
+                Ok(SealedExe {
+                    fd: memfd_copy()?,
+                    sealing: Sealing::MemfdCopy,
+                })
+            }
+        }
     }
 
-    /// A path that execs the sealed copy. The memfd is close-on-exec, so the
+    pub fn sealing(&self) -> Sealing {
+        self.sealing
+    }
+
+    /// A path that execs the sealed binary. The fd is close-on-exec, so the
     /// helper does not keep it open after its own exec.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!(
@@ -36,6 +64,83 @@ impl SealedExe {
             self.fd.as_raw_fd()
         ))
     }
+}
+
+/// hulld's binary opened (O_PATH) through a detached, read-only overlayfs
+/// whose top layer is the binary's directory, as runc does since 1.2.
+fn through_overlay() -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let unusable = |why: &str| io::Error::other(format!("{}: {why}", exe.display()));
+    let (Some(dir), Some(name)) = (exe.parent(), exe.file_name()) else {
+        return Err(unusable("not a path to a file"));
+    };
+    // Replaced since hulld started ("... (deleted)"): the directory holds
+    // another binary than the one running.
+    if !exe.exists() {
+        return Err(unusable("no longer at that path"));
+    }
+    // Without an upper layer overlayfs is read-only throughout, and then
+    // wants two lower layers: the second is an empty directory of our
+    // own, under the binary's, which only names the binary's directory
+    // lacks could come from.
+    let empty = tempfile::Builder::new().prefix(".hulld-exe-").tempdir()?;
+    let lowerdir = format!("{}:{}", escape_lowerdir(dir), escape_lowerdir(empty.path()));
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    rustix::mount::fsconfig_set_string(&fs, "source", "hulld-exe")?;
+    rustix::mount::fsconfig_set_string(&fs, "lowerdir", lowerdir.as_str())?;
+    // Only quiets the kernel's log where the layers are on different
+    // filesystems; older kernels lack the option.
+    let _ = rustix::mount::fsconfig_set_string(&fs, "xino", "off");
+    rustix::mount::fsconfig_create(&fs)?;
+    let mount = rustix::mount::fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )?;
+    let fd = rustix::fs::openat(
+        &mount,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // The name could have been replaced between the readlink and the
+    // mount: the file must be the running one's size and age.
+    let running = std::fs::metadata("/proc/self/exe")?;
+    let opened = rustix::fs::fstat(&fd)?;
+    if u64::try_from(opened.st_size).ok() != Some(running.len())
+        || opened.st_mtime != running.mtime()
+        || i64::try_from(opened.st_mtime_nsec).ok() != Some(running.mtime_nsec())
+    {
+        return Err(unusable("the file there is not the one running"));
+    }
+    Ok(fd)
+}
+
+/// overlayfs's lowerdir separates layers with ':' and escapes with '\\'.
+fn escape_lowerdir(path: &Path) -> String {
+    path.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(':', "\\:")
+}
+
+/// hulld's binary copied into a sealed memfd.
+fn memfd_copy() -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        "hull-init",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(io::Error::from)?;
+    let mut src = std::fs::File::open("/proc/self/exe")?;
+    let mut dst = std::fs::File::from(fd);
+    io::copy(&mut src, &mut dst)?;
+    let fd = OwnedFd::from(dst);
+    seal(&fd)?;
+    Ok(fd)
 }
 
 /// Seals the copy against any change of size or content.
@@ -59,6 +164,53 @@ fn seal(fd: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where it can mount (root, overlayfs), the inner runs hulld's own
+    /// file through the read-only overlayfs: the same bytes, executable,
+    /// no write reaching it, and no copy in memory.
+    #[test]
+    fn the_binary_is_sealed_without_a_copy() {
+        if !nix::unistd::geteuid().is_root() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "mounting an overlayfs needs root, and CI=true forbids skipping"
+            );
+            return;
+        }
+        let exe = SealedExe::create().unwrap();
+        let target = std::fs::read_link(exe.path()).unwrap();
+        assert!(
+            !target.to_string_lossy().starts_with("/memfd:"),
+            "a memfd copy: {}",
+            target.display()
+        );
+        assert_eq!(exe.sealing(), Sealing::Overlay);
+
+        let running = std::fs::read("/proc/self/exe").unwrap();
+        assert_eq!(std::fs::read(exe.path()).unwrap(), running);
+        let refused = std::fs::OpenOptions::new().write(true).open(exe.path());
+        assert_eq!(
+            refused.map(drop).map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EROFS)),
+            "opening the sealed binary for writing"
+        );
+        // It executes: this test binary lists its tests.
+        let listed = std::process::Command::new(exe.path())
+            .args(["--list", "sealed_exe"])
+            .output()
+            .unwrap();
+        assert!(listed.status.success(), "{listed:?}");
+        assert!(
+            String::from_utf8_lossy(&listed.stdout).contains("the_binary_is_sealed_without_a_copy")
+        );
+    }
+
+    #[test]
+    fn a_lowerdir_path_keeps_its_colons_and_backslashes() {
+        assert_eq!(escape_lowerdir(Path::new("/usr/bin")), "/usr/bin");
+        assert_eq!(escape_lowerdir(Path::new("/a:b\\c")), "/a\\:b\\\\c");
+    }
 
     /// A page of the copy that something else still references (here a
     /// pipe it was spliced into; in hulld's start-up, the kernel's own

@@ -48,7 +48,7 @@ pub struct Options {
 }
 
 /// hull's share of a boot on KVM, the target; this host has TCG only.
-const SHARE_TARGET: &str = "<= 50 ms on KVM (TCG here)";
+const SHARE_TARGET: &str = "<= 50 ms on KVM";
 const MEMORY_TARGET_MIB: f64 = 96.0;
 const MEMORY_TARGET: &str = "<= 96 MiB";
 const SIZE_TARGET_MIB: f64 = 64.0;
@@ -71,8 +71,48 @@ const MEMORY_PARTS: &[(&str, &[&str])] = &[
 
 struct Boot {
     timeline: Timeline,
-    /// `hull vm run`'s QEMU start to the API's first answer (host clock).
+    launch: Launch,
+}
+
+/// What `hull vm run --json` said of a boot it started.
+#[derive(Debug, Clone, PartialEq)]
+struct Launch {
+    /// QEMU's start to the API's first answer (host clock).
     ready_ms: f64,
+    /// The accelerator `--accel auto` picked (`kvm` or `tcg`) ...
+    accel: String,
+    /// ... and why.
+    accel_note: String,
+}
+
+/// The API and the launch's facts from `hull vm run --json`'s output.
+fn launched(json: &serde_json::Value) -> Result<(Api, Launch)> {
+    let field = |key: &str| -> Result<String> {
+        json[key]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no {key} in hull vm run's output: {json}"))
+    };
+    let api = Api {
+        url: field("url")?,
+        token: field("token")?,
+    };
+    #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+    let ready_ms = json["ready_ms"].as_u64().context("no ready_ms")? as f64;
+    let launch = Launch {
+        ready_ms,
+        accel: field("accel")?,
+        accel_note: field("accel_note")?,
+    };
+    Ok((api, launch))
+}
+
+/// The accelerator the boots ran under: one name, or each boot's joined
+/// with "," where they differed.
+fn accel_used(boots: &[Boot]) -> String {
+    let mut names: Vec<&str> = boots.iter().map(|b| b.launch.accel.as_str()).collect();
+    names.dedup();
+    names.join(",")
 }
 
 /// A booted VM's URL and host token.
@@ -165,7 +205,7 @@ pub fn run(options: &Options) -> Result<()> {
                 "the data disk of the boot before"
             }
         );
-        let (api, ready_ms) = boot(&vm, &options.append)?;
+        let (api, launch) = boot(&vm, &options.append)?;
         if n == options.boots {
             eprintln!("idle memory: {} samples", options.memory_samples);
             memory = Some(measure_memory(&api, options.memory_samples)?);
@@ -177,7 +217,7 @@ pub fn run(options: &Options) -> Result<()> {
         let timeline = timeline::parse(&console).with_context(|| {
             format!("no hull-init lines on the console:\n{}", vm.console_tail())
         })?;
-        boots.push(Boot { timeline, ready_ms });
+        boots.push(Boot { timeline, launch });
         let state: VmState = serde_json::from_slice(&std::fs::read(vm.dir.join("vm.json"))?)?;
         eprintln!("boot {n}/{}: the busybox anchor", options.boots);
         anchors.push(anchor::boot(
@@ -209,8 +249,8 @@ pub fn run(options: &Options) -> Result<()> {
 }
 
 /// `hull vm run` of `vm`'s directory, then the inner's start: the API and
-/// how long QEMU's start to the API's answer took.
-fn boot(vm: &Vm, append: &[String]) -> Result<(Api, f64)> {
+/// what the run said of itself.
+fn boot(vm: &Vm, append: &[String]) -> Result<(Api, Launch)> {
     let mut extra = Vec::new();
     for arg in append {
         extra.extend(["--append", arg.as_str()]);
@@ -221,13 +261,7 @@ fn boot(vm: &Vm, append: &[String]) -> Result<(Api, f64)> {
     if !vm.wait_console("inner ready", Duration::from_secs(180)) {
         bail!("the inner did not start:\n{}", vm.console_tail());
     }
-    let api = Api {
-        url: json["url"].as_str().context("no url")?.to_owned(),
-        token: json["token"].as_str().context("no token")?.to_owned(),
-    };
-    #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
-    let ready_ms = json["ready_ms"].as_u64().context("no ready_ms")? as f64;
-    Ok((api, ready_ms))
+    launched(&json)
 }
 
 fn stop(vm: &Vm) -> Result<()> {
@@ -452,8 +486,11 @@ fn step_labels(boots: &[Boot]) -> Vec<String> {
 
 fn print_timeline(boots: &[Boot]) {
     println!();
+    let accel = boots.last().map(|b| &b.launch);
     println!(
-        "boot timeline on the guest's boot clock, under TCG (software emulation: this host has no working KVM)"
+        "boot timeline on the guest's boot clock, QEMU accelerator {} ({})",
+        accel_used(boots),
+        accel.map_or("", |l| l.accel_note.as_str())
     );
     print!("{:<58}", "step");
     for index in 0..boots.len() {
@@ -498,7 +535,7 @@ fn print_timeline(boots: &[Boot]) {
         ),
         (
             "host: QEMU start to the API's first answer",
-            boots.iter().map(|b| Some(b.ready_ms)).collect(),
+            boots.iter().map(|b| Some(b.launch.ready_ms)).collect(),
             "",
         ),
     ];
@@ -628,7 +665,7 @@ fn print_report(
 
     let rows = vec![
         Row::new(
-            "exec `true`, host -> the VM's forwarded API (TCG)",
+            "exec `true`, host -> the VM's forwarded API",
             exec.vm_wall.clone(),
             "ms",
         ),
@@ -667,13 +704,15 @@ fn to_json(
     exec: &Exec,
 ) -> serde_json::Value {
     json!({
-        "accel": "tcg",
+        "accel": accel_used(boots),
         "append": append,
         "binaries": { "dir": bins, "profile": profile(bins) },
         "boots": boots.iter().enumerate().map(|(i, b)| {
             let mut t = b.timeline.to_json();
             t["boot"] = json!(boot_name(i));
-            t["host_qemu_to_api_ms"] = json!(b.ready_ms);
+            t["host_qemu_to_api_ms"] = json!(b.launch.ready_ms);
+            t["accel"] = json!(b.launch.accel);
+            t["accel_note"] = json!(b.launch.accel_note);
             t
         }).collect::<Vec<_>>(),
         "hull_share_target": SHARE_TARGET,
@@ -715,6 +754,32 @@ fn to_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The accelerator is what `hull vm run` picked, never assumed.
+    #[test]
+    fn the_accelerator_is_the_one_hull_vm_run_picked() {
+        let run = |accel: &str| {
+            json!({
+                "url": "http://127.0.0.1:7700",
+                "token": "hull_a_b",
+                "ready_ms": 1234,
+                "accel": accel,
+                "accel_note": format!("{accel}: the probe's verdict"),
+            })
+        };
+        let (api, launch) = launched(&run("kvm")).unwrap();
+        assert_eq!(api.url, "http://127.0.0.1:7700");
+        assert_eq!(launch.accel, "kvm");
+        assert_eq!(launch.accel_note, "kvm: the probe's verdict");
+        let boot = |accel: &str| Boot {
+            timeline: timeline::parse("hull-init: [    1.000] started as pid 1\n").unwrap(),
+            launch: launched(&run(accel)).unwrap().1,
+        };
+        assert_eq!(accel_used(&[boot("kvm"), boot("kvm")]), "kvm");
+        assert_eq!(accel_used(&[boot("tcg")]), "tcg");
+        assert_eq!(accel_used(&[boot("tcg"), boot("kvm")]), "tcg,kvm");
+        assert!(launched(&json!({"url": "u", "token": "t", "ready_ms": 1})).is_err());
+    }
 
     #[test]
     fn the_reserve_is_each_zones_high_watermark_and_largest_protection() {
