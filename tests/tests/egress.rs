@@ -404,3 +404,58 @@ fn a_policy_change_cuts_connections_it_newly_denies_and_keeps_the_others() {
     );
     assert!(text.contains("refused"), "{text}");
 }
+
+#[test]
+fn hull_policy_sets_and_shows_the_policy_and_refuses_a_bad_one() {
+    if !require_root() {
+        return;
+    }
+    let pid = std::process::id();
+    let [_, _, hi, lo] = pid.to_be_bytes();
+    let dns = IpAddr::V4(Ipv4Addr::new(127, 80, hi, lo));
+    let _up = upstream(dns, &[("other.test", Ipv4Addr::new(203, 0, 113, 9))]);
+    let hull = TestHull::start_with(Limits {
+        network: "nat",
+        network_extra: format!(
+            "dns = [\"{dns}\"]\ninterface = \"hvh{:06x}\"",
+            pid & 0xff_ffff
+        ),
+        ..Limits::default()
+    });
+    let shown = hull.hull(&["--json", "policy", "show"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(json, serde_json::json!({"policy": null, "enforced": true}));
+
+    let file = hull.dir.path().join("policy.json");
+    let text = r#"{"rules":[{"domain":"allowed.test","action":"allow"}]}"#;
+    std::fs::write(&file, text).unwrap();
+    let set = hull.hull(&["policy", "set", file.to_str().unwrap()]);
+    assert!(set.status.success(), "{set:?}");
+    let (ok, out) = lookup(&hull, "other.test");
+    assert!(!ok && out.contains("REFUSED"), "{out}");
+    let shown = hull.hull(&["--json", "policy", "show"]);
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        json["policy"],
+        serde_json::from_str::<serde_json::Value>(text).unwrap()
+    );
+    let human = hull.hull(&["policy", "show"]);
+    assert_eq!(String::from_utf8_lossy(&human.stdout).trim(), text);
+
+    // A bad policy: exit 1 as any failed command, the rule and why named,
+    // nothing changed.
+    std::fs::write(&file, r#"{"rules":[{"domain":"a..b","action":"allow"}]}"#).unwrap();
+    let bad = hull.hull(&["policy", "set", file.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("rule 0") && stderr.contains("a..b"),
+        "{stderr}"
+    );
+    let human = hull.hull(&["policy", "show"]);
+    assert_eq!(String::from_utf8_lossy(&human.stdout).trim(), text);
+    let missing = hull.hull(&["policy", "set", "/nonexistent/policy.json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/policy.json"));
+}

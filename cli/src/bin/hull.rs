@@ -219,6 +219,17 @@ enum Command {
     ///
     /// Which ports are private, and the bearer token they need.
     Ingress,
+    /// Show or set the egress policy: which names and addresses the inner
+    /// may reach.
+    ///
+    /// The Sprites form (`{"rules": [{"domain": "*.example.com", "action":
+    /// "allow"}, {"include": "defaults"}]}`) with hull's `cidr` rules and
+    /// `default`; see docs/guide/network.md. A new policy is enforced
+    /// before `set` returns.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Make, list and revoke tokens for the HTTP API.
     ///
     /// The HTTP API speaks the Sprites v1 API; it serves no request until
@@ -240,6 +251,17 @@ enum Command {
     Vm {
         #[command(subcommand)]
         command: VmCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The policy as it was set (nothing set: the inner may reach anything).
+    Show,
+    /// Replace the policy with the JSON in FILE (`-` for standard input).
+    Set {
+        #[arg(value_name = "FILE")]
+        file: String,
     },
 }
 
@@ -751,6 +773,11 @@ async fn run(cli: Cli) -> Result<i32> {
             .map(|()| 0),
         Command::Ports => cli::ports(&g).await.map(|()| 0),
         Command::Ingress => cli::ingress(&g).await.map(|()| 0),
+        Command::Policy { command } => match command {
+            PolicyCommand::Show => cli::policy_show(&g).await,
+            PolicyCommand::Set { file } => cli::policy_set(&g, &file).await,
+        }
+        .map(|()| 0),
         Command::Bounce { grace } => cli::bounce(&g, grace).await.map(|()| 0),
         Command::Down { grace } => cli::down(&g, grace).await.map(|()| 0),
         Command::Token { command } => match command {

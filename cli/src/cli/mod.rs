@@ -593,6 +593,50 @@ pub async fn ingress(g: &Global) -> Result<()> {
     Ok(())
 }
 
+pub async fn policy_show(g: &Global) -> Result<()> {
+    let mut c = g.connect().await?;
+    let (policy, enforced) = c.network_policy(None).await?;
+    if g.json {
+        // The stored text is JSON hulld checked; shown as a value.
+        let policy: serde_json::Value = match &policy {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| ClientError::Unexpected(format!("the stored policy: {e}")))?,
+            None => serde_json::Value::Null,
+        };
+        return print_json(&serde_json::json!({"policy": policy, "enforced": enforced}));
+    }
+    match policy {
+        Some(text) => outln!("{}", text.trim_end()),
+        None => outln!("no policy: the inner may reach anything"),
+    }
+    if !enforced {
+        outln!("(not enforced: the inner has no network of its own to leave by)");
+    }
+    Ok(())
+}
+
+pub async fn policy_set(g: &Global, file: &str) -> Result<()> {
+    let text = if file == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the policy from standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read the policy {file}"))?
+    };
+    let mut c = g.connect().await?;
+    let (_, enforced) = c.network_policy(Some(text)).await?;
+    if g.json {
+        return print_json(&serde_json::json!({"set": true, "enforced": enforced}));
+    }
+    if enforced {
+        outln!("policy set and enforced");
+    } else {
+        outln!("policy set (not enforced: the inner has no network of its own to leave by)");
+    }
+    Ok(())
+}
+
 async fn tokens(g: &Global, request: hull_proto::TokenRequest) -> Result<DaemonMsg> {
     let mut c = g.connect().await?;
     Ok(c.request(ClientMsg::Tokens(request)).await?)
