@@ -34,6 +34,10 @@ fn describe(c: &CheckpointInfo, head: Option<&str>) -> Value {
         "auto": c.auto,
         "current": head == Some(c.id.as_str()),
         "services": c.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        "remote_id": c.remote_id,
+        "remote_state": c.remote_state,
+        "remote_error": c.remote_error,
+        "origin": c.origin,
     })
 }
 

@@ -17,7 +17,7 @@ mod store;
 pub mod volume;
 
 pub use btrfs::QuotaMode;
-pub use catalog::{CheckpointRow, CheckpointState, LayerState};
+pub use catalog::{CheckpointRow, CheckpointState, LayerState, Origin, RemoteState};
 pub use quota::{LayerQuota, LayerUsage, QuotaError, QuotaSettings};
 pub use store::{
     failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,

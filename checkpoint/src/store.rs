@@ -4,7 +4,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::btrfs;
-use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
+use crate::catalog::{
+    new_remote_id, now_ms, Catalog, CheckpointRow, CheckpointState, LayerState, Origin, RemoteState,
+};
 use crate::quota::{LayerUsage, QuotaError, QuotaSettings, Quotas};
 use crate::volume::{StoragePaths, Volume, VolumeError};
 
@@ -457,15 +459,25 @@ impl Storage {
         let catalog = self.catalog();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
+        let parent = catalog.meta(HEAD).map_err(&db)?;
+        let parent_remote_id = match &parent {
+            Some(p) => catalog.checkpoint(p).map_err(&db)?.map(|r| r.remote_id),
+            None => None,
+        };
         let row = CheckpointRow {
             id: format!("v{seq}"),
             seq,
-            parent: catalog.meta(HEAD).map_err(&db)?,
+            parent,
             created_ms: now_ms(),
             comment,
             auto,
             services: services.to_string(),
             state: CheckpointState::Creating,
+            remote_id: new_remote_id(),
+            parent_remote_id,
+            remote_state: RemoteState::Local,
+            remote_error: None,
+            origin: Origin::Here,
         };
         catalog.insert_checkpoint(&row).map_err(&db)?;
         step("row");

@@ -429,6 +429,10 @@ fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
         created_ms: row.created_ms,
         comment: row.comment,
         auto: row.auto,
+        remote_id: row.remote_id,
+        remote_state: row.remote_state.to_string(),
+        remote_error: row.remote_error,
+        origin: row.origin.to_string(),
     }
 }
 

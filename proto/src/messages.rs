@@ -265,6 +265,18 @@ pub struct CheckpointInfo {
     pub auto: bool,
     /// The service definitions recorded with it.
     pub services: Vec<ServiceSpec>,
+    /// Its global id (a UUID): the name of its manifest in the remote.
+    #[serde(default)]
+    pub remote_id: String,
+    /// `local`, `pushing` or `pushed`.
+    #[serde(default)]
+    pub remote_state: String,
+    /// Why its last push failed, until one succeeds.
+    #[serde(default)]
+    pub remote_error: Option<String>,
+    /// `here` (taken on this machine) or `pulled` (from the remote).
+    #[serde(default)]
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

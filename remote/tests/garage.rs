@@ -269,7 +269,10 @@ fn push(
         services: serde_json::json!([]),
     };
     rt.block_on(async {
-        let pushed = remote.push(stdout, meta, &|_| {}).await.unwrap();
+        let pushed = remote
+            .push(stdout, ManifestId::new(), meta, &|_| {})
+            .await
+            .unwrap();
         assert!(child.wait().await.unwrap().success(), "btrfs send failed");
         pushed.id
     })

@@ -1144,6 +1144,10 @@ mod tests {
                     comment: None,
                     auto: false,
                     services: Vec::new(),
+                    remote_id: String::new(),
+                    remote_state: "local".into(),
+                    remote_error: None,
+                    origin: "here".into(),
                 })
                 .collect(),
             head: Some("v3".into()),
