@@ -14,6 +14,7 @@ pub mod btrfs;
 pub mod catalog;
 pub mod quota;
 mod store;
+mod stream;
 pub mod volume;
 
 pub use btrfs::QuotaMode;

@@ -570,6 +570,14 @@ impl Storage {
         self.ready_checkpoint(&catalog, id)
     }
 
+    /// The read-only snapshot of ready checkpoint `id`: what `btrfs send`
+    /// reads when it is pushed.
+    pub fn snapshot_path(&self, id: &str) -> Result<PathBuf> {
+        let catalog = self.catalog();
+        self.ready_checkpoint(&catalog, id)?;
+        Ok(self.checkpoint_dir(id))
+    }
+
     /// Makes a writable snapshot of checkpoint `id`: the layer a restore
     /// will swap in. The inner keeps running meanwhile.
     pub fn prepare_restore(&self, id: &str) -> Result<PendingLayer> {
