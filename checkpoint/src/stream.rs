@@ -92,22 +92,16 @@ impl Send {
     /// Waits for the process; an exit other than 0 is an error with what
     /// it printed. A stream read to its end is whole only if this is Ok.
     pub async fn finish(self) -> Result<(), StreamError> {
-        let out = self
-            .child
-            .wait_with_output()
-            .await
-            .map_err(|source| StreamError::SendWait {
-                path: self.path.clone(),
-                source,
-            })?;
-        if out.status.success() {
-            return Ok(());
+        let path = self.path;
+        match exit(self.child).await {
+            Ok(None) => Ok(()),
+            Ok(Some((status, stderr))) => Err(StreamError::SendFailed {
+                path,
+                status,
+                stderr,
+            }),
+            Err(source) => Err(StreamError::SendWait { path, source }),
         }
-        Err(StreamError::SendFailed {
-            path: self.path,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
     }
 }
 
@@ -151,23 +145,29 @@ impl Receive {
     /// Closes the stream (if still held) and waits for the process.
     pub async fn finish(mut self) -> Result<(), StreamError> {
         drop(self.child.stdin.take());
-        let out =
-            self.child
-                .wait_with_output()
-                .await
-                .map_err(|source| StreamError::ReceiveWait {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        if out.status.success() {
-            return Ok(());
+        let path = self.path;
+        match exit(self.child).await {
+            Ok(None) => Ok(()),
+            Ok(Some((status, stderr))) => Err(StreamError::ReceiveFailed {
+                path,
+                status,
+                stderr,
+            }),
+            Err(source) => Err(StreamError::ReceiveWait { path, source }),
         }
-        Err(StreamError::ReceiveFailed {
-            path: self.path,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
     }
+}
+
+/// Waits for the btrfs tool: `None` when it succeeded, else its status
+/// and what it printed.
+async fn exit(child: Child) -> std::io::Result<Option<(ExitStatus, String)>> {
+    let out = child.wait_with_output().await?;
+    Ok((!out.status.success()).then(|| {
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    }))
 }
 
 #[cfg(test)]
