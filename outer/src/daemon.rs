@@ -299,6 +299,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         logs: logs_settings,
         network: network_settings,
         api: api_settings,
+        remote: remote_settings,
     } = settings;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     create_state_dir(config.state_dir.root())?;
@@ -373,6 +374,9 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
+    if let Some(remote) = &remote_settings {
+        tracing::info!(url = %remote.settings.url, "checkpoints are pushed to the remote");
+    }
     let registry = hull_services::Registry::open(&config.state_dir.services_db())?
         .with_max(config.max_services);
     let rootfs = config.state_dir.rootfs();
