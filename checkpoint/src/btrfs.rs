@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-pub use crate::stream::{receive, send, Receive, Send, StreamError};
+pub use crate::stream::{receive, send, Receive, Send, SendStream, StreamError};
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
 const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;

@@ -38,6 +38,10 @@ pub enum StorageError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "checkpoint {id} {why}; delete it once the push is done (`hull checkpoint list` shows it)"
+    )]
+    Pinned { id: String, why: String },
     #[error("no space left on the volume {path}: free some by deleting checkpoints (`hull checkpoint delete ID`)")]
     NoSpace { path: PathBuf },
 }
@@ -625,11 +629,52 @@ impl Storage {
         Ok(pending.layer)
     }
 
-    /// Deletes checkpoint `id`. Snapshots are independent: any may go.
+    /// Records where checkpoint `id` stands with the remote. A checkpoint
+    /// `pushing` is pinned, and so is its parent, the base of its
+    /// incremental stream (see [`Storage::delete_checkpoint`]).
+    pub fn set_remote_state(
+        &self,
+        id: &str,
+        state: RemoteState,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.catalog()
+            .set_remote_state(id, state, error)
+            .map_err(self.db_err())
+    }
+
+    /// Why checkpoint `id` may not be deleted now, if it may not: its push
+    /// is under way, or it is the base of one.
+    fn pinned(&self, catalog: &Catalog, id: &str) -> Result<Option<String>> {
+        for row in catalog.checkpoints().map_err(self.db_err())? {
+            if row.remote_state != RemoteState::Pushing {
+                continue;
+            }
+            if row.id == id {
+                return Ok(Some("is being pushed to the remote".to_string()));
+            }
+            if row.parent.as_deref() == Some(id) {
+                return Ok(Some(format!(
+                    "is the base of the push of checkpoint {} to the remote",
+                    row.id
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes checkpoint `id`. Snapshots are independent: any may go,
+    /// except one a push needs (pinned): that is refused, naming the push.
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
         let catalog = self.catalog();
         let db = self.db_err();
         let row = self.ready_checkpoint(&catalog, id)?;
+        if let Some(why) = self.pinned(&catalog, id)? {
+            return Err(StorageError::Pinned {
+                id: id.to_string(),
+                why,
+            });
+        }
         catalog
             .set_checkpoint_state(id, CheckpointState::Deleting)
             .map_err(&db)?;
@@ -675,7 +720,8 @@ impl Storage {
         Ok(None)
     }
 
-    /// Deletes the oldest automatic checkpoints beyond `keep`.
+    /// Deletes the oldest automatic checkpoints beyond `keep`, passing
+    /// over those a push needs (they go at a later round).
     pub fn apply_retention(&self, keep: usize) -> Result<Vec<String>> {
         let head = self.head();
         let autos: Vec<String> = self
@@ -687,8 +733,13 @@ impl Storage {
         let excess = autos.len().saturating_sub(keep);
         let mut deleted = Vec::new();
         for id in autos.into_iter().take(excess) {
-            self.delete_checkpoint(&id)?;
-            deleted.push(id);
+            match self.delete_checkpoint(&id) {
+                Ok(()) => deleted.push(id),
+                Err(StorageError::Pinned { id, why }) => {
+                    tracing::info!(checkpoint = %id, "kept beyond retention for now: it {why}")
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(deleted)
     }

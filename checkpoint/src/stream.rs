@@ -4,8 +4,13 @@
 //! tool, not ioctls: the send stream's format is its, and it handles the
 //! kernel's protocol versions.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -105,6 +110,55 @@ impl Send {
     }
 }
 
+/// The stream of a `btrfs send` that ends well only if the process did:
+/// at the end of its output the reader waits for it, and a failed send
+/// (a stream cut short) is a read error rather than an early end, so a
+/// consumer never takes a truncated stream for a whole one.
+pub struct SendStream {
+    stdout: Option<ChildStdout>,
+    exit: Option<Exit>,
+}
+
+/// The wait for a `btrfs send` to exit, polled once its output ends.
+type Exit = Pin<Box<dyn Future<Output = Result<(), StreamError>> + std::marker::Send>>;
+
+impl Send {
+    /// The whole stream as one reader (see [`SendStream`]).
+    pub fn into_stream(mut self) -> SendStream {
+        let stdout = self.take_stdout();
+        SendStream {
+            stdout,
+            exit: Some(Box::pin(self.finish())),
+        }
+    }
+}
+
+impl AsyncRead for SendStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(stdout) = self.stdout.as_mut() {
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(stdout).poll_read(cx, buf))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            self.stdout = None;
+        }
+        let Some(exit) = self.exit.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let exited = std::task::ready!(exit.as_mut().poll(cx));
+        self.exit = None;
+        Poll::Ready(exited.map_err(std::io::Error::other))
+    }
+}
+
 /// A running `btrfs receive`: write the stream to [`Receive::take_stdin`],
 /// drop it, then [`Receive::finish`]. Dropped early, the process is killed
 /// (what it received so far stays in `into`, for the caller to delete).
@@ -192,6 +246,12 @@ mod tests {
             assert!(matches!(err, StreamError::SendFailed { .. }), "{err}");
             let text = err.to_string();
             assert!(text.contains(&*missing.to_string_lossy()), "{text}");
+            // Read as one stream, the failure is a read error, not an end.
+            let mut stream = super::send(&missing, None).unwrap().into_stream();
+            let err = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("btrfs send"), "{err}");
             let mut receive = receive(&missing).unwrap();
             let mut stdin = receive.take_stdin().unwrap();
             // The receiver may be gone already: the write can fail.

@@ -374,9 +374,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
-    if let Some(remote) = &remote_settings {
+    let pusher = remote_settings.map(|remote| {
         tracing::info!(url = %remote.settings.url, "checkpoints are pushed to the remote");
-    }
+        crate::pusher::Pusher::start(storage.clone(), remote.settings, remote.index)
+    });
     let registry = hull_services::Registry::open(&config.state_dir.services_db())?
         .with_max(config.max_services);
     let rootfs = config.state_dir.rootfs();
@@ -435,6 +436,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             pids_max: limits.pids_max,
             lower: image.clone(),
             storage: storage.clone(),
+            pusher: pusher.clone(),
             auto_checkpoints_keep: storage_settings.auto_checkpoints_keep,
             services: services.clone(),
             rootfs,
@@ -488,6 +490,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         state_dir: config.state_dir.clone(),
         socket: config.socket.clone(),
         storage,
+        pusher,
         services,
         logs,
         exec_log,

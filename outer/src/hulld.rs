@@ -28,6 +28,8 @@ pub(crate) struct Parts {
     pub state_dir: crate::StateDir,
     pub socket: PathBuf,
     pub storage: Arc<Storage>,
+    /// Pushes checkpoints to the remote; `None` without `[remote]`.
+    pub pusher: Option<crate::pusher::Pusher>,
     pub services: ServiceManager,
     pub logs: Arc<LogStore>,
     pub exec_log: Arc<ExecLog>,
@@ -301,6 +303,39 @@ impl Hulld {
             head,
             now_ms: hull_checkpoint::catalog::now_ms(),
         })
+    }
+
+    /// Pushes checkpoint `id` (the newest when `None`) now, calling
+    /// `progress` as it goes.
+    pub async fn do_checkpoint_push(
+        &self,
+        id: Option<String>,
+        progress: impl Fn(&hull_proto::PushReport),
+    ) -> Result<hull_proto::PushReport, crate::pusher::PushError> {
+        use crate::pusher::PushError;
+        let pusher = self.parts.pusher.as_ref().ok_or(PushError::NoRemote)?;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let storage = self.parts.storage.clone();
+                let rows = blocking(move || storage.list()).await?;
+                rows.into_iter()
+                    .rev()
+                    .find(|r| r.state == hull_checkpoint::CheckpointState::Ready)
+                    .map(|r| r.id)
+                    .ok_or(PushError::NoCheckpoint)?
+            }
+        };
+        {
+            // An unknown id is refused here, by name, not queued.
+            let storage = self.parts.storage.clone();
+            let id = id.clone();
+            blocking(move || storage.checkpoint(&id)).await?;
+        }
+        pusher
+            .push_now(id, progress)
+            .await
+            .map_err(PushError::Failed)
     }
 
     pub async fn do_checkpoint_delete(&self, id: String) -> Result<(), StorageError> {

@@ -377,6 +377,26 @@ where
                     ))
                     .await?;
             }
+            ClientMsg::CheckpointPush { id } => {
+                // Progress goes out as it comes, through a channel: the
+                // push's callback cannot await the connection.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let push = hulld.do_checkpoint_push(id, move |p| {
+                    let _ = tx.send(p.clone());
+                });
+                tokio::pin!(push);
+                let reply = loop {
+                    tokio::select! {
+                        reply = &mut push => break reply,
+                        Some(progress) = rx.recv() => {
+                            writer.send(DaemonMsg::PushProgress(progress)).await?;
+                        }
+                    }
+                };
+                writer
+                    .send(reply.map_or_else(|e| push_error(&e), DaemonMsg::CheckpointPushed))
+                    .await?;
+            }
             ClientMsg::Services(request) => {
                 let reply = hulld.do_services(request, scope.sees_secrets()).await;
                 writer
@@ -502,6 +522,18 @@ where
 fn storage_error(e: &StorageError) -> DaemonMsg {
     let kind = match e {
         StorageError::UnknownCheckpoint { .. } => ErrorKind::NotFound,
+        _ => ErrorKind::Storage,
+    };
+    DaemonMsg::error(kind, error_chain(e))
+}
+
+fn push_error(e: &crate::pusher::PushError) -> DaemonMsg {
+    use crate::pusher::PushError;
+    let kind = match e {
+        PushError::Storage(StorageError::UnknownCheckpoint { .. }) | PushError::NoCheckpoint => {
+            ErrorKind::NotFound
+        }
+        PushError::NoRemote => ErrorKind::NotPermitted,
         _ => ErrorKind::Storage,
     };
     DaemonMsg::error(kind, error_chain(e))

@@ -305,6 +305,30 @@ pub struct RestoreReport {
     pub services_added: Vec<String>,
 }
 
+/// Where the push of one checkpoint to the remote is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushReport {
+    pub checkpoint: String,
+    /// Its manifest's id in the remote.
+    pub remote_id: String,
+    /// The pushed checkpoint its stream is incremental from (a remote
+    /// id); `None`: a full stream.
+    pub base: Option<String>,
+    /// `pushing`, `pushed`, or `local` after a failure (see `error`).
+    pub state: String,
+    /// Bytes of the `btrfs send` stream read so far.
+    pub bytes_read: u64,
+    /// Chunks done: uploaded by this push, or found already there.
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
+    /// Bytes uploaded (compressed and encrypted).
+    pub bytes_uploaded: u64,
+    /// Chunks already in the remote (known to this machine's index, or
+    /// found there), not uploaded again.
+    pub chunks_present: u64,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointListing {
     pub checkpoints: Vec<CheckpointInfo>,
@@ -374,6 +398,11 @@ pub enum ClientMsg {
     CheckpointList,
     CheckpointDelete {
         id: String,
+    },
+    /// Pushes checkpoint `id` (the newest when `None`) to the remote now
+    /// and answers `PushProgress` as it goes, then `CheckpointPushed`.
+    CheckpointPush {
+        id: Option<String>,
     },
     Services(ServiceRequest),
     /// A service's log: the last `tail` lines (all when absent), then new
@@ -672,6 +701,10 @@ pub enum DaemonMsg {
     CheckpointDeleted {
         id: String,
     },
+    /// A push under way (`hull checkpoint push`); any number, then
+    /// `CheckpointPushed` or an error.
+    PushProgress(PushReport),
+    CheckpointPushed(PushReport),
     /// The services a request touched (all of them for List).
     Services(Vec<ServiceStatus>),
     LogRecords(Vec<LogRecord>),

@@ -32,11 +32,13 @@ macro_rules! errln {
 
 mod cp;
 mod exec;
+mod push;
 mod report;
 pub mod vm;
 
 pub use cp::cp;
 pub use exec::{exec, AttachTo, ExecOptions};
+pub use push::checkpoint_push;
 use report::stdout_error;
 pub use report::*;
 
@@ -769,13 +771,20 @@ pub fn checkpoint_tree(listing: &hull_proto::CheckpointListing) -> Vec<String> {
             Some(p) if !known.contains(p.as_str()) => format!(" (from deleted {p})"),
             _ => String::new(),
         };
+        // Where it stands with the remote, when there is one to say.
+        let remote = match (cp.remote_state.as_str(), &cp.remote_error) {
+            (_, Some(error)) => format!(" [push failed, retrying: {error}]"),
+            ("pushing" | "pushed", None) => format!(" [{}]", cp.remote_state),
+            _ => String::new(),
+        };
         format!(
-            "{marker} {prefix}{:<6} {:>8}  {}{}{}",
+            "{marker} {prefix}{:<6} {:>8}  {}{}{}{}",
             cp.id,
             age(listing.now_ms, cp.created_ms),
             if cp.auto { "[auto] " } else { "" },
             cp.comment.as_deref().unwrap_or(""),
             orphan,
+            remote,
         )
         .trim_end()
         .to_string()
