@@ -35,6 +35,7 @@ fn describe(c: &CheckpointInfo, head: Option<&str>) -> Value {
         "current": head == Some(c.id.as_str()),
         "services": c.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         "remote_id": c.remote_id,
+        "parent_remote_id": c.parent_remote_id,
         "remote_state": c.remote_state,
         "remote_error": c.remote_error,
         "origin": c.origin,

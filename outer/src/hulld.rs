@@ -465,6 +465,7 @@ fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
         comment: row.comment,
         auto: row.auto,
         remote_id: row.remote_id,
+        parent_remote_id: row.parent_remote_id,
         remote_state: row.remote_state.to_string(),
         remote_error: row.remote_error,
         origin: row.origin.to_string(),

@@ -268,6 +268,9 @@ pub struct CheckpointInfo {
     /// Its global id (a UUID): the name of its manifest in the remote.
     #[serde(default)]
     pub remote_id: String,
+    /// The parent's global id: known even when the parent is not here.
+    #[serde(default)]
+    pub parent_remote_id: Option<String>,
     /// `local`, `pushing` or `pushed`.
     #[serde(default)]
     pub remote_state: String,

@@ -131,7 +131,17 @@ pub(crate) fn open_store(settings: &RemoteSettings) -> Result<(Arc<dyn ObjectSto
     // come with it); ring is the one the rest of the tree uses. Installing
     // fails only when a provider is in place already, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    // A few quick retries of a request, not object_store's three minutes:
+    // hulld's pusher retries the whole push with its own backoff, and a
+    // checkpoint should show a push failing while the endpoint is down.
+    let retry = object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(30),
+        ..object_store::RetryConfig::default()
+    };
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry);
     if let Some(path) = &settings.credentials_file {
         let creds = load_credentials(path)?;
         builder = builder

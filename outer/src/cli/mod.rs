@@ -1154,6 +1154,7 @@ mod tests {
                     auto: false,
                     services: Vec::new(),
                     remote_id: String::new(),
+                    parent_remote_id: None,
                     remote_state: "local".into(),
                     remote_error: None,
                     origin: "here".into(),
