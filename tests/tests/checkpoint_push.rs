@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hull_proto::CheckpointInfo;
 use hull_remote::{Manifest, ManifestId, Remote, RemoteSettings};
+use hull_tests::http::{request, sprite_name};
 use hull_tests::{block_on, require_root, wait_until, Limits, TestHull};
 
 /// A bucket directory and a key file outside the hull's state dir.
@@ -165,6 +166,42 @@ fn checkpoints_are_pushed_in_the_background_and_the_next_incrementally() {
     let list = hull.hull(&["checkpoint", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains("[pushed]"), "{text}");
+
+    // Over the HTTP API: the scope of create, and NDJSON progress.
+    let addr = block_on(hull.api_addr());
+    let read = hull.api_token("read");
+    let admin = hull.api_token("admin");
+    let name = sprite_name(addr, &read);
+    let path = format!("/v1/sprites/{name}/checkpoints/{v1}/push");
+    let refused = request(addr, "POST", &path, Some(&read), None);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let pushed = request(addr, "POST", &path, Some(&admin), None);
+    assert_eq!(pushed.status, 200, "{pushed:?}");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&pushed.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "complete", "{events:?}");
+    assert_eq!(last["remote_id"], c1.remote_id.as_str());
+    let listed = request(
+        addr,
+        "GET",
+        &format!("/v1/sprites/{name}/checkpoints/{v1}"),
+        Some(&read),
+        None,
+    );
+    assert_eq!(listed.json()["remote_state"], "pushed");
+    // And `hull --url`, which speaks the control protocol through the API.
+    let url = format!("http://{addr}");
+    let out = hull_tests::remote(&url, &admin, &["--json", "checkpoint", "push", &v1], b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via_url: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(via_url["remote_id"], c1.remote_id.as_str());
     let json = hull_json(&hull, &["--json", "checkpoint", "list"]);
     assert_eq!(json["checkpoints"][0]["remote_id"], c1.remote_id.as_str());
     assert_eq!(json["checkpoints"][0]["remote_state"], "pushed");
