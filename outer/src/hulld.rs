@@ -159,6 +159,7 @@ impl Hulld {
             last_oom_kill_ms: p.last_oom_kill_ms,
             api: self.api_url.get().cloned(),
             user_namespace: self.parts.user_namespace,
+            remote: self.parts.pusher.as_ref().map(|p| p.status()),
         }
     }
 

@@ -95,8 +95,19 @@ impl Pusher {
         let _ = self.tx.send(Msg::Queue { id, done: None });
     }
 
-    pub fn watch(&self) -> watch::Receiver<PushBoard> {
-        self.board.clone()
+    /// What `hull status` shows of the pushes.
+    pub fn status(&self) -> hull_proto::RemoteStatus {
+        let board = self.board.borrow();
+        let mut status = hull_proto::RemoteStatus::default();
+        for report in board.values() {
+            match report.state.as_str() {
+                "pushing" => status.pushing = Some(report.clone()),
+                "pushed" => status.pushed += 1,
+                _ if report.error.is_some() => status.failed.push(report.clone()),
+                _ => {}
+            }
+        }
+        status
     }
 
     /// Pushes `id` next and waits for its push to end, calling `progress`

@@ -224,6 +224,20 @@ pub struct StatusReport {
     /// The inner's user namespace; `None`: the inner's root is the VM's.
     #[serde(default)]
     pub user_namespace: Option<IdMapping>,
+    /// Pushes to the remote; `None` without `[remote]` in hull.toml.
+    #[serde(default)]
+    pub remote: Option<RemoteStatus>,
+}
+
+/// The pusher's work since hulld started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// The push under way, if one is.
+    pub pushing: Option<PushReport>,
+    /// Checkpoints pushed since hulld started.
+    pub pushed: u64,
+    /// Pushes that failed last time, each with its error (retried).
+    pub failed: Vec<PushReport>,
 }
 
 /// How the inner's user namespace maps its ids: inner id `n` (user and

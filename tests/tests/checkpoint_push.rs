@@ -202,6 +202,13 @@ fn checkpoints_are_pushed_in_the_background_and_the_next_incrementally() {
     );
     let via_url: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(via_url["remote_id"], c1.remote_id.as_str());
+    let status = hull_json(&hull, &["--json", "status"]);
+    assert!(status["remote"]["pushed"].as_u64() >= Some(2), "{status}");
+    assert_eq!(
+        status["remote"]["pushing"],
+        serde_json::Value::Null,
+        "{status}"
+    );
     let json = hull_json(&hull, &["--json", "checkpoint", "list"]);
     assert_eq!(json["checkpoints"][0]["remote_id"], c1.remote_id.as_str());
     assert_eq!(json["checkpoints"][0]["remote_state"], "pushed");
@@ -308,6 +315,14 @@ fn an_unreachable_remote_leaves_checkpoints_local_and_usable() {
         "{}",
         String::from_utf8_lossy(&list.stdout)
     );
+    let status = hull_json(&hull, &["--json", "status"]);
+    assert_eq!(
+        status["remote"]["failed"][0]["checkpoint"],
+        v1.as_str(),
+        "{status}"
+    );
+    let text = String::from_utf8_lossy(&hull.hull(&["status"]).stdout).to_string();
+    assert!(text.contains(&format!("push of {v1} failed")), "{text}");
     // An explicit push says why it failed.
     let push = hull.hull(&["checkpoint", "push", &v1]);
     assert!(!push.status.success());

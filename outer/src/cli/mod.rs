@@ -134,6 +134,28 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         (Some(used), None) => outln!("layer      {} MiB used, no quota", used >> 20),
         _ => outln!("layer      no quota"),
     }
+    if let Some(remote) = &s.remote {
+        match &remote.pushing {
+            Some(p) => outln!(
+                "remote     pushing {}: {} read, {} chunks uploaded, {} already there",
+                p.checkpoint,
+                cp::human(p.bytes_read),
+                p.chunks_uploaded,
+                p.chunks_present
+            ),
+            None => outln!(
+                "remote     {} pushed since start, none under way",
+                remote.pushed
+            ),
+        }
+        for failed in &remote.failed {
+            outln!(
+                "           push of {} failed, retrying: {}",
+                failed.checkpoint,
+                failed.error.as_deref().unwrap_or("")
+            );
+        }
+    }
     if let Some(head) = &s.head {
         outln!("from       checkpoint {head}");
     }
