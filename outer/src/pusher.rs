@@ -51,8 +51,14 @@ pub enum PushError {
     Failed(String),
 }
 
-/// Every push this hulld has worked on since it started, by checkpoint.
-pub type PushBoard = Arc<BTreeMap<String, PushReport>>;
+/// Every push this hulld has worked on since it started.
+#[derive(Debug, Clone, Default)]
+pub struct PushBoard {
+    /// The last report of each checkpoint's push.
+    pub reports: BTreeMap<String, PushReport>,
+    /// The checkpoint pushed last.
+    pub last_pushed: Option<String>,
+}
 
 /// How a push asked for by someone waiting ended.
 type Done = oneshot::Sender<Result<PushReport, String>>;
@@ -99,7 +105,12 @@ impl Pusher {
     pub fn status(&self) -> hull_proto::RemoteStatus {
         let board = self.board.borrow();
         let mut status = hull_proto::RemoteStatus::default();
-        for report in board.values() {
+        status.last_pushed = board
+            .last_pushed
+            .as_ref()
+            .and_then(|id| board.reports.get(id))
+            .cloned();
+        for report in board.reports.values() {
             match report.state.as_str() {
                 "pushing" => status.pushing = Some(report.clone()),
                 "pushed" => status.pushed += 1,
@@ -135,7 +146,7 @@ impl Pusher {
                     if changed.is_err() {
                         return Err(PushError::Gone.to_string());
                     }
-                    let report = board.borrow_and_update().get(&id).cloned();
+                    let report = board.borrow_and_update().reports.get(&id).cloned();
                     if let Some(report) = report.filter(|r| r.state == "pushing") {
                         progress(&report);
                     }
@@ -194,7 +205,7 @@ impl Task {
                             if gone {
                                 tracing::info!(checkpoint = %id, "not pushed: {message}");
                                 self.board.send_modify(|b| {
-                                    Arc::make_mut(b).remove(&id);
+                                    b.reports.remove(&id);
                                 });
                             } else {
                                 tracing::warn!(checkpoint = %id, error = %message, retry_in_s = self.backoff.as_secs(), "push failed; the checkpoint stays local");
@@ -248,7 +259,13 @@ impl Task {
 
     /// Tells those waiting for `id` how its push ended.
     fn answer(&mut self, id: &str, ended: &Result<(), PushError>) {
-        let report = self.board.borrow().get(id).cloned().unwrap_or_default();
+        let report = self
+            .board
+            .borrow()
+            .reports
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
         for done in self.waiting.remove(id).unwrap_or_default() {
             let _ = done.send(match ended {
                 Ok(()) => Ok(report.clone()),
@@ -259,11 +276,13 @@ impl Task {
 
     fn report(&self, id: &str, update: impl FnOnce(&mut PushReport)) {
         self.board.send_modify(|b| {
-            let board = Arc::make_mut(b);
-            let report = board.entry(id.to_string()).or_insert_with(|| PushReport {
-                checkpoint: id.to_string(),
-                ..PushReport::default()
-            });
+            let report = b
+                .reports
+                .entry(id.to_string())
+                .or_insert_with(|| PushReport {
+                    checkpoint: id.to_string(),
+                    ..PushReport::default()
+                });
             update(report);
         });
     }
@@ -379,7 +398,7 @@ impl Task {
                     failpoint("push:after-chunks");
                 }
                 board.send_modify(|b| {
-                    if let Some(r) = Arc::make_mut(b).get_mut(&key) {
+                    if let Some(r) = b.reports.get_mut(&key) {
                         r.bytes_read = p.bytes_read;
                         r.chunks = p.chunks;
                         r.chunks_uploaded = p.chunks_uploaded;
@@ -404,9 +423,12 @@ impl Task {
             uploaded = pushed.progress.chunks_uploaded,
             "checkpoint pushed"
         );
-        self.report(id, |r| {
-            r.state = RemoteState::Pushed.to_string();
-            r.error = None;
+        self.board.send_modify(|b| {
+            if let Some(r) = b.reports.get_mut(id) {
+                r.state = RemoteState::Pushed.to_string();
+                r.error = None;
+            }
+            b.last_pushed = Some(id.to_string());
         });
         Ok(())
     }

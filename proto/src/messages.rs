@@ -234,8 +234,9 @@ pub struct StatusReport {
 pub struct RemoteStatus {
     /// The push under way, if one is.
     pub pushing: Option<PushReport>,
-    /// Checkpoints pushed since hulld started.
+    /// Checkpoints pushed since hulld started, and the last of them.
     pub pushed: u64,
+    pub last_pushed: Option<PushReport>,
     /// Pushes that failed last time, each with its error (retried).
     pub failed: Vec<PushReport>,
 }

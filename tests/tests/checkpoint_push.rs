@@ -233,6 +233,14 @@ fn a_push_killed_with_hulld_resumes_at_the_next_start() {
     let c1 = wait_state(&hull, &v1, "pushed", Duration::from_secs(120));
     let m1 = manifest(&bucket.open(), &c1.remote_id);
     assert_eq!(m1.meta.checkpoint.as_deref(), Some(v1.as_str()));
+    // The chunks that went up before the kill were not uploaded again.
+    let status = hull_json(&hull, &["--json", "status"]);
+    let resumed = &status["remote"]["last_pushed"];
+    assert_eq!(resumed["checkpoint"], v1.as_str(), "{status}");
+    let present = resumed["chunks_present"].as_u64().unwrap();
+    let uploaded = resumed["chunks_uploaded"].as_u64().unwrap();
+    assert!(present >= 2, "{resumed}");
+    assert_eq!(present + uploaded, m1.chunks.len() as u64, "{resumed}");
 }
 
 #[test]
