@@ -104,12 +104,14 @@ impl Pusher {
     /// What `hull status` shows of the pushes.
     pub fn status(&self) -> hull_proto::RemoteStatus {
         let board = self.board.borrow();
-        let mut status = hull_proto::RemoteStatus::default();
-        status.last_pushed = board
-            .last_pushed
-            .as_ref()
-            .and_then(|id| board.reports.get(id))
-            .cloned();
+        let mut status = hull_proto::RemoteStatus {
+            last_pushed: board
+                .last_pushed
+                .as_ref()
+                .and_then(|id| board.reports.get(id))
+                .cloned(),
+            ..hull_proto::RemoteStatus::default()
+        };
         for report in board.reports.values() {
             match report.state.as_str() {
                 "pushing" => status.pushing = Some(report.clone()),
