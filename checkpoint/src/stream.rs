@@ -89,6 +89,11 @@ pub fn send(snapshot: &Path, parent: Option<&Path>) -> Result<Send, StreamError>
 }
 
 impl Send {
+    /// The process's pid (`None` once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The stream; `None` once taken.
     pub fn take_stdout(&mut self) -> Option<ChildStdout> {
         self.child.stdout.take()

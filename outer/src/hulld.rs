@@ -416,6 +416,10 @@ impl Hulld {
             "shutting down"
         );
         self.parts.supervisor.shutdown(grace).await;
+        if let Some(pusher) = &self.parts.pusher {
+            // Its `btrfs send` must be gone before the volume is unmounted.
+            pusher.stop().await;
+        }
         self.parts.network.shutdown().await;
         let cgroups = self.parts.cgroups.clone();
         let storage = self.parts.storage.clone();

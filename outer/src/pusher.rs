@@ -74,6 +74,9 @@ enum Msg {
 pub struct Pusher {
     tx: mpsc::UnboundedSender<Msg>,
     board: watch::Receiver<PushBoard>,
+    /// Set by [`Pusher::stop`]; the task ends when it sees it.
+    stop: Arc<watch::Sender<bool>>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Pusher {
@@ -91,9 +94,42 @@ impl Pusher {
             waiting: BTreeMap::new(),
             board: Arc::new(board_tx),
             backoff: RETRY_FIRST,
+            sending: Arc::default(),
         };
-        tokio::spawn(task.run(rx));
-        Pusher { tx, board }
+        let (stop, mut stopped) = watch::channel(false);
+        let sending = task.sending.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the push under way kills its `btrfs send` (and the
+            // row stays `pushing`: the next start resumes it).
+            tokio::select! {
+                () = task.run(rx) => {}
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
+            let pid = crate::lock(&sending).take();
+            if let Some(pid) = pid {
+                // Killed on drop, but not waited for: it holds the volume
+                // until it is gone.
+                while process_alive(pid) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        Pusher {
+            tx,
+            board,
+            stop: Arc::new(stop),
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    /// Stops pushing, before the volume is unmounted (`hull down`): the
+    /// push under way ends, its `btrfs send` killed and reaped.
+    pub async fn stop(&self) {
+        self.stop.send_replace(true);
+        let task = crate::lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Queues checkpoint `id` behind those already waiting.
@@ -170,6 +206,8 @@ struct Task {
     waiting: BTreeMap<String, Vec<Done>>,
     board: Arc<watch::Sender<PushBoard>>,
     backoff: Duration,
+    /// The pid of the `btrfs send` under way, for [`Pusher::stop`].
+    sending: Arc<std::sync::Mutex<Option<u32>>>,
 }
 
 impl Task {
@@ -383,6 +421,7 @@ impl Task {
                     source,
                 }
             })?;
+        *crate::lock(&self.sending) = send.pid();
         let stream = throttled(send.into_stream(), self.settings.bandwidth_limit);
         let meta = CheckpointMeta {
             checkpoint: Some(row.id.clone()),
@@ -409,7 +448,9 @@ impl Task {
                     }
                 });
             })
-            .await?;
+            .await;
+        *crate::lock(&self.sending) = None;
+        let pushed = pushed?;
         {
             let id = id.to_string();
             on_storage(&self.storage, move |s| {
@@ -473,4 +514,16 @@ fn throttled(
         rx.recv().await.map(|item| (item, rx))
     });
     Box::new(tokio_util::io::StreamReader::new(Box::pin(chunks)))
+}
+
+/// Whether process `pid` is still running: not gone, and not a zombie
+/// (whose files, and its hold on the volume, are already released).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
 }

@@ -352,3 +352,42 @@ fn an_unreachable_remote_leaves_checkpoints_local_and_usable() {
     // A key made for a remote that never answered is not kept for it.
     assert!(!dir.path().join("remote.key").exists());
 }
+
+#[test]
+fn hull_down_during_a_push_leaves_nothing_mounted_and_the_push_resumes() {
+    if !require_root() {
+        return;
+    }
+    /// Unmounts what a failed `hull down` left, so a failure leaves
+    /// nothing behind either.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if !hull_tests::host_mounts_containing(&self.0).is_empty() {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let bucket = Bucket::new();
+    let mut hull = start(&bucket, "bandwidth_limit = 1000000");
+    let _unmount = Unmount(hull.state_dir.join("volume"));
+    write_random(&hull, "/root/big", 8);
+    let v1 = create(&hull);
+    wait_state(&hull, &v1, "pushing", Duration::from_secs(60));
+    let out = hull.down();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let volume = hull.state_dir.join("volume");
+    assert_eq!(
+        hull_tests::host_mounts_containing(&volume),
+        Vec::<String>::new(),
+        "{}",
+        hull.log()
+    );
+    hull.spawn_hulld();
+    hull.wait_running(Duration::from_secs(20));
+    wait_state(&hull, &v1, "pushed", Duration::from_secs(120));
+}
