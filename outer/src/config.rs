@@ -999,6 +999,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_remote_table_holds_only_keys_the_remote_crate_reads() {
+        // The table is commented out in the example (no remote by default):
+        // uncommented, it must load and resolve as it stands.
+        let text = include_str!("../../hull.example.toml");
+        let table: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [remote]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        assert!(table.contains("bandwidth_limit"), "{table}");
+        let remote = from_toml(&table).resolve().unwrap().remote.unwrap();
+        assert_eq!(remote.settings.concurrency, 8);
+        assert_eq!(remote.settings.bandwidth_limit, Some(10_000_000));
+    }
+
+    #[test]
     fn the_remote_table_is_read_by_the_remote_crate_and_checked_at_resolve() {
         assert!(Config::default().resolve().unwrap().remote.is_none());
         let text = "state_dir = \"/var/lib/box\"\n[remote]\nurl = \"s3://bucket/box\"\nendpoint = \"http://127.0.0.1:3900\"\nkey_file = \"/etc/hull/remote.key\"\nconcurrency = 4\nbandwidth_limit = 1000000\n";
