@@ -230,11 +230,10 @@ impl Task {
             if retry_at.is_none() {
                 if let Some(id) = self.queue.pop_front() {
                     let ended = self.push(&id).await;
-                    self.answer(&id, &ended);
-                    match ended {
+                    match &ended {
                         Ok(()) => self.backoff = RETRY_FIRST,
                         Err(e) => {
-                            let message = crate::error_chain(&e);
+                            let message = crate::error_chain(e);
                             let gone = matches!(
                                 e,
                                 PushError::Storage(
@@ -244,21 +243,32 @@ impl Task {
                             );
                             if gone {
                                 tracing::info!(checkpoint = %id, "not pushed: {message}");
-                                self.board.send_modify(|b| {
-                                    b.reports.remove(&id);
-                                });
                             } else {
                                 tracing::warn!(checkpoint = %id, error = %message, retry_in_s = self.backoff.as_secs(), "push failed; the checkpoint stays local");
-                                self.queue.push_front(id);
+                                self.queue.push_front(id.clone());
                                 retry_at = Some(tokio::time::Instant::now() + self.backoff);
                                 self.backoff = (self.backoff * 2).min(RETRY_MAX);
                             }
                         }
                     }
                     // Messages that came meanwhile are taken before the
-                    // next push.
+                    // next push; one waiting for the push that just ended
+                    // gets its end rather than a second push.
                     while let Ok(msg) = rx.try_recv() {
-                        self.take(msg, &mut retry_at);
+                        match msg {
+                            Msg::Queue {
+                                id: asked,
+                                done: Some(done),
+                            } if asked == id => self.waiting.entry(asked).or_default().push(done),
+                            msg => self.take(msg, &mut retry_at),
+                        }
+                    }
+                    self.answer(&id, &ended);
+                    if ended.is_err() && !self.queue.contains(&id) {
+                        // Gone: nothing left to report.
+                        self.board.send_modify(|b| {
+                            b.reports.remove(&id);
+                        });
                     }
                     continue;
                 }
