@@ -1,6 +1,6 @@
 //! `/v1/sprites/{name}/checkpoint[s]`: hull's checkpoints (v1, v2, ...) as
-//! the Sprites API shows them. Create and restore answer a stream of NDJSON
-//! events (`info`, then `complete` or `error`).
+//! the Sprites API shows them. Create, restore and push answer a stream of
+//! NDJSON events (`info`, then `complete` or `error`).
 
 use hull_proto::{CheckpointInfo, CheckpointListing};
 use hyper::body::Incoming;
@@ -34,6 +34,11 @@ fn describe(c: &CheckpointInfo, head: Option<&str>) -> Value {
         "auto": c.auto,
         "current": head == Some(c.id.as_str()),
         "services": c.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        "remote_id": c.remote_id,
+        "parent_remote_id": c.parent_remote_id,
+        "remote_state": c.remote_state,
+        "remote_error": c.remote_error,
+        "origin": c.origin,
     })
 }
 
@@ -134,6 +139,38 @@ pub async fn restore(state: &Shared, id: &str) -> Result<Response<Body>, ApiErro
                     "undo": done.undo,
                 }));
             }
+            Err(e) => events.send(json!({"type": "error", "error": ApiError::daemon(e).message})),
+        }
+    });
+    Ok(response)
+}
+
+/// Pushes the checkpoint to the remote now: an `info` event per progress
+/// report hulld sends, then `complete` with its remote id.
+pub async fn push(state: &Shared, id: &str) -> Result<Response<Body>, ApiError> {
+    let (checkpoint, _) = find(state, id).await?;
+    let mut client = state.connect().await?;
+    let (events, response) = ndjson::stream();
+    events.send(json!({"type": "info", "data": format!("Pushing {}", checkpoint.id)}));
+    tokio::spawn(async move {
+        let pushed = client
+            .checkpoint_push(Some(checkpoint.id.clone()), |p| {
+                events.send(json!({"type": "info", "data": format!(
+                    "{} bytes read, {} chunks: {} uploaded ({} bytes), {} already in the remote",
+                    p.bytes_read, p.chunks, p.chunks_uploaded, p.bytes_uploaded, p.chunks_present
+                )}));
+            })
+            .await;
+        match pushed {
+            Ok(done) => events.send(json!({
+                "type": "complete",
+                "data": format!(
+                    "Checkpoint {} pushed: {} chunks, {} uploaded, {} already there",
+                    done.checkpoint, done.chunks, done.chunks_uploaded, done.chunks_present
+                ),
+                "id": done.checkpoint,
+                "remote_id": done.remote_id,
+            })),
             Err(e) => events.send(json!({"type": "error", "error": ApiError::daemon(e).message})),
         }
     });

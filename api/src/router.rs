@@ -53,6 +53,8 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/sprites/{name}/checkpoints/{id}", READ),
     r("DELETE", "/v1/sprites/{name}/checkpoints/{id}", ADMIN),
     r("POST", "/v1/sprites/{name}/checkpoints/{id}/restore", ADMIN),
+    // The scope of create: a push is hull making a copy of a checkpoint.
+    r("POST", "/v1/sprites/{name}/checkpoints/{id}/push", ADMIN),
     r("GET", "/v1/sprites/{name}/services", READ),
     r("POST", "/v1/sprites/{name}/services/signal", ADMIN),
     r("GET", "/v1/sprites/{name}/services/{service}", READ),
@@ -181,6 +183,7 @@ async fn route(state: &Shared, req: Request<Incoming>) -> Result<Response<Body>,
             (&Method::GET, ["checkpoints"]) => checkpoints::list(state, &req).await,
             (&Method::GET, ["checkpoints", id]) => checkpoints::get(state, id).await,
             (&Method::DELETE, ["checkpoints", id]) => checkpoints::delete(state, id).await,
+            (&Method::POST, ["checkpoints", id, "push"]) => checkpoints::push(state, id).await,
             (&Method::POST, ["checkpoints", id, "restore"]) => {
                 checkpoints::restore(state, id).await
             }

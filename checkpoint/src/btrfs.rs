@@ -3,6 +3,8 @@
 //! quotas, limit a subvolume, find its id and the filesystem's). Hand-written over
 //! nix's ioctl macros: the only crate wrapping them (btrfsutil) needs the C
 //! libbtrfsutil and lags the kernel, and these are a few stable structs.
+//! The send stream of a snapshot goes through the btrfs tool as a child
+//! process ([`send`], [`receive`]).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -10,6 +12,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+pub use crate::stream::{receive, send, Receive, Send, SendStream, StreamError};
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
 const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;

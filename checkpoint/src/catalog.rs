@@ -28,6 +28,15 @@ const MIGRATIONS: &[&str] = &[
         state TEXT NOT NULL
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 2: a checkpoint's identity beyond this machine (its remote id, its
+    // parent's), where it stands with the remote, and where it came from.
+    // Rows made before get their remote ids at open (`backfill_remote_ids`).
+    "ALTER TABLE checkpoints ADD COLUMN remote_id TEXT;
+    ALTER TABLE checkpoints ADD COLUMN parent_remote_id TEXT;
+    ALTER TABLE checkpoints ADD COLUMN remote_state TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE checkpoints ADD COLUMN remote_error TEXT;
+    ALTER TABLE checkpoints ADD COLUMN origin TEXT NOT NULL DEFAULT 'here';
+    CREATE UNIQUE INDEX checkpoints_remote_id ON checkpoints (remote_id);",
 ];
 
 /// A state string in the catalog that this hulld does not know (a newer
@@ -117,6 +126,34 @@ state_enum! {
     }
 }
 
+state_enum! {
+    /// Where a checkpoint stands with the remote.
+    RemoteState, "remote" {
+        /// Only on this machine.
+        Local => "local",
+        /// Its push has begun (a start resumes it).
+        Pushing => "pushing",
+        /// Its manifest is in the remote.
+        Pushed => "pushed",
+    }
+}
+
+state_enum! {
+    /// Where a checkpoint came from.
+    Origin, "origin" {
+        /// Taken on this machine.
+        Here => "here",
+        /// Received from the remote.
+        Pulled => "pulled",
+    }
+}
+
+/// A new global id for a checkpoint: a random UUID, the name of its
+/// manifest once pushed.
+pub fn new_remote_id() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
+}
+
 /// A checkpoint as the catalog knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CheckpointRow {
@@ -129,6 +166,14 @@ pub struct CheckpointRow {
     /// The service definitions registered when it was taken (JSON).
     pub services: String,
     pub state: CheckpointState,
+    /// Its global id (a UUID), given at creation; its manifest's id.
+    pub remote_id: String,
+    /// The parent's global id: known even when the parent is not here.
+    pub parent_remote_id: Option<String>,
+    pub remote_state: RemoteState,
+    /// Why the last push failed, until one succeeds.
+    pub remote_error: Option<String>,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +202,38 @@ impl Catalog {
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
         }
-        Ok(Catalog { conn })
+        let catalog = Catalog { conn };
+        catalog.backfill_remote_ids()?;
+        Ok(catalog)
+    }
+
+    /// Gives rows made before migration 2 their remote ids, then records
+    /// each parent's. Nothing to do once every row has one.
+    fn backfill_remote_ids(&self) -> rusqlite::Result<()> {
+        let missing: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM checkpoints WHERE remote_id IS NULL")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.unchecked_transaction()?;
+        for id in &missing {
+            tx.execute(
+                "UPDATE checkpoints SET remote_id = ?2 WHERE id = ?1",
+                params![id, new_remote_id()],
+            )?;
+        }
+        tx.execute(
+            "UPDATE checkpoints SET parent_remote_id =
+                (SELECT p.remote_id FROM checkpoints p WHERE p.id = checkpoints.parent)
+             WHERE parent_remote_id IS NULL AND parent IS NOT NULL",
+            [],
+        )?;
+        tx.commit()
     }
 
     pub fn meta(&self, key: &str) -> rusqlite::Result<Option<String>> {
@@ -205,8 +281,9 @@ impl Catalog {
 
     pub fn insert_checkpoint(&self, row: &CheckpointRow) -> rusqlite::Result<()> {
         self.conn.execute(
-            "INSERT INTO checkpoints (id, seq, parent, created_ms, comment, auto, services, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO checkpoints (id, seq, parent, created_ms, comment, auto, services, state,
+                remote_id, parent_remote_id, remote_state, remote_error, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 row.id,
                 row.seq,
@@ -215,7 +292,12 @@ impl Catalog {
                 row.comment,
                 row.auto,
                 row.services,
-                row.state
+                row.state,
+                row.remote_id,
+                row.parent_remote_id,
+                row.remote_state,
+                row.remote_error,
+                row.origin
             ],
         )?;
         Ok(())
@@ -225,6 +307,21 @@ impl Catalog {
         self.conn.execute(
             "UPDATE checkpoints SET state = ?2 WHERE id = ?1",
             params![id, state],
+        )?;
+        Ok(())
+    }
+
+    /// Records where checkpoint `id` stands with the remote and why its
+    /// last push failed (`None` clears it).
+    pub fn set_remote_state(
+        &self,
+        id: &str,
+        state: RemoteState,
+        error: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE checkpoints SET remote_state = ?2, remote_error = ?3 WHERE id = ?1",
+            params![id, state, error],
         )?;
         Ok(())
     }
@@ -245,13 +342,19 @@ impl Catalog {
             auto: r.get(5)?,
             services: r.get(6)?,
             state: r.get(7)?,
+            remote_id: r.get(8)?,
+            parent_remote_id: r.get(9)?,
+            remote_state: r.get(10)?,
+            remote_error: r.get(11)?,
+            origin: r.get(12)?,
         })
     }
 
     pub fn checkpoint(&self, id: &str) -> rusqlite::Result<Option<CheckpointRow>> {
         self.conn
             .query_row(
-                "SELECT id, seq, parent, created_ms, comment, auto, services, state
+                "SELECT id, seq, parent, created_ms, comment, auto, services, state,
+                    remote_id, parent_remote_id, remote_state, remote_error, origin
                  FROM checkpoints WHERE id = ?1",
                 [id],
                 Self::checkpoint_from,
@@ -261,7 +364,8 @@ impl Catalog {
 
     pub fn checkpoints(&self) -> rusqlite::Result<Vec<CheckpointRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, seq, parent, created_ms, comment, auto, services, state
+            "SELECT id, seq, parent, created_ms, comment, auto, services, state,
+                remote_id, parent_remote_id, remote_state, remote_error, origin
              FROM checkpoints ORDER BY seq",
         )?;
         let rows = stmt.query_map([], Self::checkpoint_from)?;
@@ -355,6 +459,11 @@ mod tests {
                 auto: false,
                 services: "[]".into(),
                 state: CheckpointState::Ready,
+                remote_id: new_remote_id(),
+                parent_remote_id: None,
+                remote_state: RemoteState::Local,
+                remote_error: None,
+                origin: Origin::Here,
             };
             c.insert_checkpoint(&row).unwrap();
             assert_eq!(c.checkpoint("v1").unwrap(), Some(row));
@@ -364,6 +473,58 @@ mod tests {
         let c = Catalog::open(&path).unwrap();
         assert_eq!(c.checkpoints().unwrap().len(), 1);
         assert_eq!(c.next_seq("checkpoint_seq").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_catalog_of_version_1_is_upgraded_in_place_with_remote_ids() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("catalog.db");
+        {
+            // A catalog as a hulld before migration 2 left it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO checkpoints (id, seq, parent, created_ms, state) VALUES ('v1', 1, NULL, 0, 'ready');
+                 INSERT INTO checkpoints (id, seq, parent, created_ms, state) VALUES ('v2', 2, 'v1', 0, 'ready');
+                 INSERT INTO checkpoints (id, seq, parent, created_ms, state) VALUES ('v4', 4, 'v3', 0, 'ready');",
+            )
+            .unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        let rows = c.checkpoints().unwrap();
+        assert_eq!(rows.len(), 3);
+        let ids: std::collections::HashSet<_> = rows.iter().map(|r| &r.remote_id).collect();
+        assert_eq!(ids.len(), 3, "every row has its own remote id");
+        for r in &rows {
+            uuid::Uuid::parse_str(&r.remote_id).unwrap();
+            assert_eq!(r.remote_state, RemoteState::Local);
+            assert_eq!(r.origin, Origin::Here);
+            assert_eq!(r.remote_error, None);
+        }
+        assert_eq!(rows[0].parent_remote_id, None);
+        assert_eq!(rows[1].parent_remote_id.as_ref(), Some(&rows[0].remote_id));
+        // v3 is gone: its id was never known here.
+        assert_eq!(rows[2].parent_remote_id, None);
+        drop(c);
+        // A second open keeps the ids it gave.
+        let again = Catalog::open(&path).unwrap().checkpoints().unwrap();
+        assert_eq!(again, rows);
+        let c = Catalog::open(&path).unwrap();
+        c.set_remote_state("v2", RemoteState::Pushing, Some("unreachable"))
+            .unwrap();
+        let v2 = c.checkpoint("v2").unwrap().unwrap();
+        assert_eq!(v2.remote_state, RemoteState::Pushing);
+        assert_eq!(v2.remote_error.as_deref(), Some("unreachable"));
+        let stored: String = c
+            .conn
+            .query_row(
+                "SELECT remote_state FROM checkpoints WHERE id = 'v2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, "pushing");
     }
 
     #[test]
@@ -394,6 +555,11 @@ mod tests {
                 auto: false,
                 services: "[]".into(),
                 state,
+                remote_id: new_remote_id(),
+                parent_remote_id: None,
+                remote_state: RemoteState::Local,
+                remote_error: None,
+                origin: Origin::Here,
             })
             .unwrap();
             assert_eq!(c.checkpoint(&id).unwrap().unwrap().state, state);

@@ -9,15 +9,21 @@
 //! layers/<lN>/upper, layers/<lN>/work   the writable layer(s); one is current
 //! checkpoints/<vN>                       read-only snapshots of a layer
 //! ```
+//!
+//! Each checkpoint also has a global id (a UUID, `remote_id`) and a state
+//! with the remote (`local`, `pushing`, `pushed`); a checkpoint being
+//! pushed, and the parent its stream is sent against, cannot be deleted.
+//! [`btrfs::send`] and [`btrfs::receive`] give a snapshot's stream.
 
 pub mod btrfs;
 pub mod catalog;
 pub mod quota;
 mod store;
+mod stream;
 pub mod volume;
 
 pub use btrfs::QuotaMode;
-pub use catalog::{CheckpointRow, CheckpointState, LayerState};
+pub use catalog::{CheckpointRow, CheckpointState, LayerState, Origin, RemoteState};
 pub use quota::{LayerQuota, LayerUsage, QuotaError, QuotaSettings};
 pub use store::{
     failpoint, CheckpointMade, PendingLayer, Quiesce, QuiesceError, Recovery, Storage,

@@ -4,7 +4,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::btrfs;
-use crate::catalog::{now_ms, Catalog, CheckpointRow, CheckpointState, LayerState};
+use crate::catalog::{
+    new_remote_id, now_ms, Catalog, CheckpointRow, CheckpointState, LayerState, Origin, RemoteState,
+};
 use crate::quota::{LayerUsage, QuotaError, QuotaSettings, Quotas};
 use crate::volume::{StoragePaths, Volume, VolumeError};
 
@@ -36,6 +38,10 @@ pub enum StorageError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "checkpoint {id} {why}; delete it once the push is done (`hull checkpoint list` shows it)"
+    )]
+    Pinned { id: String, why: String },
     #[error("no space left on the volume {path}: free some by deleting checkpoints (`hull checkpoint delete ID`)")]
     NoSpace { path: PathBuf },
 }
@@ -457,15 +463,25 @@ impl Storage {
         let catalog = self.catalog();
         let db = self.db_err();
         let seq = catalog.next_seq("checkpoint_seq").map_err(&db)?;
+        let parent = catalog.meta(HEAD).map_err(&db)?;
+        let parent_remote_id = match &parent {
+            Some(p) => catalog.checkpoint(p).map_err(&db)?.map(|r| r.remote_id),
+            None => None,
+        };
         let row = CheckpointRow {
             id: format!("v{seq}"),
             seq,
-            parent: catalog.meta(HEAD).map_err(&db)?,
+            parent,
             created_ms: now_ms(),
             comment,
             auto,
             services: services.to_string(),
             state: CheckpointState::Creating,
+            remote_id: new_remote_id(),
+            parent_remote_id,
+            remote_state: RemoteState::Local,
+            remote_error: None,
+            origin: Origin::Here,
         };
         catalog.insert_checkpoint(&row).map_err(&db)?;
         step("row");
@@ -558,6 +574,14 @@ impl Storage {
         self.ready_checkpoint(&catalog, id)
     }
 
+    /// The read-only snapshot of ready checkpoint `id`: what `btrfs send`
+    /// reads when it is pushed.
+    pub fn snapshot_path(&self, id: &str) -> Result<PathBuf> {
+        let catalog = self.catalog();
+        self.ready_checkpoint(&catalog, id)?;
+        Ok(self.checkpoint_dir(id))
+    }
+
     /// Makes a writable snapshot of checkpoint `id`: the layer a restore
     /// will swap in. The inner keeps running meanwhile.
     pub fn prepare_restore(&self, id: &str) -> Result<PendingLayer> {
@@ -605,11 +629,52 @@ impl Storage {
         Ok(pending.layer)
     }
 
-    /// Deletes checkpoint `id`. Snapshots are independent: any may go.
+    /// Records where checkpoint `id` stands with the remote. A checkpoint
+    /// `pushing` is pinned, and so is its parent, the base of its
+    /// incremental stream (see [`Storage::delete_checkpoint`]).
+    pub fn set_remote_state(
+        &self,
+        id: &str,
+        state: RemoteState,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.catalog()
+            .set_remote_state(id, state, error)
+            .map_err(self.db_err())
+    }
+
+    /// Why checkpoint `id` may not be deleted now, if it may not: its push
+    /// is under way, or it is the base of one.
+    fn pinned(&self, catalog: &Catalog, id: &str) -> Result<Option<String>> {
+        for row in catalog.checkpoints().map_err(self.db_err())? {
+            if row.remote_state != RemoteState::Pushing {
+                continue;
+            }
+            if row.id == id {
+                return Ok(Some("is being pushed to the remote".to_string()));
+            }
+            if row.parent.as_deref() == Some(id) {
+                return Ok(Some(format!(
+                    "is the base of the push of checkpoint {} to the remote",
+                    row.id
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes checkpoint `id`. Snapshots are independent: any may go,
+    /// except one a push needs (pinned): that is refused, naming the push.
     pub fn delete_checkpoint(&self, id: &str) -> Result<()> {
         let catalog = self.catalog();
         let db = self.db_err();
         let row = self.ready_checkpoint(&catalog, id)?;
+        if let Some(why) = self.pinned(&catalog, id)? {
+            return Err(StorageError::Pinned {
+                id: id.to_string(),
+                why,
+            });
+        }
         catalog
             .set_checkpoint_state(id, CheckpointState::Deleting)
             .map_err(&db)?;
@@ -655,7 +720,8 @@ impl Storage {
         Ok(None)
     }
 
-    /// Deletes the oldest automatic checkpoints beyond `keep`.
+    /// Deletes the oldest automatic checkpoints beyond `keep`, passing
+    /// over those a push needs (they go at a later round).
     pub fn apply_retention(&self, keep: usize) -> Result<Vec<String>> {
         let head = self.head();
         let autos: Vec<String> = self
@@ -667,8 +733,13 @@ impl Storage {
         let excess = autos.len().saturating_sub(keep);
         let mut deleted = Vec::new();
         for id in autos.into_iter().take(excess) {
-            self.delete_checkpoint(&id)?;
-            deleted.push(id);
+            match self.delete_checkpoint(&id) {
+                Ok(()) => deleted.push(id),
+                Err(StorageError::Pinned { id, why }) => {
+                    tracing::info!(checkpoint = %id, "kept beyond retention for now: it {why}")
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(deleted)
     }

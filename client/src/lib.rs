@@ -195,6 +195,24 @@ impl Client {
         }
     }
 
+    /// Pushes checkpoint `id` (the newest when `None`) to the remote and
+    /// waits for the push, calling `progress` with each report on the way.
+    pub async fn checkpoint_push(
+        &mut self,
+        id: Option<String>,
+        mut progress: impl FnMut(&hull_proto::PushReport),
+    ) -> Result<hull_proto::PushReport> {
+        let mut reply = self.request(ClientMsg::CheckpointPush { id }).await?;
+        loop {
+            match reply {
+                DaemonMsg::PushProgress(r) => progress(&r),
+                DaemonMsg::CheckpointPushed(r) => return Ok(r),
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+            reply = next(&mut self.reader).await?;
+        }
+    }
+
     pub async fn checkpoint_list(&mut self) -> Result<CheckpointListing> {
         match self.request(ClientMsg::CheckpointList).await? {
             DaemonMsg::Checkpoints(l) => Ok(l),

@@ -57,6 +57,8 @@ pub enum ConfigError {
     HostToken(#[source] hull_api::tokens::BadHostToken),
     #[error("api.tls_cert and api.tls_key go together: set both for HTTPS, or neither")]
     ApiTls,
+    #[error("remote.{0}")]
+    Remote(String),
     #[error("network.{field} = {value:?}: {why}")]
     Network {
         field: &'static str,
@@ -235,6 +237,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub api: ApiConfig,
     pub storage: StorageTable,
+    /// `[remote]`: where checkpoints are pushed; none when absent.
+    pub remote: Option<hull_remote::RemoteSettings>,
 }
 
 /// The `[api]` table: the HTTP API (the Sprites v1 API) for clients
@@ -572,6 +576,7 @@ impl Default for Config {
             daemon: DaemonConfig::default(),
             api: ApiConfig::default(),
             storage: StorageTable::default(),
+            remote: None,
         }
     }
 }
@@ -667,6 +672,16 @@ impl Config {
             },
             network: self.network.resolve(&self.cgroup_name, &state_dir)?,
             api: self.api.resolve()?,
+            remote: match &self.remote {
+                Some(remote) => Some(RemoteConfig {
+                    settings: remote
+                        .validate()
+                        .map(|()| remote.clone())
+                        .map_err(ConfigError::Remote)?,
+                    index: state_dir.remote_index(),
+                }),
+                None => None,
+            },
         })
     }
 
@@ -720,6 +735,15 @@ pub struct Settings {
     pub logs: LogsSettings,
     pub network: NetworkSettings,
     pub api: hull_api::ApiSettings,
+    pub remote: Option<RemoteConfig>,
+}
+
+/// Where checkpoints are pushed, and this machine's index of the chunks
+/// already there.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub settings: hull_remote::RemoteSettings,
+    pub index: PathBuf,
 }
 
 /// hulld's own: where it keeps state, listens, and its cgroup.
@@ -910,6 +934,45 @@ mod tests {
         // Below 64 KiB a segment would rotate on nearly every batch.
         let err = limits("[logs]\nsegment_size = \"1K\"\n").unwrap_err();
         assert!(err.to_string().contains("logs.segment_size"), "{err}");
+    }
+
+    #[test]
+    fn the_example_remote_table_holds_only_keys_the_remote_crate_reads() {
+        // The table is commented out in the example (no remote by default):
+        // uncommented, it must load and resolve as it stands.
+        let text = include_str!("../../hull.example.toml");
+        let table: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [remote]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        assert!(table.contains("bandwidth_limit"), "{table}");
+        let remote = from_toml(&table).resolve().unwrap().remote.unwrap();
+        assert_eq!(remote.settings.concurrency, 8);
+        assert_eq!(remote.settings.bandwidth_limit, Some(10_000_000));
+    }
+
+    #[test]
+    fn the_remote_table_is_read_by_the_remote_crate_and_checked_at_resolve() {
+        assert!(Config::default().resolve().unwrap().remote.is_none());
+        let text = "state_dir = \"/var/lib/box\"\n[remote]\nurl = \"s3://bucket/box\"\nendpoint = \"http://127.0.0.1:3900\"\nkey_file = \"/etc/hull/remote.key\"\nconcurrency = 4\nbandwidth_limit = 1000000\n";
+        let remote = from_toml(text).resolve().unwrap().remote.unwrap();
+        assert_eq!(remote.settings.url, "s3://bucket/box");
+        assert_eq!(remote.settings.concurrency, 4);
+        assert_eq!(remote.settings.bandwidth_limit, Some(1_000_000));
+        assert_eq!(remote.index, PathBuf::from("/var/lib/box/remote-index"));
+        let err = from_toml("[remote]\nurl = \"s3://b\"\nkey_file = \"k\"\nconcurrency = 0\n")
+            .resolve()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("remote.concurrency = 0"),
+            "{err}"
+        );
+        let unknown = toml::from_str::<Config>(
+            "[remote]\nurl = \"s3://b\"\nkey_file = \"k\"\nbucket = \"x\"\n",
+        );
+        assert!(unknown.is_err());
     }
 
     #[test]

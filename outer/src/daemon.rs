@@ -318,6 +318,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         logs: logs_settings,
         network: network_settings,
         api: api_settings,
+        remote: remote_settings,
     } = settings;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     create_state_dir(config.state_dir.root())?;
@@ -392,6 +393,10 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         );
     }
     let storage = Arc::new(storage);
+    let pusher = remote_settings.map(|remote| {
+        tracing::info!(url = %remote.settings.url, "checkpoints are pushed to the remote");
+        crate::pusher::Pusher::start(storage.clone(), remote.settings, remote.index)
+    });
     let registry = hull_services::Registry::open(&config.state_dir.services_db())?
         .with_max(config.max_services);
     let rootfs = config.state_dir.rootfs();
@@ -461,6 +466,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
             pids_max: limits.pids_max,
             lower: image.clone(),
             storage: storage.clone(),
+            pusher: pusher.clone(),
             auto_checkpoints_keep: storage_settings.auto_checkpoints_keep,
             services: services.clone(),
             rootfs,
@@ -514,6 +520,7 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         state_dir: config.state_dir.clone(),
         socket: config.socket.clone(),
         storage,
+        pusher,
         services,
         logs,
         exec_log,

@@ -28,6 +28,8 @@ pub(crate) struct Parts {
     pub state_dir: crate::StateDir,
     pub socket: PathBuf,
     pub storage: Arc<Storage>,
+    /// Pushes checkpoints to the remote; `None` without `[remote]`.
+    pub pusher: Option<crate::pusher::Pusher>,
     pub services: ServiceManager,
     pub logs: Arc<LogStore>,
     pub exec_log: Arc<ExecLog>,
@@ -157,6 +159,7 @@ impl Hulld {
             last_oom_kill_ms: p.last_oom_kill_ms,
             api: self.api_url.get().cloned(),
             user_namespace: self.parts.user_namespace,
+            remote: self.parts.pusher.as_ref().map(|p| p.status()),
         }
     }
 
@@ -290,6 +293,47 @@ impl Hulld {
         })
     }
 
+    /// Pushes checkpoint `id` (the newest when `None`) now, calling
+    /// `progress` as it goes.
+    pub async fn do_checkpoint_push(
+        &self,
+        id: Option<String>,
+        progress: impl Fn(&hull_proto::PushReport),
+    ) -> Result<hull_proto::PushReport, Failed> {
+        Ok(self.push(id, progress).await?)
+    }
+
+    async fn push(
+        &self,
+        id: Option<String>,
+        progress: impl Fn(&hull_proto::PushReport),
+    ) -> Result<hull_proto::PushReport, crate::pusher::PushError> {
+        use crate::pusher::PushError;
+        let pusher = self.parts.pusher.as_ref().ok_or(PushError::NoRemote)?;
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let storage = self.parts.storage.clone();
+                let rows = blocking(move || storage.list()).await?;
+                rows.into_iter()
+                    .rev()
+                    .find(|r| r.state == hull_checkpoint::CheckpointState::Ready)
+                    .map(|r| r.id)
+                    .ok_or(PushError::NoCheckpoint)?
+            }
+        };
+        {
+            // An unknown id is refused here, by name, not queued.
+            let storage = self.parts.storage.clone();
+            let id = id.clone();
+            blocking(move || storage.checkpoint(&id)).await?;
+        }
+        pusher
+            .push_now(id, progress)
+            .await
+            .map_err(PushError::Failed)
+    }
+
     pub async fn do_checkpoint_delete(&self, id: String) -> Result<(), Failed> {
         let storage = self.parts.storage.clone();
         Ok(blocking(move || storage.delete_checkpoint(&id)).await?)
@@ -371,6 +415,10 @@ impl Hulld {
             "shutting down"
         );
         self.parts.supervisor.shutdown(grace).await;
+        if let Some(pusher) = &self.parts.pusher {
+            // Its `btrfs send` must be gone before the volume is unmounted.
+            pusher.stop().await;
+        }
         self.parts.network.shutdown().await;
         let cgroups = self.parts.cgroups.clone();
         let storage = self.parts.storage.clone();
@@ -423,6 +471,8 @@ pub enum Failed {
     Policy(#[from] crate::net_policy::PolicyError),
     #[error("the network policy is stored but not enforced")]
     Egress(#[source] hull_network::enforcer::EnforcerError),
+    #[error(transparent)]
+    Push(#[from] crate::pusher::PushError),
     /// A request sent to the method that does not serve it.
     #[error("{0} is not served here")]
     Misrouted(&'static str),
@@ -456,6 +506,15 @@ impl Failed {
             Failed::Policy(PolicyError::Invalid(_)) => ErrorKind::BadRequest,
             Failed::Policy(_) => ErrorKind::Storage,
             Failed::Egress(_) => ErrorKind::Internal,
+            Failed::Push(e) => {
+                use crate::pusher::PushError;
+                match e {
+                    PushError::Storage(StorageError::UnknownCheckpoint { .. })
+                    | PushError::NoCheckpoint => ErrorKind::NotFound,
+                    PushError::NoRemote => ErrorKind::NotPermitted,
+                    _ => ErrorKind::Storage,
+                }
+            }
             Failed::Misrouted(_) => ErrorKind::Internal,
         }
     }
@@ -474,6 +533,11 @@ fn info(row: hull_checkpoint::CheckpointRow) -> CheckpointInfo {
         created_ms: row.created_ms,
         comment: row.comment,
         auto: row.auto,
+        remote_id: row.remote_id,
+        parent_remote_id: row.parent_remote_id,
+        remote_state: row.remote_state.to_string(),
+        remote_error: row.remote_error,
+        origin: row.origin.to_string(),
     }
 }
 

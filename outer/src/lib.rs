@@ -15,6 +15,7 @@ mod net_policy;
 pub mod network;
 mod port_events;
 mod process_io;
+pub mod pusher;
 mod server;
 pub mod services_socket;
 mod sessions;

@@ -375,6 +375,26 @@ where
                     )
                     .await?;
             }
+            ClientMsg::CheckpointPush { id } => {
+                // Progress goes out as it comes, through a channel: the
+                // push's callback cannot await the connection.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let push = hulld.do_checkpoint_push(id, move |p| {
+                    let _ = tx.send(p.clone());
+                });
+                tokio::pin!(push);
+                let reply = loop {
+                    tokio::select! {
+                        reply = &mut push => break reply,
+                        Some(progress) = rx.recv() => {
+                            writer.send(DaemonMsg::PushProgress(progress)).await?;
+                        }
+                    }
+                };
+                writer
+                    .send(reply.map_or_else(|e| e.answer(), DaemonMsg::CheckpointPushed))
+                    .await?;
+            }
             ClientMsg::Services(request) => {
                 let reply = hulld.do_services(request, scope.sees_secrets()).await;
                 writer

@@ -85,6 +85,12 @@ impl StateDir {
         self.root.join("logs")
     }
 
+    /// The chunks this machine knows are in the remote (hull-remote's
+    /// index), so a resumed push skips them without asking.
+    pub fn remote_index(&self) -> PathBuf {
+        self.root.join("remote-index")
+    }
+
     /// Base images, unless `image_dir` says otherwise.
     pub fn images(&self) -> PathBuf {
         hull_client::config::image_dir(&self.root, None)
@@ -114,6 +120,7 @@ mod tests {
             dir.resolv_conf(),
             dir.logs(),
             dir.images(),
+            dir.remote_index(),
         ];
         let names: std::collections::BTreeSet<_> = paths.iter().collect();
         assert_eq!(names.len(), paths.len(), "{paths:?}");

@@ -35,6 +35,8 @@ pub struct InnerConfig {
     pub lower: PathBuf,
     /// Where the writable layer comes from, fresh at every start.
     pub storage: Arc<Storage>,
+    /// Takes every new checkpoint to the remote; `None` without one.
+    pub pusher: Option<crate::pusher::Pusher>,
     /// Automatic checkpoints kept before the oldest are deleted.
     pub auto_checkpoints_keep: usize,
     /// The service manager: asked for the definitions recorded with each
@@ -750,6 +752,9 @@ impl Task {
                 .join(","),
             "checkpoint created"
         );
+        if let Some(pusher) = &self.config.pusher {
+            pusher.queue(made.row.id.clone());
+        }
         Ok(made)
     }
 
@@ -892,7 +897,7 @@ impl Task {
 
 /// Runs a storage call on a blocking thread: the catalog is SQLite with
 /// synchronous=FULL, and snapshots are ioctls that may flush.
-async fn on_storage<T: Send + 'static>(
+pub(crate) async fn on_storage<T: Send + 'static>(
     storage: &Arc<Storage>,
     f: impl FnOnce(&Storage) -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {

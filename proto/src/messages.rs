@@ -224,6 +224,21 @@ pub struct StatusReport {
     /// The inner's user namespace; `None`: the inner's root is the VM's.
     #[serde(default)]
     pub user_namespace: Option<IdMapping>,
+    /// Pushes to the remote; `None` without `[remote]` in hull.toml.
+    #[serde(default)]
+    pub remote: Option<RemoteStatus>,
+}
+
+/// The pusher's work since hulld started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// The push under way, if one is.
+    pub pushing: Option<PushReport>,
+    /// Checkpoints pushed since hulld started, and the last of them.
+    pub pushed: u64,
+    pub last_pushed: Option<PushReport>,
+    /// Pushes that failed last time, each with its error (retried).
+    pub failed: Vec<PushReport>,
 }
 
 /// How the inner's user namespace maps its ids: inner id `n` (user and
@@ -265,6 +280,21 @@ pub struct CheckpointInfo {
     pub auto: bool,
     /// The service definitions recorded with it.
     pub services: Vec<ServiceSpec>,
+    /// Its global id (a UUID): the name of its manifest in the remote.
+    #[serde(default)]
+    pub remote_id: String,
+    /// The parent's global id: known even when the parent is not here.
+    #[serde(default)]
+    pub parent_remote_id: Option<String>,
+    /// `local`, `pushing` or `pushed`.
+    #[serde(default)]
+    pub remote_state: String,
+    /// Why its last push failed, until one succeeds.
+    #[serde(default)]
+    pub remote_error: Option<String>,
+    /// `here` (taken on this machine) or `pulled` (from the remote).
+    #[serde(default)]
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -291,6 +321,30 @@ pub struct RestoreReport {
     /// Service definitions it brought back (in the checkpoint only).
     #[serde(default)]
     pub services_added: Vec<String>,
+}
+
+/// Where the push of one checkpoint to the remote is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushReport {
+    pub checkpoint: String,
+    /// Its manifest's id in the remote.
+    pub remote_id: String,
+    /// The pushed checkpoint its stream is incremental from (a remote
+    /// id); `None`: a full stream.
+    pub base: Option<String>,
+    /// `pushing`, `pushed`, or `local` after a failure (see `error`).
+    pub state: String,
+    /// Bytes of the `btrfs send` stream read so far.
+    pub bytes_read: u64,
+    /// Chunks done: uploaded by this push, or found already there.
+    pub chunks: u64,
+    pub chunks_uploaded: u64,
+    /// Bytes uploaded (compressed and encrypted).
+    pub bytes_uploaded: u64,
+    /// Chunks already in the remote (known to this machine's index, or
+    /// found there), not uploaded again.
+    pub chunks_present: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -362,6 +416,11 @@ pub enum ClientMsg {
     CheckpointList,
     CheckpointDelete {
         id: String,
+    },
+    /// Pushes checkpoint `id` (the newest when `None`) to the remote now
+    /// and answers `PushProgress` as it goes, then `CheckpointPushed`.
+    CheckpointPush {
+        id: Option<String>,
     },
     Services(ServiceRequest),
     /// A service's log: the last `tail` lines (all when absent), then new
@@ -732,6 +791,10 @@ pub enum DaemonMsg {
     CheckpointDeleted {
         id: String,
     },
+    /// A push under way (`hull checkpoint push`); any number, then
+    /// `CheckpointPushed` or an error.
+    PushProgress(PushReport),
+    CheckpointPushed(PushReport),
     /// The services a request touched (all of them for List).
     Services(Vec<ServiceStatus>),
     LogRecords(Vec<LogRecord>),

@@ -54,6 +54,7 @@ pub enum RequestKind {
     CheckpointRestore,
     CheckpointList,
     CheckpointDelete,
+    CheckpointPush,
     /// A service request that changes something: add, remove, start,
     /// stop, restart, signal.
     ServicesChange,
@@ -155,6 +156,7 @@ pub fn needed_scope(kind: RequestKind) -> Option<TokenScope> {
         | K::CheckpointCreate
         | K::CheckpointRestore
         | K::CheckpointDelete
+        | K::CheckpointPush
         | K::NetworkPolicySet
         | K::ServicesChange => Some(TokenScope::Admin),
     }
@@ -177,6 +179,7 @@ impl RequestKind {
             K::CheckpointRestore => "CheckpointRestore",
             K::CheckpointList => "CheckpointList",
             K::CheckpointDelete => "CheckpointDelete",
+            K::CheckpointPush => "CheckpointPush",
             K::ServicesChange | K::ServicesRead => "Services",
             K::Logs => "Logs",
             K::Shutdown => "Shutdown",
@@ -201,7 +204,8 @@ impl RequestKind {
             K::CheckpointCreate
             | K::CheckpointRestore
             | K::CheckpointList
-            | K::CheckpointDelete => "hull checkpoint",
+            | K::CheckpointDelete
+            | K::CheckpointPush => "hull checkpoint",
             K::ServicesChange | K::ServicesRead => "hull services",
             K::Logs => "hull logs",
             K::Ports => "hull ports",
@@ -235,6 +239,7 @@ impl ClientMsg {
             ClientMsg::CheckpointRestore { .. } => K::CheckpointRestore,
             ClientMsg::CheckpointList => K::CheckpointList,
             ClientMsg::CheckpointDelete { .. } => K::CheckpointDelete,
+            ClientMsg::CheckpointPush { .. } => K::CheckpointPush,
             ClientMsg::Services(ServiceRequest::List | ServiceRequest::Show(_)) => K::ServicesRead,
             ClientMsg::Services(_) => K::ServicesChange,
             ClientMsg::Logs { .. } => K::Logs,
@@ -394,6 +399,7 @@ fn kind_of(peek: &mut Peek<'_>) -> Option<RequestKind> {
         "CheckpointRestore" => K::CheckpointRestore,
         "CheckpointList" => K::CheckpointList,
         "CheckpointDelete" => K::CheckpointDelete,
+        "CheckpointPush" => K::CheckpointPush,
         "Services" => match peek.variant()? {
             "List" | "Show" => K::ServicesRead,
             "Add" | "Remove" | "Start" | "Stop" | "StopWithin" | "Restart" | "Signal" => {
@@ -748,6 +754,7 @@ mod tests {
             ClientMsg::CheckpointRestore { id: "v1".into() },
             ClientMsg::CheckpointList,
             ClientMsg::CheckpointDelete { id: "v1".into() },
+            ClientMsg::CheckpointPush { id: None },
             ClientMsg::Services(ServiceRequest::Add(service)),
             ClientMsg::Services(ServiceRequest::Remove("a".into())),
             ClientMsg::Services(ServiceRequest::Start("a".into())),

@@ -7,8 +7,9 @@
 //! its plaintext, uploads only the chunks the remote lacks (zstd, then
 //! XChaCha20-Poly1305: [`seal`]), and writes an encrypted [`manifest`]
 //! last. A pull fetches the chunks in parallel and verifies each against
-//! its name before writing it. The format and the threat model are in
-//! docs/design/remote.md.
+//! its name before writing it. The caller names each manifest: hulld gives
+//! the checkpoint's global id from its catalog. The format and the threat
+//! model are in docs/design/remote.md.
 //!
 //! In the bucket, under the url's prefix:
 //!

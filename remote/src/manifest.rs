@@ -12,8 +12,16 @@ use serde::{Deserialize, Serialize};
 pub struct ManifestId(pub uuid::Uuid);
 
 impl ManifestId {
-    pub(crate) fn new() -> Self {
+    /// A fresh random id. A caller that names its checkpoints already
+    /// (hulld's catalog gives each a UUID at creation) passes that instead.
+    pub fn new() -> Self {
         ManifestId(uuid::Uuid::new_v4())
+    }
+}
+
+impl Default for ManifestId {
+    fn default() -> Self {
+        ManifestId::new()
     }
 }
 

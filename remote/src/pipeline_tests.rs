@@ -86,7 +86,12 @@ fn meta(comment: &str) -> CheckpointMeta {
 
 async fn push(remote: &Remote, data: &[u8]) -> Pushed {
     remote
-        .push(std::io::Cursor::new(data.to_vec()), meta("test"), &|_| {})
+        .push(
+            std::io::Cursor::new(data.to_vec()),
+            ManifestId::new(),
+            meta("test"),
+            &|_| {},
+        )
         .await
         .unwrap()
 }
@@ -106,12 +111,19 @@ async fn a_pushed_stream_pulls_back_identical_with_its_manifest() {
     data.extend(b"all work and no play ".repeat(200_000));
     data.extend(noise(8, 12345));
     let progress = Mutex::new(Vec::new());
+    // The caller names the manifest: hulld gives its checkpoint's id.
+    let id: ManifestId = "6f1c0a52-3d4e-4b7a-9c1d-2e3f4a5b6c7d".parse().unwrap();
     let pushed = remote
-        .push(std::io::Cursor::new(data.clone()), meta("first"), &|p| {
-            progress.lock().unwrap().push(*p)
-        })
+        .push(
+            std::io::Cursor::new(data.clone()),
+            id,
+            meta("first"),
+            &|p| progress.lock().unwrap().push(*p),
+        )
         .await
         .unwrap();
+    assert_eq!(pushed.id, id);
+    assert_eq!(pushed.manifest.id, id);
     let progress = progress.into_inner().unwrap();
     assert_eq!(progress.len() as u64, pushed.progress.chunks);
     assert_eq!(progress.last().unwrap().bytes_read, data.len() as u64);
@@ -185,9 +197,14 @@ async fn a_push_killed_part_way_resumes_from_the_chunk_index() {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         remote
-            .push(std::io::Cursor::new(data), meta("killed"), &move |p| {
-                let _ = done_tx.send(p.chunks);
-            })
+            .push(
+                std::io::Cursor::new(data),
+                ManifestId::new(),
+                meta("killed"),
+                &move |p| {
+                    let _ = done_tx.send(p.chunks);
+                },
+            )
             .await
     });
     // Killed once five chunks are up.
@@ -371,7 +388,12 @@ async fn a_chain_runs_from_the_full_stream_to_the_checkpoint() {
             ..meta("chain")
         };
         let pushed = remote
-            .push(std::io::Cursor::new(vec![round; 1000]), meta, &|_| {})
+            .push(
+                std::io::Cursor::new(vec![round; 1000]),
+                ManifestId::new(),
+                meta,
+                &|_| {},
+            )
             .await
             .unwrap();
         parent = Some(pushed.id);

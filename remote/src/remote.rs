@@ -250,14 +250,16 @@ impl Remote {
         object_path(&self.shared.prefix, &format!("manifests/{id}"))
     }
 
-    /// Pushes `stream` (a `btrfs send` stream) and writes its manifest.
-    /// Chunks already in the remote are not uploaded again; a push that
-    /// died part way is resumed by pushing the same stream again (the
-    /// chunk index remembers what went up). Nothing names the stream
-    /// until its manifest is written, last.
+    /// Pushes `stream` (a `btrfs send` stream) and writes its manifest
+    /// under `id`, the checkpoint's global id (pushing to an id that has a
+    /// manifest replaces it). Chunks already in the remote are not uploaded
+    /// again; a push that died part way is resumed by pushing the same
+    /// stream again (the chunk index remembers what went up). Nothing names
+    /// the stream until its manifest is written, last.
     pub async fn push<R>(
         &self,
         stream: R,
+        id: ManifestId,
         meta: CheckpointMeta,
         progress: &(dyn Fn(&PushProgress) + Send + Sync),
     ) -> Result<Pushed>
@@ -325,7 +327,6 @@ impl Remote {
                 "the stream's reader stopped without a reason",
             )));
         };
-        let id = ManifestId::new();
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             id,

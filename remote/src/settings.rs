@@ -7,13 +7,13 @@ use std::sync::Arc;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkSizes;
 use crate::error::{RemoteError, Result};
 
 /// `[remote]` in hull.toml.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteSettings {
     /// `s3://BUCKET/PREFIX`, or `file:///DIR` for a directory (a mounted
@@ -30,6 +30,10 @@ pub struct RemoteSettings {
     /// Chunk uploads or downloads in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Bytes per second a push reads of its stream, at most; `None`: no
+    /// limit. Uploads follow the stream, so this bounds them too.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
     #[serde(default)]
     pub chunk_sizes: ChunkSizes,
 }
@@ -47,8 +51,21 @@ impl RemoteSettings {
             credentials_file: None,
             key_file: key_file.into(),
             concurrency: default_concurrency(),
+            bandwidth_limit: None,
             chunk_sizes: ChunkSizes::default(),
         }
+    }
+
+    /// What the settings get wrong without touching the store: a
+    /// concurrency or bandwidth of 0, chunk sizes out of order.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.concurrency == 0 {
+            return Err("concurrency = 0: it must be at least 1".into());
+        }
+        if self.bandwidth_limit == Some(0) {
+            return Err("bandwidth_limit = 0: leave it out for no limit".into());
+        }
+        self.chunk_sizes.validate()
     }
 }
 
@@ -114,7 +131,17 @@ pub(crate) fn open_store(settings: &RemoteSettings) -> Result<(Arc<dyn ObjectSto
     // come with it); ring is the one the rest of the tree uses. Installing
     // fails only when a provider is in place already, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    // A few quick retries of a request, not object_store's three minutes:
+    // hulld's pusher retries the whole push with its own backoff, and a
+    // checkpoint should show a push failing while the endpoint is down.
+    let retry = object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(30),
+        ..object_store::RetryConfig::default()
+    };
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry);
     if let Some(path) = &settings.credentials_file {
         let creds = load_credentials(path)?;
         builder = builder

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use hull_checkpoint::{btrfs, StoragePaths, Volume};
@@ -249,18 +249,9 @@ fn push(
     snapshot: &Path,
     parent: Option<(&Path, ManifestId)>,
 ) -> ManifestId {
-    let mut send = Command::new("btrfs");
-    send.args(["send", "-q"]);
-    if let Some((parent, _)) = parent {
-        send.arg("-p").arg(parent);
-    }
     let _in_runtime = rt.enter();
-    let mut child = tokio::process::Command::from(send)
-        .arg(snapshot)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut send = btrfs::send(snapshot, parent.map(|(p, _)| p)).unwrap();
+    let stdout = send.take_stdout().unwrap();
     let meta = CheckpointMeta {
         checkpoint: Some(snapshot.file_name().unwrap().to_string_lossy().into_owned()),
         parent: parent.map(|(_, id)| id),
@@ -269,28 +260,23 @@ fn push(
         services: serde_json::json!([]),
     };
     rt.block_on(async {
-        let pushed = remote.push(stdout, meta, &|_| {}).await.unwrap();
-        assert!(child.wait().await.unwrap().success(), "btrfs send failed");
+        let pushed = remote
+            .push(stdout, ManifestId::new(), meta, &|_| {})
+            .await
+            .unwrap();
+        send.finish().await.unwrap();
         pushed.id
     })
 }
 
 fn pull(rt: &tokio::runtime::Runtime, remote: &Remote, id: ManifestId, into: &Path) {
     let _in_runtime = rt.enter();
-    let mut child = tokio::process::Command::new("btrfs")
-        .args(["receive", "-q"])
-        .arg(into)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let mut receive = btrfs::receive(into).unwrap();
+    let mut stdin = receive.take_stdin().unwrap();
     rt.block_on(async {
         remote.pull(id, &mut stdin, &|_| {}).await.unwrap();
         drop(stdin);
-        assert!(
-            child.wait().await.unwrap().success(),
-            "btrfs receive failed"
-        );
+        receive.finish().await.unwrap();
     });
 }
 

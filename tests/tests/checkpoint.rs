@@ -212,6 +212,22 @@ fn any_checkpoint_can_be_deleted_and_the_list_is_json() {
         listing["checkpoints"][1]["parent"], "v2",
         "the tree keeps its shape"
     );
+    // Every checkpoint has its global id; without [remote] none is pushed.
+    let v1 = &listing["checkpoints"][0];
+    assert_eq!(v1["remote_id"].as_str().map(str::len), Some(36), "{v1}");
+    assert_eq!(v1["remote_state"], "local");
+    assert_eq!(v1["origin"], "here");
+    assert_eq!(
+        listing["checkpoints"][2]["parent_remote_id"], listing["checkpoints"][1]["remote_id"],
+        "v4's parent is v3"
+    );
+    let push = hull.hull(&["checkpoint", "push"]);
+    assert!(!push.status.success());
+    assert!(
+        String::from_utf8_lossy(&push.stderr).contains("add a [remote] table"),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
     let human = hull.hull(&["checkpoint", "list"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("n=3"));
     assert_catalog_agrees(&hull);

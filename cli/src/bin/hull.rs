@@ -153,7 +153,7 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         grace: f64,
     },
-    /// Checkpoints of the writable layer: create, restore, list, delete.
+    /// Checkpoints of the writable layer: create, restore, list, delete, push.
     Checkpoint {
         #[command(subcommand)]
         command: CheckpointCommand,
@@ -469,6 +469,12 @@ enum CheckpointCommand {
     Delete {
         /// The checkpoint (v1, v2, ...; see `hull checkpoint list`).
         id: String,
+    },
+    /// Push checkpoint ID to the remote ([remote] in hull.toml) now and
+    /// wait for it; every checkpoint is pushed in the background anyway.
+    Push {
+        /// The checkpoint; the newest when left out.
+        id: Option<String>,
     },
 }
 
@@ -793,6 +799,7 @@ async fn run(cli: Cli) -> Result<i32> {
             CheckpointCommand::Restore { id } => cli::checkpoint_restore(&g, &id).await,
             CheckpointCommand::List => cli::checkpoint_list(&g).await,
             CheckpointCommand::Delete { id } => cli::checkpoint_delete(&g, &id).await,
+            CheckpointCommand::Push { id } => cli::checkpoint_push(&g, id).await,
         }
         .map(|()| 0),
         Command::Services { command } => {

@@ -603,7 +603,7 @@ impl Progress {
 }
 
 /// `1.5 MiB`, `300 B`.
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if bytes < 1024 {
         return format!("{bytes} B");

@@ -32,11 +32,13 @@ macro_rules! errln {
 
 mod cp;
 mod exec;
+mod push;
 mod report;
 pub mod vm;
 
 pub use cp::cp;
 pub use exec::{exec, AttachTo, ExecOptions};
+pub use push::checkpoint_push;
 use report::stdout_error;
 pub use report::*;
 
@@ -131,6 +133,28 @@ fn print_status(g: &Global, s: &StatusReport) -> Result<()> {
         ),
         (Some(used), None) => outln!("layer      {} MiB used, no quota", used >> 20),
         _ => outln!("layer      no quota"),
+    }
+    if let Some(remote) = &s.remote {
+        match &remote.pushing {
+            Some(p) => outln!(
+                "remote     pushing {}: {} read, {} chunks uploaded, {} already there",
+                p.checkpoint,
+                cp::human(p.bytes_read),
+                p.chunks_uploaded,
+                p.chunks_present
+            ),
+            None => outln!(
+                "remote     {} pushed since start, none under way",
+                remote.pushed
+            ),
+        }
+        for failed in &remote.failed {
+            outln!(
+                "           push of {} failed, retrying: {}",
+                failed.checkpoint,
+                failed.error.as_deref().unwrap_or("")
+            );
+        }
     }
     if let Some(head) = &s.head {
         outln!("from       checkpoint {head}");
@@ -813,13 +837,20 @@ pub fn checkpoint_tree(listing: &hull_proto::CheckpointListing) -> Vec<String> {
             Some(p) if !known.contains(p.as_str()) => format!(" (from deleted {p})"),
             _ => String::new(),
         };
+        // Where it stands with the remote, when there is one to say.
+        let remote = match (cp.remote_state.as_str(), &cp.remote_error) {
+            (_, Some(error)) => format!(" [push failed, retrying: {error}]"),
+            ("pushing" | "pushed", None) => format!(" [{}]", cp.remote_state),
+            _ => String::new(),
+        };
         format!(
-            "{marker} {prefix}{:<6} {:>8}  {}{}{}",
+            "{marker} {prefix}{:<6} {:>8}  {}{}{}{}",
             cp.id,
             age(listing.now_ms, cp.created_ms),
             if cp.auto { "[auto] " } else { "" },
             cp.comment.as_deref().unwrap_or(""),
             orphan,
+            remote,
         )
         .trim_end()
         .to_string()
@@ -1189,6 +1220,11 @@ mod tests {
                     comment: None,
                     auto: false,
                     services: Vec::new(),
+                    remote_id: String::new(),
+                    parent_remote_id: None,
+                    remote_state: "local".into(),
+                    remote_error: None,
+                    origin: "here".into(),
                 })
                 .collect(),
             head: Some("v3".into()),
