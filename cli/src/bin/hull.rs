@@ -219,10 +219,9 @@ enum Command {
     ///
     /// Which ports are private, and the bearer token they need.
     Ingress,
-    /// Show or set the egress policy: which names and addresses the inner
-    /// may reach.
+    /// Show or set the egress policy: what the inner may reach.
     ///
-    /// The Sprites form (`{"rules": [{"domain": "*.example.com", "action":
+    /// Which names and addresses. The Sprites form (`{"rules": [{"domain": "*.example.com", "action":
     /// "allow"}, {"include": "defaults"}]}`) with hull's `cidr` rules and
     /// `default`; see docs/guide/network.md. A new policy is enforced
     /// before `set` returns.
@@ -470,8 +469,10 @@ enum CheckpointCommand {
         /// The checkpoint (v1, v2, ...; see `hull checkpoint list`).
         id: String,
     },
-    /// Push checkpoint ID to the remote ([remote] in hull.toml) now and
-    /// wait for it; every checkpoint is pushed in the background anyway.
+    /// Push checkpoint ID to the remote now, and wait for it.
+    ///
+    /// The remote is `[remote]` in hull.toml. Every checkpoint is pushed in
+    /// the background anyway; this shows the progress and waits.
     Push {
         /// The checkpoint; the newest when left out.
         id: Option<String>,
