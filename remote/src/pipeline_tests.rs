@@ -483,3 +483,84 @@ async fn the_bucket_reveals_nothing() {
         );
     }
 }
+
+/// Longer than the store's time resolution and than a push here takes.
+const GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+async fn after_the_grace() {
+    tokio::time::sleep(GRACE + std::time::Duration::from_millis(300)).await;
+}
+
+fn chunk_files(bucket: &Bucket) -> std::collections::BTreeSet<String> {
+    bucket
+        .objects()
+        .into_iter()
+        .filter(|(path, _)| path.contains("/chunks/"))
+        .map(|(path, _)| path.rsplit('/').next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_chunk_a_push_needs_is_uploaded_again_and_survives_the_sweep() {
+    let bucket = Bucket::new();
+    let remote = bucket.open_with(&bucket.key_file, true).await.unwrap();
+    let options = GcOptions { grace: GRACE };
+    let data = noise(20, 6 << 20);
+    let first = push(&remote, &data).await;
+    let names: std::collections::BTreeSet<String> = first
+        .manifest
+        .chunks
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    remote.delete(first.id).await.unwrap();
+    let err = remote.delete(first.id).await.unwrap_err();
+    assert!(matches!(err, RemoteError::ManifestMissing { .. }), "{err}");
+    after_the_grace().await;
+    let report = remote.gc(&options).await.unwrap();
+    assert_eq!((report.deleted, report.marked), (0, names.len()));
+
+    // The same data pushed again while its chunks are marked: the index
+    // knows them and a HEAD would find them, but they go up again.
+    let again = push(&remote, &data).await;
+    assert_eq!(
+        again.progress.chunks_uploaded, again.progress.chunks,
+        "{:?}",
+        again.progress
+    );
+    // Its manifest gone too: unreferenced, but newer than the mark.
+    remote.delete(again.id).await.unwrap();
+    after_the_grace().await;
+    let report = remote.gc(&options).await.unwrap();
+    assert_eq!(report.deleted, 0, "{report:?}");
+    assert_eq!(chunk_files(&bucket), names);
+
+    // Marked again by that run, swept by the next.
+    after_the_grace().await;
+    let report = remote.gc(&options).await.unwrap();
+    assert_eq!(report.deleted, names.len(), "{report:?}");
+    assert!(chunk_files(&bucket).is_empty());
+
+    // The index named every deleted chunk; the sweep's new generation
+    // drops it, and the next push uploads everything.
+    let third = push(&remote, &data).await;
+    assert_eq!(third.progress.chunks_known, 0, "{:?}", third.progress);
+    assert_eq!(third.progress.chunks_uploaded, third.progress.chunks);
+    assert!(pull(&remote, third.id).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_that_does_not_decrypt_is_named_and_nothing_is_deleted() {
+    let bucket = Bucket::new();
+    let remote = bucket.open().await;
+    let pushed = push(&remote, &noise(21, 1 << 20)).await;
+    remote.gc(&GcOptions::default()).await.unwrap();
+    let mark = bucket.root.join("hull/sandbox/gc/mark");
+    let mut bytes = std::fs::read(&mark).unwrap();
+    bytes[30] ^= 1;
+    std::fs::write(&mark, bytes).unwrap();
+    let err = remote.gc(&GcOptions::default()).await.unwrap_err();
+    assert!(matches!(err, RemoteError::MarkCorrupt { .. }), "{err}");
+    assert!(err.to_string().contains("gc/mark"), "{err}");
+    assert!(pull(&remote, pushed.id).await.is_ok());
+}

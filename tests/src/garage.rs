@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use hull_remote::object_store::aws::AmazonS3Builder;
+use hull_remote::object_store::ObjectStore;
 use hull_remote::RemoteSettings;
 use sha2::Digest as _;
 
@@ -196,6 +198,24 @@ impl Garage {
             credentials_file: Some(creds),
             ..RemoteSettings::new(format!("s3://{}/{prefix}", self.bucket), key_file)
         }
+    }
+
+    /// The bucket as an object store of its own, to look at what a
+    /// [`hull_remote::Remote`] wrote.
+    pub fn store(&self) -> std::sync::Arc<dyn ObjectStore> {
+        // The remote's TLS provider; a plain-http endpoint needs one all
+        // the same to build the client. Installed already is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("garage")
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .build()
+            .expect("an S3 client for garage");
+        std::sync::Arc::new(store)
     }
 
     /// Where garage keeps the objects' blocks.
