@@ -1,7 +1,7 @@
 //! The pipeline against a directory store: roundtrip, dedup, resume,
-//! damage, the wrong key, and what the bucket shows.
+//! damage, the wrong key, garbage collection. What the bucket shows is
+//! tested with real send streams in tests/tests/bucket.rs.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -393,95 +393,6 @@ async fn a_chain_runs_from_the_full_stream_to_the_checkpoint() {
         matches!(err, RemoteError::ManifestMissing { id } if id == ids[1]),
         "{err}"
     );
-}
-
-/// Finds any aligned 4 KiB block of `input` anywhere in `haystack`.
-struct BlockScanner<'a> {
-    input: &'a [u8],
-    /// The first 32 bytes of each block, to the block's offsets.
-    heads: HashMap<&'a [u8], Vec<usize>>,
-}
-
-impl<'a> BlockScanner<'a> {
-    fn new(input: &'a [u8]) -> Self {
-        let mut heads: HashMap<&[u8], Vec<usize>> = HashMap::new();
-        for start in (0..input.len().saturating_sub(4095)).step_by(4096) {
-            heads
-                .entry(&input[start..start + 32])
-                .or_default()
-                .push(start);
-        }
-        BlockScanner { input, heads }
-    }
-
-    fn find(&self, haystack: &[u8]) -> Option<usize> {
-        for at in 0..haystack.len().saturating_sub(4095) {
-            if let Some(starts) = self.heads.get(&haystack[at..at + 32]) {
-                for &start in starts {
-                    if haystack[at..at + 4096] == self.input[start..start + 4096] {
-                        return Some(start);
-                    }
-                }
-            }
-        }
-        None
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bucket_reveals_nothing() {
-    let bucket = Bucket::new();
-    let remote = bucket.open().await;
-    // A stream like a send stream of a home directory: paths and names
-    // in the clear, text that compresses, and blocks that do not.
-    // (No shorter than 6 bytes: a shorter string turns up by chance in
-    // megabytes of ciphertext.)
-    let names = [
-        "alice-home",
-        "secret-plans.txt",
-        "/home/alice/secret-plans.txt",
-        "id_ed25519",
-        "/root/.ssh/id_ed25519",
-    ];
-    let mut input = Vec::new();
-    for round in 0..64u32 {
-        for name in names {
-            input.extend(format!("\0\0mkfile {name}\0{round}\0").as_bytes());
-        }
-        input.extend(
-            format!("round {round}: the quick brown fox jumps over the lazy dog. ")
-                .repeat(400)
-                .as_bytes(),
-        );
-        input.extend(noise(u64::from(round), 48 << 10));
-    }
-    let scanner = BlockScanner::new(&input);
-    // The scanner finds what it looks for: a block of the input inside
-    // other bytes.
-    let mut planted = noise(99, 100_000);
-    planted.extend_from_slice(&input[8192 * 3..8192 * 3 + 4096]);
-    assert_eq!(scanner.find(&planted), Some(8192 * 3));
-
-    let pushed = push(&remote, &input).await;
-    assert!(pull(&remote, pushed.id).await.unwrap() == input);
-    let objects = bucket.objects();
-    assert!(objects.len() as u64 >= pushed.progress.chunks + 2);
-    for (path, body) in &objects {
-        for name in names {
-            assert!(!path.contains(name), "object name {path} holds {name}");
-            let found = body.windows(name.len()).any(|w| w == name.as_bytes());
-            assert!(!found, "object {path} holds {name:?}");
-        }
-        for word in ["quick brown fox", "mkfile", "http.server"] {
-            let found = body.windows(word.len()).any(|w| w == word.as_bytes());
-            assert!(!found, "object {path} holds {word:?}");
-        }
-        assert_eq!(
-            scanner.find(body),
-            None,
-            "object {path} holds a block of the input"
-        );
-    }
 }
 
 /// Longer than the store's time resolution and than a push here takes.
