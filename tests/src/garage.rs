@@ -218,6 +218,11 @@ impl Garage {
         std::sync::Arc::new(store)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.server.id()
+    }
+
     /// Where garage keeps the objects' blocks.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")

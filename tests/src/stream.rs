@@ -65,6 +65,21 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// `len` bytes from the kernel's generator written into `path` (made if
+/// missing) at `offset`: data that does not compress, quick to make.
+pub fn random_into(path: &Path, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut random = std::fs::File::open("/dev/urandom")?.take(len);
+    std::io::copy(&mut random, &mut file)?;
+    Ok(())
+}
+
 /// `btrfs send` of the read-only `snapshot`, incremental from `parent`:
 /// the one place the tests and the bench make a send stream. Its stdout
 /// is piped. Called within a tokio runtime.

@@ -5,7 +5,7 @@
 //! leaving nothing received but what the caller removes.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -74,17 +74,9 @@ impl Bucket {
     }
 }
 
-/// `len` bytes from the kernel's generator into `path` at `offset`.
 fn random_into(path: &Path, offset: u64, len: u64) {
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(path)
-        .unwrap();
-    file.seek(SeekFrom::Start(offset)).unwrap();
-    let mut random = fs::File::open("/dev/urandom").unwrap().take(len);
-    std::io::copy(&mut random, &mut file).unwrap();
+    stream::random_into(path, offset, len)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
 /// File and directory names of the layer: none shorter than 6 bytes (a
