@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -140,22 +141,39 @@ impl Remote {
         Ok(())
     }
 
-    /// The store's time now, in ms: the last-modified of an empty object
-    /// written for it, so that every time compared is the store's.
-    async fn store_now_ms(&self) -> Result<i64> {
+    /// The store's time now, and the mark's time if there is one, in ms:
+    /// the last-modified of an empty object written for it and of the
+    /// mark, as a listing gives them (a listing's times have the same
+    /// precision as the chunks'; a HEAD's are whole seconds on S3).
+    async fn store_times(&self) -> Result<(i64, Option<i64>)> {
         let shared = &self.shared;
-        let path = object_path(&shared.prefix, CLOCK);
+        let clock = object_path(&shared.prefix, CLOCK);
+        let mark = object_path(&shared.prefix, MARK);
         shared
             .store
-            .put(&path, PutPayload::default())
+            .put(&clock, PutPayload::default())
             .await
-            .map_err(store_err("write", &path))?;
-        let meta = shared
+            .map_err(store_err("write", &clock))?;
+        let dir = object_path(&shared.prefix, "gc");
+        let listed: Vec<_> = shared
             .store
-            .head(&path)
+            .list(Some(&dir))
+            .try_collect()
             .await
-            .map_err(store_err("look up", &path))?;
-        Ok(meta.last_modified.timestamp_millis())
+            .map_err(store_err("list", &dir))?;
+        let time = |path: &ObjectPath| {
+            listed
+                .iter()
+                .find(|m| m.location == *path)
+                .map(|m| m.last_modified.timestamp_millis())
+        };
+        let now = time(&clock).ok_or_else(|| {
+            store_err("list", &clock)(object_store::Error::NotFound {
+                path: clock.to_string(),
+                source: "not listed right after it was written".into(),
+            })
+        })?;
+        Ok((now, time(&mark)))
     }
 
     /// Deletes the manifest `id`: the checkpoint is gone from the remote
@@ -183,9 +201,9 @@ impl Remote {
     /// an error naming it.
     pub async fn gc(&self, options: &GcOptions) -> Result<GcReport> {
         let shared = &self.shared;
-        let now = self.store_now_ms().await?;
-        let grace = ms(options.grace);
         let previous = self.read_mark().await?;
+        let (now, mark_ms) = self.store_times().await?;
+        let grace = ms(options.grace);
 
         let dir = object_path(&shared.prefix, "chunks");
         let listed: Vec<_> = shared
@@ -232,7 +250,10 @@ impl Remote {
 
         let mut generation = 0;
         let mut deleted = HashSet::new();
-        if let Some(previous) = previous {
+        if let Some(mut previous) = previous {
+            if let Some(listed) = mark_ms {
+                previous.at_ms = listed;
+            }
             let age = now - previous.at_ms;
             if age < grace {
                 report.marked = previous.mark.chunks.len();
