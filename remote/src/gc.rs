@@ -15,7 +15,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -154,13 +153,7 @@ impl Remote {
             .put(&clock, PutPayload::default())
             .await
             .map_err(store_err("write", &clock))?;
-        let dir = object_path(&shared.prefix, "gc");
-        let listed: Vec<_> = shared
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(store_err("list", &dir))?;
+        let listed = self.list_objects("gc").await?;
         let time = |path: &ObjectPath| {
             listed
                 .iter()
@@ -205,13 +198,7 @@ impl Remote {
         let (now, mark_ms) = self.store_times().await?;
         let grace = ms(options.grace);
 
-        let dir = object_path(&shared.prefix, "chunks");
-        let listed: Vec<_> = shared
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(store_err("list", &dir))?;
+        let listed = self.list_objects("chunks").await?;
         // name -> (last modified, size)
         let chunks: HashMap<String, (i64, u64)> = listed
             .iter()

@@ -435,16 +435,20 @@ impl Remote {
         Ok(Stored { name, len, how })
     }
 
-    /// The ids of the manifests in the remote, sorted.
-    pub async fn list(&self) -> Result<Vec<ManifestId>> {
-        let dir = object_path(&self.shared.prefix, "manifests");
-        let metas: Vec<_> = self
-            .shared
+    /// Every object under `rel` (a folder under the prefix).
+    pub(crate) async fn list_objects(&self, rel: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        let dir = object_path(&self.shared.prefix, rel);
+        self.shared
             .store
             .list(Some(&dir))
             .try_collect()
             .await
-            .map_err(store_err("list", &dir))?;
+            .map_err(store_err("list", &dir))
+    }
+
+    /// The ids of the manifests in the remote, sorted.
+    pub async fn list(&self) -> Result<Vec<ManifestId>> {
+        let metas = self.list_objects("manifests").await?;
         let mut ids: Vec<ManifestId> = metas
             .iter()
             .filter_map(|m| m.location.filename()?.parse().ok())
