@@ -55,6 +55,11 @@ pub enum RemoteError {
     Settings { reason: String },
     #[error("the remote's key check object {object} is corrupt")]
     KeyCheckCorrupt { object: String },
+    #[error("the garbage collector's mark {object} is corrupt: {reason}")]
+    MarkCorrupt {
+        object: String,
+        reason: &'static str,
+    },
     #[error("chunk {name} is missing from the remote")]
     ChunkMissing { name: String },
     #[error("chunk {name} is corrupt: {reason}")]

@@ -9,7 +9,9 @@
 //! again) but never names one that was not uploaded. A torn last line is
 //! not 64 hex digits and is skipped. The first line names the remote and
 //! key the index is for; an index of another remote is started afresh.
-//! A garbage collector that deletes chunks must clear the index.
+//! The header also holds the garbage collector's generation, bumped by
+//! every collection that deleted chunks: a push that sees a new one
+//! starts the index afresh ([`ChunkIndex::rebase`]).
 
 use std::collections::HashSet;
 use std::fs;
@@ -21,6 +23,7 @@ use crate::error::{RemoteError, Result};
 
 #[derive(Debug)]
 struct Inner {
+    header: String,
     known: HashSet<String>,
     file: fs::File,
 }
@@ -91,7 +94,11 @@ impl ChunkIndex {
         };
         Ok(ChunkIndex {
             path: path.to_path_buf(),
-            inner: Arc::new(Mutex::new(Inner { known, file })),
+            inner: Arc::new(Mutex::new(Inner {
+                header: header.to_string(),
+                known,
+                file,
+            })),
         })
     }
 
@@ -99,6 +106,31 @@ impl ChunkIndex {
         // Each write is one line; a panic mid-way leaves at worst a torn
         // line, which opening skips.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the index afresh under `header` unless it has that header
+    /// already. Blocking.
+    pub(crate) fn rebase(&self, header: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.header == header {
+            return Ok(());
+        }
+        let mut file = fs::File::create(&self.path).map_err(|source| RemoteError::Index {
+            what: "create",
+            path: self.path.clone(),
+            source,
+        })?;
+        writeln!(file, "{header}").map_err(|source| RemoteError::Index {
+            what: "write",
+            path: self.path.clone(),
+            source,
+        })?;
+        *inner = Inner {
+            header: header.to_string(),
+            known: HashSet::new(),
+            file,
+        };
+        Ok(())
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {

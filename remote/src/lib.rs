@@ -17,10 +17,13 @@
 //! keycheck                 proves a key file is this remote's
 //! chunks/<nn>/<name>       one chunk; <name> is 64 hex digits, <nn> its first two
 //! manifests/<uuid>         one pushed checkpoint
+//! gc/mark                  chunks the garbage collector will delete if still unreferenced
+//! gc/clock                 an empty object whose time is the store's clock
 //! ```
 
 pub mod chunker;
 mod error;
+mod gc;
 mod index;
 pub mod keys;
 pub mod manifest;
@@ -33,6 +36,7 @@ mod pipeline_tests;
 
 pub use chunker::ChunkSizes;
 pub use error::{RemoteError, Result};
+pub use gc::{GcOptions, GcReport};
 pub use keys::Keys;
 pub use manifest::{CheckpointMeta, ChunkRef, Manifest, ManifestId};
 pub use object_store;

@@ -1,5 +1,6 @@
 //! The handle: push a stream, pull it back, list and read manifests.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::chunker::{ChunkSizes, Chunker};
 use crate::error::{RemoteError, Result};
+use crate::gc::read_mark;
 use crate::index::ChunkIndex;
 use crate::keys::Keys;
 use crate::manifest::{
@@ -72,15 +74,17 @@ impl Default for RemoteOptions {
     }
 }
 
-struct Shared {
-    store: Arc<dyn ObjectStore>,
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn ObjectStore>,
     /// hull's objects live under it: no leading or trailing slash.
-    prefix: String,
+    pub(crate) prefix: String,
     /// For messages: the url, or the store's description.
     url: String,
-    keys: Keys,
+    pub(crate) keys: Keys,
     key_file: PathBuf,
     index: Option<ChunkIndex>,
+    /// The index's first line but for the collector's generation.
+    index_header: String,
     concurrency: usize,
     sizes: ChunkSizes,
 }
@@ -89,7 +93,7 @@ struct Shared {
 /// clone; every method can run concurrently with the others.
 #[derive(Clone)]
 pub struct Remote {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -100,7 +104,7 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-fn task_err(e: tokio::task::JoinError) -> RemoteError {
+pub(crate) fn task_err(e: tokio::task::JoinError) -> RemoteError {
     RemoteError::Task(e)
 }
 
@@ -201,14 +205,20 @@ impl Remote {
                 }
             }
         }
+        // The index is of this remote with this key: a digest of both
+        // heads it, so another's index is never trusted; and of the
+        // collector's generation, so an index that may name chunks a
+        // collection deleted is dropped.
+        let index_header = format!(
+            "hull-remote chunk index v1 {}",
+            blake3::keyed_hash(&keys.name, format!("{url}\n{prefix}").as_bytes()).to_hex()
+        );
         let index = match options.index {
             Some(path) => {
-                // The index is of this remote with this key: a digest of
-                // both heads it, so another's index is never trusted.
-                let header = format!(
-                    "hull-remote chunk index v1 {}",
-                    blake3::keyed_hash(&keys.name, format!("{url}\n{prefix}").as_bytes()).to_hex()
-                );
+                let generation = read_mark(store.as_ref(), &prefix, &keys)
+                    .await?
+                    .map_or(0, |m| m.mark.generation);
+                let header = index_header_for(&index_header, generation);
                 Some(
                     tokio::task::spawn_blocking(move || ChunkIndex::open(&path, &header))
                         .await
@@ -225,6 +235,7 @@ impl Remote {
                 keys,
                 key_file: key_file.to_path_buf(),
                 index,
+                index_header,
                 concurrency: options.concurrency.max(1),
                 sizes: options.chunk_sizes,
             }),
@@ -239,14 +250,14 @@ impl Remote {
         &self.shared.key_file
     }
 
-    fn chunk_path(&self, name: &str) -> ObjectPath {
+    pub(crate) fn chunk_path(&self, name: &str) -> ObjectPath {
         object_path(
             &self.shared.prefix,
             &format!("chunks/{}/{name}", &name[..2]),
         )
     }
 
-    fn manifest_path(&self, id: ManifestId) -> ObjectPath {
+    pub(crate) fn manifest_path(&self, id: ManifestId) -> ObjectPath {
         object_path(&self.shared.prefix, &format!("manifests/{id}"))
     }
 
@@ -267,6 +278,21 @@ impl Remote {
         R: AsyncRead + Unpin + Send + 'static,
     {
         let shared = &self.shared;
+        // Chunks a collection marked may be deleted once this push is
+        // under way: the ones it needs are uploaded again (which makes
+        // them newer than the mark), never taken as present.
+        let mark = self.read_mark().await?;
+        if let (Some(index), Some(mark)) = (&shared.index, &mark) {
+            let index = index.clone();
+            let header = index_header_for(&shared.index_header, mark.mark.generation);
+            tokio::task::spawn_blocking(move || index.rebase(&header))
+                .await
+                .map_err(task_err)??;
+        }
+        let marked: HashSet<String> = mark
+            .map(|m| m.mark.chunks.into_iter().collect())
+            .unwrap_or_default();
+        let marked = &marked;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(shared.concurrency);
         let keys = shared.keys.clone();
         let sizes = shared.sizes;
@@ -297,7 +323,7 @@ impl Remote {
             rx.recv().await.map(|item| (item, rx))
         });
         let results = chunks
-            .map(|chunk| async move { self.store_chunk(chunk?).await })
+            .map(|chunk| async move { self.store_chunk(chunk?, marked).await })
             .buffered(shared.concurrency);
         let mut results = std::pin::pin!(results);
         let mut state = PushProgress::default();
@@ -359,14 +385,15 @@ impl Remote {
         })
     }
 
-    async fn store_chunk(&self, data: Bytes) -> Result<Stored> {
+    async fn store_chunk(&self, data: Bytes, marked: &HashSet<String>) -> Result<Stored> {
         let shared = &self.shared;
         let keys = shared.keys.clone();
         let len = data.len() as u64;
         let (name, data) = tokio::task::spawn_blocking(move || (keys.chunk_name(&data), data))
             .await
             .map_err(task_err)?;
-        if shared.index.as_ref().is_some_and(|i| i.contains(&name)) {
+        let is_marked = marked.contains(&name);
+        if !is_marked && shared.index.as_ref().is_some_and(|i| i.contains(&name)) {
             return Ok(Stored {
                 name,
                 len,
@@ -374,7 +401,15 @@ impl Remote {
             });
         }
         let path = self.chunk_path(&name);
-        let how = match shared.store.head(&path).await {
+        let found = if is_marked {
+            Err(object_store::Error::NotFound {
+                path: path.to_string(),
+                source: "marked by the garbage collector: uploaded again".into(),
+            })
+        } else {
+            shared.store.head(&path).await
+        };
+        let how = match found {
             Ok(_) => How::Present,
             Err(object_store::Error::NotFound { .. }) => {
                 let keys = shared.keys.clone();
@@ -401,16 +436,20 @@ impl Remote {
         Ok(Stored { name, len, how })
     }
 
-    /// The ids of the manifests in the remote, sorted.
-    pub async fn list(&self) -> Result<Vec<ManifestId>> {
-        let dir = object_path(&self.shared.prefix, "manifests");
-        let metas: Vec<_> = self
-            .shared
+    /// Every object under `rel` (a folder under the prefix).
+    pub(crate) async fn list_objects(&self, rel: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        let dir = object_path(&self.shared.prefix, rel);
+        self.shared
             .store
             .list(Some(&dir))
             .try_collect()
             .await
-            .map_err(store_err("list", &dir))?;
+            .map_err(store_err("list", &dir))
+    }
+
+    /// The ids of the manifests in the remote, sorted.
+    pub async fn list(&self) -> Result<Vec<ManifestId>> {
+        let metas = self.list_objects("manifests").await?;
         let mut ids: Vec<ManifestId> = metas
             .iter()
             .filter_map(|m| m.location.filename()?.parse().ok())
@@ -570,7 +609,7 @@ enum How {
     Uploaded(u64),
 }
 
-fn object_path(prefix: &str, rel: &str) -> ObjectPath {
+pub(crate) fn object_path(prefix: &str, rel: &str) -> ObjectPath {
     if prefix.is_empty() {
         ObjectPath::from(rel)
     } else {
@@ -578,13 +617,20 @@ fn object_path(prefix: &str, rel: &str) -> ObjectPath {
     }
 }
 
-fn store_err(what: &'static str, path: &ObjectPath) -> impl Fn(object_store::Error) -> RemoteError {
+pub(crate) fn store_err(
+    what: &'static str,
+    path: &ObjectPath,
+) -> impl Fn(object_store::Error) -> RemoteError {
     let object = path.to_string();
     move |source| RemoteError::Store {
         what,
         object: object.clone(),
         source,
     }
+}
+
+fn index_header_for(base: &str, generation: u64) -> String {
+    format!("{base} gc {generation}")
 }
 
 fn now_ms() -> i64 {

@@ -14,10 +14,15 @@ use hull_outer::client::{Client, ExecOutput};
 use hull_proto::{ExecSpec, InnerState, StatusReport};
 
 pub mod attacks;
+pub mod garage;
 pub mod http;
 pub mod siege;
+pub mod stream;
+mod tree;
 pub mod vm;
 pub mod ws;
+
+pub use tree::{assert_same_tree, tree_manifest, TreeManifest};
 
 /// Returns false (after saying why) when the test cannot run here; under
 /// CI=true it panics instead, so a CI run never passes by skipping.

@@ -13,6 +13,7 @@
 //!     sudo ./target/release/hull-bench files         # 1 GiB through the files API vs cat through exec
 //!     sudo ./target/release/hull-bench sessions      # hulld's RSS with 1,000 idle terminal sessions attached
 //!     sudo ./target/release/hull-bench vm            # the hull VM under QEMU: boot timeline, a busybox init, memory, image size, exec
+//!     sudo ./target/release/hull-bench remote        # checkpoints pushed to and restored from Garage on loopback, against the server's own PUT and GET
 //!
 //! hulld runs at its default log level (info) unless HULL_LOG says otherwise.
 
@@ -22,6 +23,7 @@ mod checkpoints;
 mod files;
 mod ingress;
 mod logs;
+mod remote;
 mod report;
 mod responsiveness;
 mod services;
@@ -92,6 +94,29 @@ enum Suite {
     /// local hulld's. Targets: hull's share <= 50 ms on KVM, idle memory
     /// <= 96 MiB, image <= 64 MiB compressed.
     Vm(VmArgs),
+    /// Checkpoints of a layer (half random, half text) pushed to Garage
+    /// on loopback, started by the bench: a full push against a read of
+    /// the layer and one PUT of a tar of it to the same server, an
+    /// incremental push of a 1 MiB change, a restore (pull into btrfs
+    /// receive) against one GET of the tar, and what ten checkpoints
+    /// changing 1% each store against one full copy; CPU time of each.
+    Remote(RemoteArgs),
+}
+
+#[derive(Args)]
+struct RemoteArgs {
+    /// The layer's size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Incremental pushes of a 1 MiB change.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Checkpoints of the dedup figure.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    dedup_checkpoints: u64,
+    /// Print the figures as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -243,6 +268,12 @@ fn main() -> Result<()> {
             zstd_level: a.zstd_level,
             json: a.json,
             append: a.append,
+        }),
+        Some(Suite::Remote(a)) => remote::run(&remote::Options {
+            mib: a.mib,
+            rounds: usize::try_from(a.rounds)?,
+            dedup_checkpoints: usize::try_from(a.dedup_checkpoints)?,
+            json: a.json,
         }),
         Some(Suite::Ingress(a)) => ingress::run(
             a.rounds.rounds,

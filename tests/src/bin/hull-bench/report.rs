@@ -71,6 +71,15 @@ pub fn p50_of(rows: &[Row], name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The CPU time (user + system) of this process, or of the children it
+/// waited for so far, in ms (getrusage).
+pub fn cpu_ms(who: nix::sys::resource::UsageWho) -> nix::Result<f64> {
+    let usage = nix::sys::resource::getrusage(who)?;
+    #[allow(clippy::cast_precision_loss, reason = "seconds and microseconds")]
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    Ok(ms(usage.user_time()) + ms(usage.system_time()))
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

@@ -2,7 +2,7 @@
 //! anchor), TCP forwarding and HTTP ingress; in the pinned run also nginx
 //! and HAProxy as reverse proxies to the same server.
 
-mod pinning;
+pub(crate) mod pinning;
 mod proxies;
 mod upstream;
 mod wrk;

@@ -385,11 +385,9 @@ fn reserve_pages(zoneinfo: &str) -> u64 {
 
 /// The CPU time (user + system) of the children waited for so far, in ms.
 fn children_cpu_ms() -> Result<f64> {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let usage = getrusage(UsageWho::RUSAGE_CHILDREN)?;
-    #[allow(clippy::cast_precision_loss, reason = "seconds and microseconds")]
-    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
-    Ok(ms(usage.user_time()) + ms(usage.system_time()))
+    Ok(crate::report::cpu_ms(
+        nix::sys::resource::UsageWho::RUSAGE_CHILDREN,
+    )?)
 }
 
 /// One `hull --url URL --token T exec -- true`: its wall and CPU time.
