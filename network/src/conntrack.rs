@@ -11,8 +11,8 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use crate::enforcer::CutConnections;
 use crate::nfnetlink::{
-    put_message, u32_at, wait_ack, Wait, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_ACK,
-    NLM_F_DUMP, NLM_F_REQUEST,
+    error_at, put_message, u32_at, wait_ack, Wait, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -80,17 +80,14 @@ impl Conntrack {
                 let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
                 match kind {
                     NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes([
-                            buf[at + 16],
-                            buf[at + 17],
-                            buf[at + 18],
-                            buf[at + 19],
-                        ]);
+                    NLMSG_ERROR if len >= NLMSG_HDRLEN + 4 => {
+                        let errno = error_at(&buf, at);
                         if errno != 0 {
                             return Err(io::Error::from_raw_os_error(-errno));
                         }
                     }
+                    // A message too short for its nfgenmsg carries nothing.
+                    _ if len < NLMSG_HDRLEN + 4 => {}
                     _ => {
                         // After the netlink header, the 4-byte nfgenmsg.
                         let attrs = &buf[at + NLMSG_HDRLEN + 4..at + len];

@@ -297,19 +297,33 @@ struct PresetFile {
     rules: Vec<WireRule>,
 }
 
-/// The rules of a preset, parsed from the shipped text; `None` for a name
-/// [`PRESETS`] lacks. Presets are checked by a unit test, so a shipped one
-/// always parses.
-fn preset_rules(name: &str) -> Option<(&'static str, Vec<EgressRule>)> {
-    let (name, text) = PRESETS.iter().find(|(n, _)| *n == name)?;
-    let file: PresetFile = serde_json::from_str(text).ok()?;
-    let rules = file
-        .rules
-        .into_iter()
-        .map(WireRule::check)
-        .collect::<Result<Vec<_>, _>>()
-        .ok()?;
-    Some((name, rules))
+/// The shipped presets, parsed once: every name judged under a policy
+/// that includes one walks its rules, and the name server judges a name
+/// per query. A preset that does not parse is left out (and a unit test
+/// fails on it).
+static PARSED_PRESETS: std::sync::LazyLock<Vec<(&'static str, Vec<EgressRule>)>> =
+    std::sync::LazyLock::new(|| {
+        PRESETS
+            .iter()
+            .filter_map(|(name, text)| {
+                let file: PresetFile = serde_json::from_str(text).ok()?;
+                let rules = file
+                    .rules
+                    .into_iter()
+                    .map(WireRule::check)
+                    .collect::<Result<Vec<_>, _>>()
+                    .ok()?;
+                Some((*name, rules))
+            })
+            .collect()
+    });
+
+/// The rules of a preset; `None` for a name [`PRESETS`] lacks.
+fn preset_rules(name: &str) -> Option<(&'static str, &'static [EgressRule])> {
+    PARSED_PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, rules)| (*n, rules.as_slice()))
 }
 
 /// Keeps in `best` the more specific of it and a matching rule of rank
@@ -424,7 +438,7 @@ impl EgressPolicy {
             match rule {
                 EgressRule::Include(name) => {
                     if let Some((name, rules)) = preset_rules(name) {
-                        for r in &rules {
+                        for r in rules {
                             f(r, Some(name));
                         }
                     }

@@ -35,8 +35,7 @@ pub(crate) fn wait_ack(socket: &Socket, seq: u32) -> Result<(), Wait> {
                 )));
             }
             if kind == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-                let errno =
-                    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+                let errno = error_at(&buf, at);
                 if errno != 0 {
                     // A refused batch answers with the failing message's seq.
                     return Err(Wait::Refused(io::Error::from_raw_os_error(-errno)));
@@ -57,6 +56,12 @@ pub(crate) enum Wait {
 
 pub(crate) fn u32_at(buf: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+/// The error code of the NLMSG_ERROR message at `at`: 0 for an
+/// acknowledgement, else a negated errno.
+pub(crate) fn error_at(buf: &[u8], at: usize) -> i32 {
+    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]])
 }
 
 pub(crate) fn c_string(s: &str) -> Vec<u8> {
